@@ -1,0 +1,25 @@
+//! slinfer's scheduler room: the slice scheduler (token-level time slicing
+//! by least headroom, shadow-validated admission, forward-looking KV
+//! scaling, CPU-first bin-packing with proactive preemption), the paper's
+//! baselines, and the simulator that replays traces through them on a
+//! virtual clock with profiled costs. It is pure, deterministic logic: it
+//! must never read the wall clock, spawn threads or tasks, touch Wasm,
+//! HTTP or an engine library, or learn a request's output length before a
+//! driver reports the request finished. The live host and the simulator
+//! drive the very same [`Scheduler`].
+
+pub mod model;
+pub mod predict;
+pub mod profile;
+pub mod scheduler;
+pub mod sim;
+pub mod trace;
+
+pub use model::{CostModel, DeviceKind, ModelSpec, ModelTypeId, NodeSpec};
+pub use profile::{Profile, ProfileError};
+pub use scheduler::{
+    ActionId, ActionOp, Command, DropReason, InstanceId, ModelId, NodeId, Policy, Request,
+    RequestId, RequestOutcome, Scheduler, SchedulerConfig,
+};
+pub use sim::{SimResult, SimSetup, Slo, Summary, simulate};
+pub use trace::{TraceError, TraceFunction, TraceRequest, load_trace, select};

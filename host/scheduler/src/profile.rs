@@ -1,0 +1,325 @@
+//! The published latency profile file (`slinfer-artifact-latency-ms.json`):
+//! model facts, per-iteration latency tables, and a [`CostModel`] that
+//! interpolates them.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::model::{CostModel, DeviceKind, ModelSpec, ModelTypeId};
+
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error("reading profile {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("parsing profile: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("profile field `{0}` is missing or malformed")]
+    Field(String),
+    #[error("model `{0}` is not in the profile (known: {1})")]
+    UnknownModel(String, String),
+}
+
+/// `[(x, y)]` sorted by x; piecewise-linear inside, clamped below the first
+/// point, proportional beyond the last (the file's stated rule).
+#[derive(Clone, Debug, PartialEq)]
+struct Curve(Vec<(f64, f64)>);
+
+impl Curve {
+    fn at(&self, x: f64) -> f64 {
+        let pts = &self.0;
+        let (x0, y0) = pts[0];
+        if x <= x0 {
+            return y0;
+        }
+        for w in pts.windows(2) {
+            let ((xa, ya), (xb, yb)) = (w[0], w[1]);
+            if x <= xb {
+                return ya + (yb - ya) * (x - xa) / (xb - xa);
+            }
+        }
+        let (xl, yl) = pts[pts.len() - 1];
+        yl * x / xl
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct DeviceTables {
+    prefill_ms: Curve,
+    /// Rows by context length, each a curve over batch size.
+    decode_ms: Vec<(f64, Curve)>,
+}
+
+impl DeviceTables {
+    fn decode_ms(&self, context: f64, batch: f64) -> f64 {
+        let rows = &self.decode_ms;
+        if context <= rows[0].0 {
+            return rows[0].1.at(batch);
+        }
+        for w in rows.windows(2) {
+            let ((ca, ra), (cb, rb)) = (&w[0], &w[1]);
+            if context <= *cb {
+                let (ya, yb) = (ra.at(batch), rb.at(batch));
+                return ya + (yb - ya) * (context - ca) / (cb - ca);
+            }
+        }
+        let (cl, rl) = &rows[rows.len() - 1];
+        rl.at(batch) * context / cl
+    }
+}
+
+/// The parsed profile plus the load-bandwidth assumptions it lacks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Profile {
+    pub models: Vec<ModelSpec>,
+    tables: Vec<[Option<DeviceTables>; 2]>,
+    /// Weights load bandwidth per device kind; `None` means weights stay
+    /// resident (the artifact never cold-starts CPU instances).
+    pub load_bytes_per_s: [Option<f64>; 2],
+    pub kv_resize_s: f64,
+    pub paper: PaperSettings,
+}
+
+/// The paper's cluster and SLO settings, as the file records them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PaperSettings {
+    pub gpu_node_bytes: u64,
+    pub cpu_node_bytes: u64,
+    pub instance_overhead_bytes: u64,
+    pub tpot_slo_s: f64,
+    pub scheduler_margin: f64,
+    pub ttft_cap_s: f64,
+    pub safety_gpu: f64,
+    pub safety_cpu: f64,
+}
+
+fn field<'a>(v: &'a Value, path: &[&str]) -> Result<&'a Value, ProfileError> {
+    path.iter()
+        .try_fold(v, |v, k| v.get(k))
+        .ok_or_else(|| ProfileError::Field(path.join(".")))
+}
+
+fn num(v: &Value, path: &[&str]) -> Result<f64, ProfileError> {
+    field(v, path)?
+        .as_f64()
+        .ok_or_else(|| ProfileError::Field(path.join(".")))
+}
+
+fn curve(v: &Value, what: &str) -> Result<Curve, ProfileError> {
+    let bad = || ProfileError::Field(what.to_string());
+    let pts = v
+        .as_array()
+        .ok_or_else(bad)?
+        .iter()
+        .map(|p| Some((p.get(0)?.as_f64()?, p.get(1)?.as_f64()?)))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(bad)?;
+    if pts.is_empty() || pts.windows(2).any(|w| w[0].0 >= w[1].0) {
+        return Err(bad());
+    }
+    Ok(Curve(pts))
+}
+
+fn device_tables(v: &Value, what: &str) -> Result<DeviceTables, ProfileError> {
+    let prefill_ms = curve(field(v, &["prefill_ms_by_input_tokens"])?, what)?;
+    let rows = field(v, &["decode_ms_by_context_then_batch"])?
+        .as_array()
+        .ok_or_else(|| ProfileError::Field(what.to_string()))?;
+    let decode_ms = rows
+        .iter()
+        .map(|r| {
+            let ctx = r
+                .get(0)
+                .and_then(Value::as_f64)
+                .ok_or_else(|| ProfileError::Field(what.to_string()))?;
+            Ok((ctx, curve(r.get(1).unwrap_or(&Value::Null), what)?))
+        })
+        .collect::<Result<Vec<_>, ProfileError>>()?;
+    if decode_ms.is_empty() {
+        return Err(ProfileError::Field(what.to_string()));
+    }
+    Ok(DeviceTables {
+        prefill_ms,
+        decode_ms,
+    })
+}
+
+fn gib(x: f64) -> u64 {
+    (x * GIB).round() as u64
+}
+
+impl Profile {
+    pub fn load(path: &Path) -> Result<Self, ProfileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, ProfileError> {
+        let v: Value = serde_json::from_str(text)?;
+        let models_v = field(&v, &["models"])?
+            .as_object()
+            .ok_or_else(|| ProfileError::Field("models".into()))?;
+        let mut models = Vec::new();
+        let mut tables = Vec::new();
+        for (name, m) in models_v {
+            let slot = |kind: &str| -> u32 {
+                field(
+                    &v,
+                    &[
+                        "cluster_in_paper",
+                        &format!("instance_slots_per_{kind}"),
+                        name,
+                    ],
+                )
+                .ok()
+                .and_then(Value::as_u64)
+                .unwrap_or(1) as u32
+            };
+            let mut dev: [Option<DeviceTables>; 2] = [None, None];
+            let mut excl = [None, None];
+            let mut half = [None, None];
+            for kind in [DeviceKind::Cpu, DeviceKind::Gpu] {
+                let k = kind.name();
+                if let Ok(t) = field(&v, &["latency", name, k, k]) {
+                    dev[kind.index()] = Some(device_tables(t, &format!("latency.{name}.{k}"))?);
+                    let cap = |f: &str| t.get(f).and_then(Value::as_u64).map(|c| c as u32);
+                    excl[kind.index()] = cap("exclusive_concurrency_cap");
+                    half[kind.index()] = cap("half_share_concurrency_cap");
+                }
+            }
+            let lower = name.to_ascii_lowercase();
+            let gpu_decode_quota = if lower.contains("3b") {
+                4
+            } else if lower.contains("13b") {
+                1
+            } else {
+                2
+            };
+            models.push(ModelSpec {
+                name: name.clone(),
+                weights_bytes: gib(num(m, &["weights_gb"])?),
+                kv_bytes_per_token: (num(m, &["kv_kb_per_token"])? * 1024.0) as u64,
+                block_tokens: [
+                    num(m, &["block_tokens", "cpu"])? as u64,
+                    num(m, &["block_tokens", "gpu"])? as u64,
+                ],
+                cpu_kv_bytes: gib(num(m, &["cpu_kv_gb"])?),
+                slots_per_node: [slot("cpu"), slot("gpu")],
+                sllm_exclusive_cap: excl,
+                sllm_half_share_cap: half,
+                gpu_decode_quota,
+            });
+            tables.push(dev);
+        }
+        let sf = |k: &str| num(&v, &["safety_factors_used_by_artifact_scheduler", k]);
+        let paper = PaperSettings {
+            gpu_node_bytes: gib(num(&v, &["cluster_in_paper", "gpu_node_memory_gb"])?),
+            cpu_node_bytes: gib(num(&v, &["cluster_in_paper", "cpu_node_memory_gb"])?),
+            instance_overhead_bytes: gib(num(
+                &v,
+                &["cluster_in_paper", "per_instance_overhead_gb"],
+            )?),
+            tpot_slo_s: num(&v, &["slo_in_paper", "tpot_s"])?,
+            scheduler_margin: num(&v, &["slo_in_paper", "scheduler_margin"])?,
+            ttft_cap_s: num(&v, &["slo_in_paper", "ttft_cap_s"])?,
+            safety_gpu: sf("gpu")?,
+            safety_cpu: sf("cpu")?,
+        };
+        Ok(Profile {
+            models,
+            tables,
+            load_bytes_per_s: [None, Some(8.0 * GIB)],
+            kv_resize_s: 0.005,
+            paper,
+        })
+    }
+
+    pub fn model_type(&self, name: &str) -> Result<ModelTypeId, ProfileError> {
+        self.models
+            .iter()
+            .position(|m| m.name == name)
+            .map(|i| ModelTypeId(i as u16))
+            .ok_or_else(|| {
+                let known: Vec<_> = self.models.iter().map(|m| m.name.as_str()).collect();
+                ProfileError::UnknownModel(name.to_string(), known.join(", "))
+            })
+    }
+
+    /// Whether the profile has latency tables for this model on this kind.
+    pub fn supports(&self, model: ModelTypeId, kind: DeviceKind) -> bool {
+        self.tables[model.0 as usize][kind.index()].is_some()
+    }
+
+    fn tables(&self, model: ModelTypeId, kind: DeviceKind) -> &DeviceTables {
+        self.tables[model.0 as usize][kind.index()]
+            .as_ref()
+            .expect("the scheduler only places models on kinds the profile supports")
+    }
+}
+
+impl CostModel for Profile {
+    fn prefill_s(&self, model: ModelTypeId, kind: DeviceKind, tokens: u64) -> f64 {
+        self.tables(model, kind).prefill_ms.at(tokens as f64) / 1000.0
+    }
+
+    fn decode_s(
+        &self,
+        model: ModelTypeId,
+        kind: DeviceKind,
+        context_tokens: u64,
+        batch: u64,
+    ) -> f64 {
+        self.tables(model, kind)
+            .decode_ms(context_tokens as f64, batch as f64)
+            / 1000.0
+    }
+
+    fn load_s(&self, model: ModelTypeId, kind: DeviceKind) -> f64 {
+        self.load_bytes_per_s[kind.index()].map_or(0.0, |bw| {
+            self.models[model.0 as usize].weights_bytes as f64 / bw
+        })
+    }
+
+    fn kv_resize_s(&self, _model: ModelTypeId, _kind: DeviceKind) -> f64 {
+        self.kv_resize_s
+    }
+
+    fn unload_s(&self, _model: ModelTypeId, _kind: DeviceKind) -> f64 {
+        self.kv_resize_s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn curve_interpolates_clamps_and_scales() {
+        let c = Curve(vec![(1.0, 10.0), (3.0, 30.0)]);
+        assert_eq!(c.at(0.0), 10.0);
+        assert_eq!(c.at(2.0), 20.0);
+        assert_eq!(c.at(6.0), 60.0);
+    }
+
+    #[test]
+    fn decode_interpolates_context_then_batch() {
+        let t = DeviceTables {
+            prefill_ms: Curve(vec![(1.0, 1.0)]),
+            decode_ms: vec![
+                (512.0, Curve(vec![(1.0, 10.0), (2.0, 20.0)])),
+                (1024.0, Curve(vec![(1.0, 30.0), (2.0, 40.0)])),
+            ],
+        };
+        assert_eq!(t.decode_ms(768.0, 1.0), 20.0);
+        assert_eq!(t.decode_ms(768.0, 1.5), 25.0);
+        assert_eq!(t.decode_ms(2048.0, 1.0), 60.0);
+    }
+}

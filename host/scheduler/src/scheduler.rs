@@ -1,0 +1,1389 @@
+//! The scheduler state machine: inputs (`submit`, `iteration_done`,
+//! `action_done`, `cancel`, `tick`) change its state; it answers with
+//! [`Command`]s for the driver and a `next_wakeup_s` for timed retries.
+//! It never reads a clock and never learns a request's output length before
+//! the driver reports it finished.
+
+use std::collections::{HashMap, VecDeque};
+
+use serde::Serialize;
+
+use crate::model::{CostModel, DeviceKind, ModelSpec, ModelTypeId, NodeSpec};
+use crate::predict::{OutputPredictor, PredictorConfig};
+
+pub type RequestId = u64;
+pub type InstanceId = u64;
+pub type ActionId = u64;
+pub type NodeId = usize;
+/// One served model (the paper serves one distinct model per function).
+pub type ModelId = u32;
+
+/// What the scheduler is told about a request on arrival.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Request {
+    pub id: RequestId,
+    pub model: ModelId,
+    pub model_type: ModelTypeId,
+    pub function: u32,
+    pub input_tokens: u64,
+    /// The evaluation's SLOs; the scheduler plans against a margin of them.
+    pub ttft_slo_s: f64,
+    pub tpot_slo_s: f64,
+    pub arrival_s: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Policy {
+    #[serde(rename = "sllm")]
+    Sllm,
+    #[serde(rename = "sllm+c")]
+    SllmC,
+    #[serde(rename = "sllm+c+s")]
+    SllmCS,
+    #[serde(rename = "slinfer")]
+    Slinfer,
+    /// `slinfer` with the predictive look-ahead (beyond the paper).
+    #[serde(rename = "slinfer+p")]
+    SlinferPredictive,
+}
+
+impl Policy {
+    pub const ALL: [Policy; 5] = [
+        Policy::Sllm,
+        Policy::SllmC,
+        Policy::SllmCS,
+        Policy::Slinfer,
+        Policy::SlinferPredictive,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Sllm => "sllm",
+            Policy::SllmC => "sllm+c",
+            Policy::SllmCS => "sllm+c+s",
+            Policy::Slinfer => "slinfer",
+            Policy::SlinferPredictive => "slinfer+p",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Policy> {
+        Policy::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    fn is_sllm(self) -> bool {
+        matches!(self, Policy::Sllm | Policy::SllmC | Policy::SllmCS)
+    }
+
+    fn uses_cpu(self) -> bool {
+        self != Policy::Sllm
+    }
+
+    /// Instances one device may hold under the `sllm` baselines.
+    fn sllm_shares(self) -> u32 {
+        if self == Policy::SllmCS { 2 } else { 1 }
+    }
+}
+
+/// Every tunable of the policy, defaulting to the paper's published settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SchedulerConfig {
+    pub policy: Policy,
+    pub lookahead_tokens: u64,
+    pub min_instance_tokens: u64,
+    pub kv_watermark: f64,
+    pub retry_interval_s: f64,
+    /// Idle time before an instance is unloaded, by device kind.
+    pub keep_alive_s: [f64; 2],
+    /// The scheduler plans against `margin ×` the evaluation SLOs.
+    pub slo_margin: f64,
+    pub ttft_cap_s: f64,
+    /// Estimates are profile × safety factor, by device kind.
+    pub safety: [f64; 2],
+    pub instance_overhead_bytes: u64,
+    pub predictor: PredictorConfig,
+}
+
+impl SchedulerConfig {
+    pub fn paper(policy: Policy) -> Self {
+        SchedulerConfig {
+            policy,
+            lookahead_tokens: 512,
+            min_instance_tokens: 4096,
+            kv_watermark: 0.25,
+            retry_interval_s: 0.25,
+            keep_alive_s: [0.0, 1.0],
+            slo_margin: 0.95,
+            ttft_cap_s: 8.0,
+            safety: [1.1, 1.05],
+            instance_overhead_bytes: 1536 * 1024 * 1024,
+            predictor: PredictorConfig::default(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropReason {
+    /// Never placed before its first-token deadline passed.
+    DeadlinePassedWaiting,
+    /// Evicted by a preemption and not re-placed before its next-token deadline.
+    DeadlinePassedAfterPreemption,
+    Cancelled,
+    /// No node this policy may use can ever host it.
+    Unservable,
+}
+
+impl DropReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::DeadlinePassedWaiting => "deadline_passed_waiting",
+            DropReason::DeadlinePassedAfterPreemption => "deadline_passed_after_preemption",
+            DropReason::Cancelled => "cancelled",
+            DropReason::Unservable => "unservable",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum ActionOp {
+    /// Bring weights in and allocate the KV pool.
+    Load { weights_bytes: u64, kv_bytes: u64 },
+    /// Set the KV pool to `kv_bytes` (grow or shrink).
+    ResizeKv { kv_bytes: u64 },
+    /// Free weights and KV.
+    Unload,
+}
+
+/// What the driver must do. Actions and runs end with `action_done` and
+/// `iteration_done`; the rest are notices.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Command {
+    Action {
+        node: NodeId,
+        action: ActionId,
+        instance: InstanceId,
+        model: ModelId,
+        model_type: ModelTypeId,
+        op: ActionOp,
+    },
+    /// Run up to `iterations` iterations of the instance's batch: one
+    /// prefill iteration over `prefill` (tokens to (re)compute, each yields
+    /// its next token), or decode iterations over `decode` (current context).
+    Run {
+        node: NodeId,
+        instance: InstanceId,
+        model_type: ModelTypeId,
+        iterations: u32,
+        prefill: Vec<(RequestId, u64)>,
+        decode: Vec<(RequestId, u64)>,
+    },
+    /// The instance lost these requests' KV; they will be re-placed and
+    /// recomputed.
+    Preempt {
+        instance: InstanceId,
+        requests: Vec<RequestId>,
+    },
+    Completed {
+        request: RequestId,
+        load_delay_s: f64,
+    },
+    Dropped {
+        request: RequestId,
+        reason: DropReason,
+    },
+}
+
+/// Per-request result of a `Run`, reported by the driver.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RequestOutcome {
+    pub request: RequestId,
+    pub tokens: u64,
+    pub finished: bool,
+}
+
+#[derive(Clone, Debug)]
+struct ReqState {
+    req: Request,
+    generated: u64,
+    prefilled: bool,
+    instance: Option<InstanceId>,
+    attached_s: f64,
+    load_delay_s: f64,
+    next_retry_s: f64,
+    preempted: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Op {
+    Load { blocks: u64 },
+    Resize { blocks: u64 },
+    Unload,
+}
+
+#[derive(Clone, Debug)]
+struct Instance {
+    id: InstanceId,
+    model: ModelId,
+    mtype: ModelTypeId,
+    node: NodeId,
+    requests: Vec<RequestId>,
+    /// Planned view: as if every queued action were done (admission uses it).
+    planned_loaded: bool,
+    planned_blocks: u64,
+    /// Committed view: what the device may hold now (memory safety uses it).
+    committed_loaded: bool,
+    committed_blocks: u64,
+    queue: VecDeque<(ActionId, Op)>,
+    running: Option<(ActionId, Op, f64)>,
+    /// KV stays at its load-time size (CPU instances, `sllm` baselines).
+    fixed_kv: bool,
+    retiring: bool,
+    idle_since_s: Option<f64>,
+    /// `sllm+c+s` bills device time to throttle each share to its half.
+    bill_start_s: f64,
+    busy_total_s: f64,
+    run_started_s: f64,
+}
+
+#[derive(Clone, Debug)]
+struct Node {
+    spec: NodeSpec,
+    busy: Option<InstanceId>,
+    instances: Vec<InstanceId>,
+}
+
+/// A node's state as admission sees one instance of it: the shadow copy
+/// that a candidate request is added to before validation.
+#[derive(Clone, Debug)]
+struct View {
+    id: Option<InstanceId>,
+    kind: DeviceKind,
+    static_bytes: u64,
+    planned_blocks: u64,
+    block_bytes: u64,
+    fixed_kv: bool,
+    need_blocks: u64,
+    batch: u64,
+    context_tokens: u64,
+    prefill_tokens: u64,
+    deadline_s: f64,
+    tpot_s: f64,
+    loading: bool,
+    mtype: ModelTypeId,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Checks {
+    memory: bool,
+    decode: bool,
+    prefill: bool,
+}
+
+impl Checks {
+    fn all(self) -> bool {
+        self.memory && self.decode && self.prefill
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Target {
+    Existing(InstanceId),
+    New(ModelTypeId),
+}
+
+/// The policy's state machine. Generic over the cost model so the
+/// simulator and the live host share every decision.
+pub struct Scheduler<C: CostModel> {
+    cfg: SchedulerConfig,
+    models: Vec<ModelSpec>,
+    cost: C,
+    nodes: Vec<Node>,
+    instances: HashMap<InstanceId, Instance>,
+    by_model: HashMap<ModelId, Vec<InstanceId>>,
+    sllm_round_robin: HashMap<ModelId, usize>,
+    requests: HashMap<RequestId, ReqState>,
+    pending: Vec<RequestId>,
+    predictor: OutputPredictor,
+    next_instance: InstanceId,
+    next_action: ActionId,
+    out: Vec<Command>,
+}
+
+fn kind_factor(v: [f64; 2], kind: DeviceKind) -> f64 {
+    v[kind.index()]
+}
+
+impl<C: CostModel> Scheduler<C> {
+    pub fn new(
+        cfg: SchedulerConfig,
+        models: Vec<ModelSpec>,
+        nodes: Vec<NodeSpec>,
+        cost: C,
+    ) -> Self {
+        Scheduler {
+            cfg,
+            models,
+            cost,
+            nodes: nodes
+                .into_iter()
+                .map(|spec| Node {
+                    spec,
+                    busy: None,
+                    instances: Vec::new(),
+                })
+                .collect(),
+            instances: HashMap::new(),
+            by_model: HashMap::new(),
+            sllm_round_robin: HashMap::new(),
+            requests: HashMap::new(),
+            pending: Vec::new(),
+            predictor: OutputPredictor::default(),
+            next_instance: 0,
+            next_action: 0,
+            out: Vec::new(),
+        }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    /// Commands produced since the last call, in the order they were decided.
+    pub fn drain_commands(&mut self) -> Vec<Command> {
+        std::mem::take(&mut self.out)
+    }
+
+    pub fn submit(&mut self, req: Request, now_s: f64) {
+        let id = req.id;
+        let usable = self.nodes.iter().any(|n| {
+            self.kind_usable(n.spec.kind, req.model_type)
+                && self.fits_alone(&req, n.spec.kind, n.spec.capacity_bytes)
+        });
+        if !usable {
+            self.out.push(Command::Dropped {
+                request: id,
+                reason: DropReason::Unservable,
+            });
+            return;
+        }
+        self.requests.insert(
+            id,
+            ReqState {
+                req,
+                generated: 0,
+                prefilled: false,
+                instance: None,
+                attached_s: now_s,
+                load_delay_s: 0.0,
+                next_retry_s: now_s,
+                preempted: false,
+            },
+        );
+        self.pending.push(id);
+        self.pump(now_s);
+    }
+
+    pub fn iteration_done(
+        &mut self,
+        node: NodeId,
+        instance: InstanceId,
+        outcomes: &[RequestOutcome],
+        now_s: f64,
+    ) {
+        if self.nodes[node].busy == Some(instance) {
+            self.nodes[node].busy = None;
+        }
+        let mut finished = Vec::new();
+        if let Some(inst) = self.instances.get_mut(&instance) {
+            inst.busy_total_s += now_s - inst.run_started_s;
+            for o in outcomes {
+                let Some(r) = self.requests.get_mut(&o.request) else {
+                    continue;
+                };
+                if r.instance != Some(instance) {
+                    continue;
+                }
+                r.generated += o.tokens;
+                if o.tokens > 0 {
+                    r.prefilled = true;
+                }
+                if o.finished {
+                    finished.push(o.request);
+                }
+            }
+        }
+        for id in finished {
+            let r = self.detach(id, now_s);
+            self.predictor.record(r.req.function, r.generated);
+            self.out.push(Command::Completed {
+                request: id,
+                load_delay_s: r.load_delay_s,
+            });
+        }
+        if self.instances.contains_key(&instance) {
+            self.rescale(instance, now_s);
+        }
+        self.pump(now_s);
+    }
+
+    pub fn action_done(&mut self, node: NodeId, action: ActionId, now_s: f64) {
+        let Some(&id) = self.nodes[node].instances.iter().find(|i| {
+            self.instances[i]
+                .running
+                .is_some_and(|(a, _, _)| a == action)
+        }) else {
+            return;
+        };
+        let inst = self
+            .instances
+            .get_mut(&id)
+            .expect("node lists live instances");
+        let (_, op, started_s) = inst.running.take().expect("matched above");
+        match op {
+            Op::Load { .. } => {
+                let attached: Vec<RequestId> = inst.requests.clone();
+                for rid in attached {
+                    let r = self
+                        .requests
+                        .get_mut(&rid)
+                        .expect("attached requests are live");
+                    r.load_delay_s += (now_s - r.attached_s.max(started_s)).max(0.0);
+                }
+            }
+            Op::Resize { blocks } => inst.committed_blocks = blocks,
+            Op::Unload => {
+                inst.committed_loaded = false;
+                inst.committed_blocks = 0;
+                if inst.retiring {
+                    self.instances.remove(&id);
+                    self.nodes[node].instances.retain(|&i| i != id);
+                }
+            }
+        }
+        self.pump(now_s);
+    }
+
+    pub fn cancel(&mut self, request: RequestId, now_s: f64) {
+        if !self.requests.contains_key(&request) {
+            return;
+        }
+        let inst = self.requests[&request].instance;
+        self.detach(request, now_s);
+        if let Some(i) = inst {
+            self.rescale(i, now_s);
+        }
+        self.out.push(Command::Dropped {
+            request,
+            reason: DropReason::Cancelled,
+        });
+        self.pump(now_s);
+    }
+
+    pub fn tick(&mut self, now_s: f64) {
+        self.pump(now_s);
+    }
+
+    /// When the scheduler next needs a `tick` if nothing else happens.
+    pub fn next_wakeup_s(&self) -> Option<f64> {
+        let retry = self.pending.iter().map(|r| self.requests[r].next_retry_s);
+        let idle = self.nodes.iter().flat_map(|n| {
+            n.instances.iter().filter_map(|i| {
+                let inst = &self.instances[i];
+                let ka = kind_factor(self.cfg.keep_alive_s, n.spec.kind);
+                inst.idle_since_s.filter(|_| !inst.retiring).map(|t| t + ka)
+            })
+        });
+        let throttle = self
+            .nodes
+            .iter()
+            .filter(|n| n.busy.is_none())
+            .flat_map(|n| {
+                n.instances.iter().filter_map(|i| {
+                    let inst = &self.instances[i];
+                    (self.runnable(inst) && !inst.requests.is_empty())
+                        .then(|| self.throttle_until(inst))
+                })
+            });
+        retry.chain(idle).chain(throttle).min_by(f64::total_cmp)
+    }
+
+    /// Requests that have been submitted and have not ended.
+    pub fn live_requests(&self) -> usize {
+        self.requests.len()
+    }
+
+    // ---- deadlines and estimates -------------------------------------
+
+    fn ttft_plan_s(&self, r: &Request) -> f64 {
+        (r.ttft_slo_s * self.cfg.slo_margin).min(self.cfg.ttft_cap_s * self.cfg.slo_margin)
+    }
+
+    fn tpot_plan_s(&self, r: &Request) -> f64 {
+        r.tpot_slo_s * self.cfg.slo_margin
+    }
+
+    fn next_token_deadline_s(&self, r: &ReqState) -> f64 {
+        r.req.arrival_s
+            + r.load_delay_s
+            + self.ttft_plan_s(&r.req)
+            + self.tpot_plan_s(&r.req) * r.generated as f64
+    }
+
+    fn lookahead_tokens(&self, r: &ReqState) -> u64 {
+        let predicted = (self.cfg.policy == Policy::SlinferPredictive)
+            .then(|| {
+                self.predictor
+                    .lookahead_tokens(&self.cfg.predictor, r.req.function, r.generated)
+            })
+            .flatten();
+        predicted.unwrap_or(self.cfg.lookahead_tokens)
+    }
+
+    fn kind_usable(&self, kind: DeviceKind, mtype: ModelTypeId) -> bool {
+        let spec = &self.models[mtype.0 as usize];
+        let cap_ok = !self.cfg.policy.is_sllm() || spec.sllm_exclusive_cap[kind.index()].is_some();
+        (kind == DeviceKind::Gpu || self.cfg.policy.uses_cpu())
+            && cap_ok
+            && spec.slots_per_node[kind.index()] > 0
+    }
+
+    fn fits_alone(&self, req: &Request, kind: DeviceKind, capacity_bytes: u64) -> bool {
+        let spec = &self.models[req.model_type.0 as usize];
+        let need = spec.blocks_for_tokens(kind, req.input_tokens + self.cfg.lookahead_tokens)
+            * spec.block_bytes(kind);
+        let kv = self
+            .fixed_kv_bytes(spec, kind, capacity_bytes)
+            .unwrap_or(need);
+        need <= kv && spec.weights_bytes + self.cfg.instance_overhead_bytes + kv <= capacity_bytes
+    }
+
+    /// KV bytes of an instance whose pool does not scale, or `None`.
+    fn fixed_kv_bytes(
+        &self,
+        spec: &ModelSpec,
+        kind: DeviceKind,
+        capacity_bytes: u64,
+    ) -> Option<u64> {
+        if kind == DeviceKind::Cpu {
+            return Some(spec.cpu_kv_bytes);
+        }
+        self.cfg.policy.is_sllm().then(|| {
+            (capacity_bytes / self.cfg.policy.sllm_shares() as u64)
+                .saturating_sub(spec.weights_bytes + self.cfg.instance_overhead_bytes)
+        })
+    }
+
+    fn estimate_prefill_s(&self, mtype: ModelTypeId, kind: DeviceKind, tokens: u64) -> f64 {
+        self.cost.prefill_s(mtype, kind, tokens) * kind_factor(self.cfg.safety, kind)
+    }
+
+    fn estimate_decode_s(
+        &self,
+        mtype: ModelTypeId,
+        kind: DeviceKind,
+        context: u64,
+        batch: u64,
+    ) -> f64 {
+        self.cost.decode_s(mtype, kind, context, batch) * kind_factor(self.cfg.safety, kind)
+    }
+
+    // ---- shadow validation -------------------------------------------
+
+    fn request_blocks(&self, spec: &ModelSpec, kind: DeviceKind, r: &ReqState) -> u64 {
+        spec.blocks_for_tokens(
+            kind,
+            r.req.input_tokens + r.generated + self.lookahead_tokens(r),
+        )
+    }
+
+    fn min_blocks(&self, spec: &ModelSpec, kind: DeviceKind, sum_blocks: u64) -> u64 {
+        if sum_blocks == 0 {
+            0
+        } else {
+            sum_blocks.max(spec.blocks_for_tokens(kind, self.cfg.min_instance_tokens))
+        }
+    }
+
+    fn view(
+        &self,
+        kind: DeviceKind,
+        inst: Option<&Instance>,
+        new: Option<(ModelTypeId, u64)>,
+        extra: Option<RequestId>,
+    ) -> View {
+        let mtype = inst.map_or_else(|| new.expect("new view has a type").0, |i| i.mtype);
+        let spec = &self.models[mtype.0 as usize];
+        let mut v = View {
+            id: inst.map(|i| i.id),
+            kind,
+            static_bytes: 0,
+            planned_blocks: 0,
+            block_bytes: spec.block_bytes(kind),
+            fixed_kv: inst.is_some_and(|i| i.fixed_kv),
+            need_blocks: 0,
+            batch: 0,
+            context_tokens: 0,
+            prefill_tokens: 0,
+            deadline_s: f64::INFINITY,
+            tpot_s: f64::INFINITY,
+            loading: false,
+            mtype,
+        };
+        match (inst, new) {
+            (Some(i), _) => {
+                if i.planned_loaded {
+                    v.static_bytes = spec.weights_bytes + self.cfg.instance_overhead_bytes;
+                }
+                v.planned_blocks = i.planned_blocks;
+                v.loading = i
+                    .queue
+                    .iter()
+                    .map(|(_, o)| o)
+                    .chain(i.running.iter().map(|(_, o, _)| o))
+                    .any(|o| matches!(o, Op::Load { .. }));
+            }
+            (None, Some((_, fixed_blocks))) => {
+                v.static_bytes = spec.weights_bytes + self.cfg.instance_overhead_bytes;
+                v.planned_blocks = fixed_blocks;
+                v.fixed_kv = fixed_blocks > 0;
+                v.loading = self.cost.load_s(mtype, kind) > 0.0;
+            }
+            (None, None) => unreachable!("a view is of an instance or a new one"),
+        }
+        let members = inst.map(|i| i.requests.as_slice()).unwrap_or(&[]);
+        let mut sum_blocks = 0;
+        for rid in members.iter().chain(extra.iter()) {
+            let r = &self.requests[rid];
+            let ctx = r.req.input_tokens + r.generated;
+            sum_blocks += self.request_blocks(spec, kind, r);
+            v.batch += 1;
+            v.context_tokens += ctx;
+            if !r.prefilled {
+                v.prefill_tokens += ctx;
+            }
+            v.deadline_s = v.deadline_s.min(self.next_token_deadline_s(r));
+            v.tpot_s = v.tpot_s.min(self.tpot_plan_s(&r.req));
+        }
+        v.need_blocks = self.min_blocks(spec, kind, sum_blocks);
+        v
+    }
+
+    fn node_views(&self, node: NodeId, target: Target, extra: RequestId) -> Vec<View> {
+        let n = &self.nodes[node];
+        let mut views: Vec<View> = n
+            .instances
+            .iter()
+            .map(|i| {
+                let inst = &self.instances[i];
+                let ext = matches!(target, Target::Existing(t) if t == *i).then_some(extra);
+                self.view(n.spec.kind, Some(inst), None, ext)
+            })
+            .collect();
+        if let Target::New(mtype) = target {
+            let spec = &self.models[mtype.0 as usize];
+            let fixed = self
+                .fixed_kv_bytes(spec, n.spec.kind, n.spec.capacity_bytes)
+                .map_or(0, |b| b / spec.block_bytes(n.spec.kind));
+            views.push(self.view(n.spec.kind, None, Some((mtype, fixed)), Some(extra)));
+        }
+        views
+    }
+
+    fn time_slice(&self, v: &View) -> f64 {
+        if v.batch == 0 {
+            return 0.0;
+        }
+        self.estimate_decode_s(v.mtype, v.kind, v.context_tokens / v.batch, v.batch) / v.tpot_s
+    }
+
+    /// Admission on a shadow copy of the node with `extra` added to `target`.
+    fn validate(&self, node: NodeId, target: Target, extra: RequestId, now_s: f64) -> Checks {
+        let views = self.node_views(node, target, extra);
+        let is_target = |v: &View| match target {
+            Target::Existing(t) => v.id == Some(t),
+            Target::New(..) => v.id.is_none(),
+        };
+        let tv = views
+            .iter()
+            .find(|v| is_target(v))
+            .expect("target is in its node's views");
+        if self.cfg.policy.is_sllm() {
+            let spec = &self.models[tv.mtype.0 as usize];
+            let k = tv.kind.index();
+            let cap = if self.cfg.policy.sllm_shares() > 1 {
+                spec.sllm_half_share_cap[k]
+            } else {
+                spec.sllm_exclusive_cap[k]
+            };
+            let ok =
+                cap.is_some_and(|c| tv.batch <= c as u64) && tv.need_blocks <= tv.planned_blocks;
+            return Checks {
+                memory: ok,
+                decode: ok,
+                prefill: ok,
+            };
+        }
+        let capacity = self.nodes[node].spec.capacity_bytes;
+        let memory = if tv.fixed_kv {
+            tv.need_blocks <= tv.planned_blocks
+                && views
+                    .iter()
+                    .map(|v| v.static_bytes + v.planned_blocks * v.block_bytes)
+                    .sum::<u64>()
+                    <= capacity
+        } else {
+            let total: u64 = views
+                .iter()
+                .map(|v| {
+                    let blocks = if is_target(v) {
+                        v.planned_blocks.max(v.need_blocks)
+                    } else {
+                        v.planned_blocks
+                    };
+                    v.static_bytes + blocks * v.block_bytes
+                })
+                .sum();
+            total <= capacity
+        };
+        let decode = views.iter().map(|v| self.time_slice(v)).sum::<f64>() <= 1.0;
+        let mut prefills: Vec<(f64, f64, bool)> = views
+            .iter()
+            .filter(|v| v.prefill_tokens > 0 && (v.kind == DeviceKind::Cpu || !v.loading))
+            .map(|v| {
+                (
+                    v.deadline_s,
+                    self.estimate_prefill_s(v.mtype, v.kind, v.prefill_tokens),
+                    is_target(v),
+                )
+            })
+            .collect();
+        prefills.sort_by(|a, b| a.0.total_cmp(&b.0).then(b.2.cmp(&a.2)));
+        let mut t = now_s;
+        let mut influenced = false;
+        let mut prefill = true;
+        for (deadline, dur, tgt) in prefills {
+            influenced |= tgt;
+            t += dur;
+            if influenced && t > deadline {
+                prefill = false;
+                break;
+            }
+        }
+        Checks {
+            memory,
+            decode,
+            prefill,
+        }
+    }
+
+    // ---- placement -----------------------------------------------------
+
+    fn try_place(&mut self, rid: RequestId, now_s: f64) -> bool {
+        let (model, mtype) = {
+            let r = &self.requests[&rid].req;
+            (r.model, r.model_type)
+        };
+        let mut existing: Vec<InstanceId> = self.by_model.get(&model).cloned().unwrap_or_default();
+        if self.cfg.policy.is_sllm() {
+            let start = self.sllm_round_robin.get(&model).copied().unwrap_or(0);
+            let n = existing.len();
+            for k in 0..n {
+                let id = existing[(start + k) % n];
+                let node = self.instances[&id].node;
+                if self.validate(node, Target::Existing(id), rid, now_s).all() {
+                    self.sllm_round_robin
+                        .insert(model, (start + k + 1) % n.max(1));
+                    self.attach(rid, id, now_s);
+                    return true;
+                }
+            }
+        } else {
+            existing.sort_by_key(|i| (std::cmp::Reverse(self.instances[i].requests.len()), *i));
+            for &id in &existing {
+                let node = self.instances[&id].node;
+                if self.validate(node, Target::Existing(id), rid, now_s).all() {
+                    self.attach(rid, id, now_s);
+                    return true;
+                }
+            }
+            for &id in &existing {
+                if let Some(victim) = self.preemption_victim(id, rid, now_s) {
+                    self.preempt(victim, now_s);
+                    self.attach(rid, id, now_s);
+                    return true;
+                }
+            }
+        }
+        for node in self.placement_order(mtype) {
+            if !self.node_has_slot(node, mtype) {
+                continue;
+            }
+            if self.validate(node, Target::New(mtype), rid, now_s).all() {
+                let id = self.create_instance(node, model, mtype, now_s);
+                self.attach(rid, id, now_s);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Nodes for a new instance: CPU pool first, then GPU; within a pool the
+    /// busiest node first (bin-packing), nodes with no instance last.
+    fn placement_order(&self, mtype: ModelTypeId) -> Vec<NodeId> {
+        let mut order = Vec::new();
+        for kind in [DeviceKind::Cpu, DeviceKind::Gpu] {
+            if !self.kind_usable(kind, mtype) {
+                continue;
+            }
+            let mut used: Vec<(f64, NodeId)> = Vec::new();
+            let mut empty = Vec::new();
+            for (id, n) in self
+                .nodes
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| n.spec.kind == kind)
+            {
+                if n.instances.is_empty() {
+                    empty.push(id);
+                    continue;
+                }
+                let load = match kind {
+                    DeviceKind::Cpu => n
+                        .instances
+                        .iter()
+                        .map(|i| {
+                            self.time_slice(&self.view(kind, Some(&self.instances[i]), None, None))
+                        })
+                        .sum::<f64>(),
+                    DeviceKind::Gpu => self.planned_bytes(id) as f64,
+                };
+                used.push((load, id));
+            }
+            used.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            order.extend(used.into_iter().map(|(_, id)| id));
+            order.extend(empty);
+        }
+        order
+    }
+
+    fn node_has_slot(&self, node: NodeId, mtype: ModelTypeId) -> bool {
+        let n = &self.nodes[node];
+        let slots = self.models[mtype.0 as usize].slots_per_node[n.spec.kind.index()] as usize;
+        let limit = if self.cfg.policy.is_sllm() {
+            slots.min(self.cfg.policy.sllm_shares() as usize)
+        } else {
+            slots
+        };
+        n.instances.len() < limit
+    }
+
+    fn planned_bytes(&self, node: NodeId) -> u64 {
+        self.nodes[node]
+            .instances
+            .iter()
+            .map(|i| self.instance_bytes(&self.instances[i], true))
+            .sum()
+    }
+
+    fn committed_bytes(&self, node: NodeId) -> u64 {
+        self.nodes[node]
+            .instances
+            .iter()
+            .map(|i| self.instance_bytes(&self.instances[i], false))
+            .sum()
+    }
+
+    fn instance_bytes(&self, inst: &Instance, planned: bool) -> u64 {
+        let spec = &self.models[inst.mtype.0 as usize];
+        let kind = self.nodes[inst.node].spec.kind;
+        let (loaded, blocks) = if planned {
+            (inst.planned_loaded, inst.planned_blocks)
+        } else {
+            (inst.committed_loaded, inst.committed_blocks)
+        };
+        let weights = if loaded {
+            spec.weights_bytes + self.cfg.instance_overhead_bytes
+        } else {
+            0
+        };
+        weights + blocks * spec.block_bytes(kind)
+    }
+
+    /// Proactive preemption: on GPU when only memory blocks `target`, on CPU
+    /// when only the decode time slice does; the victim is a neighbour with
+    /// a batch no larger than the target's whose footprint (or time slice)
+    /// covers the shortfall, smallest batch first.
+    fn preemption_victim(
+        &self,
+        target: InstanceId,
+        rid: RequestId,
+        now_s: f64,
+    ) -> Option<InstanceId> {
+        let node = self.instances[&target].node;
+        let kind = self.nodes[node].spec.kind;
+        let checks = self.validate(node, Target::Existing(target), rid, now_s);
+        let views = self.node_views(node, Target::Existing(target), rid);
+        let tv = views.iter().find(|v| v.id == Some(target))?;
+        let gap = match kind {
+            DeviceKind::Gpu if !checks.memory && checks.decode && checks.prefill => {
+                let total: u64 = views
+                    .iter()
+                    .map(|v| {
+                        let b = if v.id == Some(target) {
+                            v.planned_blocks.max(v.need_blocks)
+                        } else {
+                            v.planned_blocks
+                        };
+                        v.static_bytes + b * v.block_bytes
+                    })
+                    .sum();
+                total as f64 - self.nodes[node].spec.capacity_bytes as f64
+            }
+            DeviceKind::Cpu if checks.memory && !checks.decode && checks.prefill => {
+                if self.time_slice(tv) > 1.0 {
+                    return None;
+                }
+                views.iter().map(|v| self.time_slice(v)).sum::<f64>() - 1.0
+            }
+            _ => return None,
+        };
+        let mut candidates: Vec<&View> = views
+            .iter()
+            .filter(|v| {
+                let id = v.id.expect("existing instances only");
+                let inst = &self.instances[&id];
+                id != target
+                    && !inst.retiring
+                    && inst.planned_loaded
+                    && self.nodes[node].busy != Some(id)
+                    && inst.running.is_none()
+                    && v.batch <= tv.batch
+                    && (kind == DeviceKind::Gpu || v.batch > 0)
+            })
+            .collect();
+        candidates.sort_by_key(|v| (v.batch, v.id));
+        let covers = |v: &View| match kind {
+            DeviceKind::Gpu => (v.static_bytes + v.planned_blocks * v.block_bytes) as f64 >= gap,
+            DeviceKind::Cpu => self.time_slice(v) >= gap,
+        };
+        candidates
+            .into_iter()
+            .find(|v| covers(v))
+            .and_then(|v| v.id)
+    }
+
+    fn preempt(&mut self, victim: InstanceId, now_s: f64) {
+        let inst = self.instances.get_mut(&victim).expect("victim is live");
+        let evicted = std::mem::take(&mut inst.requests);
+        for rid in &evicted {
+            let r = self
+                .requests
+                .get_mut(rid)
+                .expect("attached requests are live");
+            r.instance = None;
+            r.prefilled = false;
+            r.preempted = true;
+            r.next_retry_s = now_s + self.cfg.retry_interval_s;
+        }
+        self.pending.extend(evicted.iter().copied());
+        self.out.push(Command::Preempt {
+            instance: victim,
+            requests: evicted,
+        });
+        self.retire(victim);
+    }
+
+    fn create_instance(
+        &mut self,
+        node: NodeId,
+        model: ModelId,
+        mtype: ModelTypeId,
+        now_s: f64,
+    ) -> InstanceId {
+        let id = self.next_instance;
+        self.next_instance += 1;
+        let spec = &self.models[mtype.0 as usize];
+        let kind = self.nodes[node].spec.kind;
+        let fixed = self.fixed_kv_bytes(spec, kind, self.nodes[node].spec.capacity_bytes);
+        let blocks = fixed.map_or(0, |b| b / spec.block_bytes(kind));
+        self.instances.insert(
+            id,
+            Instance {
+                id,
+                model,
+                mtype,
+                node,
+                requests: Vec::new(),
+                planned_loaded: true,
+                planned_blocks: blocks,
+                committed_loaded: false,
+                committed_blocks: 0,
+                queue: VecDeque::new(),
+                running: None,
+                fixed_kv: fixed.is_some(),
+                retiring: false,
+                idle_since_s: None,
+                bill_start_s: now_s,
+                busy_total_s: 0.0,
+                run_started_s: now_s,
+            },
+        );
+        self.enqueue(id, Op::Load { blocks });
+        self.nodes[node].instances.push(id);
+        self.by_model.entry(model).or_default().push(id);
+        id
+    }
+
+    fn attach(&mut self, rid: RequestId, inst: InstanceId, now_s: f64) {
+        let r = self.requests.get_mut(&rid).expect("placing a live request");
+        r.instance = Some(inst);
+        r.attached_s = now_s;
+        self.pending.retain(|&p| p != rid);
+        let i = self
+            .instances
+            .get_mut(&inst)
+            .expect("placing on a live instance");
+        i.requests.push(rid);
+        i.idle_since_s = None;
+        self.rescale(inst, now_s);
+    }
+
+    fn detach(&mut self, rid: RequestId, now_s: f64) -> ReqState {
+        let r = self.requests.remove(&rid).expect("ending a live request");
+        match r.instance {
+            Some(i) => {
+                let inst = self
+                    .instances
+                    .get_mut(&i)
+                    .expect("attached to a live instance");
+                inst.requests.retain(|&x| x != rid);
+                if inst.requests.is_empty() {
+                    inst.idle_since_s = Some(now_s);
+                }
+            }
+            None => self.pending.retain(|&p| p != rid),
+        }
+        r
+    }
+
+    fn retire(&mut self, id: InstanceId) {
+        let inst = self
+            .instances
+            .get_mut(&id)
+            .expect("retiring a live instance");
+        inst.retiring = true;
+        let model = inst.model;
+        if let Some(v) = self.by_model.get_mut(&model) {
+            v.retain(|&i| i != id);
+        }
+        self.enqueue(id, Op::Unload);
+    }
+
+    // ---- KV scaling and the action queue ------------------------------
+
+    /// Forward-looking KV scaling with hysteresis: grow to the target when
+    /// the minimum exceeds the allocation; shrink only when the target falls
+    /// below allocation / (1 + watermark).
+    fn rescale(&mut self, id: InstanceId, now_s: f64) {
+        let inst = &self.instances[&id];
+        if inst.retiring {
+            return;
+        }
+        let planned = inst.planned_blocks;
+        if inst.fixed_kv {
+            self.evict_overflow(id, planned, now_s);
+            return;
+        }
+        let node = inst.node;
+        let kind = self.nodes[node].spec.kind;
+        let spec = &self.models[inst.mtype.0 as usize];
+        let view = self.view(kind, Some(inst), None, None);
+        let w = self.cfg.kv_watermark;
+        let min = view.need_blocks;
+        let target = self.min_blocks(spec, kind, ((min as f64) * (1.0 + w)).ceil() as u64);
+        if min > planned {
+            let own = self.instance_bytes(inst, true);
+            let others = self.planned_bytes(node) - own;
+            let statics = own - planned * view.block_bytes;
+            let room = self.nodes[node]
+                .spec
+                .capacity_bytes
+                .saturating_sub(others + statics)
+                / view.block_bytes;
+            let new = target.min(room).max(planned);
+            if new > planned {
+                self.enqueue(id, Op::Resize { blocks: new });
+            }
+            self.evict_overflow(id, new, now_s);
+        } else if (target as f64) < planned as f64 / (1.0 + w) {
+            self.enqueue(id, Op::Resize { blocks: target });
+        }
+    }
+
+    /// The engine must never run out of KV: if even the next grant's tokens
+    /// do not fit the planned pool, the youngest requests go back to be
+    /// re-placed.
+    fn evict_overflow(&mut self, id: InstanceId, blocks: u64, now_s: f64) {
+        let inst = &self.instances[&id];
+        let kind = self.nodes[inst.node].spec.kind;
+        let spec = &self.models[inst.mtype.0 as usize];
+        let quota = spec.gpu_decode_quota.max(1) as u64;
+        let mut hard: u64 = inst
+            .requests
+            .iter()
+            .map(|r| {
+                let r = &self.requests[r];
+                spec.blocks_for_tokens(kind, r.req.input_tokens + r.generated + quota)
+            })
+            .sum();
+        let mut evicted = Vec::new();
+        let mut members = inst.requests.clone();
+        while hard > blocks {
+            let Some(rid) = members.pop() else { break };
+            let r = &self.requests[&rid];
+            hard -= spec.blocks_for_tokens(kind, r.req.input_tokens + r.generated + quota);
+            evicted.push(rid);
+        }
+        if evicted.is_empty() {
+            return;
+        }
+        let inst = self.instances.get_mut(&id).expect("live");
+        inst.requests.retain(|r| !evicted.contains(r));
+        for rid in &evicted {
+            let r = self
+                .requests
+                .get_mut(rid)
+                .expect("attached requests are live");
+            r.instance = None;
+            r.prefilled = false;
+            r.preempted = true;
+            r.next_retry_s = now_s;
+        }
+        self.pending.extend(evicted.iter().copied());
+        self.out.push(Command::Preempt {
+            instance: id,
+            requests: evicted,
+        });
+    }
+
+    fn enqueue(&mut self, id: InstanceId, op: Op) {
+        let inst = self
+            .instances
+            .get_mut(&id)
+            .expect("queueing on a live instance");
+        match op {
+            Op::Load { blocks } => {
+                inst.planned_loaded = true;
+                inst.planned_blocks = blocks;
+            }
+            Op::Resize { blocks } => {
+                inst.planned_blocks = blocks;
+                // A resize that has not started yet is superseded, not stacked.
+                if let Some((_, Op::Resize { blocks: b })) = inst.queue.back_mut() {
+                    *b = blocks;
+                    return;
+                }
+            }
+            Op::Unload => {
+                inst.planned_loaded = false;
+                inst.planned_blocks = 0;
+            }
+        }
+        let aid = self.next_action;
+        self.next_action += 1;
+        inst.queue.push_back((aid, op));
+    }
+
+    /// Starts queued actions. Decreases always start (their memory returns
+    /// when they finish); increases start in queue order, each only if the
+    /// committed footprint plus its increase fits the node.
+    fn start_actions(&mut self, node: NodeId, now_s: f64) {
+        let mut heads: Vec<(ActionId, InstanceId)> = self.nodes[node]
+            .instances
+            .iter()
+            .filter_map(|i| {
+                let inst = &self.instances[i];
+                if inst.running.is_some() || self.nodes[node].busy == Some(*i) {
+                    return None;
+                }
+                inst.queue.front().map(|(a, _)| (*a, *i))
+            })
+            .collect();
+        heads.sort();
+        let capacity = self.nodes[node].spec.capacity_bytes;
+        let mut blocked = false;
+        for (_, id) in heads {
+            let inst = &self.instances[&id];
+            let (aid, op) = *inst.queue.front().expect("has a head");
+            let spec = &self.models[inst.mtype.0 as usize];
+            let kind = self.nodes[node].spec.kind;
+            let bb = spec.block_bytes(kind);
+            let increase = match op {
+                Op::Load { blocks } => {
+                    spec.weights_bytes + self.cfg.instance_overhead_bytes + blocks * bb
+                }
+                Op::Resize { blocks } => blocks.saturating_sub(inst.committed_blocks) * bb,
+                Op::Unload => 0,
+            };
+            if increase > 0 {
+                if blocked || self.committed_bytes(node) + increase > capacity {
+                    blocked = true;
+                    continue;
+                }
+            }
+            let inst = self.instances.get_mut(&id).expect("live");
+            inst.queue.pop_front();
+            let (model, mtype) = (inst.model, inst.mtype);
+            let op_out = match op {
+                Op::Load { blocks } => {
+                    inst.committed_loaded = true;
+                    inst.committed_blocks = blocks;
+                    ActionOp::Load {
+                        weights_bytes: spec.weights_bytes + self.cfg.instance_overhead_bytes,
+                        kv_bytes: blocks * bb,
+                    }
+                }
+                Op::Resize { blocks } => {
+                    if blocks > inst.committed_blocks {
+                        inst.committed_blocks = blocks;
+                    }
+                    ActionOp::ResizeKv {
+                        kv_bytes: blocks * bb,
+                    }
+                }
+                Op::Unload => ActionOp::Unload,
+            };
+            inst.running = Some((aid, op, now_s));
+            self.out.push(Command::Action {
+                node,
+                action: aid,
+                instance: id,
+                model,
+                model_type: mtype,
+                op: op_out,
+            });
+        }
+    }
+
+    // ---- the per-node arbiter ------------------------------------------
+
+    fn runnable(&self, inst: &Instance) -> bool {
+        inst.committed_loaded && inst.running.is_none() && inst.queue.is_empty() && !inst.retiring
+    }
+
+    fn throttle_until(&self, inst: &Instance) -> f64 {
+        let shares = self.cfg.policy.sllm_shares();
+        if shares > 1 {
+            inst.bill_start_s + inst.busy_total_s * shares as f64
+        } else {
+            f64::NEG_INFINITY
+        }
+    }
+
+    /// Grants the free device to the runnable instance with the least
+    /// headroom (earliest next-token deadline).
+    fn arbitrate(&mut self, node: NodeId, now_s: f64) {
+        if self.nodes[node].busy.is_some() {
+            return;
+        }
+        let kind = self.nodes[node].spec.kind;
+        let mut best: Option<(f64, InstanceId)> = None;
+        for i in &self.nodes[node].instances {
+            let inst = &self.instances[i];
+            if inst.requests.is_empty() || !self.runnable(inst) || self.throttle_until(inst) > now_s
+            {
+                continue;
+            }
+            let deadline = inst
+                .requests
+                .iter()
+                .map(|r| self.next_token_deadline_s(&self.requests[r]))
+                .fold(f64::INFINITY, f64::min);
+            if best.is_none_or(|(d, id)| deadline < d || (deadline == d && *i < id)) {
+                best = Some((deadline, *i));
+            }
+        }
+        let Some((_, id)) = best else { return };
+        let inst = &self.instances[&id];
+        let mut prefill = Vec::new();
+        let mut decode = Vec::new();
+        for rid in &inst.requests {
+            let r = &self.requests[rid];
+            let ctx = r.req.input_tokens + r.generated;
+            if r.prefilled {
+                decode.push((*rid, ctx));
+            } else {
+                prefill.push((*rid, ctx));
+            }
+        }
+        let iterations = if !prefill.is_empty() {
+            decode.clear();
+            1
+        } else if kind == DeviceKind::Cpu {
+            1
+        } else {
+            self.models[inst.mtype.0 as usize].gpu_decode_quota.max(1)
+        };
+        let mtype = inst.mtype;
+        self.instances.get_mut(&id).expect("live").run_started_s = now_s;
+        self.nodes[node].busy = Some(id);
+        self.out.push(Command::Run {
+            node,
+            instance: id,
+            model_type: mtype,
+            iterations,
+            prefill,
+            decode,
+        });
+    }
+
+    fn pump(&mut self, now_s: f64) {
+        for n in 0..self.nodes.len() {
+            let kind = self.nodes[n].spec.kind;
+            let ka = kind_factor(self.cfg.keep_alive_s, kind);
+            let expired: Vec<InstanceId> = self.nodes[n]
+                .instances
+                .iter()
+                .copied()
+                .filter(|i| {
+                    let inst = &self.instances[i];
+                    !inst.retiring
+                        && inst.requests.is_empty()
+                        && self.nodes[n].busy != Some(*i)
+                        && inst.idle_since_s.is_some_and(|t| now_s >= t + ka)
+                })
+                .collect();
+            for i in expired {
+                self.retire(i);
+            }
+        }
+        let due: Vec<RequestId> = self
+            .pending
+            .iter()
+            .copied()
+            .filter(|r| self.requests[r].next_retry_s <= now_s)
+            .collect();
+        for rid in due {
+            let r = &self.requests[&rid];
+            if now_s > self.next_token_deadline_s(r) {
+                let reason = if r.preempted {
+                    DropReason::DeadlinePassedAfterPreemption
+                } else {
+                    DropReason::DeadlinePassedWaiting
+                };
+                self.detach(rid, now_s);
+                self.out.push(Command::Dropped {
+                    request: rid,
+                    reason,
+                });
+            } else if !self.try_place(rid, now_s) {
+                self.requests.get_mut(&rid).expect("live").next_retry_s =
+                    now_s + self.cfg.retry_interval_s;
+            }
+        }
+        for n in 0..self.nodes.len() {
+            self.start_actions(n, now_s);
+            self.arbitrate(n, now_s);
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! Multi-function traces in the format of `azure-functions-128fn-30min.json`,
+//! and the paper's load selection (first k functions of each group of 8).
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// Functions per popularity group in the paper's trace.
+pub const GROUP_SIZE: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    #[error("reading trace {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("parsing trace: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("function {index}: timestamps, input and output have different lengths")]
+    Ragged { index: usize },
+    #[error("--models-per-group must be 1..={GROUP_SIZE}, got {0}")]
+    BadK(usize),
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct TraceFunction {
+    #[serde(rename = "HashFunction", default)]
+    pub hash: String,
+    pub timestamps: Vec<f64>,
+    pub input: Vec<u64>,
+    pub output: Vec<u64>,
+}
+
+/// One request as the simulator replays it; only the driver side ever sees
+/// `output_tokens`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TraceRequest {
+    pub function: u32,
+    pub arrival_s: f64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+pub fn load_trace(path: &Path) -> Result<Vec<TraceFunction>, TraceError> {
+    let text = std::fs::read_to_string(path).map_err(|source| TraceError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse_trace(&text)
+}
+
+pub fn parse_trace(text: &str) -> Result<Vec<TraceFunction>, TraceError> {
+    let fns: Vec<TraceFunction> = serde_json::from_str(text)?;
+    for (index, f) in fns.iter().enumerate() {
+        if f.timestamps.len() != f.input.len() || f.timestamps.len() != f.output.len() {
+            return Err(TraceError::Ragged { index });
+        }
+    }
+    Ok(fns)
+}
+
+/// The requests of the first `k` functions of every group of 8, arriving
+/// before `duration_s`, ordered by arrival (ties by function, then position).
+/// Function ids are trace indices, so a function keeps its id at every k.
+pub fn select(
+    fns: &[TraceFunction],
+    k: usize,
+    duration_s: f64,
+) -> Result<Vec<TraceRequest>, TraceError> {
+    if !(1..=GROUP_SIZE).contains(&k) {
+        return Err(TraceError::BadK(k));
+    }
+    let mut out: Vec<TraceRequest> = fns
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % GROUP_SIZE < k)
+        .flat_map(|(i, f)| {
+            (0..f.timestamps.len()).map(move |j| TraceRequest {
+                function: i as u32,
+                arrival_s: f.timestamps[j],
+                input_tokens: f.input[j].max(1),
+                output_tokens: f.output[j].max(1),
+            })
+        })
+        .filter(|r| r.arrival_s < duration_s)
+        .collect();
+    out.sort_by(|a, b| {
+        a.arrival_s
+            .total_cmp(&b.arrival_s)
+            .then(a.function.cmp(&b.function))
+    });
+    Ok(out)
+}
+
+/// Number of models (functions) served at selection `k`.
+pub fn models_at(fns: &[TraceFunction], k: usize) -> usize {
+    (0..fns.len()).filter(|i| i % GROUP_SIZE < k).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selects_first_k_of_each_group_in_arrival_order() {
+        let f = |t: f64| TraceFunction {
+            hash: String::new(),
+            timestamps: vec![t],
+            input: vec![10],
+            output: vec![0],
+        };
+        let fns: Vec<_> = (0..16).map(|i| f(100.0 - i as f64)).collect();
+        let sel = select(&fns, 2, f64::INFINITY).unwrap();
+        let ids: Vec<u32> = sel.iter().map(|r| r.function).collect();
+        assert_eq!(ids, vec![9, 8, 1, 0]);
+        assert_eq!(sel[0].output_tokens, 1);
+        assert_eq!(models_at(&fns, 2), 4);
+        assert!(select(&fns, 0, 1.0).is_err());
+        assert_eq!(select(&fns, 8, 90.0).unwrap().len(), 10);
+    }
+}

@@ -1,0 +1,41 @@
+//! Regression on the real trace: the policies keep the paper's ordering.
+
+use std::path::PathBuf;
+
+use slinfer_scheduler::{Policy, Profile, SimSetup, load_trace, select, simulate, trace};
+
+fn data() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data")
+}
+
+fn run(policy: Policy, k: usize, duration_s: f64, cpus: usize) -> slinfer_scheduler::Summary {
+    let profile = Profile::load(&data().join("profiles/slinfer-artifact-latency-ms.json")).unwrap();
+    let fns = load_trace(&data().join("traces/azure-functions-128fn-30min.json")).unwrap();
+    let reqs = select(&fns, k, duration_s).unwrap();
+    let mtype = profile.model_type("llama-2-7b").unwrap();
+    let setup = SimSetup::paper(&profile, policy, mtype, 4, cpus);
+    simulate(&profile, &setup, &reqs, trace::models_at(&fns, k)).summary
+}
+
+#[test]
+fn policies_keep_the_papers_order_on_a_slice_of_the_real_trace() {
+    let s = |p| run(p, 8, 240.0, 0);
+    let (sllm, shared, slinfer) = (s(Policy::Sllm), s(Policy::SllmCS), s(Policy::Slinfer));
+    for x in [&sllm, &shared, &slinfer] {
+        eprintln!("{}", serde_json::to_string(x).unwrap());
+        assert_eq!(x.memory_violations, 0);
+        assert_eq!(x.end_violations, 0);
+    }
+    assert!(
+        slinfer.slo_met >= shared.slo_met,
+        "slinfer {} < sllm+c+s {}",
+        slinfer.slo_met,
+        shared.slo_met
+    );
+    assert!(
+        shared.slo_met >= sllm.slo_met,
+        "sllm+c+s {} < sllm {}",
+        shared.slo_met,
+        sllm.slo_met
+    );
+}
