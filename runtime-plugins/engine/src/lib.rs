@@ -1,0 +1,230 @@
+//! The engine contract: what every slinfer inference backend (OpenVINO on the
+//! CPU, CUDA on the GPU, the pure-Rust reference used by tests) implements, and
+//! the backend-neutral pieces they all share — model configuration, GGUF and
+//! safetensors readers with dequantisation, the paged KV block allocator and
+//! block tables, the sampler, and a slow pure-Rust reference forward pass.
+//!
+//! This room must never know about functions, Wasm, HTTP or the scheduler's
+//! policy: it sees models, devices, sequences of token ids, KV blocks and
+//! logits. It loads no native library itself and has no `unsafe` code; the
+//! backends do that at their own FFI borders.
+//!
+//! # Shape of the contract
+//!
+//! - A [`Backend`] enumerates its [`DeviceInfo`]s (memory as the driver reports
+//!   it) and loads an [`LlmInstance`] of a model ([`ModelSource`]) on one device
+//!   with an initial KV pool ([`LoadOptions`]).
+//! - An [`LlmInstance`] owns its weights and a pool of KV blocks of
+//!   [`LlmInstance::block_size_tokens`] tokens. The pool grows and shrinks on the
+//!   scheduler's word ([`LlmInstance::resize_kv`]); shrinking may compact (move
+//!   blocks in use below the new capacity) but never below the blocks in use.
+//! - Sequences are named by the caller ([`SeqId`]); blocks are taken from the
+//!   pool as tokens are appended. Pool exhaustion is an error
+//!   ([`EngineError::KvExhausted`]) that leaves every sequence as it was.
+//! - [`LlmInstance::step`] runs ONE iteration for a ragged batch: each
+//!   [`StepEntry`] is a sequence and its new tokens (a prefill chunk, or the one
+//!   token sampled last), and the result holds the last position's logits
+//!   (f32, vocab) for each entry, in order. The flattened layout handed to the
+//!   device ([`kv::BatchPlan`]) is the one OpenVINO's paged-attention IR takes
+//!   (`past_lens`, `subsequence_begins`, `block_indices`,
+//!   `block_indices_begins`), so both engines share it.
+//! - Sampling happens on the host with [`sampler::Sampler`], whatever the
+//!   backend.
+
+pub mod config;
+pub mod gguf;
+pub mod kv;
+pub mod quant;
+pub mod reference;
+pub mod safetensors;
+pub mod sampler;
+pub mod weights;
+
+use std::path::PathBuf;
+
+pub use config::ModelConfig;
+pub use kv::{BatchPlan, BlockAllocator, KvManager};
+pub use sampler::{Sampler, SamplingParams};
+pub use weights::{LlamaWeights, WeightDType};
+
+/// A sequence's name, chosen by the caller (the scheduler's request id).
+pub type SeqId = u64;
+
+/// What kind of processor a device is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    Cpu,
+    Gpu,
+}
+
+/// One device a backend can place instances on, with memory as its driver
+/// reports it at the time of the call.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceInfo {
+    /// Index within the backend (CUDA ordinal for the GPU engine).
+    pub index: usize,
+    pub kind: DeviceKind,
+    pub name: String,
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+}
+
+/// Where a model's weights come from.
+#[derive(Debug, Clone)]
+pub enum ModelSource {
+    /// A Hugging Face folder: `config.json`, `model.safetensors` (or shards
+    /// with `model.safetensors.index.json`).
+    SafetensorsDir(PathBuf),
+    /// A GGUF file (supported quantisations are dequantised on load).
+    Gguf(PathBuf),
+    /// Random weights of the given shape (benchmarks, tests). Values are
+    /// drawn uniformly from ±`scale` with a seeded generator.
+    Random {
+        config: ModelConfig,
+        seed: u64,
+        scale: f32,
+    },
+}
+
+/// How to load an instance.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// KV blocks allocated at load time (the pool may grow and shrink later).
+    pub initial_kv_blocks: usize,
+    /// Tokens per KV block; `None` lets the backend choose its default.
+    pub block_size_tokens: Option<usize>,
+    /// Weight precision on the device; `None` lets the backend choose.
+    pub dtype: Option<WeightDType>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            initial_kv_blocks: 64,
+            block_size_tokens: None,
+            dtype: None,
+        }
+    }
+}
+
+/// One entry of a ragged batch: a sequence and the tokens it appends this
+/// iteration (a prefill chunk, or the token sampled last).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepEntry {
+    pub seq: SeqId,
+    pub tokens: Vec<u32>,
+}
+
+/// Memory an instance holds, in bytes, plus the device's view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct MemoryReport {
+    pub weight_bytes: u64,
+    /// Bytes of the KV pool (capacity, not just blocks in use).
+    pub kv_bytes: u64,
+    /// Scratch buffers for activations, sized for the largest batch seen.
+    pub workspace_bytes: u64,
+    pub kv_blocks_capacity: usize,
+    pub kv_blocks_in_use: usize,
+    /// The device's free memory as its driver reports it (0 if unknown).
+    pub device_free_bytes: u64,
+    pub device_total_bytes: u64,
+}
+
+/// Errors of every backend. Each one is recoverable for the caller: nothing
+/// here means the process must stop.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The backend's native libraries or devices are absent.
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+    #[error("no device {0}")]
+    NoDevice(usize),
+    #[error("device error: {0}")]
+    Device(String),
+    /// A device allocation failed; the instance is unchanged.
+    #[error("out of device memory allocating {requested_bytes} bytes: {detail}")]
+    OutOfMemory {
+        requested_bytes: u64,
+        detail: String,
+    },
+    #[error("KV pool exhausted: need {needed} more blocks, {free} free")]
+    KvExhausted { needed: usize, free: usize },
+    #[error("cannot shrink KV pool to {requested} blocks: {in_use} in use")]
+    ShrinkBelowUsage { requested: usize, in_use: usize },
+    #[error("unknown sequence {0}")]
+    UnknownSequence(SeqId),
+    #[error("sequence {0} already exists")]
+    SequenceExists(SeqId),
+    #[error("sequence {seq} would reach {len} tokens, beyond the context length {max}")]
+    ContextOverflow { seq: SeqId, len: usize, max: usize },
+    #[error("invalid batch: {0}")]
+    InvalidBatch(String),
+    #[error("token id {token} out of the vocabulary ({vocab})")]
+    TokenOutOfRange { token: u32, vocab: usize },
+    /// The model file or folder is malformed or inconsistent.
+    #[error("bad model: {0}")]
+    Model(String),
+    /// A tensor type this build cannot read (named).
+    #[error("unsupported tensor type {0}")]
+    UnsupportedType(String),
+    #[error("unsupported architecture {0:?}")]
+    UnsupportedArchitecture(String),
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl EngineError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        EngineError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// An inference backend: enumerates its devices and loads instances on them.
+pub trait Backend: Send + Sync {
+    /// Short name for logs and metrics ("cuda", "openvino", "reference").
+    fn name(&self) -> &str;
+    fn kind(&self) -> DeviceKind;
+    /// Devices with memory as the driver reports it now. An empty list (not an
+    /// error) when the backend works but has no device.
+    fn devices(&self) -> Result<Vec<DeviceInfo>, EngineError>;
+    /// Load one instance of a model on `device`.
+    fn load(
+        &self,
+        source: &ModelSource,
+        device: usize,
+        options: &LoadOptions,
+    ) -> Result<Box<dyn LlmInstance>, EngineError>;
+}
+
+/// One loaded model on one device, with its own KV pool and sequences.
+pub trait LlmInstance: Send {
+    fn config(&self) -> &ModelConfig;
+    fn block_size_tokens(&self) -> usize;
+    /// Bytes of one KV block over all layers (keys and values).
+    fn kv_bytes_per_block(&self) -> u64;
+    fn weight_bytes(&self) -> u64;
+    fn kv_capacity_blocks(&self) -> usize;
+    fn kv_blocks_in_use(&self) -> usize;
+    /// Grow or shrink the pool to exactly `blocks`. Shrinking below the blocks
+    /// in use is [`EngineError::ShrinkBelowUsage`]; a failed allocation is
+    /// [`EngineError::OutOfMemory`] and leaves the pool as it was.
+    fn resize_kv(&mut self, blocks: usize) -> Result<(), EngineError>;
+    fn add_sequence(&mut self, seq: SeqId) -> Result<(), EngineError>;
+    /// Free a sequence and return its blocks to the pool.
+    fn free_sequence(&mut self, seq: SeqId) -> Result<(), EngineError>;
+    /// Tokens the sequence holds in the KV cache.
+    fn sequence_len(&self, seq: SeqId) -> Option<usize>;
+    /// Blocks this batch would take from the pool (for admission).
+    fn blocks_needed(&self, batch: &[StepEntry]) -> Result<usize, EngineError>;
+    /// Run one iteration; see the crate docs. On error no sequence advances.
+    fn step(&mut self, batch: &[StepEntry]) -> Result<Vec<Vec<f32>>, EngineError>;
+    fn memory(&self) -> MemoryReport;
+}
