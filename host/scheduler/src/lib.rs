@@ -13,6 +13,8 @@ pub mod predict;
 pub mod profile;
 pub mod scheduler;
 pub mod sim;
+pub mod svg;
+pub mod sweep;
 pub mod trace;
 
 pub use model::{CostModel, DeviceKind, ModelSpec, ModelTypeId, NodeSpec};

@@ -117,6 +117,6 @@ mod tests {
         assert_eq!(sel[0].output_tokens, 1);
         assert_eq!(models_at(&fns, 2), 4);
         assert!(select(&fns, 0, 1.0).is_err());
-        assert_eq!(select(&fns, 8, 90.0).unwrap().len(), 10);
+        assert_eq!(select(&fns, 8, 90.0).unwrap().len(), 5);
     }
 }
