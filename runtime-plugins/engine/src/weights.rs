@@ -14,7 +14,7 @@ use crate::sampler::Rng;
 use crate::{EngineError, ModelSource};
 
 /// Precision of matrices on the device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WeightDType {
     F32,

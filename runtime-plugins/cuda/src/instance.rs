@@ -1,0 +1,868 @@
+//! One model instance on one GPU: weights in device memory, a paged KV pool
+//! that grows and shrinks, and the forward pass of one iteration for a ragged
+//! batch (cuBLAS matmuls, our NVRTC kernels for everything else).
+//!
+//! Data flow per layer (T new tokens; residual stream `x` in f32, matmul
+//! inputs in the weight type, matmul outputs in f32):
+//! `rmsnorm → [q|k|v] = h·Wqkvᵀ → rope + write K,V to their slots → paged
+//! attention → x += a·Woᵀ → rmsnorm → [gate|up] = h·Wguᵀ → silu·up → x += m·Wdownᵀ`.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::cublas::{CudaBlas, result as blas, sys as blas_sys};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+    PushKernelArg, ValidAsZeroBits,
+};
+use slinfer_engine::kv::{BatchPlan, KvManager};
+use slinfer_engine::reference::check_tokens;
+use slinfer_engine::weights::{HostData, HostTensor, LlamaWeights, WeightDType};
+use slinfer_engine::{EngineError, LlmInstance, MemoryReport, ModelConfig, SeqId, StepEntry};
+
+/// Default tokens per KV block on the GPU.
+pub const DEFAULT_BLOCK_SIZE_TOKENS: usize = 16;
+
+fn dev_err(what: &str, e: impl std::fmt::Debug) -> EngineError {
+    EngineError::Device(format!("{what}: {e:?}"))
+}
+
+/// A device buffer and its raw address (kernels and cuBLAS take addresses).
+pub(crate) struct Buf<T> {
+    slice: CudaSlice<T>,
+    ptr: u64,
+    len: usize,
+}
+
+impl<T: DeviceRepr + ValidAsZeroBits> Buf<T> {
+    pub(crate) fn zeros(stream: &Arc<CudaStream>, len: usize) -> Result<Self, EngineError> {
+        let bytes = (len * std::mem::size_of::<T>()) as u64;
+        let slice = stream
+            .alloc_zeros::<T>(len.max(1))
+            .map_err(|e| EngineError::OutOfMemory {
+                requested_bytes: bytes,
+                detail: format!("{e:?}"),
+            })?;
+        Ok(Self::wrap(stream, slice, len))
+    }
+    pub(crate) fn from_host(stream: &Arc<CudaStream>, data: &[T]) -> Result<Self, EngineError> {
+        let mut b = Self::zeros(stream, data.len())?;
+        if !data.is_empty() {
+            stream
+                .memcpy_htod(data, &mut b.slice)
+                .map_err(|e| dev_err("upload", e))?;
+        }
+        Ok(b)
+    }
+    fn wrap(stream: &Arc<CudaStream>, slice: CudaSlice<T>, len: usize) -> Self {
+        let ptr = {
+            let (p, _sync) = slice.device_ptr(stream);
+            p
+        };
+        Buf { slice, ptr, len }
+    }
+    pub(crate) fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    fn bytes(&self) -> u64 {
+        (self.len * std::mem::size_of::<T>()) as u64
+    }
+}
+
+/// The compiled kernels for one weight type.
+#[derive(Clone)]
+pub(crate) struct Kernels {
+    pub embed: CudaFunction,
+    pub rmsnorm: CudaFunction,
+    pub rope_kv: CudaFunction,
+    pub paged_attn: CudaFunction,
+    pub silu_mul: CudaFunction,
+    pub fill_uniform: CudaFunction,
+}
+
+struct Layer {
+    attn_norm: Buf<f32>,
+    wqkv: Buf<u16>,
+    bqkv: Option<Buf<f32>>,
+    wo: Buf<u16>,
+    ffn_norm: Buf<f32>,
+    w_gu: Buf<u16>,
+    w_down: Buf<u16>,
+}
+
+/// Activation buffers, sized for the largest batch seen so far.
+struct Workspace {
+    tokens: usize,
+    entries: usize,
+    blocks: usize,
+    ints: Buf<i32>,
+    x: Buf<f32>,
+    hn: Buf<u16>,
+    qkv: Buf<f32>,
+    q: Buf<f32>,
+    attn: Buf<u16>,
+    gu: Buf<f32>,
+    act: Buf<u16>,
+    hfinal: Buf<u16>,
+    logits: Buf<f32>,
+}
+
+impl Workspace {
+    fn new(
+        stream: &Arc<CudaStream>,
+        c: &ModelConfig,
+        tokens: usize,
+        entries: usize,
+        blocks: usize,
+    ) -> Result<Self, EngineError> {
+        let (h, qd, kvd, f) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        Ok(Workspace {
+            tokens,
+            entries,
+            blocks,
+            ints: Buf::zeros(stream, 4 * tokens + 2 * entries + 1 + blocks)?,
+            x: Buf::zeros(stream, tokens * h)?,
+            hn: Buf::zeros(stream, tokens * h.max(qd))?,
+            qkv: Buf::zeros(stream, tokens * (qd + 2 * kvd))?,
+            q: Buf::zeros(stream, tokens * qd)?,
+            attn: Buf::zeros(stream, tokens * qd)?,
+            gu: Buf::zeros(stream, tokens * 2 * f)?,
+            act: Buf::zeros(stream, tokens * f)?,
+            hfinal: Buf::zeros(stream, entries * h)?,
+            logits: Buf::zeros(stream, entries * c.vocab_size)?,
+        })
+    }
+    fn bytes(&self) -> u64 {
+        self.ints.bytes()
+            + self.x.bytes()
+            + self.hn.bytes()
+            + self.qkv.bytes()
+            + self.q.bytes()
+            + self.attn.bytes()
+            + self.gu.bytes()
+            + self.act.bytes()
+            + self.hfinal.bytes()
+            + self.logits.bytes()
+    }
+}
+
+/// What every instance has before its weights arrive.
+struct Base {
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    kv: KvManager,
+    k_cache: Vec<Buf<u16>>,
+    v_cache: Vec<Buf<u16>>,
+    ws: Workspace,
+}
+
+/// A Llama-family model resident on one GPU.
+pub struct CudaInstance {
+    config: ModelConfig,
+    dtype: WeightDType,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    k: Kernels,
+    embed: Buf<u16>,
+    layers: Vec<Layer>,
+    final_norm: Buf<f32>,
+    lm_head: Option<Buf<u16>>,
+    weight_bytes: u64,
+    kv: KvManager,
+    k_cache: Vec<Buf<u16>>,
+    v_cache: Vec<Buf<u16>>,
+    ws: Workspace,
+}
+
+/// Launch a kernel with scalar and raw-address arguments.
+macro_rules! launch {
+    ($stream:expr, $func:expr, $grid:expr, $block:expr, $($arg:expr),* $(,)?) => {{
+        let cfg = LaunchConfig { grid_dim: $grid, block_dim: $block, shared_mem_bytes: 0 };
+        let mut b = $stream.launch_builder($func);
+        $( let a = $arg; b.arg(&a); )*
+        // SAFETY: every pointer argument is the address of a live device
+        // buffer sized by this module for the launch's grid; scalars are
+        // passed by value; the kernel signatures in kernels.rs match the
+        // argument order and types here.
+        unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| dev_err("kernel launch", e))
+    }};
+}
+
+fn bits(t: &HostTensor, dtype: WeightDType) -> Result<Vec<u16>, EngineError> {
+    Ok(match (&t.data, dtype) {
+        (HostData::F16(v), WeightDType::F16) => v.iter().map(|x| x.to_bits()).collect(),
+        (HostData::BF16(v), WeightDType::BF16) => v.iter().map(|x| x.to_bits()).collect(),
+        (_, WeightDType::F16) => t
+            .to_f32()
+            .iter()
+            .map(|&x| half::f16::from_f32(x).to_bits())
+            .collect(),
+        (_, WeightDType::BF16) => t
+            .to_f32()
+            .iter()
+            .map(|&x| half::bf16::from_f32(x).to_bits())
+            .collect(),
+        (_, WeightDType::F32) => return Err(unsupported_f32()),
+    })
+}
+
+pub(crate) fn unsupported_f32() -> EngineError {
+    EngineError::UnsupportedType("f32 weights on the GPU (the CUDA engine runs f16 or bf16)".into())
+}
+
+fn concat(parts: &[&HostTensor], dtype: WeightDType) -> Result<Vec<u16>, EngineError> {
+    let mut out = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for p in parts {
+        out.extend(bits(p, dtype)?);
+    }
+    Ok(out)
+}
+
+impl CudaInstance {
+    #[allow(clippy::too_many_arguments)]
+    fn empty(
+        ctx: Arc<CudaContext>,
+        k: Kernels,
+        config: ModelConfig,
+        dtype: WeightDType,
+        block_size: usize,
+        initial_blocks: usize,
+    ) -> Result<Base, EngineError> {
+        if dtype == WeightDType::F32 {
+            return Err(unsupported_f32());
+        }
+        if !config.head_dim.is_multiple_of(32) || config.head_dim > crate::kernels::MAX_HEAD_DIM {
+            return Err(EngineError::UnsupportedArchitecture(format!(
+                "head dim {} (the CUDA attention kernel takes multiples of 32 up to {})",
+                config.head_dim,
+                crate::kernels::MAX_HEAD_DIM
+            )));
+        }
+        let _ = k;
+        let stream = ctx.new_stream().map_err(|e| dev_err("new stream", e))?;
+        let blas = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            CudaBlas::new(stream.clone())
+        }))
+        .map_err(|_| EngineError::Unavailable("cuBLAS (libcublas.so.13) not found".into()))?
+        .map_err(|e| dev_err("cublasCreate", e))?;
+        let kv = KvManager::new(block_size, initial_blocks, config.context_length_tokens);
+        let per_layer = initial_blocks * block_size * config.kv_dim();
+        let mut kc = Vec::with_capacity(config.num_layers);
+        let mut vc = Vec::with_capacity(config.num_layers);
+        for _ in 0..config.num_layers {
+            kc.push(Buf::zeros(&stream, per_layer)?);
+            vc.push(Buf::zeros(&stream, per_layer)?);
+        }
+        let ws = Workspace::new(&stream, &config, 16, 4, 16)?;
+        Ok(Base {
+            stream,
+            blas,
+            kv,
+            k_cache: kc,
+            v_cache: vc,
+            ws,
+        })
+    }
+
+    /// Upload host weights (converted to `dtype`).
+    pub(crate) fn from_weights(
+        ctx: Arc<CudaContext>,
+        k: Kernels,
+        w: &LlamaWeights,
+        dtype: WeightDType,
+        block_size: usize,
+        initial_blocks: usize,
+    ) -> Result<Self, EngineError> {
+        let c = w.config.clone();
+        let Base {
+            stream,
+            blas,
+            kv,
+            k_cache,
+            v_cache,
+            ws,
+        } = Self::empty(
+            ctx.clone(),
+            k.clone(),
+            c.clone(),
+            dtype,
+            block_size,
+            initial_blocks,
+        )?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for l in &w.layers {
+            let bqkv = match (&l.bq, &l.bk, &l.bv) {
+                (None, None, None) => None,
+                (bq, bk, bv) => {
+                    let mut b = bq.clone().unwrap_or_else(|| vec![0.0; c.q_dim()]);
+                    b.extend(bk.clone().unwrap_or_else(|| vec![0.0; c.kv_dim()]));
+                    b.extend(bv.clone().unwrap_or_else(|| vec![0.0; c.kv_dim()]));
+                    Some(Buf::from_host(&stream, &b)?)
+                }
+            };
+            layers.push(Layer {
+                attn_norm: Buf::from_host(&stream, &l.attn_norm)?,
+                wqkv: Buf::from_host(&stream, &concat(&[&l.wq, &l.wk, &l.wv], dtype)?)?,
+                bqkv,
+                wo: Buf::from_host(&stream, &bits(&l.wo, dtype)?)?,
+                ffn_norm: Buf::from_host(&stream, &l.ffn_norm)?,
+                w_gu: Buf::from_host(&stream, &concat(&[&l.w_gate, &l.w_up], dtype)?)?,
+                w_down: Buf::from_host(&stream, &bits(&l.w_down, dtype)?)?,
+            });
+        }
+        let embed = Buf::from_host(&stream, &bits(&w.embed, dtype)?)?;
+        let lm_head = match &w.lm_head {
+            Some(t) => Some(Buf::from_host(&stream, &bits(t, dtype)?)?),
+            None => None,
+        };
+        let final_norm = Buf::from_host(&stream, &w.final_norm)?;
+        let mut inst = CudaInstance {
+            config: c,
+            dtype,
+            ctx,
+            stream,
+            blas,
+            k,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            weight_bytes: 0,
+            kv,
+            k_cache,
+            v_cache,
+            ws,
+        };
+        inst.weight_bytes = inst.count_weight_bytes();
+        inst.stream
+            .synchronize()
+            .map_err(|e| dev_err("upload", e))?;
+        Ok(inst)
+    }
+
+    /// Random weights drawn on the device (uniform ±`scale`, norms 1): fast
+    /// set-up for benchmarks of large shapes.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn random_on_device(
+        ctx: Arc<CudaContext>,
+        k: Kernels,
+        config: ModelConfig,
+        seed: u64,
+        scale: f32,
+        dtype: WeightDType,
+        block_size: usize,
+        initial_blocks: usize,
+    ) -> Result<Self, EngineError> {
+        let c = config;
+        let Base {
+            stream,
+            blas,
+            kv,
+            k_cache,
+            v_cache,
+            ws,
+        } = Self::empty(
+            ctx.clone(),
+            k.clone(),
+            c.clone(),
+            dtype,
+            block_size,
+            initial_blocks,
+        )?;
+        let mut counter = seed;
+        let mut rand = |len: usize| -> Result<Buf<u16>, EngineError> {
+            let b = Buf::<u16>::zeros(&stream, len)?;
+            counter = counter.wrapping_add(0x1234_5678_9abc_def1);
+            let grid = (len.div_ceil(256) as u32).clamp(1, 65_535);
+            launch!(
+                stream,
+                &k.fill_uniform,
+                (grid, 1, 1),
+                (256, 1, 1),
+                b.ptr(),
+                len as i64,
+                counter,
+                scale,
+                (dtype == WeightDType::BF16) as i32
+            )?;
+            Ok(b)
+        };
+        let (h, qd, kvd, f) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let ones = vec![1.0f32; h];
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for _ in 0..c.num_layers {
+            layers.push(Layer {
+                attn_norm: Buf::from_host(&stream, &ones)?,
+                wqkv: rand((qd + 2 * kvd) * h)?,
+                bqkv: None,
+                wo: rand(h * qd)?,
+                ffn_norm: Buf::from_host(&stream, &ones)?,
+                w_gu: rand(2 * f * h)?,
+                w_down: rand(h * f)?,
+            });
+        }
+        let embed = rand(c.vocab_size * h)?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(rand(c.vocab_size * h)?)
+        };
+        let final_norm = Buf::from_host(&stream, &ones)?;
+        let mut inst = CudaInstance {
+            config: c,
+            dtype,
+            ctx,
+            stream,
+            blas,
+            k,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            weight_bytes: 0,
+            kv,
+            k_cache,
+            v_cache,
+            ws,
+        };
+        inst.weight_bytes = inst.count_weight_bytes();
+        inst.stream
+            .synchronize()
+            .map_err(|e| dev_err("random fill", e))?;
+        Ok(inst)
+    }
+
+    fn count_weight_bytes(&self) -> u64 {
+        let layers: u64 = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.attn_norm.bytes()
+                    + l.wqkv.bytes()
+                    + l.bqkv.as_ref().map_or(0, |b| b.bytes())
+                    + l.wo.bytes()
+                    + l.ffn_norm.bytes()
+                    + l.w_gu.bytes()
+                    + l.w_down.bytes()
+            })
+            .sum();
+        layers
+            + self.embed.bytes()
+            + self.final_norm.bytes()
+            + self.lm_head.as_ref().map_or(0, |b| b.bytes())
+    }
+
+    /// The weight type on the device.
+    pub fn dtype(&self) -> WeightDType {
+        self.dtype
+    }
+
+    /// Wait for all queued work of this instance.
+    pub fn synchronize(&self) -> Result<(), EngineError> {
+        self.stream
+            .synchronize()
+            .map_err(|e| dev_err("synchronize", e))
+    }
+
+    fn block_elems(&self) -> usize {
+        self.kv.block_size_tokens() * self.config.kv_dim()
+    }
+
+    /// `y[t][n] (+)= x[t][:] · w[n][:]` for row-major `x` [t, k], `w` [n, k],
+    /// `y` [t, n] f32; `beta` 1 accumulates into `y` (the residual add).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        w: u64,
+        x: u64,
+        y: u64,
+        n: usize,
+        t: usize,
+        k: usize,
+        beta: f32,
+    ) -> Result<(), EngineError> {
+        let ty = match self.dtype {
+            WeightDType::BF16 => blas_sys::cudaDataType_t::CUDA_R_16BF,
+            _ => blas_sys::cudaDataType_t::CUDA_R_16F,
+        };
+        let alpha = 1.0f32;
+        // Column-major view: yᵀ [n, t] = wᵀᵀ · xᵀ, i.e. op(A) = Aᵀ with A the
+        // column-major [k, n] view of row-major w.
+        // SAFETY: w, x and y are live device buffers of at least n·k, t·k and
+        // t·n elements (checked by the workspace sizing); alpha and beta are
+        // host scalars read during the call (host pointer mode).
+        unsafe {
+            blas::gemm_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                t as i32,
+                k as i32,
+                &alpha as *const f32 as *const c_void,
+                w as *const c_void,
+                ty,
+                k as i32,
+                x as *const c_void,
+                ty,
+                k as i32,
+                &beta as *const f32 as *const c_void,
+                y as *mut c_void,
+                blas_sys::cudaDataType_t::CUDA_R_32F,
+                n as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| dev_err("cublasGemmEx", e))
+    }
+
+    fn ensure_workspace(
+        &mut self,
+        tokens: usize,
+        entries: usize,
+        blocks: usize,
+    ) -> Result<(), EngineError> {
+        let ws = &self.ws;
+        if tokens <= ws.tokens && entries <= ws.entries && blocks <= ws.blocks {
+            return Ok(());
+        }
+        let grow = |need: usize, have: usize| {
+            if need <= have {
+                have
+            } else {
+                need.next_power_of_two()
+            }
+        };
+        let (t, e, b) = (
+            grow(tokens, ws.tokens),
+            grow(entries, ws.entries),
+            grow(blocks, ws.blocks),
+        );
+        // Free the old workspace first: the new one is the larger.
+        let placeholder = Workspace::new(&self.stream, &self.config, 0, 0, 0)?;
+        drop(std::mem::replace(&mut self.ws, placeholder));
+        self.ws = Workspace::new(&self.stream, &self.config, t, e, b)?;
+        Ok(())
+    }
+
+    fn forward(&mut self, plan: &BatchPlan) -> Result<Vec<Vec<f32>>, EngineError> {
+        let c = self.config.clone();
+        let (t, b, nb) = (
+            plan.num_tokens(),
+            plan.num_entries(),
+            plan.block_indices.len(),
+        );
+        self.ensure_workspace(t, b, nb)?;
+        let mut ints: Vec<i32> = Vec::with_capacity(4 * t + 2 * b + 1 + nb);
+        ints.extend(plan.token_ids.iter().map(|&x| x as i32));
+        ints.extend(&plan.positions);
+        ints.extend(&plan.slot_mapping);
+        ints.extend(&plan.token_entry);
+        ints.extend(&plan.last_token_rows);
+        ints.extend(&plan.block_indices_begins);
+        ints.extend(&plan.block_indices);
+        let ws = &mut self.ws;
+        self.stream
+            .memcpy_htod(&ints, &mut ws.ints.slice)
+            .map_err(|e| dev_err("upload batch", e))?;
+        let base = ws.ints.ptr();
+        let at = |off: usize| base + 4 * off as u64;
+        let (p_ids, p_pos, p_slots, p_entry) = (at(0), at(t), at(2 * t), at(3 * t));
+        let (p_last, p_btb, p_bi) = (at(4 * t), at(4 * t + b), at(4 * t + 2 * b + 1));
+        let ws = &self.ws;
+        let (x, hn, qkv, q, attn, gu, act) = (
+            ws.x.ptr(),
+            ws.hn.ptr(),
+            ws.qkv.ptr(),
+            ws.q.ptr(),
+            ws.attn.ptr(),
+            ws.gu.ptr(),
+            ws.act.ptr(),
+        );
+        let (hfinal, logits) = (ws.hfinal.ptr(), ws.logits.ptr());
+        let (h, qd, kvd, f) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let (nh, nkv, hd, bs) = (
+            c.num_heads as i32,
+            c.num_kv_heads as i32,
+            c.head_dim as i32,
+            self.kv.block_size_tokens() as i32,
+        );
+        let eps = c.rms_norm_eps;
+        let tt = t as u32;
+        let s = &self.stream;
+        let k = &self.k;
+        launch!(
+            s,
+            &k.embed,
+            (tt, 1, 1),
+            (256, 1, 1),
+            self.embed.ptr(),
+            p_ids,
+            x,
+            h as i32
+        )?;
+        for (li, l) in self.layers.iter().enumerate() {
+            launch!(
+                s,
+                &k.rmsnorm,
+                (tt, 1, 1),
+                (256, 1, 1),
+                x,
+                l.attn_norm.ptr(),
+                hn,
+                0u64,
+                0i32,
+                h as i32,
+                eps
+            )?;
+            self.gemm(l.wqkv.ptr(), hn, qkv, qd + 2 * kvd, t, h, 0.0)?;
+            let (bias, has_bias) = l.bqkv.as_ref().map_or((0u64, 0i32), |bb| (bb.ptr(), 1));
+            launch!(
+                s,
+                &k.rope_kv,
+                (tt, 1, 1),
+                (256, 1, 1),
+                qkv,
+                bias,
+                has_bias,
+                p_pos,
+                p_slots,
+                q,
+                self.k_cache[li].ptr(),
+                self.v_cache[li].ptr(),
+                nh,
+                nkv,
+                hd,
+                bs,
+                c.rope_theta
+            )?;
+            launch!(
+                s,
+                &k.paged_attn,
+                (tt, nh as u32, 1),
+                (crate::kernels::ATTN_THREADS, 1, 1),
+                q,
+                self.k_cache[li].ptr(),
+                self.v_cache[li].ptr(),
+                p_entry,
+                p_pos,
+                p_btb,
+                p_bi,
+                attn,
+                nh,
+                nkv,
+                hd,
+                bs,
+                1.0f32 / (hd as f32).sqrt()
+            )?;
+            self.gemm(l.wo.ptr(), attn, x, h, t, qd, 1.0)?;
+            launch!(
+                s,
+                &k.rmsnorm,
+                (tt, 1, 1),
+                (256, 1, 1),
+                x,
+                l.ffn_norm.ptr(),
+                hn,
+                0u64,
+                0i32,
+                h as i32,
+                eps
+            )?;
+            self.gemm(l.w_gu.ptr(), hn, gu, 2 * f, t, h, 0.0)?;
+            let n = (t * f) as i64;
+            let grid = ((n as usize).div_ceil(256) as u32).clamp(1, 65_535);
+            launch!(
+                s,
+                &k.silu_mul,
+                (grid, 1, 1),
+                (256, 1, 1),
+                gu,
+                act,
+                f as i32,
+                n
+            )?;
+            self.gemm(l.w_down.ptr(), act, x, h, t, f, 1.0)?;
+        }
+        launch!(
+            s,
+            &k.rmsnorm,
+            (b as u32, 1, 1),
+            (256, 1, 1),
+            x,
+            self.final_norm.ptr(),
+            hfinal,
+            p_last,
+            1i32,
+            h as i32,
+            eps
+        )?;
+        let out_w = self.lm_head.as_ref().unwrap_or(&self.embed).ptr();
+        self.gemm(out_w, hfinal, logits, c.vocab_size, b, h, 0.0)?;
+        let v = c.vocab_size;
+        let host = self
+            .stream
+            .clone_dtoh(&self.ws.logits.slice.slice(0..b * v))
+            .map_err(|e| dev_err("download logits", e))?;
+        Ok(host.chunks_exact(v).map(<[f32]>::to_vec).collect())
+    }
+
+    /// Copy `blocks` whole blocks inside or between cache buffers.
+    fn copy_block(
+        &self,
+        src: u64,
+        src_block: usize,
+        dst: u64,
+        dst_block: usize,
+        blocks: usize,
+    ) -> Result<(), EngineError> {
+        let be = (self.block_elems() * 2) as u64;
+        // SAFETY: both ranges lie inside live cache buffers of at least
+        // (block + blocks) × block bytes, checked by the callers; same-buffer
+        // moves never overlap (distinct blocks).
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(
+                dst + dst_block as u64 * be,
+                src + src_block as u64 * be,
+                (blocks as u64 * be) as usize,
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(|e| dev_err("copy KV blocks", e))
+    }
+}
+
+impl LlmInstance for CudaInstance {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    fn block_size_tokens(&self) -> usize {
+        self.kv.block_size_tokens()
+    }
+    fn kv_bytes_per_block(&self) -> u64 {
+        (2 * self.config.num_layers * self.block_elems() * 2) as u64
+    }
+    fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+    fn kv_capacity_blocks(&self) -> usize {
+        self.kv.capacity_blocks()
+    }
+    fn kv_blocks_in_use(&self) -> usize {
+        self.kv.used_blocks()
+    }
+    fn resize_kv(&mut self, blocks: usize) -> Result<(), EngineError> {
+        let cur = self.kv.capacity_blocks();
+        let be = self.block_elems();
+        if blocks == cur {
+            return Ok(());
+        }
+        if blocks > cur {
+            // All or nothing: allocate every layer's new buffers before
+            // touching the old ones.
+            let mut nk = Vec::with_capacity(self.k_cache.len());
+            let mut nv = Vec::with_capacity(self.v_cache.len());
+            for _ in 0..self.k_cache.len() {
+                nk.push(Buf::<u16>::zeros(&self.stream, blocks * be)?);
+                nv.push(Buf::<u16>::zeros(&self.stream, blocks * be)?);
+            }
+            for (old, new) in self
+                .k_cache
+                .iter()
+                .zip(&nk)
+                .chain(self.v_cache.iter().zip(&nv))
+            {
+                self.copy_block(old.ptr(), 0, new.ptr(), 0, cur)?;
+            }
+            self.k_cache = nk;
+            self.v_cache = nv;
+            self.kv.grow(blocks);
+        } else {
+            let moves = self.kv.shrink(blocks)?;
+            for buf in self.k_cache.iter().chain(&self.v_cache) {
+                for &(from, to) in &moves {
+                    self.copy_block(buf.ptr(), from as usize, buf.ptr(), to as usize, 1)?;
+                }
+            }
+            // Release memory by moving to smaller buffers; if that allocation
+            // fails the larger buffers stay (correct, just not smaller).
+            let mut nk = Vec::with_capacity(self.k_cache.len());
+            let mut nv = Vec::with_capacity(self.v_cache.len());
+            let mut ok = true;
+            for _ in 0..self.k_cache.len() {
+                match (
+                    Buf::<u16>::zeros(&self.stream, blocks * be),
+                    Buf::<u16>::zeros(&self.stream, blocks * be),
+                ) {
+                    (Ok(a), Ok(b)) => {
+                        nk.push(a);
+                        nv.push(b);
+                    }
+                    _ => {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            if ok {
+                for (old, new) in self
+                    .k_cache
+                    .iter()
+                    .zip(&nk)
+                    .chain(self.v_cache.iter().zip(&nv))
+                {
+                    self.copy_block(old.ptr(), 0, new.ptr(), 0, blocks)?;
+                }
+                self.k_cache = nk;
+                self.v_cache = nv;
+            }
+        }
+        self.synchronize()
+    }
+    fn add_sequence(&mut self, seq: SeqId) -> Result<(), EngineError> {
+        self.kv.add_sequence(seq)
+    }
+    fn free_sequence(&mut self, seq: SeqId) -> Result<(), EngineError> {
+        self.kv.free_sequence(seq)
+    }
+    fn sequence_len(&self, seq: SeqId) -> Option<usize> {
+        self.kv.sequence_len(seq)
+    }
+    fn blocks_needed(&self, batch: &[StepEntry]) -> Result<usize, EngineError> {
+        self.kv.blocks_needed(batch)
+    }
+    fn step(&mut self, batch: &[StepEntry]) -> Result<Vec<Vec<f32>>, EngineError> {
+        check_tokens(batch, self.config.vocab_size)?;
+        let (plan, res) = self.kv.plan(batch)?;
+        match self.forward(&plan) {
+            Ok(l) => {
+                self.kv.commit(res);
+                Ok(l)
+            }
+            Err(e) => {
+                self.kv.rollback(res);
+                Err(e)
+            }
+        }
+    }
+    fn memory(&self) -> MemoryReport {
+        let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
+        let kv_bytes = self
+            .k_cache
+            .iter()
+            .chain(&self.v_cache)
+            .map(|b| b.bytes())
+            .sum();
+        MemoryReport {
+            weight_bytes: self.weight_bytes,
+            kv_bytes,
+            workspace_bytes: self.ws.bytes(),
+            kv_blocks_capacity: self.kv.capacity_blocks(),
+            kv_blocks_in_use: self.kv.used_blocks(),
+            device_free_bytes: free as u64,
+            device_total_bytes: total as u64,
+        }
+    }
+}
