@@ -706,6 +706,7 @@ impl CudaInstance {
             .stream
             .clone_dtoh(&self.ws.logits.slice.slice(0..b * v))
             .map_err(|e| dev_err("download logits", e))?;
+        self.synchronize()?;
         Ok(host.chunks_exact(v).map(<[f32]>::to_vec).collect())
     }
 

@@ -192,6 +192,35 @@ impl CudaBackend {
     }
 }
 
+impl CudaBackend {
+    /// Device-to-device copy bandwidth in bytes per second (read + write),
+    /// the yardstick for the decode benchmark's achieved bandwidth.
+    pub fn measure_copy_bandwidth(
+        &self,
+        device: usize,
+        bytes: usize,
+        repeats: usize,
+    ) -> Result<f64, EngineError> {
+        let ctx = &self.device(device)?.ctx;
+        let err = |e: cudarc::driver::DriverError| EngineError::Device(format!("{e:?}"));
+        let stream = ctx.new_stream().map_err(err)?;
+        let oom = |e: cudarc::driver::DriverError| EngineError::OutOfMemory {
+            requested_bytes: bytes as u64,
+            detail: format!("{e:?}"),
+        };
+        let a = stream.alloc_zeros::<u8>(bytes).map_err(oom)?;
+        let mut b = stream.alloc_zeros::<u8>(bytes).map_err(oom)?;
+        stream.memcpy_dtod(&a, &mut b).map_err(err)?;
+        stream.synchronize().map_err(err)?;
+        let start = std::time::Instant::now();
+        for _ in 0..repeats {
+            stream.memcpy_dtod(&a, &mut b).map_err(err)?;
+        }
+        stream.synchronize().map_err(err)?;
+        Ok(2.0 * (bytes * repeats) as f64 / start.elapsed().as_secs_f64())
+    }
+}
+
 impl Backend for CudaBackend {
     fn name(&self) -> &str {
         "cuda"
