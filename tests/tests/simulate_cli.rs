@@ -1,0 +1,147 @@
+//! `slinfer simulate`, end to end: the real binary on a slice of the real
+//! trace and profile; checks the `--json` contract scripts depend on and the
+//! paper's ordering of policies.
+
+use std::process::Command;
+
+use serde_json::Value;
+use slinfer_e2e::{shared_data, slinfer_bin};
+
+fn simulate(extra: &[&str]) -> std::process::Output {
+    let data = shared_data();
+    Command::new(slinfer_bin())
+        .arg("simulate")
+        .arg("--trace")
+        .arg(data.join("traces/azure-functions-128fn-30min.json"))
+        .arg("--profile")
+        .arg(data.join("profiles/slinfer-artifact-latency-ms.json"))
+        .args(extra)
+        .output()
+        .expect("run slinfer simulate")
+}
+
+fn json(extra: &[&str]) -> Value {
+    let out = simulate(extra);
+    assert!(
+        out.status.success(),
+        "simulate {extra:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("stdout is one JSON object")
+}
+
+fn check_run_contract(run: &Value) {
+    for key in [
+        "policy",
+        "models",
+        "requests",
+        "slo_met",
+        "slo_attainment",
+        "dropped",
+        "ttft_p50_s",
+        "ttft_p99_s",
+        "tpot_p50_s",
+        "tpot_p99_s",
+        "avg_nodes_in_use",
+        "preemptions",
+        "cold_starts",
+        "nodes",
+    ] {
+        assert!(run.get(key).is_some(), "missing `{key}` in {run}");
+    }
+    let nodes = run["nodes"].as_array().expect("nodes is an array");
+    assert!(!nodes.is_empty());
+    for n in nodes {
+        let cap = n["capacity_bytes"].as_u64().expect("capacity_bytes");
+        let peak = n["peak_committed_bytes"]
+            .as_u64()
+            .expect("peak_committed_bytes");
+        assert!(peak <= cap, "peak {peak} over capacity {cap}");
+        assert!(matches!(n["kind"].as_str(), Some("gpu" | "cpu")));
+    }
+    let requests = run["requests"].as_u64().unwrap();
+    let met = run["slo_met"].as_u64().unwrap();
+    assert!(met <= requests);
+    let ratio = run["slo_attainment"].as_f64().unwrap();
+    assert!((ratio - met as f64 / requests as f64).abs() < 1e-9);
+}
+
+#[test]
+fn single_runs_keep_the_json_contract_and_the_papers_order() {
+    let slo_met = |policy: &str| {
+        let run = json(&[
+            "--policy",
+            policy,
+            "--models-per-group",
+            "8",
+            "--gpus",
+            "4",
+            "--duration-s",
+            "180",
+            "--json",
+        ]);
+        check_run_contract(&run);
+        assert_eq!(run["policy"], policy);
+        assert_eq!(run["models"], 128);
+        assert_eq!(run["nodes"].as_array().unwrap().len(), 4);
+        run["slo_met"].as_u64().unwrap()
+    };
+    let (sllm, shared, slinfer) = (slo_met("sllm"), slo_met("sllm+c+s"), slo_met("slinfer"));
+    assert!(
+        slinfer >= shared && shared >= sllm,
+        "order broken: slinfer {slinfer}, sllm+c+s {shared}, sllm {sllm}"
+    );
+    assert!(
+        slinfer > sllm,
+        "sharing should serve more than exclusive GPUs"
+    );
+}
+
+#[test]
+fn sweep_reports_runs_capacity_and_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("figs");
+    let report = json(&[
+        "--sweep",
+        "--policies",
+        "sllm,slinfer,slinfer+p",
+        "--ks",
+        "1,2",
+        "--gpus",
+        "2",
+        "--cpus",
+        "1",
+        "--duration-s",
+        "120",
+        "--json",
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    let runs = report["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 6);
+    for r in runs {
+        check_run_contract(r);
+    }
+    let models: Vec<u64> = runs.iter().map(|r| r["models"].as_u64().unwrap()).collect();
+    assert_eq!(models, vec![16, 16, 16, 32, 32, 32]);
+    let cap = report["capacity"].as_object().expect("capacity");
+    for p in ["sllm", "slinfer", "slinfer+p"] {
+        let c = cap[p].as_u64().expect("capacity per policy");
+        assert!(c == 0 || c == 16 || c == 32);
+    }
+    for f in ["goodput.svg", "nodes.svg", "ttft-cdf.svg"] {
+        let text = std::fs::read_to_string(svg.join(f)).expect(f);
+        assert!(text.starts_with("<svg") && text.contains("slinfer"), "{f}");
+    }
+}
+
+#[test]
+fn unknown_policy_is_refused_with_the_known_names() {
+    let out = simulate(&["--policy", "fastest", "--json"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("sllm+c+s") && err.contains("slinfer+p"),
+        "{err}"
+    );
+}
