@@ -548,6 +548,11 @@ impl CudaInstance {
     }
 
     fn forward(&mut self, plan: &BatchPlan) -> Result<Vec<Vec<f32>>, EngineError> {
+        // cuBLAS works on the calling thread's current context, and the host
+        // may call from any thread.
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| dev_err("bind context", e))?;
         let c = self.config.clone();
         let (t, b, nb) = (
             plan.num_tokens(),
@@ -757,6 +762,9 @@ impl LlmInstance for CudaInstance {
     fn resize_kv(&mut self, blocks: usize) -> Result<(), EngineError> {
         let cur = self.kv.capacity_blocks();
         let be = self.block_elems();
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| dev_err("bind context", e))?;
         if blocks == cur {
             return Ok(());
         }

@@ -125,7 +125,11 @@ impl ModelConfig {
                     .and_then(|x| x.as_f64())
             })
             .unwrap_or(10_000.0) as f32;
-        if let Some(scaling) = v.get("rope_scaling").filter(|s| !s.is_null()) {
+        let scaling = v
+            .get("rope_scaling")
+            .filter(|s| !s.is_null())
+            .or_else(|| v.get("rope_parameters").filter(|s| !s.is_null()));
+        if let Some(scaling) = scaling {
             let kind = scaling
                 .get("rope_type")
                 .or_else(|| scaling.get("type"))
@@ -352,6 +356,15 @@ mod tests {
         assert!(q.attention_bias);
         assert_eq!(q.rope_theta, 1_000_000.0);
         assert_eq!(q.eos_token_ids, vec![151645, 151643]);
+    }
+
+    #[test]
+    fn rope_scaling_is_refused_by_name() {
+        let text = r#"{"model_type":"llama","hidden_size":64,"intermediate_size":128,
+            "num_attention_heads":2,"num_hidden_layers":1,"vocab_size":10,
+            "rope_parameters":{"rope_theta":500000.0,"rope_type":"llama3","factor":8.0}}"#;
+        let e = ModelConfig::from_hf_config_json(text).unwrap_err();
+        assert!(e.to_string().contains("llama3"), "{e}");
     }
 
     #[test]
