@@ -529,6 +529,80 @@ mod tests {
     }
 
     #[test]
+    fn safetensors_folder_with_hf_names() {
+        let c = ModelConfig::tiny_for_tests();
+        let w = LlamaWeights::random(c.clone(), 4, 0.5, WeightDType::F32);
+        let mut t: Vec<(String, Vec<usize>, Vec<f32>)> = vec![
+            (
+                "model.embed_tokens.weight".into(),
+                w.embed.shape.clone(),
+                w.embed.to_f32(),
+            ),
+            (
+                "model.norm.weight".into(),
+                vec![c.hidden_size],
+                w.final_norm.clone(),
+            ),
+            (
+                "lm_head.weight".into(),
+                w.output().shape.clone(),
+                w.output().to_f32(),
+            ),
+        ];
+        for (i, l) in w.layers.iter().enumerate() {
+            let n = |p: &str| format!("model.layers.{i}.{p}");
+            t.push((
+                n("input_layernorm.weight"),
+                vec![c.hidden_size],
+                l.attn_norm.clone(),
+            ));
+            t.push((
+                n("post_attention_layernorm.weight"),
+                vec![c.hidden_size],
+                l.ffn_norm.clone(),
+            ));
+            for (name, m) in [
+                ("self_attn.q_proj.weight", &l.wq),
+                ("self_attn.k_proj.weight", &l.wk),
+                ("self_attn.v_proj.weight", &l.wv),
+                ("self_attn.o_proj.weight", &l.wo),
+                ("mlp.gate_proj.weight", &l.w_gate),
+                ("mlp.up_proj.weight", &l.w_up),
+                ("mlp.down_proj.weight", &l.w_down),
+            ] {
+                t.push((n(name), m.shape.clone(), m.to_f32()));
+            }
+        }
+        let dir = std::env::temp_dir().join(format!("slinfer-st-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("model.safetensors"),
+            crate::safetensors::serialize_f32(&t).unwrap(),
+        )
+        .unwrap();
+        let config = serde_json::json!({
+            "model_type": "llama", "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size, "num_attention_heads": c.num_heads,
+            "num_key_value_heads": c.num_kv_heads, "num_hidden_layers": c.num_layers,
+            "vocab_size": c.vocab_size, "max_position_embeddings": c.context_length_tokens,
+            "rope_parameters": {"rope_theta": c.rope_theta, "rope_type": "default"},
+            "rms_norm_eps": c.rms_norm_eps, "bos_token_id": 1, "eos_token_id": 2,
+            "tie_word_embeddings": false, "head_dim": c.head_dim, "dtype": "float32"
+        });
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        let back = LlamaWeights::load(&ModelSource::SafetensorsDir(dir.clone()), WeightDType::F32)
+            .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(back.config, c);
+        assert_eq!(back.layers[1].wq, w.layers[1].wq);
+        assert_eq!(back.layers[0].w_down, w.layers[0].w_down);
+        assert_eq!(back.lm_head.as_ref(), Some(w.output()));
+        let e =
+            LlamaWeights::load(&ModelSource::SafetensorsDir(dir), WeightDType::F32).unwrap_err();
+        assert!(matches!(e, EngineError::Io { .. }), "{e}");
+    }
+
+    #[test]
     fn random_is_reproducible_and_sized() {
         let c = ModelConfig::tiny_for_tests();
         let a = LlamaWeights::random(c.clone(), 9, 0.1, WeightDType::F16);
