@@ -33,7 +33,7 @@ fn nice_max(max: f64) -> f64 {
         return 1.0;
     }
     let p = 10f64.powf(max.log10().floor());
-    [1.0, 2.0, 5.0, 10.0]
+    [1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0]
         .into_iter()
         .map(|m| m * p)
         .find(|v| *v >= max)
