@@ -367,6 +367,100 @@ mod tests {
         for arch in ["sm_80", "sm_89", "sm_90"] {
             let cubin = compile_cubin(arch).unwrap_or_else(|e| panic!("{e}"));
             assert!(cubin.starts_with(b"\x7fELF"), "{arch}: not an ELF cubin");
+            // Every entry point the engine loads is in the image.
+            let mut names: Vec<String> = KERNELS
+                .iter()
+                .flat_map(|k| [format!("{k}_f16"), format!("{k}_bf16")])
+                .collect();
+            names.push("fill_uniform_u16".into());
+            for n in names {
+                let needle = format!("{n}\0");
+                assert!(
+                    cubin.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                    "{arch}: {n} missing from the CUBIN"
+                );
+            }
+        }
+    }
+
+    /// The attention kernel's arithmetic, mirrored in Rust: each of four
+    /// "warps" runs an online softmax over every fourth key, then the warps
+    /// merge. It must equal a plain softmax, including warps that saw no key.
+    fn online_softmax_attention(
+        q: &[f32],
+        keys: &[Vec<f32>],
+        values: &[Vec<f32>],
+        warps: usize,
+    ) -> Vec<f32> {
+        let hd = q.len();
+        let mut ms = vec![f32::NEG_INFINITY; warps];
+        let mut ls = vec![0f32; warps];
+        let mut accs = vec![vec![0f32; hd]; warps];
+        for w in 0..warps {
+            let (mut m, mut l, acc) = (f32::NEG_INFINITY, 0f32, &mut accs[w]);
+            let mut j = w;
+            while j < keys.len() {
+                let s: f32 = q.iter().zip(&keys[j]).map(|(a, b)| a * b).sum();
+                let mn = m.max(s);
+                let corr = (m - mn).exp();
+                let p = (s - mn).exp();
+                l = l * corr + p;
+                for d in 0..hd {
+                    acc[d] = acc[d] * corr + p * values[j][d];
+                }
+                m = mn;
+                j += warps;
+            }
+            ms[w] = m;
+            ls[w] = l;
+        }
+        let big_m = ms.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let big_l: f32 = (0..warps)
+            .filter(|&i| ls[i] > 0.0)
+            .map(|i| ls[i] * (ms[i] - big_m).exp())
+            .sum();
+        (0..hd)
+            .map(|d| {
+                (0..warps)
+                    .filter(|&i| ls[i] > 0.0)
+                    .map(|i| accs[i][d] * (ms[i] - big_m).exp())
+                    .sum::<f32>()
+                    / big_l
+            })
+            .collect()
+    }
+
+    #[test]
+    fn online_softmax_merge_equals_softmax() {
+        let mut rng = slinfer_engine::sampler::Rng::new(3);
+        let hd = 8;
+        for ctx in [1usize, 2, 3, 5, 17, 64] {
+            let q: Vec<f32> = (0..hd).map(|_| rng.next_f32_sym(2.0)).collect();
+            let keys: Vec<Vec<f32>> = (0..ctx)
+                .map(|_| (0..hd).map(|_| rng.next_f32_sym(2.0)).collect())
+                .collect();
+            let values: Vec<Vec<f32>> = (0..ctx)
+                .map(|_| (0..hd).map(|_| rng.next_f32_sym(1.0)).collect())
+                .collect();
+            let scores: Vec<f32> = keys
+                .iter()
+                .map(|k| q.iter().zip(k).map(|(a, b)| a * b).sum())
+                .collect();
+            let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let z: f32 = scores.iter().map(|s| (s - m).exp()).sum();
+            let want: Vec<f32> = (0..hd)
+                .map(|d| {
+                    scores
+                        .iter()
+                        .zip(&values)
+                        .map(|(s, v)| (s - m).exp() / z * v[d])
+                        .sum()
+                })
+                .collect();
+            let got = online_softmax_attention(&q, &keys, &values, 4);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-5, "ctx {ctx}: {g} vs {w}");
+            }
         }
     }
 
