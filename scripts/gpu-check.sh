@@ -56,7 +56,7 @@ device() {
         --out "$OUT/hf_compare.json" 2>&1 | tee "$OUT/hf_compare.txt" || rc=1
     timeout 120 python3 scripts/gpu/hf_compare.py --bench "$CARRY/slinfer-cuda-bench" --dtype bf16 \
         --out "$OUT/hf_compare_bf16.json" 2>&1 | tail -3 | tee "$OUT/hf_compare_bf16.txt" || rc=1
-    timeout 240 "$CARRY/slinfer-cuda-bench" bench --batches 1,8,32,64 --steps 64 --prompt 128 \
+    timeout 240 "$CARRY/slinfer-cuda-bench" bench --batches 1,8,32,64 --steps 64 --prompt 128 --graphs \
         2>&1 | tee "$OUT/bench.jsonl" || rc=1
     echo "gpu-check: exit $rc; results in $OUT"
     return $rc

@@ -146,6 +146,22 @@ impl Workspace {
     }
 }
 
+/// A captured graph. cudarc's `CudaGraph` is not `Send`; the instance that
+/// owns it is used by one thread at a time (`&mut self`), which is all the
+/// CUDA graph API asks.
+struct SendGraph(cudarc::driver::CudaGraph);
+// SAFETY: see above — every use goes through `&mut CudaInstance`, so calls on
+// one graph are serialized; nothing is shared between threads.
+unsafe impl Send for SendGraph {}
+
+#[derive(Default)]
+struct Graphs {
+    enabled: bool,
+    by_batch: std::collections::HashMap<usize, SendGraph>,
+    warm: std::collections::HashSet<usize>,
+    failure: Option<String>,
+}
+
 /// What every instance has before its weights arrive.
 struct Base {
     stream: Arc<CudaStream>,
@@ -173,6 +189,7 @@ pub struct CudaInstance {
     k_cache: Vec<Buf<u16>>,
     v_cache: Vec<Buf<u16>>,
     ws: Workspace,
+    graphs: Graphs,
 }
 
 /// Launch a kernel with scalar and raw-address arguments.
@@ -333,6 +350,10 @@ impl CudaInstance {
             k_cache,
             v_cache,
             ws,
+            graphs: Graphs {
+                enabled: std::env::var("SLINFER_CUDA_GRAPHS").is_ok_and(|v| v == "1"),
+                ..Default::default()
+            },
         };
         inst.weight_bytes = inst.count_weight_bytes();
         inst.stream
@@ -425,6 +446,10 @@ impl CudaInstance {
             k_cache,
             v_cache,
             ws,
+            graphs: Graphs {
+                enabled: std::env::var("SLINFER_CUDA_GRAPHS").is_ok_and(|v| v == "1"),
+                ..Default::default()
+            },
         };
         inst.weight_bytes = inst.count_weight_bytes();
         inst.stream
@@ -540,6 +565,8 @@ impl CudaInstance {
             grow(entries, ws.entries),
             grow(blocks, ws.blocks),
         );
+        // Captured graphs point into the old buffers.
+        self.graphs.by_batch.clear();
         // Free the old workspace first: the new one is the larger.
         let placeholder = Workspace::new(&self.stream, &self.config, 0, 0, 0)?;
         drop(std::mem::replace(&mut self.ws, placeholder));
@@ -553,7 +580,6 @@ impl CudaInstance {
         self.ctx
             .bind_to_thread()
             .map_err(|e| dev_err("bind context", e))?;
-        let c = self.config.clone();
         let (t, b, nb) = (
             plan.num_tokens(),
             plan.num_entries(),
@@ -572,7 +598,26 @@ impl CudaInstance {
         self.stream
             .memcpy_htod(&ints, &mut ws.ints.slice)
             .map_err(|e| dev_err("upload batch", e))?;
-        let base = ws.ints.ptr();
+        if self.graphs.enabled && t == b {
+            self.run_graph(t, b)?;
+        } else {
+            self.enqueue(t, b)?;
+        }
+        let v = self.config.vocab_size;
+        let host = self
+            .stream
+            .clone_dtoh(&self.ws.logits.slice.slice(0..b * v))
+            .map_err(|e| dev_err("download logits", e))?;
+        self.synchronize()?;
+        Ok(host.chunks_exact(v).map(<[f32]>::to_vec).collect())
+    }
+
+    /// Queue the whole forward pass for `t` new tokens of `b` entries, whose
+    /// batch arrays are already in the workspace. Depends only on `(t, b)`
+    /// and the buffers' addresses, so it can be captured as a CUDA graph.
+    fn enqueue(&self, t: usize, b: usize) -> Result<(), EngineError> {
+        let c = &self.config;
+        let base = self.ws.ints.ptr();
         let at = |off: usize| base + 4 * off as u64;
         let (p_ids, p_pos, p_slots, p_entry) = (at(0), at(t), at(2 * t), at(3 * t));
         let (p_last, p_btb, p_bi) = (at(4 * t), at(4 * t + b), at(4 * t + 2 * b + 1));
@@ -705,14 +750,56 @@ impl CudaInstance {
             eps
         )?;
         let out_w = self.lm_head.as_ref().unwrap_or(&self.embed).ptr();
-        self.gemm(out_w, hfinal, logits, c.vocab_size, b, h, 0.0)?;
-        let v = c.vocab_size;
-        let host = self
-            .stream
-            .clone_dtoh(&self.ws.logits.slice.slice(0..b * v))
-            .map_err(|e| dev_err("download logits", e))?;
-        self.synchronize()?;
-        Ok(host.chunks_exact(v).map(<[f32]>::to_vec).collect())
+        self.gemm(out_w, hfinal, logits, c.vocab_size, b, h, 0.0)
+    }
+
+    /// Decode-only iterations (one token per entry) replay a CUDA graph per
+    /// batch size: the first one of a size runs eagerly (cuBLAS settles its
+    /// kernels), the second is captured. A failed capture turns graphs off
+    /// for this instance and runs eagerly.
+    fn run_graph(&mut self, t: usize, b: usize) -> Result<(), EngineError> {
+        if let Some(g) = self.graphs.by_batch.get(&b) {
+            return g.0.launch().map_err(|e| dev_err("graph launch", e));
+        }
+        if self.graphs.warm.insert(b) {
+            return self.enqueue(t, b);
+        }
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| dev_err("begin capture", e))?;
+        let queued = self.enqueue(t, b);
+        let ended = self.stream.end_capture(CUgraphInstantiate_flags(0));
+        match (queued, ended) {
+            (Ok(()), Ok(Some(g))) => {
+                g.launch().map_err(|e| dev_err("graph launch", e))?;
+                self.graphs.by_batch.insert(b, SendGraph(g));
+                Ok(())
+            }
+            (queued, ended) => {
+                self.graphs.enabled = false;
+                self.graphs.by_batch.clear();
+                self.graphs.failure = Some(format!(
+                    "capture failed: {:?} / {:?}",
+                    queued.err(),
+                    ended.err()
+                ));
+                self.enqueue(t, b)
+            }
+        }
+    }
+
+    /// Turn CUDA graphs for decode iterations on or off (off by default
+    /// until measured on a GPU; `SLINFER_CUDA_GRAPHS=1` turns them on).
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        self.graphs.enabled = on;
+        self.graphs.by_batch.clear();
+        self.graphs.warm.clear();
+    }
+
+    /// Why graph capture was given up, if it was.
+    pub fn cuda_graph_failure(&self) -> Option<&str> {
+        self.graphs.failure.as_deref()
     }
 
     /// Copy `blocks` whole blocks inside or between cache buffers.
@@ -768,6 +855,8 @@ impl LlmInstance for CudaInstance {
         if blocks == cur {
             return Ok(());
         }
+        // Captured graphs point into the cache buffers about to change.
+        self.graphs.by_batch.clear();
         if blocks > cur {
             // All or nothing: allocate every layer's new buffers before
             // touching the old ones.

@@ -253,6 +253,19 @@ impl Backend for CudaBackend {
         device: usize,
         options: &LoadOptions,
     ) -> Result<Box<dyn LlmInstance>, EngineError> {
+        Ok(Box::new(self.load_cuda(source, device, options)?))
+    }
+}
+
+impl CudaBackend {
+    /// [`Backend::load`] with the concrete instance type (for its extra
+    /// knobs, such as [`CudaInstance::set_cuda_graphs`]).
+    pub fn load_cuda(
+        &self,
+        source: &ModelSource,
+        device: usize,
+        options: &LoadOptions,
+    ) -> Result<CudaInstance, EngineError> {
         let dtype = options.dtype.unwrap_or(WeightDType::F16);
         let bs = options
             .block_size_tokens
@@ -275,11 +288,11 @@ impl Backend for CudaBackend {
                     bs,
                     options.initial_kv_blocks,
                 )?;
-                Ok(Box::new(inst))
+                Ok(inst)
             }
             other => {
                 let w = LlamaWeights::load(other, dtype)?;
-                Ok(Box::new(self.load_weights(&w, device, options)?))
+                self.load_weights(&w, device, options)
             }
         }
     }

@@ -1,9 +1,10 @@
 //! `slinfer-cuda-bench`: the GPU check's tools, run on a machine with a GPU.
 //!
-//! - `bench [--batches 1,8,32,64] [--steps 64] [--prompt 128]`: decode
+//! - `bench [--batches 1,8,32,64] [--steps 64] [--prompt 128] [--graphs]`: decode
 //!   tokens/s on a ~1B-parameter Llama shape with random weights drawn on the
 //!   device, and batch-1 achieved memory bandwidth against the device's
-//!   measured copy bandwidth. Prints one JSON object per line.
+//!   measured copy bandwidth. Prints one JSON object per line. `--graphs`
+//!   repeats the runs with decode iterations replayed as CUDA graphs.
 //! - `logits --model DIR --prompt 1,2,3 --decode 32 --out FILE [--dtype f16|bf16]`:
 //!   prefill then greedy decode on a safetensors folder, writing every step's
 //!   last-position logits and the tokens as JSON (compared with transformers
@@ -141,15 +142,39 @@ fn bench(backend: &CudaBackend, args: &[String]) -> Result<(), Box<dyn std::erro
         seed: 1,
         scale: 0.02,
     };
-    let mut inst = backend.load(&source, 0, &options)?;
+    let mut inst = backend.load_cuda(&source, 0, &options)?;
     println!(
         "{{\"model\":\"llama_1b random\",\"parameters\":{},\"weight_bytes\":{},\"load_s\":{:.2}}}",
         config.parameter_count(),
         inst.weight_bytes(),
         t0.elapsed().as_secs_f64()
     );
+    let modes: &[bool] = if args.iter().any(|a| a == "--graphs") {
+        &[false, true]
+    } else {
+        &[false]
+    };
+    for &graphs in modes {
+        inst.set_cuda_graphs(graphs);
+        bench_batches(&mut inst, &config, &batches, steps, prompt, copy_bw, graphs)?;
+        if let Some(why) = inst.cuda_graph_failure() {
+            println!("{{\"cuda_graphs_failed\":{why:?}}}");
+        }
+    }
+    Ok(())
+}
+
+fn bench_batches(
+    inst: &mut slinfer_cuda::CudaInstance,
+    config: &ModelConfig,
+    batches: &[u32],
+    steps: usize,
+    prompt: usize,
+    copy_bw: f64,
+    graphs: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
     let mut results = Vec::new();
-    for &b in &batches {
+    for &b in batches {
         let b = b as usize;
         let seqs: Vec<u64> = (0..b as u64).collect();
         for &s in &seqs {
@@ -169,7 +194,7 @@ fn bench(backend: &CudaBackend, args: &[String]) -> Result<(), Box<dyn std::erro
             inst.step(&batch)?;
         }
         let mut next: Vec<u32> = vec![5; b];
-        let decode_step = |inst: &mut Box<dyn LlmInstance>,
+        let decode_step = |inst: &mut slinfer_cuda::CudaInstance,
                            next: &mut Vec<u32>|
          -> Result<(), slinfer_engine::EngineError> {
             let batch: Vec<StepEntry> = seqs
@@ -187,11 +212,11 @@ fn bench(backend: &CudaBackend, args: &[String]) -> Result<(), Box<dyn std::erro
             Ok(())
         };
         for _ in 0..3 {
-            decode_step(&mut inst, &mut next)?;
+            decode_step(inst, &mut next)?;
         }
         let t = Instant::now();
         for _ in 0..steps {
-            decode_step(&mut inst, &mut next)?;
+            decode_step(inst, &mut next)?;
         }
         let secs = t.elapsed().as_secs_f64();
         let step_s = secs / steps as f64;
@@ -201,7 +226,7 @@ fn bench(backend: &CudaBackend, args: &[String]) -> Result<(), Box<dyn std::erro
         let kv_read = (b * ctx_tokens) as u64 * config.kv_bytes_per_token(2);
         let bw = (inst.weight_bytes() + kv_read) as f64 / step_s;
         println!(
-            "{{\"batch\":{b},\"steps\":{steps},\"step_ms\":{:.3},\"tokens_per_s\":{:.1},\"achieved_gb_s\":{:.1},\"fraction_of_copy_bw\":{:.3}}}",
+            "{{\"cuda_graphs\":{graphs},\"batch\":{b},\"steps\":{steps},\"step_ms\":{:.3},\"tokens_per_s\":{:.1},\"achieved_gb_s\":{:.1},\"fraction_of_copy_bw\":{:.3}}}",
             step_s * 1e3,
             tok_s,
             bw / 1e9,
@@ -214,7 +239,7 @@ fn bench(backend: &CudaBackend, args: &[String]) -> Result<(), Box<dyn std::erro
     }
     if let (Some(first), Some(last)) = (results.first(), results.last()) {
         println!(
-            "{{\"summary\":true,\"batch1_fraction_of_copy_bw\":{:.3},\"scaling_last_over_first\":{:.2},\"target_fraction\":0.6,\"target_scaling\":10}}",
+            "{{\"summary\":true,\"cuda_graphs\":{graphs},\"batch1_fraction_of_copy_bw\":{:.3},\"scaling_last_over_first\":{:.2},\"target_fraction\":0.6,\"target_scaling\":10}}",
             first.2 / copy_bw,
             last.1 / first.1
         );
