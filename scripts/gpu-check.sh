@@ -43,9 +43,10 @@ device() {
     mkdir -p "$OUT"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/nvidia-smi.txt"
     # The CUDA 13 pip wheels (cuBLAS, NVRTC) in this machine's Python.
-    local site
-    site=$(python3 -c 'import site; print(site.getsitepackages()[0])' 2>/dev/null)
-    SLINFER_CUDA_LIB_DIRS=$(ls -d "$site"/nvidia/*/lib "$site"/nvidia/cu13/lib 2>/dev/null | paste -sd: -)
+    SLINFER_CUDA_LIB_DIRS=$(python3 -c '
+import glob, site
+roots = site.getsitepackages() + [site.getusersitepackages()]
+print(":".join(d for r in roots for d in sorted(glob.glob(r + "/nvidia/*/lib"))))' 2>/dev/null)
     export SLINFER_CUDA_LIB_DIRS
     echo "SLINFER_CUDA_LIB_DIRS=$SLINFER_CUDA_LIB_DIRS" | tee "$OUT/env.txt"
     ls /usr/local/cuda/lib64 2>/dev/null | grep -E 'nvrtc|cublas' | tee -a "$OUT/env.txt"
