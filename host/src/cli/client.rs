@@ -1,0 +1,181 @@
+//! HTTP clients for `deploy`, `functions` and `invoke`.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+
+use super::{ClientArgs, FunctionsAction, default_data_dir};
+use crate::functions::package;
+use crate::limits::HostLimits;
+use crate::server::admin_token_path;
+
+#[derive(clap::Args, Debug)]
+pub struct InvokeArgs {
+    /// Function name.
+    pub name: String,
+    /// Path below the function (default `/`), with an optional query.
+    pub path: Option<String>,
+    /// Request body: a string, or `@file` to send a file.
+    #[arg(short, long)]
+    pub data: Option<String>,
+    /// Method (default GET, or POST when --data is given).
+    #[arg(short = 'X', long)]
+    pub method: Option<String>,
+    /// Extra header `Name: value` (repeatable).
+    #[arg(short = 'H', long = "header")]
+    pub headers: Vec<String>,
+    /// Print the status line and response headers too.
+    #[arg(short, long)]
+    pub include: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+fn token(c: &ClientArgs) -> anyhow::Result<String> {
+    if let Some(t) = &c.token {
+        return Ok(t.clone());
+    }
+    let dir = c.data_dir.clone().unwrap_or_else(default_data_dir);
+    let path = admin_token_path(&dir);
+    let t = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "no admin token: pass --token or SLINFER_ADMIN_TOKEN, or run next to the server (looked in {})",
+            path.display()
+        )
+    })?;
+    Ok(t.trim().to_owned())
+}
+
+fn url(c: &ClientArgs, path: &str) -> String {
+    format!("{}{path}", c.server.trim_end_matches('/'))
+}
+
+/// Turn an error response into an error with the server's message.
+async fn check(resp: reqwest::Response) -> anyhow::Result<reqwest::Response> {
+    if resp.status().is_success() {
+        return Ok(resp);
+    }
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    let message = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+        .unwrap_or(body);
+    bail!("{status}: {message}")
+}
+
+pub async fn deploy(c: &ClientArgs, dir: &Path) -> anyhow::Result<()> {
+    let (manifest, archive) = package::pack(dir, &HostLimits::default())
+        .with_context(|| format!("packing {}", dir.display()))?;
+    let resp = reqwest::Client::new()
+        .put(url(c, &format!("/v1/functions/{}", manifest.name)))
+        .bearer_auth(token(c)?)
+        .header("content-type", "application/gzip")
+        .body(archive)
+        .send()
+        .await
+        .with_context(|| format!("connecting to {}", c.server))?;
+    let info: serde_json::Value = check(resp).await?.json().await?;
+    println!(
+        "deployed {} ({})",
+        info["name"].as_str().unwrap_or_default(),
+        info["digest"].as_str().unwrap_or_default()
+    );
+    Ok(())
+}
+
+pub async fn functions(c: &ClientArgs, action: FunctionsAction) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let token = token(c)?;
+    match action {
+        FunctionsAction::Ls => {
+            let resp = http
+                .get(url(c, "/v1/functions"))
+                .bearer_auth(&token)
+                .send()
+                .await?;
+            let all: Vec<serde_json::Value> = check(resp).await?.json().await?;
+            println!("{:<24} {:<16} {:>12}", "NAME", "DIGEST", "DEPLOYED_AT");
+            for f in all {
+                println!(
+                    "{:<24} {:<16} {:>12}",
+                    f["name"].as_str().unwrap_or_default(),
+                    &f["digest"].as_str().unwrap_or_default()
+                        [..12.min(f["digest"].as_str().unwrap_or_default().len())],
+                    f["deployed_at_unix_s"]
+                );
+            }
+        }
+        FunctionsAction::Show { name } => {
+            let resp = http
+                .get(url(c, &format!("/v1/functions/{name}")))
+                .bearer_auth(&token)
+                .send()
+                .await?;
+            let info: serde_json::Value = check(resp).await?.json().await?;
+            println!("{}", serde_json::to_string_pretty(&info)?);
+        }
+        FunctionsAction::Rm { name } => {
+            let resp = http
+                .delete(url(c, &format!("/v1/functions/{name}")))
+                .bearer_auth(&token)
+                .send()
+                .await?;
+            check(resp).await?;
+            println!("removed {name}");
+        }
+    }
+    Ok(())
+}
+
+pub async fn invoke(a: InvokeArgs) -> anyhow::Result<()> {
+    let path = a.path.as_deref().unwrap_or("/");
+    let path = path.strip_prefix('/').unwrap_or(path);
+    let body = match &a.data {
+        Some(d) if d.starts_with('@') => {
+            Some(std::fs::read(&d[1..]).with_context(|| format!("reading {}", &d[1..]))?)
+        }
+        Some(d) => Some(d.clone().into_bytes()),
+        None => None,
+    };
+    let method = match &a.method {
+        Some(m) => reqwest::Method::from_bytes(m.to_uppercase().as_bytes())?,
+        None if body.is_some() => reqwest::Method::POST,
+        None => reqwest::Method::GET,
+    };
+    let mut req =
+        reqwest::Client::new().request(method, url(&a.client, &format!("/fn/{}/{path}", a.name)));
+    for h in &a.headers {
+        let (k, v) = h
+            .split_once(':')
+            .with_context(|| format!("header {h:?} is not `Name: value`"))?;
+        req = req.header(k.trim(), v.trim());
+    }
+    if let Some(b) = body {
+        req = req.body(b);
+    }
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("connecting to {}", a.client.server))?;
+    let status = resp.status();
+    if a.include {
+        println!("{status}");
+        for (k, v) in resp.headers() {
+            println!("{k}: {}", v.to_str().unwrap_or("<binary>"));
+        }
+        println!();
+    }
+    let mut out = std::io::stdout().lock();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        out.write_all(&chunk?)?;
+        out.flush()?;
+    }
+    if !status.is_success() {
+        bail!("the function answered {status}");
+    }
+    Ok(())
+}

@@ -1,0 +1,131 @@
+//! The `slinfer` command line: `serve` runs the platform; `deploy`,
+//! `functions` and `invoke` are thin clients of its HTTP API; `simulate`
+//! runs the scheduler simulator.
+
+mod client;
+pub mod simulate;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::limits::HostLimits;
+use crate::server::{ServeOptions, serve};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "slinfer",
+    version,
+    about = "Serverless WebAssembly functions for LLM inference"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the platform's HTTP server.
+    Serve(ServeArgs),
+    /// Deploy (or replace) the function package in directory PATH.
+    Deploy {
+        /// A package directory: slinfer.toml and the component it names.
+        path: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List, show or remove deployed functions.
+    Functions {
+        #[command(subcommand)]
+        action: FunctionsAction,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Invoke a function over HTTP and print its response body.
+    Invoke(client::InvokeArgs),
+    /// Run the scheduler simulator on a trace.
+    Simulate(simulate::SimulateArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FunctionsAction {
+    /// List deployed functions.
+    Ls,
+    /// Show one function: manifest, digest, deploy time, limits.
+    Show { name: String },
+    /// Remove a function.
+    Rm { name: String },
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080", env = "SLINFER_LISTEN")]
+    pub listen: SocketAddr,
+    /// Data directory (deployed functions, compile cache, admin token).
+    #[arg(long, env = "SLINFER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Read the admin token from this file instead of generating one.
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
+    /// Instances alive at once across all functions.
+    #[arg(long, default_value_t = HostLimits::default().total_instances)]
+    pub max_instances: u32,
+}
+
+/// Where the server is and how to authenticate to it.
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// The server's base URL.
+    #[arg(
+        long,
+        global = true,
+        default_value = "http://127.0.0.1:8080",
+        env = "SLINFER_URL"
+    )]
+    pub server: String,
+    /// Admin token (default: read from the data dir of a local server).
+    #[arg(
+        long,
+        global = true,
+        env = "SLINFER_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+    /// Data directory of a local server, to find its admin token.
+    #[arg(long, global = true, env = "SLINFER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// The default data directory: `$XDG_DATA_HOME/slinfer` or its platform
+/// equivalent.
+pub fn default_data_dir() -> PathBuf {
+    dirs::data_dir()
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("slinfer")
+}
+
+/// Run a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let rt = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    };
+    match cli.command {
+        Command::Serve(a) => rt()?.block_on(serve(ServeOptions {
+            listen: a.listen,
+            data_dir: a.data_dir.unwrap_or_else(default_data_dir),
+            admin_token_file: a.admin_token_file,
+            host: HostLimits {
+                total_instances: a.max_instances,
+                ..HostLimits::default()
+            },
+        })),
+        Command::Deploy { path, client } => rt()?.block_on(client::deploy(&client, &path)),
+        Command::Functions { action, client } => rt()?.block_on(client::functions(&client, action)),
+        Command::Invoke(a) => rt()?.block_on(client::invoke(a)),
+        Command::Simulate(a) => simulate::run(a),
+    }
+}
