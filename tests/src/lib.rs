@@ -1,0 +1,272 @@
+//! Shared helpers for slinfer's end-to-end tests: start the real `slinfer`
+//! binary on an ephemeral port, find the built function packages and the
+//! shared data, and talk to the server over real HTTP.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// The repository root (the workspace that holds this crate).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// `../shared/data` beside the checkout: the traces and latency profiles.
+pub fn shared_data() -> PathBuf {
+    repo_root().join("../shared/data")
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
+}
+
+/// The `slinfer` binary under test: `$SLINFER_BIN`, else the one Cargo built
+/// into this workspace's target dir for the current profile.
+pub fn slinfer_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SLINFER_BIN") {
+        return PathBuf::from(p);
+    }
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    let bin = target_dir().join(profile).join("slinfer");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`./dev build`, or run `./dev test`)",
+        bin.display()
+    );
+    bin
+}
+
+/// A built function package directory (`./dev build` assembles them).
+pub fn package(name: &str) -> PathBuf {
+    let root = std::env::var_os("SLINFER_PACKAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("packages"));
+    let dir = root.join(name);
+    assert!(
+        dir.join("slinfer.toml").exists(),
+        "package {} is missing: run `./dev build` first",
+        dir.display()
+    );
+    dir
+}
+
+/// Copy package `name` into a fresh temp dir, rewriting its manifest with
+/// `edit`, so a test can deploy a variant (other name, other limits).
+pub fn package_variant(name: &str, edit: impl FnOnce(String) -> String) -> tempfile::TempDir {
+    let src = package(name);
+    let dst = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir(&src).expect("package dir") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), dst.path().join(entry.file_name())).expect("copy");
+    }
+    let manifest = dst.path().join("slinfer.toml");
+    let text = std::fs::read_to_string(&manifest).expect("manifest");
+    std::fs::write(&manifest, edit(text)).expect("write manifest");
+    dst
+}
+
+/// A gzip'd tar archive of `(name, bytes)` entries, for uploading packages
+/// that the CLI would refuse to build.
+pub fn archive(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    for (name, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar.append_data(&mut h, name, *data).expect("append");
+    }
+    tar.into_inner().expect("tar").finish().expect("gzip")
+}
+
+/// A running `slinfer serve` on 127.0.0.1 with its own data directory.
+pub struct Server {
+    pub url: String,
+    pub token: String,
+    pub data_dir: PathBuf,
+    child: Child,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    /// Start a server on a fresh data directory.
+    pub fn start() -> Server {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data = tmp.path().join("data");
+        let mut s = Server::start_in(&data, &[]);
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// Start a server on `data_dir` with extra environment variables.
+    pub fn start_in(data_dir: &Path, env: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(slinfer_bin());
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("SLINFER_LOG", "info,slinfer::guest=debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawning slinfer");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let mut url = None;
+        for line in lines.by_ref() {
+            let line = line.expect("reading slinfer's stdout");
+            if let Some(u) = line.strip_prefix("listening on ") {
+                url = Some(u.to_owned());
+                break;
+            }
+        }
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let url = url.expect("slinfer exited before listening");
+        let token = std::fs::read_to_string(data_dir.join("admin-token"))
+            .expect("admin token file")
+            .trim()
+            .to_owned();
+        Server {
+            url,
+            token,
+            data_dir: data_dir.to_path_buf(),
+            child,
+            _tmp: None,
+        }
+    }
+
+    /// Kill the server (SIGKILL) and start a new one on the same data dir.
+    pub fn restart(mut self) -> Server {
+        self.kill();
+        let tmp = self._tmp.take();
+        let mut s = Server::start_in(&self.data_dir, &[]);
+        s._tmp = tmp;
+        s
+    }
+
+    /// Kill the process now.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Wait for the process to exit on its own (e.g. an injected crash).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Take ownership of the temp dir holding the data dir (to restart on it).
+    pub fn take_tmp(&mut self) -> Option<tempfile::TempDir> {
+        self._tmp.take()
+    }
+
+    /// Run the `slinfer` CLI against this server; returns (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(slinfer_bin())
+            .args(args)
+            .args(["--server", &self.url, "--token", &self.token])
+            .output()
+            .expect("running the slinfer CLI");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Deploy a package directory with the real CLI; panics on failure.
+    pub fn deploy(&self, dir: &Path) {
+        let (ok, out, err) = self.cli(&["deploy", dir.to_str().expect("utf-8 path")]);
+        assert!(ok, "deploy {} failed: {out}{err}", dir.display());
+    }
+
+    /// Upload a raw archive as function `name`.
+    pub async fn upload(&self, name: &str, archive: Vec<u8>) -> reqwest::Response {
+        client()
+            .put(format!("{}/v1/functions/{name}", self.url))
+            .bearer_auth(&self.token)
+            .body(archive)
+            .send()
+            .await
+            .expect("upload")
+    }
+
+    /// `GET /fn/{name}{path}`.
+    pub async fn get(&self, name: &str, path: &str) -> reqwest::Response {
+        client()
+            .get(format!("{}/fn/{name}{path}", self.url))
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A client with a generous timeout (debug builds on a loaded 2-core box).
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client")
+}
+
+/// The `error.kind` and `error.message` of an error response.
+pub async fn error_of(resp: reqwest::Response) -> (u16, String, String) {
+    let status = resp.status().as_u16();
+    let v: serde_json::Value = resp.json().await.expect("error body is JSON");
+    (
+        status,
+        v["error"]["kind"].as_str().unwrap_or_default().to_owned(),
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+    )
+}
+
+/// Sum of a metric's samples whose line contains every string in `filters`.
+pub fn metric(text: &str, name: &str, filters: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.split([' ', '{']).next() == Some(name) && filters.iter().all(|f| l.contains(f))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
