@@ -212,7 +212,11 @@ impl Profile {
                     num(m, &["block_tokens", "gpu"])? as u64,
                 ],
                 cpu_kv_bytes: gib(num(m, &["cpu_kv_gb"])?),
-                slots_per_node: [slot("cpu"), slot("gpu")],
+                // No latency table for a kind: the model never goes there.
+                slots_per_node: [
+                    dev[0].as_ref().map_or(0, |_| slot("cpu")),
+                    dev[1].as_ref().map_or(0, |_| slot("gpu")),
+                ],
                 sllm_exclusive_cap: excl,
                 sllm_half_share_cap: half,
                 gpu_decode_quota,
@@ -251,11 +255,6 @@ impl Profile {
                 let known: Vec<_> = self.models.iter().map(|m| m.name.as_str()).collect();
                 ProfileError::UnknownModel(name.to_string(), known.join(", "))
             })
-    }
-
-    /// Whether the profile has latency tables for this model on this kind.
-    pub fn supports(&self, model: ModelTypeId, kind: DeviceKind) -> bool {
-        self.tables[model.0 as usize][kind.index()].is_some()
     }
 
     fn tables(&self, model: ModelTypeId, kind: DeviceKind) -> &DeviceTables {
@@ -300,6 +299,38 @@ impl CostModel for Profile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MINI: &str = r#"{
+      "safety_factors_used_by_artifact_scheduler": {"gpu": 1.05, "cpu": 1.1},
+      "models": {"tiny-3b": {"weights_gb": 1.0, "kv_kb_per_token": 2,
+                 "block_tokens": {"cpu": 32, "gpu": 16}, "cpu_kv_gb": 1}},
+      "cluster_in_paper": {"gpu_node_memory_gb": 10, "cpu_node_memory_gb": 20,
+        "instance_slots_per_gpu": {"tiny-3b": 3}, "per_instance_overhead_gb": 0.5},
+      "slo_in_paper": {"tpot_s": 0.25, "scheduler_margin": 0.95, "ttft_cap_s": 8},
+      "latency": {"tiny-3b": {"gpu": {"gpu": {
+        "prefill_ms_by_input_tokens": [[1, 10], [100, 20]],
+        "decode_ms_by_context_then_batch": [[512, [[1, 5], [8, 9]]]],
+        "exclusive_concurrency_cap": 7}}}}
+    }"#;
+
+    #[test]
+    fn parses_models_and_keeps_them_off_kinds_without_tables() {
+        let p = Profile::parse(MINI).unwrap();
+        let m = p.model_type("tiny-3b").unwrap();
+        let spec = &p.models[m.0 as usize];
+        assert_eq!(spec.slots_per_node, [0, 3]);
+        assert_eq!(spec.sllm_exclusive_cap, [None, Some(7)]);
+        assert_eq!(spec.gpu_decode_quota, 4);
+        assert_eq!(spec.block_bytes(DeviceKind::Gpu), 16 * 2048);
+        assert!((p.prefill_s(m, DeviceKind::Gpu, 50) - 0.014_949_49).abs() < 1e-6);
+        assert!((p.load_s(m, DeviceKind::Gpu) - 0.125).abs() < 1e-9);
+        assert_eq!(p.load_s(m, DeviceKind::Cpu), 0.0);
+        assert!(matches!(
+            p.model_type("nope"),
+            Err(ProfileError::UnknownModel(..))
+        ));
+        assert!(Profile::parse("{}").is_err());
+    }
 
     #[test]
     fn curve_interpolates_clamps_and_scales() {

@@ -344,10 +344,6 @@ impl<C: CostModel> Scheduler<C> {
         }
     }
 
-    pub fn config(&self) -> &SchedulerConfig {
-        &self.cfg
-    }
-
     /// Commands produced since the last call, in the order they were decided.
     pub fn drain_commands(&mut self) -> Vec<Command> {
         std::mem::take(&mut self.out)

@@ -19,6 +19,29 @@ pub struct SweepReport {
     pub capacity_threshold: f64,
 }
 
+/// Which slice of a trace to replay, and how to perturb it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Replay {
+    pub duration_s: f64,
+    /// Arrivals shift by up to ± this (0: the trace as is).
+    pub jitter_s: f64,
+    pub seed: u64,
+}
+
+impl Replay {
+    pub fn requests(
+        &self,
+        fns: &[TraceFunction],
+        k: usize,
+    ) -> Result<Vec<trace::TraceRequest>, TraceError> {
+        let mut reqs = trace::select(fns, k, self.duration_s)?;
+        if self.jitter_s > 0.0 {
+            trace::jitter(&mut reqs, self.jitter_s, self.seed);
+        }
+        Ok(reqs)
+    }
+}
+
 /// Runs `policies` × `ks` (models per group) on the trace; `progress` hears
 /// about each finished run (done, total, its summary).
 pub fn sweep(
@@ -27,13 +50,13 @@ pub fn sweep(
     fns: &[TraceFunction],
     policies: &[Policy],
     ks: &[usize],
-    duration_s: f64,
+    replay: Replay,
     mut progress: impl FnMut(usize, usize, &Summary),
 ) -> Result<Vec<SimResult>, TraceError> {
     let total = policies.len() * ks.len();
     let mut out = Vec::with_capacity(total);
     for &k in ks {
-        let reqs = trace::select(fns, k, duration_s)?;
+        let reqs = replay.requests(fns, k)?;
         let models = trace::models_at(fns, k);
         for &policy in policies {
             let mut setup = base.clone();

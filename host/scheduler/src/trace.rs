@@ -93,6 +93,29 @@ pub fn select(
     Ok(out)
 }
 
+/// Shifts every arrival by a uniform offset in [-max_s, max_s] (clamped at
+/// 0) drawn from a seeded generator, then restores arrival order: replicas
+/// of one trace for measuring how sensitive a result is to timing alone.
+pub fn jitter(reqs: &mut [TraceRequest], max_s: f64, seed: u64) {
+    let mut state = seed;
+    // SplitMix64: tiny, seedable, and plenty for perturbing timestamps.
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) as f64 / u64::MAX as f64
+    };
+    for r in reqs.iter_mut() {
+        r.arrival_s = (r.arrival_s + (2.0 * next() - 1.0) * max_s).max(0.0);
+    }
+    reqs.sort_by(|a, b| {
+        a.arrival_s
+            .total_cmp(&b.arrival_s)
+            .then(a.function.cmp(&b.function))
+    });
+}
+
 /// Number of models (functions) served at selection `k`.
 pub fn models_at(fns: &[TraceFunction], k: usize) -> usize {
     (0..fns.len()).filter(|i| i % GROUP_SIZE < k).count()
@@ -118,5 +141,31 @@ mod tests {
         assert_eq!(models_at(&fns, 2), 4);
         assert!(select(&fns, 0, 1.0).is_err());
         assert_eq!(select(&fns, 8, 90.0).unwrap().len(), 5);
+    }
+
+    #[test]
+    fn jitter_is_seeded_bounded_and_keeps_arrival_order() {
+        let reqs: Vec<TraceRequest> = (0..50)
+            .map(|i| TraceRequest {
+                function: i % 3,
+                arrival_s: i as f64,
+                input_tokens: 1,
+                output_tokens: 1,
+            })
+            .collect();
+        let mut a = reqs.clone();
+        let mut b = reqs.clone();
+        let mut c = reqs.clone();
+        jitter(&mut a, 0.5, 7);
+        jitter(&mut b, 0.5, 7);
+        jitter(&mut c, 0.5, 8);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert!(a.windows(2).all(|w| w[0].arrival_s <= w[1].arrival_s));
+        let mut moved: Vec<f64> = a.iter().map(|r| r.arrival_s).collect();
+        moved.sort_by(f64::total_cmp);
+        for (i, t) in moved.iter().enumerate() {
+            assert!((t - i as f64).abs() <= 1.0 + 1e-9);
+        }
     }
 }

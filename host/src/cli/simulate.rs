@@ -48,6 +48,12 @@ pub struct SimulateArgs {
     /// Replay only arrivals before this many seconds.
     #[arg(long)]
     pub duration_s: Option<f64>,
+    /// Shift each arrival by a uniform offset up to ± this many seconds
+    /// (seeded by --seed), to see how much a result owes to exact timing.
+    #[arg(long, default_value_t = 0.0)]
+    pub jitter_s: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     /// TTFT SLO: max(input_tokens / this, --ttft-min-s) plus load delay.
     #[arg(long, default_value_t = 512.0)]
     pub ttft_tokens_per_s: f64,
@@ -107,7 +113,11 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     sc.keep_alive_s[slinfer_scheduler::DeviceKind::Gpu.index()] = args.keep_alive_gpu_s;
     sc.predictor.quantile = args.predict_quantile;
     sc.predictor.min_history = args.predict_min_history;
-    let duration_s = args.duration_s.unwrap_or(f64::INFINITY);
+    let replay = sweep::Replay {
+        duration_s: args.duration_s.unwrap_or(f64::INFINITY),
+        jitter_s: args.jitter_s,
+        seed: args.seed,
+    };
 
     let results = if args.sweep {
         let policies = if args.policies.is_empty() {
@@ -127,7 +137,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
             &fns,
             &policies,
             &ks,
-            duration_s,
+            replay,
             |done, total, s| {
                 eprintln!(
                     "[{done}/{total}] {} at {} models: {} of {} requests met SLO ({:.1}%), {:.1} s elapsed",
@@ -155,7 +165,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         }
         results
     } else {
-        let reqs = trace::select(&fns, args.models_per_group, duration_s)?;
+        let reqs = replay.requests(&fns, args.models_per_group)?;
         let started = Instant::now();
         let result = simulate(
             &profile,
