@@ -1386,18 +1386,19 @@ impl<C: CostModel> Scheduler<C> {
 mod tests {
     use super::*;
 
-    /// Constant costs, so each test controls exactly which check binds.
+    /// Simple costs, so each test controls exactly which check binds.
     struct Flat {
         prefill_s: f64,
         decode_s: f64,
+        decode_per_request_s: f64,
     }
 
     impl CostModel for Flat {
         fn prefill_s(&self, _: ModelTypeId, _: DeviceKind, _: u64) -> f64 {
             self.prefill_s
         }
-        fn decode_s(&self, _: ModelTypeId, _: DeviceKind, _: u64, _: u64) -> f64 {
-            self.decode_s
+        fn decode_s(&self, _: ModelTypeId, _: DeviceKind, _: u64, batch: u64) -> f64 {
+            self.decode_s + self.decode_per_request_s * batch as f64
         }
         fn load_s(&self, _: ModelTypeId, _: DeviceKind) -> f64 {
             0.0
@@ -1414,6 +1415,7 @@ mod tests {
     const FAST: Flat = Flat {
         prefill_s: 0.01,
         decode_s: 0.01,
+        decode_per_request_s: 0.0,
     };
 
     fn spec() -> ModelSpec {
@@ -1548,8 +1550,8 @@ mod tests {
     fn decode_check_spreads_instances_whose_slices_exceed_the_device() {
         // Each instance alone takes 0.15 / (0.25 × 0.95) ≈ 63% of the device.
         let slow = Flat {
-            prefill_s: 0.01,
             decode_s: 0.15,
+            ..FAST
         };
         let mut s = sched(
             Policy::Slinfer,
@@ -1570,7 +1572,7 @@ mod tests {
         // One prefill (0.5 × 1.05) fits the 0.95 s plan; two in a row do not.
         let slow = Flat {
             prefill_s: 0.5,
-            decode_s: 0.01,
+            ..FAST
         };
         let mut s = sched(
             Policy::Slinfer,
@@ -1675,6 +1677,53 @@ mod tests {
         assert_eq!(s.requests[&5].instance, Some(a));
         assert!(s.pending.contains(&2));
         assert!(!s.by_model[&2].contains(&b));
+    }
+
+    #[test]
+    fn cpu_preemption_evicts_a_smaller_neighbour_when_only_decode_fails() {
+        // Slice of one instance: (0.02 + 0.04 × batch) × 1.1 / 0.2375.
+        let cost = Flat {
+            decode_s: 0.02,
+            decode_per_request_s: 0.04,
+            ..FAST
+        };
+        let mut s = sched(Policy::Slinfer, &[(DeviceKind::Cpu, 1 << 20)], cost);
+        s.submit(req(1, 1, 100, 1.0), 0.0);
+        settle(&mut s, 0.0);
+        s.submit(req(2, 2, 100, 3.0), 0.0);
+        s.submit(req(3, 1, 100, 1.0), 0.0);
+        s.submit(req(4, 1, 100, 1.0), 0.0);
+        settle(&mut s, 0.0);
+        let a = s.by_model[&1][0];
+        let b = s.by_model[&2][0];
+        assert_eq!(s.instances[&a].requests.len(), 3);
+        // Batch 4 alone is 0.83 of the CPU; with the neighbour's 0.28, 1.11.
+        s.submit(req(5, 1, 100, 1.0), 0.0);
+        let cmds = s.drain_commands();
+        assert!(cmds.contains(&Command::Preempt {
+            instance: b,
+            requests: vec![2]
+        }));
+        assert_eq!(s.requests[&5].instance, Some(a));
+    }
+
+    #[test]
+    fn shared_sllm_instances_are_throttled_to_their_share_of_device_time() {
+        let mut s = sched(Policy::SllmCS, &[(DeviceKind::Gpu, 1 << 20)], FAST);
+        s.submit(req(1, 1, 100, 1.0), 0.0);
+        let cmds = settle(&mut s, 0.0);
+        let i = runs(&cmds)[0];
+        let one = [RequestOutcome {
+            request: 1,
+            tokens: 1,
+            finished: false,
+        }];
+        s.iteration_done(0, i, &one, 0.1);
+        // 0.1 s busy since billing started at 0: idle until 0.2.
+        assert!(runs(&s.drain_commands()).is_empty());
+        assert_eq!(s.next_wakeup_s(), Some(0.2));
+        s.tick(0.2);
+        assert_eq!(runs(&s.drain_commands()), vec![i]);
     }
 
     #[test]
