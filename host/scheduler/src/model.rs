@@ -91,4 +91,6 @@ pub trait CostModel {
     /// Resizing the KV pool, and unloading (both short bookkeeping on a device).
     fn kv_resize_s(&self, model: ModelTypeId, kind: DeviceKind) -> f64;
     fn unload_s(&self, model: ModelTypeId, kind: DeviceKind) -> f64;
+    /// Moving `tokens` of one request's KV out to host memory and back.
+    fn kv_swap_s(&self, model: ModelTypeId, kind: DeviceKind, tokens: u64) -> f64;
 }

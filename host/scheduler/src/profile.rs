@@ -82,6 +82,8 @@ pub struct Profile {
     /// resident (the artifact never cold-starts CPU instances).
     pub load_bytes_per_s: [Option<f64>; 2],
     pub kv_resize_s: f64,
+    /// Device ↔ host bandwidth for swapped KV (PCIe-class).
+    pub kv_swap_bytes_per_s: f64,
     pub paper: PaperSettings,
 }
 
@@ -242,6 +244,7 @@ impl Profile {
             tables,
             load_bytes_per_s: [None, Some(8.0 * GIB)],
             kv_resize_s: 0.005,
+            kv_swap_bytes_per_s: 16.0 * GIB,
             paper,
         })
     }
@@ -293,6 +296,11 @@ impl CostModel for Profile {
 
     fn unload_s(&self, _model: ModelTypeId, _kind: DeviceKind) -> f64 {
         self.kv_resize_s
+    }
+
+    fn kv_swap_s(&self, model: ModelTypeId, _kind: DeviceKind, tokens: u64) -> f64 {
+        2.0 * (tokens * self.models[model.0 as usize].kv_bytes_per_token) as f64
+            / self.kv_swap_bytes_per_s
     }
 }
 

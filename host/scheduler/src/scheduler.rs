@@ -101,6 +101,9 @@ pub struct SchedulerConfig {
     pub safety: [f64; 2],
     pub instance_overhead_bytes: u64,
     pub predictor: PredictorConfig,
+    /// Preempted requests keep their KV (swapped to host memory and back)
+    /// instead of recomputing it. Beyond the paper; off by default.
+    pub preempt_keeps_kv: bool,
 }
 
 impl SchedulerConfig {
@@ -117,6 +120,7 @@ impl SchedulerConfig {
             safety: [1.1, 1.05],
             instance_overhead_bytes: 1536 * 1024 * 1024,
             predictor: PredictorConfig::default(),
+            preempt_keeps_kv: false,
         }
     }
 }
@@ -167,18 +171,22 @@ pub enum Command {
         op: ActionOp,
     },
     /// Run up to `iterations` iterations of the instance's batch: one
-    /// prefill iteration over `prefill` (tokens to (re)compute, each yields
-    /// its next token), or decode iterations over `decode` (current context).
+    /// prefill iteration over `prefill` (tokens to (re)compute) and
+    /// `restore` (tokens of KV to bring back from host memory), each
+    /// yielding its next token; or decode iterations over `decode`
+    /// (current context).
     Run {
         node: NodeId,
         instance: InstanceId,
         model_type: ModelTypeId,
         iterations: u32,
         prefill: Vec<(RequestId, u64)>,
+        restore: Vec<(RequestId, u64)>,
         decode: Vec<(RequestId, u64)>,
     },
-    /// The instance lost these requests' KV; they will be re-placed and
-    /// recomputed.
+    /// The instance gave these requests up; they will be re-placed, their KV
+    /// recomputed (or, with `preempt_keeps_kv`, swapped out to host memory
+    /// and restored).
     Preempt {
         instance: InstanceId,
         requests: Vec<RequestId>,
@@ -206,6 +214,8 @@ struct ReqState {
     req: Request,
     generated: u64,
     prefilled: bool,
+    /// Its KV waits in host memory to be restored (`preempt_keeps_kv`).
+    kv_saved: bool,
     instance: Option<InstanceId>,
     attached_s: f64,
     load_delay_s: f64,
@@ -266,6 +276,7 @@ struct View {
     batch: u64,
     context_tokens: u64,
     prefill_tokens: u64,
+    restore_tokens: u64,
     deadline_s: f64,
     tpot_s: f64,
     loading: bool,
@@ -368,6 +379,7 @@ impl<C: CostModel> Scheduler<C> {
                 req,
                 generated: 0,
                 prefilled: false,
+                kv_saved: false,
                 instance: None,
                 attached_s: now_s,
                 load_delay_s: 0.0,
@@ -402,6 +414,7 @@ impl<C: CostModel> Scheduler<C> {
                 r.generated += o.tokens;
                 if o.tokens > 0 {
                     r.prefilled = true;
+                    r.kv_saved = false;
                 }
                 if o.finished {
                     finished.push(o.request);
@@ -569,8 +582,15 @@ impl<C: CostModel> Scheduler<C> {
         })
     }
 
-    fn estimate_prefill_s(&self, mtype: ModelTypeId, kind: DeviceKind, tokens: u64) -> f64 {
-        self.cost.prefill_s(mtype, kind, tokens) * kind_factor(self.cfg.safety, kind)
+    /// The iteration that prefills new requests and restores swapped ones.
+    fn estimate_first_step_s(&self, v: &View) -> f64 {
+        let prefill = if v.prefill_tokens > 0 {
+            self.cost.prefill_s(v.mtype, v.kind, v.prefill_tokens)
+        } else {
+            0.0
+        };
+        let restore = self.cost.kv_swap_s(v.mtype, v.kind, v.restore_tokens);
+        (prefill + restore) * kind_factor(self.cfg.safety, v.kind)
     }
 
     fn estimate_decode_s(
@@ -620,6 +640,7 @@ impl<C: CostModel> Scheduler<C> {
             batch: 0,
             context_tokens: 0,
             prefill_tokens: 0,
+            restore_tokens: 0,
             deadline_s: f64::INFINITY,
             tpot_s: f64::INFINITY,
             loading: false,
@@ -654,7 +675,9 @@ impl<C: CostModel> Scheduler<C> {
             sum_blocks += self.request_blocks(spec, kind, r);
             v.batch += 1;
             v.context_tokens += ctx;
-            if !r.prefilled {
+            if r.kv_saved {
+                v.restore_tokens += ctx;
+            } else if !r.prefilled {
                 v.prefill_tokens += ctx;
             }
             v.deadline_s = v.deadline_s.min(self.next_token_deadline_s(r));
@@ -744,14 +767,10 @@ impl<C: CostModel> Scheduler<C> {
         let decode = views.iter().map(|v| self.time_slice(v)).sum::<f64>() <= 1.0;
         let mut prefills: Vec<(f64, f64, bool)> = views
             .iter()
-            .filter(|v| v.prefill_tokens > 0 && (v.kind == DeviceKind::Cpu || !v.loading))
-            .map(|v| {
-                (
-                    v.deadline_s,
-                    self.estimate_prefill_s(v.mtype, v.kind, v.prefill_tokens),
-                    is_target(v),
-                )
+            .filter(|v| {
+                v.prefill_tokens + v.restore_tokens > 0 && (v.kind == DeviceKind::Cpu || !v.loading)
             })
+            .map(|v| (v.deadline_s, self.estimate_first_step_s(v), is_target(v)))
             .collect();
         prefills.sort_by(|a, b| a.0.total_cmp(&b.0).then(b.2.cmp(&a.2)));
         let mut t = now_s;
@@ -971,22 +990,29 @@ impl<C: CostModel> Scheduler<C> {
     fn preempt(&mut self, victim: InstanceId, now_s: f64) {
         let inst = self.instances.get_mut(&victim).expect("victim is live");
         let evicted = std::mem::take(&mut inst.requests);
+        self.evict(victim, evicted, now_s + self.cfg.retry_interval_s);
+        self.retire(victim);
+    }
+
+    /// Sends requests already detached from `instance` back to be re-placed.
+    fn evict(&mut self, instance: InstanceId, evicted: Vec<RequestId>, retry_at_s: f64) {
+        let keep = self.cfg.preempt_keeps_kv;
         for rid in &evicted {
             let r = self
                 .requests
                 .get_mut(rid)
-                .expect("attached requests are live");
+                .expect("evicted requests are live");
             r.instance = None;
+            r.kv_saved = keep && (r.prefilled || r.kv_saved);
             r.prefilled = false;
             r.preempted = true;
-            r.next_retry_s = now_s + self.cfg.retry_interval_s;
+            r.next_retry_s = retry_at_s;
         }
         self.pending.extend(evicted.iter().copied());
         self.out.push(Command::Preempt {
-            instance: victim,
+            instance,
             requests: evicted,
         });
-        self.retire(victim);
     }
 
     fn create_instance(
@@ -1145,21 +1171,7 @@ impl<C: CostModel> Scheduler<C> {
         }
         let inst = self.instances.get_mut(&id).expect("live");
         inst.requests.retain(|r| !evicted.contains(r));
-        for rid in &evicted {
-            let r = self
-                .requests
-                .get_mut(rid)
-                .expect("attached requests are live");
-            r.instance = None;
-            r.prefilled = false;
-            r.preempted = true;
-            r.next_retry_s = now_s;
-        }
-        self.pending.extend(evicted.iter().copied());
-        self.out.push(Command::Preempt {
-            instance: id,
-            requests: evicted,
-        });
+        self.evict(id, evicted, now_s);
     }
 
     fn enqueue(&mut self, id: InstanceId, op: Op) {
@@ -1300,17 +1312,20 @@ impl<C: CostModel> Scheduler<C> {
         let Some((_, id)) = best else { return };
         let inst = &self.instances[&id];
         let mut prefill = Vec::new();
+        let mut restore = Vec::new();
         let mut decode = Vec::new();
         for rid in &inst.requests {
             let r = &self.requests[rid];
             let ctx = r.req.input_tokens + r.generated;
             if r.prefilled {
                 decode.push((*rid, ctx));
+            } else if r.kv_saved {
+                restore.push((*rid, ctx));
             } else {
                 prefill.push((*rid, ctx));
             }
         }
-        let iterations = if !prefill.is_empty() {
+        let iterations = if !prefill.is_empty() || !restore.is_empty() {
             decode.clear();
             1
         } else if kind == DeviceKind::Cpu {
@@ -1327,6 +1342,7 @@ impl<C: CostModel> Scheduler<C> {
             model_type: mtype,
             iterations,
             prefill,
+            restore,
             decode,
         });
     }
@@ -1407,6 +1423,9 @@ mod tests {
             0.0
         }
         fn unload_s(&self, _: ModelTypeId, _: DeviceKind) -> f64 {
+            0.0
+        }
+        fn kv_swap_s(&self, _: ModelTypeId, _: DeviceKind, _: u64) -> f64 {
             0.0
         }
     }
@@ -1677,6 +1696,34 @@ mod tests {
         assert_eq!(s.requests[&5].instance, Some(a));
         assert!(s.pending.contains(&2));
         assert!(!s.by_model[&2].contains(&b));
+    }
+
+    #[test]
+    fn preemption_can_keep_kv_so_the_request_is_restored_not_recomputed() {
+        let mut s = two_model_node();
+        s.cfg.preempt_keeps_kv = true;
+        // As if model 2's request had run its prefill.
+        s.requests.get_mut(&2).unwrap().prefilled = true;
+        s.submit(req(5, 1, 100, 1.0), 0.0);
+        let r = &s.requests[&2];
+        assert!(r.kv_saved && !r.prefilled && r.instance.is_none());
+        // Re-placed (capacity freed by finishing model 1's work), it restores.
+        let a = s.by_model[&1][0];
+        let done: Vec<RequestOutcome> = [1, 3, 4, 5]
+            .map(|request| RequestOutcome {
+                request,
+                tokens: 1,
+                finished: true,
+            })
+            .to_vec();
+        s.iteration_done(0, a, &done, 0.1);
+        let mut cmds = settle(&mut s, 0.3);
+        s.tick(0.3);
+        cmds.extend(settle(&mut s, 0.3));
+        let restored = cmds.iter().any(|c| {
+            matches!(c, Command::Run { restore, prefill, .. } if restore == &vec![(2, 100)] && prefill.is_empty())
+        });
+        assert!(restored, "{cmds:?}");
     }
 
     #[test]

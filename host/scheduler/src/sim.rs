@@ -108,6 +108,7 @@ pub struct NodeSummary {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Summary {
     pub policy: Policy,
+    pub preempt_keeps_kv: bool,
     pub model: String,
     pub models: usize,
     pub gpus: usize,
@@ -178,6 +179,13 @@ struct SimReq {
     /// the SLO forgives it, as the paper's evaluation does.
     load_delay_s: f64,
     ended: u32,
+}
+
+/// A `Run`'s requests: (id, context tokens) to prefill, restore, decode.
+struct Batch<'a> {
+    prefill: &'a [(RequestId, u64)],
+    restore: &'a [(RequestId, u64)],
+    decode: &'a [(RequestId, u64)],
 }
 
 struct Pending {
@@ -269,9 +277,19 @@ impl World<'_> {
                     model_type,
                     iterations,
                     prefill,
+                    restore,
                     decode,
                 } => self.start_run(
-                    node, instance, model_type, iterations, &prefill, &decode, now,
+                    node,
+                    instance,
+                    model_type,
+                    iterations,
+                    Batch {
+                        prefill: &prefill,
+                        restore: &restore,
+                        decode: &decode,
+                    },
+                    now,
                 ),
                 Command::Preempt { instance, requests } => {
                     self.preemptions += 1;
@@ -301,15 +319,17 @@ impl World<'_> {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn start_run(
         &mut self,
         node: NodeId,
         instance: InstanceId,
         mtype: ModelTypeId,
         iterations: u32,
-        prefill: &[(RequestId, u64)],
-        decode: &[(RequestId, u64)],
+        Batch {
+            prefill,
+            restore,
+            decode,
+        }: Batch,
         now: f64,
     ) {
         let kind = self.nodes[node].spec.kind;
@@ -317,10 +337,14 @@ impl World<'_> {
         let mut outcomes = Vec::new();
         let mut t = now;
         let mut kv_tokens_blocks = 0;
-        if !prefill.is_empty() {
-            let tokens: u64 = prefill.iter().map(|p| p.1).sum();
-            t += self.profile.prefill_s(mtype, kind, tokens);
-            for &(rid, ctx) in prefill {
+        if !prefill.is_empty() || !restore.is_empty() {
+            if !prefill.is_empty() {
+                let tokens: u64 = prefill.iter().map(|p| p.1).sum();
+                t += self.profile.prefill_s(mtype, kind, tokens);
+            }
+            let restored: u64 = restore.iter().map(|p| p.1).sum();
+            t += self.profile.kv_swap_s(mtype, kind, restored);
+            for &(rid, ctx) in prefill.iter().chain(restore) {
                 let s = &self.state[rid as usize];
                 let done = s.generated + 1 >= self.reqs[rid as usize].output_tokens;
                 outcomes.push((rid, 1, done, t, t));
@@ -544,6 +568,7 @@ fn summarize(
     let dropped = w.dropped_by_reason.values().sum();
     let summary = Summary {
         policy: setup.scheduler.policy,
+        preempt_keeps_kv: setup.scheduler.preempt_keeps_kv,
         model: w.profile.models[setup.model_type.0 as usize].name.clone(),
         models,
         gpus: setup.gpus,

@@ -137,6 +137,7 @@ mod tests {
     fn summary(policy: Policy, models: usize, attainment: f64) -> Summary {
         Summary {
             policy,
+            preempt_keeps_kv: false,
             model: "m".into(),
             models,
             gpus: 1,

@@ -47,11 +47,13 @@ proptest! {
         gpus in 0usize..3,
         cpus in 0usize..3,
         gpu_gib in prop::sample::select(vec![20u64, 40, 78]),
+        keep_kv in any::<bool>(),
     ) {
         prop_assume!(gpus + cpus > 0);
         let p = profile();
         let mut setup = SimSetup::paper(p, policy, p.model_type(model).unwrap(), gpus, cpus);
         setup.gpu_capacity_bytes = gpu_gib << 30;
+        setup.scheduler.preempt_keeps_kv = keep_kv;
         let a = simulate(p, &setup, &reqs, 6);
         let s = &a.summary;
         prop_assert_eq!(s.memory_violations, 0);

@@ -77,6 +77,10 @@ pub struct SimulateArgs {
     /// slinfer+p: completions needed before predicting.
     #[arg(long, default_value_t = 20)]
     pub predict_min_history: usize,
+    /// Preempted requests keep their KV (swapped to host memory and back)
+    /// instead of recomputing it.
+    #[arg(long)]
+    pub preempt_keeps_kv: bool,
     /// Run every policy (or --policies) at every K (or --ks).
     #[arg(long)]
     pub sweep: bool,
@@ -113,6 +117,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     sc.keep_alive_s[slinfer_scheduler::DeviceKind::Gpu.index()] = args.keep_alive_gpu_s;
     sc.predictor.quantile = args.predict_quantile;
     sc.predictor.min_history = args.predict_min_history;
+    sc.preempt_keeps_kv = args.preempt_keeps_kv;
     let replay = sweep::Replay {
         duration_s: args.duration_s.unwrap_or(f64::INFINITY),
         jitter_s: args.jitter_s,
