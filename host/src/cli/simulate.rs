@@ -71,6 +71,14 @@ pub struct SimulateArgs {
     /// Weights load bandwidth onto a GPU, GiB/s (cold start = weights / this).
     #[arg(long, default_value_t = 8.0)]
     pub gpu_load_gib_per_s: f64,
+    /// Weights load bandwidth onto a CPU node, GiB/s (default: weights stay
+    /// resident, no CPU cold start, as in the paper's artifact).
+    #[arg(long)]
+    pub cpu_load_gib_per_s: Option<f64>,
+    /// Iterations per grant in GPU decode (default: 4 for 3B, 2 for 7B/8B,
+    /// 1 for 13B; prefill and CPU grants are always 1).
+    #[arg(long)]
+    pub gpu_decode_quota: Option<u32>,
     /// slinfer+p: quantile of a function's past output lengths to reserve KV for.
     #[arg(long, default_value_t = 0.9)]
     pub predict_quantile: f64,
@@ -105,6 +113,13 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     let mut profile = Profile::load(&args.profile)?;
     profile.load_bytes_per_s[slinfer_scheduler::DeviceKind::Gpu.index()] =
         Some(args.gpu_load_gib_per_s * GIB);
+    profile.load_bytes_per_s[slinfer_scheduler::DeviceKind::Cpu.index()] =
+        args.cpu_load_gib_per_s.map(|g| g * GIB);
+    if let Some(q) = args.gpu_decode_quota {
+        for m in &mut profile.models {
+            m.gpu_decode_quota = q.max(1);
+        }
+    }
     let fns = load_trace(&args.trace)?;
     let model_type = profile.model_type(&args.model)?;
     let mut setup = SimSetup::paper(&profile, args.policy, model_type, args.gpus, args.cpus);
