@@ -1171,6 +1171,9 @@ impl<C: CostModel> Scheduler<C> {
         }
         let inst = self.instances.get_mut(&id).expect("live");
         inst.requests.retain(|r| !evicted.contains(r));
+        if inst.requests.is_empty() {
+            inst.idle_since_s = Some(now_s);
+        }
         self.evict(id, evicted, now_s);
     }
 
@@ -1848,6 +1851,47 @@ mod tests {
             matches!(grow.as_slice(), [Command::Action { instance, op: ActionOp::ResizeKv { kv_bytes: 96 }, .. }] if *instance == a)
         );
         assert!(s.committed_bytes(0) <= cap);
+    }
+
+    #[test]
+    fn a_request_outgrowing_the_node_is_evicted_and_its_empty_instance_retires() {
+        let mut s = sched(
+            Policy::Slinfer,
+            &[(DeviceKind::Gpu, WEIGHTS + 10 * 16)],
+            FAST,
+        );
+        s.submit(req(1, 1, 100, 30.0), 0.0);
+        settle(&mut s, 0.0);
+        let i = s.by_model[&1][0];
+        assert_eq!(s.instances[&i].planned_blocks, 10);
+        let grown = [RequestOutcome {
+            request: 1,
+            tokens: 60,
+            finished: false,
+        }];
+        // 160 tokens + the next grant's 2 need 11 blocks; only 10 ever fit.
+        s.iteration_done(0, i, &grown, 1.0);
+        let cmds = s.drain_commands();
+        assert!(cmds.contains(&Command::Preempt {
+            instance: i,
+            requests: vec![1]
+        }));
+        assert!(s.instances[&i].requests.is_empty());
+        assert_eq!(s.instances[&i].idle_since_s, Some(1.0));
+        s.tick(2.0);
+        let unloads = settle(&mut s, 2.0)
+            .into_iter()
+            .filter(|c| {
+                matches!(
+                    c,
+                    Command::Action {
+                        op: ActionOp::Unload,
+                        ..
+                    }
+                )
+            })
+            .count();
+        assert_eq!(unloads, 1);
     }
 
     #[test]

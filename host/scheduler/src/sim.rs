@@ -133,6 +133,9 @@ pub struct Summary {
     pub memory_violations: usize,
     /// Requests that ended more than once, or never; the policy promises 0.
     pub end_violations: usize,
+    /// Bytes still held on devices once everything has ended: an instance
+    /// that never reached its keep-alive unload. The policy promises 0.
+    pub held_bytes_at_end: u64,
     pub makespan_s: f64,
     pub nodes: Vec<NodeSummary>,
 }
@@ -602,6 +605,7 @@ fn summarize(
         preempted_requests: w.preempted_requests,
         memory_violations: w.memory_violations,
         end_violations,
+        held_bytes_at_end: w.nodes.iter().map(|n| n.used_bytes).sum(),
         makespan_s,
         nodes: w
             .nodes

@@ -159,6 +159,7 @@ mod tests {
             preempted_requests: 0,
             memory_violations: 0,
             end_violations: 0,
+            held_bytes_at_end: 0,
             makespan_s: 0.0,
             nodes: vec![NodeSummary {
                 kind: crate::DeviceKind::Gpu,

@@ -1,7 +1,7 @@
 //! Properties over random traces and clusters, for every policy: committed
 //! memory never exceeds a node's capacity (checked by the simulator's own
-//! account of what it executed), every request ends exactly once, and the
-//! same inputs give the same results.
+//! account of what it executed), every request ends exactly once, every
+//! instance is eventually unloaded, and the same inputs give the same results.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -58,6 +58,7 @@ proptest! {
         let s = &a.summary;
         prop_assert_eq!(s.memory_violations, 0);
         prop_assert_eq!(s.end_violations, 0);
+        prop_assert_eq!(s.held_bytes_at_end, 0);
         prop_assert_eq!(s.completed + s.dropped, s.requests);
         for n in &s.nodes {
             prop_assert!(n.peak_committed_bytes <= n.capacity_bytes);

@@ -25,6 +25,7 @@ fn policies_keep_the_papers_order_on_a_slice_of_the_real_trace() {
         eprintln!("{}", serde_json::to_string(x).unwrap());
         assert_eq!(x.memory_violations, 0);
         assert_eq!(x.end_violations, 0);
+        assert_eq!(x.held_bytes_at_end, 0);
     }
     assert!(
         slinfer.slo_met >= shared.slo_met,
