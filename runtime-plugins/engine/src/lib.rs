@@ -34,6 +34,7 @@
 pub mod config;
 pub mod gguf;
 pub mod kv;
+pub mod package;
 pub mod quant;
 pub mod reference;
 pub mod safetensors;
@@ -44,6 +45,7 @@ use std::path::PathBuf;
 
 pub use config::ModelConfig;
 pub use kv::{BatchPlan, BlockAllocator, KvManager};
+pub use package::{ModelPackage, PackageManifest};
 pub use sampler::{Sampler, SamplingParams};
 pub use weights::{LlamaWeights, WeightDType};
 
@@ -78,6 +80,10 @@ pub enum ModelSource {
     SafetensorsDir(PathBuf),
     /// A GGUF file (supported quantisations are dequantised on load).
     Gguf(PathBuf),
+    /// A slinfer model package folder (`model.toml`, `model.gguf`, the
+    /// stateful OpenVINO IR, `tokenizer.json`), as `scripts/models/import.py` writes
+    /// it; see [`package`].
+    Package(PathBuf),
     /// Random weights of the given shape (benchmarks, tests). Values are
     /// drawn uniformly from ±`scale` with a seeded generator.
     Random {

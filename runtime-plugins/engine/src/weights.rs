@@ -321,6 +321,13 @@ impl LlamaWeights {
         match source {
             ModelSource::SafetensorsDir(dir) => Self::from_safetensors_dir(dir, dtype),
             ModelSource::Gguf(path) => Self::from_gguf(path, dtype),
+            ModelSource::Package(dir) => {
+                let pkg = crate::package::ModelPackage::open(dir)?;
+                let gguf = pkg.gguf_path().ok_or_else(|| {
+                    EngineError::Model(format!("{}: the package holds no GGUF", dir.display()))
+                })?;
+                Self::from_gguf(&gguf, dtype)
+            }
             ModelSource::Random {
                 config,
                 seed,

@@ -1,0 +1,714 @@
+//! slinfer's CPU inference engine on OpenVINO.
+//!
+//! It runs a model package's IR (see [`slinfer_engine::package`];
+//! `scripts/models/import.py` writes it) in its paged-attention form and
+//! implements [`slinfer_engine::Backend`] / [`slinfer_engine::LlmInstance`]:
+//!
+//! - `libopenvino_c` is loaded at run time from the `openvino` Python wheel in
+//!   the project's virtualenv ([`find_library`]); without it the backend
+//!   reports [`EngineError::Unavailable`] ("OpenVINO unavailable: …") and
+//!   nothing panics.
+//! - The C API has no paged-attention transformation and a transformed IR
+//!   cannot be saved and read back, so the stateful IR is transformed at load
+//!   time by `shim/paged_attention.cpp` (built by build.rs against the wheel's
+//!   headers, loaded at run time) — the same pass GenAI runs.
+//! - The instance owns the `key_cache.N` / `value_cache.N` block tensors. Their
+//!   per-block shape and element type are read from the compiled model (on an
+//!   AVX2 CPU: u8 blocks of 32 tokens with quantisation parameters); the block
+//!   size is the value cache's token dimension. [`LlmInstance::resize_kv`]
+//!   allocates new tensors and copies the used blocks (compacting on shrink,
+//!   via [`slinfer_engine::KvManager::shrink`]'s moves) — never
+//!   `Tensor::set_shape`, which double-frees in the `openvino` crate 0.11.
+//! - One `infer()` per [`LlmInstance::step`] for the whole ragged batch, laid
+//!   out by [`slinfer_engine::KvManager::plan`] into the IR's `input_ids`,
+//!   `position_ids`, `past_lens`, `subsequence_begins`, `block_indices`,
+//!   `block_indices_begins`, `max_context_len`.
+//! - Several instances (of the same or different models) may be loaded at once;
+//!   they share one `Core` (and its compiled-model cache dir).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use openvino::{
+    CompiledModel, Core, DeviceType, ElementType, InferRequest, RwPropertyKey, Shape, Tensor,
+};
+use slinfer_engine::package::ModelPackage;
+use slinfer_engine::{
+    Backend, DeviceInfo, DeviceKind, EngineError, KvManager, LlmInstance, LoadOptions,
+    MemoryReport, ModelConfig, ModelSource, SeqId, StepEntry,
+};
+
+/// Environment variable naming `libopenvino_c` (the file, or its folder).
+pub const LIB_ENV: &str = "SLINFER_OPENVINO_LIB";
+
+/// Find `libopenvino_c.so.*` in `<venv>/lib/python3*/site-packages/openvino/libs`.
+/// `explicit` (a file or a folder) wins; then [`LIB_ENV`]; then `venv`, then
+/// `$SLINFER_VENV`, then `$VIRTUAL_ENV`.
+pub fn find_library(explicit: Option<&Path>, venv: Option<&Path>) -> Result<PathBuf, String> {
+    let env_path = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(p) = explicit
+        .map(Path::to_path_buf)
+        .or_else(|| env_path(LIB_ENV))
+    {
+        return if p.is_file() {
+            Ok(p)
+        } else if p.is_dir() {
+            lib_in(&p).ok_or_else(|| format!("no libopenvino_c in {}", p.display()))
+        } else {
+            Err(format!("{} does not exist", p.display()))
+        };
+    }
+    let venvs: Vec<PathBuf> = venv
+        .map(Path::to_path_buf)
+        .into_iter()
+        .chain(env_path("SLINFER_VENV"))
+        .chain(env_path("VIRTUAL_ENV"))
+        .collect();
+    if venvs.is_empty() {
+        return Err(format!(
+            "no virtualenv to look in: set SLINFER_VENV (./dev does) or {LIB_ENV}"
+        ));
+    }
+    for v in &venvs {
+        for lib in ["lib", "lib64"] {
+            let Ok(rd) = std::fs::read_dir(v.join(lib)) else {
+                continue;
+            };
+            for py in rd.flatten() {
+                let libs = py.path().join("site-packages/openvino/libs");
+                if let Some(p) = lib_in(&libs) {
+                    return Ok(p);
+                }
+            }
+        }
+    }
+    Err(format!(
+        "the openvino wheel is not installed in {} (pip install -r requirements.txt)",
+        venvs
+            .iter()
+            .map(|v| v.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+}
+
+fn lib_in(dir: &Path) -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libopenvino_c.so"))
+        })
+        .collect();
+    found.sort();
+    found.into_iter().next()
+}
+
+static LOADED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+
+type PagedFn = unsafe extern "C" fn(*mut std::ffi::c_void, *mut std::ffi::c_char, usize) -> i32;
+
+/// The paged-attention transformation from `shim/paged_attention.cpp`
+/// (built by build.rs against the wheel's headers), loaded after
+/// `libopenvino_c` so that it binds to the same `libopenvino`.
+fn paged_shim() -> Result<PagedFn, EngineError> {
+    static SHIM: OnceLock<Result<(libloading::Library, PagedFn), String>> = OnceLock::new();
+    SHIM.get_or_init(|| {
+        let path = env!("SLINFER_OV_SHIM");
+        if path.is_empty() {
+            return Err(format!(
+                "slinfer-openvino was built without its paged-attention shim ({}); \
+                 install the requirements (./dev test does) and rebuild",
+                option_env!("SLINFER_OV_SHIM_ERROR").unwrap_or("unknown reason")
+            ));
+        }
+        // SAFETY: the shim has no initialisers beyond the C++ runtime's, and
+        // the symbol's signature is the one shim/paged_attention.cpp defines.
+        unsafe {
+            let lib = libloading::Library::new(path).map_err(|e| format!("{path}: {e}"))?;
+            let f: PagedFn = *lib
+                .get::<PagedFn>(b"slinfer_ov_paged_attention\0")
+                .map_err(|e| format!("{path}: {e}"))?;
+            Ok((lib, f))
+        }
+    })
+    .as_ref()
+    .map(|(_, f)| *f)
+    .map_err(|e| EngineError::Unavailable(format!("OpenVINO unavailable: {e}")))
+}
+
+/// Apply SDPA -> PagedAttention to `model` in place.
+fn to_paged_attention(model: &mut openvino::Model) -> Result<(), EngineError> {
+    let f = paged_shim()?;
+    // `openvino::Model` is a single `*mut ov_model_t` field and exposes no
+    // accessor for it; check the layout assumption before reading it.
+    const _: () = assert!(
+        std::mem::size_of::<openvino::Model>() == std::mem::size_of::<*mut std::ffi::c_void>()
+    );
+    let mut err = vec![0 as std::ffi::c_char; 1024];
+    // SAFETY: the pointer is the live handle `model` owns; the shim only
+    // rewrites the ov::Model it points to.
+    let rc = unsafe {
+        let raw = *(std::ptr::from_mut(model) as *const *mut std::ffi::c_void);
+        f(raw, err.as_mut_ptr(), err.len())
+    };
+    if rc != 0 {
+        let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
+        return Err(EngineError::Model(format!(
+            "paged-attention transformation failed: {}",
+            msg.to_string_lossy()
+        )));
+    }
+    Ok(())
+}
+
+/// Load `libopenvino_c` once per process (the first successful path wins).
+fn load_library(explicit: Option<&Path>, venv: Option<&Path>) -> Result<PathBuf, EngineError> {
+    LOADED
+        .get_or_init(|| {
+            let p = find_library(explicit, venv)?;
+            openvino_sys::library::load_from(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+            Ok(p)
+        })
+        .clone()
+        .map_err(|e| EngineError::Unavailable(format!("OpenVINO unavailable: {e}")))
+}
+
+fn dev(context: &str, e: impl std::fmt::Display) -> EngineError {
+    EngineError::Device(format!("OpenVINO: {context}: {e}"))
+}
+
+/// How the backend is set up.
+#[derive(Debug, Clone, Default)]
+pub struct BackendOptions {
+    /// `libopenvino_c` (file or folder); default: [`find_library`].
+    pub library: Option<PathBuf>,
+    /// The virtualenv holding the `openvino` wheel; default `$SLINFER_VENV`.
+    pub venv: Option<PathBuf>,
+    /// Compiled-model cache folder (`CACHE_DIR`); none by default.
+    pub cache_dir: Option<PathBuf>,
+    /// `INFERENCE_NUM_THREADS`; 0 lets OpenVINO use every core.
+    pub num_threads: usize,
+}
+
+/// The OpenVINO CPU backend.
+pub struct OpenVinoBackend {
+    core: Mutex<Core>,
+    library: PathBuf,
+}
+
+impl OpenVinoBackend {
+    pub fn new(options: &BackendOptions) -> Result<Self, EngineError> {
+        let library = load_library(options.library.as_deref(), options.venv.as_deref())?;
+        let mut core = Core::new()
+            .map_err(|e| EngineError::Unavailable(format!("OpenVINO unavailable: {e}")))?;
+        // `compile_model` passes no per-model properties: set them on the Core.
+        let cpu = DeviceType::CPU;
+        core.set_property(&cpu, &RwPropertyKey::HintPerformanceMode, "LATENCY")
+            .map_err(|e| dev("PERFORMANCE_HINT", e))?;
+        core.set_property(&cpu, &RwPropertyKey::NumStreams, "1")
+            .map_err(|e| dev("NUM_STREAMS", e))?;
+        if options.num_threads > 0 {
+            core.set_property(
+                &cpu,
+                &RwPropertyKey::InferenceNumThreads,
+                &options.num_threads.to_string(),
+            )
+            .map_err(|e| dev("INFERENCE_NUM_THREADS", e))?;
+        }
+        if let Some(dir) = &options.cache_dir {
+            std::fs::create_dir_all(dir).map_err(|e| EngineError::Io {
+                path: dir.clone(),
+                source: e,
+            })?;
+            core.set_property(
+                &DeviceType::Other("".into()),
+                &RwPropertyKey::CacheDir,
+                &dir.to_string_lossy(),
+            )
+            .or_else(|_| core.set_property(&cpu, &RwPropertyKey::CacheDir, &dir.to_string_lossy()))
+            .map_err(|e| dev("CACHE_DIR", e))?;
+        }
+        Ok(OpenVinoBackend {
+            core: Mutex::new(core),
+            library,
+        })
+    }
+
+    /// The `libopenvino_c` this process loaded.
+    pub fn library(&self) -> &Path {
+        &self.library
+    }
+
+    /// Load an instance from a package folder (what [`Backend::load`] does
+    /// for [`ModelSource::Package`]), returning the concrete type.
+    pub fn load_package(
+        &self,
+        dir: &Path,
+        options: &LoadOptions,
+    ) -> Result<OpenVinoInstance, EngineError> {
+        let pkg = ModelPackage::open(dir)?;
+        let xml = pkg.openvino_ir_path().ok_or_else(|| {
+            EngineError::Model(format!(
+                "{}: the package has no OpenVINO IR; re-import it",
+                dir.display()
+            ))
+        })?;
+        let bin = xml.with_extension("bin");
+        for f in [&xml, &bin] {
+            if !f.is_file() {
+                return Err(EngineError::Model(format!("{} is missing", f.display())));
+            }
+        }
+        let weight_bytes = std::fs::metadata(&bin).map(|m| m.len()).unwrap_or(0);
+        let mut compiled = {
+            let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
+            let mut model = core
+                .read_model_from_file(&xml.to_string_lossy(), &bin.to_string_lossy())
+                .map_err(|e| EngineError::Model(format!("{}: {e}", xml.display())))?;
+            to_paged_attention(&mut model)?;
+            core.compile_model(&model, DeviceType::CPU)
+                .map_err(|e| dev("compile_model", e))?
+        };
+        let request = compiled
+            .create_infer_request()
+            .map_err(|e| dev("create_infer_request", e))?;
+        OpenVinoInstance::new(pkg, compiled, request, weight_bytes, options)
+    }
+}
+
+fn meminfo() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let get = |k: &str| {
+        text.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .unwrap_or(0)
+    };
+    (get("MemTotal:"), get("MemAvailable:"))
+}
+
+impl Backend for OpenVinoBackend {
+    fn name(&self) -> &str {
+        "openvino"
+    }
+    fn kind(&self) -> DeviceKind {
+        DeviceKind::Cpu
+    }
+    fn devices(&self) -> Result<Vec<DeviceInfo>, EngineError> {
+        let (total, free) = meminfo();
+        Ok(vec![DeviceInfo {
+            index: 0,
+            kind: DeviceKind::Cpu,
+            name: "CPU".into(),
+            total_bytes: total,
+            free_bytes: free,
+        }])
+    }
+    fn load(
+        &self,
+        source: &ModelSource,
+        device: usize,
+        options: &LoadOptions,
+    ) -> Result<Box<dyn LlmInstance>, EngineError> {
+        if device != 0 {
+            return Err(EngineError::NoDevice(device));
+        }
+        match source {
+            ModelSource::Package(dir) => Ok(Box::new(self.load_package(dir, options)?)),
+            _ => Err(EngineError::Model(
+                "the OpenVINO engine loads model packages (scripts/models/import.py)".into(),
+            )),
+        }
+    }
+}
+
+/// One `key_cache.N` / `value_cache.N` input of the compiled model.
+struct CacheInput {
+    name: String,
+    ty: ElementType,
+    /// Dimensions after the block dimension.
+    block_dims: Vec<i64>,
+    block_bytes: usize,
+}
+
+fn element_bytes(ty: ElementType) -> Option<usize> {
+    Some(match ty {
+        ElementType::U8 | ElementType::I8 => 1,
+        ElementType::F16 | ElementType::Bf16 => 2,
+        ElementType::F32 => 4,
+        _ => return None,
+    })
+}
+
+/// One loaded model: compiled paged-attention IR, its request, and the KV
+/// block tensors.
+pub struct OpenVinoInstance {
+    name: String,
+    config: ModelConfig,
+    request: InferRequest,
+    _compiled: CompiledModel,
+    caches: Vec<CacheInput>,
+    /// One tensor per cache input, `physical_blocks` blocks each.
+    tensors: Vec<Tensor>,
+    physical_blocks: usize,
+    kv: KvManager,
+    block_size: usize,
+    kv_bytes_per_block: u64,
+    weight_bytes: u64,
+    workspace_bytes: u64,
+}
+
+const BATCH_INPUTS: &[&str] = &[
+    "input_ids",
+    "position_ids",
+    "max_context_len",
+    "past_lens",
+    "subsequence_begins",
+    "block_indices_begins",
+    "block_indices",
+];
+
+impl OpenVinoInstance {
+    fn new(
+        pkg: ModelPackage,
+        compiled: CompiledModel,
+        request: InferRequest,
+        weight_bytes: u64,
+        options: &LoadOptions,
+    ) -> Result<Self, EngineError> {
+        let config = pkg.manifest.config.clone();
+        let n = compiled.get_input_size().map_err(|e| dev("inputs", e))?;
+        let mut keys = Vec::new();
+        let mut values = Vec::new();
+        for i in 0..n {
+            let node = compiled
+                .get_input_by_index(i)
+                .map_err(|e| dev("input", e))?;
+            let name = node.get_name().map_err(|e| dev("input name", e))?;
+            let layer = |prefix: &str| {
+                name.strip_prefix(prefix)
+                    .and_then(|s| s.parse::<usize>().ok())
+            };
+            let slot = if let Some(l) = layer("key_cache.") {
+                Some((&mut keys, l))
+            } else if let Some(l) = layer("value_cache.") {
+                Some((&mut values, l))
+            } else if BATCH_INPUTS.contains(&name.as_str()) {
+                None
+            } else {
+                return Err(EngineError::Model(format!(
+                    "{}: the IR has an input {name:?} this engine does not feed",
+                    pkg.dir.display()
+                )));
+            };
+            let Some((list, l)) = slot else { continue };
+            let ty = node.get_element_type().map_err(|e| dev("cache type", e))?;
+            let ps = node
+                .get_partial_shape()
+                .map_err(|e| dev("cache shape", e))?;
+            let dims = ps.get_dimensions();
+            if dims.len() < 2 || dims[1..].iter().any(|d| d.is_dynamic()) {
+                return Err(EngineError::Model(format!(
+                    "{name}: cache shape {dims:?} is not [blocks, static...]"
+                )));
+            }
+            let block_dims: Vec<i64> = dims[1..].iter().map(|d| d.get_min()).collect();
+            let eb = element_bytes(ty)
+                .ok_or_else(|| EngineError::UnsupportedType(format!("{name}: {ty:?}")))?;
+            let block_bytes = block_dims.iter().product::<i64>() as usize * eb;
+            list.push((
+                l,
+                CacheInput {
+                    name,
+                    ty,
+                    block_dims,
+                    block_bytes,
+                },
+            ));
+        }
+        keys.sort_by_key(|(l, _)| *l);
+        values.sort_by_key(|(l, _)| *l);
+        if keys.len() != config.num_layers || values.len() != config.num_layers {
+            return Err(EngineError::Model(format!(
+                "the IR has {} key and {} value caches for {} layers",
+                keys.len(),
+                values.len(),
+                config.num_layers
+            )));
+        }
+        // [blocks, kv_heads, block_size, head_size(+params)]
+        let vd = &values[0].1.block_dims;
+        if vd.len() != 3 || vd[0] as usize != config.num_kv_heads {
+            return Err(EngineError::Model(format!(
+                "value cache block shape {vd:?} is not [kv_heads={}, block, head]",
+                config.num_kv_heads
+            )));
+        }
+        let block_size = vd[1] as usize;
+        if let Some(want) = options.block_size_tokens
+            && want != block_size
+        {
+            return Err(EngineError::Model(format!(
+                "the compiled model's KV blocks hold {block_size} tokens, not {want}"
+            )));
+        }
+        let caches: Vec<CacheInput> = keys
+            .into_iter()
+            .zip(values)
+            .flat_map(|((_, k), (_, v))| [k, v])
+            .collect();
+        let kv_bytes_per_block = caches.iter().map(|c| c.block_bytes as u64).sum();
+        let mut inst = OpenVinoInstance {
+            name: pkg.manifest.name.clone(),
+            kv: KvManager::new(block_size, 0, config.context_length_tokens),
+            config,
+            _compiled: compiled,
+            caches,
+            tensors: Vec::new(),
+            physical_blocks: 0,
+            block_size,
+            kv_bytes_per_block,
+            weight_bytes,
+            workspace_bytes: 0,
+            request,
+        };
+        inst.resize_kv(options.initial_kv_blocks)?;
+        Ok(inst)
+    }
+
+    /// The package's model name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn alloc_tensors(&self, blocks: usize) -> Result<Vec<Tensor>, EngineError> {
+        let phys = blocks.max(1);
+        self.caches
+            .iter()
+            .map(|c| {
+                let mut dims = vec![phys as i64];
+                dims.extend(&c.block_dims);
+                let shape = Shape::new(&dims).map_err(|e| dev("shape", e))?;
+                Tensor::new(c.ty, &shape).map_err(|e| EngineError::OutOfMemory {
+                    requested_bytes: (phys * c.block_bytes) as u64,
+                    detail: format!("{}: {e}", c.name),
+                })
+            })
+            .collect()
+    }
+
+    fn bind_caches(&mut self) -> Result<(), EngineError> {
+        for (c, t) in self.caches.iter().zip(&self.tensors) {
+            self.request
+                .set_tensor(&c.name, t)
+                .map_err(|e| dev(&c.name, e))?;
+        }
+        Ok(())
+    }
+}
+
+fn tensor_i64(vals: impl ExactSizeIterator<Item = i64>) -> Result<Tensor, EngineError> {
+    let n = vals.len();
+    let mut t = Tensor::new(
+        ElementType::I64,
+        &Shape::new(&[n as i64]).map_err(|e| dev("shape", e))?,
+    )
+    .map_err(|e| dev("tensor", e))?;
+    let d = t.get_data_mut::<i64>().map_err(|e| dev("tensor data", e))?;
+    for (o, v) in d.iter_mut().zip(vals) {
+        *o = v;
+    }
+    Ok(t)
+}
+
+fn tensor_i32(vals: &[i32]) -> Result<Tensor, EngineError> {
+    let mut t = Tensor::new(
+        ElementType::I32,
+        &Shape::new(&[vals.len() as i64]).map_err(|e| dev("shape", e))?,
+    )
+    .map_err(|e| dev("tensor", e))?;
+    t.get_data_mut::<i32>()
+        .map_err(|e| dev("tensor data", e))?
+        .copy_from_slice(vals);
+    Ok(t)
+}
+
+impl OpenVinoInstance {
+    fn run(&mut self, plan: &slinfer_engine::BatchPlan) -> Result<Vec<Vec<f32>>, EngineError> {
+        let inputs = [
+            (
+                "input_ids",
+                tensor_i64(plan.token_ids.iter().map(|&t| t as i64))?,
+            ),
+            (
+                "position_ids",
+                tensor_i64(plan.positions.iter().map(|&p| p as i64))?,
+            ),
+            ("past_lens", tensor_i32(&plan.past_lens)?),
+            ("subsequence_begins", tensor_i32(&plan.subsequence_begins)?),
+            ("block_indices", tensor_i32(&plan.block_indices)?),
+            (
+                "block_indices_begins",
+                tensor_i32(&plan.block_indices_begins)?,
+            ),
+        ];
+        for (name, t) in &inputs {
+            self.request.set_tensor(name, t).map_err(|e| dev(name, e))?;
+        }
+        // A rank-0 shape can't be made through the crate (`Shape::new(&[])` is
+        // rejected): write into the request's own scalar tensor instead.
+        let mut mcl = self
+            .request
+            .get_tensor("max_context_len")
+            .map_err(|e| dev("max_context_len", e))?;
+        mcl.get_data_mut::<i32>()
+            .map_err(|e| dev("max_context_len", e))?
+            .copy_from_slice(&[plan.max_context_len]);
+        self.request.infer().map_err(|e| dev("infer", e))?;
+        let out = self
+            .request
+            .get_tensor("logits")
+            .map_err(|e| dev("logits", e))?;
+        let shape = out.get_shape().map_err(|e| dev("logits shape", e))?;
+        let dims = shape.get_dimensions();
+        let vocab = *dims.last().unwrap_or(&0) as usize;
+        if vocab == 0 {
+            return Err(dev("logits", format!("shape {dims:?}")));
+        }
+        let data: &[f32] = match out.get_element_type().map_err(|e| dev("logits type", e))? {
+            ElementType::F32 => out.get_data::<f32>().map_err(|e| dev("logits data", e))?,
+            other => return Err(EngineError::UnsupportedType(format!("logits {other:?}"))),
+        };
+        let rows = data.len() / vocab;
+        self.workspace_bytes = self.workspace_bytes.max((data.len() * 4) as u64);
+        let row_of = |i: usize| -> Result<usize, EngineError> {
+            if rows == plan.num_tokens() {
+                Ok(plan.last_token_rows[i] as usize)
+            } else if rows == plan.num_entries() {
+                Ok(i)
+            } else {
+                Err(dev(
+                    "logits",
+                    format!("{rows} rows for {} tokens", plan.num_tokens()),
+                ))
+            }
+        };
+        (0..plan.num_entries())
+            .map(|i| {
+                let r = row_of(i)?;
+                Ok(data[r * vocab..(r + 1) * vocab].to_vec())
+            })
+            .collect()
+    }
+}
+
+impl LlmInstance for OpenVinoInstance {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    fn block_size_tokens(&self) -> usize {
+        self.block_size
+    }
+    fn kv_bytes_per_block(&self) -> u64 {
+        self.kv_bytes_per_block
+    }
+    fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+    fn kv_capacity_blocks(&self) -> usize {
+        self.kv.capacity_blocks()
+    }
+    fn kv_blocks_in_use(&self) -> usize {
+        self.kv.used_blocks()
+    }
+
+    fn resize_kv(&mut self, blocks: usize) -> Result<(), EngineError> {
+        let old_cap = self.kv.capacity_blocks();
+        if blocks == old_cap && !self.tensors.is_empty() {
+            return Ok(());
+        }
+        // Plan on a copy so that a failed allocation leaves everything as it was.
+        let mut kv = self.kv.clone();
+        let moves = if blocks >= old_cap {
+            kv.grow(blocks);
+            Vec::new()
+        } else {
+            kv.shrink(blocks)?
+        };
+        let mut fresh = self.alloc_tensors(blocks)?;
+        let keep = old_cap.min(blocks).min(self.physical_blocks);
+        for ((c, old), new) in self.caches.iter().zip(&self.tensors).zip(&mut fresh) {
+            let src = old.get_raw_data().map_err(|e| dev("cache data", e))?;
+            let dst = new.get_raw_data_mut().map_err(|e| dev("cache data", e))?;
+            let bb = c.block_bytes;
+            // Blocks below the new capacity stay where they are (one copy of
+            // the prefix); blocks in use above it move to the free slots the
+            // allocator chose.
+            dst[..keep * bb].copy_from_slice(&src[..keep * bb]);
+            for &(from, to) in &moves {
+                let (f, t) = (from as usize, to as usize);
+                dst[t * bb..(t + 1) * bb].copy_from_slice(&src[f * bb..(f + 1) * bb]);
+            }
+        }
+        self.tensors = fresh;
+        self.physical_blocks = blocks.max(1);
+        self.kv = kv;
+        self.bind_caches()
+    }
+
+    fn add_sequence(&mut self, seq: SeqId) -> Result<(), EngineError> {
+        self.kv.add_sequence(seq)
+    }
+    fn free_sequence(&mut self, seq: SeqId) -> Result<(), EngineError> {
+        self.kv.free_sequence(seq)
+    }
+    fn sequence_len(&self, seq: SeqId) -> Option<usize> {
+        self.kv.sequence_len(seq)
+    }
+    fn blocks_needed(&self, batch: &[StepEntry]) -> Result<usize, EngineError> {
+        self.kv.blocks_needed(batch)
+    }
+
+    fn step(&mut self, batch: &[StepEntry]) -> Result<Vec<Vec<f32>>, EngineError> {
+        let vocab = self.config.vocab_size;
+        for e in batch {
+            if let Some(&token) = e.tokens.iter().find(|&&t| t as usize >= vocab) {
+                return Err(EngineError::TokenOutOfRange { token, vocab });
+            }
+        }
+        let (plan, reservation) = self.kv.plan(batch)?;
+        match self.run(&plan) {
+            Ok(logits) => {
+                self.kv.commit(reservation);
+                Ok(logits)
+            }
+            Err(e) => {
+                self.kv.rollback(reservation);
+                Err(e)
+            }
+        }
+    }
+
+    fn memory(&self) -> MemoryReport {
+        let (total, free) = meminfo();
+        MemoryReport {
+            weight_bytes: self.weight_bytes,
+            kv_bytes: self.kv_bytes_per_block * self.physical_blocks as u64,
+            workspace_bytes: self.workspace_bytes,
+            kv_blocks_capacity: self.kv.capacity_blocks(),
+            kv_blocks_in_use: self.kv.used_blocks(),
+            device_free_bytes: free,
+            device_total_bytes: total,
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! `scripts/models/import.py` on bad inputs (missing, not GGUF, truncated,
+//! unsupported architecture, unsupported quantization, neither GGUF nor IR):
+//! a clear error and nothing left in the models dir. And re-importing the
+//! default model is a no-op.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn python() -> PathBuf {
+    std::env::var_os("SLINFER_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".venv"))
+        .join("bin/python")
+}
+
+#[test]
+fn bad_inputs_get_clear_errors_and_leave_nothing() {
+    let out = Command::new(python())
+        .arg(repo().join("scripts/models/test_import.py"))
+        .output()
+        .expect("run the venv's python (./dev test sets it up)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "test_import.py failed:\n{text}");
+    assert_eq!(text.lines().filter(|l| l.starts_with("ok")).count(), 6);
+}
+
+#[test]
+fn importing_again_skips() {
+    let models = std::env::var_os("SLINFER_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".data/models"));
+    assert!(
+        models.join("smollm2-135m-instruct/model.toml").is_file(),
+        "the default model is missing from {}: run `./dev test` (it imports it)",
+        models.display()
+    );
+    let out = Command::new(python())
+        .arg(repo().join("scripts/models/import.py"))
+        .arg("--models-dir")
+        .arg(&models)
+        .arg("default")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already imported"), "{err}");
+}

@@ -1,0 +1,46 @@
+#!/usr/bin/env python3
+"""Reference outputs from openvino_genai for slinfer's engine tests.
+
+    .venv/bin/python scripts/models/reference.py MODEL_DIR MAX_NEW_TOKENS < prompts.json > out.json
+
+Reads a JSON list of prompt strings on stdin; writes a JSON list of
+{"prompt", "prompt_ids", "tokens"}: the prompt as GenAI's own tokenizer
+encodes it (no chat template, no added special tokens beyond the tokenizer's
+own) and the greedy tokens `openvino_genai.LLMPipeline` generates from those
+ids (EOS ignored, so every list has MAX_NEW_TOKENS tokens). The pipeline
+loads the package's stateful IR folder, the same weights the engine runs.
+"""
+
+import json
+import sys
+
+import numpy as np
+import openvino as ov
+import openvino_genai as ov_genai
+
+
+def main() -> int:
+    model_dir, max_new = sys.argv[1], int(sys.argv[2])
+    prompts = json.load(sys.stdin)
+    pipe = ov_genai.LLMPipeline(model_dir, "CPU")
+    tok = pipe.get_tokenizer()
+    cfg = ov_genai.GenerationConfig()
+    cfg.max_new_tokens = max_new
+    cfg.do_sample = False
+    cfg.ignore_eos = True
+    cfg.apply_chat_template = False
+    out = []
+    for p in prompts:
+        enc = tok.encode(p)
+        ids = enc.input_ids.data.reshape(-1).astype(np.int64)
+        inputs = ov_genai.TokenizedInputs(
+            ov.Tensor(ids.reshape(1, -1)), ov.Tensor(np.ones((1, ids.size), dtype=np.int64))
+        )
+        res = pipe.generate(inputs, cfg)
+        out.append({"prompt": p, "prompt_ids": ids.tolist(), "tokens": [int(t) for t in res.tokens[0]]})
+    json.dump(out, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
