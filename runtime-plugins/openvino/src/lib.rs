@@ -192,7 +192,12 @@ pub struct BackendOptions {
     pub library: Option<PathBuf>,
     /// The virtualenv holding the `openvino` wheel; default `$SLINFER_VENV`.
     pub venv: Option<PathBuf>,
-    /// Compiled-model cache folder (`CACHE_DIR`); none by default.
+    /// Compiled-model cache folder (`CACHE_DIR`); none by default. Measured
+    /// with OpenVINO 2026.4.1: the CPU plugin exports a paged-attention model
+    /// (135 MB for SmolLM2-135M) but cannot import it back (the
+    /// PagedAttention nodes' rt_info is not serialised), so it recompiles
+    /// every time and the first compile is slower (6.3 s vs 2.1 s). Useful
+    /// only once OpenVINO fixes that.
     pub cache_dir: Option<PathBuf>,
     /// `INFERENCE_NUM_THREADS`; 0 lets OpenVINO use every core.
     pub num_threads: usize,

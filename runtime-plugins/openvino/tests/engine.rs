@@ -52,12 +52,7 @@ fn backend() -> &'static OpenVinoBackend {
     B.get_or_init(|| {
         OpenVinoBackend::new(&BackendOptions {
             venv: Some(venv()),
-            cache_dir: Some(
-                std::env::var_os("CARGO_TARGET_TMPDIR")
-                    .map(PathBuf::from)
-                    .unwrap_or_else(std::env::temp_dir)
-                    .join("slinfer-ov-cache"),
-            ),
+            cache_dir: Some(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("slinfer-ov-cache")),
             ..Default::default()
         })
         .unwrap_or_else(|e| panic!("{e}: run `./dev test` (it installs the openvino wheel)"))
