@@ -66,8 +66,10 @@ fn main() {
         )
         .unwrap();
     println!(
-        "load (read + paged-attention transform + compile): {:.2} s",
-        t.elapsed().as_secs_f64()
+        "load (read + paged-attention transform + compile): {:.2} s; KV block {} tokens, {} bytes",
+        t.elapsed().as_secs_f64(),
+        inst.block_size_tokens(),
+        inst.kv_bytes_per_block()
     );
 
     // Returns aggregate decode tok/s (prefill excluded).
