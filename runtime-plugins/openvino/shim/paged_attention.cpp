@@ -11,7 +11,34 @@
 #include <memory>
 
 #include "openvino/core/model.hpp"
+#include "openvino/op/constant.hpp"
+#include "openvino/op/gather.hpp"
+#include "openvino/op/matmul.hpp"
+#include "openvino/op/parameter.hpp"
 #include "openvino/pass/sdpa_to_paged_attention.hpp"
+
+// Compute logits only for the rows the caller samples (as GenAI's
+// apply_gather_before_matmul_transformation does): a Gather on the token axis
+// of the hidden states before the final MatMul, fed by a new input
+// `sampled_tokens_indices` [?] i64. Without it a prefill of N tokens makes N
+// vocab-sized rows. Returns whether it applied (only the plain
+// MatMul -> Result shape is recognised).
+static bool gather_before_lm_head(const std::shared_ptr<ov::Model>& model) {
+    if (model->get_results().size() != 1) return false;
+    auto last = model->get_results()[0]->input_value(0).get_node_shared_ptr();
+    auto matmul = ov::as_type_ptr<ov::op::v0::MatMul>(last);
+    if (!matmul || matmul->get_transpose_a()) return false;
+    auto hidden = matmul->input_value(0);
+    if (hidden.get_partial_shape().rank().is_dynamic()) return false;
+    auto indices = std::make_shared<ov::op::v0::Parameter>(ov::element::i64, ov::PartialShape{-1});
+    indices->set_friendly_name("sampled_tokens_indices");
+    indices->output(0).get_tensor().set_names({"sampled_tokens_indices"});
+    auto axis = ov::op::v0::Constant::create(ov::element::i64, ov::Shape{}, {0});
+    auto gather = std::make_shared<ov::op::v8::Gather>(hidden, indices, axis);
+    matmul->input(0).replace_source_output(gather);
+    model->add_parameters({indices});
+    return true;
+}
 
 // Layout of the C API's handle (src/bindings/c/src/common.h): one shared_ptr.
 struct ov_model {
@@ -26,6 +53,7 @@ extern "C" int slinfer_ov_paged_attention(ov_model* model, char* err, size_t err
         }
         auto pass = std::make_shared<ov::pass::SDPAToPagedAttention>(false, false);
         pass->run_on_model(model->object);
+        gather_before_lm_head(model->object);
         model->object->validate_nodes_and_infer_types();
         return 0;
     } catch (const std::exception& e) {

@@ -11,7 +11,9 @@
 //! - The C API has no paged-attention transformation and a transformed IR
 //!   cannot be saved and read back, so the stateful IR is transformed at load
 //!   time by `shim/paged_attention.cpp` (built by build.rs against the wheel's
-//!   headers, loaded at run time) — the same pass GenAI runs.
+//!   headers, loaded at run time) — the same pass GenAI runs — which also
+//!   gathers the sampled rows before the LM head (`sampled_tokens_indices`),
+//!   so a prefill computes one vocab-sized row per sequence, not per token.
 //! - The instance owns the `key_cache.N` / `value_cache.N` block tensors. Their
 //!   per-block shape and element type are read from the compiled model (on an
 //!   AVX2 CPU: u8 blocks of 32 tokens with quantisation parameters); the block
@@ -363,6 +365,8 @@ pub struct OpenVinoInstance {
     request: InferRequest,
     _compiled: CompiledModel,
     caches: Vec<CacheInput>,
+    /// The IR takes `sampled_tokens_indices` (logits only for those rows).
+    sampled_rows: bool,
     /// One tensor per cache input, `physical_blocks` blocks each.
     tensors: Vec<Tensor>,
     physical_blocks: usize,
@@ -381,7 +385,11 @@ const BATCH_INPUTS: &[&str] = &[
     "subsequence_begins",
     "block_indices_begins",
     "block_indices",
+    SAMPLED_ROWS,
 ];
+
+/// Rows of the batch whose logits are computed (added by the shim).
+const SAMPLED_ROWS: &str = "sampled_tokens_indices";
 
 impl OpenVinoInstance {
     fn new(
@@ -473,12 +481,19 @@ impl OpenVinoInstance {
             .flat_map(|((_, k), (_, v))| [k, v])
             .collect();
         let kv_bytes_per_block = caches.iter().map(|c| c.block_bytes as u64).sum();
+        let sampled_rows = (0..n).any(|i| {
+            compiled
+                .get_input_by_index(i)
+                .and_then(|p| p.get_name())
+                .is_ok_and(|name| name == SAMPLED_ROWS)
+        });
         let mut inst = OpenVinoInstance {
             name: pkg.manifest.name.clone(),
             kv: KvManager::new(block_size, 0, config.context_length_tokens),
             config,
             _compiled: compiled,
             caches,
+            sampled_rows,
             tensors: Vec::new(),
             physical_blocks: 0,
             block_size,
@@ -570,6 +585,12 @@ impl OpenVinoInstance {
         for (name, t) in &inputs {
             self.request.set_tensor(name, t).map_err(|e| dev(name, e))?;
         }
+        if self.sampled_rows {
+            let rows = tensor_i64(plan.last_token_rows.iter().map(|&r| r as i64))?;
+            self.request
+                .set_tensor(SAMPLED_ROWS, &rows)
+                .map_err(|e| dev(SAMPLED_ROWS, e))?;
+        }
         // A rank-0 shape can't be made through the crate (`Shape::new(&[])` is
         // rejected): write into the request's own scalar tensor instead.
         let mut mcl = self
@@ -597,10 +618,10 @@ impl OpenVinoInstance {
         let rows = data.len() / vocab;
         self.workspace_bytes = self.workspace_bytes.max((data.len() * 4) as u64);
         let row_of = |i: usize| -> Result<usize, EngineError> {
-            if rows == plan.num_tokens() {
-                Ok(plan.last_token_rows[i] as usize)
-            } else if rows == plan.num_entries() {
+            if self.sampled_rows && rows == plan.num_entries() {
                 Ok(i)
+            } else if !self.sampled_rows && rows == plan.num_tokens() {
+                Ok(plan.last_token_rows[i] as usize)
             } else {
                 Err(dev(
                     "logits",

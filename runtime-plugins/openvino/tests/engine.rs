@@ -294,6 +294,11 @@ fn exhaustion_is_an_error_and_freeing_returns_blocks() {
     }])
     .unwrap();
     assert_eq!(inst.kv_blocks_in_use(), 2);
+    // Logits only for the sampled row, not one per prefill token.
+    assert_eq!(
+        inst.memory().workspace_bytes,
+        4 * inst.config().vocab_size as u64
+    );
     assert!(matches!(
         inst.resize_kv(1),
         Err(EngineError::ShrinkBelowUsage {
