@@ -4,11 +4,13 @@
     .venv/bin/python scripts/models/reference.py MODEL_DIR MAX_NEW_TOKENS < prompts.json > out.json
 
 Reads a JSON list of prompt strings on stdin; writes a JSON list of
-{"prompt", "prompt_ids", "tokens"}: the prompt as GenAI's own tokenizer
-encodes it (no chat template, no added special tokens beyond the tokenizer's
-own) and the greedy tokens `openvino_genai.LLMPipeline` generates from those
-ids (EOS ignored, so every list has MAX_NEW_TOKENS tokens). The pipeline
-loads the package's stateful IR folder, the same weights the engine runs.
+{"prompt", "prompt_ids", "tokens", "batched_tokens"}: the prompt as GenAI's
+own tokenizer encodes it (no chat template, no added special tokens beyond
+the tokenizer's own), the greedy tokens `openvino_genai.LLMPipeline`
+generates from those ids one prompt at a time, and the greedy tokens
+`openvino_genai.ContinuousBatchingPipeline` generates for all the prompts
+submitted at once (EOS ignored, so every list has MAX_NEW_TOKENS tokens).
+Both load the package's stateful IR folder, the same weights the engine runs.
 """
 
 import json
@@ -38,6 +40,11 @@ def main() -> int:
         )
         res = pipe.generate(inputs, cfg)
         out.append({"prompt": p, "prompt_ids": ids.tolist(), "tokens": [int(t) for t in res.tokens[0]]})
+    del pipe
+    cb = ov_genai.ContinuousBatchingPipeline(model_dir, ov_genai.SchedulerConfig(), "CPU")
+    inputs = [ov.Tensor(np.array([o["prompt_ids"]], dtype=np.int64)) for o in out]
+    for o, r in zip(out, cb.generate(inputs, [cfg] * len(inputs))):
+        o["batched_tokens"] = [int(t) for t in r.m_generation_ids[0]]
     json.dump(out, sys.stdout)
     return 0
 

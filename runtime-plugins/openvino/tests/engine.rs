@@ -75,7 +75,10 @@ fn load(blocks: usize) -> OpenVinoInstance {
 struct Reference {
     prompt: String,
     prompt_ids: Vec<u32>,
+    /// `LLMPipeline`, one prompt at a time.
     tokens: Vec<u32>,
+    /// `ContinuousBatchingPipeline`, all prompts submitted at once.
+    batched_tokens: Vec<u32>,
 }
 
 /// GenAI's greedy tokens for every prompt, computed once per test binary.
@@ -99,6 +102,7 @@ fn reference() -> &'static [Reference] {
         assert_eq!(r.len(), PROMPTS.len());
         for x in &r {
             assert_eq!(x.tokens.len(), NEW_TOKENS);
+            assert_eq!(x.batched_tokens.len(), NEW_TOKENS);
         }
         r
     })
@@ -157,10 +161,12 @@ fn assert_same(what: &str, r: &Reference, got: &[u32]) {
     );
 }
 
-/// Tokens compared strictly when several sequences share a step. A batched
-/// matmul accumulates in another order than a single row does, so a near-tie
-/// late in a sequence may flip (seen once at token 36 of 40); the first 32
-/// must match exactly.
+/// Several sequences in one step: a batched matmul takes other CPU kernels
+/// than a single row, so a near-tie late in a sequence may flip. GenAI's own
+/// continuous batching shows the same (seen at token 35 of 40 for one prompt,
+/// identical in both). So: the first 32 tokens must equal `LLMPipeline`'s, and
+/// the whole sequence must equal either `LLMPipeline`'s or
+/// `ContinuousBatchingPipeline`'s.
 const BATCHED_STRICT: usize = 32;
 
 fn assert_same_batched(what: &str, r: &Reference, got: &[u32]) {
@@ -170,13 +176,18 @@ fn assert_same_batched(what: &str, r: &Reference, got: &[u32]) {
         .take_while(|(a, b)| a == b)
         .count();
     assert!(
-        n >= BATCHED_STRICT,
-        "{what}: engine tokens differ from openvino_genai's at token {n} for prompt {:?}\n engine: {got:?}\n genai:  {:?}",
+        n >= BATCHED_STRICT && (got == r.tokens || got == r.batched_tokens),
+        "{what}: engine tokens differ from openvino_genai's at token {n} for prompt {:?}\n engine:   {got:?}\n LLMPipeline: {:?}\n CB batched:  {:?}",
         r.prompt,
-        r.tokens
+        r.tokens,
+        r.batched_tokens
     );
     if n < got.len() {
-        eprintln!("{what}: {:?} matched {n} of {} tokens", r.prompt, got.len());
+        eprintln!(
+            "{what}: {:?} matched LLMPipeline for {n} of {} tokens, ContinuousBatchingPipeline for all",
+            r.prompt,
+            got.len()
+        );
     }
 }
 
@@ -207,9 +218,16 @@ fn greedy_matches_genai_one_at_a_time_and_batched() {
     // prompts in one step each iteration, prefilled together.
     let mut second = load(64);
     let all: Vec<&Reference> = refs.iter().collect();
+    // GenAI's continuous batching prefills the four together too: the very
+    // same tokens, every one.
     let got = generate(&mut second, &all, &[0, 0, 0, 0], |_, _, _| {});
     for (r, g) in refs.iter().zip(&got) {
         assert_same_batched("4 sequences batched", r, g);
+        assert_eq!(
+            g, &r.batched_tokens,
+            "4 sequences batched vs ContinuousBatchingPipeline, prompt {:?}",
+            r.prompt
+        );
     }
     // Staggered: later prompts prefill in the same step as earlier ones decode.
     let got = generate(&mut inst, &all, &[0, 3, 5, 11], |_, _, _| {});
