@@ -7,6 +7,8 @@ Run by `cargo test -p slinfer-openvino` (tests/import.rs). Builds tiny GGUF
 files with the `gguf` package; needs no model download.
 """
 
+import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,6 +49,41 @@ def run(models: Path, source: str) -> tuple[int, str]:
     return r.returncode, r.stderr
 
 
+def ir_folder_imports(t: Path) -> bool:
+    """An OpenVINO IR folder (as optimum exports: IR + config.json +
+    tokenizer.json) imports, with the same numbers as the GGUF gave. Uses the
+    default package from $SLINFER_MODELS_DIR when there is one."""
+    import os
+    import tomllib
+
+    pkg = Path(os.environ.get("SLINFER_MODELS_DIR", HERE.parent.parent / ".data/models")) / "smollm2-135m-instruct"
+    if not (pkg / "model.toml").is_file():
+        print("skip ir-folder: no default package (./dev test imports it)")
+        return True
+    want = tomllib.loads((pkg / "model.toml").read_text())["config"]
+    src = t / "ir"
+    src.mkdir()
+    for f in ("openvino_model.xml", "openvino_model.bin", "tokenizer.json"):
+        (src / f).symlink_to(pkg / f)
+    hf = {"model_type": "llama", "num_hidden_layers": want["num_layers"],
+          "num_attention_heads": want["num_heads"], "num_key_value_heads": want["num_kv_heads"],
+          "hidden_size": want["hidden_size"], "intermediate_size": want["intermediate_size"],
+          "vocab_size": want["vocab_size"], "max_position_embeddings": want["context_length_tokens"],
+          "rope_theta": want["rope_theta"], "rms_norm_eps": want["rms_norm_eps"],
+          "bos_token_id": want["bos_token_id"], "eos_token_id": want["eos_token_ids"][0],
+          "tie_word_embeddings": True}
+    (src / "config.json").write_text(json.dumps(hf))
+    models = t / "ir-models"
+    rc, err = run(models, str(src))
+    got = tomllib.loads((models / "ir" / "model.toml").read_text())["config"] if rc == 0 else None
+    ok = rc == 0 and got == {**want, "attention_bias": False}
+    print(f"{'ok  ' if ok else 'FAIL'} ir-folder: rc={rc} {err.strip().splitlines()[-1]!r}")
+    if not ok:
+        print(f"  want {want}\n  got  {got}")
+    shutil.rmtree(models, ignore_errors=True)
+    return ok
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory() as t:
         t = Path(t)
@@ -68,6 +105,7 @@ def main() -> int:
             (str(t), "neither a GGUF file nor an OpenVINO IR folder"),
         ]
         failed = 0
+        failed += not ir_folder_imports(t)
         for source, want in cases:
             rc, err = run(models, source)
             leftovers = list(models.iterdir()) if models.exists() else []

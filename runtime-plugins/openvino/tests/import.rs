@@ -1,7 +1,8 @@
 //! `scripts/models/import.py` on bad inputs (missing, not GGUF, truncated,
 //! unsupported architecture, unsupported quantization, neither GGUF nor IR):
-//! a clear error and nothing left in the models dir. And re-importing the
-//! default model is a no-op.
+//! a clear error and nothing left in the models dir; an OpenVINO IR folder
+//! (IR + config.json + tokenizer.json) imports with the GGUF's numbers. And
+//! re-importing the default model is a no-op.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -26,7 +27,8 @@ fn bad_inputs_get_clear_errors_and_leave_nothing() {
     let text = String::from_utf8_lossy(&out.stdout);
     eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "test_import.py failed:\n{text}");
-    assert_eq!(text.lines().filter(|l| l.starts_with("ok")).count(), 6);
+    assert!(!text.contains("FAIL"), "{text}");
+    assert!(text.lines().filter(|l| l.starts_with("ok")).count() >= 6);
 }
 
 #[test]
