@@ -357,3 +357,51 @@ fn missing_library_is_reported_not_a_panic() {
         assert!(e.unwrap_err().contains("not installed"));
     }
 }
+
+#[test]
+fn backend_trait_loads_packages_on_the_cpu() {
+    use slinfer_engine::{Backend, DeviceKind, ModelSource};
+    let b: &dyn Backend = backend();
+    assert_eq!((b.name(), b.kind()), ("openvino", DeviceKind::Cpu));
+    let devs = b.devices().unwrap();
+    assert_eq!(devs.len(), 1);
+    assert!(devs[0].total_bytes > 0 && devs[0].free_bytes <= devs[0].total_bytes);
+    let opts = LoadOptions {
+        initial_kv_blocks: 3,
+        ..Default::default()
+    };
+    let src = ModelSource::Package(model_dir());
+    assert!(matches!(
+        b.load(&src, 1, &opts),
+        Err(EngineError::NoDevice(1))
+    ));
+    assert!(matches!(
+        b.load(&ModelSource::Gguf(model_dir().join("model.gguf")), 0, &opts),
+        Err(EngineError::Model(_))
+    ));
+    let bad_block = LoadOptions {
+        block_size_tokens: Some(7),
+        ..opts.clone()
+    };
+    assert!(matches!(
+        b.load(&src, 0, &bad_block),
+        Err(EngineError::Model(_))
+    ));
+    let mut inst = b.load(&src, 0, &opts).unwrap();
+    assert_eq!(inst.kv_capacity_blocks(), 3);
+    let m = inst.memory();
+    assert!(m.weight_bytes > 50_000_000, "{m:?}");
+    assert_eq!(m.kv_bytes, 3 * inst.kv_bytes_per_block());
+    inst.add_sequence(7).unwrap();
+    let r = &reference()[0];
+    let logits = inst
+        .step(&[StepEntry {
+            seq: 7,
+            tokens: r.prompt_ids.clone(),
+        }])
+        .unwrap();
+    assert_eq!(logits.len(), 1);
+    assert_eq!(logits[0].len(), inst.config().vocab_size);
+    assert_eq!(argmax(&logits[0]), r.tokens[0]);
+    assert_eq!(inst.sequence_len(7), Some(r.prompt_ids.len()));
+}
