@@ -113,7 +113,8 @@ fn lib_in(dir: &Path) -> Option<PathBuf> {
     found.into_iter().next()
 }
 
-static LOADED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+/// The `libopenvino_c` this process loaded (only a success is remembered).
+static LOADED: Mutex<Option<PathBuf>> = Mutex::new(None);
 
 type PagedFn = unsafe extern "C" fn(*mut std::ffi::c_void, *mut std::ffi::c_char, usize) -> i32;
 
@@ -171,16 +172,19 @@ fn to_paged_attention(model: &mut openvino::Model) -> Result<(), EngineError> {
     Ok(())
 }
 
-/// Load `libopenvino_c` once per process (the first successful path wins).
+/// Load `libopenvino_c` once per process (the first successful path wins; a
+/// failure can be retried with another path).
 fn load_library(explicit: Option<&Path>, venv: Option<&Path>) -> Result<PathBuf, EngineError> {
-    LOADED
-        .get_or_init(|| {
-            let p = find_library(explicit, venv)?;
-            openvino_sys::library::load_from(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-            Ok(p)
-        })
-        .clone()
-        .map_err(|e| EngineError::Unavailable(format!("OpenVINO unavailable: {e}")))
+    let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = loaded.as_ref() {
+        return Ok(p.clone());
+    }
+    let unavailable = |e: String| EngineError::Unavailable(format!("OpenVINO unavailable: {e}"));
+    let p = find_library(explicit, venv).map_err(unavailable)?;
+    openvino_sys::library::load_from(&p)
+        .map_err(|e| unavailable(format!("{}: {e}", p.display())))?;
+    *loaded = Some(p.clone());
+    Ok(p)
 }
 
 fn dev(context: &str, e: impl std::fmt::Display) -> EngineError {
