@@ -34,7 +34,7 @@ DATA=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$DATA"' EXIT
 
 "$ROOT/target/release/slinfer" serve --listen 127.0.0.1:18080 --data-dir "$DATA" >/dev/null 2>"$DATA/slinfer.log" &
-"$TOOLS/bin/wasmtime" serve --addr 127.0.0.1:18081 "$WASM" >/dev/null 2>"$DATA/wasmtime.log" &
+"$TOOLS/bin/wasmtime" serve -S cli --addr 127.0.0.1:18081 "$WASM" >/dev/null 2>"$DATA/wasmtime.log" &
 for port in 18080 18081; do
     for _ in $(seq 100); do curl -sS -o /dev/null "http://127.0.0.1:$port/" 2>/dev/null && break; sleep 0.1; done
 done
