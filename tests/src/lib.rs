@@ -94,6 +94,8 @@ pub fn archive(entries: &[(&str, &[u8])]) -> Vec<u8> {
 pub struct Server {
     pub url: String,
     pub token: String,
+    /// The token as the server printed it at start-up, if it did.
+    pub printed_token: Option<String>,
     pub data_dir: PathBuf,
     child: Child,
     _tmp: Option<tempfile::TempDir>,
@@ -111,12 +113,26 @@ impl Server {
 
     /// Start a server on `data_dir` with extra environment variables.
     pub fn start_in(data_dir: &Path, env: &[(&str, &str)]) -> Server {
+        Server::start_with(data_dir, env, &[])
+    }
+
+    /// Start a server on `data_dir` with extra environment variables and
+    /// `serve` arguments. Its log (stderr) goes to [`Server::log_path`].
+    pub fn start_with(data_dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Server {
+        std::fs::create_dir_all(data_dir.parent().expect("data dir has a parent")).expect("mkdir");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path(data_dir))
+            .expect("server log");
         let mut cmd = Command::new(slinfer_bin());
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
-            .env("SLINFER_LOG", "info,slinfer::guest=debug")
+            .args(args)
+            .env("SLINFER_LOG", "info")
+            .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(log);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -124,8 +140,12 @@ impl Server {
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
         let mut url = None;
+        let mut printed_token = None;
         for line in lines.by_ref() {
             let line = line.expect("reading slinfer's stdout");
+            if line.starts_with("admin token (stored in ") {
+                printed_token = line.rsplit(' ').next().map(str::to_owned);
+            }
             if let Some(u) = line.strip_prefix("listening on ") {
                 url = Some(u.to_owned());
                 break;
@@ -133,14 +153,23 @@ impl Server {
         }
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        let url = url.expect("slinfer exited before listening");
-        let token = std::fs::read_to_string(data_dir.join("admin-token"))
-            .expect("admin token file")
-            .trim()
-            .to_owned();
+        let url = url.unwrap_or_else(|| {
+            panic!(
+                "slinfer exited before listening:\n{}",
+                std::fs::read_to_string(log_path(data_dir)).unwrap_or_default()
+            )
+        });
+        let token = match args.iter().position(|a| *a == "--admin-token-file") {
+            Some(i) => std::fs::read_to_string(args[i + 1]),
+            None => std::fs::read_to_string(data_dir.join("admin-token")),
+        }
+        .expect("admin token file")
+        .trim()
+        .to_owned();
         Server {
             url,
             token,
+            printed_token,
             data_dir: data_dir.to_path_buf(),
             child,
             _tmp: None,
@@ -154,6 +183,11 @@ impl Server {
         let mut s = Server::start_in(&self.data_dir, &[]);
         s._tmp = tmp;
         s
+    }
+
+    /// Everything the server (or an earlier one on the same data dir) logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(log_path(&self.data_dir)).unwrap_or_default()
     }
 
     /// Kill the process now.
@@ -236,6 +270,11 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Where servers on `data_dir` write their log.
+pub fn log_path(data_dir: &Path) -> PathBuf {
+    data_dir.with_extension("log")
 }
 
 /// A client with a generous timeout (debug builds on a loaded 2-core box).

@@ -240,3 +240,59 @@ async fn cli_reports_a_bad_package_directory() {
     assert!(!ok);
     assert!(err.contains("missing.wasm"), "{err}");
 }
+
+#[tokio::test]
+async fn admin_token_file_replaces_the_generated_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let token_file = tmp.path().join("token");
+    std::fs::write(&token_file, "my-own-token\n").unwrap();
+    let data = tmp.path().join("data");
+    let s = Server::start_with(
+        &data,
+        &[],
+        &["--admin-token-file", token_file.to_str().unwrap()],
+    );
+    assert_eq!(s.token, "my-own-token");
+    assert!(
+        !data.join("admin-token").exists(),
+        "a token was generated anyway"
+    );
+    s.deploy(&package("hello"));
+    let resp = client()
+        .delete(format!("{}/v1/functions/hello", s.url))
+        .bearer_auth("some-other-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+}
+
+#[tokio::test]
+async fn a_generated_token_is_printed_once_and_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let out = std::process::Command::new(slinfer_e2e::slinfer_bin())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-token-file",
+            "/nonexistent/token",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("reading admin token file /nonexistent/token")
+    );
+    let first = Server::start_in(&data, &[]);
+    assert_eq!(first.printed_token.as_deref(), Some(first.token.as_str()));
+    let token = first.token.clone();
+    drop(first);
+    let second = Server::start_in(&data, &[]);
+    assert_eq!(second.token, token, "the token changed across restarts");
+    assert_eq!(second.printed_token, None, "the token was printed again");
+}

@@ -56,6 +56,16 @@ async fn each_misbehaving_guest_is_stopped_with_a_clear_error() {
         assert!(msg.contains(want_msg), "{path}: {msg}");
         hello_still_serves(&s).await;
     }
+    // The guest's stderr (its panic message) is in the host log, tagged
+    // with the function.
+    let log = s.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("the fixture panics on purpose")
+                && l.contains("function=misbehaving")
+                && l.contains("stream=\"stderr\"")),
+        "guest stderr not in the host log:\n{log}"
+    );
     let m = s.metrics().await;
     for kind in ["trap", "timeout", "stack_overflow", "memory_limit"] {
         assert!(
