@@ -18,7 +18,7 @@ use cudarc::driver::{
 use slinfer_engine::kv::{BatchPlan, KvManager};
 use slinfer_engine::reference::check_tokens;
 use slinfer_engine::weights::{HostData, HostTensor, LlamaWeights, WeightDType};
-use slinfer_engine::{EngineError, LlmInstance, MemoryReport, ModelConfig, SeqId, StepEntry};
+use slinfer_engine::{EngineError, LlmInstance, MemoryReport, ModelConfig, StepEntry};
 
 /// Default tokens per KV block on the GPU.
 pub const DEFAULT_BLOCK_SIZE_TOKENS: usize = 16;
@@ -840,12 +840,7 @@ impl LlmInstance for CudaInstance {
     fn weight_bytes(&self) -> u64 {
         self.weight_bytes
     }
-    fn kv_capacity_blocks(&self) -> usize {
-        self.kv.capacity_blocks()
-    }
-    fn kv_blocks_in_use(&self) -> usize {
-        self.kv.used_blocks()
-    }
+    slinfer_engine::delegate_kv_bookkeeping!(kv);
     fn resize_kv(&mut self, blocks: usize) -> Result<(), EngineError> {
         let cur = self.kv.capacity_blocks();
         let be = self.block_elems();
@@ -918,18 +913,6 @@ impl LlmInstance for CudaInstance {
             }
         }
         self.synchronize()
-    }
-    fn add_sequence(&mut self, seq: SeqId) -> Result<(), EngineError> {
-        self.kv.add_sequence(seq)
-    }
-    fn free_sequence(&mut self, seq: SeqId) -> Result<(), EngineError> {
-        self.kv.free_sequence(seq)
-    }
-    fn sequence_len(&self, seq: SeqId) -> Option<usize> {
-        self.kv.sequence_len(seq)
-    }
-    fn blocks_needed(&self, batch: &[StepEntry]) -> Result<usize, EngineError> {
-        self.kv.blocks_needed(batch)
     }
     fn step(&mut self, batch: &[StepEntry]) -> Result<Vec<Vec<f32>>, EngineError> {
         check_tokens(batch, self.config.vocab_size)?;

@@ -10,7 +10,7 @@ use crate::kv::{BatchPlan, KvManager};
 use crate::weights::{LlamaWeights, WeightDType};
 use crate::{
     Backend, DeviceInfo, DeviceKind, EngineError, LlmInstance, LoadOptions, MemoryReport,
-    ModelConfig, ModelSource, SeqId, StepEntry,
+    ModelConfig, ModelSource, StepEntry,
 };
 
 /// Default tokens per KV block for the reference.
@@ -277,12 +277,7 @@ impl LlmInstance for ReferenceInstance {
     fn weight_bytes(&self) -> u64 {
         self.weight_bytes
     }
-    fn kv_capacity_blocks(&self) -> usize {
-        self.kv.capacity_blocks()
-    }
-    fn kv_blocks_in_use(&self) -> usize {
-        self.kv.used_blocks()
-    }
+    crate::delegate_kv_bookkeeping!(kv);
     fn resize_kv(&mut self, blocks: usize) -> Result<(), EngineError> {
         let be = self.block_elems();
         if blocks >= self.kv.capacity_blocks() {
@@ -300,18 +295,6 @@ impl LlmInstance for ReferenceInstance {
             cache.resize(blocks * be, 0.0);
         }
         Ok(())
-    }
-    fn add_sequence(&mut self, seq: SeqId) -> Result<(), EngineError> {
-        self.kv.add_sequence(seq)
-    }
-    fn free_sequence(&mut self, seq: SeqId) -> Result<(), EngineError> {
-        self.kv.free_sequence(seq)
-    }
-    fn sequence_len(&self, seq: SeqId) -> Option<usize> {
-        self.kv.sequence_len(seq)
-    }
-    fn blocks_needed(&self, batch: &[StepEntry]) -> Result<usize, EngineError> {
-        self.kv.blocks_needed(batch)
     }
     fn step(&mut self, batch: &[StepEntry]) -> Result<Vec<Vec<f32>>, EngineError> {
         check_tokens(batch, self.config.vocab_size)?;
@@ -346,6 +329,7 @@ pub fn check_tokens(batch: &[StepEntry], vocab: usize) -> Result<(), EngineError
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::SeqId;
     use crate::sampler::argmax;
 
     fn instance(blocks: usize, bs: usize) -> ReferenceInstance {

@@ -35,9 +35,10 @@ use openvino::{
     CompiledModel, Core, DeviceType, ElementType, InferRequest, RwPropertyKey, Shape, Tensor,
 };
 use slinfer_engine::package::ModelPackage;
+use slinfer_engine::reference::check_tokens;
 use slinfer_engine::{
     Backend, DeviceInfo, DeviceKind, EngineError, KvManager, LlmInstance, LoadOptions,
-    MemoryReport, ModelConfig, ModelSource, SeqId, StepEntry,
+    MemoryReport, ModelConfig, ModelSource, StepEntry,
 };
 
 /// Environment variable naming `libopenvino_c` (the file, or its folder).
@@ -655,12 +656,7 @@ impl LlmInstance for OpenVinoInstance {
     fn weight_bytes(&self) -> u64 {
         self.weight_bytes
     }
-    fn kv_capacity_blocks(&self) -> usize {
-        self.kv.capacity_blocks()
-    }
-    fn kv_blocks_in_use(&self) -> usize {
-        self.kv.used_blocks()
-    }
+    slinfer_engine::delegate_kv_bookkeeping!(kv);
 
     fn resize_kv(&mut self, blocks: usize) -> Result<(), EngineError> {
         let old_cap = self.kv.capacity_blocks();
@@ -696,26 +692,8 @@ impl LlmInstance for OpenVinoInstance {
         self.bind_caches()
     }
 
-    fn add_sequence(&mut self, seq: SeqId) -> Result<(), EngineError> {
-        self.kv.add_sequence(seq)
-    }
-    fn free_sequence(&mut self, seq: SeqId) -> Result<(), EngineError> {
-        self.kv.free_sequence(seq)
-    }
-    fn sequence_len(&self, seq: SeqId) -> Option<usize> {
-        self.kv.sequence_len(seq)
-    }
-    fn blocks_needed(&self, batch: &[StepEntry]) -> Result<usize, EngineError> {
-        self.kv.blocks_needed(batch)
-    }
-
     fn step(&mut self, batch: &[StepEntry]) -> Result<Vec<Vec<f32>>, EngineError> {
-        let vocab = self.config.vocab_size;
-        for e in batch {
-            if let Some(&token) = e.tokens.iter().find(|&&t| t as usize >= vocab) {
-                return Err(EngineError::TokenOutOfRange { token, vocab });
-            }
-        }
+        check_tokens(batch, self.config.vocab_size)?;
         let (plan, reservation) = self.kv.plan(batch)?;
         match self.run(&plan) {
             Ok(logits) => {
