@@ -172,6 +172,14 @@ struct Base {
     ws: Workspace,
 }
 
+/// The model's tensors once on the device (however they got there).
+struct DeviceWeights {
+    embed: Buf<u16>,
+    layers: Vec<Layer>,
+    final_norm: Buf<f32>,
+    lm_head: Option<Buf<u16>>,
+}
+
 /// A Llama-family model resident on one GPU.
 pub struct CudaInstance {
     config: ModelConfig,
@@ -292,14 +300,7 @@ impl CudaInstance {
         initial_blocks: usize,
     ) -> Result<Self, EngineError> {
         let c = w.config.clone();
-        let Base {
-            stream,
-            blas,
-            kv,
-            k_cache,
-            v_cache,
-            ws,
-        } = Self::empty(
+        let base = Self::empty(
             ctx.clone(),
             k.clone(),
             c.clone(),
@@ -307,6 +308,7 @@ impl CudaInstance {
             block_size,
             initial_blocks,
         )?;
+        let stream = base.stream.clone();
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in &w.layers {
             let bqkv = match (&l.bq, &l.bk, &l.bv) {
@@ -334,32 +336,20 @@ impl CudaInstance {
             None => None,
         };
         let final_norm = Buf::from_host(&stream, &w.final_norm)?;
-        let mut inst = CudaInstance {
-            config: c,
-            dtype,
+        Self::assemble(
             ctx,
-            stream,
-            blas,
             k,
-            embed,
-            layers,
-            final_norm,
-            lm_head,
-            weight_bytes: 0,
-            kv,
-            k_cache,
-            v_cache,
-            ws,
-            graphs: Graphs {
-                enabled: std::env::var("SLINFER_CUDA_GRAPHS").is_ok_and(|v| v == "1"),
-                ..Default::default()
+            c,
+            dtype,
+            base,
+            DeviceWeights {
+                embed,
+                layers,
+                final_norm,
+                lm_head,
             },
-        };
-        inst.weight_bytes = inst.count_weight_bytes();
-        inst.stream
-            .synchronize()
-            .map_err(|e| dev_err("upload", e))?;
-        Ok(inst)
+            "upload",
+        )
     }
 
     /// Random weights drawn on the device (uniform ±`scale`, norms 1): fast
@@ -376,14 +366,7 @@ impl CudaInstance {
         initial_blocks: usize,
     ) -> Result<Self, EngineError> {
         let c = config;
-        let Base {
-            stream,
-            blas,
-            kv,
-            k_cache,
-            v_cache,
-            ws,
-        } = Self::empty(
+        let base = Self::empty(
             ctx.clone(),
             k.clone(),
             c.clone(),
@@ -391,6 +374,7 @@ impl CudaInstance {
             block_size,
             initial_blocks,
         )?;
+        let stream = base.stream.clone();
         let mut counter = seed;
         let mut rand = |len: usize| -> Result<Buf<u16>, EngineError> {
             let b = Buf::<u16>::zeros(&stream, len)?;
@@ -430,8 +414,50 @@ impl CudaInstance {
             Some(rand(c.vocab_size * h)?)
         };
         let final_norm = Buf::from_host(&stream, &ones)?;
+        Self::assemble(
+            ctx,
+            k,
+            c,
+            dtype,
+            base,
+            DeviceWeights {
+                embed,
+                layers,
+                final_norm,
+                lm_head,
+            },
+            "random fill",
+        )
+    }
+
+    /// The one place a `CudaInstance` is put together, whichever way its
+    /// weights reached the device; waits for the uploads so that `what` names
+    /// a failure of them here rather than at the first step.
+    fn assemble(
+        ctx: Arc<CudaContext>,
+        k: Kernels,
+        config: ModelConfig,
+        dtype: WeightDType,
+        base: Base,
+        weights: DeviceWeights,
+        what: &str,
+    ) -> Result<Self, EngineError> {
+        let Base {
+            stream,
+            blas,
+            kv,
+            k_cache,
+            v_cache,
+            ws,
+        } = base;
+        let DeviceWeights {
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+        } = weights;
         let mut inst = CudaInstance {
-            config: c,
+            config,
             dtype,
             ctx,
             stream,
@@ -452,9 +478,7 @@ impl CudaInstance {
             },
         };
         inst.weight_bytes = inst.count_weight_bytes();
-        inst.stream
-            .synchronize()
-            .map_err(|e| dev_err("random fill", e))?;
+        inst.stream.synchronize().map_err(|e| dev_err(what, e))?;
         Ok(inst)
     }
 
