@@ -1611,45 +1611,36 @@ mod tests {
         assert_eq!(nodes, vec![0, 1]);
     }
 
+    /// Two GPUs then a CPU; requests 1..=`models` each for its own model,
+    /// all at once. The nodes their instances load on, in load order.
+    fn load_nodes_for_distinct_models(policy: Policy, models: ModelId) -> Vec<NodeId> {
+        let mut s = sched(
+            policy,
+            &[
+                (DeviceKind::Gpu, 1 << 20),
+                (DeviceKind::Gpu, 1 << 20),
+                (DeviceKind::Cpu, 1 << 20),
+            ],
+            FAST,
+        );
+        for m in 1..=models {
+            s.submit(req(m as RequestId, m, 100, 1.0), 0.0);
+        }
+        loads(&settle(&mut s, 0.0))
+            .into_iter()
+            .map(|l| l.0)
+            .collect()
+    }
+
     #[test]
     fn placement_prefers_cpu_then_the_busiest_node_and_empty_nodes_last() {
-        let mut s = sched(
-            Policy::Slinfer,
-            &[
-                (DeviceKind::Gpu, 1 << 20),
-                (DeviceKind::Gpu, 1 << 20),
-                (DeviceKind::Cpu, 1 << 20),
-            ],
-            FAST,
-        );
-        for m in 1..=4 {
-            s.submit(req(m as RequestId, m, 100, 1.0), 0.0);
-        }
-        let nodes: Vec<NodeId> = loads(&settle(&mut s, 0.0))
-            .into_iter()
-            .map(|l| l.0)
-            .collect();
         // Two CPU slots first, then packing onto one GPU.
-        assert_eq!(nodes, vec![2, 2, 0, 0]);
-
-        let mut s = sched(
-            Policy::Sllm,
-            &[
-                (DeviceKind::Gpu, 1 << 20),
-                (DeviceKind::Gpu, 1 << 20),
-                (DeviceKind::Cpu, 1 << 20),
-            ],
-            FAST,
+        assert_eq!(
+            load_nodes_for_distinct_models(Policy::Slinfer, 4),
+            vec![2, 2, 0, 0]
         );
-        for m in 1..=3 {
-            s.submit(req(m as RequestId, m, 100, 1.0), 0.0);
-        }
-        let nodes: Vec<NodeId> = loads(&settle(&mut s, 0.0))
-            .into_iter()
-            .map(|l| l.0)
-            .collect();
         // sllm: GPUs only, one exclusive instance each.
-        assert_eq!(nodes, vec![0, 1]);
+        assert_eq!(load_nodes_for_distinct_models(Policy::Sllm, 3), vec![0, 1]);
     }
 
     #[test]
@@ -1684,12 +1675,9 @@ mod tests {
         s
     }
 
-    #[test]
-    fn gpu_preemption_evicts_a_smaller_neighbour_when_only_memory_fails() {
-        let mut s = two_model_node();
-        let a = s.by_model[&1][0];
-        let b = s.by_model[&2][0];
-        assert_eq!(s.instances[&a].planned_blocks, 30);
+    /// Request 5 (model 1) goes to instance `a` by preempting request 2
+    /// (model 2) from its neighbour `b`.
+    fn submit_5_preempts_2(s: &mut Scheduler<Flat>, a: InstanceId, b: InstanceId) {
         s.submit(req(5, 1, 100, 1.0), 0.0);
         let cmds = s.drain_commands();
         assert!(cmds.contains(&Command::Preempt {
@@ -1697,6 +1685,15 @@ mod tests {
             requests: vec![2]
         }));
         assert_eq!(s.requests[&5].instance, Some(a));
+    }
+
+    #[test]
+    fn gpu_preemption_evicts_a_smaller_neighbour_when_only_memory_fails() {
+        let mut s = two_model_node();
+        let a = s.by_model[&1][0];
+        let b = s.by_model[&2][0];
+        assert_eq!(s.instances[&a].planned_blocks, 30);
+        submit_5_preempts_2(&mut s, a, b);
         assert!(s.pending.contains(&2));
         assert!(!s.by_model[&2].contains(&b));
     }
@@ -1748,13 +1745,7 @@ mod tests {
         let b = s.by_model[&2][0];
         assert_eq!(s.instances[&a].requests.len(), 3);
         // Batch 4 alone is 0.83 of the CPU; with the neighbour's 0.28, 1.11.
-        s.submit(req(5, 1, 100, 1.0), 0.0);
-        let cmds = s.drain_commands();
-        assert!(cmds.contains(&Command::Preempt {
-            instance: b,
-            requests: vec![2]
-        }));
-        assert_eq!(s.requests[&5].instance, Some(a));
+        submit_5_preempts_2(&mut s, a, b);
     }
 
     #[test]
