@@ -82,7 +82,7 @@ async fn each_misbehaving_guest_is_stopped_with_a_clear_error() {
 #[tokio::test]
 async fn a_spinning_guest_does_not_starve_others() {
     let (s, _pkg) =
-        server_with_fixture(|m| m.replace("timeout_ms = 1000", "timeout_ms = 4000")).await;
+        server_with_fixture(|m| m.replace("timeout_ms = 1000", "timeout_ms = 8000")).await;
     // Occupy both cores' worth of workers with spinning guests...
     let spinners: Vec<_> = (0..4).map(|_| s.get("misbehaving", "/loop")).collect();
     let spinning = futures::future::join_all(spinners);
@@ -94,8 +94,10 @@ async fn a_spinning_guest_does_not_starve_others() {
         t.elapsed()
     };
     let (results, hello_latency) = tokio::join!(spinning, check);
+    // Starved, hello would wait for the spinners' 8 s timeout; the bound is
+    // loose so a loaded CI machine cannot fail it by accident.
     assert!(
-        hello_latency < Duration::from_millis(2500),
+        hello_latency < Duration::from_millis(4000),
         "hello took {hello_latency:?}"
     );
     for r in results {
