@@ -109,11 +109,12 @@ async fn a_spinning_guest_does_not_starve_others() {
 async fn concurrency_limit_answers_429_with_retry_after() {
     let (s, _pkg) = server_with_fixture(|m| {
         m.replace("max_concurrency = 8", "max_concurrency = 1\nmax_queue = 0")
+            .replace("timeout_ms = 1000", "timeout_ms = 10000")
     })
     .await;
-    let slow = s.get("misbehaving", "/sleep?ms=800");
+    let slow = s.get("misbehaving", "/sleep?ms=2000");
     let rejected = async {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
         s.get("misbehaving", "/sleep?ms=1").await
     };
     let (slow, rejected) = tokio::join!(slow, rejected);
