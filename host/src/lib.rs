@@ -14,6 +14,7 @@
 pub mod api;
 pub mod cli;
 pub mod functions;
+pub mod inference;
 pub mod limits;
 pub mod metrics;
 pub mod sandbox;

@@ -1,0 +1,136 @@
+//! Text around the token ids: the model's chat template (minijinja), and the
+//! incremental detokenizer that streams UTF-8-safe chunks and cuts the output
+//! at a stop sequence.
+
+use super::{ChatMessage, InferenceError};
+
+/// Renders `messages` with the model's Jinja chat template, with
+/// `add_generation_prompt = true` (the assistant's turn is opened).
+pub(crate) fn render_chat(
+    template: &str,
+    messages: &[ChatMessage],
+    bos: &str,
+    eos: &str,
+) -> Result<String, InferenceError> {
+    let mut env = minijinja::Environment::new();
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    let bad = |e: minijinja::Error| InferenceError::InvalidParams(format!("chat template: {e}"));
+    env.add_template("chat", template).map_err(bad)?;
+    let msgs: Vec<minijinja::Value> = messages
+        .iter()
+        .map(|m| {
+            minijinja::context! { role => m.role.clone(), content => m.content.clone() }
+        })
+        .collect();
+    env.get_template("chat")
+        .map_err(bad)?
+        .render(minijinja::context! {
+            messages => msgs,
+            add_generation_prompt => true,
+            bos_token => bos,
+            eos_token => eos,
+        })
+        .map_err(bad)
+}
+
+/// The output text of one request, built token by token: it hands out only
+/// text that is complete UTF-8 and cannot be the start of a stop sequence.
+pub(crate) struct Detokenizer {
+    tokens: Vec<u32>,
+    /// Bytes of the decoded text already handed out.
+    sent: usize,
+    stop: Vec<String>,
+}
+
+/// What one more token did to the output.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Step {
+    /// Text to hand out now (possibly empty).
+    Text(String),
+    /// A stop sequence appeared: the text before it still to hand out.
+    Stopped(String),
+}
+
+impl Detokenizer {
+    pub(crate) fn new(stop: Vec<String>) -> Self {
+        Detokenizer {
+            tokens: Vec::new(),
+            sent: 0,
+            stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
+        }
+    }
+
+    fn decode(tok: &tokenizers::Tokenizer, ids: &[u32]) -> String {
+        tok.decode(ids, true).unwrap_or_default()
+    }
+
+    pub(crate) fn push(&mut self, tok: &tokenizers::Tokenizer, token: u32) -> Step {
+        self.tokens.push(token);
+        let full = Self::decode(tok, &self.tokens);
+        // A stop sequence that ends in the new text.
+        let search_from = self
+            .sent
+            .saturating_sub(self.stop.iter().map(|s| s.len()).max().unwrap_or(0));
+        let mut cut: Option<usize> = None;
+        for s in &self.stop {
+            let mut from = search_from;
+            while !full.is_char_boundary(from) {
+                from -= 1;
+            }
+            if let Some(p) = full[from..].find(s.as_str()) {
+                let at = from + p;
+                cut = Some(cut.map_or(at, |c: usize| c.min(at)));
+            }
+        }
+        if let Some(at) = cut {
+            let out = full
+                .get(self.sent..at.max(self.sent))
+                .unwrap_or_default()
+                .to_string();
+            self.sent = at.max(self.sent);
+            return Step::Stopped(out);
+        }
+        // Hold back an incomplete character and a possible stop prefix.
+        let mut end = full.len();
+        if full.ends_with('\u{FFFD}') {
+            end -= '\u{FFFD}'.len_utf8();
+        }
+        let mut hold_from = end;
+        for s in &self.stop {
+            for k in (1..s.len()).rev() {
+                if s.is_char_boundary(k) && full[..end].ends_with(&s[..k]) {
+                    hold_from = hold_from.min(end - k);
+                    break;
+                }
+            }
+        }
+        let end = hold_from;
+        if end <= self.sent {
+            return Step::Text(String::new());
+        }
+        match full.get(self.sent..end) {
+            Some(t) => {
+                let t = t.to_string();
+                self.sent = end;
+                Step::Text(t)
+            }
+            None => Step::Text(String::new()),
+        }
+    }
+
+    /// The text still held back, at the end of generation.
+    pub(crate) fn flush(&mut self, tok: &tokenizers::Tokenizer) -> String {
+        let full = Self::decode(tok, &self.tokens);
+        let out = full.get(self.sent..).unwrap_or_default().to_string();
+        self.sent = full.len();
+        out
+    }
+}

@@ -1,0 +1,321 @@
+//! The inference room against the real imported default model on the
+//! OpenVINO CPU engine, with `openvino_genai.LLMPipeline` as the reference
+//! (computed at test time by `scripts/models/reference.py`, as the OpenVINO
+//! engine's own tests do).
+//!
+//! Needs what `./dev test` sets up: the model package in
+//! `$SLINFER_MODELS_DIR` (default `<repo>/.data/models`) and the project
+//! virtualenv (`$SLINFER_VENV`, default `<repo>/.venv`). The tests share one
+//! [`Inference`] and take turns (the KV accounting checks need a quiet host).
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use slinfer::inference::{
+    ChatMessage, FinishReason, GenerateRequest, GenerationParams, Inference, InferenceError,
+    InferenceOptions, Prompt, Usage,
+};
+
+const MODEL: &str = "smollm2-135m-instruct";
+const NEW_TOKENS: usize = 32;
+/// SmolLM2's `<|im_end|>` (model.toml's `eos_token_ids`).
+const EOS: u32 = 2;
+const PROMPTS: &[&str] = &["The capital of France is", "def fibonacci(n):"];
+
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn venv() -> PathBuf {
+    std::env::var_os("SLINFER_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".venv"))
+}
+
+fn models_dir() -> PathBuf {
+    let models = std::env::var_os("SLINFER_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".data/models"));
+    assert!(
+        models.join(MODEL).join("model.toml").is_file(),
+        "model package {MODEL} is missing from {}: run ./dev test (it imports the default model)",
+        models.display()
+    );
+    models
+}
+
+fn inference() -> Arc<Inference> {
+    static I: OnceLock<Arc<Inference>> = OnceLock::new();
+    I.get_or_init(|| {
+        let options = InferenceOptions {
+            venv: Some(venv()),
+            ..Default::default()
+        };
+        Inference::start_with(&models_dir(), &options)
+            .unwrap_or_else(|e| panic!("{e:#}: run ./dev test (it installs the openvino wheel)"))
+    })
+    .clone()
+}
+
+#[derive(serde::Deserialize, Debug)]
+struct Reference {
+    prompt: String,
+    prompt_ids: Vec<u32>,
+    tokens: Vec<u32>,
+    batched_tokens: Vec<u32>,
+}
+
+fn reference() -> &'static [Reference] {
+    static R: OnceLock<Vec<Reference>> = OnceLock::new();
+    R.get_or_init(|| {
+        let mut child = Command::new(venv().join("bin/python"))
+            .arg(repo().join("scripts/models/reference.py"))
+            .arg(models_dir().join(MODEL))
+            .arg(NEW_TOKENS.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run scripts/models/reference.py with the venv's python: run ./dev test");
+        serde_json::to_writer(child.stdin.take().unwrap(), PROMPTS).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "reference.py failed");
+        serde_json::from_slice(&out.stdout).unwrap()
+    })
+}
+
+fn request(prompt: Prompt, params: GenerationParams) -> GenerateRequest {
+    GenerateRequest {
+        function: "test".into(),
+        model: MODEL.into(),
+        prompt,
+        params,
+        ttft_slo_s: 0.0,
+        tpot_slo_s: 0.0,
+    }
+}
+
+fn greedy(max_tokens: u32) -> GenerationParams {
+    GenerationParams {
+        max_tokens: Some(max_tokens),
+        ..Default::default()
+    }
+}
+
+async fn collect(inf: &Inference, req: GenerateRequest) -> Result<(String, Usage), InferenceError> {
+    let mut s = inf.generate(req).await?;
+    let mut text = String::new();
+    while let Some(chunk) = s.next().await {
+        text.push_str(&chunk?);
+    }
+    Ok((text, s.usage()))
+}
+
+/// The text GenAI's greedy tokens make, up to EOS.
+fn expected_text(inf: &Inference, tokens: &[u32]) -> String {
+    let end = tokens
+        .iter()
+        .position(|&t| t == EOS)
+        .unwrap_or(tokens.len());
+    inf.detokenize(MODEL, &tokens[..end]).unwrap()
+}
+
+async fn quiet(inf: &Inference) {
+    for _ in 0..200 {
+        let s = inf.stats();
+        if s.live_requests == 0 && s.instances.iter().all(|i| i.kv_blocks_in_use == 0) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("requests or KV blocks still live: {:?}", inf.stats());
+}
+
+#[tokio::test]
+async fn greedy_text_matches_genai_alone_and_concurrently() {
+    let _turn = TURN.lock().await;
+    let inf = inference();
+    assert!(inf.models().contains(&MODEL.to_string()));
+    for r in reference() {
+        assert_eq!(inf.tokenize(MODEL, &r.prompt).unwrap(), r.prompt_ids);
+        let (text, usage) = collect(&inf, request(Prompt::Text(r.prompt.clone()), greedy(32)))
+            .await
+            .unwrap();
+        assert_eq!(
+            text,
+            expected_text(&inf, &r.tokens),
+            "prompt {:?}",
+            r.prompt
+        );
+        assert_eq!(usage.prompt_tokens as usize, r.prompt_ids.len());
+        // GenAI ignored EOS; we stop there.
+        match r.tokens.iter().position(|&t| t == EOS) {
+            Some(n) => {
+                assert_eq!(usage.generated_tokens as usize, n);
+                assert_eq!(usage.finish_reason, FinishReason::Stop);
+            }
+            None => {
+                assert_eq!(usage.generated_tokens, 32);
+                assert_eq!(usage.finish_reason, FinishReason::Length);
+            }
+        }
+        assert!(usage.ttft_s > 0.0);
+    }
+    let refs: Vec<&Reference> = reference().iter().chain(reference()).collect();
+    let runs = refs.iter().map(|r| {
+        let inf = inf.clone();
+        let p = r.prompt.clone();
+        async move { collect(&inf, request(Prompt::Text(p), greedy(32))).await }
+    });
+    let outs = futures::future::join_all(runs).await;
+    for (r, out) in refs.iter().zip(outs) {
+        let (text, usage) = out.unwrap();
+        // A batched matmul may flip a late near-tie (see the engine's tests):
+        // either of GenAI's outputs.
+        assert!(
+            text == expected_text(&inf, &r.tokens)
+                || text == expected_text(&inf, &r.batched_tokens),
+            "concurrent prompt {:?}: {text:?}",
+            r.prompt
+        );
+        assert!(usage.generated_tokens >= 1 && usage.generated_tokens <= 32);
+    }
+    quiet(&inf).await;
+}
+
+#[tokio::test]
+async fn chat_prompt_uses_the_models_template() {
+    let _turn = TURN.lock().await;
+    let inf = inference();
+    let msgs = vec![ChatMessage {
+        role: "user".into(),
+        content: "What is the capital of France?".into(),
+    }];
+    let rendered = inf.render_chat(MODEL, &msgs).unwrap();
+    assert_eq!(
+        rendered,
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging \
+         Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n\
+         <|im_start|>assistant\n"
+    );
+    let ids = inf.tokenize(MODEL, &rendered).unwrap();
+    let (chat, usage) = collect(&inf, request(Prompt::Chat(msgs), greedy(16)))
+        .await
+        .unwrap();
+    assert_eq!(usage.prompt_tokens as usize, ids.len());
+    let (text, _) = collect(&inf, request(Prompt::Text(rendered), greedy(16)))
+        .await
+        .unwrap();
+    assert_eq!(chat, text);
+    assert!(!chat.is_empty());
+    quiet(&inf).await;
+}
+
+#[tokio::test]
+async fn stop_sequences_max_tokens_and_seeded_sampling() {
+    let _turn = TURN.lock().await;
+    let inf = inference();
+    let prompt = || Prompt::Text(PROMPTS[1].to_string());
+    let (full, _) = collect(&inf, request(prompt(), greedy(32))).await.unwrap();
+    // max_tokens
+    let (_, usage) = collect(&inf, request(prompt(), greedy(5))).await.unwrap();
+    assert_eq!(usage.generated_tokens, 5);
+    assert_eq!(usage.finish_reason, FinishReason::Length);
+    // A stop sequence taken from the middle of the greedy output.
+    let mid = full.char_indices().nth(full.chars().count() / 2).unwrap().0;
+    let stop: String = full[mid..].chars().take(3).collect();
+    let at = full.find(&stop).unwrap();
+    let mut params = greedy(32);
+    params.stop = vec![stop.clone()];
+    let (text, usage) = collect(&inf, request(prompt(), params)).await.unwrap();
+    assert_eq!(text, full[..at], "stop {stop:?}");
+    assert_eq!(usage.finish_reason, FinishReason::Stop);
+    assert!(usage.generated_tokens < 32);
+    // Seeded sampling repeats.
+    let sampled = |seed| GenerationParams {
+        max_tokens: Some(24),
+        temperature: Some(0.9),
+        top_k: Some(50),
+        top_p: Some(0.95),
+        seed: Some(seed),
+        ..Default::default()
+    };
+    let (a, _) = collect(&inf, request(prompt(), sampled(7))).await.unwrap();
+    let (b, _) = collect(&inf, request(prompt(), sampled(7))).await.unwrap();
+    assert_eq!(a, b);
+    // Parameters are checked.
+    let mut bad = greedy(0);
+    bad.max_tokens = Some(0);
+    assert!(matches!(
+        inf.generate(request(prompt(), bad)).await,
+        Err(InferenceError::InvalidParams(_))
+    ));
+    let mut req = request(prompt(), greedy(4));
+    req.model = "no-such-model".into();
+    assert!(matches!(
+        inf.generate(req).await,
+        Err(InferenceError::ModelNotFound(_))
+    ));
+    quiet(&inf).await;
+}
+
+#[tokio::test]
+async fn dropping_a_stream_frees_its_sequence() {
+    let _turn = TURN.lock().await;
+    let inf = inference();
+    let mut s = inf
+        .generate(request(Prompt::Text(PROMPTS[0].into()), greedy(200)))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        s.next().await.unwrap().unwrap();
+    }
+    let live = inf.stats();
+    assert_eq!(live.live_requests, 1);
+    assert!(live.instances.iter().any(|i| i.kv_blocks_in_use > 0));
+    drop(s);
+    quiet(&inf).await;
+}
+
+#[tokio::test]
+async fn overload_gives_overloaded_errors_and_the_rest_finish() {
+    let _turn = TURN.lock().await;
+    let inf = inference();
+    // A loaded instance first, so admission is about the batch.
+    collect(&inf, request(Prompt::Text(PROMPTS[0].into()), greedy(2)))
+        .await
+        .unwrap();
+    let runs = (0..24).map(|i| {
+        let inf = inf.clone();
+        async move {
+            let mut req = request(Prompt::Text(format!("{} {i}", PROMPTS[i % 2])), greedy(8));
+            req.ttft_slo_s = 0.05;
+            req.tpot_slo_s = 0.2;
+            collect(&inf, req).await
+        }
+    });
+    let outs = tokio::time::timeout(Duration::from_secs(120), futures::future::join_all(runs))
+        .await
+        .expect("overloaded requests hang");
+    let mut ok = 0;
+    let mut overloaded = 0;
+    for o in outs {
+        match o {
+            Ok((_, u)) => {
+                assert!(u.generated_tokens >= 1);
+                ok += 1;
+            }
+            Err(InferenceError::Overloaded { retry_after_s }) => {
+                assert!(retry_after_s > 0.0);
+                overloaded += 1;
+            }
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    eprintln!("overload: {ok} finished, {overloaded} overloaded");
+    assert!(overloaded >= 1, "{ok} finished, none overloaded");
+    quiet(&inf).await;
+}
