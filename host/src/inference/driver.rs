@@ -32,6 +32,8 @@ const CPU_KV_TOKENS: u64 = 32768;
 const INSTANCE_OVERHEAD_BYTES: u64 = 256 << 20;
 /// Sequence ids the calibration uses (request ids count up from 1).
 const CALIBRATION_SEQ: u64 = u64::MAX - 8;
+/// Seconds between tries to load an instance whose load failed.
+const LOAD_RETRY_S: f64 = 10.0;
 
 #[derive(Default)]
 pub(crate) struct SharedStats {
@@ -458,6 +460,8 @@ impl Driver {
                         backend: self.backend.clone(),
                         inst: None,
                         load_error: None,
+                        kv_bytes: 0,
+                        last_load: None,
                         cost: self.cost.clone(),
                         to_driver: self.me.clone(),
                         stats: self.stats.clone(),
@@ -618,6 +622,10 @@ struct Worker {
     backend: Arc<dyn Backend>,
     inst: Option<Box<dyn LlmInstance>>,
     load_error: Option<String>,
+    /// The KV grant of the last load, and when it was tried (a failed load
+    /// is retried by a later run, at most every [`LOAD_RETRY_S`]).
+    kv_bytes: u64,
+    last_load: Option<Instant>,
     cost: LiveCost,
     to_driver: Sender<Msg>,
     stats: Arc<SharedStats>,
@@ -645,6 +653,40 @@ impl Worker {
             .unwrap_or(0)
     }
 
+    /// Loads the instance with the granted KV bytes and calibrates.
+    fn load(&mut self, kv_bytes: u64) {
+        self.kv_bytes = kv_bytes;
+        self.last_load = Some(Instant::now());
+        let t = Instant::now();
+        let per_block = self.model.package.manifest.kv_bytes_per_token * CPU_BLOCK_TOKENS;
+        let opts = LoadOptions {
+            initial_kv_blocks: (kv_bytes / per_block.max(1)) as usize,
+            ..Default::default()
+        };
+        match self
+            .backend
+            .load(&ModelSource::Package(self.model.dir.clone()), 0, &opts)
+        {
+            Ok(mut inst) => {
+                // The engine's own block size and bytes: fit the grant.
+                let blocks = (kv_bytes / inst.kv_bytes_per_block().max(1)) as usize;
+                if blocks != inst.kv_capacity_blocks()
+                    && let Err(e) = inst.resize_kv(blocks)
+                {
+                    tracing::warn!("resizing the KV pool after load: {e}");
+                }
+                let load_s = t.elapsed().as_secs_f64();
+                self.calibrate(inst.as_mut(), load_s);
+                self.inst = Some(inst);
+                self.load_error = None;
+            }
+            Err(e) => {
+                tracing::error!("loading {}: {e}", self.model.name);
+                self.load_error = Some(e.to_string());
+            }
+        }
+    }
+
     fn job(&mut self, job: Job) {
         match job {
             Job::Load {
@@ -652,33 +694,7 @@ impl Worker {
                 action,
                 kv_bytes,
             } => {
-                let t = Instant::now();
-                let per_block = self.model.package.manifest.kv_bytes_per_token * CPU_BLOCK_TOKENS;
-                let opts = LoadOptions {
-                    initial_kv_blocks: (kv_bytes / per_block.max(1)) as usize,
-                    ..Default::default()
-                };
-                match self
-                    .backend
-                    .load(&ModelSource::Package(self.model.dir.clone()), 0, &opts)
-                {
-                    Ok(mut inst) => {
-                        // The engine's own block size and bytes: fit the grant.
-                        let blocks = (kv_bytes / inst.kv_bytes_per_block().max(1)) as usize;
-                        if blocks != inst.kv_capacity_blocks()
-                            && let Err(e) = inst.resize_kv(blocks)
-                        {
-                            tracing::warn!("resizing the KV pool after load: {e}");
-                        }
-                        let load_s = t.elapsed().as_secs_f64();
-                        self.calibrate(inst.as_mut(), load_s);
-                        self.inst = Some(inst);
-                    }
-                    Err(e) => {
-                        tracing::error!("loading {}: {e}", self.model.name);
-                        self.load_error = Some(e.to_string());
-                    }
-                }
+                self.load(kv_bytes);
                 let _ = self.to_driver.send(Msg::ActionDone { node, action });
             }
             Job::Resize {
@@ -766,6 +782,13 @@ impl Worker {
         mut decode: Vec<GenState>,
     ) -> (Vec<GenState>, Vec<RequestOutcome>) {
         let mut produced: HashMap<RequestId, u64> = HashMap::new();
+        if self.inst.is_none()
+            && self
+                .last_load
+                .is_some_and(|t| t.elapsed().as_secs_f64() >= LOAD_RETRY_S)
+        {
+            self.load(self.kv_bytes);
+        }
         let Some(inst) = self.inst.as_mut() else {
             let e = format!(
                 "model {} could not be loaded: {}",

@@ -134,3 +134,61 @@ impl Detokenizer {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+
+    use super::*;
+
+    /// Words joined by spaces (no decoder), enough to exercise the hold-back.
+    fn words() -> tokenizers::Tokenizer {
+        tokenizers::Tokenizer::from_str(
+            r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
+            "normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,
+            "decoder":null,"model":{"type":"WordLevel",
+            "vocab":{"a":0,"b":1,"c":2,"[UNK]":3},"unk_token":"[UNK]"}}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_stop_sequence_cuts_the_text_and_its_prefix_is_held_back() {
+        let tok = words();
+        let mut d = Detokenizer::new(vec!["b c".into(), String::new()]);
+        assert_eq!(d.push(&tok, 0), Step::Text("a".into()));
+        // "a b" ends with "b", which may start "b c": only " " goes out.
+        assert_eq!(d.push(&tok, 1), Step::Text(" ".into()));
+        assert_eq!(d.push(&tok, 2), Step::Stopped(String::new()));
+    }
+
+    #[test]
+    fn a_held_prefix_that_does_not_become_a_stop_is_released() {
+        let tok = words();
+        let mut d = Detokenizer::new(vec!["b c".into()]);
+        assert_eq!(d.push(&tok, 1), Step::Text(String::new()));
+        assert_eq!(d.push(&tok, 0), Step::Text("b a".into()));
+        assert_eq!(d.push(&tok, 1), Step::Text(" ".into()));
+        assert_eq!(d.flush(&tok), "b");
+    }
+
+    #[test]
+    fn chat_templates_render_with_the_generation_prompt() {
+        let msgs = [ChatMessage {
+            role: "user".into(),
+            content: "hi".into(),
+        }];
+        let t = "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m.content }}\
+                 {% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
+        assert_eq!(
+            render_chat(t, &msgs, "<s>", "</s>").unwrap(),
+            "<s><user>hi<assistant>"
+        );
+        let bad = "{{ raise_exception('no system role') }}";
+        assert!(matches!(
+            render_chat(bad, &msgs, "", ""),
+            Err(InferenceError::InvalidParams(e)) if e.contains("no system role")
+        ));
+        assert!(render_chat("{% for %}", &msgs, "", "").is_err());
+    }
+}
