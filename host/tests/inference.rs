@@ -139,6 +139,9 @@ async fn greedy_text_matches_genai_alone_and_concurrently() {
     let _turn = TURN.lock().await;
     let inf = inference();
     assert!(inf.models().contains(&MODEL.to_string()));
+    // `generate` can be awaited inside a spawned task.
+    fn send<T: Send>(_: &T) {}
+    send(&inf.generate(request(Prompt::Text("x".into()), greedy(1))));
     for r in reference() {
         assert_eq!(inf.tokenize(MODEL, &r.prompt).unwrap(), r.prompt_ids);
         let (text, usage) = collect(&inf, request(Prompt::Text(r.prompt.clone()), greedy(32)))

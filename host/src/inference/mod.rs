@@ -159,6 +159,13 @@ impl ModelEntry {
     }
 }
 
+// The binding shares `Inference` across tasks and keeps streams in them.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Inference>();
+    send_sync::<GenerationStream>();
+};
+
 /// Options of [`Inference::start_with`].
 #[derive(Debug, Clone, Default)]
 pub struct InferenceOptions {
