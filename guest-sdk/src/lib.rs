@@ -4,7 +4,9 @@
 //! bindings generated from `wit/` (the `slinfer:function/function` world), and
 //! a small HTTP layer over them — [`Request`], [`Response`] (whole or
 //! streamed), a [`Router`] with path parameters, and [`export_handler!`] to
-//! make a type the component's `wasi:http/incoming-handler`.
+//! make a type the component's `wasi:http/incoming-handler`; and [`llm`],
+//! text generation on the host's models, streamed as an iterator or straight
+//! into a Server-Sent-Events response.
 //!
 //! This crate runs inside the guest (`wasm32-wasip2`); it must never assume
 //! anything about the host beyond the WIT contract, so a function built with
@@ -22,6 +24,8 @@
 //! ```
 
 mod http;
+pub mod json;
+pub mod llm;
 mod router;
 
 pub use http::{BodyWriter, Error, Headers, Method, Request, Response};

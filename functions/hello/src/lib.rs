@@ -5,6 +5,7 @@
 //! - `ANY /echo/*rest` — JSON with method, path, query, headers and body;
 //! - `GET /stream?chunks=N&delay_ms=D` — N lines, each sent as it is written.
 
+use slinfer_sdk::json::string as json_str;
 use slinfer_sdk::{Handler, Params, Request, Response, Router};
 
 struct Hello;
@@ -73,20 +74,4 @@ fn stream(req: Request, _p: Params) -> Response {
         Ok(())
     })
     .header("content-type", "text/plain")
-}
-
-/// JSON string literal (no serde in this tiny guest).
-fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
