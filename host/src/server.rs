@@ -9,6 +9,7 @@ use anyhow::Context;
 
 use crate::api::{AppState, router};
 use crate::functions::Functions;
+use crate::inference::Inference;
 use crate::limits::HostLimits;
 use crate::metrics::Metrics;
 
@@ -17,6 +18,8 @@ pub struct ServeOptions {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub admin_token_file: Option<PathBuf>,
+    /// Model packages (`<name>/model.toml`); inference is off without any.
+    pub models_dir: PathBuf,
     pub host: HostLimits,
 }
 
@@ -67,7 +70,13 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     }
     let token = admin_token(&opts)?;
     let metrics = Arc::new(Metrics::new());
-    let functions = Arc::new(Functions::open(&opts.data_dir, opts.host, metrics.clone())?);
+    let inference = start_inference(&opts.models_dir);
+    let functions = Arc::new(Functions::open(
+        &opts.data_dir,
+        opts.host,
+        metrics.clone(),
+        inference,
+    )?);
     let state = AppState {
         functions,
         metrics,
@@ -85,6 +94,28 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     Ok(())
+}
+
+/// Start the inference room on `models_dir`. Without models (or without an
+/// engine) the platform still serves; `slinfer:llm` then answers
+/// "model not found".
+fn start_inference(models_dir: &Path) -> Option<Arc<Inference>> {
+    let has_models = std::fs::read_dir(models_dir)
+        .is_ok_and(|rd| rd.flatten().any(|e| e.path().join("model.toml").is_file()));
+    if !has_models {
+        tracing::info!(models_dir = %models_dir.display(), "no models installed: inference is off");
+        return None;
+    }
+    match Inference::start(models_dir) {
+        Ok(i) => {
+            tracing::info!(models = ?i.models(), "inference ready");
+            Some(i)
+        }
+        Err(e) => {
+            tracing::warn!("inference is off: {e:#}");
+            None
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -46,6 +46,20 @@ pub fn slinfer_bin() -> PathBuf {
     bin
 }
 
+/// The imported models (`./dev test` imports the default one): the
+/// `SLINFER_MODELS_DIR` it exports, else `<repo>/.data/models`.
+pub fn models_dir() -> PathBuf {
+    let dir = std::env::var_os("SLINFER_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".data/models"));
+    assert!(
+        dir.join("smollm2-135m-instruct/model.toml").exists(),
+        "the default model is not imported in {}: run `./dev test`",
+        dir.display()
+    );
+    dir
+}
+
 /// A built function package directory (`./dev build` assembles them).
 pub fn package(name: &str) -> PathBuf {
     let root = std::env::var_os("SLINFER_PACKAGES")
@@ -129,6 +143,8 @@ impl Server {
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .args(args)
+            // Inference is opt-in per test (`--models-dir`), not inherited.
+            .env_remove("SLINFER_MODELS_DIR")
             .env("SLINFER_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())

@@ -69,6 +69,9 @@ pub struct ServeArgs {
     /// Read the admin token from this file instead of generating one.
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
+    /// Model packages (default: `<data-dir>/models`).
+    #[arg(long, env = "SLINFER_MODELS_DIR")]
+    pub models_dir: Option<PathBuf>,
     /// Instances alive at once across all functions.
     #[arg(long, default_value_t = HostLimits::default().total_instances)]
     pub max_instances: u32,
@@ -114,15 +117,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             .build()
     };
     match cli.command {
-        Command::Serve(a) => rt()?.block_on(serve(ServeOptions {
-            listen: a.listen,
-            data_dir: a.data_dir.unwrap_or_else(default_data_dir),
-            admin_token_file: a.admin_token_file,
-            host: HostLimits {
-                total_instances: a.max_instances,
-                ..HostLimits::default()
-            },
-        })),
+        Command::Serve(a) => {
+            let data_dir = a.data_dir.unwrap_or_else(default_data_dir);
+            rt()?.block_on(serve(ServeOptions {
+                listen: a.listen,
+                models_dir: a.models_dir.unwrap_or_else(|| data_dir.join("models")),
+                data_dir,
+                admin_token_file: a.admin_token_file,
+                host: HostLimits {
+                    total_instances: a.max_instances,
+                    ..HostLimits::default()
+                },
+            }))
+        }
         Command::Deploy { path, client } => rt()?.block_on(client::deploy(&client, &path)),
         Command::Functions { action, client } => rt()?.block_on(client::functions(&client, action)),
         Command::Invoke(a) => rt()?.block_on(client::invoke(a)),

@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::inference::Inference;
 use crate::limits::{FunctionLimits, HostLimits};
 use crate::metrics::{FunctionLabel, Metrics};
 use crate::sandbox::{FunctionPre, Grants, Invocation, InvokeError, LoadError, Sandbox, digest};
@@ -151,8 +152,9 @@ impl Functions {
         data_dir: &Path,
         host: HostLimits,
         metrics: Arc<Metrics>,
+        inference: Option<Arc<Inference>>,
     ) -> anyhow::Result<Functions> {
-        let sandbox = Arc::new(Sandbox::new(&data_dir.join("cache"), host)?);
+        let sandbox = Arc::new(Sandbox::new(&data_dir.join("cache"), host, inference)?);
         let store = Store::open(data_dir.join("functions"))?;
         let functions = Functions {
             store,
@@ -211,6 +213,9 @@ impl Functions {
                 .collect(),
             files,
             outbound_hosts: manifest.outbound.allowed_hosts.clone().into(),
+            models: manifest.models.allowed.clone().into(),
+            ttft_slo_s: manifest.slo.ttft_ms.map_or(0.0, |ms| ms as f64 / 1000.0),
+            tpot_slo_s: manifest.slo.tpot_ms.map_or(0.0, |ms| ms as f64 / 1000.0),
         };
         Ok(Deployed {
             slots: Arc::new(Semaphore::new(limits.max_concurrency as usize)),

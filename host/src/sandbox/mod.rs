@@ -8,6 +8,7 @@
 
 mod body;
 mod guest_log;
+mod llm;
 mod state;
 
 use std::hash::{Hash, Hasher};
@@ -24,6 +25,7 @@ use wasmtime_wasi_http::WasiHttpCtx;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
+use crate::inference::Inference;
 use crate::limits::{EPOCH_TICK_MS, FunctionLimits, HostLimits};
 use body::Capped;
 pub use state::GuestState;
@@ -104,6 +106,11 @@ pub struct Grants {
     /// Host directory and the guest path it appears at, read-only.
     pub files: Option<(PathBuf, String)>,
     pub outbound_hosts: Arc<[String]>,
+    /// Models the function may use through `slinfer:llm`.
+    pub models: Arc<[String]>,
+    /// Latency targets for its inference requests; 0 = the default.
+    pub ttft_slo_s: f64,
+    pub tpot_slo_s: f64,
 }
 
 /// What happened when a request ran, for metrics.
@@ -125,12 +132,18 @@ pub struct Sandbox {
     linker: Linker<GuestState>,
     cache_dir: PathBuf,
     host: HostLimits,
+    inference: Option<Arc<Inference>>,
 }
 
 impl Sandbox {
     /// Build the engine (pooling allocator sized by `host`) and start the
-    /// epoch ticker that enforces wall-clock limits.
-    pub fn new(cache_dir: &Path, host: HostLimits) -> anyhow::Result<Sandbox> {
+    /// epoch ticker that enforces wall-clock limits. Guests reach
+    /// `inference` (when the host has models) through `slinfer:llm`.
+    pub fn new(
+        cache_dir: &Path,
+        host: HostLimits,
+        inference: Option<Arc<Inference>>,
+    ) -> anyhow::Result<Sandbox> {
         let mut pool = PoolingAllocationConfig::default();
         let instances = host.total_instances;
         pool.total_component_instances(instances)
@@ -151,6 +164,7 @@ impl Sandbox {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(anyhow::Error::from)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(anyhow::Error::from)?;
+        llm::add_to_linker(&mut linker).map_err(anyhow::Error::from)?;
 
         std::fs::create_dir_all(cache_dir)?;
         let weak = engine.weak();
@@ -168,6 +182,7 @@ impl Sandbox {
             linker,
             cache_dir: cache_dir.to_path_buf(),
             host,
+            inference,
         })
     }
 
@@ -411,6 +426,13 @@ impl Sandbox {
             },
             outbound: OutboundPolicy {
                 allowed_hosts: grants.outbound_hosts.clone(),
+            },
+            llm: llm::LlmGrant {
+                inference: self.inference.clone(),
+                function: grants.function.clone(),
+                allowed_models: grants.models.clone(),
+                ttft_slo_s: grants.ttft_slo_s,
+                tpot_slo_s: grants.tpot_slo_s,
             },
         };
         let mut store = Store::new(&self.engine, state);

@@ -15,6 +15,7 @@ pub struct GuestState {
     pub(crate) table: ResourceTable,
     pub(crate) limiter: GuestLimiter,
     pub(crate) outbound: OutboundPolicy,
+    pub(crate) llm: super::llm::LlmGrant,
 }
 
 impl WasiView for GuestState {

@@ -1,0 +1,120 @@
+//! Text generation from a Wasm function (`slinfer:llm`) on the real default
+//! model, over real HTTP: the `chat` example streams Server-Sent Events.
+
+use slinfer_e2e::{Server, client, models_dir, package, package_variant};
+
+fn server_with_models() -> (Server, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let models = models_dir();
+    let s = Server::start_with(
+        &tmp.path().join("data"),
+        &[],
+        &["--models-dir", models.to_str().unwrap()],
+    );
+    (s, tmp)
+}
+
+/// `data:` payloads and the `usage` event of an SSE body.
+fn parse_sse(body: &str) -> (Vec<String>, Option<serde_json::Value>) {
+    let mut texts = Vec::new();
+    let mut usage = None;
+    for event in body.split("\n\n").filter(|e| !e.trim().is_empty()) {
+        let name = event.lines().find_map(|l| l.strip_prefix("event: "));
+        let data = event
+            .lines()
+            .find_map(|l| l.strip_prefix("data: "))
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(data).unwrap();
+        match name {
+            None => texts.push(v["text"].as_str().unwrap().to_owned()),
+            Some("usage") => usage = Some(v),
+            Some(other) => panic!("unexpected event {other}: {data}"),
+        }
+    }
+    (texts, usage)
+}
+
+#[tokio::test]
+async fn chat_streams_the_same_reply_it_returns_whole() {
+    let (s, _tmp) = server_with_models();
+    s.deploy(&package("chat"));
+    let url = format!("{}/fn/chat/?max_tokens=24&temperature=0", s.url);
+    let resp = client()
+        .post(&url)
+        .body("What is the capital of France?")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let (texts, usage) = parse_sse(&resp.text().await.unwrap());
+    let usage = usage.expect("no usage event");
+    assert!(texts.len() > 1, "the reply came in one piece: {texts:?}");
+    let streamed: String = texts.concat();
+    assert!(!streamed.trim().is_empty());
+    let generated = usage["generated_tokens"].as_u64().unwrap();
+    assert!((1..=24).contains(&generated), "{usage}");
+    assert!(
+        usage["prompt_tokens"].as_u64().unwrap() > 10,
+        "chat template not applied: {usage}"
+    );
+    if generated == 24 {
+        assert_eq!(usage["finish_reason"], "length");
+    }
+
+    // Greedy is deterministic: the whole answer equals the streamed one.
+    let whole: serde_json::Value = client()
+        .post(format!("{url}&stream=false"))
+        .body("What is the capital of France?")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(whole["text"], streamed);
+    assert_eq!(whole["generated_tokens"], generated);
+
+    let models = s.get("chat", "/models").await.text().await.unwrap();
+    assert_eq!(models, "smollm2-135m-instruct\n");
+}
+
+#[tokio::test]
+async fn a_function_not_allowed_the_model_gets_a_clear_error() {
+    let (s, _tmp) = server_with_models();
+    let pkg = package_variant("chat", |m| {
+        m.replace("allowed = [\"smollm2-135m-instruct\"]", "allowed = []")
+    });
+    s.deploy(pkg.path());
+    let resp = client()
+        .post(format!("{}/fn/chat/", s.url))
+        .body("hi")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        v["error"],
+        "this function may not use model \"smollm2-135m-instruct\""
+    );
+    assert_eq!(s.get("chat", "/models").await.text().await.unwrap(), "\n");
+}
+
+#[tokio::test]
+async fn without_models_generation_reports_model_not_found() {
+    let s = Server::start();
+    s.deploy(&package("chat"));
+    let resp = client()
+        .post(format!("{}/fn/chat/", s.url))
+        .body("hi")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        v["error"],
+        "no model named \"smollm2-135m-instruct\" on this host"
+    );
+}
