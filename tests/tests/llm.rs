@@ -14,6 +14,19 @@ fn server_with_models() -> (Server, tempfile::TempDir) {
     (s, tmp)
 }
 
+/// Status and `error` of a chat request that the function refuses.
+async fn chat_error(s: &Server) -> (u16, String) {
+    let resp = client()
+        .post(format!("{}/fn/chat/", s.url))
+        .body("hi")
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let v: serde_json::Value = resp.json().await.unwrap();
+    (status, v["error"].as_str().unwrap_or_default().to_owned())
+}
+
 /// `data:` payloads and the `usage` event of an SSE body.
 fn parse_sse(body: &str) -> (Vec<String>, Option<serde_json::Value>) {
     let mut texts = Vec::new();
@@ -86,17 +99,12 @@ async fn a_function_not_allowed_the_model_gets_a_clear_error() {
         m.replace("allowed = [\"smollm2-135m-instruct\"]", "allowed = []")
     });
     s.deploy(pkg.path());
-    let resp = client()
-        .post(format!("{}/fn/chat/", s.url))
-        .body("hi")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 403);
-    let v: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(
-        v["error"],
-        "this function may not use model \"smollm2-135m-instruct\""
+        chat_error(&s).await,
+        (
+            403,
+            "this function may not use model \"smollm2-135m-instruct\"".into()
+        )
     );
     assert_eq!(s.get("chat", "/models").await.text().await.unwrap(), "\n");
 }
@@ -105,16 +113,11 @@ async fn a_function_not_allowed_the_model_gets_a_clear_error() {
 async fn without_models_generation_reports_model_not_found() {
     let s = Server::start();
     s.deploy(&package("chat"));
-    let resp = client()
-        .post(format!("{}/fn/chat/", s.url))
-        .body("hi")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 404);
-    let v: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(
-        v["error"],
-        "no model named \"smollm2-135m-instruct\" on this host"
+        chat_error(&s).await,
+        (
+            404,
+            "no model named \"smollm2-135m-instruct\" on this host".into()
+        )
     );
 }
