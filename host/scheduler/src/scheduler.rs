@@ -1499,6 +1499,10 @@ mod tests {
         }
     }
 
+    fn load_nodes(cmds: &[Command]) -> Vec<NodeId> {
+        loads(cmds).into_iter().map(|l| l.0).collect()
+    }
+
     fn loads(cmds: &[Command]) -> Vec<(NodeId, InstanceId)> {
         cmds.iter()
             .filter_map(|c| match c {
@@ -1582,10 +1586,7 @@ mod tests {
         );
         s.submit(req(1, 1, 100, 1.0), 0.0);
         s.submit(req(2, 2, 100, 1.0), 0.0);
-        let nodes: Vec<NodeId> = loads(&settle(&mut s, 0.0))
-            .into_iter()
-            .map(|l| l.0)
-            .collect();
+        let nodes: Vec<NodeId> = load_nodes(&settle(&mut s, 0.0));
         assert_eq!(nodes, vec![0, 1]);
     }
 
@@ -1607,7 +1608,7 @@ mod tests {
         // extends its deadline and the check skips it).
         s.submit(req(2, 2, 100, 1.0), 0.0);
         cmds.extend(settle(&mut s, 0.0));
-        let nodes: Vec<NodeId> = loads(&cmds).into_iter().map(|l| l.0).collect();
+        let nodes: Vec<NodeId> = load_nodes(&cmds);
         assert_eq!(nodes, vec![0, 1]);
     }
 
@@ -1626,10 +1627,7 @@ mod tests {
         for m in 1..=models {
             s.submit(req(m as RequestId, m, 100, 1.0), 0.0);
         }
-        loads(&settle(&mut s, 0.0))
-            .into_iter()
-            .map(|l| l.0)
-            .collect()
+        load_nodes(&settle(&mut s, 0.0))
     }
 
     #[test]
