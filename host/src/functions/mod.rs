@@ -340,9 +340,8 @@ impl Functions {
                 instances.inc();
                 let done = inv.done;
                 tokio::spawn(async move {
-                    let outcome = done.await.ok();
+                    let error = done.await;
                     instances.dec();
-                    let error = outcome.as_ref().map_or(Some("internal"), |o| o.error);
                     metrics.record(&name, started.elapsed().as_secs_f64(), error);
                 });
                 Ok(inv.response)

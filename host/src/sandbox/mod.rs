@@ -113,17 +113,12 @@ pub struct Grants {
     pub tpot_slo_s: f64,
 }
 
-/// What happened when a request ran, for metrics.
-pub struct Outcome {
-    pub duration: Duration,
-    pub error: Option<&'static str>,
-}
-
 /// The response of an invocation; `done` resolves when the instance has
-/// finished (after the body has been streamed).
+/// finished (after the body has been streamed) to the kind of error it ended
+/// with, if any, for metrics.
 pub struct Invocation {
     pub response: http::Response<axum::body::Body>,
-    pub done: tokio::task::JoinHandle<Outcome>,
+    pub done: std::pin::Pin<Box<dyn Future<Output = Option<&'static str>> + Send>>,
 }
 
 /// The engine, the linker, and the compile cache.
@@ -349,9 +344,9 @@ impl Sandbox {
                     || wasmtime_wasi_http::Error::HttpResponseBodySize(None),
                 );
                 let function = grants.function.clone();
-                let done = tokio::spawn(async move {
-                    let result = task.await;
-                    let error = match result {
+                // Awaited by the caller's metrics task: no extra task here.
+                let done = Box::pin(async move {
+                    match task.await {
                         Ok(Ok(())) if response_hit.load(Ordering::Relaxed) => {
                             tracing::warn!(%function, limit = limits.max_response_body_bytes, "response body cut at the limit");
                             Some("response_too_large")
@@ -365,10 +360,6 @@ impl Sandbox {
                             tracing::error!(%function, "invocation task failed: {e}");
                             Some("internal")
                         }
-                    };
-                    Outcome {
-                        duration: started.elapsed(),
-                        error,
                     }
                 });
                 Ok(Invocation {
