@@ -328,12 +328,19 @@ impl Sandbox {
             result
         });
 
+        // Whatever the guest answered, a request body cut at the limit is
+        // the caller's error.
+        let request_too_large = || {
+            request_hit
+                .load(Ordering::Relaxed)
+                .then_some(InvokeError::RequestTooLarge {
+                    limit_bytes: limits.max_request_body_bytes,
+                })
+        };
         match rx.await {
             Ok(Ok(resp)) => {
-                if request_hit.load(Ordering::Relaxed) {
-                    return Err(InvokeError::RequestTooLarge {
-                        limit_bytes: limits.max_request_body_bytes,
-                    });
+                if let Some(e) = request_too_large() {
+                    return Err(e);
                 }
                 let response_hit = Arc::new(AtomicBool::new(false));
                 let (parts, body) = resp.into_parts();
@@ -369,10 +376,8 @@ impl Sandbox {
             }
             Ok(Err(code)) => {
                 let _ = task.await;
-                if request_hit.load(Ordering::Relaxed) {
-                    return Err(InvokeError::RequestTooLarge {
-                        limit_bytes: limits.max_request_body_bytes,
-                    });
+                if let Some(e) = request_too_large() {
+                    return Err(e);
                 }
                 Err(InvokeError::GuestError(format!("{code:?}")))
             }
@@ -380,10 +385,8 @@ impl Sandbox {
                 let result = task
                     .await
                     .map_err(|e| InvokeError::Internal(e.to_string()))?;
-                if request_hit.load(Ordering::Relaxed) {
-                    return Err(InvokeError::RequestTooLarge {
-                        limit_bytes: limits.max_request_body_bytes,
-                    });
+                if let Some(e) = request_too_large() {
+                    return Err(e);
                 }
                 Err(result.err().unwrap_or(InvokeError::NoResponse))
             }
