@@ -322,3 +322,59 @@ async fn overload_gives_overloaded_errors_and_the_rest_finish() {
     assert!(overloaded >= 1, "{ok} finished, none overloaded");
     quiet(&inf).await;
 }
+
+#[tokio::test]
+async fn kv_pool_grows_with_load_and_shrinks_after() {
+    let _turn = TURN.lock().await;
+    let inf = inference();
+    let capacity = |inf: &Inference| {
+        inf.stats()
+            .instances
+            .iter()
+            .filter(|i| i.model == MODEL)
+            .map(|i| i.kv_blocks_capacity)
+            .sum::<usize>()
+    };
+    collect(&inf, request(Prompt::Text(PROMPTS[0].into()), greedy(2)))
+        .await
+        .unwrap();
+    quiet(&inf).await;
+    let idle = capacity(&inf);
+    let runs = (0..8).map(|i| {
+        let inf = inf.clone();
+        async move {
+            let prompt = format!("{} {i}", PROMPTS[i % 2]);
+            collect(&inf, request(Prompt::Text(prompt), greedy(24))).await
+        }
+    });
+    let all = futures::future::join_all(runs);
+    tokio::pin!(all);
+    let mut peak = idle;
+    let outs = loop {
+        tokio::select! {
+            outs = &mut all => break outs,
+            _ = tokio::time::sleep(Duration::from_millis(5)) => peak = peak.max(capacity(&inf)),
+        }
+    };
+    for o in outs {
+        o.unwrap();
+    }
+    quiet(&inf).await;
+    // The shrink is an action the instance's worker runs after the last run.
+    let mut after = capacity(&inf);
+    for _ in 0..100 {
+        if after < peak {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        after = capacity(&inf);
+    }
+    eprintln!("KV blocks: idle {idle}, peak {peak}, after {after}");
+    // Each request plans prompt + look-ahead (512 tokens): 8 of them need
+    // far more than the idle pool.
+    assert!(peak >= 8 * 512 / 32, "idle {idle}, peak {peak}");
+    assert!(
+        after < peak,
+        "the pool did not shrink: peak {peak}, after {after}"
+    );
+}

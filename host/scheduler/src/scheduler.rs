@@ -104,6 +104,10 @@ pub struct SchedulerConfig {
     /// Preempted requests keep their KV (swapped to host memory and back)
     /// instead of recomputing it. Beyond the paper; off by default.
     pub preempt_keeps_kv: bool,
+    /// CPU instances scale their KV pool like GPU ones instead of keeping
+    /// `ModelSpec::cpu_kv_bytes` (the paper's artifact keeps it fixed; the
+    /// live host's CPU engine owns resizable block tensors). Off by default.
+    pub cpu_kv_scales: bool,
 }
 
 impl SchedulerConfig {
@@ -121,6 +125,7 @@ impl SchedulerConfig {
             instance_overhead_bytes: 1536 * 1024 * 1024,
             predictor: PredictorConfig::default(),
             preempt_keeps_kv: false,
+            cpu_kv_scales: false,
         }
     }
 }
@@ -573,7 +578,7 @@ impl<C: CostModel> Scheduler<C> {
         kind: DeviceKind,
         capacity_bytes: u64,
     ) -> Option<u64> {
-        if kind == DeviceKind::Cpu {
+        if kind == DeviceKind::Cpu && !self.cfg.cpu_kv_scales {
             return Some(spec.cpu_kv_bytes);
         }
         self.cfg.policy.is_sllm().then(|| {
@@ -1763,6 +1768,33 @@ mod tests {
         assert_eq!(s.next_wakeup_s(), Some(0.2));
         s.tick(0.2);
         assert_eq!(runs(&s.drain_commands()), vec![i]);
+    }
+
+    #[test]
+    fn cpu_kv_is_fixed_unless_cpu_kv_scales() {
+        let fixed_blocks = spec().cpu_kv_bytes / 32;
+        for scales in [false, true] {
+            let mut s = sched(Policy::Slinfer, &[(DeviceKind::Cpu, 1 << 20)], FAST);
+            s.cfg.cpu_kv_scales = scales;
+            s.submit(req(1, 1, 300, 1.0), 0.0);
+            let i = s.by_model[&1][0];
+            // ceil(316 / 32) = 10 blocks, target 13.
+            let first = if scales { 13 } else { fixed_blocks };
+            assert_eq!(s.instances[&i].planned_blocks, first, "scales: {scales}");
+            s.submit(req(2, 1, 400, 1.0), 0.0);
+            // 10 + ceil(416 / 32) = 23 blocks: grow to ceil(23 × 1.25) = 29.
+            let grown = if scales { 29 } else { fixed_blocks };
+            assert_eq!(s.instances[&i].planned_blocks, grown, "scales: {scales}");
+            settle(&mut s, 0.0);
+            let done = RequestOutcome {
+                request: 2,
+                tokens: 1,
+                finished: true,
+            };
+            s.iteration_done(0, i, &[done], 0.1);
+            let shrunk = if scales { 13 } else { fixed_blocks };
+            assert_eq!(s.instances[&i].planned_blocks, shrunk, "scales: {scales}");
+        }
     }
 
     #[test]

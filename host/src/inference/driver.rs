@@ -25,8 +25,9 @@ use super::{
 /// KV block size the scheduler plans with on the CPU (bytes are what
 /// matter: the engine converts the granted bytes to its own blocks).
 const CPU_BLOCK_TOKENS: u64 = 32;
-/// Tokens of fixed KV pool per CPU instance (capped by memory).
-const CPU_KV_TOKENS: u64 = 32768;
+/// Smallest KV pool of a loaded instance, in tokens (the scheduler scales
+/// it with the live requests' needs plus look-ahead, and back).
+const MIN_INSTANCE_TOKENS: u64 = 1024;
 /// Memory the scheduler reserves per instance beyond its weights (compiled
 /// model, workspace).
 const INSTANCE_OVERHEAD_BYTES: u64 = 256 << 20;
@@ -274,16 +275,13 @@ pub(crate) fn spawn(
     let specs: Vec<ModelSpec> = models
         .iter()
         .map(|m| {
-            let per_token = m.package.manifest.kv_bytes_per_token.max(1);
-            let room = capacity_bytes.saturating_sub(m.weights_bytes + INSTANCE_OVERHEAD_BYTES) / 2;
-            let tokens = CPU_KV_TOKENS.max(m.package.manifest.config.context_length_tokens as u64);
             ModelSpec {
                 name: m.name.clone(),
                 weights_bytes: m.weights_bytes,
-                kv_bytes_per_token: per_token,
+                kv_bytes_per_token: m.package.manifest.kv_bytes_per_token.max(1),
                 block_tokens: [CPU_BLOCK_TOKENS, 16],
-                cpu_kv_bytes: (tokens * per_token).min(room) / (CPU_BLOCK_TOKENS * per_token)
-                    * (CPU_BLOCK_TOKENS * per_token),
+                // Unused: CPU pools scale (`cpu_kv_scales`).
+                cpu_kv_bytes: 0,
                 slots_per_node: [1, 0],
                 sllm_exclusive_cap: [None, None],
                 sllm_half_share_cap: [None, None],
@@ -300,6 +298,8 @@ pub(crate) fn spawn(
     let mut cfg = SchedulerConfig::paper(Policy::Slinfer);
     cfg.keep_alive_s = [KEEP_ALIVE_S, KEEP_ALIVE_S];
     cfg.instance_overhead_bytes = INSTANCE_OVERHEAD_BYTES;
+    cfg.cpu_kv_scales = true;
+    cfg.min_instance_tokens = MIN_INSTANCE_TOKENS;
     let nodes = vec![NodeSpec {
         kind: DeviceKind::Cpu,
         capacity_bytes,
