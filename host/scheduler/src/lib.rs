@@ -20,8 +20,8 @@ pub mod trace;
 pub use model::{CostModel, DeviceKind, ModelSpec, ModelTypeId, NodeSpec};
 pub use profile::{Profile, ProfileError};
 pub use scheduler::{
-    ActionId, ActionOp, Command, DropReason, InstanceId, ModelId, NodeId, Policy, Request,
-    RequestId, RequestOutcome, Scheduler, SchedulerConfig,
+    ActionId, ActionOp, Command, DropReason, InstanceId, InstanceSnapshot, ModelId, NodeId,
+    NodeSnapshot, Policy, Request, RequestId, RequestOutcome, Scheduler, SchedulerConfig, Snapshot,
 };
 pub use sim::{SimResult, SimSetup, Slo, Summary, simulate};
 pub use trace::{TraceError, TraceFunction, TraceRequest, load_trace, select};

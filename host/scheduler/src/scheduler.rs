@@ -4,7 +4,7 @@
 //! It never reads a clock and never learns a request's output length before
 //! the driver reports it finished.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use serde::Serialize;
 
@@ -307,6 +307,43 @@ enum Target {
     New(ModelTypeId),
 }
 
+/// What a status page shows of one device.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct NodeSnapshot {
+    pub node: NodeId,
+    pub kind: DeviceKind,
+    pub capacity_bytes: u64,
+    /// What the device may hold now (actions started).
+    pub committed_bytes: u64,
+    /// As if every queued action were done.
+    pub planned_bytes: u64,
+}
+
+/// What a status page shows of one instance.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct InstanceSnapshot {
+    pub instance: InstanceId,
+    pub model: ModelId,
+    pub node: NodeId,
+    pub kind: DeviceKind,
+    /// `loading`, `loaded`, `unloading` or `retiring`.
+    pub state: &'static str,
+    /// Requests placed on it (its batch).
+    pub batch: usize,
+    pub kv_blocks_committed: u64,
+    pub kv_blocks_planned: u64,
+    pub block_bytes: u64,
+}
+
+/// A read-only picture of the scheduler, for metrics and `slinfer status`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Snapshot {
+    pub nodes: Vec<NodeSnapshot>,
+    pub instances: Vec<InstanceSnapshot>,
+    /// Requests waiting for an instance, per model (models with none omitted).
+    pub queued: BTreeMap<ModelId, usize>,
+}
+
 /// The policy's state machine. Generic over the cost model so the
 /// simulator and the live host share every decision.
 pub struct Scheduler<C: CostModel> {
@@ -320,6 +357,8 @@ pub struct Scheduler<C: CostModel> {
     requests: HashMap<RequestId, ReqState>,
     pending: Vec<RequestId>,
     predictor: OutputPredictor,
+    /// Models taken out of service: their instances unload as soon as idle.
+    retired_models: HashSet<ModelId>,
     next_instance: InstanceId,
     next_action: ActionId,
     out: Vec<Command>,
@@ -354,6 +393,7 @@ impl<C: CostModel> Scheduler<C> {
             requests: HashMap::new(),
             pending: Vec::new(),
             predictor: OutputPredictor::default(),
+            retired_models: HashSet::new(),
             next_instance: 0,
             next_action: 0,
             out: Vec::new(),
@@ -503,7 +543,7 @@ impl<C: CostModel> Scheduler<C> {
         let idle = self.nodes.iter().flat_map(|n| {
             n.instances.iter().filter_map(|i| {
                 let inst = &self.instances[i];
-                let ka = kind_factor(self.cfg.keep_alive_s, n.spec.kind);
+                let ka = self.keep_alive_s(inst, n.spec.kind);
                 inst.idle_since_s.filter(|_| !inst.retiring).map(|t| t + ka)
             })
         });
@@ -521,9 +561,83 @@ impl<C: CostModel> Scheduler<C> {
         retry.chain(idle).chain(throttle).min_by(f64::total_cmp)
     }
 
+    /// Adds a model type at run time (a model imported into a live host);
+    /// returns its id.
+    pub fn add_model_type(&mut self, spec: ModelSpec) -> ModelTypeId {
+        self.models.push(spec);
+        ModelTypeId((self.models.len() - 1) as u16)
+    }
+
+    /// Takes a served model out of service: its instances unload as soon as
+    /// they are idle (requests already placed finish first). The driver must
+    /// not submit more requests for it.
+    pub fn retire_model(&mut self, model: ModelId, now_s: f64) {
+        self.retired_models.insert(model);
+        self.pump(now_s);
+    }
+
+    fn keep_alive_s(&self, inst: &Instance, kind: DeviceKind) -> f64 {
+        if self.retired_models.contains(&inst.model) {
+            0.0
+        } else {
+            kind_factor(self.cfg.keep_alive_s, kind)
+        }
+    }
+
     /// Requests that have been submitted and have not ended.
     pub fn live_requests(&self) -> usize {
         self.requests.len()
+    }
+
+    /// The state of every device and instance, and the queues.
+    pub fn snapshot(&self) -> Snapshot {
+        let nodes = (0..self.nodes.len())
+            .map(|n| NodeSnapshot {
+                node: n,
+                kind: self.nodes[n].spec.kind,
+                capacity_bytes: self.nodes[n].spec.capacity_bytes,
+                committed_bytes: self.committed_bytes(n),
+                planned_bytes: self.planned_bytes(n),
+            })
+            .collect();
+        let mut instances: Vec<InstanceSnapshot> = self
+            .instances
+            .values()
+            .map(|i| {
+                let kind = self.nodes[i.node].spec.kind;
+                let state = if i.retiring {
+                    "retiring"
+                } else if !i.planned_loaded {
+                    "unloading"
+                } else if !i.committed_loaded || matches!(i.running, Some((_, Op::Load { .. }, _)))
+                {
+                    "loading"
+                } else {
+                    "loaded"
+                };
+                InstanceSnapshot {
+                    instance: i.id,
+                    model: i.model,
+                    node: i.node,
+                    kind,
+                    state,
+                    batch: i.requests.len(),
+                    kv_blocks_committed: i.committed_blocks,
+                    kv_blocks_planned: i.planned_blocks,
+                    block_bytes: self.models[i.mtype.0 as usize].block_bytes(kind),
+                }
+            })
+            .collect();
+        instances.sort_by_key(|i| i.instance);
+        let mut queued = BTreeMap::new();
+        for r in self.requests.values().filter(|r| r.instance.is_none()) {
+            *queued.entry(r.req.model).or_insert(0) += 1;
+        }
+        Snapshot {
+            nodes,
+            instances,
+            queued,
+        }
     }
 
     // ---- deadlines and estimates -------------------------------------
@@ -1358,13 +1472,13 @@ impl<C: CostModel> Scheduler<C> {
     fn pump(&mut self, now_s: f64) {
         for n in 0..self.nodes.len() {
             let kind = self.nodes[n].spec.kind;
-            let ka = kind_factor(self.cfg.keep_alive_s, kind);
             let expired: Vec<InstanceId> = self.nodes[n]
                 .instances
                 .iter()
                 .copied()
                 .filter(|i| {
                     let inst = &self.instances[i];
+                    let ka = self.keep_alive_s(inst, kind);
                     !inst.retiring
                         && inst.requests.is_empty()
                         && self.nodes[n].busy != Some(*i)
@@ -1768,6 +1882,64 @@ mod tests {
         assert_eq!(s.next_wakeup_s(), Some(0.2));
         s.tick(0.2);
         assert_eq!(runs(&s.drain_commands()), vec![i]);
+    }
+
+    #[test]
+    fn snapshot_shows_instances_kv_and_queues() {
+        // Room for one request of 300 tokens, not two.
+        let mut s = sched(
+            Policy::Slinfer,
+            &[(DeviceKind::Gpu, WEIGHTS + 30 * 16)],
+            FAST,
+        );
+        s.submit(req(1, 1, 300, 1.0), 0.0);
+        let snap = s.snapshot();
+        assert_eq!(snap.instances.len(), 1);
+        let i = &snap.instances[0];
+        assert_eq!(
+            (i.model, i.kind, i.state, i.batch),
+            (1, DeviceKind::Gpu, "loading", 1)
+        );
+        // Planned at once; committed when the load action starts.
+        assert_eq!((i.kv_blocks_committed, i.kv_blocks_planned), (0, 25));
+        assert_eq!(snap.nodes[0].planned_bytes, WEIGHTS + 25 * 16);
+        assert!(snap.queued.is_empty());
+        settle(&mut s, 0.0);
+        let snap = s.snapshot();
+        assert_eq!(snap.instances[0].state, "loaded");
+        assert_eq!(snap.instances[0].kv_blocks_committed, 25);
+        assert_eq!(snap.nodes[0].committed_bytes, WEIGHTS + 25 * 16);
+        // A request the device has no room for now waits in the queue.
+        s.submit(req(2, 1, 300, 10.0), 0.0);
+        assert_eq!(s.snapshot().queued.get(&1), Some(&1));
+    }
+
+    #[test]
+    fn retired_models_unload_when_idle_and_new_types_can_be_added() {
+        let mut s = sched(Policy::Slinfer, &[(DeviceKind::Cpu, 1 << 20)], FAST);
+        s.cfg.keep_alive_s = [300.0, 300.0];
+        let t = s.add_model_type(spec());
+        assert_eq!(t, ModelTypeId(1));
+        let mut r = req(1, 7, 100, 1.0);
+        r.model_type = t;
+        s.submit(r, 0.0);
+        let i = s.by_model[&7][0];
+        settle(&mut s, 0.0);
+        // Busy: retiring waits for the request to end.
+        s.retire_model(7, 0.1);
+        assert!(!s.instances[&i].retiring);
+        let done = RequestOutcome {
+            request: 1,
+            tokens: 1,
+            finished: true,
+        };
+        s.iteration_done(0, i, &[done], 0.2);
+        s.tick(0.2);
+        let cmds = settle(&mut s, 0.2);
+        assert!(
+            cmds.iter().any(|c| matches!(c, Command::Action { instance, op: ActionOp::Unload, .. } if *instance == i)),
+            "{cmds:?}"
+        );
     }
 
     #[test]
