@@ -2,7 +2,8 @@
 //!
 //! The platform binary's library: the HTTP API (`api`), function packages and
 //! their on-disk store and registry (`functions`), the WebAssembly sandbox
-//! (`sandbox`), metrics, and the command-line clients (`cli`). It turns an
+//! (`sandbox`), the live inference path (`inference`), model packages
+//! (`models`), metrics, and the command-line clients (`cli`). It turns an
 //! HTTP request for `/fn/{name}/...` into a fresh, limited instance of that
 //! function's component.
 //!
@@ -17,5 +18,6 @@ pub mod functions;
 pub mod inference;
 pub mod limits;
 pub mod metrics;
+pub mod models;
 pub mod sandbox;
 pub mod server;

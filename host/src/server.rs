@@ -9,17 +9,21 @@ use anyhow::Context;
 
 use crate::api::{AppState, router};
 use crate::functions::Functions;
-use crate::inference::Inference;
+use crate::inference::{Inference, InferenceOptions};
 use crate::limits::HostLimits;
-use crate::metrics::Metrics;
+use crate::metrics::{LlmMetrics, Metrics};
+use crate::models::Models;
 
 /// Settings of a running server.
 pub struct ServeOptions {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub admin_token_file: Option<PathBuf>,
-    /// Model packages (`<name>/model.toml`); inference is off without any.
+    /// Model packages (`<name>/model.toml`), served and imported into.
     pub models_dir: PathBuf,
+    /// The project virtualenv (the `openvino` wheel, the importer's
+    /// packages); default `$SLINFER_VENV`.
+    pub venv: Option<PathBuf>,
     pub host: HostLimits,
 }
 
@@ -70,7 +74,13 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     }
     let token = admin_token(&opts)?;
     let metrics = Arc::new(Metrics::new());
-    let inference = start_inference(&opts.models_dir);
+    let inference = start_inference(&opts.models_dir, opts.venv.clone(), metrics.llm.clone());
+    let models = Arc::new(Models::new(
+        &opts.models_dir,
+        opts.venv.as_deref(),
+        &opts.data_dir.join("cache/models"),
+        inference.clone(),
+    ));
     let functions = Arc::new(Functions::open(
         &opts.data_dir,
         opts.host,
@@ -79,6 +89,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     )?);
     let state = AppState {
         functions,
+        models,
         metrics,
         admin_token: token.into(),
         max_package_bytes: opts.host.max_package_bytes,
@@ -96,17 +107,24 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Start the inference room on `models_dir`. Without models (or without an
-/// engine) the platform still serves; `slinfer:llm` then answers
-/// "model not found".
-fn start_inference(models_dir: &Path) -> Option<Arc<Inference>> {
-    let has_models = std::fs::read_dir(models_dir)
-        .is_ok_and(|rd| rd.flatten().any(|e| e.path().join("model.toml").is_file()));
-    if !has_models {
-        tracing::info!(models_dir = %models_dir.display(), "no models installed: inference is off");
+/// Start the inference room on `models_dir` (models can be imported later).
+/// Without an engine the platform still serves; `slinfer:llm` then answers
+/// "model not found" and `/v1/models` "inference is off".
+fn start_inference(
+    models_dir: &Path,
+    venv: Option<PathBuf>,
+    metrics: Arc<LlmMetrics>,
+) -> Option<Arc<Inference>> {
+    if let Err(e) = std::fs::create_dir_all(models_dir) {
+        tracing::warn!(models_dir = %models_dir.display(), "inference is off: {e}");
         return None;
     }
-    match Inference::start(models_dir) {
+    let options = InferenceOptions {
+        venv,
+        metrics: Some(metrics),
+        ..Default::default()
+    };
+    match Inference::start_with(models_dir, &options) {
         Ok(i) => {
             tracing::info!(models = ?i.models(), "inference ready");
             Some(i)

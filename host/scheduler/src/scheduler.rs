@@ -336,7 +336,7 @@ pub struct InstanceSnapshot {
 }
 
 /// A read-only picture of the scheduler, for metrics and `slinfer status`.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Snapshot {
     pub nodes: Vec<NodeSnapshot>,
     pub instances: Vec<InstanceSnapshot>,

@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use crate::functions::package::PackageError;
 use crate::functions::{DeployError, InvokeFailure};
 use crate::limits::RETRY_AFTER_S;
+use crate::models::ModelsError;
 use crate::sandbox::{InvokeError, LoadError};
 
 /// An error the API answers with.
@@ -99,5 +100,19 @@ impl From<DeployError> for ApiError {
             }
         };
         ApiError::new(status, kind, message)
+    }
+}
+
+impl From<ModelsError> for ApiError {
+    fn from(e: ModelsError) -> ApiError {
+        let status = match &e {
+            ModelsError::InferenceOff => StatusCode::SERVICE_UNAVAILABLE,
+            ModelsError::BadName(_) | ModelsError::SourceMissing(_) => StatusCode::BAD_REQUEST,
+            ModelsError::Exists(_) | ModelsError::Busy(_) => StatusCode::CONFLICT,
+            ModelsError::NotFound(_) => StatusCode::NOT_FOUND,
+            ModelsError::Import(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ModelsError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.kind(), e.to_string())
     }
 }

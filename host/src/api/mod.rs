@@ -1,11 +1,13 @@
-//! The HTTP API (axum): function management under `/v1/functions` (admin
-//! token required), invocation under `/fn/{name}/...`, `/healthz` and
+//! The HTTP API (axum): function management under `/v1/functions`, model
+//! packages under `/v1/models` and the scheduler's state at `/v1/status`
+//! (admin token required), invocation under `/fn/{name}/...`, `/healthz` and
 //! `/metrics`.
 //!
 //! This room translates between HTTP and the `functions` room; it holds no
 //! state of its own beyond the admin token.
 
 mod error;
+mod models;
 
 use std::sync::Arc;
 
@@ -24,6 +26,7 @@ pub use error::ApiError;
 #[derive(Clone)]
 pub struct AppState {
     pub functions: Arc<Functions>,
+    pub models: Arc<crate::models::Models>,
     pub metrics: Arc<Metrics>,
     pub admin_token: Arc<str>,
     pub max_package_bytes: u64,
@@ -39,6 +42,12 @@ pub fn router(state: AppState) -> Router {
                 .put(deploy_function)
                 .delete(delete_function),
         )
+        .route("/v1/models", get(models::list))
+        .route(
+            "/v1/models/{name}",
+            get(models::show).put(models::import).delete(models::remove),
+        )
+        .route("/v1/status", get(models::status))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .merge(admin)
@@ -180,6 +189,9 @@ async fn invoke(
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    if let Some(i) = state.models.inference() {
+        i.refresh_metrics();
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -1,4 +1,4 @@
-//! HTTP clients for `deploy`, `functions` and `invoke`.
+//! HTTP clients for `deploy`, `functions`, `models`, `status` and `invoke`.
 
 use std::io::Write;
 use std::path::Path;
@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use futures::StreamExt;
 
-use super::{ClientArgs, FunctionsAction, default_data_dir};
+use super::{ClientArgs, FunctionsAction, ModelsAction, default_data_dir};
 use crate::functions::package;
 use crate::limits::HostLimits;
 use crate::server::admin_token_path;
@@ -66,6 +66,29 @@ async fn check(resp: reqwest::Response) -> anyhow::Result<reqwest::Response> {
     bail!("{status}: {message}")
 }
 
+/// GET an admin route's JSON.
+async fn get_json(c: &ClientArgs, token: &str, path: &str) -> anyhow::Result<serde_json::Value> {
+    let resp = reqwest::Client::new()
+        .get(url(c, path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .with_context(|| format!("connecting to {}", c.server))?;
+    Ok(check(resp).await?.json().await?)
+}
+
+/// DELETE an admin resource.
+async fn delete(c: &ClientArgs, token: &str, path: &str) -> anyhow::Result<()> {
+    let resp = reqwest::Client::new()
+        .delete(url(c, path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .with_context(|| format!("connecting to {}", c.server))?;
+    check(resp).await?;
+    Ok(())
+}
+
 pub async fn deploy(c: &ClientArgs, dir: &Path) -> anyhow::Result<()> {
     let (manifest, archive) = package::pack(dir, &HostLimits::default())
         .with_context(|| format!("packing {}", dir.display()))?;
@@ -87,16 +110,11 @@ pub async fn deploy(c: &ClientArgs, dir: &Path) -> anyhow::Result<()> {
 }
 
 pub async fn functions(c: &ClientArgs, action: FunctionsAction) -> anyhow::Result<()> {
-    let http = reqwest::Client::new();
     let token = token(c)?;
     match action {
         FunctionsAction::Ls => {
-            let resp = http
-                .get(url(c, "/v1/functions"))
-                .bearer_auth(&token)
-                .send()
-                .await?;
-            let all: Vec<serde_json::Value> = check(resp).await?.json().await?;
+            let all: Vec<serde_json::Value> =
+                serde_json::from_value(get_json(c, &token, "/v1/functions").await?)?;
             println!("{:<24} {:<16} {:>12}", "NAME", "DIGEST", "DEPLOYED_AT");
             for f in all {
                 println!(
@@ -109,24 +127,134 @@ pub async fn functions(c: &ClientArgs, action: FunctionsAction) -> anyhow::Resul
             }
         }
         FunctionsAction::Show { name } => {
-            let resp = http
-                .get(url(c, &format!("/v1/functions/{name}")))
-                .bearer_auth(&token)
-                .send()
-                .await?;
-            let info: serde_json::Value = check(resp).await?.json().await?;
+            let info = get_json(c, &token, &format!("/v1/functions/{name}")).await?;
             println!("{}", serde_json::to_string_pretty(&info)?);
         }
         FunctionsAction::Rm { name } => {
-            let resp = http
-                .delete(url(c, &format!("/v1/functions/{name}")))
-                .bearer_auth(&token)
-                .send()
-                .await?;
-            check(resp).await?;
+            delete(c, &token, &format!("/v1/functions/{name}")).await?;
             println!("removed {name}");
         }
     }
+    Ok(())
+}
+
+/// The package name a source imports under when `--name` is not given.
+fn derived_name(source: &str) -> String {
+    if source == "default" {
+        return crate::models::DEFAULT_MODEL.to_string();
+    }
+    let p = Path::new(source.trim_end_matches('/'));
+    let stem = p
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    let name: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    name.trim_start_matches(['.', '_', '-']).to_string()
+}
+
+async fn import_model(
+    c: &ClientArgs,
+    token: &str,
+    source: &str,
+    name: Option<String>,
+) -> anyhow::Result<()> {
+    let name = name.unwrap_or_else(|| derived_name(source));
+    let req = reqwest::Client::new()
+        .put(url(c, &format!("/v1/models/{name}")))
+        .bearer_auth(token);
+    let path = Path::new(source);
+    let req = if source == "default" {
+        req.json(&serde_json::json!({"source": "default"}))
+    } else if path.is_dir() {
+        let abs =
+            std::fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
+        req.json(&serde_json::json!({"source": abs}))
+    } else {
+        let file = tokio::fs::File::open(path)
+            .await
+            .with_context(|| format!("opening {}", path.display()))?;
+        eprintln!("uploading {}", path.display());
+        req.header("content-type", "application/octet-stream")
+            .body(reqwest::Body::from(file))
+    };
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("connecting to {}", c.server))?;
+    let mut lines = check(resp).await?.bytes_stream();
+    let mut buf = Vec::new();
+    let mut last = serde_json::Value::Null;
+    while let Some(chunk) = lines.next().await {
+        buf.extend_from_slice(&chunk?);
+        while let Some(i) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            let v: serde_json::Value = serde_json::from_slice(&line)?;
+            if let Some(p) = v["progress"].as_str() {
+                eprintln!("{p}");
+            } else {
+                last = v;
+            }
+        }
+    }
+    if let Some(m) = last["error"]["message"].as_str() {
+        bail!("{m}");
+    }
+    anyhow::ensure!(
+        last["model"].is_object(),
+        "the server ended the import without a result"
+    );
+    println!("imported {name}");
+    Ok(())
+}
+
+pub async fn models(c: &ClientArgs, action: ModelsAction) -> anyhow::Result<()> {
+    let token = token(c)?;
+    match action {
+        ModelsAction::Import { source, name } => {
+            import_model(c, &token, &source, name).await?;
+        }
+        ModelsAction::Ls => {
+            let all: Vec<serde_json::Value> =
+                serde_json::from_value(get_json(c, &token, "/v1/models").await?)?;
+            println!(
+                "{:<32} {:<8} {:>8} {:>12} {:>14}",
+                "NAME", "FAMILY", "CONTEXT", "KV_B/TOKEN", "WEIGHTS_BYTES"
+            );
+            for m in all {
+                println!(
+                    "{:<32} {:<8} {:>8} {:>12} {:>14}",
+                    m["name"].as_str().unwrap_or_default(),
+                    m["family"].as_str().unwrap_or_default(),
+                    m["context_length_tokens"],
+                    m["kv_bytes_per_token"],
+                    m["weights_bytes"]
+                );
+            }
+        }
+        ModelsAction::Show { name } => {
+            let info = get_json(c, &token, &format!("/v1/models/{name}")).await?;
+            println!("{}", serde_json::to_string_pretty(&info)?);
+        }
+        ModelsAction::Rm { name } => {
+            delete(c, &token, &format!("/v1/models/{name}")).await?;
+            println!("removed {name}");
+        }
+    }
+    Ok(())
+}
+
+pub async fn status(c: &ClientArgs) -> anyhow::Result<()> {
+    let v = get_json(c, &token(c)?, "/v1/status").await?;
+    println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(())
 }
 

@@ -1,5 +1,6 @@
 //! The `slinfer` command line: `serve` runs the platform; `deploy`,
-//! `functions` and `invoke` are thin clients of its HTTP API; `simulate`
+//! `functions`, `models`, `status` and `invoke` are thin clients of its HTTP
+//! API; `simulate`
 //! runs the scheduler simulator.
 
 mod client;
@@ -42,6 +43,18 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Import, list, show or remove the models the server serves.
+    Models {
+        #[command(subcommand)]
+        action: ModelsAction,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print the live scheduler's state (devices, models, instances, KV, queues) as JSON.
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Invoke a function over HTTP and print its response body.
     Invoke(client::InvokeArgs),
     /// Run the scheduler simulator on a trace.
@@ -55,6 +68,25 @@ pub enum FunctionsAction {
     /// Show one function: manifest, digest, deploy time, limits.
     Show { name: String },
     /// Remove a function.
+    Rm { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ModelsAction {
+    /// Import a model: `default` (SmolLM2-135M-Instruct), a `.gguf` file
+    /// (uploaded), or an OpenVINO IR folder (a path the server can read).
+    Import {
+        source: String,
+        /// Package name (default: `smollm2-135m-instruct` for `default`,
+        /// else derived from the file or folder name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List the models served.
+    Ls,
+    /// Show one model's architecture numbers.
+    Show { name: String },
+    /// Stop serving a model and delete its package.
     Rm { name: String },
 }
 
@@ -72,6 +104,9 @@ pub struct ServeArgs {
     /// Model packages (default: `<data-dir>/models`).
     #[arg(long, env = "SLINFER_MODELS_DIR")]
     pub models_dir: Option<PathBuf>,
+    /// The project virtualenv (`openvino` wheel; model import).
+    #[arg(long, env = "SLINFER_VENV")]
+    pub venv: Option<PathBuf>,
     /// Instances alive at once across all functions.
     #[arg(long, default_value_t = HostLimits::default().total_instances)]
     pub max_instances: u32,
@@ -124,6 +159,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 models_dir: a.models_dir.unwrap_or_else(|| data_dir.join("models")),
                 data_dir,
                 admin_token_file: a.admin_token_file,
+                venv: a.venv,
                 host: HostLimits {
                     total_instances: a.max_instances,
                     ..HostLimits::default()
@@ -132,6 +168,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Deploy { path, client } => rt()?.block_on(client::deploy(&client, &path)),
         Command::Functions { action, client } => rt()?.block_on(client::functions(&client, action)),
+        Command::Models { action, client } => rt()?.block_on(client::models(&client, action)),
+        Command::Status { client } => rt()?.block_on(client::status(&client)),
         Command::Invoke(a) => rt()?.block_on(client::invoke(a)),
         Command::Simulate(a) => simulate::run(a),
     }

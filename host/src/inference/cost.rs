@@ -67,6 +67,14 @@ impl LiveCost {
             .unwrap_or_else(|| Costs::estimate(1 << 30))
     }
 
+    /// Adds the estimate of a model type registered at run time.
+    pub fn push(&self, costs: Costs) {
+        self.0
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(costs);
+    }
+
     pub fn update(&self, model: ModelTypeId, f: impl FnOnce(&mut Costs)) {
         let mut v = self.0.write().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = v.get_mut(model.0 as usize) {

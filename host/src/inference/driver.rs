@@ -12,8 +12,10 @@ use slinfer_engine::{
 };
 use slinfer_scheduler::{
     ActionOp, Command, DeviceKind, DropReason, InstanceId, ModelSpec, ModelTypeId, NodeId,
-    NodeSpec, Policy, Request, RequestId, RequestOutcome, Scheduler, SchedulerConfig,
+    NodeSpec, Policy, Request, RequestId, RequestOutcome, Scheduler, SchedulerConfig, Snapshot,
 };
+
+use crate::metrics::{DeviceLabels, LlmMetrics, ModelLabel, OutcomeLabels, SloLabels};
 
 use super::cost::{Costs, LiveCost};
 use super::text::{Detokenizer, Step};
@@ -25,6 +27,9 @@ use super::{
 /// KV block size the scheduler plans with on the CPU (bytes are what
 /// matter: the engine converts the granted bytes to its own blocks).
 const CPU_BLOCK_TOKENS: u64 = 32;
+/// Instances the CPU device may host at once (of any models; memory and
+/// the time-slice checks decide within this).
+const CPU_INSTANCE_SLOTS: u32 = 8;
 /// Smallest KV pool of a loaded instance, in tokens (the scheduler scales
 /// it with the live requests' needs plus look-ahead, and back).
 const MIN_INSTANCE_TOKENS: u64 = 1024;
@@ -40,9 +45,17 @@ const LOAD_RETRY_S: f64 = 10.0;
 pub(crate) struct SharedStats {
     live: Mutex<usize>,
     instances: Mutex<HashMap<InstanceId, InstanceStats>>,
+    scheduler: Mutex<Snapshot>,
 }
 
 impl SharedStats {
+    pub(crate) fn scheduler(&self) -> Snapshot {
+        self.scheduler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub(crate) fn snapshot(&self) -> InferenceStats {
         let live = *self.live.lock().unwrap_or_else(|e| e.into_inner());
         let mut instances: Vec<InstanceStats> = self
@@ -90,6 +103,9 @@ pub(crate) struct GenInit {
     pub context_tokens: u32,
     pub tx: tokio::sync::mpsc::UnboundedSender<Event>,
     pub cancelled: Arc<AtomicBool>,
+    pub ttft_slo_s: f64,
+    pub tpot_slo_s: f64,
+    pub metrics: Arc<LlmMetrics>,
 }
 
 /// One request's generation state; it travels to the worker for a run and
@@ -112,6 +128,11 @@ pub(crate) struct GenState {
     ended: bool,
     /// Instance holding its KV sequence.
     instance: Option<InstanceId>,
+    ttft_slo_s: f64,
+    tpot_slo_s: f64,
+    /// Tokens sampled (EOS included).
+    sampled: u32,
+    metrics: Arc<LlmMetrics>,
 }
 
 impl GenState {
@@ -131,6 +152,33 @@ impl GenState {
             ttft_s: None,
             ended: false,
             instance: None,
+            ttft_slo_s: i.ttft_slo_s,
+            tpot_slo_s: i.tpot_slo_s,
+            sampled: 0,
+            metrics: i.metrics,
+        }
+    }
+
+    /// Counts how the request ended; `slo_met` is None when it does not
+    /// count towards the SLO (cancelled, failed).
+    fn record(&self, outcome: &str, slo_met: Option<bool>) {
+        let model = &self.model.name;
+        self.metrics
+            .requests
+            .get_or_create(&OutcomeLabels {
+                model: model.clone(),
+                outcome: outcome.into(),
+            })
+            .inc();
+        if let Some(met) = slo_met {
+            let result = if met { "met" } else { "missed" };
+            self.metrics
+                .slo
+                .get_or_create(&SloLabels {
+                    model: model.clone(),
+                    result: result.into(),
+                })
+                .inc();
         }
     }
 
@@ -141,6 +189,11 @@ impl GenState {
     fn fail(&mut self, e: InferenceError) {
         if !self.ended {
             self.ended = true;
+            match &e {
+                InferenceError::Overloaded { .. } => self.record("overloaded", Some(false)),
+                InferenceError::DeadlineMissed => self.record("deadline_missed", Some(false)),
+                _ => self.record("failed", None),
+            }
             let _ = self.tx.send(Event::Error(e));
         }
     }
@@ -151,6 +204,19 @@ impl GenState {
             let _ = self.tx.send(Event::Text(tail));
         }
         self.ended = true;
+        let ttft_s = self.ttft_s.unwrap_or(0.0);
+        let label = ModelLabel {
+            model: self.model.name.clone(),
+        };
+        self.metrics.ttft.get_or_create(&label).observe(ttft_s);
+        let mut met = ttft_s <= self.ttft_slo_s;
+        if self.sampled > 1 {
+            let decode_s = self.submitted.elapsed().as_secs_f64() - ttft_s;
+            let tpot_s = decode_s / f64::from(self.sampled - 1);
+            self.metrics.tpot.get_or_create(&label).observe(tpot_s);
+            met &= tpot_s <= self.tpot_slo_s;
+        }
+        self.record("finished", Some(met));
         let _ = self.tx.send(Event::Done(Usage {
             prompt_tokens: self.prompt.len() as u32,
             generated_tokens: self.generated.len() as u32,
@@ -165,6 +231,7 @@ impl GenState {
         history.extend_from_slice(&self.prompt);
         history.extend_from_slice(&self.generated);
         let token = self.sampler.sample(logits, &history);
+        self.sampled += 1;
         if self.ttft_s.is_none() {
             self.ttft_s = Some(self.submitted.elapsed().as_secs_f64());
             let _ = self.tx.send(Event::Started);
@@ -207,11 +274,13 @@ pub(crate) enum Msg {
     Submit {
         model: usize,
         function: u32,
-        ttft_slo_s: f64,
-        tpot_slo_s: f64,
         state: Box<GenState>,
     },
     Cancel(RequestId),
+    /// A model imported while the host runs; its id is the next index.
+    AddModel(Arc<ModelEntry>),
+    /// Take a model out of service (see `Scheduler::retire_model`).
+    RetireModel(usize),
     ActionDone {
         node: NodeId,
         action: u64,
@@ -261,8 +330,29 @@ struct Driver {
     t0: Instant,
     reqs: HashMap<RequestId, Slot>,
     workers: HashMap<InstanceId, Sender<Job>>,
+    /// Metric labels of each instance (model, device).
+    labels: HashMap<InstanceId, DeviceLabels>,
+    /// Device kind of each scheduler node.
+    kinds: Vec<DeviceKind>,
     me: Sender<Msg>,
     stats: Arc<SharedStats>,
+    metrics: Arc<LlmMetrics>,
+}
+
+/// What the scheduler knows of a model on this host's CPU.
+fn model_spec(m: &ModelEntry) -> ModelSpec {
+    ModelSpec {
+        name: m.name.clone(),
+        weights_bytes: m.weights_bytes,
+        kv_bytes_per_token: m.package.manifest.kv_bytes_per_token.max(1),
+        block_tokens: [CPU_BLOCK_TOKENS, 16],
+        // Unused: CPU pools scale (`cpu_kv_scales`).
+        cpu_kv_bytes: 0,
+        slots_per_node: [CPU_INSTANCE_SLOTS, 0],
+        sllm_exclusive_cap: [None, None],
+        sllm_half_share_cap: [None, None],
+        gpu_decode_quota: 8,
+    }
 }
 
 /// Starts the driver thread; returns its inbox.
@@ -271,24 +361,9 @@ pub(crate) fn spawn(
     backend: Arc<dyn Backend>,
     capacity_bytes: u64,
     stats: Arc<SharedStats>,
+    metrics: Arc<LlmMetrics>,
 ) -> anyhow::Result<Sender<Msg>> {
-    let specs: Vec<ModelSpec> = models
-        .iter()
-        .map(|m| {
-            ModelSpec {
-                name: m.name.clone(),
-                weights_bytes: m.weights_bytes,
-                kv_bytes_per_token: m.package.manifest.kv_bytes_per_token.max(1),
-                block_tokens: [CPU_BLOCK_TOKENS, 16],
-                // Unused: CPU pools scale (`cpu_kv_scales`).
-                cpu_kv_bytes: 0,
-                slots_per_node: [1, 0],
-                sllm_exclusive_cap: [None, None],
-                sllm_half_share_cap: [None, None],
-                gpu_decode_quota: 8,
-            }
-        })
-        .collect();
+    let specs: Vec<ModelSpec> = models.iter().map(|m| model_spec(m)).collect();
     let cost = LiveCost::new(
         models
             .iter()
@@ -304,7 +379,7 @@ pub(crate) fn spawn(
         kind: DeviceKind::Cpu,
         capacity_bytes,
     }];
-    let sched = Scheduler::new(cfg, specs, nodes, cost.clone());
+    let sched = Scheduler::new(cfg, specs, nodes.clone(), cost.clone());
     let (tx, rx) = channel();
     let mut d = Driver {
         sched,
@@ -314,8 +389,11 @@ pub(crate) fn spawn(
         t0: Instant::now(),
         reqs: HashMap::new(),
         workers: HashMap::new(),
+        labels: HashMap::new(),
+        kinds: nodes.iter().map(|n| n.kind).collect(),
         me: tx.clone(),
         stats,
+        metrics,
     };
     std::thread::Builder::new()
         .name("slinfer-inference-driver".into())
@@ -350,6 +428,11 @@ impl Driver {
                 self.execute(c);
             }
             *self.stats.live.lock().unwrap_or_else(|e| e.into_inner()) = self.reqs.len();
+            *self
+                .stats
+                .scheduler
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = self.sched.snapshot();
         }
     }
 
@@ -359,10 +442,9 @@ impl Driver {
             Msg::Submit {
                 model,
                 function,
-                ttft_slo_s,
-                tpot_slo_s,
                 state,
             } => {
+                let (ttft_slo_s, tpot_slo_s) = (state.ttft_slo_s, state.tpot_slo_s);
                 let id = state.id;
                 let input_tokens = state.prompt.len() as u64;
                 if state.cancelled() {
@@ -399,6 +481,13 @@ impl Driver {
                 self.sched.cancel(id, now);
             }
             Msg::ActionDone { node, action } => self.sched.action_done(node, action, now),
+            Msg::AddModel(entry) => {
+                let t = self.sched.add_model_type(model_spec(&entry));
+                debug_assert_eq!(t.0 as usize, self.models.len());
+                self.cost.push(Costs::estimate(entry.weights_bytes));
+                self.models.push(entry);
+            }
+            Msg::RetireModel(model) => self.sched.retire_model(model as u32, now),
             Msg::RunDone {
                 node,
                 instance,
@@ -452,6 +541,12 @@ impl Driver {
                 ..
             } => match op {
                 ActionOp::Load { kv_bytes, .. } => {
+                    let labels = DeviceLabels {
+                        model: self.models[model as usize].name.clone(),
+                        device: format!("{}:{node}", self.kinds[node].name()),
+                    };
+                    self.metrics.cold_starts.get_or_create(&labels).inc();
+                    self.labels.insert(instance, labels);
                     let (tx, rx) = channel();
                     let w = Worker {
                         id: instance,
@@ -492,6 +587,7 @@ impl Driver {
                 ActionOp::Unload => {
                     self.send_job(instance, node, action, Job::Unload { node, action });
                     self.workers.remove(&instance);
+                    self.labels.remove(&instance);
                 }
             },
             Command::Run {
@@ -539,6 +635,12 @@ impl Driver {
                 }
             }
             Command::Preempt { instance, requests } => {
+                if let Some(l) = self.labels.get(&instance) {
+                    self.metrics
+                        .preemptions
+                        .get_or_create(l)
+                        .inc_by(requests.len() as u64);
+                }
                 for id in &requests {
                     if let Some(slot) = self.reqs.get_mut(id) {
                         slot.instance = None;

@@ -24,9 +24,11 @@ mod text;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use slinfer_engine::package::ModelPackage;
+
+use crate::metrics::{DeviceLabels, LlmMetrics, ModelLabel, OutcomeLabels};
 use tokio::sync::mpsc;
 
 /// TTFT SLO when the caller passes 0 (seconds; this CPU, small models).
@@ -62,6 +64,8 @@ pub enum InferenceError {
     Engine(String),
     #[error("invalid parameters: {0}")]
     InvalidParams(String),
+    #[error("model {0:?} is already registered")]
+    ModelExists(String),
 }
 
 /// A generation request.
@@ -134,6 +138,66 @@ pub struct InstanceStats {
     pub kv_blocks_capacity: usize,
 }
 
+/// A served model, as `slinfer models ls` and the status show it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ModelInfo {
+    pub name: String,
+    pub family: String,
+    pub source: String,
+    pub num_layers: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub context_length_tokens: usize,
+    pub kv_bytes_per_token: u64,
+    pub weights_bytes: u64,
+}
+
+impl ModelInfo {
+    fn of(m: &ModelEntry) -> ModelInfo {
+        let (man, cfg) = (&m.package.manifest, &m.package.manifest.config);
+        ModelInfo {
+            name: m.name.clone(),
+            family: cfg.family.clone(),
+            source: man.source.clone(),
+            num_layers: cfg.num_layers,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            vocab_size: cfg.vocab_size,
+            context_length_tokens: cfg.context_length_tokens,
+            kv_bytes_per_token: man.kv_bytes_per_token,
+            weights_bytes: m.weights_bytes,
+        }
+    }
+}
+
+/// The live scheduler's state (`GET /v1/status`, `slinfer status`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InferenceStatus {
+    pub devices: Vec<slinfer_scheduler::NodeSnapshot>,
+    pub models: Vec<ModelStatus>,
+    pub live_requests: usize,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelStatus {
+    #[serde(flatten)]
+    pub info: ModelInfo,
+    pub queued_requests: usize,
+    pub instances: Vec<InstanceStatus>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InstanceStatus {
+    /// `cpu:0`: device kind and scheduler node.
+    pub device: String,
+    #[serde(flatten)]
+    pub scheduler: slinfer_scheduler::InstanceSnapshot,
+    /// What the engine holds (absent while loading).
+    pub kv_blocks_in_use: Option<usize>,
+    pub kv_blocks_capacity: Option<usize>,
+}
+
 /// What a request's stream receives.
 #[derive(Debug)]
 pub(crate) enum Event {
@@ -167,19 +231,30 @@ const _: () = {
 };
 
 /// Options of [`Inference::start_with`].
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct InferenceOptions {
     /// The virtualenv with the `openvino` wheel; default `$SLINFER_VENV`.
     pub venv: Option<PathBuf>,
     /// Memory the CPU device may hold for instances; default: see
     /// [`MEMORY_MARGIN_BYTES`].
     pub memory_bytes: Option<u64>,
+    /// Where request outcomes and scheduler state are recorded (the host's
+    /// `/metrics`); default: a private set.
+    pub metrics: Option<Arc<LlmMetrics>>,
+}
+
+/// The served models: ids index `all` and never change (a removed model's
+/// entry stays, unnamed, for requests still running on it).
+#[derive(Default)]
+struct Models {
+    all: Vec<Arc<ModelEntry>>,
+    by_name: HashMap<String, usize>,
 }
 
 /// The inference service; share it as `Arc<Inference>`.
 pub struct Inference {
-    models: Vec<Arc<ModelEntry>>,
-    by_name: HashMap<String, usize>,
+    models: RwLock<Models>,
+    metrics: Arc<LlmMetrics>,
     to_driver: Mutex<std::sync::mpsc::Sender<driver::Msg>>,
     next_id: AtomicU64,
     stats: Arc<driver::SharedStats>,
@@ -199,24 +274,27 @@ impl Inference {
         models_dir: &Path,
         options: &InferenceOptions,
     ) -> anyhow::Result<Arc<Inference>> {
-        let mut models = Vec::new();
+        let mut models = Models::default();
         let mut entries: Vec<PathBuf> = std::fs::read_dir(models_dir)
             .map_err(|e| anyhow::anyhow!("models dir {}: {e}", models_dir.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
+            // Hidden folders are imports in progress and removed packages.
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| !n.to_string_lossy().starts_with('.'))
+            })
             .filter(|p| p.join("model.toml").is_file())
             .collect();
         entries.sort();
         for dir in entries {
             match open_model(&dir) {
-                Ok(m) => models.push(Arc::new(m)),
+                Ok(m) => {
+                    models.by_name.insert(m.name.clone(), models.all.len());
+                    models.all.push(Arc::new(m));
+                }
                 Err(e) => tracing::warn!("skipping model {}: {e:#}", dir.display()),
             }
         }
-        let by_name = models
-            .iter()
-            .enumerate()
-            .map(|(i, m)| (m.name.clone(), i))
-            .collect();
         let backend = slinfer_openvino::OpenVinoBackend::new(&slinfer_openvino::BackendOptions {
             venv: options.venv.clone(),
             ..Default::default()
@@ -224,10 +302,17 @@ impl Inference {
         .map_err(|e| anyhow::anyhow!("OpenVINO CPU engine: {e}"))?;
         let capacity = options.memory_bytes.unwrap_or_else(memory_budget);
         let stats = Arc::new(driver::SharedStats::default());
-        let tx = driver::spawn(models.clone(), Arc::new(backend), capacity, stats.clone())?;
+        let metrics = options.metrics.clone().unwrap_or_default();
+        let tx = driver::spawn(
+            models.all.clone(),
+            Arc::new(backend),
+            capacity,
+            stats.clone(),
+            metrics.clone(),
+        )?;
         Ok(Arc::new(Inference {
-            models,
-            by_name,
+            models: RwLock::new(models),
+            metrics,
             to_driver: Mutex::new(tx),
             next_id: AtomicU64::new(1),
             stats,
@@ -235,15 +320,66 @@ impl Inference {
         }))
     }
 
-    /// Names of the models in the models dir.
-    pub fn models(&self) -> Vec<String> {
-        self.models.iter().map(|m| m.name.clone()).collect()
+    fn send(&self, msg: driver::Msg) -> Result<(), InferenceError> {
+        self.to_driver
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(msg)
+            .map_err(|_| InferenceError::Engine("the inference driver has stopped".into()))
     }
 
-    fn model(&self, name: &str) -> Result<(usize, &Arc<ModelEntry>), InferenceError> {
-        self.by_name
+    /// Serves the model package in `dir` (imported while the host runs);
+    /// returns its name.
+    pub fn add_model(&self, dir: &Path) -> Result<String, InferenceError> {
+        let entry =
+            Arc::new(open_model(dir).map_err(|e| InferenceError::Engine(format!("{e:#}")))?);
+        let name = entry.name.clone();
+        let mut models = self.models.write().unwrap_or_else(|e| e.into_inner());
+        if models.by_name.contains_key(&name) {
+            return Err(InferenceError::ModelExists(name));
+        }
+        // Under the lock, so the driver learns models in id order.
+        self.send(driver::Msg::AddModel(entry.clone()))?;
+        let id = models.all.len();
+        models.by_name.insert(name.clone(), id);
+        models.all.push(entry);
+        Ok(name)
+    }
+
+    /// Stops serving `name`: new requests get `ModelNotFound` at once;
+    /// requests already running finish, then its instances unload.
+    pub fn remove_model(&self, name: &str) -> Result<(), InferenceError> {
+        let mut models = self.models.write().unwrap_or_else(|e| e.into_inner());
+        let idx = models
+            .by_name
+            .remove(name)
+            .ok_or_else(|| InferenceError::ModelNotFound(name.to_string()))?;
+        self.send(driver::Msg::RetireModel(idx))
+    }
+
+    /// The models served now.
+    pub fn model_infos(&self) -> Vec<ModelInfo> {
+        let models = self.models.read().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<ModelInfo> = models
+            .by_name
+            .values()
+            .map(|&i| ModelInfo::of(&models.all[i]))
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Names of the models served now, sorted.
+    pub fn models(&self) -> Vec<String> {
+        self.model_infos().into_iter().map(|m| m.name).collect()
+    }
+
+    fn model(&self, name: &str) -> Result<(usize, Arc<ModelEntry>), InferenceError> {
+        let models = self.models.read().unwrap_or_else(|e| e.into_inner());
+        models
+            .by_name
             .get(name)
-            .map(|&i| (i, &self.models[i]))
+            .map(|&i| (i, models.all[i].clone()))
             .ok_or_else(|| InferenceError::ModelNotFound(name.to_string()))
     }
 
@@ -293,6 +429,74 @@ impl Inference {
     /// Live requests and KV blocks in use per instance.
     pub fn stats(&self) -> InferenceStats {
         self.stats.snapshot()
+    }
+
+    /// The scheduler's view of devices, models and instances, with what the
+    /// engine holds.
+    pub fn status(&self) -> InferenceStatus {
+        let snap = self.stats.scheduler();
+        let engine = self.stats.snapshot();
+        let models = self.models.read().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<ModelStatus> = models
+            .by_name
+            .values()
+            .map(|&idx| ModelStatus {
+                info: ModelInfo::of(&models.all[idx]),
+                queued_requests: snap.queued.get(&(idx as u32)).copied().unwrap_or(0),
+                instances: snap
+                    .instances
+                    .iter()
+                    .filter(|i| i.model == idx as u32)
+                    .map(|i| {
+                        let e = engine.instances.iter().find(|e| e.instance == i.instance);
+                        InstanceStatus {
+                            device: format!("{}:{}", i.kind.name(), i.node),
+                            scheduler: i.clone(),
+                            kv_blocks_in_use: e.map(|e| e.kv_blocks_in_use),
+                            kv_blocks_capacity: e.map(|e| e.kv_blocks_capacity),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.info.name.cmp(&b.info.name));
+        InferenceStatus {
+            devices: snap.nodes,
+            models: out,
+            live_requests: engine.live_requests,
+        }
+    }
+
+    /// Sets the scheduler-state gauges of `/metrics` from [`Self::status`].
+    pub fn refresh_metrics(&self) {
+        let status = self.status();
+        let m = &self.metrics;
+        m.clear_gauges();
+        for model in &status.models {
+            let name = &model.info.name;
+            m.queued
+                .get_or_create(&ModelLabel {
+                    model: name.clone(),
+                })
+                .set(model.queued_requests as i64);
+            for i in &model.instances {
+                let l = DeviceLabels {
+                    model: name.clone(),
+                    device: i.device.clone(),
+                };
+                m.instances.get_or_create(&l).inc();
+                m.batch.get_or_create(&l).inc_by(i.scheduler.batch as i64);
+                m.kv_blocks_committed
+                    .get_or_create(&l)
+                    .inc_by(i.scheduler.kv_blocks_committed as i64);
+                m.kv_blocks_planned
+                    .get_or_create(&l)
+                    .inc_by(i.scheduler.kv_blocks_planned as i64);
+                m.kv_blocks_in_use
+                    .get_or_create(&l)
+                    .inc_by(i.kv_blocks_in_use.unwrap_or(0) as i64);
+            }
+        }
     }
 
     /// Submit a generation; tokens flow through the returned stream, which
@@ -363,7 +567,7 @@ impl Inference {
         let cancelled = Arc::new(AtomicBool::new(false));
         let state = driver::GenState::new(driver::GenInit {
             id,
-            model: m.clone(),
+            model: m,
             prompt,
             sampling,
             max_tokens,
@@ -371,6 +575,9 @@ impl Inference {
             context_tokens: context,
             tx,
             cancelled: cancelled.clone(),
+            ttft_slo_s: ttft,
+            tpot_slo_s: tpot,
+            metrics: self.metrics.clone(),
         });
         let to_driver = self
             .to_driver
@@ -379,6 +586,8 @@ impl Inference {
             .clone();
         let mut stream = GenerationStream {
             id,
+            model: req.model.clone(),
+            metrics: self.metrics.clone(),
             rx,
             cancelled,
             to_driver: Some(to_driver.clone()),
@@ -390,8 +599,6 @@ impl Inference {
             .send(driver::Msg::Submit {
                 model: idx,
                 function,
-                ttft_slo_s: ttft,
-                tpot_slo_s: tpot,
                 state: Box::new(state),
             })
             .map_err(|_| InferenceError::Engine("the inference driver has stopped".into()))?;
@@ -471,6 +678,8 @@ fn memory_budget() -> u64 {
 /// The tokens of one generation.
 pub struct GenerationStream {
     id: u64,
+    model: String,
+    metrics: Arc<LlmMetrics>,
     rx: mpsc::UnboundedReceiver<Event>,
     cancelled: Arc<AtomicBool>,
     to_driver: Option<std::sync::mpsc::Sender<driver::Msg>>,
@@ -531,6 +740,15 @@ impl Drop for GenerationStream {
     fn drop(&mut self) {
         if self.done && self.usage.is_some() {
             return;
+        }
+        if !self.done {
+            self.metrics
+                .requests
+                .get_or_create(&OutcomeLabels {
+                    model: self.model.clone(),
+                    outcome: "cancelled".into(),
+                })
+                .inc();
         }
         self.cancelled.store(true, Ordering::Relaxed);
         if let Some(tx) = self.to_driver.take() {

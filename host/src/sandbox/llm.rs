@@ -66,6 +66,8 @@ fn convert_error(e: inference::InferenceError) -> Error {
             Error::Overloaded((retry_after_s * 1000.0).ceil() as u32)
         }
         E::DeadlineMissed => Error::DeadlineMissed,
+        // Not an answer of generate/tokenize (only of model registration).
+        e @ E::ModelExists(_) => Error::EngineError(e.to_string()),
         E::Engine(m) => Error::EngineError(m),
         E::InvalidParams(m) => Error::InvalidParams(m),
     }
