@@ -199,3 +199,55 @@ async fn errors_come_back_in_openai_format() {
         .unwrap();
     assert_eq!(models, serde_json::json!({"object": "list", "data": []}));
 }
+
+#[tokio::test]
+async fn overload_is_429_with_retry_after() {
+    let (s, _tmp) = server_with_models();
+    // A 50 ms first-token target that a burst cannot all meet. Half the
+    // requests stream: refused before the first token, they get the status too.
+    let pkg = package_variant("openai-api", |m| {
+        m.replace("ttft_ms = 5000", "ttft_ms = 50")
+            .replace("tpot_ms = 500", "tpot_ms = 200")
+    });
+    s.deploy(pkg.path());
+    let url = format!("{}/fn/openai-api/v1/completions", s.url);
+    let request = |i: usize, max_tokens: u32| {
+        client()
+            .post(&url)
+            .json(&serde_json::json!({
+                "model": MODEL,
+                "prompt": format!("Count to ten: {i}"),
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": i % 2 == 1,
+            }))
+            .send()
+    };
+    // A loaded instance first, so admission is about the burst.
+    assert_eq!(request(0, 2).await.unwrap().status(), 200);
+    let answers = futures::future::join_all((0..24).map(|i| request(i, 8))).await;
+    let (mut ok, mut overloaded) = (0, 0);
+    for resp in answers {
+        let resp = resp.unwrap();
+        match resp.status().as_u16() {
+            200 => ok += 1,
+            429 => {
+                let retry_after: u32 = resp.headers()["retry-after"]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert!(retry_after >= 1);
+                let (_, e) = error_of(resp).await;
+                assert_eq!(
+                    (&e["type"], &e["code"]),
+                    (&"rate_limit_error".into(), &"overloaded".into())
+                );
+                overloaded += 1;
+            }
+            status => panic!("unexpected {status}: {}", resp.text().await.unwrap()),
+        }
+    }
+    eprintln!("overload: {ok} finished, {overloaded} overloaded");
+    assert!(overloaded >= 1, "{ok} finished, none overloaded");
+}
