@@ -107,6 +107,11 @@ impl ApiError {
         )
     }
 
+    /// 500: the engine failed.
+    pub fn engine(message: impl Into<String>) -> Self {
+        Self::new(500, "server_error", message).code("engine_error")
+    }
+
     /// A failure of `slinfer:llm`; `prompt_param` names what held the prompt
     /// (`messages` or `prompt`).
     pub fn from_llm(e: LlmError, prompt_param: &str) -> Self {
@@ -131,9 +136,7 @@ impl ApiError {
             LlmError::DeadlineMissed => {
                 Self::new(504, "server_error", message).code("deadline_missed")
             }
-            LlmError::EngineError(_) => {
-                Self::new(500, "server_error", message).code("engine_error")
-            }
+            LlmError::EngineError(_) => Self::engine(message),
         }
     }
 

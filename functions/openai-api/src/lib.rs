@@ -163,17 +163,6 @@ impl Reply {
         })
     }
 
-    /// One choice: `content` is its `message`, `delta` or `text` member.
-    fn choice(&self, content: (&str, Value), finish: Option<FinishReason>) -> Value {
-        let mut c = json!({
-            "index": 0,
-            "logprobs": null,
-            "finish_reason": finish.map(llm::finish_reason_name),
-        });
-        c[content.0] = content.1;
-        c
-    }
-
     /// The whole answer, once generation has finished.
     fn whole(self, mut generation: Generation) -> Result<Response, ApiError> {
         let mut text = String::new();
@@ -181,29 +170,24 @@ impl Reply {
             text.push_str(&chunk.map_err(|e| ApiError::from_llm(e, self.kind.prompt_param()))?);
         }
         let usage = finished_usage(&generation)?;
-        let (object, content) = match self.kind {
+        let (object, member, content) = match self.kind {
             Kind::Chat => (
                 "chat.completion",
-                (
-                    "message",
-                    json!({"role": "assistant", "content": text, "refusal": null}),
-                ),
+                "message",
+                json!({"role": "assistant", "content": text, "refusal": null}),
             ),
-            Kind::Completion => ("text_completion", ("text", Value::from(text))),
+            Kind::Completion => ("text_completion", "text", Value::from(text)),
         };
-        let mut body = self.object(
-            object,
-            json!([self.choice(content, Some(usage.finish_reason))]),
-        );
+        let choice = choice(member, content, Some(usage.finish_reason));
+        let mut body = self.object(object, json!([choice]));
         body["usage"] = usage_object(&usage);
         Ok(Response::json(200, body.to_string()))
     }
 
     /// Server-Sent Events: chunks as the text is generated, a last chunk
     /// with the finish reason, the usage chunk if asked for, `[DONE]`.
-    fn stream(self, generation: Generation, include_usage: bool) -> Response {
+    fn stream(self, mut generation: Generation, include_usage: bool) -> Response {
         Response::stream(200, move |w| {
-            let mut generation = generation;
             let (object, member) = match self.kind {
                 Kind::Chat => ("chat.completion.chunk", "delta"),
                 Kind::Completion => ("text_completion", "text"),
@@ -221,13 +205,13 @@ impl Reply {
             };
             if self.kind == Kind::Chat {
                 let role = json!({"role": "assistant", "content": ""});
-                event(w, &chunk(json!([self.choice((member, role), None)]), None))?;
+                event(w, &chunk(json!([choice(member, role, None)]), None))?;
             }
             for text in generation.by_ref() {
                 match text {
                     Ok(text) if text.is_empty() => {}
                     Ok(text) => {
-                        let choice = self.choice((member, content(&text)), None);
+                        let choice = choice(member, content(&text), None);
                         event(w, &chunk(json!([choice]), None))?;
                     }
                     // The status is sent: tell the client in the stream, as
@@ -245,7 +229,7 @@ impl Reply {
                 Kind::Chat => json!({}),
                 Kind::Completion => content(""),
             };
-            let choice = self.choice((member, last), Some(usage.finish_reason));
+            let choice = choice(member, last, Some(usage.finish_reason));
             event(w, &chunk(json!([choice]), None))?;
             if include_usage {
                 event(w, &chunk(json!([]), Some(usage_object(&usage))))?;
@@ -257,13 +241,21 @@ impl Reply {
     }
 }
 
+/// One choice whose `member` (`message`, `delta` or `text`) is `content`.
+fn choice(member: &str, content: Value, finish: Option<FinishReason>) -> Value {
+    let mut c = json!({
+        "index": 0,
+        "logprobs": null,
+        "finish_reason": finish.map(llm::finish_reason_name),
+    });
+    c[member] = content;
+    c
+}
+
 fn finished_usage(generation: &Generation) -> Result<Usage, ApiError> {
-    generation.usage().ok_or_else(|| {
-        ApiError::from_llm(
-            llm::LlmError::EngineError("no usage after the end of generation".into()),
-            "",
-        )
-    })
+    generation
+        .usage()
+        .ok_or_else(|| ApiError::engine("no usage after the end of generation"))
 }
 
 fn event(w: &mut BodyWriter, data: &Value) -> Result<(), slinfer_sdk::Error> {
