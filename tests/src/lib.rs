@@ -60,6 +60,14 @@ pub fn models_dir() -> PathBuf {
     dir
 }
 
+/// The project virtualenv (OpenVINO for the CPU engine, the `openai`
+/// client): `$SLINFER_VENV` as `./dev` exports it, else `<repo>/.venv`.
+pub fn venv() -> PathBuf {
+    std::env::var_os("SLINFER_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv"))
+}
+
 /// A built function package directory (`./dev build` assembles them).
 pub fn package(name: &str) -> PathBuf {
     let root = std::env::var_os("SLINFER_PACKAGES")

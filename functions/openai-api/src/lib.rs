@@ -1,0 +1,263 @@
+//! `openai-api`: an OpenAI-compatible API over the host's models, so the
+//! official clients work against a slinfer function
+//! (`base_url = "http://HOST/fn/openai-api/v1"`).
+//!
+//! - `GET /v1/models`, `GET /v1/models/{id}`: the models this API serves.
+//! - `POST /v1/chat/completions`: chat (`messages`), whole or streamed.
+//! - `POST /v1/completions`: plain text continuation (`prompt`), whole or streamed.
+//!
+//! Streams are Server-Sent Events, `data: {chunk}` per event, ending with
+//! `data: [DONE]`; `stream_options.include_usage` adds a usage chunk before
+//! it. Sampling: `max_tokens` (chat also `max_completion_tokens`),
+//! `temperature`, `top_p`, `seed`, `stop`, and vLLM's `top_k` and
+//! `repetition_penalty`. What slinfer does not implement (`n` > 1,
+//! `logprobs`, tools, penalties, ...) is refused with a 400 that names the
+//! parameter. Every error is `{"error": {"message", "type", "param", "code"}}`.
+
+mod error;
+mod request;
+
+use serde_json::{Value, json};
+use slinfer_sdk::bindings::wasi::random::random::get_random_bytes;
+use slinfer_sdk::llm::{self, FinishReason, Generation, Usage};
+use slinfer_sdk::{BodyWriter, Handler, Params as RouteParams, Request, Response, Router};
+
+use error::ApiError;
+use request::{Job, Kind};
+
+struct OpenAi;
+
+impl Handler for OpenAi {
+    fn handle(req: Request) -> Response {
+        Router::new()
+            .get("/v1/models", list_models)
+            .get("/v1/models/*id", get_model)
+            .post("/v1/chat/completions", |req, _| create(req, Kind::Chat))
+            .post("/v1/completions", |req, _| create(req, Kind::Completion))
+            .any("/*path", |req, _| {
+                ApiError::no_route(req.method().as_str(), req.path()).response()
+            })
+            .handle(req)
+    }
+}
+
+slinfer_sdk::export_handler!(OpenAi);
+
+/// The models this API names: `$MODELS` (comma-separated), else every model
+/// the function may use.
+fn catalog() -> Vec<String> {
+    match std::env::var("MODELS") {
+        Ok(list) => list
+            .split(',')
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        Err(_) => llm::models(),
+    }
+}
+
+/// The catalog's models that the host has and the function may use.
+fn served_models() -> Vec<String> {
+    let usable = llm::models();
+    catalog()
+        .into_iter()
+        .filter(|m| usable.contains(m))
+        .collect()
+}
+
+fn model_object(id: &str) -> Value {
+    json!({"id": id, "object": "model", "created": 0, "owned_by": "slinfer"})
+}
+
+fn list_models(_req: Request, _p: RouteParams) -> Response {
+    let data: Vec<Value> = served_models().iter().map(|m| model_object(m)).collect();
+    Response::json(200, json!({"object": "list", "data": data}).to_string())
+}
+
+fn get_model(_req: Request, p: RouteParams) -> Response {
+    let id = p.get("id").unwrap_or_default();
+    if served_models().iter().any(|m| m == id) {
+        Response::json(200, model_object(id).to_string())
+    } else {
+        ApiError::model_not_found(id).response()
+    }
+}
+
+fn create(mut req: Request, kind: Kind) -> Response {
+    let job = match req.body() {
+        Ok(body) => Job::parse(kind, body),
+        Err(e) => Err(ApiError::bad_body(e.to_string())),
+    };
+    match job.and_then(|job| start(kind, job)) {
+        Ok(resp) => resp,
+        Err(e) => e.response(),
+    }
+}
+
+fn start(kind: Kind, job: Job) -> Result<Response, ApiError> {
+    if !catalog().contains(&job.model) {
+        return Err(ApiError::model_not_found(&job.model));
+    }
+    // Errors that come before the first token (overloaded, prompt too long)
+    // are still the HTTP status of the answer, streamed or not.
+    let generation = llm::generate(&job.model, &job.prompt, &job.params)
+        .map_err(|e| ApiError::from_llm(e, kind.prompt_param()))?;
+    let reply = Reply {
+        kind,
+        id: new_id(kind),
+        created: now_s(),
+        model: job.model,
+    };
+    if job.stream {
+        Ok(reply.stream(generation, job.include_usage))
+    } else {
+        reply.whole(generation)
+    }
+}
+
+/// `chatcmpl-…` or `cmpl-…` and 24 random hex digits.
+fn new_id(kind: Kind) -> String {
+    let prefix = match kind {
+        Kind::Chat => "chatcmpl",
+        Kind::Completion => "cmpl",
+    };
+    let hex: String = get_random_bytes(12)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{prefix}-{hex}")
+}
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn usage_object(u: &Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.generated_tokens,
+        "total_tokens": u.prompt_tokens + u.generated_tokens,
+    })
+}
+
+/// What every object of one answer shares.
+struct Reply {
+    kind: Kind,
+    id: String,
+    created: u64,
+    model: String,
+}
+
+impl Reply {
+    fn object(&self, object: &str, choices: Value) -> Value {
+        json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": null,
+            "choices": choices,
+        })
+    }
+
+    /// The whole answer, once generation has finished.
+    fn whole(self, mut generation: Generation) -> Result<Response, ApiError> {
+        let mut text = String::new();
+        for chunk in generation.by_ref() {
+            text.push_str(&chunk.map_err(|e| ApiError::from_llm(e, self.kind.prompt_param()))?);
+        }
+        let usage = finished_usage(&generation)?;
+        let (object, member, content) = match self.kind {
+            Kind::Chat => (
+                "chat.completion",
+                "message",
+                json!({"role": "assistant", "content": text, "refusal": null}),
+            ),
+            Kind::Completion => ("text_completion", "text", Value::from(text)),
+        };
+        let choice = choice(member, content, Some(usage.finish_reason));
+        let mut body = self.object(object, json!([choice]));
+        body["usage"] = usage_object(&usage);
+        Ok(Response::json(200, body.to_string()))
+    }
+
+    /// Server-Sent Events: chunks as the text is generated, a last chunk
+    /// with the finish reason, the usage chunk if asked for, `[DONE]`.
+    fn stream(self, mut generation: Generation, include_usage: bool) -> Response {
+        Response::stream(200, move |w| {
+            let (object, member) = match self.kind {
+                Kind::Chat => ("chat.completion.chunk", "delta"),
+                Kind::Completion => ("text_completion", "text"),
+            };
+            let content = |text: &str| match self.kind {
+                Kind::Chat => json!({"content": text}),
+                Kind::Completion => Value::from(text),
+            };
+            let chunk = |choices: Value, usage: Option<Value>| {
+                let mut c = self.object(object, choices);
+                if include_usage {
+                    c["usage"] = usage.unwrap_or(Value::Null);
+                }
+                c
+            };
+            if self.kind == Kind::Chat {
+                let role = json!({"role": "assistant", "content": ""});
+                event(w, &chunk(json!([choice(member, role, None)]), None))?;
+            }
+            for text in generation.by_ref() {
+                match text {
+                    Ok(text) if text.is_empty() => {}
+                    Ok(text) => {
+                        let choice = choice(member, content(&text), None);
+                        event(w, &chunk(json!([choice]), None))?;
+                    }
+                    // The status is sent: tell the client in the stream, as
+                    // OpenAI does, and end it without `[DONE]`.
+                    Err(e) => {
+                        return event(w, &ApiError::from_llm(e, self.kind.prompt_param()).body());
+                    }
+                }
+            }
+            let usage = match finished_usage(&generation) {
+                Ok(u) => u,
+                Err(e) => return event(w, &e.body()),
+            };
+            let last = match self.kind {
+                Kind::Chat => json!({}),
+                Kind::Completion => content(""),
+            };
+            let choice = choice(member, last, Some(usage.finish_reason));
+            event(w, &chunk(json!([choice]), None))?;
+            if include_usage {
+                event(w, &chunk(json!([]), Some(usage_object(&usage))))?;
+            }
+            w.write(b"data: [DONE]\n\n")
+        })
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+    }
+}
+
+/// One choice whose `member` (`message`, `delta` or `text`) is `content`.
+fn choice(member: &str, content: Value, finish: Option<FinishReason>) -> Value {
+    let mut c = json!({
+        "index": 0,
+        "logprobs": null,
+        "finish_reason": finish.map(llm::finish_reason_name),
+    });
+    c[member] = content;
+    c
+}
+
+fn finished_usage(generation: &Generation) -> Result<Usage, ApiError> {
+    generation
+        .usage()
+        .ok_or_else(|| ApiError::engine("no usage after the end of generation"))
+}
+
+fn event(w: &mut BodyWriter, data: &Value) -> Result<(), slinfer_sdk::Error> {
+    w.write(format!("data: {data}\n\n").as_bytes())
+}

@@ -1,0 +1,359 @@
+//! The request bodies of `/v1/chat/completions` and `/v1/completions`,
+//! checked parameter by parameter so that every refusal names its `param`.
+
+use serde_json::{Map, Value};
+use slinfer_sdk::llm::{ChatMessage, Params, Prompt};
+
+use crate::error::ApiError;
+
+/// Which endpoint a request came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Chat,
+    Completion,
+}
+
+impl Kind {
+    /// The parameter that holds the prompt.
+    pub fn prompt_param(self) -> &'static str {
+        match self {
+            Kind::Chat => "messages",
+            Kind::Completion => "prompt",
+        }
+    }
+}
+
+/// A parsed generation request.
+pub struct Job {
+    pub model: String,
+    pub prompt: Prompt,
+    pub params: Params,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+/// Whether a parameter's value leaves it off.
+type Neutral = fn(&Value) -> bool;
+
+/// Parameters slinfer does not implement, each accepted only at the value
+/// that turns it off.
+const UNSUPPORTED: &[(&str, Neutral)] = &[
+    ("n", |v| v.as_u64() == Some(1)),
+    ("best_of", |v| v.as_u64() == Some(1)),
+    ("echo", |v| v.as_bool() == Some(false)),
+    ("suffix", |v| v.as_str() == Some("")),
+    ("logprobs", |v| v.as_bool() == Some(false)),
+    ("top_logprobs", |v| v.as_u64() == Some(0)),
+    ("presence_penalty", |v| v.as_f64() == Some(0.0)),
+    ("frequency_penalty", |v| v.as_f64() == Some(0.0)),
+    ("logit_bias", |v| v.as_object().is_some_and(Map::is_empty)),
+    ("tools", |v| v.as_array().is_some_and(Vec::is_empty)),
+    ("tool_choice", |v| v.as_str() == Some("none")),
+    ("parallel_tool_calls", Value::is_boolean),
+    ("functions", |v| v.as_array().is_some_and(Vec::is_empty)),
+    ("function_call", |v| v.as_str() == Some("none")),
+    ("response_format", |v| {
+        v.get("type").and_then(Value::as_str) == Some("text")
+    }),
+    ("modalities", |v| *v == Value::from(vec!["text"])),
+    ("audio", |_| false),
+    ("prediction", |_| false),
+    ("reasoning_effort", |_| false),
+    ("web_search_options", |_| false),
+    ("store", |v| v.as_bool() == Some(false)),
+];
+
+/// Most stop sequences a request may give (OpenAI's limit).
+const MAX_STOP: usize = 4;
+
+/// OpenAI's default `max_tokens` for `/v1/completions`; chat has none
+/// (the host's default applies).
+const COMPLETION_MAX_TOKENS: u32 = 16;
+
+impl Job {
+    /// Parse and check a request body for `kind`.
+    pub fn parse(kind: Kind, body: &[u8]) -> Result<Job, ApiError> {
+        let value: Value = serde_json::from_slice(body).map_err(|e| {
+            ApiError::bad_body(format!(
+                "We could not parse the JSON body of your request ({e})."
+            ))
+        })?;
+        let Value::Object(map) = value else {
+            return Err(ApiError::bad_body(
+                "The request body must be a JSON object.",
+            ));
+        };
+        let mut f = Fields::new(map, "");
+        let model = f
+            .string("model")?
+            .ok_or_else(|| ApiError::missing("model"))?;
+        let prompt = match kind {
+            Kind::Chat => Prompt::Chat(messages(
+                f.take("messages")
+                    .ok_or_else(|| ApiError::missing("messages"))?,
+            )?),
+            Kind::Completion => Prompt::Text(prompt(
+                f.take("prompt")
+                    .ok_or_else(|| ApiError::missing("prompt"))?,
+            )?),
+        };
+        let max_completion_tokens = match kind {
+            Kind::Chat => f.int("max_completion_tokens", 1, u32::MAX.into())?,
+            Kind::Completion => None,
+        };
+        let max_tokens = max_completion_tokens
+            .or(f.int("max_tokens", 1, u32::MAX.into())?)
+            .map(|n| n as u32)
+            .or((kind == Kind::Completion).then_some(COMPLETION_MAX_TOKENS));
+        let params = Params {
+            max_tokens,
+            temperature: f.float(
+                "temperature",
+                |t| (0.0..=2.0).contains(&t),
+                "between 0 and 2",
+            )?,
+            top_p: f.float("top_p", |p| p > 0.0 && p <= 1.0, "in (0, 1]")?,
+            // vLLM's convention: -1 (or 0) turns top-k off.
+            top_k: f
+                .int("top_k", -1, u32::MAX.into())?
+                .filter(|&k| k > 0)
+                .map(|k| k as u32),
+            repetition_penalty: f.float(
+                "repetition_penalty",
+                |r| r > 0.0 && r.is_finite(),
+                "greater than 0",
+            )?,
+            seed: f.int("seed", i64::MIN, i64::MAX)?.map(|s| s as u64),
+            stop: stop(f.take("stop"))?,
+        };
+        let stream = f.bool("stream")?.unwrap_or(false);
+        let include_usage = match f.take("stream_options") {
+            None => false,
+            Some(_) if !stream => {
+                return Err(ApiError::invalid(
+                    "stream_options",
+                    "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                ));
+            }
+            Some(Value::Object(o)) => {
+                let mut o = Fields::new(o, "stream_options.");
+                let include = o.bool("include_usage")?.unwrap_or(false);
+                o.finish()?;
+                include
+            }
+            Some(_) => return Err(ApiError::invalid("stream_options", "expected an object")),
+        };
+        f.take("user"); // an end-user id for abuse monitoring: nothing to do with it here
+        for (name, neutral) in UNSUPPORTED {
+            if f.take(name).is_some_and(|v| !neutral(&v)) {
+                return Err(ApiError::unsupported(*name));
+            }
+        }
+        f.finish()?;
+        Ok(Job {
+            model,
+            prompt,
+            params,
+            stream,
+            include_usage,
+        })
+    }
+}
+
+/// The members of a JSON object, taken one by one; `null` counts as absent.
+struct Fields {
+    map: Map<String, Value>,
+    /// Prepended to a member's name in errors (`messages[2].`).
+    prefix: String,
+}
+
+impl Fields {
+    fn new(map: Map<String, Value>, prefix: impl Into<String>) -> Self {
+        Fields {
+            map,
+            prefix: prefix.into(),
+        }
+    }
+
+    fn param(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    fn take(&mut self, key: &str) -> Option<Value> {
+        self.map.remove(key).filter(|v| !v.is_null())
+    }
+
+    fn string(&mut self, key: &str) -> Result<Option<String>, ApiError> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(ApiError::invalid(self.param(key), "expected a string")),
+        }
+    }
+
+    fn bool(&mut self, key: &str) -> Result<Option<bool>, ApiError> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(b)),
+            Some(_) => Err(ApiError::invalid(self.param(key), "expected a boolean")),
+        }
+    }
+
+    fn int(&mut self, key: &str, min: i64, max: i64) -> Result<Option<i64>, ApiError> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(v) => match v.as_i64() {
+                Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
+                _ => Err(ApiError::invalid(
+                    self.param(key),
+                    format!("expected an integer from {min} to {max}, got {v}"),
+                )),
+            },
+        }
+    }
+
+    fn float(
+        &mut self,
+        key: &str,
+        ok: impl Fn(f64) -> bool,
+        range: &str,
+    ) -> Result<Option<f32>, ApiError> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(x) if ok(x) => Ok(Some(x as f32)),
+                _ => Err(ApiError::invalid(
+                    self.param(key),
+                    format!("expected a number {range}, got {v}"),
+                )),
+            },
+        }
+    }
+
+    /// Refuse whatever is left: members the API does not know.
+    fn finish(self) -> Result<(), ApiError> {
+        match self.map.into_iter().find(|(_, v)| !v.is_null()) {
+            Some((key, _)) => Err(ApiError::unknown(format!("{}{key}", self.prefix))),
+            None => Ok(()),
+        }
+    }
+}
+
+fn messages(v: Value) -> Result<Vec<ChatMessage>, ApiError> {
+    let Value::Array(items) = v else {
+        return Err(ApiError::invalid(
+            "messages",
+            "expected an array of messages",
+        ));
+    };
+    if items.is_empty() {
+        return Err(ApiError::invalid(
+            "messages",
+            "expected at least one message",
+        ));
+    }
+    items.into_iter().enumerate().map(message).collect()
+}
+
+fn message((i, v): (usize, Value)) -> Result<ChatMessage, ApiError> {
+    let Value::Object(map) = v else {
+        return Err(ApiError::invalid(
+            format!("messages[{i}]"),
+            "expected an object",
+        ));
+    };
+    let mut f = Fields::new(map, format!("messages[{i}]."));
+    let role = match f.string("role")?.as_deref() {
+        // `developer` is the newer name of `system`.
+        Some("system" | "developer") => "system",
+        Some("user") => "user",
+        Some("assistant") => "assistant",
+        Some(_) => return Err(ApiError::unsupported(f.param("role"))),
+        None => return Err(ApiError::missing(f.param("role"))),
+    };
+    let content = match f.take("content") {
+        // An assistant turn may come without content (it had tool calls,
+        // which are refused below).
+        None if role == "assistant" => String::new(),
+        None => return Err(ApiError::missing(f.param("content"))),
+        Some(Value::String(s)) => s,
+        Some(Value::Array(parts)) => text_parts(&f.param("content"), parts)?,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                f.param("content"),
+                "expected a string or an array of text parts",
+            ));
+        }
+    };
+    f.take("name"); // a participant's name: the chat template has no place for it
+    f.finish()?;
+    Ok(ChatMessage {
+        role: role.into(),
+        content,
+    })
+}
+
+/// `[{"type": "text", "text": ...}, ...]`, joined by newlines.
+fn text_parts(param: &str, parts: Vec<Value>) -> Result<String, ApiError> {
+    let texts = parts
+        .into_iter()
+        .enumerate()
+        .map(|(j, part)| {
+            let param = format!("{param}[{j}]");
+            if part.get("type").and_then(Value::as_str) != Some("text") {
+                return Err(ApiError::unsupported(format!("{param}.type")));
+            }
+            match part.get("text") {
+                Some(Value::String(s)) => Ok(s.clone()),
+                _ => Err(ApiError::invalid(
+                    format!("{param}.text"),
+                    "expected a string",
+                )),
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(texts.join("\n"))
+}
+
+/// A string, or an array holding one string.
+fn prompt(v: Value) -> Result<String, ApiError> {
+    match v {
+        Value::String(s) => Ok(s),
+        Value::Array(items) => match <[Value; 1]>::try_from(items) {
+            Ok([Value::String(s)]) => Ok(s),
+            _ => Err(ApiError::invalid(
+                "prompt",
+                "only one prompt per request, given as text (not token ids)",
+            )),
+        },
+        _ => Err(ApiError::invalid("prompt", "expected a string")),
+    }
+}
+
+/// A string or an array of up to four non-empty strings.
+fn stop(v: Option<Value>) -> Result<Vec<String>, ApiError> {
+    let stops = match v {
+        None => return Ok(Vec::new()),
+        Some(Value::String(s)) => vec![s],
+        Some(Value::Array(items)) if items.len() <= MAX_STOP => items
+            .into_iter()
+            .map(|s| match s {
+                Value::String(s) => Ok(s),
+                _ => Err(ApiError::invalid("stop", "expected strings")),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "stop",
+                format!("expected a string or an array of at most {MAX_STOP} strings"),
+            ));
+        }
+    };
+    if stops.iter().any(String::is_empty) {
+        return Err(ApiError::invalid(
+            "stop",
+            "stop sequences must not be empty",
+        ));
+    }
+    Ok(stops)
+}

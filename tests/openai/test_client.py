@@ -1,0 +1,290 @@
+"""The official `openai` Python client against the `openai-api` function.
+
+    python tests/openai/test_client.py BASE_URL [--forbidden-url URL]
+
+BASE_URL is the function's `/v1`, e.g. http://127.0.0.1:8080/fn/openai-api/v1.
+`--forbidden-url` names a deployment of the same package whose manifest does
+not allow the model (the permission error). Runs every check, prints each
+result, exits 1 if any failed. `tests/tests/openai.rs` drives it against a
+real server.
+"""
+
+import argparse
+import sys
+import traceback
+
+import openai
+
+MODEL = "smollm2-135m-instruct"
+QUESTION = [
+    {"role": "system", "content": "You are a concise assistant."},
+    {"role": "user", "content": "What is the capital of France?"},
+]
+PROMPT = "The capital of France is"
+
+
+def check_models(client, _args):
+    ids = [m.id for m in client.models.list()]
+    assert MODEL in ids, ids
+    model = client.models.retrieve(MODEL)
+    assert (model.id, model.object) == (MODEL, "model"), model
+    try:
+        client.models.retrieve("no-such-model")
+        raise AssertionError("retrieving an unknown model succeeded")
+    except openai.NotFoundError as e:
+        assert e.code == "model_not_found", e.body
+
+
+def check_usage(usage):
+    assert usage.prompt_tokens > 0, usage
+    assert usage.completion_tokens > 0, usage
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens, usage
+
+
+def greedy_chat(client, **kw):
+    return client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=24, temperature=0, **kw
+    )
+
+
+def check_chat(client, _args):
+    r = greedy_chat(client)
+    assert r.id.startswith("chatcmpl-"), r.id
+    assert (r.object, r.model) == ("chat.completion", MODEL), r
+    assert r.created > 1_600_000_000, r.created
+    assert len(r.choices) == 1, r.choices
+    c = r.choices[0]
+    assert c.index == 0 and c.message.role == "assistant", c
+    assert "Paris" in c.message.content, c.message.content
+    check_usage(r.usage)
+    assert r.usage.prompt_tokens > 10, "chat template not applied: %s" % r.usage
+    assert r.usage.completion_tokens <= 24, r.usage
+    assert c.finish_reason == ("length" if r.usage.completion_tokens == 24 else "stop"), (
+        c.finish_reason,
+        r.usage,
+    )
+    # Content as an array of text parts is the same conversation.
+    parts = [
+        {"role": m["role"], "content": [{"type": "text", "text": m["content"]}]}
+        for m in QUESTION
+    ]
+    again = client.chat.completions.create(
+        model=MODEL, messages=parts, max_tokens=24, temperature=0
+    )
+    assert again.choices[0].message.content == c.message.content, again
+
+
+def check_chat_stream(client, _args):
+    whole = greedy_chat(client)
+    chunks = list(greedy_chat(client, stream=True, stream_options={"include_usage": True}))
+    assert all(ch.object == "chat.completion.chunk" for ch in chunks), chunks
+    assert len({ch.id for ch in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-"), chunks
+    with_choices = [ch for ch in chunks if ch.choices]
+    assert with_choices[0].choices[0].delta.role == "assistant", with_choices[0]
+    text = "".join(ch.choices[0].delta.content or "" for ch in with_choices)
+    assert len(with_choices) > 3, "the reply came in one piece: %s" % with_choices
+    assert text == whole.choices[0].message.content, (text, whole.choices[0].message.content)
+    finishes = [ch.choices[0].finish_reason for ch in with_choices]
+    assert finishes[-1] == whole.choices[0].finish_reason, finishes
+    assert all(f is None for f in finishes[:-1]), finishes
+    # The usage chunk comes last, with no choices; the others carry none.
+    assert chunks[-1].choices == [], chunks[-1]
+    assert chunks[-1].usage == whole.usage, (chunks[-1].usage, whole.usage)
+    assert all(ch.usage is None for ch in chunks[:-1]), chunks
+    # Without stream_options there is no usage chunk.
+    plain = list(greedy_chat(client, stream=True))
+    assert all(ch.choices for ch in plain), plain
+    assert "".join(ch.choices[0].delta.content or "" for ch in plain) == text
+
+
+def check_completions(client, _args):
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0)
+    assert r.id.startswith("cmpl-") and r.object == "text_completion", r
+    text = r.choices[0].text
+    assert "Paris" in text, text
+    check_usage(r.usage)
+    assert r.usage.completion_tokens <= 8, r.usage
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=[PROMPT],
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert all(ch.object == "text_completion" for ch in chunks), chunks
+    streamed = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+    assert streamed == text, (streamed, text)
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == r.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage == r.usage, (chunks[-1], r.usage)
+    # OpenAI's default for completions is 16 tokens.
+    default = client.completions.create(model=MODEL, prompt="Once upon a time", temperature=0)
+    assert default.usage.completion_tokens <= 16, default.usage
+
+
+def check_max_tokens(client, _args):
+    story = [{"role": "user", "content": "Write a long story about a dragon."}]
+    for n in (1, 5):
+        r = client.chat.completions.create(
+            model=MODEL, messages=story, max_completion_tokens=n, temperature=0
+        )
+        assert r.choices[0].finish_reason == "length", r
+        assert r.usage.completion_tokens == n, r.usage
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt="Once upon a time",
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].usage.completion_tokens == 5, chunks[-1]
+    assert chunks[-2].choices[0].finish_reason == "length", chunks[-2]
+
+
+def check_stop(client, _args):
+    free = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0)
+    text = free.choices[0].text
+    # A word from the middle of the free reply: the reply must end right
+    # before its first occurrence.
+    words = [w for w in text.split() if text.find(w) > 0]
+    assert len(words) > 2, "too little to stop in: %r" % text
+    stop = words[len(words) // 2]
+    expected = text[: text.find(stop)]
+    for stream in (False, True):
+        r = client.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            max_tokens=16,
+            temperature=0,
+            stop=[stop, "never-generated-xyz"],
+            stream=stream,
+        )
+        if stream:
+            chunks = [ch for ch in r if ch.choices]
+            got = "".join(ch.choices[0].text for ch in chunks)
+            finish = chunks[-1].choices[0].finish_reason
+        else:
+            got, finish = r.choices[0].text, r.choices[0].finish_reason
+        assert (got, finish) == (expected, "stop"), (stream, stop, got, finish, text)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=24, temperature=0, stop="Paris"
+    )
+    assert "Paris" not in chat.choices[0].message.content, chat
+    assert chat.choices[0].finish_reason == "stop", chat
+
+
+def check_seeded_sampling(client, _args):
+    def sample(seed):
+        r = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Tell me a short poem."}],
+            max_tokens=16,
+            temperature=1.0,
+            top_p=0.95,
+            seed=seed,
+            extra_body={"top_k": 50, "repetition_penalty": 1.1},
+        )
+        return r.choices[0].message.content
+
+    first = sample(1234)
+    assert sample(1234) == first, "the same seed gave another reply"
+    assert len({first, sample(1), sample(2), sample(3)}) > 1, "seeds make no difference"
+
+
+def expect(cls, code, param, f):
+    try:
+        f()
+    except cls as e:
+        assert (e.code, e.param) == (code, param), (e.code, e.param, e.body)
+        assert isinstance(e.body, dict) and e.body.get("message") and e.body.get("type"), e.body
+        return
+    raise AssertionError("no %s" % cls.__name__)
+
+
+def check_errors(client, _args):
+    chat = client.chat.completions.create
+    msgs = QUESTION
+    expect(openai.NotFoundError, "model_not_found", "model",
+           lambda: chat(model="no-such-model", messages=msgs, max_tokens=4))
+    expect(openai.NotFoundError, "model_not_found", "model",
+           lambda: client.completions.create(model="no-such-model", prompt="x", max_tokens=4))
+    expect(openai.BadRequestError, "unsupported_parameter", "n",
+           lambda: chat(model=MODEL, messages=msgs, max_tokens=4, n=2))
+    expect(openai.BadRequestError, "unsupported_parameter", "logprobs",
+           lambda: chat(model=MODEL, messages=msgs, max_tokens=4, logprobs=True))
+    expect(openai.BadRequestError, "unsupported_parameter", "tools",
+           lambda: chat(model=MODEL, messages=msgs, max_tokens=4, tools=[{
+               "type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]))
+    expect(openai.BadRequestError, "invalid_value", "temperature",
+           lambda: chat(model=MODEL, messages=msgs, max_tokens=4, temperature=5))
+    expect(openai.BadRequestError, "invalid_value", "max_tokens",
+           lambda: chat(model=MODEL, messages=msgs, max_tokens=0))
+    expect(openai.BadRequestError, "invalid_value", "stop",
+           lambda: chat(model=MODEL, messages=msgs, max_tokens=4, stop=["a", "b", "c", "d", "e"]))
+    expect(openai.BadRequestError, "invalid_value", "messages",
+           lambda: chat(model=MODEL, messages=[], max_tokens=4))
+    expect(openai.BadRequestError, "unsupported_parameter", "messages[0].role",
+           lambda: chat(model=MODEL, messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}]))
+    expect(openai.BadRequestError, "unknown_parameter", "bogus",
+           lambda: chat(model=MODEL, messages=msgs, max_tokens=4, extra_body={"bogus": 1}))
+    expect(openai.BadRequestError, "invalid_value", "stream_options",
+           lambda: chat(model=MODEL, messages=msgs, max_tokens=4,
+                        stream_options={"include_usage": True}))
+    expect(openai.BadRequestError, "context_length_exceeded", "prompt",
+           lambda: client.completions.create(model=MODEL, prompt="hello " * 10000, max_tokens=4))
+
+
+def check_forbidden(_client, args):
+    if not args.forbidden_url:
+        print("  (skipped: no --forbidden-url)")
+        return
+    client = make_client(args.forbidden_url)
+    assert list(client.models.list()) == [], "a forbidden model is listed"
+    expect(openai.PermissionDeniedError, "model_not_allowed", "model",
+           lambda: client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4))
+
+
+def make_client(base_url):
+    # max_retries=0: a refused request must show as its own error, not a retry.
+    return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+
+
+CHECKS = [
+    check_models,
+    check_chat,
+    check_chat_stream,
+    check_completions,
+    check_max_tokens,
+    check_stop,
+    check_seeded_sampling,
+    check_errors,
+    check_forbidden,
+]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("base_url")
+    parser.add_argument("--forbidden-url")
+    args = parser.parse_args()
+    client = make_client(args.base_url)
+    print("openai %s against %s" % (openai.__version__, args.base_url))
+    failed = []
+    for check in CHECKS:
+        try:
+            check(client, args)
+            print("ok    %s" % check.__name__)
+        except Exception:
+            failed.append(check.__name__)
+            print("FAIL  %s\n%s" % (check.__name__, traceback.format_exc()))
+    print("%d checks, %d failed%s" % (len(CHECKS), len(failed), ": " + ", ".join(failed) if failed else ""))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
