@@ -1,14 +1,14 @@
 //! Text generation from a Wasm function (`slinfer:llm`) on the real default
 //! model, over real HTTP: the `chat` example streams Server-Sent Events.
 
-use slinfer_e2e::{Server, client, models_dir, package, package_variant};
+use slinfer_e2e::{Server, client, metric, models_dir, package, package_variant, venv};
 
 fn server_with_models() -> (Server, tempfile::TempDir) {
     let tmp = tempfile::tempdir().unwrap();
     let models = models_dir();
     let s = Server::start_with(
         &tmp.path().join("data"),
-        &[],
+        &[("SLINFER_VENV", venv().to_str().unwrap())],
         &["--models-dir", models.to_str().unwrap()],
     );
     (s, tmp)
@@ -120,4 +120,49 @@ async fn without_models_generation_reports_model_not_found() {
             "no model named \"smollm2-135m-instruct\" on this host".into()
         )
     );
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_stream_frees_its_sequence() {
+    let (s, _tmp) = server_with_models();
+    s.deploy(&package("chat"));
+    let mut resp = client()
+        .post(format!("{}/fn/chat/?max_tokens=400&temperature=0", s.url))
+        .body("Write a long story about a lighthouse keeper.")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // A few events in, hang up.
+    let mut seen = 0;
+    while seen < 3 {
+        let chunk = resp.chunk().await.unwrap().expect("the stream ended early");
+        seen += String::from_utf8_lossy(&chunk).matches("data: ").count();
+    }
+    let status = |s: &Server| {
+        let (ok, out, err) = s.cli(&["status"]);
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    assert_eq!(status(&s)["inference"]["live_requests"], 1);
+    drop(resp);
+    let mut last = serde_json::Value::Null;
+    for _ in 0..100 {
+        last = status(&s);
+        let model = &last["inference"]["models"][0];
+        if last["inference"]["live_requests"] == 0
+            && model["instances"][0]["kv_blocks_in_use"] == 0
+            && model["instances"][0]["batch"] == 0
+        {
+            let m = s.metrics().await;
+            assert_eq!(
+                metric(&m, "slinfer_llm_requests_total", &["cancelled"]),
+                1.0,
+                "{m}"
+            );
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("the sequence was not freed: {last}");
 }

@@ -5,17 +5,10 @@
 
 use std::path::{Path, PathBuf};
 
-use slinfer_e2e::{
-    Server, client, error_of, metric, models_dir, package, package_variant, repo_root,
-};
+use slinfer_e2e::{Server, client, error_of, metric, models_dir, package, package_variant, venv};
 
 const DEFAULT: &str = "smollm2-135m-instruct";
 const COPY: &str = "smollm2-copy";
-
-fn venv() -> String {
-    std::env::var("SLINFER_VENV")
-        .unwrap_or_else(|_| repo_root().join(".venv").display().to_string())
-}
 
 /// A server whose models dir holds the default model (linked from the
 /// shared one) and nothing else.
@@ -26,7 +19,7 @@ fn server() -> (Server, tempfile::TempDir, PathBuf) {
     std::os::unix::fs::symlink(models_dir().join(DEFAULT), models.join(DEFAULT)).unwrap();
     let s = Server::start_with(
         &tmp.path().join("data"),
-        &[("SLINFER_VENV", &venv())],
+        &[("SLINFER_VENV", venv().to_str().unwrap())],
         &["--models-dir", models.to_str().unwrap()],
     );
     (s, tmp, models)
