@@ -378,3 +378,55 @@ async fn kv_pool_grows_with_load_and_shrinks_after() {
         "the pool did not shrink: peak {peak}, after {after}"
     );
 }
+
+/// Threads of this process whose name starts with `prefix` (Linux: names
+/// are cut to 15 bytes).
+fn threads_named(prefix: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn dropping_the_service_stops_its_threads_and_ends_open_streams() {
+    let _turn = TURN.lock().await;
+    // The driver's thread (instance workers cannot be counted this way:
+    // OpenVINO's pool threads inherit their names).
+    let before = threads_named("slinfer-inferen");
+    let own = Inference::start_with(
+        &models_dir(),
+        &InferenceOptions {
+            venv: Some(venv()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut s = own
+        .generate(request(Prompt::Text(PROMPTS[1].into()), greedy(200)))
+        .await
+        .unwrap();
+    s.next().await.unwrap().unwrap();
+    assert_eq!(threads_named("slinfer-inferen"), before + 1);
+    // Joins the driver, which joins the instance workers.
+    tokio::task::spawn_blocking(move || drop(own))
+        .await
+        .unwrap();
+    assert_eq!(threads_named("slinfer-inferen"), before);
+    // The stream ends: with an error, after at most the tokens already sent.
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Some(e),
+                None => return None,
+            }
+        }
+    })
+    .await
+    .expect("the stream hangs after the service stopped");
+    assert!(ended.is_some(), "the stream finished normally");
+}

@@ -281,6 +281,8 @@ pub(crate) enum Msg {
     AddModel(Arc<ModelEntry>),
     /// Take a model out of service (see `Scheduler::retire_model`).
     RetireModel(usize),
+    /// Fail what waits, stop the workers (dropping their instances), exit.
+    Shutdown,
     ActionDone {
         node: NodeId,
         action: u64,
@@ -330,6 +332,8 @@ struct Driver {
     t0: Instant,
     reqs: HashMap<RequestId, Slot>,
     workers: HashMap<InstanceId, Sender<Job>>,
+    /// Worker threads not yet known to have exited.
+    threads: Vec<std::thread::JoinHandle<()>>,
     /// Metric labels of each instance (model, device).
     labels: HashMap<InstanceId, DeviceLabels>,
     /// Device kind of each scheduler node.
@@ -355,14 +359,15 @@ fn model_spec(m: &ModelEntry) -> ModelSpec {
     }
 }
 
-/// Starts the driver thread; returns its inbox.
+/// Starts the driver thread; returns its inbox and its handle (send
+/// [`Msg::Shutdown`], then join it).
 pub(crate) fn spawn(
     models: Vec<Arc<ModelEntry>>,
     backend: Arc<dyn Backend>,
     capacity_bytes: u64,
     stats: Arc<SharedStats>,
     metrics: Arc<LlmMetrics>,
-) -> anyhow::Result<Sender<Msg>> {
+) -> anyhow::Result<(Sender<Msg>, std::thread::JoinHandle<()>)> {
     let specs: Vec<ModelSpec> = models.iter().map(|m| model_spec(m)).collect();
     let cost = LiveCost::new(
         models
@@ -389,16 +394,17 @@ pub(crate) fn spawn(
         t0: Instant::now(),
         reqs: HashMap::new(),
         workers: HashMap::new(),
+        threads: Vec::new(),
         labels: HashMap::new(),
         kinds: nodes.iter().map(|n| n.kind).collect(),
         me: tx.clone(),
         stats,
         metrics,
     };
-    std::thread::Builder::new()
+    let handle = std::thread::Builder::new()
         .name("slinfer-inference-driver".into())
         .spawn(move || d.run(rx))?;
-    Ok(tx)
+    Ok((tx, handle))
 }
 
 impl Driver {
@@ -414,6 +420,7 @@ impl Driver {
                 .map(|t| (t - self.now()).clamp(0.002, 3600.0))
                 .unwrap_or(3600.0);
             match rx.recv_timeout(Duration::from_secs_f64(wait)) {
+                Ok(Msg::Shutdown) => return self.shutdown(),
                 Ok(m) => self.handle(m),
                 Err(RecvTimeoutError::Timeout) => {
                     let now = self.now();
@@ -433,6 +440,20 @@ impl Driver {
                 .scheduler
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()) = self.sched.snapshot();
+        }
+    }
+
+    fn shutdown(&mut self) {
+        for slot in self.reqs.values_mut() {
+            if let Some(s) = slot.state.as_mut() {
+                s.fail(InferenceError::Engine("inference is shutting down".into()));
+            }
+        }
+        // Requests inside a run end when their worker drops them.
+        self.reqs.clear();
+        self.workers.clear();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
         }
     }
 
@@ -488,6 +509,7 @@ impl Driver {
                 self.models.push(entry);
             }
             Msg::RetireModel(model) => self.sched.retire_model(model as u32, now),
+            Msg::Shutdown => unreachable!("handled by run"),
             Msg::RunDone {
                 node,
                 instance,
@@ -564,8 +586,12 @@ impl Driver {
                     let spawned = std::thread::Builder::new()
                         .name(format!("slinfer-instance-{instance}"))
                         .spawn(move || w.serve(rx));
-                    if let Err(e) = spawned {
-                        tracing::error!("cannot start an instance worker: {e}");
+                    match spawned {
+                        Ok(t) => {
+                            self.threads.retain(|t| !t.is_finished());
+                            self.threads.push(t);
+                        }
+                        Err(e) => tracing::error!("cannot start an instance worker: {e}"),
                     }
                     let _ = tx.send(Job::Load {
                         node,

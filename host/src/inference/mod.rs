@@ -256,6 +256,7 @@ pub struct Inference {
     models: RwLock<Models>,
     metrics: Arc<LlmMetrics>,
     to_driver: Mutex<std::sync::mpsc::Sender<driver::Msg>>,
+    driver: Mutex<Option<std::thread::JoinHandle<()>>>,
     next_id: AtomicU64,
     stats: Arc<driver::SharedStats>,
     functions: Mutex<HashMap<String, u32>>,
@@ -303,7 +304,7 @@ impl Inference {
         let capacity = options.memory_bytes.unwrap_or_else(memory_budget);
         let stats = Arc::new(driver::SharedStats::default());
         let metrics = options.metrics.clone().unwrap_or_default();
-        let tx = driver::spawn(
+        let (tx, driver) = driver::spawn(
             models.all.clone(),
             Arc::new(backend),
             capacity,
@@ -314,6 +315,7 @@ impl Inference {
             models: RwLock::new(models),
             metrics,
             to_driver: Mutex::new(tx),
+            driver: Mutex::new(Some(driver)),
             next_id: AtomicU64::new(1),
             stats,
             functions: Mutex::new(HashMap::new()),
@@ -620,6 +622,18 @@ impl Inference {
                     "the inference driver has stopped".into(),
                 ))
             }
+        }
+    }
+}
+
+impl Drop for Inference {
+    /// Stops the driver and the instance workers (their instances and KV
+    /// pools are freed); streams still open end with an error.
+    fn drop(&mut self) {
+        let _ = self.send(driver::Msg::Shutdown);
+        let driver = self.driver.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = driver.take() {
+            let _ = t.join();
         }
     }
 }
