@@ -10,6 +10,7 @@ use anyhow::Context;
 use crate::api::{AppState, router};
 use crate::functions::Functions;
 use crate::inference::Inference;
+use crate::inference::graphs::Graphs;
 use crate::limits::HostLimits;
 use crate::metrics::Metrics;
 
@@ -71,11 +72,13 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let token = admin_token(&opts)?;
     let metrics = Arc::new(Metrics::new());
     let inference = start_inference(&opts.models_dir);
+    let graphs = Arc::new(Graphs::open(&opts.models_dir, None));
     let functions = Arc::new(Functions::open(
         &opts.data_dir,
         opts.host,
         metrics.clone(),
         inference,
+        graphs,
     )?);
     let state = AppState {
         functions,
@@ -100,8 +103,11 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
 /// engine) the platform still serves; `slinfer:llm` then answers
 /// "model not found".
 fn start_inference(models_dir: &Path) -> Option<Arc<Inference>> {
-    let has_models = std::fs::read_dir(models_dir)
-        .is_ok_and(|rd| rd.flatten().any(|e| e.path().join("model.toml").is_file()));
+    let has_models = slinfer_engine::package::package_dirs(
+        models_dir,
+        slinfer_engine::package::PackageKind::Llm,
+    )
+    .is_ok_and(|d| !d.is_empty());
     if !has_models {
         tracing::info!(models_dir = %models_dir.display(), "no models installed: inference is off");
         return None;
