@@ -119,7 +119,10 @@ impl TensorError {
         Self::new(TensorErrorKind::InvalidArgument, message)
     }
     fn runtime(context: &str, e: impl std::fmt::Display) -> Self {
-        Self::new(TensorErrorKind::Runtime, format!("OpenVINO: {context}: {e}"))
+        Self::new(
+            TensorErrorKind::Runtime,
+            format!("OpenVINO: {context}: {e}"),
+        )
     }
 }
 
@@ -483,6 +486,8 @@ mod tests {
         assert!(e.message.contains("[1, ?]"), "{e}");
         let e = p.check(&t(&[1, 7], TensorType::F32, 27)).unwrap_err();
         assert!(e.message.contains("needs 28"), "{e}");
-        port(None).check(&t(&[3, 3, 3], TensorType::F32, 108)).unwrap();
+        port(None)
+            .check(&t(&[3, 3, 3], TensorType::F32, 108))
+            .unwrap();
     }
 }
