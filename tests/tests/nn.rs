@@ -279,3 +279,101 @@ async fn many_requests_in_a_row_and_at_once_all_succeed() {
     let log = s.log();
     assert_eq!(log.matches("wasi:nn graph compiled").count(), 1, "{log}");
 }
+
+/// `wasmtime serve` (wasmtime-cli 48.0.8, as `scripts/bench-platform.sh`
+/// installs it; or `$SLINFER_WASMTIME`), killed on drop.
+struct WasmtimeServe(std::process::Child);
+
+impl Drop for WasmtimeServe {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_same_component_answers_alike_under_wasmtime_serve() {
+    let wasmtime = std::env::var_os("SLINFER_WASMTIME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| slinfer_e2e::repo_root().join(".cache/tools/bin/wasmtime"));
+    if !wasmtime.is_file() {
+        eprintln!(
+            "SKIPPED: {} is missing (./dev bench installs wasmtime-cli 48.0.8)",
+            wasmtime.display()
+        );
+        return;
+    }
+    // wasmtime's OpenVINO backend looks for an unversioned libopenvino_c.so
+    // on the library path; the wheel ships libopenvino_c.so.<version>.
+    let venv = std::env::var_os("SLINFER_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| slinfer_e2e::repo_root().join(".venv"));
+    let libs = std::fs::read_dir(venv.join("lib"))
+        .unwrap()
+        .flatten()
+        .map(|p| p.path().join("site-packages/openvino/libs"))
+        .find(|p| p.is_dir())
+        .expect("the openvino wheel in the venv");
+    let lib = std::fs::read_dir(&libs)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("libopenvino_c.so")
+        })
+        .expect("libopenvino_c in the wheel");
+    let link_dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(&lib, link_dir.path().join("libopenvino_c.so")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let wasm = package("nn-compat").join("nn-compat.wasm");
+    let _wasmtime = WasmtimeServe(
+        std::process::Command::new(&wasmtime)
+            .args(["serve", "-S", "cli", "-S", "nn", "-S"])
+            .arg(format!("nn-graph=openvino::{}", graph_dir().display()))
+            .arg("--addr")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg(&wasm)
+            .env(
+                "LD_LIBRARY_PATH",
+                format!("{}:{}", link_dir.path().display(), libs.display()),
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let wasmtime_url = format!("http://127.0.0.1:{port}");
+    let (s, _tmp) = server(&[&package("nn-compat")]);
+    let ask = |url: String, x: Vec<u8>| async move {
+        for _ in 0..100 {
+            if let Ok(resp) = client().post(&url).body(x.clone()).send().await {
+                let status = resp.status().as_u16();
+                let text = resp.text().await.unwrap();
+                assert_eq!(status, 200, "{url}: {text}");
+                return text
+                    .split_whitespace()
+                    .map(|v| v.parse::<f32>().unwrap())
+                    .collect::<Vec<f32>>();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("{url} never answered");
+    };
+    for case in reference() {
+        let x = f32_bytes(&case.input);
+        let path = format!("/{GRAPH}?input=features");
+        let ours = ask(format!("{}/fn/nn-compat{path}", s.url), x.clone()).await;
+        let theirs = ask(format!("{wasmtime_url}{path}"), x).await;
+        // wasmtime compiles with the CPU plugin's default precision (bf16 on
+        // bf16-capable CPUs); slinfer computes tensor models in f32.
+        assert_close(&ours, &theirs, 5e-3, "slinfer vs wasmtime serve");
+        assert_close(&ours, &case.probabilities, 1e-5, "slinfer vs numpy");
+    }
+}
