@@ -377,3 +377,18 @@ async fn the_same_component_answers_alike_under_wasmtime_serve() {
         assert_close(&ours, &case.probabilities, 1e-5, "slinfer vs numpy");
     }
 }
+
+#[tokio::test]
+async fn tensors_held_on_the_host_count_against_the_memory_limit() {
+    let (s, _tmp) = server(&[&package("misbehaving"), &package("nn-classify")]);
+    let (status, kind, message) =
+        slinfer_e2e::error_of(s.get("misbehaving", "/nn-tensor-bomb").await).await;
+    assert_eq!((status, kind.as_str()), (500, "trap"), "{message}");
+    assert!(
+        message.contains("exceed this function's memory limit of 16777216 bytes"),
+        "{message}"
+    );
+    // The host and other functions carry on.
+    let (status, v) = post(&s, "nn-classify/", "1 2 3 4").await;
+    assert_eq!(status, 200, "{v}");
+}
