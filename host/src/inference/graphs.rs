@@ -133,3 +133,40 @@ pub async fn blocking<T: Send + 'static>(
         })
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn registers_good_tensor_packages_only() {
+        let root = tempfile::tempdir().unwrap();
+        let write = |dir: &str, toml: &str, files: &[&str]| {
+            let d = root.path().join(dir);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("model.toml"), toml).unwrap();
+            for f in files {
+                std::fs::write(d.join(f), "").unwrap();
+            }
+        };
+        let tensor = |name: &str| {
+            format!(
+                "kind = \"tensor\"\nname = \"{name}\"\nformat = \"openvino\"\n\
+                 [files]\nxml = \"model.xml\"\nweights = \"model.bin\"\n"
+            )
+        };
+        write("good", &tensor("good"), &["model.xml", "model.bin"]);
+        write("misnamed", &tensor("other"), &["model.xml", "model.bin"]);
+        write("no-weights", &tensor("no-weights"), &["model.xml"]);
+        write("an-llm", "format_version = 1\nname = \"an-llm\"\n", &[]);
+        let graphs = Arc::new(Graphs::open(root.path(), None));
+        assert_eq!(graphs.names(), vec!["good".to_string()]);
+        assert!(graphs.contains("good") && !graphs.contains("an-llm"));
+        assert!(graphs.get("an-llm").await.unwrap().is_none());
+        assert!(
+            Graphs::open(&root.path().join("absent"), None)
+                .names()
+                .is_empty()
+        );
+    }
+}
