@@ -6,7 +6,8 @@
 //! streamed), a [`Router`] with path parameters, and [`export_handler!`] to
 //! make a type the component's `wasi:http/incoming-handler`; and [`llm`],
 //! text generation on the host's models, streamed as an iterator or straight
-//! into a Server-Sent-Events response.
+//! into a Server-Sent-Events response; and [`nn`], tensor models through
+//! the standard `wasi:nn`.
 //!
 //! This crate runs inside the guest (`wasm32-wasip2`); it must never assume
 //! anything about the host beyond the WIT contract, so a function built with
@@ -26,6 +27,7 @@
 mod http;
 pub mod json;
 pub mod llm;
+pub mod nn;
 mod router;
 
 pub use http::{BodyWriter, Error, Headers, Method, Request, Response};

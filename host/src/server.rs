@@ -9,6 +9,7 @@ use anyhow::Context;
 
 use crate::api::{AppState, router};
 use crate::functions::Functions;
+use crate::inference::graphs::Graphs;
 use crate::inference::{Inference, InferenceOptions};
 use crate::limits::HostLimits;
 use crate::metrics::{LlmMetrics, Metrics};
@@ -81,11 +82,13 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         &opts.data_dir.join("cache/models"),
         inference.clone(),
     ));
+    let graphs = Arc::new(Graphs::open(&opts.models_dir, opts.venv.clone()));
     let functions = Arc::new(Functions::open(
         &opts.data_dir,
         opts.host,
         metrics.clone(),
         inference,
+        graphs,
     )?);
     let state = AppState {
         functions,

@@ -20,6 +20,7 @@ impl Handler for Misbehaving {
             .get("/fs-read", fs_read)
             .get("/env", env)
             .get("/outbound", outbound)
+            .get("/nn-tensor-bomb", nn_tensor_bomb)
             .handle(req)
     }
 }
@@ -150,5 +151,17 @@ fn outbound(req: Request, _p: Params) -> Response {
                 other => Response::text(502, format!("outbound failed: {other:?}\n")),
             }
         }
+    }
+}
+
+/// Hands the host 1 MiB `wasi:nn` tensors, keeping every handle, from one
+/// small buffer: host-side bytes grow while the guest's memory does not.
+fn nn_tensor_bomb(_r: Request, _p: Params) -> Response {
+    use slinfer_sdk::nn::tensor::{Tensor, TensorType};
+    let buffer = vec![0u8; 1 << 20];
+    let mut held = Vec::new();
+    loop {
+        held.push(Tensor::new(&[1 << 18], TensorType::Fp32, &buffer));
+        std::hint::black_box(&held);
     }
 }

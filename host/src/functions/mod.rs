@@ -19,6 +19,7 @@ use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::inference::Inference;
+use crate::inference::graphs::Graphs;
 use crate::limits::{FunctionLimits, HostLimits};
 use crate::metrics::{FunctionLabel, Metrics};
 use crate::sandbox::{FunctionPre, Grants, Invocation, InvokeError, LoadError, Sandbox, digest};
@@ -153,8 +154,14 @@ impl Functions {
         host: HostLimits,
         metrics: Arc<Metrics>,
         inference: Option<Arc<Inference>>,
+        graphs: Arc<Graphs>,
     ) -> anyhow::Result<Functions> {
-        let sandbox = Arc::new(Sandbox::new(&data_dir.join("cache"), host, inference)?);
+        let sandbox = Arc::new(Sandbox::new(
+            &data_dir.join("cache"),
+            host,
+            inference,
+            graphs,
+        )?);
         let store = Store::open(data_dir.join("functions"))?;
         let functions = Functions {
             store,

@@ -19,6 +19,7 @@
 
 mod cost;
 mod driver;
+pub mod graphs;
 mod text;
 
 use std::collections::HashMap;
@@ -26,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use slinfer_engine::package::ModelPackage;
+use slinfer_engine::package::{ModelPackage, PackageKind, package_dirs};
 
 use crate::metrics::{DeviceLabels, LlmMetrics, ModelLabel, OutcomeLabels};
 use tokio::sync::mpsc;
@@ -263,7 +264,7 @@ pub struct Inference {
 }
 
 impl Inference {
-    /// Open `models_dir` (each subfolder with model.toml is a model), detect
+    /// Open `models_dir` (each subfolder with an LLM's model.toml is a model), detect
     /// devices (OpenVINO CPU; CUDA is not driven yet), start the live
     /// scheduler and device workers.
     pub fn start(models_dir: &Path) -> anyhow::Result<Arc<Inference>> {
@@ -276,17 +277,9 @@ impl Inference {
         options: &InferenceOptions,
     ) -> anyhow::Result<Arc<Inference>> {
         let mut models = Models::default();
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(models_dir)
-            .map_err(|e| anyhow::anyhow!("models dir {}: {e}", models_dir.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            // Hidden folders are imports in progress and removed packages.
-            .filter(|p| {
-                p.file_name()
-                    .is_some_and(|n| !n.to_string_lossy().starts_with('.'))
-            })
-            .filter(|p| p.join("model.toml").is_file())
-            .collect();
-        entries.sort();
+        // Tensor models (`kind = "tensor"`) are wasi:nn's, not ours.
+        let entries = package_dirs(models_dir, PackageKind::Llm)
+            .map_err(|e| anyhow::anyhow!("models dir {}: {e}", models_dir.display()))?;
         for dir in entries {
             match open_model(&dir) {
                 Ok(m) => {

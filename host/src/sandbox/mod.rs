@@ -9,6 +9,7 @@
 mod body;
 mod guest_log;
 mod llm;
+mod nn;
 mod state;
 
 use std::hash::{Hash, Hasher};
@@ -26,6 +27,7 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
 use crate::inference::Inference;
+use crate::inference::graphs::Graphs;
 use crate::limits::{EPOCH_TICK_MS, FunctionLimits, HostLimits};
 use body::Capped;
 pub use state::GuestState;
@@ -106,7 +108,8 @@ pub struct Grants {
     /// Host directory and the guest path it appears at, read-only.
     pub files: Option<(PathBuf, String)>,
     pub outbound_hosts: Arc<[String]>,
-    /// Models the function may use through `slinfer:llm`.
+    /// Models the function may use through `slinfer:llm` and graphs it may
+    /// load through `wasi:nn`'s `load-by-name`.
     pub models: Arc<[String]>,
     /// Latency targets for its inference requests; 0 = the default.
     pub ttft_slo_s: f64,
@@ -128,16 +131,19 @@ pub struct Sandbox {
     cache_dir: PathBuf,
     host: HostLimits,
     inference: Option<Arc<Inference>>,
+    graphs: Arc<Graphs>,
 }
 
 impl Sandbox {
     /// Build the engine (pooling allocator sized by `host`) and start the
     /// epoch ticker that enforces wall-clock limits. Guests reach
-    /// `inference` (when the host has models) through `slinfer:llm`.
+    /// `inference` (when the host has models) through `slinfer:llm`, and
+    /// `graphs` (tensor models) through `wasi:nn`.
     pub fn new(
         cache_dir: &Path,
         host: HostLimits,
         inference: Option<Arc<Inference>>,
+        graphs: Arc<Graphs>,
     ) -> anyhow::Result<Sandbox> {
         let mut pool = PoolingAllocationConfig::default();
         let instances = host.total_instances;
@@ -160,6 +166,7 @@ impl Sandbox {
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(anyhow::Error::from)?;
         llm::add_to_linker(&mut linker).map_err(anyhow::Error::from)?;
+        nn::add_to_linker(&mut linker).map_err(anyhow::Error::from)?;
 
         std::fs::create_dir_all(cache_dir)?;
         let weak = engine.weak();
@@ -178,6 +185,7 @@ impl Sandbox {
             cache_dir: cache_dir.to_path_buf(),
             host,
             inference,
+            graphs,
         })
     }
 
@@ -427,6 +435,12 @@ impl Sandbox {
                 allowed_models: grants.models.clone(),
                 ttft_slo_s: grants.ttft_slo_s,
                 tpot_slo_s: grants.tpot_slo_s,
+            },
+            nn: nn::NnGrant {
+                graphs: self.graphs.clone(),
+                allowed_models: grants.models.clone(),
+                budget_bytes: grants.limits.memory_bytes as usize,
+                held_bytes: 0,
             },
         };
         let mut store = Store::new(&self.engine, state);

@@ -1,5 +1,5 @@
 //! Per-request store data: the WASI and wasi-http contexts, the memory
-//! limiter, and the outbound-HTTP policy.
+//! limiter, the outbound-HTTP policy, and the slinfer:llm / wasi:nn grants.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +16,7 @@ pub struct GuestState {
     pub(crate) limiter: GuestLimiter,
     pub(crate) outbound: OutboundPolicy,
     pub(crate) llm: super::llm::LlmGrant,
+    pub(crate) nn: super::nn::NnGrant,
 }
 
 impl WasiView for GuestState {

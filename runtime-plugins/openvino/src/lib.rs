@@ -27,6 +27,10 @@
 //!   `block_indices_begins`, `max_context_len`.
 //! - Several instances (of the same or different models) may be loaded at once;
 //!   they share one `Core` (and its compiled-model cache dir).
+//! - [`tensor`]: tensor models (what the host's `wasi:nn` runs) — an IR
+//!   compiled once, shared, and run from many infer requests.
+
+pub mod tensor;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
