@@ -43,9 +43,19 @@ pub(crate) fn render_chat(
 
 /// The output text of one request, built token by token: it hands out only
 /// text that is complete UTF-8 and cannot be the start of a stop sequence.
+///
+/// Each token decodes a short window, not the whole output (which made a
+/// token's cost grow with the output): `tokens[prefix..]` against
+/// `tokens[prefix..read]`, the already-decoded tokens giving the new ones
+/// their context (leading spaces, merged bytes), as Hugging Face's
+/// streamers do.
 pub(crate) struct Detokenizer {
     tokens: Vec<u32>,
-    /// Bytes of the decoded text already handed out.
+    /// Decoded text of `tokens[..read]`.
+    text: String,
+    prefix: usize,
+    read: usize,
+    /// Bytes of `text` already handed out.
     sent: usize,
     stop: Vec<String>,
 }
@@ -63,6 +73,9 @@ impl Detokenizer {
     pub(crate) fn new(stop: Vec<String>) -> Self {
         Detokenizer {
             tokens: Vec::new(),
+            text: String::new(),
+            prefix: 0,
+            read: 0,
             sent: 0,
             stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
         }
@@ -72,9 +85,30 @@ impl Detokenizer {
         tok.decode(ids, true).unwrap_or_default()
     }
 
+    /// Decodes the tokens after `read` into `text`; unless `force`, waits
+    /// while they end in an incomplete character.
+    fn advance(&mut self, tok: &tokenizers::Tokenizer, force: bool) {
+        if self.read == self.tokens.len() {
+            return;
+        }
+        let window = Self::decode(tok, &self.tokens[self.prefix..]);
+        if window.ends_with('\u{FFFD}') && !force {
+            return;
+        }
+        let before = Self::decode(tok, &self.tokens[self.prefix..self.read]);
+        match window.strip_prefix(before.as_str()) {
+            Some(new) => self.text.push_str(new),
+            // The window changed its own start: decode it all once.
+            None => self.text = Self::decode(tok, &self.tokens),
+        }
+        self.prefix = self.read;
+        self.read = self.tokens.len();
+    }
+
     pub(crate) fn push(&mut self, tok: &tokenizers::Tokenizer, token: u32) -> Step {
         self.tokens.push(token);
-        let full = Self::decode(tok, &self.tokens);
+        self.advance(tok, false);
+        let full = &self.text;
         // A stop sequence that ends in the new text.
         let search_from = self
             .sent
@@ -98,11 +132,8 @@ impl Detokenizer {
             self.sent = at.max(self.sent);
             return Step::Stopped(out);
         }
-        // Hold back an incomplete character and a possible stop prefix.
-        let mut end = full.len();
-        if full.ends_with('\u{FFFD}') {
-            end -= '\u{FFFD}'.len_utf8();
-        }
+        // Hold back a possible stop prefix.
+        let end = full.len();
         let mut hold_from = end;
         for s in &self.stop {
             for k in (1..s.len()).rev() {
@@ -128,9 +159,9 @@ impl Detokenizer {
 
     /// The text still held back, at the end of generation.
     pub(crate) fn flush(&mut self, tok: &tokenizers::Tokenizer) -> String {
-        let full = Self::decode(tok, &self.tokens);
-        let out = full.get(self.sent..).unwrap_or_default().to_string();
-        self.sent = full.len();
+        self.advance(tok, true);
+        let out = self.text.get(self.sent..).unwrap_or_default().to_string();
+        self.sent = self.text.len();
         out
     }
 }

@@ -93,8 +93,13 @@ impl Sampler {
     /// (prompt and output, for the repetition penalty).
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let p = self.params;
+        let greedy = p.temperature <= 0.0 || p.top_k == 1;
+        let penalty = p.repetition_penalty != 1.0 && p.repetition_penalty > 0.0;
+        if greedy && !penalty {
+            return argmax(logits);
+        }
         let mut l = logits.to_vec();
-        if p.repetition_penalty != 1.0 && p.repetition_penalty > 0.0 {
+        if penalty {
             let mut seen = vec![false; l.len()];
             for &t in history {
                 if let Some(s) = seen.get_mut(t as usize)
@@ -110,7 +115,7 @@ impl Sampler {
                 }
             }
         }
-        if p.temperature <= 0.0 || p.top_k == 1 {
+        if greedy {
             return argmax(&l);
         }
         let mut idx: Vec<u32> = (0..l.len() as u32)
