@@ -19,6 +19,8 @@ use std::sync::{Arc, Mutex};
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 
+use slinfer_engine::package::{PackageKind, package_kind};
+
 use crate::inference::{Inference, InferenceError, ModelInfo};
 
 /// The importer, written next to the uploads when an import starts.
@@ -44,6 +46,10 @@ pub enum ModelsError {
     SourceMissing(PathBuf),
     #[error("import failed: {0}")]
     Import(String),
+    #[error(
+        "{0:?} is a wasi:nn tensor model: those are registered from their folder at start, not managed by `slinfer models`"
+    )]
+    TensorModel(String),
     #[error("{0}")]
     Io(String),
 }
@@ -59,6 +65,7 @@ impl ModelsError {
             ModelsError::NotFound(_) => "model_not_found",
             ModelsError::SourceMissing(_) => "source_missing",
             ModelsError::Import(_) => "import_failed",
+            ModelsError::TensorModel(_) => "tensor_model",
             ModelsError::Io(_) => "io_error",
         }
     }
@@ -261,12 +268,16 @@ impl Models {
         if !valid_name(name) {
             return Err(ModelsError::NotFound(name.to_string()));
         }
+        let dir = self.dir.join(name);
+        if package_kind(&dir).is_ok_and(|k| k == PackageKind::Tensor) {
+            return Err(ModelsError::TensorModel(name.to_string()));
+        }
         let served = match self.served()?.remove_model(name) {
             Ok(()) => true,
             Err(InferenceError::ModelNotFound(_)) => false,
             Err(e) => return Err(io("retiring the model", e)),
         };
-        let on_disk = self.dir.join(name).is_dir();
+        let on_disk = dir.is_dir();
         if !served && !on_disk {
             return Err(ModelsError::NotFound(name.to_string()));
         }

@@ -14,8 +14,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use slinfer::inference::{
-    ChatMessage, FinishReason, GenerateRequest, GenerationParams, Inference, InferenceError,
-    InferenceOptions, Prompt, Usage,
+    ChatMessage, FinishReason, GenerateRequest, GenerationParams, INSTANCE_OVERHEAD_BYTES,
+    Inference, InferenceError, InferenceOptions, Prompt, Usage,
 };
 
 const MODEL: &str = "smollm2-135m-instruct";
@@ -429,4 +429,75 @@ async fn dropping_the_service_stops_its_threads_and_ends_open_streams() {
     .await
     .expect("the stream hangs after the service stopped");
     assert!(ended.is_some(), "the stream finished normally");
+}
+
+#[tokio::test]
+async fn more_requests_than_memory_admits_wait_or_are_refused_and_memory_holds() {
+    let _turn = TURN.lock().await;
+    let probe = inference();
+    let info = probe
+        .model_infos()
+        .into_iter()
+        .find(|m| m.name == MODEL)
+        .unwrap();
+    // Room for the instance and the KV of about two requests (prompt +
+    // 512 look-ahead tokens each), not eight.
+    let kv_room = 2 * 560 * info.kv_bytes_per_token;
+    let own = Inference::start_with(
+        &models_dir(),
+        &InferenceOptions {
+            venv: Some(venv()),
+            memory_bytes: Some(info.weights_bytes + INSTANCE_OVERHEAD_BYTES + kv_room),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let runs = (0..8).map(|i| {
+        let own = own.clone();
+        async move {
+            let mut req = request(Prompt::Text(format!("{} {i}", PROMPTS[i % 2])), greedy(16));
+            // Long enough to wait for memory, not forever.
+            req.ttft_slo_s = 20.0;
+            collect(&own, req).await
+        }
+    });
+    let all = futures::future::join_all(runs);
+    tokio::pin!(all);
+    let mut peak_kv_bytes = 0;
+    let mut peak_queued = 0;
+    let outs = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            tokio::select! {
+                outs = &mut all => break outs,
+                _ = tokio::time::sleep(Duration::from_millis(5)) => {
+                    let st = own.status();
+                    let m = st.models.iter().find(|m| m.info.name == MODEL).unwrap();
+                    peak_queued = peak_queued.max(m.queued_requests);
+                    let committed: u64 = m.instances.iter().map(|i| {
+                        i.scheduler.kv_blocks_committed * i.scheduler.block_bytes
+                    }).sum();
+                    peak_kv_bytes = peak_kv_bytes.max(committed);
+                }
+            }
+        }
+    })
+    .await
+    .expect("requests beyond memory hang");
+    let (mut ok, mut overloaded) = (0, 0);
+    for o in outs {
+        match o {
+            Ok(_) => ok += 1,
+            Err(InferenceError::Overloaded { .. }) => overloaded += 1,
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    eprintln!(
+        "memory overload: {ok} finished, {overloaded} overloaded, peak queue {peak_queued}, peak KV {peak_kv_bytes} of {kv_room} bytes"
+    );
+    assert!(ok >= 2, "{ok} finished");
+    assert!(peak_queued >= 1, "nothing ever waited for memory");
+    assert!(peak_kv_bytes <= kv_room, "{peak_kv_bytes} > {kv_room}");
+    tokio::task::spawn_blocking(move || drop(own))
+        .await
+        .unwrap();
 }

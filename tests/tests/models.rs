@@ -264,6 +264,16 @@ async fn bad_imports_get_clear_errors_and_leave_nothing() {
     assert!(err.contains("/nonexistent/file.gguf"), "{err}");
     let (ok, _, err) = s.cli(&["models", "rm", "nope"]);
     assert!(!ok && err.contains("not found"), "{err}");
+    // A wasi:nn tensor package is not this command's to delete.
+    std::fs::create_dir_all(models.join("tiny-graph")).unwrap();
+    std::fs::write(
+        models.join("tiny-graph/model.toml"),
+        "kind = \"tensor\"\nname = \"tiny-graph\"\nformat = \"openvino\"\n[files]\nxml = \"model.xml\"\nweights = \"model.bin\"\n",
+    )
+    .unwrap();
+    let (ok, _, err) = s.cli(&["models", "rm", "tiny-graph"]);
+    assert!(!ok && err.contains("tensor model"), "{err}");
+    assert!(models.join("tiny-graph/model.toml").is_file());
     // Nothing was lost: the default model still serves.
     s.deploy(&package("chat"));
     assert_eq!(reply(&s, "chat").await.0, 200);

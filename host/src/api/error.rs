@@ -108,7 +108,9 @@ impl From<ModelsError> for ApiError {
         let status = match &e {
             ModelsError::InferenceOff => StatusCode::SERVICE_UNAVAILABLE,
             ModelsError::BadName(_) | ModelsError::SourceMissing(_) => StatusCode::BAD_REQUEST,
-            ModelsError::Exists(_) | ModelsError::Busy(_) => StatusCode::CONFLICT,
+            ModelsError::Exists(_) | ModelsError::Busy(_) | ModelsError::TensorModel(_) => {
+                StatusCode::CONFLICT
+            }
             ModelsError::NotFound(_) => StatusCode::NOT_FOUND,
             ModelsError::Import(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ModelsError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,

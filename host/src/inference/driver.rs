@@ -20,8 +20,8 @@ use crate::metrics::{DeviceLabels, LlmMetrics, ModelLabel, OutcomeLabels, SloLab
 use super::cost::{Costs, LiveCost};
 use super::text::{Detokenizer, Step};
 use super::{
-    Event, FinishReason, InferenceError, InferenceStats, InstanceStats, KEEP_ALIVE_S, ModelEntry,
-    RETRY_AFTER_S, Usage,
+    Event, FinishReason, INSTANCE_OVERHEAD_BYTES, InferenceError, InferenceStats, InstanceStats,
+    KEEP_ALIVE_S, ModelEntry, RETRY_AFTER_S, Usage,
 };
 
 /// KV block size the scheduler plans with on the CPU (bytes are what
@@ -33,9 +33,6 @@ const CPU_INSTANCE_SLOTS: u32 = 8;
 /// Smallest KV pool of a loaded instance, in tokens (the scheduler scales
 /// it with the live requests' needs plus look-ahead, and back).
 const MIN_INSTANCE_TOKENS: u64 = 1024;
-/// Memory the scheduler reserves per instance beyond its weights (compiled
-/// model, workspace).
-const INSTANCE_OVERHEAD_BYTES: u64 = 256 << 20;
 /// Sequence ids the calibration uses (request ids count up from 1).
 const CALIBRATION_SEQ: u64 = u64::MAX - 8;
 /// Seconds between tries to load an instance whose load failed.

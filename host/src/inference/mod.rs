@@ -44,6 +44,9 @@ pub const KEEP_ALIVE_S: f64 = 300.0;
 /// Memory kept free for the rest of the process: the CPU budget is
 /// MemAvailable at start minus this, or `SLINFER_INFERENCE_MEMORY_BYTES`.
 pub const MEMORY_MARGIN_BYTES: u64 = 2 << 30;
+/// Memory the scheduler reserves per instance beyond its weights (compiled
+/// model, workspace).
+pub const INSTANCE_OVERHEAD_BYTES: u64 = 256 << 20;
 /// Seconds an overloaded caller is told to wait before retrying.
 pub const RETRY_AFTER_S: f64 = 1.0;
 
