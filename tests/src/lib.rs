@@ -133,6 +133,22 @@ impl Server {
         s
     }
 
+    /// Start a server on a fresh data directory serving the imported models
+    /// ([`models_dir`]); OpenVINO comes from the project virtualenv
+    /// ([`venv`]), so this runs outside `./dev` too.
+    pub fn with_models() -> Server {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let models = models_dir();
+        let venv = venv();
+        let mut s = Server::start_with(
+            &tmp.path().join("data"),
+            &[("SLINFER_VENV", venv.to_str().expect("utf-8 path"))],
+            &["--models-dir", models.to_str().expect("utf-8 path")],
+        );
+        s._tmp = Some(tmp);
+        s
+    }
+
     /// Start a server on `data_dir` with extra environment variables.
     pub fn start_in(data_dir: &Path, env: &[(&str, &str)]) -> Server {
         Server::start_with(data_dir, env, &[])

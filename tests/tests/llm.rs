@@ -1,18 +1,7 @@
 //! Text generation from a Wasm function (`slinfer:llm`) on the real default
 //! model, over real HTTP: the `chat` example streams Server-Sent Events.
 
-use slinfer_e2e::{Server, client, metric, models_dir, package, package_variant, venv};
-
-fn server_with_models() -> (Server, tempfile::TempDir) {
-    let tmp = tempfile::tempdir().unwrap();
-    let models = models_dir();
-    let s = Server::start_with(
-        &tmp.path().join("data"),
-        &[("SLINFER_VENV", venv().to_str().unwrap())],
-        &["--models-dir", models.to_str().unwrap()],
-    );
-    (s, tmp)
-}
+use slinfer_e2e::{Server, client, metric, package, package_variant};
 
 /// Status and `error` of a chat request that the function refuses.
 async fn chat_error(s: &Server) -> (u16, String) {
@@ -49,7 +38,7 @@ fn parse_sse(body: &str) -> (Vec<String>, Option<serde_json::Value>) {
 
 #[tokio::test]
 async fn chat_streams_the_same_reply_it_returns_whole() {
-    let (s, _tmp) = server_with_models();
+    let s = Server::with_models();
     s.deploy(&package("chat"));
     let url = format!("{}/fn/chat/?max_tokens=24&temperature=0", s.url);
     let resp = client()
@@ -94,7 +83,7 @@ async fn chat_streams_the_same_reply_it_returns_whole() {
 
 #[tokio::test]
 async fn a_function_not_allowed_the_model_gets_a_clear_error() {
-    let (s, _tmp) = server_with_models();
+    let s = Server::with_models();
     let pkg = package_variant("chat", |m| {
         m.replace("allowed = [\"smollm2-135m-instruct\"]", "allowed = []")
     });
@@ -124,7 +113,7 @@ async fn without_models_generation_reports_model_not_found() {
 
 #[tokio::test]
 async fn a_client_that_disconnects_mid_stream_frees_its_sequence() {
-    let (s, _tmp) = server_with_models();
+    let s = Server::with_models();
     s.deploy(&package("chat"));
     let mut resp = client()
         .post(format!("{}/fn/chat/?max_tokens=400&temperature=0", s.url))

@@ -5,22 +5,9 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use slinfer_e2e::{Server, client, models_dir, package, package_variant, repo_root, venv};
+use slinfer_e2e::{Server, client, package, package_variant, repo_root, venv};
 
 const MODEL: &str = "smollm2-135m-instruct";
-
-/// A server with the default model; the engine's OpenVINO comes from the
-/// project virtualenv, so this runs outside `./dev` too.
-fn server_with_models() -> (Server, tempfile::TempDir) {
-    let tmp = tempfile::tempdir().unwrap();
-    let models = models_dir();
-    let s = Server::start_with(
-        &tmp.path().join("data"),
-        &[("SLINFER_VENV", venv().to_str().unwrap())],
-        &["--models-dir", models.to_str().unwrap()],
-    );
-    (s, tmp)
-}
 
 /// The project virtualenv's Python, checked to have the `openai` client.
 fn python() -> PathBuf {
@@ -40,7 +27,7 @@ fn python() -> PathBuf {
 #[test]
 fn the_official_openai_client_works_against_the_function() {
     let python = python();
-    let (s, _tmp) = server_with_models();
+    let s = Server::with_models();
     s.deploy(&package("openai-api"));
     // The same API, deployed without the model in its manifest.
     let forbidden = package_variant("openai-api", |m| {
@@ -82,7 +69,7 @@ fn sse_data(body: &str) -> Vec<&str> {
 
 #[tokio::test]
 async fn streams_are_server_sent_events_ending_with_done() {
-    let (s, _tmp) = server_with_models();
+    let s = Server::with_models();
     s.deploy(&package("openai-api"));
     let resp = client()
         .post(format!("{}/fn/openai-api/v1/chat/completions", s.url))
@@ -202,7 +189,7 @@ async fn errors_come_back_in_openai_format() {
 
 #[tokio::test]
 async fn overload_is_429_with_retry_after() {
-    let (s, _tmp) = server_with_models();
+    let s = Server::with_models();
     // A 50 ms first-token target that a burst cannot all meet. Half the
     // requests stream: refused before the first token, they get the status too.
     let pkg = package_variant("openai-api", |m| {

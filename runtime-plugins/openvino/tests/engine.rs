@@ -10,6 +10,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
+mod common;
+use common::{repo, venv};
+
 use slinfer_engine::{EngineError, LlmInstance, LoadOptions, StepEntry, sampler::argmax};
 use slinfer_openvino::{BackendOptions, OpenVinoBackend, OpenVinoInstance};
 
@@ -21,16 +24,6 @@ const PROMPTS: &[&str] = &[
     "Once upon a time, 123 + 4567 =",
     "<|im_start|>user\nWhat is the tallest mountain on Earth?<|im_end|>\n<|im_start|>assistant\n",
 ];
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn venv() -> PathBuf {
-    std::env::var_os("SLINFER_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join(".venv"))
-}
 
 fn model_dir() -> PathBuf {
     let models = std::env::var_os("SLINFER_MODELS_DIR")

@@ -7,15 +7,11 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+mod common;
+use common::{repo, venv};
 
 fn python() -> PathBuf {
-    std::env::var_os("SLINFER_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join(".venv"))
-        .join("bin/python")
+    venv().join("bin/python")
 }
 
 #[test]

@@ -5,17 +5,10 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+mod common;
+use common::{repo, venv};
+
 use slinfer_openvino::tensor::{TensorData, TensorEngine, TensorErrorKind, TensorType};
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn venv() -> PathBuf {
-    std::env::var_os("SLINFER_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join(".venv"))
-}
 
 /// Build the package (idempotent) and return its folder.
 fn package() -> PathBuf {
