@@ -11,6 +11,8 @@ generates from those ids one prompt at a time, and the greedy tokens
 `openvino_genai.ContinuousBatchingPipeline` generates for all the prompts
 submitted at once (EOS ignored, so every list has MAX_NEW_TOKENS tokens).
 Both load the package's stateful IR folder, the same weights the engine runs.
+Also "text" and "batched_text": GenAI's own decoding of those tokens up to
+the first EOS (what a server that stops at EOS answers).
 """
 
 import json
@@ -45,6 +47,15 @@ def main() -> int:
     inputs = [ov.Tensor(np.array([o["prompt_ids"]], dtype=np.int64)) for o in out]
     for o, r in zip(out, cb.generate(inputs, [cfg] * len(inputs))):
         o["batched_tokens"] = [int(t) for t in r.m_generation_ids[0]]
+    eos = tok.get_eos_token_id()
+
+    def upto_eos(ts):
+        return ts[: ts.index(eos)] if eos in ts else ts
+
+    for o in out:
+        o["text"] = tok.decode(upto_eos(o["tokens"]), skip_special_tokens=True)
+        o["batched_text"] = tok.decode(upto_eos(o["batched_tokens"]), skip_special_tokens=True)
+        o["eos_at"] = len(upto_eos(o["tokens"]))
     json.dump(out, sys.stdout)
     return 0
 

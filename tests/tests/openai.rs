@@ -238,3 +238,74 @@ async fn overload_is_429_with_retry_after() {
     eprintln!("overload: {ok} finished, {overloaded} overloaded");
     assert!(overloaded >= 1, "{ok} finished, none overloaded");
 }
+
+/// `openvino_genai`'s greedy answers (`scripts/models/reference.py`).
+/// Per prompt: `prompt`, `text`, `batched_text`, `eos_at`.
+fn genai_reference(prompts: &[&str], tokens: usize) -> Vec<serde_json::Value> {
+    let mut child = Command::new(python())
+        .arg(repo_root().join("scripts/models/reference.py"))
+        .arg(slinfer_e2e::models_dir().join(MODEL))
+        .arg(tokens.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("running reference.py");
+    serde_json::to_writer(child.stdin.take().unwrap(), prompts).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "reference.py failed");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A greedy `/v1/completions` answer: its text and completion tokens.
+async fn complete(s: &Server, prompt: &str, tokens: usize) -> (String, u64) {
+    let v: serde_json::Value = client()
+        .post(format!("{}/fn/openai-api/v1/completions", s.url))
+        .json(&serde_json::json!({
+            "model": MODEL, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let text = v["choices"][0]["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{v}"));
+    (
+        text.to_owned(),
+        v["usage"]["completion_tokens"].as_u64().unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn greedy_answers_from_a_function_equal_genai_alone_and_four_at_once() {
+    const TOKENS: usize = 32;
+    let prompts = [
+        "The capital of France is",
+        "def fibonacci(n):",
+        "Once upon a time, 123 + 4567 =",
+        "The three primary colours are",
+    ];
+    let reference = genai_reference(&prompts, TOKENS);
+    let s = Server::with_models();
+    s.deploy(&package("openai-api"));
+    // One at a time: equal to LLMPipeline's.
+    for r in &reference {
+        let (text, n) = complete(&s, r["prompt"].as_str().unwrap(), TOKENS).await;
+        assert_eq!(text, r["text"], "{}", r["prompt"]);
+        assert_eq!(n, r["eos_at"], "{}", r["prompt"]);
+    }
+    // Four at once (batched by the scheduler): equal to GenAI's
+    // ContinuousBatchingPipeline's, which equal LLMPipeline's.
+    let outs = futures::future::join_all(
+        reference
+            .iter()
+            .map(|r| complete(&s, r["prompt"].as_str().unwrap(), TOKENS)),
+    )
+    .await;
+    for (r, (text, _)) in reference.iter().zip(outs) {
+        assert_eq!(r["batched_text"], r["text"], "{}", r["prompt"]);
+        assert_eq!(text, r["batched_text"], "{}", r["prompt"]);
+    }
+}
