@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 
 use slinfer_engine::package::{PackageKind, package_kind};
 
+use crate::inference::graphs::Graphs;
 use crate::inference::{Inference, InferenceError, ModelInfo};
 
 /// The importer, written next to the uploads when an import starts.
@@ -100,12 +101,33 @@ impl Drop for ImportClaim {
     }
 }
 
+/// A model the host serves, as `/v1/models` and `slinfer models` show it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Listed {
+    /// A generative model (`slinfer:llm`), imported by this room.
+    Llm(ModelInfo),
+    /// A `wasi:nn` graph (`load-by-name`), registered from its folder at
+    /// start.
+    Tensor { name: String },
+}
+
+impl Listed {
+    pub fn name(&self) -> &str {
+        match self {
+            Listed::Llm(m) => &m.name,
+            Listed::Tensor { name } => name,
+        }
+    }
+}
+
 pub struct Models {
     dir: PathBuf,
     venv: Option<PathBuf>,
     /// Uploads and the importer script.
     work: PathBuf,
     inference: Option<Arc<Inference>>,
+    graphs: Arc<Graphs>,
     busy: Mutex<HashSet<String>>,
 }
 
@@ -125,6 +147,7 @@ impl Models {
         venv: Option<&Path>,
         work: &Path,
         inference: Option<Arc<Inference>>,
+        graphs: Arc<Graphs>,
     ) -> Models {
         Models {
             dir: dir.to_path_buf(),
@@ -133,6 +156,7 @@ impl Models {
                 .or_else(|| std::env::var_os("SLINFER_VENV").map(PathBuf::from)),
             work: work.to_path_buf(),
             inference,
+            graphs,
             busy: Mutex::new(HashSet::new()),
         }
     }
@@ -145,15 +169,22 @@ impl Models {
         self.inference.as_ref().ok_or(ModelsError::InferenceOff)
     }
 
-    /// The models served now.
-    pub fn list(&self) -> Result<Vec<ModelInfo>, ModelsError> {
-        Ok(self.served()?.model_infos())
+    /// The models served now (LLMs while inference is on), then the
+    /// wasi:nn graphs, each sorted by name.
+    pub fn list(&self) -> Vec<Listed> {
+        let llms = self.inference.iter().flat_map(|i| i.model_infos());
+        let graphs = self
+            .graphs
+            .names()
+            .into_iter()
+            .map(|name| Listed::Tensor { name });
+        llms.map(Listed::Llm).chain(graphs).collect()
     }
 
-    pub fn get(&self, name: &str) -> Result<ModelInfo, ModelsError> {
-        self.list()?
+    pub fn get(&self, name: &str) -> Result<Listed, ModelsError> {
+        self.list()
             .into_iter()
-            .find(|m| m.name == name)
+            .find(|m| m.name() == name)
             .ok_or_else(|| ModelsError::NotFound(name.to_string()))
     }
 
@@ -196,7 +227,7 @@ impl Models {
         claim: &ImportClaim,
         source: &ImportSource,
         progress: &mpsc::Sender<String>,
-    ) -> Result<ModelInfo, ModelsError> {
+    ) -> Result<Listed, ModelsError> {
         let name = &claim.name;
         let inference = self.served()?;
         let src = match source {
@@ -269,7 +300,8 @@ impl Models {
             return Err(ModelsError::NotFound(name.to_string()));
         }
         let dir = self.dir.join(name);
-        if package_kind(&dir).is_ok_and(|k| k == PackageKind::Tensor) {
+        if self.graphs.contains(name) || package_kind(&dir).is_ok_and(|k| k == PackageKind::Tensor)
+        {
             return Err(ModelsError::TensorModel(name.to_string()));
         }
         let served = match self.served()?.remove_model(name) {

@@ -76,13 +76,14 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let token = admin_token(&opts)?;
     let metrics = Arc::new(Metrics::new());
     let inference = start_inference(&opts.models_dir, opts.venv.clone(), metrics.llm.clone());
+    let graphs = Arc::new(Graphs::open(&opts.models_dir, opts.venv.clone()));
     let models = Arc::new(Models::new(
         &opts.models_dir,
         opts.venv.as_deref(),
         &opts.data_dir.join("cache/models"),
         inference.clone(),
+        graphs.clone(),
     ));
-    let graphs = Arc::new(Graphs::open(&opts.models_dir, opts.venv.clone()));
     let functions = Arc::new(Functions::open(
         &opts.data_dir,
         opts.host,

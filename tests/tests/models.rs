@@ -9,14 +9,18 @@ use slinfer_e2e::{Server, client, error_of, metric, models_dir, package, package
 
 const DEFAULT: &str = "smollm2-135m-instruct";
 const COPY: &str = "smollm2-copy";
+/// The wasi:nn classifier `./dev` builds (a tensor package).
+const GRAPH: &str = "nn-classifier-v1";
 
-/// A server whose models dir holds the default model (linked from the
-/// shared one) and nothing else.
+/// A server whose models dir holds the default model and the wasi:nn
+/// classifier (linked from the shared one) and nothing else.
 fn server() -> (Server, tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let models = tmp.path().join("models");
     std::fs::create_dir_all(&models).unwrap();
-    std::os::unix::fs::symlink(models_dir().join(DEFAULT), models.join(DEFAULT)).unwrap();
+    for m in [DEFAULT, GRAPH] {
+        std::os::unix::fs::symlink(models_dir().join(m), models.join(m)).unwrap();
+    }
     let s = Server::start_with(
         &tmp.path().join("data"),
         &[("SLINFER_VENV", venv().to_str().unwrap())],
@@ -93,6 +97,19 @@ async fn import_serve_share_and_remove_models_while_running() {
     assert_eq!(out.trim(), format!("imported {COPY}"));
     let (ok, ls, _) = s.cli(&["models", "ls"]);
     assert!(ok && ls.contains(DEFAULT) && ls.contains(COPY), "{ls}");
+    let graph_row = ls
+        .lines()
+        .find(|l| l.starts_with(GRAPH))
+        .unwrap_or_else(|| panic!("{ls}"));
+    assert!(graph_row.contains("tensor"), "{graph_row}");
+    let listed = admin_json(&s, "/v1/models").await;
+    let kinds: Vec<(&str, &str)> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["name"].as_str().unwrap(), m["kind"].as_str().unwrap()))
+        .collect();
+    assert_eq!(kinds, [(DEFAULT, "llm"), (COPY, "llm"), (GRAPH, "tensor")]);
     let (ok, show, _) = s.cli(&["models", "show", COPY]);
     let show: serde_json::Value = serde_json::from_str(&show).unwrap();
     assert!(ok);
@@ -177,7 +194,10 @@ async fn import_serve_share_and_remove_models_while_running() {
     // default model is untouched.
     let (ok, out, err) = s.cli(&["models", "rm", COPY]);
     assert!(ok, "{out}{err}");
-    assert_eq!(entries(&models), vec![DEFAULT.to_string()]);
+    assert_eq!(
+        entries(&models),
+        vec![GRAPH.to_string(), DEFAULT.to_string()]
+    );
     let (code, r) = reply(&s, "chat-copy").await;
     assert_eq!(code, 404, "{r}");
     assert_eq!(
@@ -242,7 +262,10 @@ async fn bad_imports_get_clear_errors_and_leave_nothing() {
         last["error"]["message"].as_str().unwrap().len() > 10,
         "{body}"
     );
-    assert_eq!(entries(&models), vec![DEFAULT.to_string()]);
+    assert_eq!(
+        entries(&models),
+        vec![GRAPH.to_string(), DEFAULT.to_string()]
+    );
     assert_eq!(
         entries(&tmp.path().join("data/cache/models")),
         Vec::<String>::new()
@@ -271,9 +294,11 @@ async fn bad_imports_get_clear_errors_and_leave_nothing() {
         "kind = \"tensor\"\nname = \"tiny-graph\"\nformat = \"openvino\"\n[files]\nxml = \"model.xml\"\nweights = \"model.bin\"\n",
     )
     .unwrap();
-    let (ok, _, err) = s.cli(&["models", "rm", "tiny-graph"]);
-    assert!(!ok && err.contains("tensor model"), "{err}");
-    assert!(models.join("tiny-graph/model.toml").is_file());
+    for graph in ["tiny-graph", GRAPH] {
+        let (ok, _, err) = s.cli(&["models", "rm", graph]);
+        assert!(!ok && err.contains("tensor model"), "{graph}: {err}");
+        assert!(models.join(graph).join("model.toml").is_file());
+    }
     // Nothing was lost: the default model still serves.
     s.deploy(&package("chat"));
     assert_eq!(reply(&s, "chat").await.0, 200);

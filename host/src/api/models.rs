@@ -24,10 +24,7 @@ use crate::models::{ImportClaim, ImportSource, ModelsError};
 const MAX_UPLOAD_BYTES: u64 = 64 << 30;
 
 pub(super) async fn list(State(state): State<AppState>) -> Response {
-    match state.models.list() {
-        Ok(all) => axum::Json(all).into_response(),
-        Err(e) => ApiError::from(e).into_response(),
-    }
+    axum::Json(state.models.list()).into_response()
 }
 
 pub(super) async fn show(State(state): State<AppState>, Path(name): Path<String>) -> Response {

@@ -226,17 +226,25 @@ pub async fn models(c: &ClientArgs, action: ModelsAction) -> anyhow::Result<()> 
             let all: Vec<serde_json::Value> =
                 serde_json::from_value(get_json(c, &token, "/v1/models").await?)?;
             println!(
-                "{:<32} {:<8} {:>8} {:>12} {:>14}",
-                "NAME", "FAMILY", "CONTEXT", "KV_B/TOKEN", "WEIGHTS_BYTES"
+                "{:<32} {:<7} {:<8} {:>8} {:>12} {:>14}",
+                "NAME", "KIND", "FAMILY", "CONTEXT", "KV_B/TOKEN", "WEIGHTS_BYTES"
             );
+            let or_dash = |v: &serde_json::Value| {
+                if v.is_null() {
+                    "-".to_string()
+                } else {
+                    v.as_str().map_or_else(|| v.to_string(), str::to_owned)
+                }
+            };
             for m in all {
                 println!(
-                    "{:<32} {:<8} {:>8} {:>12} {:>14}",
-                    m["name"].as_str().unwrap_or_default(),
-                    m["family"].as_str().unwrap_or_default(),
-                    m["context_length_tokens"],
-                    m["kv_bytes_per_token"],
-                    m["weights_bytes"]
+                    "{:<32} {:<7} {:<8} {:>8} {:>12} {:>14}",
+                    or_dash(&m["name"]),
+                    or_dash(&m["kind"]),
+                    or_dash(&m["family"]),
+                    or_dash(&m["context_length_tokens"]),
+                    or_dash(&m["kv_bytes_per_token"]),
+                    or_dash(&m["weights_bytes"])
                 );
             }
         }
