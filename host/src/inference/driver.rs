@@ -224,10 +224,15 @@ impl GenState {
 
     /// Samples from `logits` and hands the text out; returns whether it ended.
     fn accept(&mut self, logits: &[f32]) -> bool {
-        let mut history = Vec::with_capacity(self.prompt.len() + self.generated.len());
-        history.extend_from_slice(&self.prompt);
-        history.extend_from_slice(&self.generated);
-        let token = self.sampler.sample(logits, &history);
+        // Only a repetition penalty reads the history: skip the copy otherwise.
+        let token = if self.sampler.params().repetition_penalty == 1.0 {
+            self.sampler.sample(logits, &[])
+        } else {
+            let mut history = Vec::with_capacity(self.prompt.len() + self.generated.len());
+            history.extend_from_slice(&self.prompt);
+            history.extend_from_slice(&self.generated);
+            self.sampler.sample(logits, &history)
+        };
         self.sampled += 1;
         if self.ttft_s.is_none() {
             self.ttft_s = Some(self.submitted.elapsed().as_secs_f64());
