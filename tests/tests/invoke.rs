@@ -153,3 +153,19 @@ async fn a_plain_wasi_http_proxy_component_runs_unchanged() {
         "plain proxy component saw /some/path?x=1"
     );
 }
+
+#[tokio::test]
+async fn one_io_thread_still_serves_concurrent_streams() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start_with(&tmp.path().join("data"), &[], &["--io-threads", "1"]);
+    s.deploy(&package("hello"));
+    // Two slow streams at once on one thread: both finish, whole.
+    let (a, b) = tokio::join!(
+        s.get("hello", "/stream?chunks=4&delay_ms=100"),
+        s.get("hello", "/stream?chunks=4&delay_ms=100")
+    );
+    let (a, b) = tokio::join!(a.text(), b.text());
+    let a = a.unwrap();
+    assert_eq!(a.matches("chunk").count(), 4, "{a}");
+    assert_eq!(a, b.unwrap());
+}

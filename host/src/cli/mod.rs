@@ -107,6 +107,13 @@ pub struct ServeArgs {
     /// The project virtualenv (`openvino` wheel; model import).
     #[arg(long, env = "SLINFER_VENV")]
     pub venv: Option<PathBuf>,
+    /// Threads running HTTP and the functions' Wasm (default: one per core).
+    /// The inference engines use every core in lock-stepped threads; fewer
+    /// I/O threads disturb them less (BENCHMARKS.md: 1 on a 2-core host
+    /// raised 8-stream decode throughput by ~3 %), at the cost of
+    /// parallelism for CPU-heavy functions.
+    #[arg(long, env = "SLINFER_IO_THREADS")]
+    pub io_threads: Option<usize>,
     /// Instances alive at once across all functions.
     #[arg(long, default_value_t = HostLimits::default().total_instances)]
     pub max_instances: u32,
@@ -146,15 +153,18 @@ pub fn default_data_dir() -> PathBuf {
 
 /// Run a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    let rt = || {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
+    let rt_with = |threads: Option<usize>| {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if let Some(n) = threads {
+            b.worker_threads(n.max(1));
+        }
+        b.enable_all().build()
     };
+    let rt = || rt_with(None);
     match cli.command {
         Command::Serve(a) => {
             let data_dir = a.data_dir.unwrap_or_else(default_data_dir);
-            rt()?.block_on(serve(ServeOptions {
+            rt_with(a.io_threads)?.block_on(serve(ServeOptions {
                 listen: a.listen,
                 models_dir: a.models_dir.unwrap_or_else(|| data_dir.join("models")),
                 data_dir,
