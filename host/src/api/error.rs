@@ -33,11 +33,16 @@ impl ApiError {
         self.retry_after = true;
         self
     }
+
+    /// The JSON body: `{"error": {"kind": ..., "message": ...}}`.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({"error": {"kind": self.kind, "message": self.message}})
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": {"kind": self.kind, "message": self.message}});
+        let body = self.body();
         let mut resp = (self.status, axum::Json(body)).into_response();
         if self.retry_after {
             resp.headers_mut()

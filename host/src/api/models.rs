@@ -18,7 +18,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use super::{ApiError, AppState};
-use crate::models::{ImportClaim, ImportSource, ModelsError};
+use crate::models::{ImportSource, ModelsError};
 
 /// Largest GGUF an import may upload.
 const MAX_UPLOAD_BYTES: u64 = 64 << 30;
@@ -102,40 +102,33 @@ pub(super) async fn import(
             Err(e) => return e.into_response(),
         }
     };
-    let (tx, rx) = mpsc::channel::<String>(64);
-    let (lines_tx, lines_rx) = mpsc::channel::<String>(64);
+    // Progress lines flow while the import runs; its result is the last line.
+    let (tx, mut rx) = mpsc::channel::<String>(64);
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let models = state.models.clone();
     tokio::spawn(async move {
-        let claim: ImportClaim = claim;
-        let forward = async {
-            let mut rx = rx;
-            while let Some(l) = rx.recv().await {
-                let _ = lines_tx
-                    .send(serde_json::json!({ "progress": l }).to_string())
-                    .await;
-            }
-        };
-        let run = async {
-            let r = models.import(&claim, &source, &tx).await;
-            drop(tx);
-            r
-        };
-        let (result, ()) = tokio::join!(run, forward);
+        let result = models.import(&claim, &source, &tx).await;
+        drop((tx, claim));
         if let Some(p) = upload {
             let _ = tokio::fs::remove_file(p).await;
         }
-        let last = match result {
-            Ok(m) => serde_json::json!({ "model": m }),
-            Err(e) => serde_json::json!({"error": {"kind": e.kind(), "message": e.to_string()}}),
-        };
-        let _ = lines_tx.send(last.to_string()).await;
+        let _ = done_tx.send(result);
     });
-    let mut lines_rx = lines_rx;
-    let stream = futures::stream::poll_fn(move |cx| lines_rx.poll_recv(cx))
-        .map(|l| Ok::<_, std::convert::Infallible>(format!("{l}\n")));
+    let progress = futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+        .map(|line| serde_json::json!({ "progress": line }));
+    let last = futures::stream::once(async move {
+        match done_rx.await {
+            Ok(Ok(m)) => serde_json::json!({ "model": m }),
+            Ok(Err(e)) => ApiError::from(e).body(),
+            Err(_) => ApiError::from(ModelsError::Io("the import task stopped".into())).body(),
+        }
+    });
+    let lines = progress
+        .chain(last)
+        .map(|v| Ok::<_, std::convert::Infallible>(format!("{v}\n")));
     (
         [(header::CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(stream),
+        Body::from_stream(lines),
     )
         .into_response()
 }
