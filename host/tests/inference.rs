@@ -1,15 +1,14 @@
 //! The inference room against the real imported default model on the
-//! OpenVINO CPU engine, with `openvino_genai.LLMPipeline` as the reference
-//! (computed at test time by `scripts/models/reference.py`, as the OpenVINO
-//! engine's own tests do).
+//! OpenVINO CPU engine, with OpenVINO GenAI as the reference (computed at
+//! test time by `scripts/models/reference.py`, as the OpenVINO engine's own
+//! tests do; `slinfer_test_support::reference` says which property each
+//! comparison rests on).
 //!
 //! Needs what `./dev test` sets up: the model package in
 //! `$SLINFER_MODELS_DIR` (default `<repo>/.data/models`) and the project
 //! virtualenv (`$SLINFER_VENV`, default `<repo>/.venv`). The tests share one
 //! [`Inference`] and take turns (the KV accounting checks need a quiet host).
 
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -17,36 +16,15 @@ use slinfer::inference::{
     ChatMessage, FinishReason, GenerateRequest, GenerationParams, INSTANCE_OVERHEAD_BYTES,
     Inference, InferenceError, InferenceOptions, Prompt, Usage,
 };
+use slinfer_test_support::reference::{self, Answer, Finish, Reference};
+use slinfer_test_support::{DEFAULT_MODEL as MODEL, default_model_dir, models_dir, venv};
 
-const MODEL: &str = "smollm2-135m-instruct";
 const NEW_TOKENS: usize = 32;
 /// SmolLM2's `<|im_end|>` (model.toml's `eos_token_ids`).
 const EOS: u32 = 2;
 const PROMPTS: &[&str] = &["The capital of France is", "def fibonacci(n):"];
 
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn venv() -> PathBuf {
-    std::env::var_os("SLINFER_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join(".venv"))
-}
-
-fn models_dir() -> PathBuf {
-    let models = std::env::var_os("SLINFER_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join(".data/models"));
-    assert!(
-        models.join(MODEL).join("model.toml").is_file(),
-        "model package {MODEL} is missing from {}: run ./dev test (it imports the default model)",
-        models.display()
-    );
-    models
-}
 
 fn inference() -> Arc<Inference> {
     static I: OnceLock<Arc<Inference>> = OnceLock::new();
@@ -61,30 +39,9 @@ fn inference() -> Arc<Inference> {
     .clone()
 }
 
-#[derive(serde::Deserialize, Debug)]
-struct Reference {
-    prompt: String,
-    prompt_ids: Vec<u32>,
-    tokens: Vec<u32>,
-    batched_tokens: Vec<u32>,
-}
-
 fn reference() -> &'static [Reference] {
     static R: OnceLock<Vec<Reference>> = OnceLock::new();
-    R.get_or_init(|| {
-        let mut child = Command::new(venv().join("bin/python"))
-            .arg(repo().join("scripts/models/reference.py"))
-            .arg(models_dir().join(MODEL))
-            .arg(NEW_TOKENS.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("run scripts/models/reference.py with the venv's python: run ./dev test");
-        serde_json::to_writer(child.stdin.take().unwrap(), PROMPTS).unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "reference.py failed");
-        serde_json::from_slice(&out.stdout).unwrap()
-    })
+    R.get_or_init(|| reference::generate(&default_model_dir(), PROMPTS, NEW_TOKENS))
 }
 
 fn request(prompt: Prompt, params: GenerationParams) -> GenerateRequest {
@@ -142,6 +99,8 @@ async fn greedy_text_matches_genai_alone_and_concurrently() {
     // `generate` can be awaited inside a spawned task.
     fn send<T: Send>(_: &T) {}
     send(&inf.generate(request(Prompt::Text("x".into()), greedy(1))));
+    // One at a time: like for like with LLMPipeline (one sequence per step,
+    // the same graph and kernels), so the same text on any CPU.
     for r in reference() {
         assert_eq!(inf.tokenize(MODEL, &r.prompt).unwrap(), r.prompt_ids);
         let (text, usage) = collect(&inf, request(Prompt::Text(r.prompt.clone()), greedy(32)))
@@ -167,6 +126,8 @@ async fn greedy_text_matches_genai_alone_and_concurrently() {
         }
         assert!(usage.ttft_s > 0.0);
     }
+    // Four at once: batches composed by the scheduler as requests arrive,
+    // which GenAI never forms. Each answer must be greedy up to a near-tie.
     let refs: Vec<&Reference> = reference().iter().chain(reference()).collect();
     let runs = refs.iter().map(|r| {
         let inf = inf.clone();
@@ -174,18 +135,19 @@ async fn greedy_text_matches_genai_alone_and_concurrently() {
         async move { collect(&inf, request(Prompt::Text(p), greedy(32))).await }
     });
     let outs = futures::future::join_all(runs).await;
-    for (r, out) in refs.iter().zip(outs) {
-        let (text, usage) = out.unwrap();
-        // A batched matmul may flip a late near-tie (see the engine's tests):
-        // either of GenAI's outputs.
-        assert!(
-            text == expected_text(&inf, &r.tokens)
-                || text == expected_text(&inf, &r.batched_tokens),
-            "concurrent prompt {:?}: {text:?}",
-            r.prompt
-        );
-        assert!(usage.generated_tokens >= 1 && usage.generated_tokens <= 32);
-    }
+    let answers: Vec<Answer> = refs
+        .iter()
+        .zip(outs)
+        .map(|(r, out)| {
+            let (text, usage) = out.unwrap();
+            let finish = match usage.finish_reason {
+                FinishReason::Stop => Finish::Stop,
+                FinishReason::Length => Finish::Length,
+            };
+            Answer::text(&r.prompt, &text).ended(finish, u64::from(usage.generated_tokens))
+        })
+        .collect();
+    reference::assert_greedy(&default_model_dir(), "four at once", &answers);
     quiet(&inf).await;
 }
 
@@ -212,6 +174,7 @@ async fn chat_prompt_uses_the_models_template() {
     let (text, _) = collect(&inf, request(Prompt::Text(rendered), greedy(16)))
         .await
         .unwrap();
+    // Alone, one after the other: the same steps, the same arithmetic.
     assert_eq!(chat, text);
     assert!(!chat.is_empty());
     quiet(&inf).await;

@@ -7,13 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-/// The repository root (the workspace that holds this crate).
-pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
-}
+pub use slinfer_test_support::{models_dir, repo_root, venv};
 
 /// `../shared/data` beside the checkout: the traces and latency profiles.
 pub fn shared_data() -> PathBuf {
@@ -44,28 +38,6 @@ pub fn slinfer_bin() -> PathBuf {
         bin.display()
     );
     bin
-}
-
-/// The imported models (`./dev test` imports the default one): the
-/// `SLINFER_MODELS_DIR` it exports, else `<repo>/.data/models`.
-pub fn models_dir() -> PathBuf {
-    let dir = std::env::var_os("SLINFER_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".data/models"));
-    assert!(
-        dir.join("smollm2-135m-instruct/model.toml").exists(),
-        "the default model is not imported in {}: run `./dev test`",
-        dir.display()
-    );
-    dir
-}
-
-/// The project virtualenv (OpenVINO for the CPU engine, the `openai`
-/// client): `$SLINFER_VENV` as `./dev` exports it, else `<repo>/.venv`.
-pub fn venv() -> PathBuf {
-    std::env::var_os("SLINFER_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".venv"))
 }
 
 /// A built function package directory (`./dev build` assembles them).

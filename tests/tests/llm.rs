@@ -64,7 +64,8 @@ async fn chat_streams_the_same_reply_it_returns_whole() {
         assert_eq!(usage["finish_reason"], "length");
     }
 
-    // Greedy is deterministic: the whole answer equals the streamed one.
+    // Greedy, each request alone on the server: the same steps and the same
+    // arithmetic, so the whole answer equals the streamed one.
     let whole: serde_json::Value = client()
         .post(format!("{url}&stream=false"))
         .body("What is the capital of France?")

@@ -6,9 +6,12 @@
 use std::path::{Path, PathBuf};
 
 use slinfer_e2e::{Server, client, error_of, metric, models_dir, package, package_variant, venv};
+use slinfer_test_support::reference::{self, Answer, Finish};
 
 const DEFAULT: &str = "smollm2-135m-instruct";
 const COPY: &str = "smollm2-copy";
+/// What [`reply`] asks.
+const QUESTION: &str = "Name a colour.";
 /// The wasi:nn classifier `./dev` builds (a tensor package).
 const GRAPH: &str = "nn-classifier-v1";
 
@@ -58,7 +61,7 @@ async fn reply(s: &Server, f: &str) -> (u16, serde_json::Value) {
             "{}/fn/{f}/?max_tokens=12&temperature=0&stream=false",
             s.url
         ))
-        .body("Name a colour.")
+        .body(QUESTION)
         .send()
         .await
         .unwrap();
@@ -126,10 +129,15 @@ async fn import_serve_share_and_remove_models_while_running() {
     s.deploy(c.path());
     // Cold starts one at a time (two loads at once would exceed the 5 s
     // TTFT SLO on this CPU: the scheduler would rightly answer overloaded).
+    let mut alone = Vec::new();
     for f in ["chat", "chat-copy"] {
         let (code, r) = reply(&s, f).await;
         assert_eq!(code, 200, "{f}: {r}");
+        alone.push(r);
     }
+    // Same weights, each request alone: the same arithmetic, the same reply.
+    assert!(!alone[0]["text"].as_str().unwrap().is_empty());
+    assert_eq!(alone[0]["text"], alone[1]["text"]);
     let (ra, rb, rc) = tokio::join!(
         reply(&s, "chat"),
         reply(&s, "chat-b"),
@@ -138,10 +146,20 @@ async fn import_serve_share_and_remove_models_while_running() {
     for (status, r) in [&ra, &rb, &rc] {
         assert_eq!(*status, 200, "{r}");
     }
-    assert!(!ra.1["text"].as_str().unwrap().is_empty());
-    // Same weights, greedy: the same reply from either model.
-    assert_eq!(ra.1["text"], rb.1["text"]);
-    assert_eq!(ra.1["text"], rc.1["text"]);
+    // All at once, batched as they arrive: greedy replies up to a near-tie
+    // (see slinfer_test_support::reference).
+    let answers: Vec<Answer> = [&ra.1, &rb.1, &rc.1]
+        .into_iter()
+        .map(|r| {
+            let finish = match r["finish_reason"].as_str() {
+                Some("stop") => Finish::Stop,
+                _ => Finish::Length,
+            };
+            Answer::chat(&[("user", QUESTION)], r["text"].as_str().unwrap())
+                .ended(finish, r["generated_tokens"].as_u64().unwrap())
+        })
+        .collect();
+    reference::assert_greedy(&models_dir().join(DEFAULT), "three at once", &answers);
 
     // The replies are out; the scheduler hears of the ends just after.
     let mut status = admin_json(&s, "/v1/status").await;

@@ -63,8 +63,28 @@ fn rel_err(a: &[f32], b: &[f32]) -> f32 {
         / scale
 }
 
-/// Drive both instances through the same schedule; return (worst relative
-/// error, top-1 agreements, comparisons).
+/// The gap between the best and second-best logit.
+fn top2_margin(l: &[f32]) -> f32 {
+    let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for &v in l {
+        if v > a {
+            (a, b) = (v, a);
+        } else if v > b {
+            b = v;
+        }
+    }
+    a - b
+}
+
+/// Drive both instances through the same schedule (teacher-forced by the
+/// reference's greedy tokens); return (worst relative error, top-1
+/// agreements, comparisons).
+///
+/// The property, on any GPU: every logit is within `tol` (relative to the
+/// largest) of the f32 reference's, which is the same bits on any x86-64
+/// CPU (plain IEEE arithmetic, no fast-math). Hence the top-1 token agrees
+/// wherever the reference's top-2 margin exceeds twice that bound; a
+/// near-tie below it may flip, as f16/bf16 rounding does on any device.
 fn compare(gpu: &mut dyn LlmInstance, cpu: &mut dyn LlmInstance, tol: f32) -> (f32, usize, usize) {
     let mut worst = 0.0f32;
     let (mut agree, mut total) = (0, 0);
@@ -75,6 +95,12 @@ fn compare(gpu: &mut dyn LlmInstance, cpu: &mut dyn LlmInstance, tol: f32) -> (f
             total += 1;
             agree += (argmax(a) == argmax(b)) as usize;
             assert!(r < tol, "relative error {r} over {tol}");
+            let bound = 2.0 * tol * b.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            assert!(
+                argmax(a) == argmax(b) || top2_margin(b) <= bound,
+                "top-1 differs where the reference's margin {} exceeds {bound}",
+                top2_margin(b)
+            );
         }
     };
     gpu.add_sequence(1).unwrap();
@@ -113,7 +139,6 @@ fn gpu_matches_reference_f16_ragged_batches() {
     let mut cpu = ReferenceInstance::new(&w, &opts(64, WeightDType::F16));
     let (worst, agree, total) = compare(&mut gpu, &mut cpu, 0.05);
     eprintln!("f16: worst relative logit error {worst:.4}, top-1 agreement {agree}/{total}");
-    assert!(agree * 10 >= total * 9, "top-1 agreement {agree}/{total}");
 }
 
 #[test]
@@ -126,7 +151,6 @@ fn gpu_matches_reference_bf16() {
     let mut cpu = ReferenceInstance::new(&w, &opts(64, WeightDType::BF16));
     let (worst, agree, total) = compare(&mut gpu, &mut cpu, 0.1);
     eprintln!("bf16: worst relative logit error {worst:.4}, top-1 agreement {agree}/{total}");
-    assert!(agree * 10 >= total * 8, "top-1 agreement {agree}/{total}");
 }
 
 #[test]

@@ -7,8 +7,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-mod common;
-use common::{repo, venv};
+use slinfer_test_support::{models_dir, repo_root, venv};
 
 fn python() -> PathBuf {
     venv().join("bin/python")
@@ -17,7 +16,7 @@ fn python() -> PathBuf {
 #[test]
 fn bad_inputs_get_clear_errors_and_leave_nothing() {
     let out = Command::new(python())
-        .arg(repo().join("scripts/models/test_import.py"))
+        .arg(repo_root().join("scripts/models/test_import.py"))
         .output()
         .expect("run the venv's python (./dev test sets it up)");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -29,16 +28,9 @@ fn bad_inputs_get_clear_errors_and_leave_nothing() {
 
 #[test]
 fn importing_again_skips() {
-    let models = std::env::var_os("SLINFER_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join(".data/models"));
-    assert!(
-        models.join("smollm2-135m-instruct/model.toml").is_file(),
-        "the default model is missing from {}: run `./dev test` (it imports it)",
-        models.display()
-    );
+    let models = models_dir();
     let out = Command::new(python())
-        .arg(repo().join("scripts/models/import.py"))
+        .arg(repo_root().join("scripts/models/import.py"))
         .arg("--models-dir")
         .arg(&models)
         .arg("default")

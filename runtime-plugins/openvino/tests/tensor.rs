@@ -5,8 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-mod common;
-use common::{repo, venv};
+use slinfer_test_support::{repo_root, venv};
 
 use slinfer_openvino::tensor::{TensorData, TensorEngine, TensorErrorKind, TensorType};
 
@@ -14,7 +13,7 @@ use slinfer_openvino::tensor::{TensorData, TensorEngine, TensorErrorKind, Tensor
 fn package() -> PathBuf {
     let models = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("tensor-models");
     let out = Command::new(venv().join("bin/python"))
-        .arg(repo().join("scripts/models/make_classifier.py"))
+        .arg(repo_root().join("scripts/models/make_classifier.py"))
         .arg("--models-dir")
         .arg(&models)
         .output()
