@@ -38,6 +38,20 @@ impl LlmError {
             LlmError::DeadlineMissed => "the request missed its deadline".into(),
             LlmError::InvalidParams(m) => format!("invalid parameters: {m}"),
             LlmError::EngineError(m) => format!("engine error: {m}"),
+            LlmError::Unavailable(u) => format!(
+                "unavailable: {}; retry after {} ms",
+                u.message, u.retry_after_ms
+            ),
+        }
+    }
+
+    /// How long the caller should wait before retrying, for the errors a
+    /// retry can cure (overloaded, unavailable).
+    pub fn retry_after_ms(&self) -> Option<u32> {
+        match self {
+            LlmError::Overloaded(ms) => Some(*ms),
+            LlmError::Unavailable(u) => Some(u.retry_after_ms),
+            _ => None,
         }
     }
 
@@ -47,7 +61,7 @@ impl LlmError {
             LlmError::ModelNotAllowed(_) => 403,
             LlmError::ModelNotFound(_) => 404,
             LlmError::PromptTooLong(_) | LlmError::InvalidParams(_) => 400,
-            LlmError::Overloaded(_) => 503,
+            LlmError::Overloaded(_) | LlmError::Unavailable(_) => 503,
             LlmError::DeadlineMissed => 504,
             LlmError::EngineError(_) => 500,
         }

@@ -84,7 +84,7 @@ fn error(e: &llm::LlmError) -> Response {
         e.http_status(),
         format!("{{\"error\":{}}}", json::string(&e.message())),
     );
-    if let llm::LlmError::Overloaded(ms) = e {
+    if let Some(ms) = e.retry_after_ms() {
         resp = resp.header("retry-after", ms.div_ceil(1000).max(1).to_string());
     }
     resp

@@ -137,6 +137,10 @@ impl ApiError {
                 Self::new(504, "server_error", message).code("deadline_missed")
             }
             LlmError::EngineError(_) => Self::engine(message),
+            LlmError::Unavailable(u) => ApiError {
+                retry_after_s: Some(u.retry_after_ms.div_ceil(1000).max(1)),
+                ..Self::new(503, "server_error", message).code("unavailable")
+            },
         }
     }
 

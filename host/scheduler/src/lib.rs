@@ -17,7 +17,7 @@ pub mod svg;
 pub mod sweep;
 pub mod trace;
 
-pub use model::{CostModel, DeviceKind, ModelSpec, ModelTypeId, NodeSpec};
+pub use model::{CostModel, DeviceKind, ModelSpec, ModelTypeId, NodeSpec, PerKind};
 pub use profile::{Profile, ProfileError};
 pub use scheduler::{
     ActionId, ActionOp, Command, DropReason, InstanceId, InstanceSnapshot, ModelId, NodeId,

@@ -2,32 +2,7 @@
 //! door through which it estimates time: the simulator implements it from
 //! profiled tables, the live host from measurements.
 
-use serde::Serialize;
-
-/// The two kinds of device the policy treats differently (KV scaling,
-/// quotas, keep-alive, placement order).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceKind {
-    Cpu,
-    Gpu,
-}
-
-impl DeviceKind {
-    pub fn index(self) -> usize {
-        match self {
-            DeviceKind::Cpu => 0,
-            DeviceKind::Gpu => 1,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            DeviceKind::Cpu => "cpu",
-            DeviceKind::Gpu => "gpu",
-        }
-    }
-}
+pub use slinfer_device::{DeviceKind, PerKind};
 
 /// Index of a model *type* (architecture + weights size, e.g. llama-2-7b) in
 /// the catalog; many distinct served models may share one type.
@@ -38,18 +13,21 @@ pub struct ModelTypeId(pub u16);
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelSpec {
     pub name: String,
-    pub weights_bytes: u64,
-    pub kv_bytes_per_token: u64,
-    /// KV block size in tokens, indexed by [`DeviceKind::index`].
-    pub block_tokens: [u64; 2],
+    /// What an instance holds on each kind of device (engines differ: the
+    /// CPU engine keeps int4 weights and a u8 KV cache, the GPU one f16).
+    pub weights_bytes: PerKind<u64>,
+    pub kv_bytes_per_token: PerKind<u64>,
+    /// KV block size in tokens.
+    pub block_tokens: PerKind<u64>,
     /// CPU instances keep a fixed KV allocation (as the paper's artifact does).
     pub cpu_kv_bytes: u64,
-    /// Most instances of this type one node may host, by device kind.
-    pub slots_per_node: [u32; 2],
-    /// The `sllm` baselines' per-instance concurrency caps, by device kind:
-    /// exclusive device, and half-shared device. `None`: kind not usable.
-    pub sllm_exclusive_cap: [Option<u32>; 2],
-    pub sllm_half_share_cap: [Option<u32>; 2],
+    /// Most instances of this type one node may host (0: the kind cannot
+    /// serve it).
+    pub slots_per_node: PerKind<u32>,
+    /// The `sllm` baselines' per-instance concurrency caps: exclusive
+    /// device, and half-shared device. `None`: kind not usable.
+    pub sllm_exclusive_cap: PerKind<Option<u32>>,
+    pub sllm_half_share_cap: PerKind<Option<u32>>,
     /// Iterations granted per arbiter grant during GPU decode: bigger for
     /// smaller models, whose short iterations would otherwise be dominated
     /// by the grant round trip.
@@ -58,11 +36,11 @@ pub struct ModelSpec {
 
 impl ModelSpec {
     pub fn block_bytes(&self, kind: DeviceKind) -> u64 {
-        self.block_tokens[kind.index()] * self.kv_bytes_per_token
+        self.block_tokens[kind] * self.kv_bytes_per_token[kind]
     }
 
     pub fn blocks_for_tokens(&self, kind: DeviceKind, tokens: u64) -> u64 {
-        tokens.div_ceil(self.block_tokens[kind.index()])
+        tokens.div_ceil(self.block_tokens[kind])
     }
 }
 

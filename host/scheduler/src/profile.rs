@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::model::{CostModel, DeviceKind, ModelSpec, ModelTypeId};
+use crate::model::{CostModel, DeviceKind, ModelSpec, ModelTypeId, PerKind};
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
@@ -77,10 +77,10 @@ impl DeviceTables {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Profile {
     pub models: Vec<ModelSpec>,
-    tables: Vec<[Option<DeviceTables>; 2]>,
+    tables: Vec<PerKind<Option<DeviceTables>>>,
     /// Weights load bandwidth per device kind; `None` means weights stay
     /// resident (the artifact never cold-starts CPU instances).
-    pub load_bytes_per_s: [Option<f64>; 2],
+    pub load_bytes_per_s: PerKind<Option<f64>>,
     pub kv_resize_s: f64,
     /// Device ↔ host bandwidth for swapped KV (PCIe-class).
     pub kv_swap_bytes_per_s: f64,
@@ -185,16 +185,16 @@ impl Profile {
                 .and_then(Value::as_u64)
                 .unwrap_or(1) as u32
             };
-            let mut dev: [Option<DeviceTables>; 2] = [None, None];
-            let mut excl = [None, None];
-            let mut half = [None, None];
-            for kind in [DeviceKind::Cpu, DeviceKind::Gpu] {
+            let mut dev: PerKind<Option<DeviceTables>> = PerKind::default();
+            let mut excl = PerKind::default();
+            let mut half = PerKind::default();
+            for kind in DeviceKind::ALL {
                 let k = kind.name();
                 if let Ok(t) = field(&v, &["latency", name, k, k]) {
-                    dev[kind.index()] = Some(device_tables(t, &format!("latency.{name}.{k}"))?);
+                    dev[kind] = Some(device_tables(t, &format!("latency.{name}.{k}"))?);
                     let cap = |f: &str| t.get(f).and_then(Value::as_u64).map(|c| c as u32);
-                    excl[kind.index()] = cap("exclusive_concurrency_cap");
-                    half[kind.index()] = cap("half_share_concurrency_cap");
+                    excl[kind] = cap("exclusive_concurrency_cap");
+                    half[kind] = cap("half_share_concurrency_cap");
                 }
             }
             let lower = name.to_ascii_lowercase();
@@ -207,18 +207,19 @@ impl Profile {
             };
             models.push(ModelSpec {
                 name: name.clone(),
-                weights_bytes: gib(num(m, &["weights_gb"])?),
-                kv_bytes_per_token: (num(m, &["kv_kb_per_token"])? * 1024.0) as u64,
-                block_tokens: [
+                // The artifact's engines hold the same weights and KV
+                // format on both kinds.
+                weights_bytes: PerKind::splat(gib(num(m, &["weights_gb"])?)),
+                kv_bytes_per_token: PerKind::splat((num(m, &["kv_kb_per_token"])? * 1024.0) as u64),
+                block_tokens: PerKind::new(
                     num(m, &["block_tokens", "cpu"])? as u64,
                     num(m, &["block_tokens", "gpu"])? as u64,
-                ],
+                ),
                 cpu_kv_bytes: gib(num(m, &["cpu_kv_gb"])?),
                 // No latency table for a kind: the model never goes there.
-                slots_per_node: [
-                    dev[0].as_ref().map_or(0, |_| slot("cpu")),
-                    dev[1].as_ref().map_or(0, |_| slot("gpu")),
-                ],
+                slots_per_node: dev
+                    .as_ref()
+                    .map(|kind, t| t.as_ref().map_or(0, |_| slot(kind.name()))),
                 sllm_exclusive_cap: excl,
                 sllm_half_share_cap: half,
                 gpu_decode_quota,
@@ -242,7 +243,7 @@ impl Profile {
         Ok(Profile {
             models,
             tables,
-            load_bytes_per_s: [None, Some(8.0 * GIB)],
+            load_bytes_per_s: PerKind::new(None, Some(8.0 * GIB)),
             kv_resize_s: 0.005,
             kv_swap_bytes_per_s: 16.0 * GIB,
             paper,
@@ -261,7 +262,7 @@ impl Profile {
     }
 
     fn tables(&self, model: ModelTypeId, kind: DeviceKind) -> &DeviceTables {
-        self.tables[model.0 as usize][kind.index()]
+        self.tables[model.0 as usize][kind]
             .as_ref()
             .expect("the scheduler only places models on kinds the profile supports")
     }
@@ -285,8 +286,8 @@ impl CostModel for Profile {
     }
 
     fn load_s(&self, model: ModelTypeId, kind: DeviceKind) -> f64 {
-        self.load_bytes_per_s[kind.index()].map_or(0.0, |bw| {
-            self.models[model.0 as usize].weights_bytes as f64 / bw
+        self.load_bytes_per_s[kind].map_or(0.0, |bw| {
+            self.models[model.0 as usize].weights_bytes[kind] as f64 / bw
         })
     }
 
@@ -298,8 +299,8 @@ impl CostModel for Profile {
         self.kv_resize_s
     }
 
-    fn kv_swap_s(&self, model: ModelTypeId, _kind: DeviceKind, tokens: u64) -> f64 {
-        2.0 * (tokens * self.models[model.0 as usize].kv_bytes_per_token) as f64
+    fn kv_swap_s(&self, model: ModelTypeId, kind: DeviceKind, tokens: u64) -> f64 {
+        2.0 * (tokens * self.models[model.0 as usize].kv_bytes_per_token[kind]) as f64
             / self.kv_swap_bytes_per_s
     }
 }
@@ -326,8 +327,8 @@ mod tests {
         let p = Profile::parse(MINI).unwrap();
         let m = p.model_type("tiny-3b").unwrap();
         let spec = &p.models[m.0 as usize];
-        assert_eq!(spec.slots_per_node, [0, 3]);
-        assert_eq!(spec.sllm_exclusive_cap, [None, Some(7)]);
+        assert_eq!(spec.slots_per_node, PerKind::new(0, 3));
+        assert_eq!(spec.sllm_exclusive_cap, PerKind::new(None, Some(7)));
         assert_eq!(spec.gpu_decode_quota, 4);
         assert_eq!(spec.block_bytes(DeviceKind::Gpu), 16 * 2048);
         assert!((p.prefill_s(m, DeviceKind::Gpu, 50) - 0.014_949_49).abs() < 1e-6);

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
 use serde::Serialize;
 
-use crate::model::{CostModel, DeviceKind, ModelTypeId, NodeSpec};
+use crate::model::{CostModel, DeviceKind, ModelTypeId, NodeSpec, PerKind};
 use crate::profile::Profile;
 use crate::scheduler::{
     ActionId, ActionOp, Command, InstanceId, NodeId, Policy, Request, RequestId, RequestOutcome,
@@ -66,7 +66,7 @@ impl SimSetup {
     ) -> Self {
         let p = &profile.paper;
         let mut scheduler = SchedulerConfig::paper(policy);
-        scheduler.safety = [p.safety_cpu, p.safety_gpu];
+        scheduler.safety = PerKind::new(p.safety_cpu, p.safety_gpu);
         scheduler.slo_margin = p.scheduler_margin;
         scheduler.ttft_cap_s = p.ttft_cap_s;
         scheduler.instance_overhead_bytes = p.instance_overhead_bytes;

@@ -25,9 +25,10 @@ use cudarc::driver::CudaContext;
 use cudarc::nvrtc::Ptx;
 pub use instance::CudaInstance;
 use instance::Kernels;
+use slinfer_engine::package::ModelPackage;
 use slinfer_engine::weights::{LlamaWeights, WeightDType};
 use slinfer_engine::{
-    Backend, DeviceInfo, DeviceKind, EngineError, LlmInstance, LoadOptions, ModelSource,
+    Backend, DeviceInfo, DeviceKind, EngineError, Footprint, LlmInstance, LoadOptions, ModelSource,
 };
 
 struct Device {
@@ -246,6 +247,11 @@ impl Backend for CudaBackend {
                 })
             })
             .collect()
+    }
+    /// f16 weights (the default load precision) and an f16 KV cache.
+    fn footprint(&self, package: &ModelPackage) -> Result<Footprint, EngineError> {
+        package.weights_file()?;
+        Ok(Footprint::of_config(&package.manifest.config, 2, 2))
     }
     fn load(
         &self,

@@ -30,6 +30,11 @@
 //!   `block_indices_begins`), so both engines share it.
 //! - Sampling happens on the host with [`sampler::Sampler`], whatever the
 //!   backend.
+//! - A backend tells what an instance of a package would hold on its devices
+//!   ([`Backend::footprint`]) before loading it, so the scheduler can plan.
+//! - Tensor models (`wasi:nn` graphs) have their own neutral contract in
+//!   [`tensor`]: [`tensor::TensorBackend`] compiles, a
+//!   [`tensor::TensorGraph`] is shared, a [`tensor::TensorContext`] computes.
 
 pub mod config;
 pub mod gguf;
@@ -39,6 +44,7 @@ pub mod quant;
 pub mod reference;
 pub mod safetensors;
 pub mod sampler;
+pub mod tensor;
 pub mod weights;
 
 use std::path::PathBuf;
@@ -47,17 +53,54 @@ pub use config::ModelConfig;
 pub use kv::{BatchPlan, BlockAllocator, KvManager};
 pub use package::{ModelPackage, PackageManifest};
 pub use sampler::{Sampler, SamplingParams};
+pub use slinfer_device::{DeviceKind, PerKind};
 pub use weights::{LlamaWeights, WeightDType};
 
 /// A sequence's name, chosen by the caller (the scheduler's request id).
 pub type SeqId = u64;
 
-/// What kind of processor a device is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceKind {
-    Cpu,
-    Gpu,
+/// The host's memory as `/proc/meminfo` reports it now (zeros where it
+/// cannot be read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HostMemory {
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+}
+
+impl HostMemory {
+    pub fn read() -> HostMemory {
+        let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let get = |k: &str| {
+            text.lines()
+                .find(|l| l.starts_with(k))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+                .map_or(0, |kb| kb * 1024)
+        };
+        HostMemory {
+            total_bytes: get("MemTotal:"),
+            available_bytes: get("MemAvailable:"),
+        }
+    }
+}
+
+/// What one instance of a model holds on a backend's device, known before
+/// it is loaded (the scheduler plans with it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Footprint {
+    pub weights_bytes: u64,
+    /// KV cache bytes per token over all layers (keys and values).
+    pub kv_bytes_per_token: u64,
+}
+
+impl Footprint {
+    /// Weights and KV at the given bytes per element, from the model's shape.
+    pub fn of_config(config: &ModelConfig, weight_bytes: u64, kv_bytes: usize) -> Footprint {
+        Footprint {
+            weights_bytes: config.parameter_count() * weight_bytes,
+            kv_bytes_per_token: config.kv_bytes_per_token(kv_bytes),
+        }
+    }
 }
 
 /// One device a backend can place instances on, with memory as its driver
@@ -201,6 +244,10 @@ pub trait Backend: Send + Sync {
     /// Devices with memory as the driver reports it now. An empty list (not an
     /// error) when the backend works but has no device.
     fn devices(&self) -> Result<Vec<DeviceInfo>, EngineError>;
+    /// What an instance of `package` would hold on this backend's devices,
+    /// or why the backend cannot load it (e.g. the package lacks the format
+    /// it reads: [`EngineError::Model`]).
+    fn footprint(&self, package: &ModelPackage) -> Result<Footprint, EngineError>;
     /// Load one instance of a model on `device`.
     fn load(
         &self,

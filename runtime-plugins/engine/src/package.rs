@@ -29,6 +29,10 @@ pub struct PackageFiles {
     pub openvino_ir: Option<String>,
     #[serde(default)]
     pub tokenizer: Option<String>,
+    /// Weights as one safetensors file with Hugging Face tensor names (an
+    /// alternative to `gguf`; the shape comes from `[config]`).
+    #[serde(default)]
+    pub safetensors: Option<String>,
 }
 
 /// `model.toml`.
@@ -96,6 +100,31 @@ impl ModelPackage {
     pub fn tokenizer_path(&self) -> Option<PathBuf> {
         self.file(&self.manifest.files.tokenizer)
     }
+    pub fn safetensors_path(&self) -> Option<PathBuf> {
+        self.file(&self.manifest.files.safetensors)
+    }
+
+    /// The weights the pure-Rust loaders read (the reference and CUDA
+    /// engines): the GGUF, else the safetensors file.
+    pub fn weights_file(&self) -> Result<WeightsFile, EngineError> {
+        if let Some(p) = self.gguf_path() {
+            return Ok(WeightsFile::Gguf(p));
+        }
+        if let Some(p) = self.safetensors_path() {
+            return Ok(WeightsFile::Safetensors(p));
+        }
+        Err(EngineError::Model(format!(
+            "{}: the package holds no GGUF or safetensors weights",
+            self.dir.display()
+        )))
+    }
+}
+
+/// A package's weights file, by format.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightsFile {
+    Gguf(PathBuf),
+    Safetensors(PathBuf),
 }
 
 /// What a package folder holds.

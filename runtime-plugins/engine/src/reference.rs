@@ -7,34 +7,72 @@
 //! `[block][kv_head][slot in block][head_dim]`.
 
 use crate::kv::{BatchPlan, KvManager};
+use crate::package::ModelPackage;
 use crate::weights::{LlamaWeights, WeightDType};
 use crate::{
-    Backend, DeviceInfo, DeviceKind, EngineError, LlmInstance, LoadOptions, MemoryReport,
-    ModelConfig, ModelSource, StepEntry,
+    Backend, DeviceInfo, DeviceKind, EngineError, Footprint, LlmInstance, LoadOptions,
+    MemoryReport, ModelConfig, ModelSource, StepEntry,
 };
 
 /// Default tokens per KV block for the reference.
 pub const DEFAULT_BLOCK_SIZE_TOKENS: usize = 16;
 
-/// The reference backend: one "device", the host CPU, f32 arithmetic.
-#[derive(Debug, Default)]
-pub struct ReferenceBackend;
+/// The reference backend: the host CPU, f32 arithmetic. By default one CPU
+/// device of unknown size; [`ReferenceBackend::with_devices`] gives it
+/// devices of a chosen kind and size, so tests can drive the host's
+/// multi-device paths without native libraries (it computes on the host CPU
+/// whatever the kind says).
+#[derive(Debug, Clone)]
+pub struct ReferenceBackend {
+    kind: DeviceKind,
+    /// Each device's size in bytes (0: unknown).
+    devices: Vec<u64>,
+}
+
+impl Default for ReferenceBackend {
+    fn default() -> Self {
+        ReferenceBackend {
+            kind: DeviceKind::Cpu,
+            devices: vec![0],
+        }
+    }
+}
+
+impl ReferenceBackend {
+    /// Devices of `kind`, one per size given.
+    pub fn with_devices(kind: DeviceKind, sizes_bytes: &[u64]) -> Self {
+        ReferenceBackend {
+            kind,
+            devices: sizes_bytes.to_vec(),
+        }
+    }
+}
 
 impl Backend for ReferenceBackend {
     fn name(&self) -> &str {
         "reference"
     }
     fn kind(&self) -> DeviceKind {
-        DeviceKind::Cpu
+        self.kind
     }
     fn devices(&self) -> Result<Vec<DeviceInfo>, EngineError> {
-        Ok(vec![DeviceInfo {
-            index: 0,
-            kind: DeviceKind::Cpu,
-            name: "pure-Rust reference".into(),
-            total_bytes: 0,
-            free_bytes: 0,
-        }])
+        Ok(self
+            .devices
+            .iter()
+            .enumerate()
+            .map(|(index, &bytes)| DeviceInfo {
+                index,
+                kind: self.kind,
+                name: "pure-Rust reference".into(),
+                total_bytes: bytes,
+                free_bytes: bytes,
+            })
+            .collect())
+    }
+    /// f32 weights and KV.
+    fn footprint(&self, package: &ModelPackage) -> Result<Footprint, EngineError> {
+        package.weights_file()?;
+        Ok(Footprint::of_config(&package.manifest.config, 4, 4))
     }
     fn load(
         &self,
@@ -42,7 +80,7 @@ impl Backend for ReferenceBackend {
         device: usize,
         options: &LoadOptions,
     ) -> Result<Box<dyn LlmInstance>, EngineError> {
-        if device != 0 {
+        if device >= self.devices.len() {
             return Err(EngineError::NoDevice(device));
         }
         let w = LlamaWeights::load(source, options.dtype.unwrap_or(WeightDType::F32))?;

@@ -9,6 +9,7 @@ use half::{bf16, f16};
 
 use crate::config::ModelConfig;
 use crate::gguf::GgufFile;
+use crate::package::WeightsFile;
 use crate::quant::{self, RawTensor, TensorType};
 use crate::sampler::Rng;
 use crate::{EngineError, ModelSource};
@@ -323,10 +324,12 @@ impl LlamaWeights {
             ModelSource::Gguf(path) => Self::from_gguf(path, dtype),
             ModelSource::Package(dir) => {
                 let pkg = crate::package::ModelPackage::open(dir)?;
-                let gguf = pkg.gguf_path().ok_or_else(|| {
-                    EngineError::Model(format!("{}: the package holds no GGUF", dir.display()))
-                })?;
-                Self::from_gguf(&gguf, dtype)
+                match pkg.weights_file()? {
+                    WeightsFile::Gguf(p) => Self::from_gguf(&p, dtype),
+                    WeightsFile::Safetensors(p) => {
+                        Self::from_safetensors_file(&p, &pkg.manifest.config, dtype)
+                    }
+                }
             }
             ModelSource::Random {
                 config,
@@ -340,6 +343,73 @@ impl LlamaWeights {
         let config = ModelConfig::from_hf_dir(dir)?;
         let folder = crate::safetensors::SafetensorsFolder::open(dir)?;
         load_from(&folder, &HF, config, dtype, false)
+    }
+
+    /// One safetensors file with Hugging Face names, shaped by `config`
+    /// (a model package's `files.safetensors`).
+    pub fn from_safetensors_file(
+        path: &Path,
+        config: &ModelConfig,
+        dtype: WeightDType,
+    ) -> Result<Self, EngineError> {
+        let bytes = std::fs::read(path).map_err(|e| EngineError::io(path, e))?;
+        let folder = crate::safetensors::SafetensorsFolder::from_buffers(vec![bytes])?;
+        load_from(&folder, &HF, config.clone(), dtype, false)
+    }
+
+    /// The weights as one f32 safetensors file with Hugging Face names (what
+    /// [`Self::from_safetensors_file`] reads back).
+    pub fn to_safetensors(&self) -> Result<Vec<u8>, EngineError> {
+        let c = &self.config;
+        let mut t: Vec<(String, Vec<usize>, Vec<f32>)> = vec![
+            (
+                "model.embed_tokens.weight".into(),
+                self.embed.shape.clone(),
+                self.embed.to_f32(),
+            ),
+            (
+                "model.norm.weight".into(),
+                vec![c.hidden_size],
+                self.final_norm.clone(),
+            ),
+        ];
+        if let Some(head) = &self.lm_head {
+            t.push(("lm_head.weight".into(), head.shape.clone(), head.to_f32()));
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            let n = |p: &str| format!("model.layers.{i}.{p}");
+            t.push((
+                n("input_layernorm.weight"),
+                vec![c.hidden_size],
+                l.attn_norm.clone(),
+            ));
+            t.push((
+                n("post_attention_layernorm.weight"),
+                vec![c.hidden_size],
+                l.ffn_norm.clone(),
+            ));
+            for (name, m) in [
+                ("self_attn.q_proj.weight", &l.wq),
+                ("self_attn.k_proj.weight", &l.wk),
+                ("self_attn.v_proj.weight", &l.wv),
+                ("self_attn.o_proj.weight", &l.wo),
+                ("mlp.gate_proj.weight", &l.w_gate),
+                ("mlp.up_proj.weight", &l.w_up),
+                ("mlp.down_proj.weight", &l.w_down),
+            ] {
+                t.push((n(name), m.shape.clone(), m.to_f32()));
+            }
+            for (name, b) in [
+                ("self_attn.q_proj.bias", &l.bq),
+                ("self_attn.k_proj.bias", &l.bk),
+                ("self_attn.v_proj.bias", &l.bv),
+            ] {
+                if let Some(b) = b {
+                    t.push((n(name), vec![b.len()], b.clone()));
+                }
+            }
+        }
+        crate::safetensors::serialize_f32(&t)
     }
 
     pub fn from_gguf(path: &Path, dtype: WeightDType) -> Result<Self, EngineError> {
@@ -539,54 +609,9 @@ mod tests {
     fn safetensors_folder_with_hf_names() {
         let c = ModelConfig::tiny_for_tests();
         let w = LlamaWeights::random(c.clone(), 4, 0.5, WeightDType::F32);
-        let mut t: Vec<(String, Vec<usize>, Vec<f32>)> = vec![
-            (
-                "model.embed_tokens.weight".into(),
-                w.embed.shape.clone(),
-                w.embed.to_f32(),
-            ),
-            (
-                "model.norm.weight".into(),
-                vec![c.hidden_size],
-                w.final_norm.clone(),
-            ),
-            (
-                "lm_head.weight".into(),
-                w.output().shape.clone(),
-                w.output().to_f32(),
-            ),
-        ];
-        for (i, l) in w.layers.iter().enumerate() {
-            let n = |p: &str| format!("model.layers.{i}.{p}");
-            t.push((
-                n("input_layernorm.weight"),
-                vec![c.hidden_size],
-                l.attn_norm.clone(),
-            ));
-            t.push((
-                n("post_attention_layernorm.weight"),
-                vec![c.hidden_size],
-                l.ffn_norm.clone(),
-            ));
-            for (name, m) in [
-                ("self_attn.q_proj.weight", &l.wq),
-                ("self_attn.k_proj.weight", &l.wk),
-                ("self_attn.v_proj.weight", &l.wv),
-                ("self_attn.o_proj.weight", &l.wo),
-                ("mlp.gate_proj.weight", &l.w_gate),
-                ("mlp.up_proj.weight", &l.w_up),
-                ("mlp.down_proj.weight", &l.w_down),
-            ] {
-                t.push((n(name), m.shape.clone(), m.to_f32()));
-            }
-        }
         let dir = std::env::temp_dir().join(format!("slinfer-st-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join("model.safetensors"),
-            crate::safetensors::serialize_f32(&t).unwrap(),
-        )
-        .unwrap();
+        std::fs::write(dir.join("model.safetensors"), w.to_safetensors().unwrap()).unwrap();
         let config = serde_json::json!({
             "model_type": "llama", "hidden_size": c.hidden_size,
             "intermediate_size": c.intermediate_size, "num_attention_heads": c.num_heads,
@@ -599,6 +624,13 @@ mod tests {
         std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
         let back = LlamaWeights::load(&ModelSource::SafetensorsDir(dir.clone()), WeightDType::F32)
             .unwrap();
+        let file = LlamaWeights::from_safetensors_file(
+            &dir.join("model.safetensors"),
+            &c,
+            WeightDType::F32,
+        )
+        .unwrap();
+        assert_eq!(file.layers[1].wk, w.layers[1].wk);
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(back.config, c);
         assert_eq!(back.layers[1].wq, w.layers[1].wq);

@@ -41,8 +41,8 @@ use openvino::{
 use slinfer_engine::package::ModelPackage;
 use slinfer_engine::reference::check_tokens;
 use slinfer_engine::{
-    Backend, DeviceInfo, DeviceKind, EngineError, KvManager, LlmInstance, LoadOptions,
-    MemoryReport, ModelConfig, ModelSource, StepEntry,
+    Backend, DeviceInfo, DeviceKind, EngineError, Footprint, HostMemory, KvManager, LlmInstance,
+    LoadOptions, MemoryReport, ModelConfig, ModelSource, StepEntry,
 };
 
 /// Environment variable naming `libopenvino_c` (the file, or its folder).
@@ -271,18 +271,7 @@ impl OpenVinoBackend {
         options: &LoadOptions,
     ) -> Result<OpenVinoInstance, EngineError> {
         let pkg = ModelPackage::open(dir)?;
-        let xml = pkg.openvino_ir_path().ok_or_else(|| {
-            EngineError::Model(format!(
-                "{}: the package has no OpenVINO IR; re-import it",
-                dir.display()
-            ))
-        })?;
-        let bin = xml.with_extension("bin");
-        for f in [&xml, &bin] {
-            if !f.is_file() {
-                return Err(EngineError::Model(format!("{} is missing", f.display())));
-            }
-        }
+        let (xml, bin) = ir_files(&pkg)?;
         let weight_bytes = std::fs::metadata(&bin).map(|m| m.len()).unwrap_or(0);
         let mut compiled = {
             let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
@@ -300,17 +289,21 @@ impl OpenVinoBackend {
     }
 }
 
-fn meminfo() -> (u64, u64) {
-    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let get = |k: &str| {
-        text.lines()
-            .find(|l| l.starts_with(k))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .map(|kb| kb * 1024)
-            .unwrap_or(0)
-    };
-    (get("MemTotal:"), get("MemAvailable:"))
+/// The package's stateful IR: its xml and weights files, both present.
+fn ir_files(pkg: &ModelPackage) -> Result<(PathBuf, PathBuf), EngineError> {
+    let xml = pkg.openvino_ir_path().ok_or_else(|| {
+        EngineError::Model(format!(
+            "{}: the package has no OpenVINO IR; re-import it",
+            pkg.dir.display()
+        ))
+    })?;
+    let bin = xml.with_extension("bin");
+    for f in [&xml, &bin] {
+        if !f.is_file() {
+            return Err(EngineError::Model(format!("{} is missing", f.display())));
+        }
+    }
+    Ok((xml, bin))
 }
 
 impl Backend for OpenVinoBackend {
@@ -321,14 +314,30 @@ impl Backend for OpenVinoBackend {
         DeviceKind::Cpu
     }
     fn devices(&self) -> Result<Vec<DeviceInfo>, EngineError> {
-        let (total, free) = meminfo();
+        let m = HostMemory::read();
         Ok(vec![DeviceInfo {
             index: 0,
             kind: DeviceKind::Cpu,
             name: "CPU".into(),
-            total_bytes: total,
-            free_bytes: free,
+            total_bytes: m.total_bytes,
+            free_bytes: m.available_bytes,
         }])
+    }
+    /// The IR's weights file, and the package's f16 KV figure: the compiled
+    /// u8 cache with its quantisation parameters is smaller (the instance
+    /// reports it once loaded), so planning with f16 errs on the safe side.
+    fn footprint(&self, package: &ModelPackage) -> Result<Footprint, EngineError> {
+        let bin = ir_files(package)?.1;
+        let weights_bytes = std::fs::metadata(&bin)
+            .map_err(|e| EngineError::Io {
+                path: bin.clone(),
+                source: e,
+            })?
+            .len();
+        Ok(Footprint {
+            weights_bytes,
+            kv_bytes_per_token: package.manifest.kv_bytes_per_token,
+        })
     }
     fn load(
         &self,
@@ -712,15 +721,15 @@ impl LlmInstance for OpenVinoInstance {
     }
 
     fn memory(&self) -> MemoryReport {
-        let (total, free) = meminfo();
+        let host = HostMemory::read();
         MemoryReport {
             weight_bytes: self.weight_bytes,
             kv_bytes: self.kv_bytes_per_block * self.physical_blocks as u64,
             workspace_bytes: self.workspace_bytes,
             kv_blocks_capacity: self.kv.capacity_blocks(),
             kv_blocks_in_use: self.kv.used_blocks(),
-            device_free_bytes: free,
-            device_total_bytes: total,
+            device_free_bytes: host.available_bytes,
+            device_total_bytes: host.total_bytes,
         }
     }
 }

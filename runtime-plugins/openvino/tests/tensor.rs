@@ -7,7 +7,8 @@ use std::process::Command;
 
 use slinfer_test_support::{repo_root, venv};
 
-use slinfer_openvino::tensor::{TensorData, TensorEngine, TensorErrorKind, TensorType};
+use slinfer_engine::tensor::{TensorBackend, TensorData, TensorErrorKind, TensorType};
+use slinfer_openvino::tensor::TensorEngine;
 
 /// Build the package (idempotent) and return its folder.
 fn package() -> PathBuf {
@@ -59,11 +60,11 @@ fn classifier_matches_numpy_from_files_and_from_bytes() {
     let reference: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
     for model in [&from_files, &from_bytes] {
-        let mut req = model.request().unwrap();
+        let mut req = model.context().unwrap();
         for case in reference["cases"].as_array().unwrap() {
             let x: Vec<f32> = serde_json::from_value(case["input"].clone()).unwrap();
             let want: Vec<f32> = serde_json::from_value(case["probabilities"].clone()).unwrap();
-            let out = req.infer(model, &features(&x)).unwrap();
+            let out = req.infer(&features(&x)).unwrap();
             assert_eq!(out.len(), 1);
             let (name, t) = &out[0];
             assert_eq!(name, "probabilities");
@@ -87,18 +88,18 @@ fn bad_inputs_and_bad_ir_are_refused_by_kind() {
     let model = engine
         .compile_files(&dir.join("model.xml"), &dir.join("model.bin"))
         .unwrap();
-    let mut req = model.request().unwrap();
-    let e = req.infer(&model, &features(&[1.0, 2.0])).unwrap_err();
+    let mut req = model.context().unwrap();
+    let e = req.infer(&features(&[1.0, 2.0])).unwrap_err();
     assert_eq!(e.kind, TensorErrorKind::InvalidArgument);
     assert!(e.message.contains("[1, 4]"), "{e}");
     let mut wrong_name = features(&[1.0; 4]);
     wrong_name[0].0 = "pixels".into();
-    let e = req.infer(&model, &wrong_name).unwrap_err();
+    let e = req.infer(&wrong_name).unwrap_err();
     assert!(e.message.contains("no input \"pixels\""), "{e}");
-    let e = req.infer(&model, &[]).unwrap_err();
+    let e = req.infer(&[]).unwrap_err();
     assert!(e.message.contains("\"features\" is missing"), "{e}");
     // The request still works after refusals.
-    req.infer(&model, &features(&[1.0; 4])).unwrap();
+    req.infer(&features(&[1.0; 4])).unwrap();
 
     let e = engine
         .compile_bytes(b"\x00garbage", b"more garbage")
@@ -200,9 +201,9 @@ fn every_common_element_type_goes_in_and_comes_out() {
             data: x,
         };
         let out = model
-            .request()
+            .context()
             .unwrap()
-            .infer(&model, &[("x".to_string(), x)])
+            .infer(&[("x".to_string(), x)])
             .unwrap();
         assert_eq!(out[0].0, "y");
         assert_eq!(

@@ -1,0 +1,221 @@
+//! What callers hand the inference service and get back: requests,
+//! parameters, usage, errors, the status picture, and the defaults.
+
+use std::collections::BTreeMap;
+
+use slinfer_engine::Footprint;
+
+/// TTFT SLO when the caller passes 0 (seconds; this CPU, small models).
+pub const DEFAULT_TTFT_SLO_S: f64 = 5.0;
+/// TPOT SLO when the caller passes 0 (seconds per output token).
+pub const DEFAULT_TPOT_SLO_S: f64 = 0.5;
+/// `max_tokens` when the caller gives none.
+pub const DEFAULT_MAX_TOKENS: u32 = 256;
+/// Idle time before an instance is unloaded (the CPU engine recompiles the
+/// model on every load, which takes seconds).
+pub const KEEP_ALIVE_S: f64 = 300.0;
+/// Memory the scheduler reserves per instance beyond its weights (compiled
+/// model, workspace).
+pub const INSTANCE_OVERHEAD_BYTES: u64 = 256 << 20;
+/// Seconds a refused caller is told to wait before retrying.
+pub const RETRY_AFTER_S: f64 = 1.0;
+
+/// Errors of the inference API.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum InferenceError {
+    #[error("model {0:?} not found")]
+    ModelNotFound(String),
+    #[error("prompt of {prompt_tokens} tokens does not fit the context of {context_tokens}")]
+    PromptTooLong {
+        prompt_tokens: u32,
+        context_tokens: u32,
+    },
+    #[error("overloaded: retry after {retry_after_s} s")]
+    Overloaded { retry_after_s: f64 },
+    #[error("the request missed its deadline")]
+    DeadlineMissed,
+    /// The device serving the request failed; it left placement and the
+    /// request may be retried (another device takes it).
+    #[error("{message}; retry after {retry_after_s} s")]
+    Unavailable { message: String, retry_after_s: f64 },
+    #[error("engine error: {0}")]
+    Engine(String),
+    #[error("invalid parameters: {0}")]
+    InvalidParams(String),
+    #[error("model {0:?} is already registered")]
+    ModelExists(String),
+}
+
+/// A generation request.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// Caller identity (predictive look-ahead, metrics).
+    pub function: String,
+    pub model: String,
+    pub prompt: Prompt,
+    pub params: GenerationParams,
+    /// 0: [`DEFAULT_TTFT_SLO_S`].
+    pub ttft_slo_s: f64,
+    /// 0: [`DEFAULT_TPOT_SLO_S`].
+    pub tpot_slo_s: f64,
+}
+
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    Text(String),
+    /// Rendered with the model's own chat template (model.toml).
+    Chat(Vec<ChatMessage>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// Sampling and stopping, as the caller gives them (`None`: the default).
+/// The same value travels from the interface to the instance runner.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationParams {
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_k: Option<u32>,
+    pub top_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+}
+
+impl GenerationParams {
+    /// Refuses values no sampler can use, naming the parameter.
+    pub fn check(&self) -> Result<(), InferenceError> {
+        let bad = |m: &str| Err(InferenceError::InvalidParams(m.into()));
+        if self.max_tokens == Some(0) {
+            return bad("max_tokens must be at least 1");
+        }
+        let temperature = self.temperature.unwrap_or(0.0);
+        if !temperature.is_finite() || temperature < 0.0 {
+            return bad("temperature must be >= 0");
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return bad("top_p must be in (0, 1]");
+        }
+        let penalty = self.repetition_penalty.unwrap_or(1.0);
+        if !(penalty.is_finite() && penalty > 0.0) {
+            return bad("repetition_penalty must be > 0");
+        }
+        Ok(())
+    }
+
+    /// The most tokens to generate.
+    pub fn max_tokens(&self) -> u32 {
+        self.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS)
+    }
+
+    /// The sampler's settings; a missing seed is drawn at random.
+    pub fn sampling(&self) -> slinfer_engine::SamplingParams {
+        slinfer_engine::SamplingParams {
+            temperature: self.temperature.unwrap_or(0.0),
+            top_k: self.top_k.unwrap_or(0) as usize,
+            top_p: self.top_p.unwrap_or(1.0),
+            repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
+            seed: self
+                .seed
+                .unwrap_or_else(|| getrandom::u64().unwrap_or(0x5eed)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// EOS or a stop sequence.
+    Stop,
+    /// `max_tokens` or the context length.
+    Length,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub generated_tokens: u32,
+    pub finish_reason: FinishReason,
+    pub ttft_s: f64,
+}
+
+/// Live state, for tests and metrics.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct InferenceStats {
+    /// Requests submitted and not ended.
+    pub live_requests: usize,
+    pub instances: Vec<InstanceStats>,
+}
+
+/// What an engine instance holds now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceStats {
+    pub instance: u64,
+    pub model: String,
+    pub device: String,
+    pub kv_blocks_in_use: usize,
+    pub kv_blocks_capacity: usize,
+}
+
+/// A served model, as `slinfer models ls` and the status show it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ModelInfo {
+    pub name: String,
+    pub family: String,
+    pub source: String,
+    pub num_layers: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub context_length_tokens: usize,
+    /// On the first kind of device that serves it (CPU first).
+    pub kv_bytes_per_token: u64,
+    pub weights_bytes: u64,
+    /// What an instance holds on each kind of device this host has that can
+    /// load the package (`cpu`, `gpu`).
+    pub footprints: BTreeMap<String, Footprint>,
+}
+
+/// The live scheduler's state (`GET /v1/status`, `slinfer status`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InferenceStatus {
+    pub devices: Vec<DeviceStatus>,
+    pub models: Vec<ModelStatus>,
+    pub live_requests: usize,
+}
+
+/// One device: its name and engine, and what the scheduler has placed on it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeviceStatus {
+    /// `cpu:0`, `cuda:0`.
+    pub name: String,
+    /// The engine that serves it (`openvino`, `cuda`, `reference`).
+    pub backend: String,
+    #[serde(flatten)]
+    pub scheduler: slinfer_scheduler::NodeSnapshot,
+    /// Why it left placement, if it failed.
+    pub failed: Option<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelStatus {
+    #[serde(flatten)]
+    pub info: ModelInfo,
+    pub queued_requests: usize,
+    pub instances: Vec<InstanceStatus>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InstanceStatus {
+    /// The device's name (`cpu:0`, `cuda:0`).
+    pub device: String,
+    #[serde(flatten)]
+    pub scheduler: slinfer_scheduler::InstanceSnapshot,
+    /// What the engine holds (absent while loading).
+    pub kv_blocks_in_use: Option<usize>,
+    pub kv_blocks_capacity: Option<usize>,
+}

@@ -1,0 +1,84 @@
+//! The devices the service places instances on. The binary discovers them
+//! (it is the one place that knows the engine crates) and passes them in;
+//! each becomes one scheduler node. Also the default capacities.
+
+use std::sync::Arc;
+
+use slinfer_engine::{Backend, DeviceKind, HostMemory};
+
+/// Host memory kept free for the rest of the process when the CPU is a
+/// device: its capacity is MemAvailable at start minus this (or
+/// `SLINFER_INFERENCE_MEMORY_BYTES`).
+pub const CPU_MEMORY_MARGIN_BYTES: u64 = 2 << 30;
+/// GPU memory left free beyond the scheduler's plan (driver, cuBLAS
+/// workspaces, other processes): the larger of this and
+/// [`GPU_MEMORY_MARGIN_FRACTION`] of the device.
+pub const GPU_MEMORY_MARGIN_BYTES: u64 = 1 << 30;
+pub const GPU_MEMORY_MARGIN_FRACTION: f64 = 0.05;
+
+/// One device and the engine that loads instances on it.
+#[derive(Clone)]
+pub struct Device {
+    /// `cpu:0`, `cuda:0`: how status, metrics and logs name it.
+    pub name: String,
+    pub kind: DeviceKind,
+    pub backend: Arc<dyn Backend>,
+    /// Its index among the backend's devices.
+    pub index: usize,
+    /// Bytes the scheduler may fill with weights and KV.
+    pub capacity_bytes: u64,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("backend", &self.backend.name())
+            .field("index", &self.index)
+            .field("capacity_bytes", &self.capacity_bytes)
+            .finish()
+    }
+}
+
+/// Bytes the CPU device may hold for instances:
+/// `SLINFER_INFERENCE_MEMORY_BYTES`, or MemAvailable minus
+/// [`CPU_MEMORY_MARGIN_BYTES`] (at least 512 MiB).
+pub fn cpu_capacity_bytes() -> u64 {
+    if let Some(v) = std::env::var("SLINFER_INFERENCE_MEMORY_BYTES")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        return v;
+    }
+    let available = match HostMemory::read().available_bytes {
+        0 => 4 << 30,
+        n => n,
+    };
+    available
+        .saturating_sub(CPU_MEMORY_MARGIN_BYTES)
+        .max(512 << 20)
+}
+
+/// Bytes a GPU with `free_bytes` free of `total_bytes` may hold for
+/// instances (see [`GPU_MEMORY_MARGIN_BYTES`]).
+pub fn gpu_capacity_bytes(free_bytes: u64, total_bytes: u64) -> u64 {
+    let margin =
+        GPU_MEMORY_MARGIN_BYTES.max((total_bytes as f64 * GPU_MEMORY_MARGIN_FRACTION) as u64);
+    free_bytes.saturating_sub(margin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpu_capacity_keeps_a_margin() {
+        assert_eq!(
+            gpu_capacity_bytes(80 << 30, 80 << 30),
+            (80u64 << 30) - (4 << 30)
+        );
+        assert_eq!(gpu_capacity_bytes(8 << 30, 8 << 30), 7 << 30);
+        assert_eq!(gpu_capacity_bytes(1 << 29, 8 << 30), 0);
+    }
+}

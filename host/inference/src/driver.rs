@@ -1,0 +1,441 @@
+//! The driver: one thread that owns the [`Scheduler`] on the wall clock.
+//! It turns messages (submissions, cancels, finished runs and actions,
+//! device failures) into scheduler inputs, and the scheduler's commands into
+//! jobs for the instance runners. It only drives: generations sample, stream
+//! and end themselves on the runners; the driver ends the ones the scheduler
+//! drops and the ones whose callers hung up.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::time::{Duration, Instant};
+
+use slinfer_scheduler::{
+    ActionId, ActionOp, Command, DropReason, InstanceId, ModelTypeId, NodeId, NodeSpec, PerKind,
+    Policy, Request, RequestId, RequestOutcome, Scheduler, SchedulerConfig,
+};
+
+use crate::api::{INSTANCE_OVERHEAD_BYTES, InferenceError, KEEP_ALIVE_S, RETRY_AFTER_S};
+use crate::catalog::ModelEntry;
+use crate::cost::{Costs, LiveCost};
+use crate::devices::Device;
+use crate::generation::{End, Shared, lock};
+use crate::metrics::{DeviceLabels, LlmMetrics};
+use crate::runner::{InstanceRunner, Job, Links};
+use crate::stats::SharedStats;
+
+/// Smallest KV pool of a loaded instance, in tokens (the scheduler scales
+/// it with the live requests' needs plus look-ahead, and back).
+const MIN_INSTANCE_TOKENS: u64 = 1024;
+
+pub(crate) enum Msg {
+    Submit {
+        model: usize,
+        function: u32,
+        generation: Shared,
+    },
+    /// The caller hung up.
+    Cancel(RequestId),
+    /// A model imported while the host runs; its id is the next index.
+    AddModel(Arc<ModelEntry>),
+    /// Take a model out of service (see `Scheduler::retire_model`).
+    RetireModel(usize),
+    /// End what is live, stop the runners (dropping their instances), exit.
+    Shutdown,
+    ActionDone {
+        node: NodeId,
+        action: ActionId,
+    },
+    RunDone {
+        node: NodeId,
+        instance: InstanceId,
+        outcomes: Vec<RequestOutcome>,
+    },
+    /// An engine failed in a way that takes its device out of placement.
+    DeviceFailed {
+        node: NodeId,
+        error: String,
+    },
+}
+
+/// The policy the live host runs, with this host's settings.
+fn scheduler_config() -> SchedulerConfig {
+    let mut cfg = SchedulerConfig::paper(Policy::Slinfer);
+    cfg.keep_alive_s = PerKind::splat(KEEP_ALIVE_S);
+    cfg.instance_overhead_bytes = INSTANCE_OVERHEAD_BYTES;
+    cfg.cpu_kv_scales = true;
+    cfg.min_instance_tokens = MIN_INSTANCE_TOKENS;
+    cfg
+}
+
+struct Runner {
+    node: NodeId,
+    jobs: Sender<Job>,
+    labels: DeviceLabels,
+}
+
+struct Driver {
+    sched: Scheduler<LiveCost>,
+    devices: Vec<Device>,
+    models: Vec<Arc<ModelEntry>>,
+    cost: LiveCost,
+    t0: Instant,
+    /// Every request submitted and not ended, by id.
+    generations: HashMap<RequestId, Shared>,
+    runners: HashMap<InstanceId, Runner>,
+    /// Runner threads not yet known to have exited.
+    threads: Vec<std::thread::JoinHandle<()>>,
+    me: Sender<Msg>,
+    stats: Arc<SharedStats>,
+    metrics: Arc<LlmMetrics>,
+}
+
+/// Starts the driver thread; returns its inbox and its handle (send
+/// [`Msg::Shutdown`], then join it).
+pub(crate) fn spawn(
+    models: Vec<Arc<ModelEntry>>,
+    devices: Vec<Device>,
+    stats: Arc<SharedStats>,
+    metrics: Arc<LlmMetrics>,
+) -> anyhow::Result<(Sender<Msg>, std::thread::JoinHandle<()>)> {
+    let cost = LiveCost::default();
+    let specs = models
+        .iter()
+        .map(|m| {
+            let spec = m.spec();
+            cost.push(Costs::estimates(spec.weights_bytes));
+            spec
+        })
+        .collect();
+    let nodes = devices
+        .iter()
+        .map(|d| NodeSpec {
+            kind: d.kind,
+            capacity_bytes: d.capacity_bytes,
+        })
+        .collect();
+    let sched = Scheduler::new(scheduler_config(), specs, nodes, cost.clone());
+    let (tx, rx) = channel();
+    let mut d = Driver {
+        sched,
+        devices,
+        models,
+        cost,
+        t0: Instant::now(),
+        generations: HashMap::new(),
+        runners: HashMap::new(),
+        threads: Vec::new(),
+        me: tx.clone(),
+        stats,
+        metrics,
+    };
+    let handle = std::thread::Builder::new()
+        .name("slinfer-inference-driver".into())
+        .spawn(move || d.run(rx))?;
+    Ok((tx, handle))
+}
+
+impl Driver {
+    fn now(&self) -> f64 {
+        self.t0.elapsed().as_secs_f64()
+    }
+
+    fn run(&mut self, rx: Receiver<Msg>) {
+        loop {
+            let wait = self
+                .sched
+                .next_wakeup_s()
+                .map(|t| (t - self.now()).clamp(0.002, 3600.0))
+                .unwrap_or(3600.0);
+            match rx.recv_timeout(Duration::from_secs_f64(wait)) {
+                Ok(Msg::Shutdown) => return self.shutdown(),
+                Ok(m) => self.handle(m),
+                Err(RecvTimeoutError::Timeout) => {
+                    let now = self.now();
+                    self.sched.tick(now);
+                }
+                // Never happens: the driver holds a sender itself.
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            for c in self.sched.drain_commands() {
+                tracing::trace!(command = ?c, "inference");
+                self.execute(c);
+            }
+            self.stats
+                .publish(self.generations.len(), self.sched.snapshot());
+        }
+    }
+
+    fn shutdown(&mut self) {
+        for g in self.generations.values() {
+            lock(g).end(End::Failed(InferenceError::Engine(
+                "inference is shutting down".into(),
+            )));
+        }
+        self.generations.clear();
+        // Closing their inboxes stops the runners; their instances drop.
+        self.runners.clear();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+
+    fn handle(&mut self, m: Msg) {
+        let now = self.now();
+        match m {
+            Msg::Submit {
+                model,
+                function,
+                generation,
+            } => {
+                let request = {
+                    let g = lock(&generation);
+                    if g.cancelled() {
+                        return;
+                    }
+                    Request {
+                        id: g.id,
+                        model: model as u32,
+                        model_type: ModelTypeId(model as u16),
+                        function,
+                        input_tokens: g.prompt.len() as u64,
+                        ttft_slo_s: g.ttft_slo_s,
+                        tpot_slo_s: g.tpot_slo_s,
+                        arrival_s: now,
+                    }
+                };
+                self.generations.insert(request.id, generation);
+                self.sched.submit(request, now);
+            }
+            Msg::Cancel(id) => {
+                if let Some(g) = self.generations.remove(&id) {
+                    lock(&g).end(End::Cancelled);
+                    self.free(&g);
+                }
+                // Idempotent: a request the scheduler no longer has is ignored.
+                self.sched.cancel(id, now);
+            }
+            Msg::ActionDone { node, action } => self.sched.action_done(node, action, now),
+            Msg::AddModel(entry) => {
+                let spec = entry.spec();
+                self.cost.push(Costs::estimates(spec.weights_bytes));
+                let t = self.sched.add_model_type(spec);
+                debug_assert_eq!(t.0 as usize, self.models.len());
+                self.models.push(entry);
+            }
+            Msg::RetireModel(model) => self.sched.retire_model(model as u32, now),
+            Msg::Shutdown => unreachable!("handled by run"),
+            Msg::RunDone {
+                node,
+                instance,
+                outcomes,
+            } => {
+                for o in outcomes.iter().filter(|o| o.finished) {
+                    self.generations.remove(&o.request);
+                }
+                self.sched.iteration_done(node, instance, &outcomes, now);
+            }
+            Msg::DeviceFailed { node, error } => {
+                if self.stats.failure(node).is_some() {
+                    return;
+                }
+                tracing::error!(device = %self.devices[node].name, "the device failed and leaves placement: {error}");
+                self.stats.set_failed(node, error);
+                // Their instances go with the device.
+                self.runners.retain(|_, r| r.node != node);
+                self.sched.fail_node(node, now);
+            }
+        }
+    }
+
+    /// Frees the KV sequence a generation holds, if any (its runner also
+    /// forgets where the generation's KV was).
+    fn free(&self, g: &Shared) {
+        let on = lock(g).kv_on;
+        if let Some(r) = on.and_then(|i| self.runners.get(&i)) {
+            let _ = r.jobs.send(Job::Free(vec![g.clone()]));
+        }
+    }
+
+    fn execute(&mut self, c: Command) {
+        match c {
+            Command::Action {
+                node,
+                action,
+                instance,
+                model,
+                op,
+                ..
+            } => match op {
+                ActionOp::Load { kv_bytes, .. } => {
+                    self.start_runner(node, action, instance, model, kv_bytes)
+                }
+                ActionOp::ResizeKv { kv_bytes } => {
+                    self.send_job(instance, node, action, Job::Resize { action, kv_bytes })
+                }
+                ActionOp::Unload => {
+                    self.send_job(instance, node, action, Job::Unload { action });
+                    self.runners.remove(&instance);
+                }
+            },
+            Command::Run {
+                node,
+                instance,
+                iterations,
+                prefill,
+                restore,
+                decode,
+                ..
+            } => {
+                let mut missing = Vec::new();
+                let mut take = |list: &[(RequestId, u64)]| -> Vec<Shared> {
+                    list.iter()
+                        .filter_map(|(id, _)| {
+                            let g = self.generations.get(id).cloned();
+                            if g.is_none() {
+                                missing.push(*id);
+                            }
+                            g
+                        })
+                        .collect()
+                };
+                // Restores never happen (`preempt_keeps_kv` is off): recompute.
+                let mut pre = take(&prefill);
+                pre.extend(take(&restore));
+                let dec = take(&decode);
+                // Never leave the scheduler running a request the host lost.
+                let now = self.now();
+                for id in missing {
+                    self.sched.cancel(id, now);
+                }
+                let job = Job::Run {
+                    iterations,
+                    prefill: pre,
+                    decode: dec,
+                };
+                let sent = match self.runners.get(&instance) {
+                    Some(r) => r.jobs.send(job).map_err(|e| e.0),
+                    None => Err(job),
+                };
+                if let Err(job) = sent {
+                    self.run_failed(node, instance, job);
+                }
+            }
+            Command::Preempt { instance, requests } => {
+                let Some(r) = self.runners.get(&instance) else {
+                    return;
+                };
+                self.metrics
+                    .preemptions
+                    .get_or_create(&r.labels)
+                    .inc_by(requests.len() as u64);
+                let gens = requests
+                    .iter()
+                    .filter_map(|id| self.generations.get(id).cloned())
+                    .collect();
+                let _ = r.jobs.send(Job::Free(gens));
+            }
+            Command::Completed { .. } => {}
+            Command::Dropped { request, reason } => {
+                let Some(g) = self.generations.remove(&request) else {
+                    return;
+                };
+                let err = match reason {
+                    DropReason::DeadlinePassedWaiting => Some(InferenceError::Overloaded {
+                        retry_after_s: RETRY_AFTER_S,
+                    }),
+                    DropReason::DeadlinePassedAfterPreemption => {
+                        Some(InferenceError::DeadlineMissed)
+                    }
+                    DropReason::Unservable => Some(InferenceError::Unavailable {
+                        message: "no device of this host has room for this model and prompt".into(),
+                        retry_after_s: RETRY_AFTER_S,
+                    }),
+                    DropReason::DeviceFailed => Some(InferenceError::Unavailable {
+                        message: "the device serving the request failed".into(),
+                        retry_after_s: RETRY_AFTER_S,
+                    }),
+                    DropReason::Cancelled => None,
+                };
+                if let Some(e) = err {
+                    lock(&g).end(End::Failed(e));
+                }
+                self.free(&g);
+            }
+        }
+    }
+
+    fn start_runner(
+        &mut self,
+        node: NodeId,
+        action: ActionId,
+        instance: InstanceId,
+        model: u32,
+        kv_bytes: u64,
+    ) {
+        let device = self.devices[node].clone();
+        let entry = self.models[model as usize].clone();
+        let labels = DeviceLabels {
+            model: entry.name.clone(),
+            device: device.name.clone(),
+        };
+        self.metrics.cold_starts.get_or_create(&labels).inc();
+        let (jobs, inbox) = channel();
+        let links = Links {
+            cost: self.cost.clone(),
+            to_driver: self.me.clone(),
+            stats: self.stats.clone(),
+        };
+        let mtype = ModelTypeId(model as u16);
+        let runner = InstanceRunner::new(instance, node, device, (mtype, entry), links);
+        match std::thread::Builder::new()
+            .name(format!("slinfer-instance-{instance}"))
+            .spawn(move || runner.serve(inbox))
+        {
+            Ok(t) => {
+                self.threads.retain(|t| !t.is_finished());
+                self.threads.push(t);
+            }
+            Err(e) => tracing::error!("cannot start an instance runner: {e}"),
+        }
+        let _ = jobs.send(Job::Load { action, kv_bytes });
+        self.runners.insert(instance, Runner { node, jobs, labels });
+    }
+
+    fn send_job(&mut self, instance: InstanceId, node: NodeId, action: ActionId, job: Job) {
+        let sent = self
+            .runners
+            .get(&instance)
+            .is_some_and(|r| r.jobs.send(job).is_ok());
+        if !sent {
+            let _ = self.me.send(Msg::ActionDone { node, action });
+        }
+    }
+
+    /// A run whose instance has no runner: its requests fail.
+    fn run_failed(&mut self, node: NodeId, instance: InstanceId, job: Job) {
+        let Job::Run {
+            prefill, decode, ..
+        } = job
+        else {
+            return;
+        };
+        let mut outcomes = Vec::new();
+        for g in prefill.iter().chain(&decode) {
+            let mut g = lock(g);
+            g.end(End::Failed(InferenceError::Engine(
+                "the instance is gone".into(),
+            )));
+            outcomes.push(RequestOutcome {
+                request: g.id,
+                tokens: 0,
+                finished: true,
+            });
+        }
+        let _ = self.me.send(Msg::RunDone {
+            node,
+            instance,
+            outcomes,
+        });
+    }
+}

@@ -1,0 +1,290 @@
+//! One request's generation: its tokens, sampler and detokenizer, and the
+//! one place that decides and records how it ended ([`Generation::end`]).
+//! The instance runner that holds its KV samples and streams through it;
+//! the driver ends it when the scheduler drops it or its caller hangs up.
+//! [`GenerationStream`] is the caller's side.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use slinfer_engine::Sampler;
+use slinfer_scheduler::{InstanceId, RequestId};
+use tokio::sync::mpsc;
+
+use crate::api::{FinishReason, GenerationParams, InferenceError, Usage};
+use crate::catalog::ModelEntry;
+use crate::driver::Msg;
+use crate::metrics::LlmMetrics;
+use crate::text::{Detokenizer, Step};
+
+/// A generation shared by the driver and the runner of the instance it is on
+/// (the scheduler runs it on one instance at a time).
+pub(crate) type Shared = Arc<Mutex<Generation>>;
+
+pub(crate) fn lock(g: &Shared) -> std::sync::MutexGuard<'_, Generation> {
+    g.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What a request's stream receives.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// The first token was produced (generate returns).
+    Started,
+    Text(String),
+    Done(Usage),
+    Error(InferenceError),
+}
+
+/// How a generation ended.
+#[derive(Debug)]
+pub(crate) enum End {
+    Finished(FinishReason),
+    Failed(InferenceError),
+    /// Its caller hung up.
+    Cancelled,
+}
+
+pub(crate) struct Generation {
+    pub id: RequestId,
+    pub model: Arc<ModelEntry>,
+    pub prompt: Vec<u32>,
+    /// Tokens sampled so far (EOS excluded).
+    generated: Vec<u32>,
+    sampler: Sampler,
+    max_tokens: u32,
+    detok: Detokenizer,
+    tx: mpsc::UnboundedSender<Event>,
+    cancelled: Arc<AtomicBool>,
+    submitted: Instant,
+    ttft_s: Option<f64>,
+    /// Tokens sampled (EOS included).
+    sampled: u32,
+    ended: bool,
+    /// The instance whose KV holds its sequence (set and cleared by that
+    /// instance's runner).
+    pub kv_on: Option<InstanceId>,
+    pub ttft_slo_s: f64,
+    pub tpot_slo_s: f64,
+    metrics: Arc<LlmMetrics>,
+}
+
+impl Generation {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: RequestId,
+        model: Arc<ModelEntry>,
+        prompt: Vec<u32>,
+        params: &GenerationParams,
+        slo_s: (f64, f64),
+        tx: mpsc::UnboundedSender<Event>,
+        cancelled: Arc<AtomicBool>,
+        metrics: Arc<LlmMetrics>,
+    ) -> Generation {
+        Generation {
+            id,
+            model,
+            prompt,
+            generated: Vec::new(),
+            sampler: Sampler::new(params.sampling()),
+            max_tokens: params.max_tokens(),
+            detok: Detokenizer::new(params.stop.clone()),
+            tx,
+            cancelled,
+            submitted: Instant::now(),
+            ttft_s: None,
+            sampled: 0,
+            ended: false,
+            kv_on: None,
+            ttft_slo_s: slo_s.0,
+            tpot_slo_s: slo_s.1,
+            metrics,
+        }
+    }
+
+    pub fn cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+
+    /// Ended, or its caller hung up: its sequence is to be freed.
+    pub fn gone(&self) -> bool {
+        self.ended || self.cancelled()
+    }
+
+    /// The tokens its KV must hold to continue: the prompt and what it has
+    /// generated (a preempted request recomputes them).
+    pub fn context(&self) -> Vec<u32> {
+        let mut t = Vec::with_capacity(self.prompt.len() + self.generated.len());
+        t.extend_from_slice(&self.prompt);
+        t.extend_from_slice(&self.generated);
+        t
+    }
+
+    /// The token to feed the next decode step.
+    pub fn last_token(&self) -> Option<u32> {
+        self.generated.last().copied()
+    }
+
+    /// Samples the next token from `logits` and streams its text; ends the
+    /// generation at EOS, a stop sequence, `max_tokens` or the context
+    /// length. Returns whether it ended.
+    pub fn accept(&mut self, logits: &[f32]) -> bool {
+        // Only a repetition penalty reads the history: skip the copy otherwise.
+        let token = if self.sampler.params().repetition_penalty == 1.0 {
+            self.sampler.sample(logits, &[])
+        } else {
+            let history = self.context();
+            self.sampler.sample(logits, &history)
+        };
+        self.sampled += 1;
+        if self.ttft_s.is_none() {
+            self.ttft_s = Some(self.submitted.elapsed().as_secs_f64());
+            let _ = self.tx.send(Event::Started);
+        }
+        if self.model.eos_token_ids().contains(&token) {
+            let tail = self.detok.flush(&self.model.tokenizer);
+            self.text(tail);
+            self.end(End::Finished(FinishReason::Stop));
+            return true;
+        }
+        self.generated.push(token);
+        match self.detok.push(&self.model.tokenizer, token) {
+            Step::Stopped(t) => {
+                self.text(t);
+                self.end(End::Finished(FinishReason::Stop));
+                true
+            }
+            Step::Text(t) => {
+                self.text(t);
+                let len = (self.prompt.len() + self.generated.len()) as u32;
+                if self.generated.len() as u32 >= self.max_tokens
+                    || len >= self.model.context_tokens()
+                {
+                    self.end(End::Finished(FinishReason::Length));
+                    true
+                } else {
+                    false
+                }
+            }
+        }
+    }
+
+    fn text(&self, t: String) {
+        if !t.is_empty() {
+            let _ = self.tx.send(Event::Text(t));
+        }
+    }
+
+    /// Ends the generation, once: records its outcome and tells the caller.
+    pub fn end(&mut self, end: End) {
+        if self.ended {
+            return;
+        }
+        self.ended = true;
+        let model = self.model.name.as_str();
+        match end {
+            End::Finished(reason) => {
+                // Cut at a length: what the detokenizer still holds back (a
+                // possible start of a stop sequence) belongs to the answer.
+                if reason == FinishReason::Length {
+                    let tail = self.detok.flush(&self.model.tokenizer);
+                    self.text(tail);
+                }
+                let ttft_s = self.ttft_s.unwrap_or(0.0);
+                let tpot_s = (self.sampled > 1).then(|| {
+                    (self.submitted.elapsed().as_secs_f64() - ttft_s) / f64::from(self.sampled - 1)
+                });
+                self.metrics.latency(model, ttft_s, tpot_s);
+                let met = ttft_s <= self.ttft_slo_s && tpot_s.is_none_or(|t| t <= self.tpot_slo_s);
+                self.metrics.ended(model, "finished", Some(met));
+                let _ = self.tx.send(Event::Done(Usage {
+                    prompt_tokens: self.prompt.len() as u32,
+                    generated_tokens: self.generated.len() as u32,
+                    finish_reason: reason,
+                    ttft_s,
+                }));
+            }
+            End::Failed(e) => {
+                let (outcome, slo) = match &e {
+                    InferenceError::Overloaded { .. } => ("overloaded", Some(false)),
+                    InferenceError::DeadlineMissed => ("deadline_missed", Some(false)),
+                    InferenceError::Unavailable { .. } => ("unavailable", None),
+                    _ => ("failed", None),
+                };
+                self.metrics.ended(model, outcome, slo);
+                let _ = self.tx.send(Event::Error(e));
+            }
+            End::Cancelled => self.metrics.ended(model, "cancelled", None),
+        }
+    }
+}
+
+/// The caller's side of one generation.
+pub struct GenerationStream {
+    pub(crate) id: RequestId,
+    pub(crate) rx: mpsc::UnboundedReceiver<Event>,
+    pub(crate) cancelled: Arc<AtomicBool>,
+    pub(crate) to_driver: Option<std::sync::mpsc::Sender<Msg>>,
+    pub(crate) usage: Option<Usage>,
+    pub(crate) pending: Option<Event>,
+    pub(crate) done: bool,
+}
+
+impl GenerationStream {
+    /// Next chunk of text (one or more tokens, UTF-8 safe), or None when
+    /// finished.
+    pub async fn next(&mut self) -> Option<Result<String, InferenceError>> {
+        loop {
+            if self.done {
+                return None;
+            }
+            let ev = match self.pending.take() {
+                Some(ev) => Some(ev),
+                None => self.rx.recv().await,
+            };
+            match ev {
+                Some(Event::Started) => continue,
+                Some(Event::Text(t)) if t.is_empty() => continue,
+                Some(Event::Text(t)) => return Some(Ok(t)),
+                Some(Event::Done(u)) => {
+                    self.usage = Some(u);
+                    self.done = true;
+                    self.to_driver = None;
+                    return None;
+                }
+                Some(Event::Error(e)) => {
+                    self.done = true;
+                    self.to_driver = None;
+                    return Some(Err(e));
+                }
+                None => {
+                    self.done = true;
+                    return Some(Err(InferenceError::Engine(
+                        "the inference driver has stopped".into(),
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Valid after `next` returned None.
+    pub fn usage(&self) -> Usage {
+        self.usage.unwrap_or(Usage {
+            prompt_tokens: 0,
+            generated_tokens: 0,
+            finish_reason: FinishReason::Stop,
+            ttft_s: 0.0,
+        })
+    }
+}
+
+impl Drop for GenerationStream {
+    /// Dropping an unfinished stream cancels its request: the driver ends it
+    /// and frees its sequence.
+    fn drop(&mut self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+        if let Some(tx) = self.to_driver.take() {
+            let _ = tx.send(Msg::Cancel(self.id));
+        }
+    }
+}

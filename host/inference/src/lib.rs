@@ -1,0 +1,41 @@
+//! # slinfer-inference
+//!
+//! The live inference path: "request → scheduler (wall clock) → engines on
+//! every device → token stream". [`Inference::start`] opens the models dir
+//! and starts one driver thread that owns the [`slinfer_scheduler::Scheduler`]
+//! (policy `slinfer`); every [`Device`] handed in is one scheduler node, and
+//! every loaded instance has its own runner thread (loads, KV resizes,
+//! unloads and iterations run there, never on an async worker). A runner
+//! runs an iteration's ragged batch and hands each request's logits to its
+//! [`GenerationStream`]'s generation, which samples, detokenizes, decides
+//! the stop, and sends the text straight to the caller. `wasi:nn` graphs
+//! ([`graphs`]) compile and compute on a [`tensor::TensorBackend`] handed in
+//! the same way.
+//!
+//! This crate never imports wasmtime or an engine crate: engines arrive as
+//! [`slinfer_engine::Backend`]s inside [`Device`]s, so its tests run on the
+//! pure-Rust reference engine. Defaults are in [`api`].
+
+mod api;
+mod catalog;
+mod cost;
+mod devices;
+mod driver;
+mod generation;
+pub mod graphs;
+mod metrics;
+mod runner;
+mod service;
+mod stats;
+mod text;
+
+pub use api::*;
+pub use devices::{
+    CPU_MEMORY_MARGIN_BYTES, Device, GPU_MEMORY_MARGIN_BYTES, GPU_MEMORY_MARGIN_FRACTION,
+    cpu_capacity_bytes, gpu_capacity_bytes,
+};
+pub use generation::GenerationStream;
+pub use metrics::{DeviceLabels, LlmMetrics, ModelLabel, OutcomeLabels, SloLabels};
+pub use service::{Inference, InferenceConfig};
+/// The neutral tensor types `wasi:nn` carries (from the engine contract).
+pub use slinfer_engine::tensor;

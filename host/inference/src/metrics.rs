@@ -1,0 +1,216 @@
+//! The inference metrics (the `slinfer_llm_*` family at `/metrics`): what
+//! happened to requests, recorded where a generation ends and where the
+//! driver loads or preempts; and the scheduler's state, set from the
+//! status at each scrape.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::api::InferenceStatus;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabel {
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeviceLabels {
+    pub model: String,
+    /// The device's name (`cpu:0`, `cuda:1`).
+    pub device: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub model: String,
+    /// `finished`, `cancelled`, `overloaded`, `deadline_missed`,
+    /// `unavailable`, `failed`.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SloLabels {
+    pub model: String,
+    /// `met` or `missed`.
+    pub result: String,
+}
+
+/// The inference room's metrics: the live scheduler's state per model and
+/// device (gauges set from its snapshot at each scrape) and what happened
+/// to requests (counters and histograms the driver records).
+pub struct LlmMetrics {
+    pub requests: Family<OutcomeLabels, Counter>,
+    pub ttft: Family<ModelLabel, Histogram>,
+    pub tpot: Family<ModelLabel, Histogram>,
+    pub slo: Family<SloLabels, Counter>,
+    pub cold_starts: Family<DeviceLabels, Counter>,
+    pub preemptions: Family<DeviceLabels, Counter>,
+    pub instances: Family<DeviceLabels, Gauge>,
+    pub batch: Family<DeviceLabels, Gauge>,
+    pub kv_blocks_committed: Family<DeviceLabels, Gauge>,
+    pub kv_blocks_planned: Family<DeviceLabels, Gauge>,
+    pub kv_blocks_in_use: Family<DeviceLabels, Gauge>,
+    pub queued: Family<ModelLabel, Gauge>,
+}
+
+impl Default for LlmMetrics {
+    fn default() -> Self {
+        LlmMetrics {
+            requests: Family::default(),
+            ttft: Family::new_with_constructor(|| {
+                Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
+            }),
+            tpot: Family::new_with_constructor(|| {
+                Histogram::new([0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0])
+            }),
+            slo: Family::default(),
+            cold_starts: Family::default(),
+            preemptions: Family::default(),
+            instances: Family::default(),
+            batch: Family::default(),
+            kv_blocks_committed: Family::default(),
+            kv_blocks_planned: Family::default(),
+            kv_blocks_in_use: Family::default(),
+            queued: Family::default(),
+        }
+    }
+}
+
+impl LlmMetrics {
+    /// Adds the family to `registry` under the `llm_` prefix.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("llm");
+        r.register(
+            "requests",
+            "Generation requests ended, per model and outcome",
+            self.requests.clone(),
+        );
+        r.register(
+            "ttft_seconds",
+            "Time to first token of finished requests",
+            self.ttft.clone(),
+        );
+        r.register(
+            "tpot_seconds",
+            "Mean time per output token after the first, of finished requests",
+            self.tpot.clone(),
+        );
+        r.register(
+            "slo",
+            "Requests that met or missed their TTFT/TPOT SLO (overloaded and deadline-missed ones missed it)",
+            self.slo.clone(),
+        );
+        r.register(
+            "cold_starts",
+            "Instances loaded, per model and device",
+            self.cold_starts.clone(),
+        );
+        r.register(
+            "preemptions",
+            "Requests preempted off an instance, per model and device",
+            self.preemptions.clone(),
+        );
+        r.register(
+            "instances",
+            "Instances placed, per model and device (loading, loaded or unloading)",
+            self.instances.clone(),
+        );
+        r.register(
+            "batch_size",
+            "Requests placed on the model's instances, per device",
+            self.batch.clone(),
+        );
+        r.register(
+            "kv_blocks_committed",
+            "KV blocks the device may hold now for the model (actions started)",
+            self.kv_blocks_committed.clone(),
+        );
+        r.register(
+            "kv_blocks_planned",
+            "KV blocks planned for the model once queued actions finish",
+            self.kv_blocks_planned.clone(),
+        );
+        r.register(
+            "kv_blocks_in_use",
+            "KV blocks the engine holds for live sequences",
+            self.kv_blocks_in_use.clone(),
+        );
+        r.register(
+            "queued_requests",
+            "Requests waiting for an instance, per model",
+            self.queued.clone(),
+        );
+    }
+
+    /// How a request ended: its outcome (`finished`, `cancelled`,
+    /// `overloaded`, `deadline_missed`, `unavailable`, `failed`), and for the
+    /// ones that count towards the SLO whether it was met.
+    pub(crate) fn ended(&self, model: &str, outcome: &str, slo_met: Option<bool>) {
+        self.requests
+            .get_or_create(&OutcomeLabels {
+                model: model.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+        if let Some(met) = slo_met {
+            self.slo
+                .get_or_create(&SloLabels {
+                    model: model.to_string(),
+                    result: if met { "met" } else { "missed" }.to_string(),
+                })
+                .inc();
+        }
+    }
+
+    /// A finished request's latencies.
+    pub(crate) fn latency(&self, model: &str, ttft_s: f64, tpot_s: Option<f64>) {
+        let label = ModelLabel {
+            model: model.to_string(),
+        };
+        self.ttft.get_or_create(&label).observe(ttft_s);
+        if let Some(t) = tpot_s {
+            self.tpot.get_or_create(&label).observe(t);
+        }
+    }
+
+    /// Sets the scheduler-state gauges from the service's status.
+    pub(crate) fn refresh(&self, status: &InferenceStatus) {
+        self.instances.clear();
+        self.batch.clear();
+        self.kv_blocks_committed.clear();
+        self.kv_blocks_planned.clear();
+        self.kv_blocks_in_use.clear();
+        self.queued.clear();
+        for model in &status.models {
+            let name = &model.info.name;
+            self.queued
+                .get_or_create(&ModelLabel {
+                    model: name.clone(),
+                })
+                .set(model.queued_requests as i64);
+            for i in &model.instances {
+                let l = DeviceLabels {
+                    model: name.clone(),
+                    device: i.device.clone(),
+                };
+                self.instances.get_or_create(&l).inc();
+                self.batch
+                    .get_or_create(&l)
+                    .inc_by(i.scheduler.batch as i64);
+                self.kv_blocks_committed
+                    .get_or_create(&l)
+                    .inc_by(i.scheduler.kv_blocks_committed as i64);
+                self.kv_blocks_planned
+                    .get_or_create(&l)
+                    .inc_by(i.scheduler.kv_blocks_planned as i64);
+                self.kv_blocks_in_use
+                    .get_or_create(&l)
+                    .inc_by(i.kv_blocks_in_use.unwrap_or(0) as i64);
+            }
+        }
+    }
+}

@@ -1,0 +1,485 @@
+//! The instance runner: one thread per instance the scheduler places on a
+//! device. It loads the instance on its device's engine (and calibrates the
+//! cost model there), resizes its KV pool, runs the iterations the scheduler
+//! grants (each generation samples and streams its own token), frees the
+//! sequences of ended requests, and unloads. An engine error that means the
+//! device itself failed (out of memory, a driver or kernel error) is
+//! reported to the driver, which takes the device out of placement.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender};
+use std::time::Instant;
+
+use slinfer_engine::{EngineError, LlmInstance, LoadOptions, ModelSource, StepEntry};
+use slinfer_scheduler::{ActionId, InstanceId, ModelTypeId, NodeId, RequestId, RequestOutcome};
+
+use crate::api::{InferenceError, RETRY_AFTER_S};
+use crate::catalog::ModelEntry;
+use crate::cost::{Costs, LiveCost};
+use crate::devices::Device;
+use crate::driver::Msg;
+use crate::generation::{End, Shared, lock};
+use crate::stats::SharedStats;
+
+/// Sequence ids the calibration uses (request ids count up from 1).
+const CALIBRATION_SEQ: u64 = u64::MAX - 8;
+/// Seconds between tries to load an instance whose load failed.
+const LOAD_RETRY_S: f64 = 10.0;
+/// Tokens per block the first load sizes its pool with, before it learns
+/// the engine's own block size and fits the grant exactly.
+const LOAD_BLOCK_TOKENS: u64 = 32;
+
+pub(crate) enum Job {
+    Load {
+        action: ActionId,
+        kv_bytes: u64,
+    },
+    Resize {
+        action: ActionId,
+        kv_bytes: u64,
+    },
+    Unload {
+        action: ActionId,
+    },
+    Run {
+        iterations: u32,
+        prefill: Vec<Shared>,
+        decode: Vec<Shared>,
+    },
+    /// Free these generations' sequences on this instance.
+    Free(Vec<Shared>),
+}
+
+/// What every runner shares with the driver.
+#[derive(Clone)]
+pub(crate) struct Links {
+    pub cost: LiveCost,
+    pub to_driver: Sender<Msg>,
+    pub stats: Arc<SharedStats>,
+}
+
+pub(crate) struct InstanceRunner {
+    id: InstanceId,
+    node: NodeId,
+    device: Device,
+    model: Arc<ModelEntry>,
+    mtype: ModelTypeId,
+    inst: Option<Box<dyn LlmInstance>>,
+    load_error: Option<String>,
+    /// The KV grant of the last load, and when it was tried (a failed load
+    /// is retried by a later run, at most every [`LOAD_RETRY_S`]).
+    kv_bytes: u64,
+    last_load: Option<Instant>,
+    cost: LiveCost,
+    to_driver: Sender<Msg>,
+    stats: Arc<SharedStats>,
+}
+
+/// Whether an engine error means the device itself failed.
+fn device_fault(e: &EngineError) -> bool {
+    matches!(e, EngineError::Device(_) | EngineError::OutOfMemory { .. })
+}
+
+impl InstanceRunner {
+    /// A runner for instance `id` of `model` (whose catalog index is its
+    /// scheduler model type) on `device`, scheduler node `node`.
+    pub fn new(
+        id: InstanceId,
+        node: NodeId,
+        device: Device,
+        (mtype, model): (ModelTypeId, Arc<ModelEntry>),
+        links: Links,
+    ) -> Self {
+        InstanceRunner {
+            id,
+            node,
+            mtype,
+            device,
+            model,
+            inst: None,
+            load_error: None,
+            kv_bytes: 0,
+            last_load: None,
+            cost: links.cost,
+            to_driver: links.to_driver,
+            stats: links.stats,
+        }
+    }
+
+    pub fn serve(mut self, inbox: Receiver<Job>) {
+        while let Ok(job) = inbox.recv() {
+            let stop = matches!(job, Job::Unload { .. });
+            self.job(job);
+            self.publish();
+            if stop {
+                return;
+            }
+        }
+        // The driver let go (shutdown, or the device failed): drop the instance.
+        self.inst = None;
+        self.publish();
+    }
+
+    fn publish(&self) {
+        self.stats.set_instance(
+            self.id,
+            &self.model.name,
+            &self.device.name,
+            self.inst.as_deref(),
+        );
+    }
+
+    /// Tells the driver the device failed, if `e` says so; returns whether.
+    fn report(&self, e: &EngineError) -> bool {
+        let fault = device_fault(e);
+        if fault {
+            let _ = self.to_driver.send(Msg::DeviceFailed {
+                node: self.node,
+                error: format!("{}: {e}", self.device.name),
+            });
+        }
+        fault
+    }
+
+    /// The error a request on this instance gets for `e`.
+    fn request_error(&self, e: &EngineError) -> InferenceError {
+        if self.report(e) {
+            InferenceError::Unavailable {
+                message: format!("device {} failed: {e}", self.device.name),
+                retry_after_s: RETRY_AFTER_S,
+            }
+        } else {
+            InferenceError::Engine(e.to_string())
+        }
+    }
+
+    fn job(&mut self, job: Job) {
+        match job {
+            Job::Load { action, kv_bytes } => {
+                self.load(kv_bytes);
+                self.action_done(action);
+            }
+            Job::Resize { action, kv_bytes } => {
+                if let Some(i) = self.inst.as_mut() {
+                    let blocks = (kv_bytes / i.kv_bytes_per_block().max(1)) as usize;
+                    if let Err(e) = i.resize_kv(blocks.max(i.kv_blocks_in_use())) {
+                        tracing::warn!(device = %self.device.name, "resizing the KV pool: {e}");
+                        self.report(&e);
+                    }
+                }
+                self.action_done(action);
+            }
+            Job::Unload { action } => {
+                self.inst = None;
+                self.action_done(action);
+            }
+            Job::Free(gens) => {
+                for g in gens {
+                    let mut g = lock(&g);
+                    self.free_sequence(g.id);
+                    if g.kv_on == Some(self.id) {
+                        g.kv_on = None;
+                    }
+                }
+            }
+            Job::Run {
+                iterations,
+                prefill,
+                decode,
+            } => {
+                let outcomes = self.run(iterations, &prefill, &decode);
+                let _ = self.to_driver.send(Msg::RunDone {
+                    node: self.node,
+                    instance: self.id,
+                    outcomes,
+                });
+            }
+        }
+    }
+
+    fn action_done(&self, action: ActionId) {
+        let _ = self.to_driver.send(Msg::ActionDone {
+            node: self.node,
+            action,
+        });
+    }
+
+    fn free_sequence(&mut self, seq: RequestId) {
+        if let Some(i) = self.inst.as_mut()
+            && i.sequence_len(seq).is_some()
+        {
+            let _ = i.free_sequence(seq);
+        }
+    }
+
+    /// Loads the instance with the granted KV bytes and calibrates.
+    fn load(&mut self, kv_bytes: u64) {
+        self.kv_bytes = kv_bytes;
+        self.last_load = Some(Instant::now());
+        let t = Instant::now();
+        let per_token =
+            self.model.footprints[self.device.kind].map_or(1, |f| f.kv_bytes_per_token.max(1));
+        let opts = LoadOptions {
+            initial_kv_blocks: (kv_bytes / (per_token * LOAD_BLOCK_TOKENS)) as usize,
+            ..Default::default()
+        };
+        let source = ModelSource::Package(self.model.dir.clone());
+        match self.device.backend.load(&source, self.device.index, &opts) {
+            Ok(mut inst) => {
+                // The engine's own block size and bytes: fit the grant.
+                let blocks = (kv_bytes / inst.kv_bytes_per_block().max(1)) as usize;
+                if blocks != inst.kv_capacity_blocks()
+                    && let Err(e) = inst.resize_kv(blocks)
+                {
+                    tracing::warn!(device = %self.device.name, "resizing the KV pool after load: {e}");
+                    self.report(&e);
+                }
+                let load_s = t.elapsed().as_secs_f64();
+                self.calibrate(inst.as_mut(), load_s);
+                self.inst = Some(inst);
+                self.load_error = None;
+            }
+            Err(e) => {
+                tracing::error!(device = %self.device.name, "loading {}: {e}", self.model.name);
+                self.report(&e);
+                self.load_error = Some(e.to_string());
+            }
+        }
+    }
+
+    /// Measures prefill and decode on the fresh instance (see `cost`).
+    fn calibrate(&self, inst: &mut dyn LlmInstance, load_s: f64) {
+        let (mtype, kind) = (self.mtype, self.device.kind);
+        let a = CALIBRATION_SEQ;
+        let b = CALIBRATION_SEQ + 1;
+        let tok = self.model.package.manifest.config.bos_token_id.unwrap_or(1);
+        let need = |n: usize| n.div_ceil(inst.block_size_tokens());
+        if inst.kv_capacity_blocks() < need(72) + need(16) + 2 {
+            self.cost.update(mtype, kind, |c| c.load_s = load_s);
+            return;
+        }
+        let result = measure(inst, a, b, tok, load_s);
+        for s in [a, b] {
+            if inst.sequence_len(s).is_some() {
+                let _ = inst.free_sequence(s);
+            }
+        }
+        match result {
+            Some(c) => {
+                tracing::info!(model = %self.model.name, device = %self.device.name, ?c, "calibrated the cost model");
+                self.cost.update(mtype, kind, |x| *x = c);
+            }
+            None => self.cost.update(mtype, kind, |c| c.load_s = load_s),
+        }
+    }
+
+    /// Runs one granted run: a prefill step over `prefill`, or up to
+    /// `iterations` decode steps over `decode`. Returns each request's
+    /// outcome; ended and cancelled requests' sequences are freed.
+    fn run(
+        &mut self,
+        iterations: u32,
+        prefill: &[Shared],
+        decode: &[Shared],
+    ) -> Vec<RequestOutcome> {
+        let mut produced: HashMap<RequestId, u64> = HashMap::new();
+        if self.inst.is_none()
+            && self
+                .last_load
+                .is_some_and(|t| t.elapsed().as_secs_f64() >= LOAD_RETRY_S)
+        {
+            self.load(self.kv_bytes);
+        }
+        if self.inst.is_none() {
+            let e = InferenceError::Engine(format!(
+                "model {} could not be loaded on {}: {}",
+                self.model.name,
+                self.device.name,
+                self.load_error.as_deref().unwrap_or("unknown error")
+            ));
+            for g in prefill.iter().chain(decode) {
+                lock(g).end(End::Failed(e.clone()));
+            }
+            return self.finish_run(prefill, decode, &produced);
+        }
+        if !prefill.is_empty() {
+            self.prefill(prefill, &mut produced);
+        }
+        for _ in 0..iterations.max(1) {
+            if decode.is_empty() || !self.decode(decode, &mut produced) {
+                break;
+            }
+        }
+        self.finish_run(prefill, decode, &produced)
+    }
+
+    /// One step over new (or recomputed) sequences: the prompt and whatever
+    /// a preempted request had generated.
+    fn prefill(&mut self, gens: &[Shared], produced: &mut HashMap<RequestId, u64>) {
+        let inst = self.inst.as_mut().expect("loaded");
+        let mut batch = Vec::new();
+        let mut members = Vec::new();
+        for shared in gens {
+            let mut g = lock(shared);
+            if g.gone() {
+                continue;
+            }
+            let id = g.id;
+            if inst.sequence_len(id).is_some() {
+                let _ = inst.free_sequence(id);
+            }
+            if let Err(e) = inst.add_sequence(id) {
+                g.end(End::Failed(InferenceError::Engine(e.to_string())));
+                continue;
+            }
+            g.kv_on = Some(self.id);
+            batch.push(StepEntry {
+                seq: id,
+                tokens: g.context(),
+            });
+            members.push(shared);
+        }
+        if batch.is_empty() {
+            return;
+        }
+        let tokens: u64 = batch.iter().map(|e| e.tokens.len() as u64).sum();
+        let t = Instant::now();
+        match inst.step(&batch) {
+            Ok(logits) => {
+                self.cost.observe_prefill(
+                    self.mtype,
+                    self.device.kind,
+                    tokens,
+                    t.elapsed().as_secs_f64(),
+                );
+                for (g, l) in members.into_iter().zip(logits) {
+                    let mut g = lock(g);
+                    g.accept(&l);
+                    produced.insert(g.id, 1);
+                }
+            }
+            Err(e) => {
+                let err = self.request_error(&e);
+                for g in members {
+                    lock(g).end(End::Failed(err.clone()));
+                }
+            }
+        }
+    }
+
+    /// One decode step over the live sequences; false when none is left or
+    /// the step failed.
+    fn decode(&mut self, gens: &[Shared], produced: &mut HashMap<RequestId, u64>) -> bool {
+        let inst = self.inst.as_mut().expect("loaded");
+        let mut batch = Vec::new();
+        let mut members = Vec::new();
+        for shared in gens {
+            let g = lock(shared);
+            if g.gone() {
+                continue;
+            }
+            let Some(last) = g.last_token() else {
+                continue;
+            };
+            batch.push(StepEntry {
+                seq: g.id,
+                tokens: vec![last],
+            });
+            members.push(shared);
+        }
+        if batch.is_empty() {
+            return false;
+        }
+        let t = Instant::now();
+        match inst.step(&batch) {
+            Ok(logits) => {
+                self.cost.observe_decode(
+                    self.mtype,
+                    self.device.kind,
+                    batch.len() as u64,
+                    t.elapsed().as_secs_f64(),
+                );
+                for (g, l) in members.into_iter().zip(logits) {
+                    let mut g = lock(g);
+                    g.accept(&l);
+                    *produced.entry(g.id).or_insert(0) += 1;
+                }
+                true
+            }
+            Err(e) => {
+                let err = self.request_error(&e);
+                for g in members {
+                    lock(g).end(End::Failed(err.clone()));
+                }
+                false
+            }
+        }
+    }
+
+    /// Frees the sequences of ended and cancelled requests and builds the
+    /// outcomes.
+    fn finish_run(
+        &mut self,
+        prefill: &[Shared],
+        decode: &[Shared],
+        produced: &HashMap<RequestId, u64>,
+    ) -> Vec<RequestOutcome> {
+        let mut outcomes = Vec::new();
+        for g in prefill.iter().chain(decode) {
+            let mut g = lock(g);
+            let gone = g.gone();
+            if gone {
+                self.free_sequence(g.id);
+                if g.kv_on == Some(self.id) {
+                    g.kv_on = None;
+                }
+            }
+            outcomes.push(RequestOutcome {
+                request: g.id,
+                tokens: produced.get(&g.id).copied().unwrap_or(0),
+                finished: gone,
+            });
+        }
+        outcomes
+    }
+}
+
+fn timed(inst: &mut dyn LlmInstance, batch: &[StepEntry]) -> Option<f64> {
+    let t = Instant::now();
+    inst.step(batch).ok()?;
+    Some(t.elapsed().as_secs_f64())
+}
+
+/// The calibration steps on sequences `a` and `b` (see `cost`).
+fn measure(inst: &mut dyn LlmInstance, a: u64, b: u64, tok: u32, load_s: f64) -> Option<Costs> {
+    let entry = |seq, n| StepEntry {
+        seq,
+        tokens: vec![tok; n],
+    };
+    inst.add_sequence(a).ok()?;
+    inst.add_sequence(b).ok()?;
+    // Warm-up (the first inference is slow), then measure.
+    timed(inst, &[entry(a, 8)])?;
+    inst.free_sequence(a).ok()?;
+    inst.add_sequence(a).ok()?;
+    let p8 = timed(inst, &[entry(a, 8)])?;
+    let p64 = timed(inst, &[entry(b, 64)])?;
+    let mut d1 = f64::INFINITY;
+    let mut d2 = f64::INFINITY;
+    for _ in 0..3 {
+        d1 = d1.min(timed(inst, &[entry(a, 1)])?);
+        d2 = d2.min(timed(inst, &[entry(a, 1), entry(b, 1)])?);
+    }
+    let per_token = ((p64 - p8) / 56.0).max(1e-5);
+    let per_seq = (d2 - d1).max(1e-4);
+    Some(Costs {
+        prefill_base_s: (p8 - 8.0 * per_token).max(1e-3),
+        prefill_per_token_s: per_token,
+        decode_base_s: (d1 - per_seq).max(1e-3),
+        decode_per_seq_s: per_seq,
+        load_s,
+        prefill_factor: 1.0,
+        decode_factor: 1.0,
+    })
+}

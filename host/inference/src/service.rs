@@ -1,0 +1,337 @@
+//! [`Inference`]: the service callers hold. It keeps the model catalog,
+//! checks and tokenizes requests, hands them to the driver thread, and reads
+//! the published state for status and metrics.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use slinfer_engine::package::{PackageKind, package_dirs};
+use tokio::sync::mpsc;
+
+use crate::api::{
+    ChatMessage, DEFAULT_TPOT_SLO_S, DEFAULT_TTFT_SLO_S, DeviceStatus, GenerateRequest,
+    InferenceError, InferenceStats, InferenceStatus, InstanceStatus, ModelInfo, ModelStatus,
+    Prompt,
+};
+use crate::catalog::{Catalog, ModelEntry};
+use crate::devices::Device;
+use crate::driver::{self, Msg};
+use crate::generation::{Event, Generation, GenerationStream};
+use crate::metrics::LlmMetrics;
+use crate::stats::SharedStats;
+
+/// What [`Inference::start`] serves on.
+#[derive(Default)]
+pub struct InferenceConfig {
+    /// Each becomes one scheduler node; CPUs are tried first.
+    pub devices: Vec<Device>,
+    /// Where request outcomes and scheduler state are recorded (the host's
+    /// `/metrics`); default: a private set.
+    pub metrics: Option<Arc<LlmMetrics>>,
+}
+
+// The binding shares `Inference` across tasks and keeps streams in them.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Inference>();
+    send_sync::<GenerationStream>();
+};
+
+/// The inference service; share it as `Arc<Inference>`.
+pub struct Inference {
+    catalog: RwLock<Catalog>,
+    devices: Vec<Device>,
+    metrics: Arc<LlmMetrics>,
+    to_driver: Mutex<std::sync::mpsc::Sender<Msg>>,
+    driver: Mutex<Option<std::thread::JoinHandle<()>>>,
+    next_id: AtomicU64,
+    stats: Arc<SharedStats>,
+    functions: Mutex<HashMap<String, u32>>,
+}
+
+impl Inference {
+    /// Opens `models_dir` (each subfolder with an LLM's model.toml that one
+    /// of the devices can load is a model) and starts the driver on
+    /// `config.devices`.
+    pub fn start(models_dir: &Path, config: InferenceConfig) -> anyhow::Result<Arc<Inference>> {
+        anyhow::ensure!(!config.devices.is_empty(), "no devices to serve on");
+        let mut catalog = Catalog::default();
+        // Tensor models (`kind = "tensor"`) are wasi:nn's, not ours.
+        let entries = package_dirs(models_dir, PackageKind::Llm)
+            .map_err(|e| anyhow::anyhow!("models dir {}: {e}", models_dir.display()))?;
+        for dir in entries {
+            match ModelEntry::open(&dir, &config.devices) {
+                Ok(m) => {
+                    catalog.add(Arc::new(m));
+                }
+                Err(e) => tracing::warn!("skipping model {}: {e:#}", dir.display()),
+            }
+        }
+        let stats = Arc::new(SharedStats::default());
+        let metrics = config.metrics.unwrap_or_default();
+        let (tx, driver) = driver::spawn(
+            catalog.all.clone(),
+            config.devices.clone(),
+            stats.clone(),
+            metrics.clone(),
+        )?;
+        Ok(Arc::new(Inference {
+            catalog: RwLock::new(catalog),
+            devices: config.devices,
+            metrics,
+            to_driver: Mutex::new(tx),
+            driver: Mutex::new(Some(driver)),
+            next_id: AtomicU64::new(1),
+            stats,
+            functions: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    fn sender(&self) -> std::sync::mpsc::Sender<Msg> {
+        self.to_driver
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn send(&self, msg: Msg) -> Result<(), InferenceError> {
+        self.sender()
+            .send(msg)
+            .map_err(|_| InferenceError::Engine("the inference driver has stopped".into()))
+    }
+
+    fn catalog(&self) -> std::sync::RwLockReadGuard<'_, Catalog> {
+        self.catalog.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The devices it serves on.
+    pub fn devices(&self) -> &[Device] {
+        &self.devices
+    }
+
+    /// Serves the model package in `dir` (imported while the host runs);
+    /// returns its name.
+    pub fn add_model(&self, dir: &Path) -> Result<String, InferenceError> {
+        let entry = Arc::new(
+            ModelEntry::open(dir, &self.devices)
+                .map_err(|e| InferenceError::Engine(format!("{e:#}")))?,
+        );
+        let name = entry.name.clone();
+        let mut catalog = self.catalog.write().unwrap_or_else(|e| e.into_inner());
+        if catalog.by_name.contains_key(&name) {
+            return Err(InferenceError::ModelExists(name));
+        }
+        // Under the lock, so the driver learns models in id order.
+        self.send(Msg::AddModel(entry.clone()))?;
+        catalog.add(entry);
+        Ok(name)
+    }
+
+    /// Stops serving `name`: new requests get `ModelNotFound` at once;
+    /// requests already running finish, then its instances unload.
+    pub fn remove_model(&self, name: &str) -> Result<(), InferenceError> {
+        let mut catalog = self.catalog.write().unwrap_or_else(|e| e.into_inner());
+        let idx = catalog
+            .by_name
+            .remove(name)
+            .ok_or_else(|| InferenceError::ModelNotFound(name.to_string()))?;
+        self.send(Msg::RetireModel(idx))
+    }
+
+    /// The models served now, sorted by name.
+    pub fn model_infos(&self) -> Vec<ModelInfo> {
+        self.catalog()
+            .served()
+            .into_iter()
+            .map(|(_, m)| m.info())
+            .collect()
+    }
+
+    /// Names of the models served now, sorted.
+    pub fn models(&self) -> Vec<String> {
+        self.model_infos().into_iter().map(|m| m.name).collect()
+    }
+
+    fn model(&self, name: &str) -> Result<(usize, Arc<ModelEntry>), InferenceError> {
+        self.catalog().get(name)
+    }
+
+    pub fn tokenize(&self, model: &str, text: &str) -> Result<Vec<u32>, InferenceError> {
+        self.model(model)?.1.tokenize(text)
+    }
+
+    pub fn detokenize(&self, model: &str, tokens: &[u32]) -> Result<String, InferenceError> {
+        self.model(model)?.1.detokenize(tokens)
+    }
+
+    /// The text a chat prompt becomes with the model's template.
+    pub fn render_chat(
+        &self,
+        model: &str,
+        messages: &[ChatMessage],
+    ) -> Result<String, InferenceError> {
+        self.model(model)?.1.render_chat(messages)
+    }
+
+    /// Live requests and KV blocks in use per instance.
+    pub fn stats(&self) -> InferenceStats {
+        self.stats.snapshot()
+    }
+
+    /// The scheduler's view of devices, models and instances, with what the
+    /// engines hold.
+    pub fn status(&self) -> InferenceStatus {
+        let snap = self.stats.scheduler();
+        let engine = self.stats.snapshot();
+        let devices = snap
+            .nodes
+            .iter()
+            .map(|n| {
+                let d = &self.devices[n.node];
+                DeviceStatus {
+                    name: d.name.clone(),
+                    backend: d.backend.name().to_string(),
+                    scheduler: n.clone(),
+                    failed: self.stats.failure(n.node),
+                }
+            })
+            .collect();
+        let models = self
+            .catalog()
+            .served()
+            .into_iter()
+            .map(|(idx, m)| ModelStatus {
+                info: m.info(),
+                queued_requests: snap.queued.get(&(idx as u32)).copied().unwrap_or(0),
+                instances: snap
+                    .instances
+                    .iter()
+                    .filter(|i| i.model == idx as u32)
+                    .map(|i| {
+                        let e = engine.instances.iter().find(|e| e.instance == i.instance);
+                        InstanceStatus {
+                            device: self.devices[i.node].name.clone(),
+                            scheduler: i.clone(),
+                            kv_blocks_in_use: e.map(|e| e.kv_blocks_in_use),
+                            kv_blocks_capacity: e.map(|e| e.kv_blocks_capacity),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        InferenceStatus {
+            devices,
+            models,
+            live_requests: engine.live_requests,
+        }
+    }
+
+    /// Sets the scheduler-state gauges of `/metrics` from [`Self::status`].
+    pub fn refresh_metrics(&self) {
+        self.metrics.refresh(&self.status());
+    }
+
+    /// Submits a generation; tokens flow through the returned stream, which
+    /// is handed back once the first token exists (or the request failed).
+    /// Dropping the stream cancels the request and frees its KV sequence.
+    pub async fn generate(&self, req: GenerateRequest) -> Result<GenerationStream, InferenceError> {
+        let (idx, m) = self.model(&req.model)?;
+        req.params.check()?;
+        let ttft = slo(req.ttft_slo_s, DEFAULT_TTFT_SLO_S, "ttft_slo_s")?;
+        let tpot = slo(req.tpot_slo_s, DEFAULT_TPOT_SLO_S, "tpot_slo_s")?;
+        let text = match &req.prompt {
+            Prompt::Text(t) => t.clone(),
+            Prompt::Chat(msgs) => m.render_chat(msgs)?,
+        };
+        let prompt = m.tokenize(&text)?;
+        if prompt.is_empty() {
+            return Err(InferenceError::InvalidParams("empty prompt".into()));
+        }
+        let context = m.context_tokens();
+        if prompt.len() as u32 >= context {
+            return Err(InferenceError::PromptTooLong {
+                prompt_tokens: prompt.len() as u32,
+                context_tokens: context,
+            });
+        }
+        let function = {
+            let mut f = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+            let n = f.len() as u32;
+            *f.entry(req.function.clone()).or_insert(n)
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let generation = Generation::new(
+            id,
+            m,
+            prompt,
+            &req.params,
+            (ttft, tpot),
+            tx,
+            cancelled.clone(),
+            self.metrics.clone(),
+        );
+        let to_driver = self.sender();
+        let mut stream = GenerationStream {
+            id,
+            rx,
+            cancelled,
+            to_driver: Some(to_driver.clone()),
+            usage: None,
+            pending: None,
+            done: false,
+        };
+        to_driver
+            .send(Msg::Submit {
+                model: idx,
+                function,
+                generation: Arc::new(Mutex::new(generation)),
+            })
+            .map_err(|_| InferenceError::Engine("the inference driver has stopped".into()))?;
+        // Wait for the first token (or the failure) so that errors such as
+        // `Overloaded` come back from here.
+        match stream.rx.recv().await {
+            Some(Event::Started) => Ok(stream),
+            Some(Event::Error(e)) => {
+                stream.done = true;
+                stream.to_driver = None;
+                Err(e)
+            }
+            Some(ev) => {
+                stream.pending = Some(ev);
+                Ok(stream)
+            }
+            None => {
+                stream.done = true;
+                Err(InferenceError::Engine(
+                    "the inference driver has stopped".into(),
+                ))
+            }
+        }
+    }
+}
+
+impl Drop for Inference {
+    /// Stops the driver and the instance runners (their instances and KV
+    /// pools are freed); streams still open end with an error.
+    fn drop(&mut self) {
+        let _ = self.send(Msg::Shutdown);
+        let driver = self.driver.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = driver.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn slo(v: f64, default: f64, name: &str) -> Result<f64, InferenceError> {
+    if v == 0.0 {
+        Ok(default)
+    } else if v.is_finite() && v > 0.0 {
+        Ok(v)
+    } else {
+        Err(InferenceError::InvalidParams(format!("{name} must be > 0")))
+    }
+}

@@ -1,0 +1,225 @@
+//! Text around the token ids: the model's chat template (minijinja), and the
+//! incremental detokenizer that streams UTF-8-safe chunks and cuts the output
+//! at a stop sequence.
+
+use crate::api::{ChatMessage, InferenceError};
+
+/// Renders `messages` with the model's Jinja chat template, with
+/// `add_generation_prompt = true` (the assistant's turn is opened).
+pub(crate) fn render_chat(
+    template: &str,
+    messages: &[ChatMessage],
+    bos: &str,
+    eos: &str,
+) -> Result<String, InferenceError> {
+    let mut env = minijinja::Environment::new();
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    let bad = |e: minijinja::Error| InferenceError::InvalidParams(format!("chat template: {e}"));
+    env.add_template("chat", template).map_err(bad)?;
+    let msgs: Vec<minijinja::Value> = messages
+        .iter()
+        .map(|m| {
+            minijinja::context! { role => m.role.clone(), content => m.content.clone() }
+        })
+        .collect();
+    env.get_template("chat")
+        .map_err(bad)?
+        .render(minijinja::context! {
+            messages => msgs,
+            add_generation_prompt => true,
+            bos_token => bos,
+            eos_token => eos,
+        })
+        .map_err(bad)
+}
+
+/// The output text of one request, built token by token: it hands out only
+/// text that is complete UTF-8 and cannot be the start of a stop sequence.
+///
+/// Each token decodes a short window, not the whole output (which made a
+/// token's cost grow with the output): `tokens[prefix..]` against
+/// `tokens[prefix..read]`, the already-decoded tokens giving the new ones
+/// their context (leading spaces, merged bytes), as Hugging Face's
+/// streamers do.
+pub(crate) struct Detokenizer {
+    tokens: Vec<u32>,
+    /// Decoded text of `tokens[..read]`.
+    text: String,
+    prefix: usize,
+    read: usize,
+    /// Bytes of `text` already handed out.
+    sent: usize,
+    stop: Vec<String>,
+}
+
+/// What one more token did to the output.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Step {
+    /// Text to hand out now (possibly empty).
+    Text(String),
+    /// A stop sequence appeared: the text before it still to hand out.
+    Stopped(String),
+}
+
+impl Detokenizer {
+    pub(crate) fn new(stop: Vec<String>) -> Self {
+        Detokenizer {
+            tokens: Vec::new(),
+            text: String::new(),
+            prefix: 0,
+            read: 0,
+            sent: 0,
+            stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
+        }
+    }
+
+    fn decode(tok: &tokenizers::Tokenizer, ids: &[u32]) -> String {
+        tok.decode(ids, true).unwrap_or_default()
+    }
+
+    /// Decodes the tokens after `read` into `text`; unless `force`, waits
+    /// while they end in an incomplete character.
+    fn advance(&mut self, tok: &tokenizers::Tokenizer, force: bool) {
+        if self.read == self.tokens.len() {
+            return;
+        }
+        let window = Self::decode(tok, &self.tokens[self.prefix..]);
+        if window.ends_with('\u{FFFD}') && !force {
+            return;
+        }
+        let before = Self::decode(tok, &self.tokens[self.prefix..self.read]);
+        match window.strip_prefix(before.as_str()) {
+            Some(new) => self.text.push_str(new),
+            // The window changed its own start: decode it all once.
+            None => self.text = Self::decode(tok, &self.tokens),
+        }
+        self.prefix = self.read;
+        self.read = self.tokens.len();
+    }
+
+    pub(crate) fn push(&mut self, tok: &tokenizers::Tokenizer, token: u32) -> Step {
+        self.tokens.push(token);
+        self.advance(tok, false);
+        let full = &self.text;
+        // A stop sequence that ends in the new text.
+        let search_from = self
+            .sent
+            .saturating_sub(self.stop.iter().map(|s| s.len()).max().unwrap_or(0));
+        let mut cut: Option<usize> = None;
+        for s in &self.stop {
+            let mut from = search_from;
+            while !full.is_char_boundary(from) {
+                from -= 1;
+            }
+            if let Some(p) = full[from..].find(s.as_str()) {
+                let at = from + p;
+                cut = Some(cut.map_or(at, |c: usize| c.min(at)));
+            }
+        }
+        if let Some(at) = cut {
+            let out = full
+                .get(self.sent..at.max(self.sent))
+                .unwrap_or_default()
+                .to_string();
+            self.sent = at.max(self.sent);
+            return Step::Stopped(out);
+        }
+        // Hold back a possible stop prefix.
+        let end = full.len();
+        let mut hold_from = end;
+        for s in &self.stop {
+            for k in (1..s.len()).rev() {
+                if s.is_char_boundary(k) && full[..end].ends_with(&s[..k]) {
+                    hold_from = hold_from.min(end - k);
+                    break;
+                }
+            }
+        }
+        let end = hold_from;
+        if end <= self.sent {
+            return Step::Text(String::new());
+        }
+        match full.get(self.sent..end) {
+            Some(t) => {
+                let t = t.to_string();
+                self.sent = end;
+                Step::Text(t)
+            }
+            None => Step::Text(String::new()),
+        }
+    }
+
+    /// The text still held back, at the end of generation.
+    pub(crate) fn flush(&mut self, tok: &tokenizers::Tokenizer) -> String {
+        self.advance(tok, true);
+        let out = self.text.get(self.sent..).unwrap_or_default().to_string();
+        self.sent = self.text.len();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+
+    use super::*;
+
+    /// Words joined by spaces (no decoder), enough to exercise the hold-back.
+    fn words() -> tokenizers::Tokenizer {
+        tokenizers::Tokenizer::from_str(
+            r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
+            "normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,
+            "decoder":null,"model":{"type":"WordLevel",
+            "vocab":{"a":0,"b":1,"c":2,"[UNK]":3},"unk_token":"[UNK]"}}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_stop_sequence_cuts_the_text_and_its_prefix_is_held_back() {
+        let tok = words();
+        let mut d = Detokenizer::new(vec!["b c".into(), String::new()]);
+        assert_eq!(d.push(&tok, 0), Step::Text("a".into()));
+        // "a b" ends with "b", which may start "b c": only " " goes out.
+        assert_eq!(d.push(&tok, 1), Step::Text(" ".into()));
+        assert_eq!(d.push(&tok, 2), Step::Stopped(String::new()));
+    }
+
+    #[test]
+    fn a_held_prefix_that_does_not_become_a_stop_is_released() {
+        let tok = words();
+        let mut d = Detokenizer::new(vec!["b c".into()]);
+        assert_eq!(d.push(&tok, 1), Step::Text(String::new()));
+        assert_eq!(d.push(&tok, 0), Step::Text("b a".into()));
+        assert_eq!(d.push(&tok, 1), Step::Text(" ".into()));
+        assert_eq!(d.flush(&tok), "b");
+    }
+
+    #[test]
+    fn chat_templates_render_with_the_generation_prompt() {
+        let msgs = [ChatMessage {
+            role: "user".into(),
+            content: "hi".into(),
+        }];
+        let t = "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m.content }}\
+                 {% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
+        assert_eq!(
+            render_chat(t, &msgs, "<s>", "</s>").unwrap(),
+            "<s><user>hi<assistant>"
+        );
+        let bad = "{{ raise_exception('no system role') }}";
+        assert!(matches!(
+            render_chat(bad, &msgs, "", ""),
+            Err(InferenceError::InvalidParams(e)) if e.contains("no system role")
+        ));
+        assert!(render_chat("{% for %}", &msgs, "", "").is_err());
+    }
+}

@@ -1,0 +1,260 @@
+//! The host side of `slinfer:llm`: a guest's generation requests, checked
+//! against its function's configuration (allowed models, SLO), handed to
+//! the inference service, and streamed back through a `generation-stream`
+//! resource.
+//!
+//! Self-contained in the manner of wasmtime-wasi-http: [`LlmConfig`] is
+//! what the manifest grants, [`LlmCtx`] an instance's context, and a store
+//! whose data implements [`LlmView`] gets the interface from
+//! [`add_to_linker`].
+
+use std::sync::Arc;
+
+use slinfer_inference::{self as inference, Inference};
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../../wit/deps/slinfer-llm",
+        world: "slinfer:llm/host",
+        imports: {
+            "slinfer:llm/generation.generate": async | trappable,
+            "slinfer:llm/generation.[method]generation-stream.next": async | trappable,
+            default: trappable,
+        },
+        with: {
+            "slinfer:llm/generation.generation-stream": super::LlmStream,
+        },
+        require_store_data_send: true,
+    });
+}
+
+use bindings::slinfer::llm::generation::{self as wit, HostGenerationStream};
+use bindings::slinfer::llm::types::{self as t, Error};
+
+/// What a function may do with `slinfer:llm` (from its manifest).
+#[derive(Clone, Debug, Default)]
+pub struct LlmConfig {
+    /// Models it may generate with (`models.allowed`).
+    pub allowed_models: Arc<[String]>,
+    /// Latency targets of its requests; 0 = the inference service's default.
+    pub ttft_slo_s: f64,
+    pub tpot_slo_s: f64,
+}
+
+/// One instance's `slinfer:llm` context.
+pub struct LlmCtx {
+    inference: Option<Arc<Inference>>,
+    function: Arc<str>,
+    config: LlmConfig,
+}
+
+impl LlmCtx {
+    /// `inference` is `None` on a host without models: `generate` then
+    /// answers `model-not-found`.
+    pub fn new(inference: Option<Arc<Inference>>, function: Arc<str>, config: LlmConfig) -> Self {
+        LlmCtx {
+            inference,
+            function,
+            config,
+        }
+    }
+}
+
+/// An instance's context and resource table, borrowed for one call.
+pub struct LlmCtxView<'a> {
+    pub ctx: &'a mut LlmCtx,
+    pub table: &'a mut ResourceTable,
+}
+
+/// Store data that carries `slinfer:llm`.
+pub trait LlmView: Send {
+    fn llm(&mut self) -> LlmCtxView<'_>;
+}
+
+struct HasLlm;
+
+impl HasData for HasLlm {
+    type Data<'a> = LlmCtxView<'a>;
+}
+
+/// A guest's running generation (the `generation-stream` resource).
+pub struct LlmStream {
+    stream: inference::GenerationStream,
+    usage: Option<t::Usage>,
+}
+
+/// Link `slinfer:llm` into `linker`.
+pub fn add_to_linker<T: LlmView + 'static>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
+    t::add_to_linker::<T, HasLlm>(linker, T::llm)?;
+    wit::add_to_linker::<T, HasLlm>(linker, T::llm)
+}
+
+fn convert_error(e: inference::InferenceError) -> Error {
+    use inference::InferenceError as E;
+    match e {
+        E::ModelNotFound(m) => Error::ModelNotFound(m),
+        E::PromptTooLong {
+            prompt_tokens,
+            context_tokens,
+        } => Error::PromptTooLong(t::PromptTooLong {
+            prompt_tokens,
+            context_tokens,
+        }),
+        E::Overloaded { retry_after_s } => {
+            Error::Overloaded((retry_after_s * 1000.0).ceil() as u32)
+        }
+        E::DeadlineMissed => Error::DeadlineMissed,
+        E::Unavailable {
+            message,
+            retry_after_s,
+        } => Error::Unavailable(t::Unavailable {
+            message,
+            retry_after_ms: (retry_after_s * 1000.0).ceil() as u32,
+        }),
+        // Not an answer of generate/tokenize (only of model registration).
+        e @ E::ModelExists(_) => Error::EngineError(e.to_string()),
+        E::Engine(m) => Error::EngineError(m),
+        E::InvalidParams(m) => Error::InvalidParams(m),
+    }
+}
+
+impl LlmCtxView<'_> {
+    /// The inference service, if `model` is one this function may use.
+    fn llm_for(&self, model: &str) -> Result<Arc<Inference>, Error> {
+        let ctx = &self.ctx;
+        if !ctx.config.allowed_models.iter().any(|m| m == model) {
+            return Err(Error::ModelNotAllowed(model.to_owned()));
+        }
+        ctx.inference
+            .clone()
+            .ok_or_else(|| Error::ModelNotFound(model.to_owned()))
+    }
+}
+
+impl t::Host for LlmCtxView<'_> {}
+
+impl wit::Host for LlmCtxView<'_> {
+    async fn generate(
+        &mut self,
+        model: String,
+        prompt: t::Prompt,
+        params: t::Params,
+    ) -> wasmtime::Result<Result<Resource<LlmStream>, Error>> {
+        let inference = match self.llm_for(&model) {
+            Ok(i) => i,
+            Err(e) => return Ok(Err(e)),
+        };
+        let prompt = match prompt {
+            t::Prompt::Text(s) => inference::Prompt::Text(s),
+            t::Prompt::Chat(messages) => inference::Prompt::Chat(
+                messages
+                    .into_iter()
+                    .map(|m| inference::ChatMessage {
+                        role: m.role,
+                        content: m.content,
+                    })
+                    .collect(),
+            ),
+        };
+        let request = inference::GenerateRequest {
+            function: self.ctx.function.to_string(),
+            model,
+            prompt,
+            params: inference::GenerationParams {
+                max_tokens: params.max_tokens,
+                temperature: params.temperature,
+                top_k: params.top_k,
+                top_p: params.top_p,
+                repetition_penalty: params.repetition_penalty,
+                seed: params.seed,
+                stop: params.stop,
+            },
+            ttft_slo_s: self.ctx.config.ttft_slo_s,
+            tpot_slo_s: self.ctx.config.tpot_slo_s,
+        };
+        match inference.generate(request).await {
+            Ok(stream) => Ok(Ok(self.table.push(LlmStream {
+                stream,
+                usage: None,
+            })?)),
+            Err(e) => Ok(Err(convert_error(e))),
+        }
+    }
+
+    fn tokenize(
+        &mut self,
+        model: String,
+        text: String,
+    ) -> wasmtime::Result<Result<Vec<u32>, Error>> {
+        Ok(self
+            .llm_for(&model)
+            .and_then(|i| i.tokenize(&model, &text).map_err(convert_error)))
+    }
+
+    fn detokenize(
+        &mut self,
+        model: String,
+        tokens: Vec<u32>,
+    ) -> wasmtime::Result<Result<String, Error>> {
+        Ok(self
+            .llm_for(&model)
+            .and_then(|i| i.detokenize(&model, &tokens).map_err(convert_error)))
+    }
+
+    fn models(&mut self) -> wasmtime::Result<Vec<String>> {
+        let installed = self
+            .ctx
+            .inference
+            .as_ref()
+            .map(|i| i.models())
+            .unwrap_or_default();
+        Ok(self
+            .ctx
+            .config
+            .allowed_models
+            .iter()
+            .filter(|m| installed.contains(m))
+            .cloned()
+            .collect())
+    }
+}
+
+impl HostGenerationStream for LlmCtxView<'_> {
+    async fn next(
+        &mut self,
+        this: Resource<LlmStream>,
+    ) -> wasmtime::Result<Result<Option<String>, Error>> {
+        let s = self.table.get_mut(&this)?;
+        if s.usage.is_some() {
+            return Ok(Ok(None));
+        }
+        Ok(match s.stream.next().await {
+            Some(Ok(text)) => Ok(Some(text)),
+            Some(Err(e)) => Err(convert_error(e)),
+            None => {
+                let u = s.stream.usage();
+                s.usage = Some(t::Usage {
+                    prompt_tokens: u.prompt_tokens,
+                    generated_tokens: u.generated_tokens,
+                    finish_reason: match u.finish_reason {
+                        inference::FinishReason::Stop => t::FinishReason::Stop,
+                        inference::FinishReason::Length => t::FinishReason::Length,
+                    },
+                    ttft_ms: (u.ttft_s * 1000.0).round() as u32,
+                });
+                Ok(None)
+            }
+        })
+    }
+
+    fn usage(&mut self, this: Resource<LlmStream>) -> wasmtime::Result<Option<t::Usage>> {
+        Ok(self.table.get(&this)?.usage)
+    }
+
+    fn drop(&mut self, this: Resource<LlmStream>) -> wasmtime::Result<()> {
+        // Dropping the stream cancels the request in the inference service.
+        self.table.delete(this)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,131 @@
+//! The per-node arbiter (the device goes to the runnable instance with the
+//! least headroom) and `pump`, which retires idle instances, retries
+//! waiting requests and starts actions and runs.
+
+use super::*;
+
+impl<C: CostModel> Scheduler<C> {
+    pub(super) fn runnable(&self, inst: &Instance) -> bool {
+        inst.committed_loaded && inst.running.is_none() && inst.queue.is_empty() && !inst.retiring
+    }
+
+    pub(super) fn throttle_until(&self, inst: &Instance) -> f64 {
+        let shares = self.cfg.policy.sllm_shares();
+        if shares > 1 {
+            inst.bill_start_s + inst.busy_total_s * shares as f64
+        } else {
+            f64::NEG_INFINITY
+        }
+    }
+
+    /// Grants the free device to the runnable instance with the least
+    /// headroom (earliest next-token deadline).
+    pub(super) fn arbitrate(&mut self, node: NodeId, now_s: f64) {
+        if self.nodes[node].busy.is_some() {
+            return;
+        }
+        let kind = self.nodes[node].spec.kind;
+        let mut best: Option<(f64, InstanceId)> = None;
+        for i in &self.nodes[node].instances {
+            let inst = &self.instances[i];
+            if inst.requests.is_empty() || !self.runnable(inst) || self.throttle_until(inst) > now_s
+            {
+                continue;
+            }
+            let deadline = inst
+                .requests
+                .iter()
+                .map(|r| self.next_token_deadline_s(&self.requests[r]))
+                .fold(f64::INFINITY, f64::min);
+            if best.is_none_or(|(d, id)| deadline < d || (deadline == d && *i < id)) {
+                best = Some((deadline, *i));
+            }
+        }
+        let Some((_, id)) = best else { return };
+        let inst = &self.instances[&id];
+        let mut prefill = Vec::new();
+        let mut restore = Vec::new();
+        let mut decode = Vec::new();
+        for rid in &inst.requests {
+            let r = &self.requests[rid];
+            let ctx = r.req.input_tokens + r.generated;
+            if r.prefilled {
+                decode.push((*rid, ctx));
+            } else if r.kv_saved {
+                restore.push((*rid, ctx));
+            } else {
+                prefill.push((*rid, ctx));
+            }
+        }
+        let iterations = if !prefill.is_empty() || !restore.is_empty() {
+            decode.clear();
+            1
+        } else if kind == DeviceKind::Cpu {
+            1
+        } else {
+            self.models[inst.mtype.0 as usize].gpu_decode_quota.max(1)
+        };
+        let mtype = inst.mtype;
+        self.instances.get_mut(&id).expect("live").run_started_s = now_s;
+        self.nodes[node].busy = Some(id);
+        self.out.push(Command::Run {
+            node,
+            instance: id,
+            model_type: mtype,
+            iterations,
+            prefill,
+            restore,
+            decode,
+        });
+    }
+
+    pub(super) fn pump(&mut self, now_s: f64) {
+        for n in 0..self.nodes.len() {
+            let kind = self.nodes[n].spec.kind;
+            let expired: Vec<InstanceId> = self.nodes[n]
+                .instances
+                .iter()
+                .copied()
+                .filter(|i| {
+                    let inst = &self.instances[i];
+                    let ka = self.keep_alive_s(inst, kind);
+                    !inst.retiring
+                        && inst.requests.is_empty()
+                        && self.nodes[n].busy != Some(*i)
+                        && inst.idle_since_s.is_some_and(|t| now_s >= t + ka)
+                })
+                .collect();
+            for i in expired {
+                self.retire(i);
+            }
+        }
+        let due: Vec<RequestId> = self
+            .pending
+            .iter()
+            .copied()
+            .filter(|r| self.requests[r].next_retry_s <= now_s)
+            .collect();
+        for rid in due {
+            let r = &self.requests[&rid];
+            if now_s > self.next_token_deadline_s(r) {
+                let reason = if r.preempted {
+                    DropReason::DeadlinePassedAfterPreemption
+                } else {
+                    DropReason::DeadlinePassedWaiting
+                };
+                self.detach(rid, now_s);
+                self.out.push(Command::Dropped {
+                    request: rid,
+                    reason,
+                });
+            } else if !self.try_place(rid, now_s) {
+                self.requests.get_mut(&rid).expect("live").next_retry_s =
+                    now_s + self.cfg.retry_interval_s;
+            }
+        }
+        for n in 0..self.nodes.len() {
+            self.start_actions(n, now_s);
+            self.arbitrate(n, now_s);
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! Deadlines and time estimates: the SLOs the policy plans against and the
+//! cost model times its safety factor.
+
+use super::*;
+
+impl<C: CostModel> Scheduler<C> {
+    pub(super) fn ttft_plan_s(&self, r: &Request) -> f64 {
+        (r.ttft_slo_s * self.cfg.slo_margin).min(self.cfg.ttft_cap_s * self.cfg.slo_margin)
+    }
+
+    pub(super) fn tpot_plan_s(&self, r: &Request) -> f64 {
+        r.tpot_slo_s * self.cfg.slo_margin
+    }
+
+    pub(super) fn next_token_deadline_s(&self, r: &ReqState) -> f64 {
+        r.req.arrival_s
+            + r.load_delay_s
+            + self.ttft_plan_s(&r.req)
+            + self.tpot_plan_s(&r.req) * r.generated as f64
+    }
+
+    pub(super) fn lookahead_tokens(&self, r: &ReqState) -> u64 {
+        let predicted = (self.cfg.policy == Policy::SlinferPredictive)
+            .then(|| {
+                self.predictor
+                    .lookahead_tokens(&self.cfg.predictor, r.req.function, r.generated)
+            })
+            .flatten();
+        predicted.unwrap_or(self.cfg.lookahead_tokens)
+    }
+
+    pub(super) fn kind_usable(&self, kind: DeviceKind, mtype: ModelTypeId) -> bool {
+        let spec = &self.models[mtype.0 as usize];
+        let cap_ok = !self.cfg.policy.is_sllm() || spec.sllm_exclusive_cap[kind].is_some();
+        (kind == DeviceKind::Gpu || self.cfg.policy.uses_cpu())
+            && cap_ok
+            && spec.slots_per_node[kind] > 0
+    }
+
+    pub(super) fn fits_alone(&self, req: &Request, kind: DeviceKind, capacity_bytes: u64) -> bool {
+        let spec = &self.models[req.model_type.0 as usize];
+        let need = spec.blocks_for_tokens(kind, req.input_tokens + self.cfg.lookahead_tokens)
+            * spec.block_bytes(kind);
+        let kv = self
+            .fixed_kv_bytes(spec, kind, capacity_bytes)
+            .unwrap_or(need);
+        need <= kv
+            && spec.weights_bytes[kind] + self.cfg.instance_overhead_bytes + kv <= capacity_bytes
+    }
+
+    /// KV bytes of an instance whose pool does not scale, or `None`.
+    pub(super) fn fixed_kv_bytes(
+        &self,
+        spec: &ModelSpec,
+        kind: DeviceKind,
+        capacity_bytes: u64,
+    ) -> Option<u64> {
+        if kind == DeviceKind::Cpu && !self.cfg.cpu_kv_scales {
+            return Some(spec.cpu_kv_bytes);
+        }
+        self.cfg.policy.is_sllm().then(|| {
+            (capacity_bytes / self.cfg.policy.sllm_shares() as u64)
+                .saturating_sub(spec.weights_bytes[kind] + self.cfg.instance_overhead_bytes)
+        })
+    }
+
+    /// The iteration that prefills new requests and restores swapped ones.
+    pub(super) fn estimate_first_step_s(&self, v: &View) -> f64 {
+        let prefill = if v.prefill_tokens > 0 {
+            self.cost.prefill_s(v.mtype, v.kind, v.prefill_tokens)
+        } else {
+            0.0
+        };
+        let restore = self.cost.kv_swap_s(v.mtype, v.kind, v.restore_tokens);
+        (prefill + restore) * self.cfg.safety[v.kind]
+    }
+
+    pub(super) fn estimate_decode_s(
+        &self,
+        mtype: ModelTypeId,
+        kind: DeviceKind,
+        context: u64,
+        batch: u64,
+    ) -> f64 {
+        self.cost.decode_s(mtype, kind, context, batch) * self.cfg.safety[kind]
+    }
+}

@@ -1,0 +1,177 @@
+//! KV scaling with hysteresis and the per-instance action queue (load,
+//! resize, unload), started only when the committed footprint fits.
+
+use super::*;
+
+impl<C: CostModel> Scheduler<C> {
+    /// Forward-looking KV scaling with hysteresis: grow to the target when
+    /// the minimum exceeds the allocation; shrink only when the target falls
+    /// below allocation / (1 + watermark).
+    pub(super) fn rescale(&mut self, id: InstanceId, now_s: f64) {
+        let inst = &self.instances[&id];
+        if inst.retiring {
+            return;
+        }
+        let planned = inst.planned_blocks;
+        if inst.fixed_kv {
+            self.evict_overflow(id, planned, now_s);
+            return;
+        }
+        let node = inst.node;
+        let kind = self.nodes[node].spec.kind;
+        let spec = &self.models[inst.mtype.0 as usize];
+        let view = self.view(kind, Some(inst), None, None);
+        let w = self.cfg.kv_watermark;
+        let min = view.need_blocks;
+        let target = self.min_blocks(spec, kind, ((min as f64) * (1.0 + w)).ceil() as u64);
+        if min > planned {
+            let own = self.instance_bytes(inst, true);
+            let others = self.planned_bytes(node) - own;
+            let statics = own - planned * view.block_bytes;
+            let room = self.nodes[node]
+                .spec
+                .capacity_bytes
+                .saturating_sub(others + statics)
+                / view.block_bytes;
+            let new = target.min(room).max(planned);
+            if new > planned {
+                self.enqueue(id, Op::Resize { blocks: new });
+            }
+            self.evict_overflow(id, new, now_s);
+        } else if (target as f64) < planned as f64 / (1.0 + w) {
+            self.enqueue(id, Op::Resize { blocks: target });
+        }
+    }
+
+    /// The engine must never run out of KV: if even the next grant's tokens
+    /// do not fit the planned pool, the youngest requests go back to be
+    /// re-placed.
+    pub(super) fn evict_overflow(&mut self, id: InstanceId, blocks: u64, now_s: f64) {
+        let inst = &self.instances[&id];
+        let kind = self.nodes[inst.node].spec.kind;
+        let spec = &self.models[inst.mtype.0 as usize];
+        let quota = spec.gpu_decode_quota.max(1) as u64;
+        let mut hard: u64 = inst
+            .requests
+            .iter()
+            .map(|r| {
+                let r = &self.requests[r];
+                spec.blocks_for_tokens(kind, r.req.input_tokens + r.generated + quota)
+            })
+            .sum();
+        let mut evicted = Vec::new();
+        let mut members = inst.requests.clone();
+        while hard > blocks {
+            let Some(rid) = members.pop() else { break };
+            let r = &self.requests[&rid];
+            hard -= spec.blocks_for_tokens(kind, r.req.input_tokens + r.generated + quota);
+            evicted.push(rid);
+        }
+        if evicted.is_empty() {
+            return;
+        }
+        let inst = self.instances.get_mut(&id).expect("live");
+        inst.requests.retain(|r| !evicted.contains(r));
+        if inst.requests.is_empty() {
+            inst.idle_since_s = Some(now_s);
+        }
+        self.evict(id, evicted, now_s);
+    }
+
+    pub(super) fn enqueue(&mut self, id: InstanceId, op: Op) {
+        let inst = self
+            .instances
+            .get_mut(&id)
+            .expect("queueing on a live instance");
+        match op {
+            Op::Load { blocks } => {
+                inst.planned_loaded = true;
+                inst.planned_blocks = blocks;
+            }
+            Op::Resize { blocks } => {
+                inst.planned_blocks = blocks;
+                // A resize that has not started yet is superseded, not stacked.
+                if let Some((_, Op::Resize { blocks: b })) = inst.queue.back_mut() {
+                    *b = blocks;
+                    return;
+                }
+            }
+            Op::Unload => {
+                inst.planned_loaded = false;
+                inst.planned_blocks = 0;
+            }
+        }
+        let aid = self.next_action;
+        self.next_action += 1;
+        inst.queue.push_back((aid, op));
+    }
+
+    /// Starts queued actions. Decreases always start (their memory returns
+    /// when they finish); increases start in queue order, each only if the
+    /// committed footprint plus its increase fits the node.
+    pub(super) fn start_actions(&mut self, node: NodeId, now_s: f64) {
+        let mut heads: Vec<(ActionId, InstanceId)> = self.nodes[node]
+            .instances
+            .iter()
+            .filter_map(|i| {
+                let inst = &self.instances[i];
+                if inst.running.is_some() || self.nodes[node].busy == Some(*i) {
+                    return None;
+                }
+                inst.queue.front().map(|(a, _)| (*a, *i))
+            })
+            .collect();
+        heads.sort();
+        let capacity = self.nodes[node].spec.capacity_bytes;
+        let mut blocked = false;
+        for (_, id) in heads {
+            let inst = &self.instances[&id];
+            let (aid, op) = *inst.queue.front().expect("has a head");
+            let spec = &self.models[inst.mtype.0 as usize];
+            let kind = self.nodes[node].spec.kind;
+            let bb = spec.block_bytes(kind);
+            let increase = match op {
+                Op::Load { blocks } => {
+                    spec.weights_bytes[kind] + self.cfg.instance_overhead_bytes + blocks * bb
+                }
+                Op::Resize { blocks } => blocks.saturating_sub(inst.committed_blocks) * bb,
+                Op::Unload => 0,
+            };
+            if increase > 0 && (blocked || self.committed_bytes(node) + increase > capacity) {
+                blocked = true;
+                continue;
+            }
+            let inst = self.instances.get_mut(&id).expect("live");
+            inst.queue.pop_front();
+            let (model, mtype) = (inst.model, inst.mtype);
+            let op_out = match op {
+                Op::Load { blocks } => {
+                    inst.committed_loaded = true;
+                    inst.committed_blocks = blocks;
+                    ActionOp::Load {
+                        weights_bytes: spec.weights_bytes[kind] + self.cfg.instance_overhead_bytes,
+                        kv_bytes: blocks * bb,
+                    }
+                }
+                Op::Resize { blocks } => {
+                    if blocks > inst.committed_blocks {
+                        inst.committed_blocks = blocks;
+                    }
+                    ActionOp::ResizeKv {
+                        kv_bytes: blocks * bb,
+                    }
+                }
+                Op::Unload => ActionOp::Unload,
+            };
+            inst.running = Some((aid, op, now_s));
+            self.out.push(Command::Action {
+                node,
+                action: aid,
+                instance: id,
+                model,
+                model_type: mtype,
+                op: op_out,
+            });
+        }
+    }
+}

@@ -1,0 +1,598 @@
+//! The scheduler state machine: inputs (`submit`, `iteration_done`,
+//! `action_done`, `cancel`, `tick`) change its state; it answers with
+//! [`Command`]s for the driver and a `next_wakeup_s` for timed retries.
+//! It never reads a clock and never learns a request's output length before
+//! the driver reports it finished.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+
+use serde::Serialize;
+
+use crate::model::{CostModel, DeviceKind, ModelSpec, ModelTypeId, NodeSpec, PerKind};
+use crate::predict::{OutputPredictor, PredictorConfig};
+
+mod admission;
+mod arbiter;
+mod estimate;
+mod kv;
+mod placement;
+mod snapshot;
+#[cfg(test)]
+mod tests;
+
+pub use snapshot::{InstanceSnapshot, NodeSnapshot, Snapshot};
+
+pub type RequestId = u64;
+pub type InstanceId = u64;
+pub type ActionId = u64;
+pub type NodeId = usize;
+/// One served model (the paper serves one distinct model per function).
+pub type ModelId = u32;
+
+/// What the scheduler is told about a request on arrival.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Request {
+    pub id: RequestId,
+    pub model: ModelId,
+    pub model_type: ModelTypeId,
+    pub function: u32,
+    pub input_tokens: u64,
+    /// The evaluation's SLOs; the scheduler plans against a margin of them.
+    pub ttft_slo_s: f64,
+    pub tpot_slo_s: f64,
+    pub arrival_s: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Policy {
+    #[serde(rename = "sllm")]
+    Sllm,
+    #[serde(rename = "sllm+c")]
+    SllmC,
+    #[serde(rename = "sllm+c+s")]
+    SllmCS,
+    #[serde(rename = "slinfer")]
+    Slinfer,
+    /// `slinfer` with the predictive look-ahead (beyond the paper).
+    #[serde(rename = "slinfer+p")]
+    SlinferPredictive,
+}
+
+impl Policy {
+    pub const ALL: [Policy; 5] = [
+        Policy::Sllm,
+        Policy::SllmC,
+        Policy::SllmCS,
+        Policy::Slinfer,
+        Policy::SlinferPredictive,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Sllm => "sllm",
+            Policy::SllmC => "sllm+c",
+            Policy::SllmCS => "sllm+c+s",
+            Policy::Slinfer => "slinfer",
+            Policy::SlinferPredictive => "slinfer+p",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Policy> {
+        Policy::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    fn is_sllm(self) -> bool {
+        matches!(self, Policy::Sllm | Policy::SllmC | Policy::SllmCS)
+    }
+
+    fn uses_cpu(self) -> bool {
+        self != Policy::Sllm
+    }
+
+    /// Instances one device may hold under the `sllm` baselines.
+    fn sllm_shares(self) -> u32 {
+        if self == Policy::SllmCS { 2 } else { 1 }
+    }
+}
+
+/// Every tunable of the policy, defaulting to the paper's published settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SchedulerConfig {
+    pub policy: Policy,
+    pub lookahead_tokens: u64,
+    pub min_instance_tokens: u64,
+    pub kv_watermark: f64,
+    pub retry_interval_s: f64,
+    /// Idle time before an instance is unloaded.
+    pub keep_alive_s: PerKind<f64>,
+    /// The scheduler plans against `margin ×` the evaluation SLOs.
+    pub slo_margin: f64,
+    pub ttft_cap_s: f64,
+    /// Estimates are profile × safety factor.
+    pub safety: PerKind<f64>,
+    pub instance_overhead_bytes: u64,
+    pub predictor: PredictorConfig,
+    /// Preempted requests keep their KV (swapped to host memory and back)
+    /// instead of recomputing it. Beyond the paper; off by default.
+    pub preempt_keeps_kv: bool,
+    /// CPU instances scale their KV pool like GPU ones instead of keeping
+    /// `ModelSpec::cpu_kv_bytes` (the paper's artifact keeps it fixed; the
+    /// live host's CPU engine owns resizable block tensors). Off by default.
+    pub cpu_kv_scales: bool,
+}
+
+impl SchedulerConfig {
+    pub fn paper(policy: Policy) -> Self {
+        SchedulerConfig {
+            policy,
+            lookahead_tokens: 512,
+            min_instance_tokens: 4096,
+            kv_watermark: 0.25,
+            retry_interval_s: 0.25,
+            keep_alive_s: PerKind::new(0.0, 1.0),
+            slo_margin: 0.95,
+            ttft_cap_s: 8.0,
+            safety: PerKind::new(1.1, 1.05),
+            instance_overhead_bytes: 1536 * 1024 * 1024,
+            predictor: PredictorConfig::default(),
+            preempt_keeps_kv: false,
+            cpu_kv_scales: false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropReason {
+    /// Never placed before its first-token deadline passed.
+    DeadlinePassedWaiting,
+    /// Evicted by a preemption and not re-placed before its next-token deadline.
+    DeadlinePassedAfterPreemption,
+    Cancelled,
+    /// No node this policy may use can ever host it.
+    Unservable,
+    /// The device it was placed on failed (`fail_node`).
+    DeviceFailed,
+}
+
+impl DropReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::DeadlinePassedWaiting => "deadline_passed_waiting",
+            DropReason::DeadlinePassedAfterPreemption => "deadline_passed_after_preemption",
+            DropReason::Cancelled => "cancelled",
+            DropReason::Unservable => "unservable",
+            DropReason::DeviceFailed => "device_failed",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum ActionOp {
+    /// Bring weights in and allocate the KV pool.
+    Load { weights_bytes: u64, kv_bytes: u64 },
+    /// Set the KV pool to `kv_bytes` (grow or shrink).
+    ResizeKv { kv_bytes: u64 },
+    /// Free weights and KV.
+    Unload,
+}
+
+/// What the driver must do. Actions and runs end with `action_done` and
+/// `iteration_done`; the rest are notices.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Command {
+    Action {
+        node: NodeId,
+        action: ActionId,
+        instance: InstanceId,
+        model: ModelId,
+        model_type: ModelTypeId,
+        op: ActionOp,
+    },
+    /// Run up to `iterations` iterations of the instance's batch: one
+    /// prefill iteration over `prefill` (tokens to (re)compute) and
+    /// `restore` (tokens of KV to bring back from host memory), each
+    /// yielding its next token; or decode iterations over `decode`
+    /// (current context).
+    Run {
+        node: NodeId,
+        instance: InstanceId,
+        model_type: ModelTypeId,
+        iterations: u32,
+        prefill: Vec<(RequestId, u64)>,
+        restore: Vec<(RequestId, u64)>,
+        decode: Vec<(RequestId, u64)>,
+    },
+    /// The instance gave these requests up; they will be re-placed, their KV
+    /// recomputed (or, with `preempt_keeps_kv`, swapped out to host memory
+    /// and restored).
+    Preempt {
+        instance: InstanceId,
+        requests: Vec<RequestId>,
+    },
+    Completed {
+        request: RequestId,
+        load_delay_s: f64,
+    },
+    Dropped {
+        request: RequestId,
+        reason: DropReason,
+    },
+}
+
+/// Per-request result of a `Run`, reported by the driver.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RequestOutcome {
+    pub request: RequestId,
+    pub tokens: u64,
+    pub finished: bool,
+}
+
+#[derive(Clone, Debug)]
+struct ReqState {
+    req: Request,
+    generated: u64,
+    prefilled: bool,
+    /// Its KV waits in host memory to be restored (`preempt_keeps_kv`).
+    kv_saved: bool,
+    instance: Option<InstanceId>,
+    attached_s: f64,
+    load_delay_s: f64,
+    next_retry_s: f64,
+    preempted: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Op {
+    Load { blocks: u64 },
+    Resize { blocks: u64 },
+    Unload,
+}
+
+#[derive(Clone, Debug)]
+struct Instance {
+    id: InstanceId,
+    model: ModelId,
+    mtype: ModelTypeId,
+    node: NodeId,
+    requests: Vec<RequestId>,
+    /// Planned view: as if every queued action were done (admission uses it).
+    planned_loaded: bool,
+    planned_blocks: u64,
+    /// Committed view: what the device may hold now (memory safety uses it).
+    committed_loaded: bool,
+    committed_blocks: u64,
+    queue: VecDeque<(ActionId, Op)>,
+    running: Option<(ActionId, Op, f64)>,
+    /// KV stays at its load-time size (CPU instances, `sllm` baselines).
+    fixed_kv: bool,
+    retiring: bool,
+    idle_since_s: Option<f64>,
+    /// `sllm+c+s` bills device time to throttle each share to its half.
+    bill_start_s: f64,
+    busy_total_s: f64,
+    run_started_s: f64,
+}
+
+#[derive(Clone, Debug)]
+struct Node {
+    spec: NodeSpec,
+    busy: Option<InstanceId>,
+    instances: Vec<InstanceId>,
+    /// Left placement for good (`fail_node`).
+    failed: bool,
+}
+
+/// A node's state as admission sees one instance of it: the shadow copy
+/// that a candidate request is added to before validation.
+#[derive(Clone, Debug)]
+struct View {
+    id: Option<InstanceId>,
+    kind: DeviceKind,
+    static_bytes: u64,
+    planned_blocks: u64,
+    block_bytes: u64,
+    fixed_kv: bool,
+    need_blocks: u64,
+    batch: u64,
+    context_tokens: u64,
+    prefill_tokens: u64,
+    restore_tokens: u64,
+    deadline_s: f64,
+    tpot_s: f64,
+    loading: bool,
+    mtype: ModelTypeId,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Checks {
+    memory: bool,
+    decode: bool,
+    prefill: bool,
+}
+
+impl Checks {
+    fn all(self) -> bool {
+        self.memory && self.decode && self.prefill
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Target {
+    Existing(InstanceId),
+    New(ModelTypeId),
+}
+
+/// The policy's state machine. Generic over the cost model so the
+/// simulator and the live host share every decision.
+pub struct Scheduler<C: CostModel> {
+    cfg: SchedulerConfig,
+    models: Vec<ModelSpec>,
+    cost: C,
+    nodes: Vec<Node>,
+    instances: HashMap<InstanceId, Instance>,
+    by_model: HashMap<ModelId, Vec<InstanceId>>,
+    sllm_round_robin: HashMap<ModelId, usize>,
+    requests: HashMap<RequestId, ReqState>,
+    pending: Vec<RequestId>,
+    predictor: OutputPredictor,
+    /// Models taken out of service: their instances unload as soon as idle.
+    retired_models: HashSet<ModelId>,
+    next_instance: InstanceId,
+    next_action: ActionId,
+    out: Vec<Command>,
+}
+
+impl<C: CostModel> Scheduler<C> {
+    pub fn new(
+        cfg: SchedulerConfig,
+        models: Vec<ModelSpec>,
+        nodes: Vec<NodeSpec>,
+        cost: C,
+    ) -> Self {
+        Scheduler {
+            cfg,
+            models,
+            cost,
+            nodes: nodes
+                .into_iter()
+                .map(|spec| Node {
+                    spec,
+                    busy: None,
+                    instances: Vec::new(),
+                    failed: false,
+                })
+                .collect(),
+            instances: HashMap::new(),
+            by_model: HashMap::new(),
+            sllm_round_robin: HashMap::new(),
+            requests: HashMap::new(),
+            pending: Vec::new(),
+            predictor: OutputPredictor::default(),
+            retired_models: HashSet::new(),
+            next_instance: 0,
+            next_action: 0,
+            out: Vec::new(),
+        }
+    }
+
+    /// Commands produced since the last call, in the order they were decided.
+    pub fn drain_commands(&mut self) -> Vec<Command> {
+        std::mem::take(&mut self.out)
+    }
+
+    pub fn submit(&mut self, req: Request, now_s: f64) {
+        let id = req.id;
+        let usable = self.nodes.iter().any(|n| {
+            !n.failed
+                && self.kind_usable(n.spec.kind, req.model_type)
+                && self.fits_alone(&req, n.spec.kind, n.spec.capacity_bytes)
+        });
+        if !usable {
+            self.out.push(Command::Dropped {
+                request: id,
+                reason: DropReason::Unservable,
+            });
+            return;
+        }
+        self.requests.insert(
+            id,
+            ReqState {
+                req,
+                generated: 0,
+                prefilled: false,
+                kv_saved: false,
+                instance: None,
+                attached_s: now_s,
+                load_delay_s: 0.0,
+                next_retry_s: now_s,
+                preempted: false,
+            },
+        );
+        self.pending.push(id);
+        self.pump(now_s);
+    }
+
+    pub fn iteration_done(
+        &mut self,
+        node: NodeId,
+        instance: InstanceId,
+        outcomes: &[RequestOutcome],
+        now_s: f64,
+    ) {
+        if self.nodes[node].busy == Some(instance) {
+            self.nodes[node].busy = None;
+        }
+        let mut finished = Vec::new();
+        if let Some(inst) = self.instances.get_mut(&instance) {
+            inst.busy_total_s += now_s - inst.run_started_s;
+            for o in outcomes {
+                let Some(r) = self.requests.get_mut(&o.request) else {
+                    continue;
+                };
+                if r.instance != Some(instance) {
+                    continue;
+                }
+                r.generated += o.tokens;
+                if o.tokens > 0 {
+                    r.prefilled = true;
+                    r.kv_saved = false;
+                }
+                if o.finished {
+                    finished.push(o.request);
+                }
+            }
+        }
+        for id in finished {
+            let r = self.detach(id, now_s);
+            self.predictor.record(r.req.function, r.generated);
+            self.out.push(Command::Completed {
+                request: id,
+                load_delay_s: r.load_delay_s,
+            });
+        }
+        if self.instances.contains_key(&instance) {
+            self.rescale(instance, now_s);
+        }
+        self.pump(now_s);
+    }
+
+    pub fn action_done(&mut self, node: NodeId, action: ActionId, now_s: f64) {
+        let Some(&id) = self.nodes[node].instances.iter().find(|i| {
+            self.instances[i]
+                .running
+                .is_some_and(|(a, _, _)| a == action)
+        }) else {
+            return;
+        };
+        let inst = self
+            .instances
+            .get_mut(&id)
+            .expect("node lists live instances");
+        let (_, op, started_s) = inst.running.take().expect("matched above");
+        match op {
+            Op::Load { .. } => {
+                let attached: Vec<RequestId> = inst.requests.clone();
+                for rid in attached {
+                    let r = self
+                        .requests
+                        .get_mut(&rid)
+                        .expect("attached requests are live");
+                    r.load_delay_s += (now_s - r.attached_s.max(started_s)).max(0.0);
+                }
+            }
+            Op::Resize { blocks } => inst.committed_blocks = blocks,
+            Op::Unload => {
+                inst.committed_loaded = false;
+                inst.committed_blocks = 0;
+                if inst.retiring {
+                    self.instances.remove(&id);
+                    self.nodes[node].instances.retain(|&i| i != id);
+                }
+            }
+        }
+        self.pump(now_s);
+    }
+
+    pub fn cancel(&mut self, request: RequestId, now_s: f64) {
+        if !self.requests.contains_key(&request) {
+            return;
+        }
+        let inst = self.requests[&request].instance;
+        self.detach(request, now_s);
+        if let Some(i) = inst {
+            self.rescale(i, now_s);
+        }
+        self.out.push(Command::Dropped {
+            request,
+            reason: DropReason::Cancelled,
+        });
+        self.pump(now_s);
+    }
+
+    /// Takes a node out of placement for good (its device failed): its
+    /// instances are gone without unload actions, and the requests on them
+    /// are dropped ([`DropReason::DeviceFailed`]) for the driver to fail;
+    /// waiting requests go elsewhere or, with no node left, are unservable.
+    pub fn fail_node(&mut self, node: NodeId, now_s: f64) {
+        let n = &mut self.nodes[node];
+        if n.failed {
+            return;
+        }
+        n.failed = true;
+        n.busy = None;
+        for id in std::mem::take(&mut n.instances) {
+            let inst = self
+                .instances
+                .remove(&id)
+                .expect("node lists live instances");
+            if let Some(v) = self.by_model.get_mut(&inst.model) {
+                v.retain(|&i| i != id);
+            }
+            for rid in inst.requests {
+                self.requests.remove(&rid);
+                self.out.push(Command::Dropped {
+                    request: rid,
+                    reason: DropReason::DeviceFailed,
+                });
+            }
+        }
+        self.pump(now_s);
+    }
+
+    pub fn tick(&mut self, now_s: f64) {
+        self.pump(now_s);
+    }
+
+    /// When the scheduler next needs a `tick` if nothing else happens.
+    pub fn next_wakeup_s(&self) -> Option<f64> {
+        let retry = self.pending.iter().map(|r| self.requests[r].next_retry_s);
+        let idle = self.nodes.iter().flat_map(|n| {
+            n.instances.iter().filter_map(|i| {
+                let inst = &self.instances[i];
+                let ka = self.keep_alive_s(inst, n.spec.kind);
+                inst.idle_since_s.filter(|_| !inst.retiring).map(|t| t + ka)
+            })
+        });
+        let throttle = self
+            .nodes
+            .iter()
+            .filter(|n| n.busy.is_none())
+            .flat_map(|n| {
+                n.instances.iter().filter_map(|i| {
+                    let inst = &self.instances[i];
+                    (self.runnable(inst) && !inst.requests.is_empty())
+                        .then(|| self.throttle_until(inst))
+                })
+            });
+        retry.chain(idle).chain(throttle).min_by(f64::total_cmp)
+    }
+
+    /// Adds a model type at run time (a model imported into a live host);
+    /// returns its id.
+    pub fn add_model_type(&mut self, spec: ModelSpec) -> ModelTypeId {
+        self.models.push(spec);
+        ModelTypeId((self.models.len() - 1) as u16)
+    }
+
+    /// Takes a served model out of service: its instances unload as soon as
+    /// they are idle (requests already placed finish first). The driver must
+    /// not submit more requests for it.
+    pub fn retire_model(&mut self, model: ModelId, now_s: f64) {
+        self.retired_models.insert(model);
+        self.pump(now_s);
+    }
+
+    fn keep_alive_s(&self, inst: &Instance, kind: DeviceKind) -> f64 {
+        if self.retired_models.contains(&inst.model) {
+            0.0
+        } else {
+            self.cfg.keep_alive_s[kind]
+        }
+    }
+
+    /// Requests that have been submitted and have not ended.
+    pub fn live_requests(&self) -> usize {
+        self.requests.len()
+    }
+}

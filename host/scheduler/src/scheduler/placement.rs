@@ -1,0 +1,315 @@
+//! Placement: existing instances first, then proactive preemption, then a
+//! new instance on a node in CPU-first, bin-packing order; and the
+//! bookkeeping of attaching, detaching, evicting and retiring.
+
+use super::*;
+
+impl<C: CostModel> Scheduler<C> {
+    pub(super) fn try_place(&mut self, rid: RequestId, now_s: f64) -> bool {
+        let (model, mtype) = {
+            let r = &self.requests[&rid].req;
+            (r.model, r.model_type)
+        };
+        let mut existing: Vec<InstanceId> = self.by_model.get(&model).cloned().unwrap_or_default();
+        if self.cfg.policy.is_sllm() {
+            let start = self.sllm_round_robin.get(&model).copied().unwrap_or(0);
+            let n = existing.len();
+            for k in 0..n {
+                let id = existing[(start + k) % n];
+                let node = self.instances[&id].node;
+                if self.validate(node, Target::Existing(id), rid, now_s).all() {
+                    self.sllm_round_robin
+                        .insert(model, (start + k + 1) % n.max(1));
+                    self.attach(rid, id, now_s);
+                    return true;
+                }
+            }
+        } else {
+            existing.sort_by_key(|i| (std::cmp::Reverse(self.instances[i].requests.len()), *i));
+            for &id in &existing {
+                let node = self.instances[&id].node;
+                if self.validate(node, Target::Existing(id), rid, now_s).all() {
+                    self.attach(rid, id, now_s);
+                    return true;
+                }
+            }
+            for &id in &existing {
+                if let Some(victim) = self.preemption_victim(id, rid, now_s) {
+                    self.preempt(victim, now_s);
+                    self.attach(rid, id, now_s);
+                    return true;
+                }
+            }
+        }
+        for node in self.placement_order(mtype) {
+            if !self.node_has_slot(node, mtype) {
+                continue;
+            }
+            if self.validate(node, Target::New(mtype), rid, now_s).all() {
+                let id = self.create_instance(node, model, mtype, now_s);
+                self.attach(rid, id, now_s);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Nodes for a new instance: CPU pool first, then GPU; within a pool the
+    /// busiest node first (bin-packing), nodes with no instance last.
+    pub(super) fn placement_order(&self, mtype: ModelTypeId) -> Vec<NodeId> {
+        let mut order = Vec::new();
+        for kind in [DeviceKind::Cpu, DeviceKind::Gpu] {
+            if !self.kind_usable(kind, mtype) {
+                continue;
+            }
+            let mut used: Vec<(f64, NodeId)> = Vec::new();
+            let mut empty = Vec::new();
+            for (id, n) in self
+                .nodes
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| n.spec.kind == kind && !n.failed)
+            {
+                if n.instances.is_empty() {
+                    empty.push(id);
+                    continue;
+                }
+                let load = match kind {
+                    DeviceKind::Cpu => n
+                        .instances
+                        .iter()
+                        .map(|i| {
+                            self.time_slice(&self.view(kind, Some(&self.instances[i]), None, None))
+                        })
+                        .sum::<f64>(),
+                    DeviceKind::Gpu => self.planned_bytes(id) as f64,
+                };
+                used.push((load, id));
+            }
+            used.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            order.extend(used.into_iter().map(|(_, id)| id));
+            order.extend(empty);
+        }
+        order
+    }
+
+    pub(super) fn node_has_slot(&self, node: NodeId, mtype: ModelTypeId) -> bool {
+        let n = &self.nodes[node];
+        let slots = self.models[mtype.0 as usize].slots_per_node[n.spec.kind] as usize;
+        let limit = if self.cfg.policy.is_sllm() {
+            slots.min(self.cfg.policy.sllm_shares() as usize)
+        } else {
+            slots
+        };
+        n.instances.len() < limit
+    }
+
+    pub(super) fn planned_bytes(&self, node: NodeId) -> u64 {
+        self.nodes[node]
+            .instances
+            .iter()
+            .map(|i| self.instance_bytes(&self.instances[i], true))
+            .sum()
+    }
+
+    pub(super) fn committed_bytes(&self, node: NodeId) -> u64 {
+        self.nodes[node]
+            .instances
+            .iter()
+            .map(|i| self.instance_bytes(&self.instances[i], false))
+            .sum()
+    }
+
+    pub(super) fn instance_bytes(&self, inst: &Instance, planned: bool) -> u64 {
+        let spec = &self.models[inst.mtype.0 as usize];
+        let kind = self.nodes[inst.node].spec.kind;
+        let (loaded, blocks) = if planned {
+            (inst.planned_loaded, inst.planned_blocks)
+        } else {
+            (inst.committed_loaded, inst.committed_blocks)
+        };
+        let weights = if loaded {
+            spec.weights_bytes[kind] + self.cfg.instance_overhead_bytes
+        } else {
+            0
+        };
+        weights + blocks * spec.block_bytes(kind)
+    }
+
+    /// Proactive preemption: on GPU when only memory blocks `target`, on CPU
+    /// when only the decode time slice does; the victim is a neighbour with
+    /// a batch no larger than the target's whose footprint (or time slice)
+    /// covers the shortfall, smallest batch first.
+    pub(super) fn preemption_victim(
+        &self,
+        target: InstanceId,
+        rid: RequestId,
+        now_s: f64,
+    ) -> Option<InstanceId> {
+        let node = self.instances[&target].node;
+        let kind = self.nodes[node].spec.kind;
+        let checks = self.validate(node, Target::Existing(target), rid, now_s);
+        let views = self.node_views(node, Target::Existing(target), rid);
+        let tv = views.iter().find(|v| v.id == Some(target))?;
+        let gap = match kind {
+            DeviceKind::Gpu if !checks.memory && checks.decode && checks.prefill => {
+                let total: u64 = views
+                    .iter()
+                    .map(|v| {
+                        let b = if v.id == Some(target) {
+                            v.planned_blocks.max(v.need_blocks)
+                        } else {
+                            v.planned_blocks
+                        };
+                        v.static_bytes + b * v.block_bytes
+                    })
+                    .sum();
+                total as f64 - self.nodes[node].spec.capacity_bytes as f64
+            }
+            DeviceKind::Cpu if checks.memory && !checks.decode && checks.prefill => {
+                if self.time_slice(tv) > 1.0 {
+                    return None;
+                }
+                views.iter().map(|v| self.time_slice(v)).sum::<f64>() - 1.0
+            }
+            _ => return None,
+        };
+        let mut candidates: Vec<&View> = views
+            .iter()
+            .filter(|v| {
+                let id = v.id.expect("existing instances only");
+                let inst = &self.instances[&id];
+                id != target
+                    && !inst.retiring
+                    && inst.planned_loaded
+                    && self.nodes[node].busy != Some(id)
+                    && inst.running.is_none()
+                    && v.batch <= tv.batch
+                    && (kind == DeviceKind::Gpu || v.batch > 0)
+            })
+            .collect();
+        candidates.sort_by_key(|v| (v.batch, v.id));
+        let covers = |v: &View| match kind {
+            DeviceKind::Gpu => (v.static_bytes + v.planned_blocks * v.block_bytes) as f64 >= gap,
+            DeviceKind::Cpu => self.time_slice(v) >= gap,
+        };
+        candidates
+            .into_iter()
+            .find(|v| covers(v))
+            .and_then(|v| v.id)
+    }
+
+    pub(super) fn preempt(&mut self, victim: InstanceId, now_s: f64) {
+        let inst = self.instances.get_mut(&victim).expect("victim is live");
+        let evicted = std::mem::take(&mut inst.requests);
+        self.evict(victim, evicted, now_s + self.cfg.retry_interval_s);
+        self.retire(victim);
+    }
+
+    /// Sends requests already detached from `instance` back to be re-placed.
+    pub(super) fn evict(&mut self, instance: InstanceId, evicted: Vec<RequestId>, retry_at_s: f64) {
+        let keep = self.cfg.preempt_keeps_kv;
+        for rid in &evicted {
+            let r = self
+                .requests
+                .get_mut(rid)
+                .expect("evicted requests are live");
+            r.instance = None;
+            r.kv_saved = keep && (r.prefilled || r.kv_saved);
+            r.prefilled = false;
+            r.preempted = true;
+            r.next_retry_s = retry_at_s;
+        }
+        self.pending.extend(evicted.iter().copied());
+        self.out.push(Command::Preempt {
+            instance,
+            requests: evicted,
+        });
+    }
+
+    pub(super) fn create_instance(
+        &mut self,
+        node: NodeId,
+        model: ModelId,
+        mtype: ModelTypeId,
+        now_s: f64,
+    ) -> InstanceId {
+        let id = self.next_instance;
+        self.next_instance += 1;
+        let spec = &self.models[mtype.0 as usize];
+        let kind = self.nodes[node].spec.kind;
+        let fixed = self.fixed_kv_bytes(spec, kind, self.nodes[node].spec.capacity_bytes);
+        let blocks = fixed.map_or(0, |b| b / spec.block_bytes(kind));
+        self.instances.insert(
+            id,
+            Instance {
+                id,
+                model,
+                mtype,
+                node,
+                requests: Vec::new(),
+                planned_loaded: true,
+                planned_blocks: blocks,
+                committed_loaded: false,
+                committed_blocks: 0,
+                queue: VecDeque::new(),
+                running: None,
+                fixed_kv: fixed.is_some(),
+                retiring: false,
+                idle_since_s: None,
+                bill_start_s: now_s,
+                busy_total_s: 0.0,
+                run_started_s: now_s,
+            },
+        );
+        self.enqueue(id, Op::Load { blocks });
+        self.nodes[node].instances.push(id);
+        self.by_model.entry(model).or_default().push(id);
+        id
+    }
+
+    pub(super) fn attach(&mut self, rid: RequestId, inst: InstanceId, now_s: f64) {
+        let r = self.requests.get_mut(&rid).expect("placing a live request");
+        r.instance = Some(inst);
+        r.attached_s = now_s;
+        self.pending.retain(|&p| p != rid);
+        let i = self
+            .instances
+            .get_mut(&inst)
+            .expect("placing on a live instance");
+        i.requests.push(rid);
+        i.idle_since_s = None;
+        self.rescale(inst, now_s);
+    }
+
+    pub(super) fn detach(&mut self, rid: RequestId, now_s: f64) -> ReqState {
+        let r = self.requests.remove(&rid).expect("ending a live request");
+        match r.instance {
+            Some(i) => {
+                let inst = self
+                    .instances
+                    .get_mut(&i)
+                    .expect("attached to a live instance");
+                inst.requests.retain(|&x| x != rid);
+                if inst.requests.is_empty() {
+                    inst.idle_since_s = Some(now_s);
+                }
+            }
+            None => self.pending.retain(|&p| p != rid),
+        }
+        r
+    }
+
+    pub(super) fn retire(&mut self, id: InstanceId) {
+        let inst = self
+            .instances
+            .get_mut(&id)
+            .expect("retiring a live instance");
+        inst.retiring = true;
+        let model = inst.model;
+        if let Some(v) = self.by_model.get_mut(&model) {
+            v.retain(|&i| i != id);
+        }
+        self.enqueue(id, Op::Unload);
+    }
+}

@@ -1,0 +1,590 @@
+use super::*;
+
+/// Simple costs, so each test controls exactly which check binds.
+struct Flat {
+    prefill_s: f64,
+    decode_s: f64,
+    decode_per_request_s: f64,
+}
+
+impl CostModel for Flat {
+    fn prefill_s(&self, _: ModelTypeId, _: DeviceKind, _: u64) -> f64 {
+        self.prefill_s
+    }
+    fn decode_s(&self, _: ModelTypeId, _: DeviceKind, _: u64, batch: u64) -> f64 {
+        self.decode_s + self.decode_per_request_s * batch as f64
+    }
+    fn load_s(&self, _: ModelTypeId, _: DeviceKind) -> f64 {
+        0.0
+    }
+    fn kv_resize_s(&self, _: ModelTypeId, _: DeviceKind) -> f64 {
+        0.0
+    }
+    fn unload_s(&self, _: ModelTypeId, _: DeviceKind) -> f64 {
+        0.0
+    }
+    fn kv_swap_s(&self, _: ModelTypeId, _: DeviceKind, _: u64) -> f64 {
+        0.0
+    }
+}
+
+const WEIGHTS: u64 = 1000;
+const FAST: Flat = Flat {
+    prefill_s: 0.01,
+    decode_s: 0.01,
+    decode_per_request_s: 0.0,
+};
+
+fn spec() -> ModelSpec {
+    ModelSpec {
+        name: "m".into(),
+        weights_bytes: PerKind::splat(WEIGHTS),
+        kv_bytes_per_token: PerKind::splat(1),
+        block_tokens: PerKind::new(32, 16),
+        cpu_kv_bytes: 4096,
+        slots_per_node: PerKind::new(2, 4),
+        sllm_exclusive_cap: PerKind::splat(Some(8)),
+        sllm_half_share_cap: PerKind::splat(Some(4)),
+        gpu_decode_quota: 2,
+    }
+}
+
+fn sched(policy: Policy, nodes: &[(DeviceKind, u64)], cost: Flat) -> Scheduler<Flat> {
+    let mut cfg = SchedulerConfig::paper(policy);
+    cfg.instance_overhead_bytes = 0;
+    cfg.min_instance_tokens = 64;
+    cfg.lookahead_tokens = 16;
+    let nodes = nodes
+        .iter()
+        .map(|&(kind, capacity_bytes)| NodeSpec {
+            kind,
+            capacity_bytes,
+        })
+        .collect();
+    Scheduler::new(cfg, vec![spec()], nodes, cost)
+}
+
+fn req(id: RequestId, model: ModelId, input_tokens: u64, ttft_slo_s: f64) -> Request {
+    Request {
+        id,
+        model,
+        model_type: ModelTypeId(0),
+        function: model,
+        input_tokens,
+        ttft_slo_s,
+        tpot_slo_s: 0.25,
+        arrival_s: 0.0,
+    }
+}
+
+/// Completes every action the scheduler starts, returning all commands.
+fn settle<C: CostModel>(s: &mut Scheduler<C>, now: f64) -> Vec<Command> {
+    let mut seen = Vec::new();
+    loop {
+        let cmds = s.drain_commands();
+        if cmds.is_empty() {
+            return seen;
+        }
+        for c in &cmds {
+            if let Command::Action { node, action, .. } = c {
+                s.action_done(*node, *action, now);
+            }
+        }
+        seen.extend(cmds);
+    }
+}
+
+fn load_nodes(cmds: &[Command]) -> Vec<NodeId> {
+    loads(cmds).into_iter().map(|l| l.0).collect()
+}
+
+fn loads(cmds: &[Command]) -> Vec<(NodeId, InstanceId)> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::Action {
+                node,
+                instance,
+                op: ActionOp::Load { .. },
+                ..
+            } => Some((*node, *instance)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn runs(cmds: &[Command]) -> Vec<InstanceId> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::Run { instance, .. } => Some(*instance),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn arbiter_grants_the_least_headroom_first() {
+    let mut s = sched(Policy::Slinfer, &[(DeviceKind::Gpu, 1 << 20)], FAST);
+    s.submit(req(1, 1, 100, 2.0), 0.0);
+    s.submit(req(2, 2, 100, 0.6), 0.0);
+    let cmds = settle(&mut s, 0.0);
+    let l = loads(&cmds);
+    assert_eq!(l.len(), 2);
+    // Instance 0 was granted as soon as it loaded (alone on the device);
+    // once it yields, model 2's tighter TTFT deadline wins the device
+    // even though model 1's request arrived first.
+    s.iteration_done(0, l[0].1, &[], 0.01);
+    let next = runs(&s.drain_commands());
+    assert_eq!(next, vec![l[1].1]);
+}
+
+#[test]
+fn memory_check_keeps_a_request_waiting_then_drops_it_at_its_deadline() {
+    // Room for one instance with its 4-block floor, not two.
+    let mut s = sched(
+        Policy::Slinfer,
+        &[(DeviceKind::Gpu, WEIGHTS + 10 * 16 + 500)],
+        FAST,
+    );
+    s.submit(req(1, 1, 100, 1.0), 0.0);
+    s.submit(req(2, 2, 100, 1.0), 0.0);
+    let cmds = settle(&mut s, 0.0);
+    assert_eq!(loads(&cmds).len(), 1);
+    assert_eq!(s.next_wakeup_s(), Some(0.25));
+    s.tick(2.0);
+    let dropped: Vec<_> = s
+        .drain_commands()
+        .into_iter()
+        .filter(|c| {
+            matches!(
+                c,
+                Command::Dropped {
+                    request: 2,
+                    reason: DropReason::DeadlinePassedWaiting
+                }
+            )
+        })
+        .collect();
+    assert_eq!(dropped.len(), 1);
+}
+
+#[test]
+fn decode_check_spreads_instances_whose_slices_exceed_the_device() {
+    // Each instance alone takes 0.15 / (0.25 × 0.95) ≈ 63% of the device.
+    let slow = Flat {
+        decode_s: 0.15,
+        ..FAST
+    };
+    let mut s = sched(
+        Policy::Slinfer,
+        &[(DeviceKind::Gpu, 1 << 20), (DeviceKind::Gpu, 1 << 20)],
+        slow,
+    );
+    s.submit(req(1, 1, 100, 1.0), 0.0);
+    s.submit(req(2, 2, 100, 1.0), 0.0);
+    let nodes: Vec<NodeId> = load_nodes(&settle(&mut s, 0.0));
+    assert_eq!(nodes, vec![0, 1]);
+}
+
+#[test]
+fn prefill_check_spreads_prefills_that_would_miss_their_deadlines() {
+    // One prefill (0.5 × 1.05) fits the 0.95 s plan; two in a row do not.
+    let slow = Flat {
+        prefill_s: 0.5,
+        ..FAST
+    };
+    let mut s = sched(
+        Policy::Slinfer,
+        &[(DeviceKind::Gpu, 1 << 20), (DeviceKind::Gpu, 1 << 20)],
+        slow,
+    );
+    s.submit(req(1, 1, 100, 1.0), 0.0);
+    let mut cmds = settle(&mut s, 0.0);
+    // Loaded: its prefill now counts (while loading, the load delay
+    // extends its deadline and the check skips it).
+    s.submit(req(2, 2, 100, 1.0), 0.0);
+    cmds.extend(settle(&mut s, 0.0));
+    let nodes: Vec<NodeId> = load_nodes(&cmds);
+    assert_eq!(nodes, vec![0, 1]);
+}
+
+/// Two GPUs then a CPU; requests 1..=`models` each for its own model,
+/// all at once. The nodes their instances load on, in load order.
+fn load_nodes_for_distinct_models(policy: Policy, models: ModelId) -> Vec<NodeId> {
+    let mut s = sched(
+        policy,
+        &[
+            (DeviceKind::Gpu, 1 << 20),
+            (DeviceKind::Gpu, 1 << 20),
+            (DeviceKind::Cpu, 1 << 20),
+        ],
+        FAST,
+    );
+    for m in 1..=models {
+        s.submit(req(m as RequestId, m, 100, 1.0), 0.0);
+    }
+    load_nodes(&settle(&mut s, 0.0))
+}
+
+#[test]
+fn placement_prefers_cpu_then_the_busiest_node_and_empty_nodes_last() {
+    // Two CPU slots first, then packing onto one GPU.
+    assert_eq!(
+        load_nodes_for_distinct_models(Policy::Slinfer, 4),
+        vec![2, 2, 0, 0]
+    );
+    // sllm: GPUs only, one exclusive instance each.
+    assert_eq!(load_nodes_for_distinct_models(Policy::Sllm, 3), vec![0, 1]);
+}
+
+#[test]
+fn existing_instances_are_tried_largest_batch_first() {
+    let mut s = sched(Policy::Slinfer, &[(DeviceKind::Gpu, 1 << 20)], FAST);
+    s.submit(req(1, 1, 100, 1.0), 0.0);
+    settle(&mut s, 0.0);
+    let first = s.by_model[&1][0];
+    // A second instance of the same model, as if made when the first was full.
+    let second = s.create_instance(0, 1, ModelTypeId(0), 0.0);
+    settle(&mut s, 0.0);
+    s.submit(req(2, 1, 100, 1.0), 0.0);
+    assert_eq!(s.requests[&2].instance, Some(first));
+    assert!(s.instances[&second].requests.is_empty());
+}
+
+/// Capacity for two instances and 40 blocks of KV between them.
+fn two_model_node() -> Scheduler<Flat> {
+    let mut s = sched(
+        Policy::Slinfer,
+        &[(DeviceKind::Gpu, 2 * WEIGHTS + 40 * 16)],
+        FAST,
+    );
+    s.submit(req(1, 1, 100, 1.0), 0.0);
+    settle(&mut s, 0.0);
+    // Model 2 is the laxer one, so model 1 holds the device.
+    s.submit(req(2, 2, 100, 3.0), 0.0);
+    settle(&mut s, 0.0);
+    s.submit(req(3, 1, 100, 1.0), 0.0);
+    s.submit(req(4, 1, 100, 1.0), 0.0);
+    settle(&mut s, 0.0);
+    s
+}
+
+/// Request 5 (model 1) goes to instance `a` by preempting request 2
+/// (model 2) from its neighbour `b`.
+fn submit_5_preempts_2(s: &mut Scheduler<Flat>, a: InstanceId, b: InstanceId) {
+    s.submit(req(5, 1, 100, 1.0), 0.0);
+    let cmds = s.drain_commands();
+    assert!(cmds.contains(&Command::Preempt {
+        instance: b,
+        requests: vec![2]
+    }));
+    assert_eq!(s.requests[&5].instance, Some(a));
+}
+
+#[test]
+fn gpu_preemption_evicts_a_smaller_neighbour_when_only_memory_fails() {
+    let mut s = two_model_node();
+    let a = s.by_model[&1][0];
+    let b = s.by_model[&2][0];
+    assert_eq!(s.instances[&a].planned_blocks, 30);
+    submit_5_preempts_2(&mut s, a, b);
+    assert!(s.pending.contains(&2));
+    assert!(!s.by_model[&2].contains(&b));
+}
+
+#[test]
+fn preemption_can_keep_kv_so_the_request_is_restored_not_recomputed() {
+    let mut s = two_model_node();
+    s.cfg.preempt_keeps_kv = true;
+    // As if model 2's request had run its prefill.
+    s.requests.get_mut(&2).unwrap().prefilled = true;
+    s.submit(req(5, 1, 100, 1.0), 0.0);
+    let r = &s.requests[&2];
+    assert!(r.kv_saved && !r.prefilled && r.instance.is_none());
+    // Re-placed (capacity freed by finishing model 1's work), it restores.
+    let a = s.by_model[&1][0];
+    let done: Vec<RequestOutcome> = [1, 3, 4, 5]
+        .map(|request| RequestOutcome {
+            request,
+            tokens: 1,
+            finished: true,
+        })
+        .to_vec();
+    s.iteration_done(0, a, &done, 0.1);
+    let mut cmds = settle(&mut s, 0.3);
+    s.tick(0.3);
+    cmds.extend(settle(&mut s, 0.3));
+    let restored = cmds.iter().any(|c| {
+        matches!(c, Command::Run { restore, prefill, .. } if restore == &vec![(2, 100)] && prefill.is_empty())
+    });
+    assert!(restored, "{cmds:?}");
+}
+
+#[test]
+fn cpu_preemption_evicts_a_smaller_neighbour_when_only_decode_fails() {
+    // Slice of one instance: (0.02 + 0.04 × batch) × 1.1 / 0.2375.
+    let cost = Flat {
+        decode_s: 0.02,
+        decode_per_request_s: 0.04,
+        ..FAST
+    };
+    let mut s = sched(Policy::Slinfer, &[(DeviceKind::Cpu, 1 << 20)], cost);
+    s.submit(req(1, 1, 100, 1.0), 0.0);
+    settle(&mut s, 0.0);
+    s.submit(req(2, 2, 100, 3.0), 0.0);
+    s.submit(req(3, 1, 100, 1.0), 0.0);
+    s.submit(req(4, 1, 100, 1.0), 0.0);
+    settle(&mut s, 0.0);
+    let a = s.by_model[&1][0];
+    let b = s.by_model[&2][0];
+    assert_eq!(s.instances[&a].requests.len(), 3);
+    // Batch 4 alone is 0.83 of the CPU; with the neighbour's 0.28, 1.11.
+    submit_5_preempts_2(&mut s, a, b);
+}
+
+#[test]
+fn shared_sllm_instances_are_throttled_to_their_share_of_device_time() {
+    let mut s = sched(Policy::SllmCS, &[(DeviceKind::Gpu, 1 << 20)], FAST);
+    s.submit(req(1, 1, 100, 1.0), 0.0);
+    let cmds = settle(&mut s, 0.0);
+    let i = runs(&cmds)[0];
+    let one = [RequestOutcome {
+        request: 1,
+        tokens: 1,
+        finished: false,
+    }];
+    s.iteration_done(0, i, &one, 0.1);
+    // 0.1 s busy since billing started at 0: idle until 0.2.
+    assert!(runs(&s.drain_commands()).is_empty());
+    assert_eq!(s.next_wakeup_s(), Some(0.2));
+    s.tick(0.2);
+    assert_eq!(runs(&s.drain_commands()), vec![i]);
+}
+
+#[test]
+fn snapshot_shows_instances_kv_and_queues() {
+    // Room for one request of 300 tokens, not two.
+    let mut s = sched(
+        Policy::Slinfer,
+        &[(DeviceKind::Gpu, WEIGHTS + 30 * 16)],
+        FAST,
+    );
+    s.submit(req(1, 1, 300, 1.0), 0.0);
+    let snap = s.snapshot();
+    assert_eq!(snap.instances.len(), 1);
+    let i = &snap.instances[0];
+    assert_eq!(
+        (i.model, i.kind, i.state, i.batch),
+        (1, DeviceKind::Gpu, "loading", 1)
+    );
+    // Planned at once; committed when the load action starts.
+    assert_eq!((i.kv_blocks_committed, i.kv_blocks_planned), (0, 25));
+    assert_eq!(snap.nodes[0].planned_bytes, WEIGHTS + 25 * 16);
+    assert!(snap.queued.is_empty());
+    settle(&mut s, 0.0);
+    let snap = s.snapshot();
+    assert_eq!(snap.instances[0].state, "loaded");
+    assert_eq!(snap.instances[0].kv_blocks_committed, 25);
+    assert_eq!(snap.nodes[0].committed_bytes, WEIGHTS + 25 * 16);
+    // A request the device has no room for now waits in the queue.
+    s.submit(req(2, 1, 300, 10.0), 0.0);
+    assert_eq!(s.snapshot().queued.get(&1), Some(&1));
+}
+
+#[test]
+fn retired_models_unload_when_idle_and_new_types_can_be_added() {
+    let mut s = sched(Policy::Slinfer, &[(DeviceKind::Cpu, 1 << 20)], FAST);
+    s.cfg.keep_alive_s = PerKind::splat(300.0);
+    let t = s.add_model_type(spec());
+    assert_eq!(t, ModelTypeId(1));
+    let mut r = req(1, 7, 100, 1.0);
+    r.model_type = t;
+    s.submit(r, 0.0);
+    let i = s.by_model[&7][0];
+    settle(&mut s, 0.0);
+    // Busy: retiring waits for the request to end.
+    s.retire_model(7, 0.1);
+    assert!(!s.instances[&i].retiring);
+    let done = RequestOutcome {
+        request: 1,
+        tokens: 1,
+        finished: true,
+    };
+    s.iteration_done(0, i, &[done], 0.2);
+    s.tick(0.2);
+    let cmds = settle(&mut s, 0.2);
+    assert!(
+        cmds.iter().any(|c| matches!(c, Command::Action { instance, op: ActionOp::Unload, .. } if *instance == i)),
+        "{cmds:?}"
+    );
+}
+
+#[test]
+fn cpu_kv_is_fixed_unless_cpu_kv_scales() {
+    let fixed_blocks = spec().cpu_kv_bytes / 32;
+    for scales in [false, true] {
+        let mut s = sched(Policy::Slinfer, &[(DeviceKind::Cpu, 1 << 20)], FAST);
+        s.cfg.cpu_kv_scales = scales;
+        s.submit(req(1, 1, 300, 1.0), 0.0);
+        let i = s.by_model[&1][0];
+        // ceil(316 / 32) = 10 blocks, target 13.
+        let first = if scales { 13 } else { fixed_blocks };
+        assert_eq!(s.instances[&i].planned_blocks, first, "scales: {scales}");
+        s.submit(req(2, 1, 400, 1.0), 0.0);
+        // 10 + ceil(416 / 32) = 23 blocks: grow to ceil(23 × 1.25) = 29.
+        let grown = if scales { 29 } else { fixed_blocks };
+        assert_eq!(s.instances[&i].planned_blocks, grown, "scales: {scales}");
+        settle(&mut s, 0.0);
+        let done = RequestOutcome {
+            request: 2,
+            tokens: 1,
+            finished: true,
+        };
+        s.iteration_done(0, i, &[done], 0.1);
+        let shrunk = if scales { 13 } else { fixed_blocks };
+        assert_eq!(s.instances[&i].planned_blocks, shrunk, "scales: {scales}");
+    }
+}
+
+#[test]
+fn kv_scaling_grows_to_target_and_shrinks_only_past_the_watermark() {
+    let mut s = sched(Policy::Slinfer, &[(DeviceKind::Gpu, 1 << 20)], FAST);
+    s.submit(req(1, 1, 300, 1.0), 0.0);
+    let i = s.by_model[&1][0];
+    // ceil(316 / 16) = 20 blocks, target 25.
+    assert_eq!(s.instances[&i].planned_blocks, 25);
+    s.submit(req(2, 1, 20, 1.0), 0.0);
+    // 23 blocks still fit in 25: no action.
+    assert_eq!(s.instances[&i].planned_blocks, 25);
+    s.submit(req(3, 1, 100, 1.0), 0.0);
+    // 31 > 25: grow to ceil(31 × 1.25) = 39.
+    assert_eq!(s.instances[&i].planned_blocks, 39);
+    settle(&mut s, 0.0);
+    let done = |r| RequestOutcome {
+        request: r,
+        tokens: 1,
+        finished: true,
+    };
+    // Back to 20 blocks, target 25 < 39 / 1.25: shrink.
+    s.iteration_done(0, i, &[done(2), done(3)], 0.1);
+    assert_eq!(s.instances[&i].planned_blocks, 25);
+    settle(&mut s, 0.1);
+    // 1 more token: need still 20 (317 tokens), target 25 = allocation: stays.
+    s.iteration_done(
+        0,
+        i,
+        &[RequestOutcome {
+            request: 1,
+            tokens: 1,
+            finished: false,
+        }],
+        0.2,
+    );
+    assert_eq!(s.instances[&i].planned_blocks, 25);
+}
+
+#[test]
+fn grows_wait_for_committed_memory_and_shrinks_always_start() {
+    let cap = 2 * WEIGHTS + 10 * 16;
+    let mut s = sched(Policy::Slinfer, &[(DeviceKind::Gpu, cap)], FAST);
+    let a = s.create_instance(0, 1, ModelTypeId(0), 0.0);
+    let b = s.create_instance(0, 2, ModelTypeId(0), 0.0);
+    s.enqueue(a, Op::Resize { blocks: 0 });
+    s.enqueue(b, Op::Resize { blocks: 0 });
+    s.instances.get_mut(&a).unwrap().planned_blocks = 0;
+    s.tick(0.0);
+    settle(&mut s, 0.0);
+    // b holds 8 blocks; a wants 6: committed would be 2×1000 + 14×16 > cap.
+    s.enqueue(b, Op::Resize { blocks: 8 });
+    s.tick(0.0);
+    settle(&mut s, 0.0);
+    s.enqueue(a, Op::Resize { blocks: 6 });
+    s.start_actions(0, 0.0);
+    let early = s.drain_commands();
+    assert!(early.is_empty(), "the grow must wait: {early:?}");
+    s.enqueue(b, Op::Resize { blocks: 2 });
+    s.start_actions(0, 0.0);
+    let shrink = s.drain_commands();
+    assert!(
+        matches!(shrink.as_slice(), [Command::Action { instance, op: ActionOp::ResizeKv { kv_bytes: 32 }, .. }] if *instance == b),
+        "{shrink:?}"
+    );
+    // Until the shrink finishes, its memory still counts as held.
+    s.start_actions(0, 0.0);
+    assert!(s.drain_commands().is_empty());
+    let Command::Action { action, .. } = &shrink[0] else {
+        unreachable!()
+    };
+    s.action_done(0, *action, 0.0);
+    let grow = s.drain_commands();
+    assert!(
+        matches!(grow.as_slice(), [Command::Action { instance, op: ActionOp::ResizeKv { kv_bytes: 96 }, .. }] if *instance == a)
+    );
+    assert!(s.committed_bytes(0) <= cap);
+}
+
+#[test]
+fn a_request_outgrowing_the_node_is_evicted_and_its_empty_instance_retires() {
+    let mut s = sched(
+        Policy::Slinfer,
+        &[(DeviceKind::Gpu, WEIGHTS + 10 * 16)],
+        FAST,
+    );
+    s.submit(req(1, 1, 100, 30.0), 0.0);
+    settle(&mut s, 0.0);
+    let i = s.by_model[&1][0];
+    assert_eq!(s.instances[&i].planned_blocks, 10);
+    let grown = [RequestOutcome {
+        request: 1,
+        tokens: 60,
+        finished: false,
+    }];
+    // 160 tokens + the next grant's 2 need 11 blocks; only 10 ever fit.
+    s.iteration_done(0, i, &grown, 1.0);
+    let cmds = s.drain_commands();
+    assert!(cmds.contains(&Command::Preempt {
+        instance: i,
+        requests: vec![1]
+    }));
+    assert!(s.instances[&i].requests.is_empty());
+    assert_eq!(s.instances[&i].idle_since_s, Some(1.0));
+    s.tick(2.0);
+    let unloads = settle(&mut s, 2.0)
+        .into_iter()
+        .filter(|c| {
+            matches!(
+                c,
+                Command::Action {
+                    op: ActionOp::Unload,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(unloads, 1);
+}
+
+#[test]
+fn cancel_ends_a_request_once_and_frees_its_instance() {
+    let mut s = sched(Policy::Slinfer, &[(DeviceKind::Gpu, 1 << 20)], FAST);
+    s.submit(req(1, 1, 100, 1.0), 0.0);
+    settle(&mut s, 0.0);
+    s.cancel(1, 0.05);
+    s.cancel(1, 0.06);
+    let drops = s
+        .drain_commands()
+        .into_iter()
+        .filter(|c| {
+            matches!(
+                c,
+                Command::Dropped {
+                    reason: DropReason::Cancelled,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(drops, 1);
+    assert_eq!(s.live_requests(), 0);
+    // Keep-alive (1 s on GPU) then unload.
+    assert_eq!(s.next_wakeup_s(), Some(1.05));
+}

@@ -1,0 +1,193 @@
+//! The `slinfer` command line: `serve` runs the platform; `deploy`,
+//! `functions`, `models`, `status` and `invoke` are thin clients of its HTTP
+//! API; `simulate`
+//! runs the scheduler simulator.
+
+mod client;
+pub mod simulate;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::devices::DeviceSelection;
+use crate::server::{ServeOptions, serve};
+use slinfer_sandbox::limits::HostLimits;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "slinfer",
+    version,
+    about = "Serverless WebAssembly functions for LLM inference"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the platform's HTTP server.
+    Serve(ServeArgs),
+    /// Deploy (or replace) the function package in directory PATH.
+    Deploy {
+        /// A package directory: slinfer.toml and the component it names.
+        path: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List, show or remove deployed functions.
+    Functions {
+        #[command(subcommand)]
+        action: FunctionsAction,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Import, list, show or remove the models the server serves.
+    Models {
+        #[command(subcommand)]
+        action: ModelsAction,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print the live scheduler's state (devices, models, instances, KV, queues) as JSON.
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Invoke a function over HTTP and print its response body.
+    Invoke(client::InvokeArgs),
+    /// Run the scheduler simulator on a trace.
+    Simulate(simulate::SimulateArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FunctionsAction {
+    /// List deployed functions.
+    Ls,
+    /// Show one function: manifest, digest, deploy time, limits.
+    Show { name: String },
+    /// Remove a function.
+    Rm { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ModelsAction {
+    /// Import a model: `default` (SmolLM2-135M-Instruct), a `.gguf` file
+    /// (uploaded), or an OpenVINO IR folder (a path the server can read).
+    Import {
+        source: String,
+        /// Package name (default: `smollm2-135m-instruct` for `default`,
+        /// else derived from the file or folder name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List the models served.
+    Ls,
+    /// Show one model's architecture numbers.
+    Show { name: String },
+    /// Stop serving a model and delete its package.
+    Rm { name: String },
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080", env = "SLINFER_LISTEN")]
+    pub listen: SocketAddr,
+    /// Data directory (deployed functions, compile cache, admin token).
+    #[arg(long, env = "SLINFER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Read the admin token from this file instead of generating one.
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
+    /// Model packages (default: `<data-dir>/models`).
+    #[arg(long, env = "SLINFER_MODELS_DIR")]
+    pub models_dir: Option<PathBuf>,
+    /// The project virtualenv (`openvino` wheel; model import).
+    #[arg(long, env = "SLINFER_VENV")]
+    pub venv: Option<PathBuf>,
+    /// Threads running HTTP and the functions' Wasm (default: one per core).
+    /// The inference engines use every core in lock-stepped threads; fewer
+    /// I/O threads disturb them less (BENCHMARKS.md: 1 on a 2-core host
+    /// raised 8-stream decode throughput by ~3 %), at the cost of
+    /// parallelism for CPU-heavy functions.
+    #[arg(long, env = "SLINFER_IO_THREADS")]
+    pub io_threads: Option<usize>,
+    /// Instances alive at once across all functions.
+    #[arg(long, default_value_t = HostLimits::default().total_instances)]
+    pub max_instances: u32,
+    /// Devices to serve models on: `all` (every one found), `none`, or a
+    /// list such as `cpu,cuda:0`. Naming a device that is not there is an
+    /// error.
+    #[arg(long, env = "SLINFER_DEVICES", default_value = "all")]
+    pub devices: DeviceSelection,
+}
+
+/// Where the server is and how to authenticate to it.
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// The server's base URL.
+    #[arg(
+        long,
+        global = true,
+        default_value = "http://127.0.0.1:8080",
+        env = "SLINFER_URL"
+    )]
+    pub server: String,
+    /// Admin token (default: read from the data dir of a local server).
+    #[arg(
+        long,
+        global = true,
+        env = "SLINFER_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+    /// Data directory of a local server, to find its admin token.
+    #[arg(long, global = true, env = "SLINFER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// The default data directory: `$XDG_DATA_HOME/slinfer` or its platform
+/// equivalent.
+pub fn default_data_dir() -> PathBuf {
+    dirs::data_dir()
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("slinfer")
+}
+
+/// Run a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let rt_with = |threads: Option<usize>| {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if let Some(n) = threads {
+            b.worker_threads(n.max(1));
+        }
+        b.enable_all().build()
+    };
+    let rt = || rt_with(None);
+    match cli.command {
+        Command::Serve(a) => {
+            let data_dir = a.data_dir.unwrap_or_else(default_data_dir);
+            rt_with(a.io_threads)?.block_on(serve(ServeOptions {
+                listen: a.listen,
+                models_dir: a.models_dir.unwrap_or_else(|| data_dir.join("models")),
+                data_dir,
+                admin_token_file: a.admin_token_file,
+                venv: a.venv,
+                devices: a.devices,
+                host: HostLimits {
+                    total_instances: a.max_instances,
+                    ..HostLimits::default()
+                },
+            }))
+        }
+        Command::Deploy { path, client } => rt()?.block_on(client::deploy(&client, &path)),
+        Command::Functions { action, client } => rt()?.block_on(client::functions(&client, action)),
+        Command::Models { action, client } => rt()?.block_on(client::models(&client, action)),
+        Command::Status { client } => rt()?.block_on(client::status(&client)),
+        Command::Invoke(a) => rt()?.block_on(client::invoke(a)),
+        Command::Simulate(a) => simulate::run(a),
+    }
+}

@@ -1,0 +1,215 @@
+//! `slinfer simulate`: replays a trace through a scheduling policy on a
+//! virtual clock with profiled costs. A thin mapping of flags onto
+//! `slinfer_scheduler`; the simulation, sweep, capacity and figures live
+//! there.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use slinfer_scheduler::{Policy, Profile, SimSetup, load_trace, simulate, svg, sweep, trace};
+
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+fn parse_policy(s: &str) -> Result<Policy, String> {
+    Policy::parse(s).ok_or_else(|| {
+        let names: Vec<&str> = Policy::ALL.iter().map(|p| p.name()).collect();
+        format!("unknown policy `{s}` (known: {})", names.join(", "))
+    })
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SimulateArgs {
+    /// Trace in the format of azure-functions-128fn-30min.json.
+    #[arg(
+        long,
+        default_value = "../shared/data/traces/azure-functions-128fn-30min.json"
+    )]
+    pub trace: PathBuf,
+    /// Latency profile in the format of slinfer-artifact-latency-ms.json.
+    #[arg(
+        long,
+        default_value = "../shared/data/profiles/slinfer-artifact-latency-ms.json"
+    )]
+    pub profile: PathBuf,
+    /// Model type every served model has (a key of the profile's `models`).
+    #[arg(long, default_value = "llama-2-7b")]
+    pub model: String,
+    /// Serve the first K functions of each group of 8 (K=2,4,8: 32,64,128 models).
+    #[arg(long, default_value_t = 8)]
+    pub models_per_group: usize,
+    #[arg(long, default_value_t = 4)]
+    pub gpus: usize,
+    #[arg(long, default_value_t = 0)]
+    pub cpus: usize,
+    /// sllm, sllm+c, sllm+c+s, slinfer, or slinfer+p (predictive look-ahead).
+    #[arg(long, default_value = "slinfer", value_parser = parse_policy)]
+    pub policy: Policy,
+    /// Replay only arrivals before this many seconds.
+    #[arg(long)]
+    pub duration_s: Option<f64>,
+    /// Shift each arrival by a uniform offset up to ± this many seconds
+    /// (seeded by --seed), to see how much a result owes to exact timing.
+    #[arg(long, default_value_t = 0.0)]
+    pub jitter_s: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// TTFT SLO: max(input_tokens / this, --ttft-min-s) plus load delay.
+    #[arg(long, default_value_t = 512.0)]
+    pub ttft_tokens_per_s: f64,
+    #[arg(long, default_value_t = 0.5)]
+    pub ttft_min_s: f64,
+    #[arg(long, default_value_t = 0.25)]
+    pub tpot_s: f64,
+    /// Fixed KV look-ahead per request.
+    #[arg(long, default_value_t = 512)]
+    pub lookahead_tokens: u64,
+    #[arg(long, default_value_t = 0.25)]
+    pub kv_watermark: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub keep_alive_gpu_s: f64,
+    /// Weights load bandwidth onto a GPU, GiB/s (cold start = weights / this).
+    #[arg(long, default_value_t = 8.0)]
+    pub gpu_load_gib_per_s: f64,
+    /// Weights load bandwidth onto a CPU node, GiB/s (default: weights stay
+    /// resident, no CPU cold start, as in the paper's artifact).
+    #[arg(long)]
+    pub cpu_load_gib_per_s: Option<f64>,
+    /// Iterations per grant in GPU decode (default: 4 for 3B, 2 for 7B/8B,
+    /// 1 for 13B; prefill and CPU grants are always 1).
+    #[arg(long)]
+    pub gpu_decode_quota: Option<u32>,
+    /// slinfer+p: quantile of a function's past output lengths to reserve KV for.
+    #[arg(long, default_value_t = 0.9)]
+    pub predict_quantile: f64,
+    /// slinfer+p: completions needed before predicting.
+    #[arg(long, default_value_t = 20)]
+    pub predict_min_history: usize,
+    /// Preempted requests keep their KV (swapped to host memory and back)
+    /// instead of recomputing it.
+    #[arg(long)]
+    pub preempt_keeps_kv: bool,
+    /// Run every policy (or --policies) at every K (or --ks).
+    #[arg(long)]
+    pub sweep: bool,
+    /// Policies for --sweep (default: all).
+    #[arg(long, value_delimiter = ',', value_parser = parse_policy)]
+    pub policies: Vec<Policy>,
+    /// Loads for --sweep, as models per group (default: 1..=8).
+    #[arg(long, value_delimiter = ',')]
+    pub ks: Vec<usize>,
+    /// Capacity: most models served with SLO attainment at least this.
+    #[arg(long, default_value_t = 0.9)]
+    pub capacity_threshold: f64,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Write SVG figures into this directory.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+}
+
+pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
+    let mut profile = Profile::load(&args.profile)?;
+    profile.load_bytes_per_s[slinfer_scheduler::DeviceKind::Gpu] =
+        Some(args.gpu_load_gib_per_s * GIB);
+    profile.load_bytes_per_s[slinfer_scheduler::DeviceKind::Cpu] =
+        args.cpu_load_gib_per_s.map(|g| g * GIB);
+    if let Some(q) = args.gpu_decode_quota {
+        for m in &mut profile.models {
+            m.gpu_decode_quota = q.max(1);
+        }
+    }
+    let fns = load_trace(&args.trace)?;
+    let model_type = profile.model_type(&args.model)?;
+    let mut setup = SimSetup::paper(&profile, args.policy, model_type, args.gpus, args.cpus);
+    setup.slo.ttft_tokens_per_s = args.ttft_tokens_per_s;
+    setup.slo.ttft_min_s = args.ttft_min_s;
+    setup.slo.tpot_s = args.tpot_s;
+    let sc = &mut setup.scheduler;
+    sc.lookahead_tokens = args.lookahead_tokens;
+    sc.kv_watermark = args.kv_watermark;
+    sc.keep_alive_s[slinfer_scheduler::DeviceKind::Gpu] = args.keep_alive_gpu_s;
+    sc.predictor.quantile = args.predict_quantile;
+    sc.predictor.min_history = args.predict_min_history;
+    sc.preempt_keeps_kv = args.preempt_keeps_kv;
+    let replay = sweep::Replay {
+        duration_s: args.duration_s.unwrap_or(f64::INFINITY),
+        jitter_s: args.jitter_s,
+        seed: args.seed,
+    };
+
+    let results = if args.sweep {
+        let policies = if args.policies.is_empty() {
+            Policy::ALL.to_vec()
+        } else {
+            args.policies.clone()
+        };
+        let ks = if args.ks.is_empty() {
+            (1..=trace::GROUP_SIZE).collect()
+        } else {
+            args.ks.clone()
+        };
+        let started = Instant::now();
+        let results = sweep::sweep(
+            &profile,
+            &setup,
+            &fns,
+            &policies,
+            &ks,
+            replay,
+            |done, total, s| {
+                eprintln!(
+                    "[{done}/{total}] {} at {} models: {} of {} requests met SLO ({:.1}%), {:.1} s elapsed",
+                    s.policy.name(),
+                    s.models,
+                    s.slo_met,
+                    s.requests,
+                    100.0 * s.slo_attainment,
+                    started.elapsed().as_secs_f64()
+                );
+            },
+        )?;
+        let report = sweep::report(&results, args.capacity_threshold);
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            print!("{}", sweep::render_table(&report.runs));
+            println!(
+                "capacity (models at SLO attainment >= {}):",
+                report.capacity_threshold
+            );
+            for (policy, models) in &report.capacity {
+                println!("  {policy:<10} {models}");
+            }
+        }
+        results
+    } else {
+        let reqs = replay.requests(&fns, args.models_per_group)?;
+        let started = Instant::now();
+        let result = simulate(
+            &profile,
+            &setup,
+            &reqs,
+            trace::models_at(&fns, args.models_per_group),
+        );
+        eprintln!("simulated in {:.2} s", started.elapsed().as_secs_f64());
+        if args.json {
+            println!("{}", serde_json::to_string(&result.summary)?);
+        } else {
+            print!(
+                "{}",
+                sweep::render_table(std::slice::from_ref(&result.summary))
+            );
+        }
+        vec![result]
+    };
+    if let Some(dir) = &args.svg {
+        let files = svg::write_figures(dir, &results)
+            .with_context(|| format!("writing figures to {}", dir.display()))?;
+        for f in files {
+            eprintln!("wrote {}", f.display());
+        }
+    }
+    Ok(())
+}

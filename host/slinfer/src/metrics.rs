@@ -1,0 +1,149 @@
+//! Prometheus metrics, served as text at `GET /metrics`.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FunctionLabel {
+    pub function: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub function: String,
+    pub kind: String,
+}
+
+/// Every metric the host exports.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    pub invocations: Family<FunctionLabel, Counter>,
+    pub errors: Family<ErrorLabels, Counter>,
+    pub duration: Family<FunctionLabel, Histogram>,
+    pub instances: Family<FunctionLabel, Gauge>,
+    pub queued: Family<FunctionLabel, Gauge>,
+    pub functions: Gauge,
+    pub compiles: Counter,
+    pub cache_hits: Counter,
+    pub llm: std::sync::Arc<slinfer_inference::LlmMetrics>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("slinfer");
+        let invocations = Family::<FunctionLabel, Counter>::default();
+        let errors = Family::<ErrorLabels, Counter>::default();
+        let duration = Family::<FunctionLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ])
+        });
+        let instances = Family::<FunctionLabel, Gauge>::default();
+        let queued = Family::<FunctionLabel, Gauge>::default();
+        let functions = Gauge::default();
+        let compiles = Counter::default();
+        let cache_hits = Counter::default();
+        registry.register(
+            "invocations",
+            "Invocations finished, per function",
+            invocations.clone(),
+        );
+        registry.register(
+            "invocation_errors",
+            "Failed invocations, per function and kind of error",
+            errors.clone(),
+        );
+        registry.register(
+            "invocation_duration_seconds",
+            "Invocation latency, from arrival to the end of the response body",
+            duration.clone(),
+        );
+        registry.register(
+            "instances",
+            "Instances running now, per function",
+            instances.clone(),
+        );
+        registry.register(
+            "queued_requests",
+            "Requests waiting for a free instance, per function",
+            queued.clone(),
+        );
+        registry.register(
+            "functions_deployed",
+            "Functions deployed",
+            functions.clone(),
+        );
+        registry.register(
+            "component_compiles",
+            "Components compiled to machine code",
+            compiles.clone(),
+        );
+        registry.register(
+            "component_cache_hits",
+            "Components loaded from the compile cache",
+            cache_hits.clone(),
+        );
+        let llm = std::sync::Arc::new(slinfer_inference::LlmMetrics::default());
+        llm.register(&mut registry);
+        Metrics {
+            registry: Mutex::new(registry),
+            invocations,
+            errors,
+            duration,
+            instances,
+            queued,
+            functions,
+            compiles,
+            cache_hits,
+            llm,
+        }
+    }
+
+    /// Record a finished invocation.
+    pub fn record(&self, function: &str, seconds: f64, error: Option<&str>) {
+        let label = FunctionLabel {
+            function: function.to_owned(),
+        };
+        self.invocations.get_or_create(&label).inc();
+        self.duration.get_or_create(&label).observe(seconds);
+        if let Some(kind) = error {
+            self.errors
+                .get_or_create(&ErrorLabels {
+                    function: function.to_owned(),
+                    kind: kind.to_owned(),
+                })
+                .inc();
+        }
+    }
+
+    /// Forget a removed function's per-function series.
+    pub fn forget(&self, function: &str) {
+        let label = FunctionLabel {
+            function: function.to_owned(),
+        };
+        self.instances.remove(&label);
+        self.queued.remove(&label);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().expect("metrics registry lock");
+        prometheus_client::encoding::text::encode(&mut out, &registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
