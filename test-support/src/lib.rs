@@ -1,8 +1,11 @@
 //! What slinfer's test suites share: where the repository, the project
-//! virtualenv and the imported models are, and OpenVINO's reference answers
-//! ([`reference`]). A dev-dependency only; it never enters a shipped binary.
+//! virtualenv and the imported models are, OpenVINO's reference answers
+//! ([`reference`]), and tiny real model packages for the pure-Rust
+//! reference engine ([`tiny`]). A dev-dependency only; it never enters a
+//! shipped binary.
 
 pub mod reference;
+pub mod tiny;
 
 use std::path::PathBuf;
 

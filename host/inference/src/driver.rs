@@ -88,6 +88,8 @@ struct Driver {
     me: Sender<Msg>,
     stats: Arc<SharedStats>,
     metrics: Arc<LlmMetrics>,
+    /// What the requests dropped by the last device failure are told.
+    failure: String,
 }
 
 /// Starts the driver thread; returns its inbox and its handle (send
@@ -128,6 +130,7 @@ pub(crate) fn spawn(
         me: tx.clone(),
         stats,
         metrics,
+        failure: String::new(),
     };
     let handle = std::thread::Builder::new()
         .name("slinfer-inference-driver".into())
@@ -240,6 +243,7 @@ impl Driver {
                     return;
                 }
                 tracing::error!(device = %self.devices[node].name, "the device failed and leaves placement: {error}");
+                self.failure = format!("device {} failed: {error}", self.devices[node].name);
                 self.stats.set_failed(node, error);
                 // Their instances go with the device.
                 self.runners.retain(|_, r| r.node != node);
@@ -352,7 +356,7 @@ impl Driver {
                         retry_after_s: RETRY_AFTER_S,
                     }),
                     DropReason::DeviceFailed => Some(InferenceError::Unavailable {
-                        message: "the device serving the request failed".into(),
+                        message: self.failure.clone(),
                         retry_after_s: RETRY_AFTER_S,
                     }),
                     DropReason::Cancelled => None,

@@ -142,16 +142,22 @@ impl InstanceRunner {
         fault
     }
 
-    /// The error a request on this instance gets for `e`.
-    fn request_error(&self, e: &EngineError) -> InferenceError {
-        if self.report(e) {
+    /// Ends the generations of a failed step with the error `e` means for
+    /// them, then tells the driver if the device failed (after, so that they
+    /// end with this step's error rather than the driver's notice).
+    fn step_failed(&self, members: &[&Shared], e: &EngineError) {
+        let err = if device_fault(e) {
             InferenceError::Unavailable {
                 message: format!("device {} failed: {e}", self.device.name),
                 retry_after_s: RETRY_AFTER_S,
             }
         } else {
             InferenceError::Engine(e.to_string())
+        };
+        for g in members {
+            lock(g).end(End::Failed(err.clone()));
         }
+        self.report(e);
     }
 
     fn job(&mut self, job: Job) {
@@ -359,12 +365,7 @@ impl InstanceRunner {
                     produced.insert(g.id, 1);
                 }
             }
-            Err(e) => {
-                let err = self.request_error(&e);
-                for g in members {
-                    lock(g).end(End::Failed(err.clone()));
-                }
-            }
+            Err(e) => self.step_failed(&members, &e),
         }
     }
 
@@ -408,10 +409,7 @@ impl InstanceRunner {
                 true
             }
             Err(e) => {
-                let err = self.request_error(&e);
-                for g in members {
-                    lock(g).end(End::Failed(err.clone()));
-                }
+                self.step_failed(&members, &e);
                 false
             }
         }

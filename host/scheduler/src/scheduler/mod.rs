@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use serde::Serialize;
 
-use crate::model::{CostModel, DeviceKind, ModelSpec, ModelTypeId, NodeSpec, PerKind};
-use crate::predict::{OutputPredictor, PredictorConfig};
+use crate::model::{CostModel, DeviceKind, ModelSpec, ModelTypeId, NodeSpec};
+use crate::predict::OutputPredictor;
 
 mod admission;
 mod arbiter;
@@ -19,8 +19,12 @@ mod placement;
 mod snapshot;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_faults;
+mod types;
 
 pub use snapshot::{InstanceSnapshot, NodeSnapshot, Snapshot};
+pub use types::{ActionOp, Command, DropReason, Policy, Request, RequestOutcome, SchedulerConfig};
 
 pub type RequestId = u64;
 pub type InstanceId = u64;
@@ -28,205 +32,6 @@ pub type ActionId = u64;
 pub type NodeId = usize;
 /// One served model (the paper serves one distinct model per function).
 pub type ModelId = u32;
-
-/// What the scheduler is told about a request on arrival.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Request {
-    pub id: RequestId,
-    pub model: ModelId,
-    pub model_type: ModelTypeId,
-    pub function: u32,
-    pub input_tokens: u64,
-    /// The evaluation's SLOs; the scheduler plans against a margin of them.
-    pub ttft_slo_s: f64,
-    pub tpot_slo_s: f64,
-    pub arrival_s: f64,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub enum Policy {
-    #[serde(rename = "sllm")]
-    Sllm,
-    #[serde(rename = "sllm+c")]
-    SllmC,
-    #[serde(rename = "sllm+c+s")]
-    SllmCS,
-    #[serde(rename = "slinfer")]
-    Slinfer,
-    /// `slinfer` with the predictive look-ahead (beyond the paper).
-    #[serde(rename = "slinfer+p")]
-    SlinferPredictive,
-}
-
-impl Policy {
-    pub const ALL: [Policy; 5] = [
-        Policy::Sllm,
-        Policy::SllmC,
-        Policy::SllmCS,
-        Policy::Slinfer,
-        Policy::SlinferPredictive,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Policy::Sllm => "sllm",
-            Policy::SllmC => "sllm+c",
-            Policy::SllmCS => "sllm+c+s",
-            Policy::Slinfer => "slinfer",
-            Policy::SlinferPredictive => "slinfer+p",
-        }
-    }
-
-    pub fn parse(name: &str) -> Option<Policy> {
-        Policy::ALL.into_iter().find(|p| p.name() == name)
-    }
-
-    fn is_sllm(self) -> bool {
-        matches!(self, Policy::Sllm | Policy::SllmC | Policy::SllmCS)
-    }
-
-    fn uses_cpu(self) -> bool {
-        self != Policy::Sllm
-    }
-
-    /// Instances one device may hold under the `sllm` baselines.
-    fn sllm_shares(self) -> u32 {
-        if self == Policy::SllmCS { 2 } else { 1 }
-    }
-}
-
-/// Every tunable of the policy, defaulting to the paper's published settings.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SchedulerConfig {
-    pub policy: Policy,
-    pub lookahead_tokens: u64,
-    pub min_instance_tokens: u64,
-    pub kv_watermark: f64,
-    pub retry_interval_s: f64,
-    /// Idle time before an instance is unloaded.
-    pub keep_alive_s: PerKind<f64>,
-    /// The scheduler plans against `margin ×` the evaluation SLOs.
-    pub slo_margin: f64,
-    pub ttft_cap_s: f64,
-    /// Estimates are profile × safety factor.
-    pub safety: PerKind<f64>,
-    pub instance_overhead_bytes: u64,
-    pub predictor: PredictorConfig,
-    /// Preempted requests keep their KV (swapped to host memory and back)
-    /// instead of recomputing it. Beyond the paper; off by default.
-    pub preempt_keeps_kv: bool,
-    /// CPU instances scale their KV pool like GPU ones instead of keeping
-    /// `ModelSpec::cpu_kv_bytes` (the paper's artifact keeps it fixed; the
-    /// live host's CPU engine owns resizable block tensors). Off by default.
-    pub cpu_kv_scales: bool,
-}
-
-impl SchedulerConfig {
-    pub fn paper(policy: Policy) -> Self {
-        SchedulerConfig {
-            policy,
-            lookahead_tokens: 512,
-            min_instance_tokens: 4096,
-            kv_watermark: 0.25,
-            retry_interval_s: 0.25,
-            keep_alive_s: PerKind::new(0.0, 1.0),
-            slo_margin: 0.95,
-            ttft_cap_s: 8.0,
-            safety: PerKind::new(1.1, 1.05),
-            instance_overhead_bytes: 1536 * 1024 * 1024,
-            predictor: PredictorConfig::default(),
-            preempt_keeps_kv: false,
-            cpu_kv_scales: false,
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DropReason {
-    /// Never placed before its first-token deadline passed.
-    DeadlinePassedWaiting,
-    /// Evicted by a preemption and not re-placed before its next-token deadline.
-    DeadlinePassedAfterPreemption,
-    Cancelled,
-    /// No node this policy may use can ever host it.
-    Unservable,
-    /// The device it was placed on failed (`fail_node`).
-    DeviceFailed,
-}
-
-impl DropReason {
-    pub fn name(self) -> &'static str {
-        match self {
-            DropReason::DeadlinePassedWaiting => "deadline_passed_waiting",
-            DropReason::DeadlinePassedAfterPreemption => "deadline_passed_after_preemption",
-            DropReason::Cancelled => "cancelled",
-            DropReason::Unservable => "unservable",
-            DropReason::DeviceFailed => "device_failed",
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub enum ActionOp {
-    /// Bring weights in and allocate the KV pool.
-    Load { weights_bytes: u64, kv_bytes: u64 },
-    /// Set the KV pool to `kv_bytes` (grow or shrink).
-    ResizeKv { kv_bytes: u64 },
-    /// Free weights and KV.
-    Unload,
-}
-
-/// What the driver must do. Actions and runs end with `action_done` and
-/// `iteration_done`; the rest are notices.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Command {
-    Action {
-        node: NodeId,
-        action: ActionId,
-        instance: InstanceId,
-        model: ModelId,
-        model_type: ModelTypeId,
-        op: ActionOp,
-    },
-    /// Run up to `iterations` iterations of the instance's batch: one
-    /// prefill iteration over `prefill` (tokens to (re)compute) and
-    /// `restore` (tokens of KV to bring back from host memory), each
-    /// yielding its next token; or decode iterations over `decode`
-    /// (current context).
-    Run {
-        node: NodeId,
-        instance: InstanceId,
-        model_type: ModelTypeId,
-        iterations: u32,
-        prefill: Vec<(RequestId, u64)>,
-        restore: Vec<(RequestId, u64)>,
-        decode: Vec<(RequestId, u64)>,
-    },
-    /// The instance gave these requests up; they will be re-placed, their KV
-    /// recomputed (or, with `preempt_keeps_kv`, swapped out to host memory
-    /// and restored).
-    Preempt {
-        instance: InstanceId,
-        requests: Vec<RequestId>,
-    },
-    Completed {
-        request: RequestId,
-        load_delay_s: f64,
-    },
-    Dropped {
-        request: RequestId,
-        reason: DropReason,
-    },
-}
-
-/// Per-request result of a `Run`, reported by the driver.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct RequestOutcome {
-    pub request: RequestId,
-    pub tokens: u64,
-    pub finished: bool,
-}
 
 #[derive(Clone, Debug)]
 struct ReqState {

@@ -1,7 +1,8 @@
 use super::*;
+use crate::model::PerKind;
 
 /// Simple costs, so each test controls exactly which check binds.
-struct Flat {
+pub(super) struct Flat {
     prefill_s: f64,
     decode_s: f64,
     decode_per_request_s: f64,
@@ -28,14 +29,14 @@ impl CostModel for Flat {
     }
 }
 
-const WEIGHTS: u64 = 1000;
-const FAST: Flat = Flat {
+pub(super) const WEIGHTS: u64 = 1000;
+pub(super) const FAST: Flat = Flat {
     prefill_s: 0.01,
     decode_s: 0.01,
     decode_per_request_s: 0.0,
 };
 
-fn spec() -> ModelSpec {
+pub(super) fn spec() -> ModelSpec {
     ModelSpec {
         name: "m".into(),
         weights_bytes: PerKind::splat(WEIGHTS),
@@ -49,7 +50,7 @@ fn spec() -> ModelSpec {
     }
 }
 
-fn sched(policy: Policy, nodes: &[(DeviceKind, u64)], cost: Flat) -> Scheduler<Flat> {
+pub(super) fn sched(policy: Policy, nodes: &[(DeviceKind, u64)], cost: Flat) -> Scheduler<Flat> {
     let mut cfg = SchedulerConfig::paper(policy);
     cfg.instance_overhead_bytes = 0;
     cfg.min_instance_tokens = 64;
@@ -64,7 +65,7 @@ fn sched(policy: Policy, nodes: &[(DeviceKind, u64)], cost: Flat) -> Scheduler<F
     Scheduler::new(cfg, vec![spec()], nodes, cost)
 }
 
-fn req(id: RequestId, model: ModelId, input_tokens: u64, ttft_slo_s: f64) -> Request {
+pub(super) fn req(id: RequestId, model: ModelId, input_tokens: u64, ttft_slo_s: f64) -> Request {
     Request {
         id,
         model,
@@ -78,7 +79,7 @@ fn req(id: RequestId, model: ModelId, input_tokens: u64, ttft_slo_s: f64) -> Req
 }
 
 /// Completes every action the scheduler starts, returning all commands.
-fn settle<C: CostModel>(s: &mut Scheduler<C>, now: f64) -> Vec<Command> {
+pub(super) fn settle<C: CostModel>(s: &mut Scheduler<C>, now: f64) -> Vec<Command> {
     let mut seen = Vec::new();
     loop {
         let cmds = s.drain_commands();
@@ -94,11 +95,11 @@ fn settle<C: CostModel>(s: &mut Scheduler<C>, now: f64) -> Vec<Command> {
     }
 }
 
-fn load_nodes(cmds: &[Command]) -> Vec<NodeId> {
+pub(super) fn load_nodes(cmds: &[Command]) -> Vec<NodeId> {
     loads(cmds).into_iter().map(|l| l.0).collect()
 }
 
-fn loads(cmds: &[Command]) -> Vec<(NodeId, InstanceId)> {
+pub(super) fn loads(cmds: &[Command]) -> Vec<(NodeId, InstanceId)> {
     cmds.iter()
         .filter_map(|c| match c {
             Command::Action {
@@ -112,7 +113,7 @@ fn loads(cmds: &[Command]) -> Vec<(NodeId, InstanceId)> {
         .collect()
 }
 
-fn runs(cmds: &[Command]) -> Vec<InstanceId> {
+pub(super) fn runs(cmds: &[Command]) -> Vec<InstanceId> {
     cmds.iter()
         .filter_map(|c| match c {
             Command::Run { instance, .. } => Some(*instance),
@@ -122,7 +123,7 @@ fn runs(cmds: &[Command]) -> Vec<InstanceId> {
 }
 
 #[test]
-fn arbiter_grants_the_least_headroom_first() {
+pub(super) fn arbiter_grants_the_least_headroom_first() {
     let mut s = sched(Policy::Slinfer, &[(DeviceKind::Gpu, 1 << 20)], FAST);
     s.submit(req(1, 1, 100, 2.0), 0.0);
     s.submit(req(2, 2, 100, 0.6), 0.0);
@@ -138,7 +139,7 @@ fn arbiter_grants_the_least_headroom_first() {
 }
 
 #[test]
-fn memory_check_keeps_a_request_waiting_then_drops_it_at_its_deadline() {
+pub(super) fn memory_check_keeps_a_request_waiting_then_drops_it_at_its_deadline() {
     // Room for one instance with its 4-block floor, not two.
     let mut s = sched(
         Policy::Slinfer,
@@ -168,7 +169,7 @@ fn memory_check_keeps_a_request_waiting_then_drops_it_at_its_deadline() {
 }
 
 #[test]
-fn decode_check_spreads_instances_whose_slices_exceed_the_device() {
+pub(super) fn decode_check_spreads_instances_whose_slices_exceed_the_device() {
     // Each instance alone takes 0.15 / (0.25 × 0.95) ≈ 63% of the device.
     let slow = Flat {
         decode_s: 0.15,
@@ -186,7 +187,7 @@ fn decode_check_spreads_instances_whose_slices_exceed_the_device() {
 }
 
 #[test]
-fn prefill_check_spreads_prefills_that_would_miss_their_deadlines() {
+pub(super) fn prefill_check_spreads_prefills_that_would_miss_their_deadlines() {
     // One prefill (0.5 × 1.05) fits the 0.95 s plan; two in a row do not.
     let slow = Flat {
         prefill_s: 0.5,
@@ -209,7 +210,7 @@ fn prefill_check_spreads_prefills_that_would_miss_their_deadlines() {
 
 /// Two GPUs then a CPU; requests 1..=`models` each for its own model,
 /// all at once. The nodes their instances load on, in load order.
-fn load_nodes_for_distinct_models(policy: Policy, models: ModelId) -> Vec<NodeId> {
+pub(super) fn load_nodes_for_distinct_models(policy: Policy, models: ModelId) -> Vec<NodeId> {
     let mut s = sched(
         policy,
         &[
@@ -226,7 +227,7 @@ fn load_nodes_for_distinct_models(policy: Policy, models: ModelId) -> Vec<NodeId
 }
 
 #[test]
-fn placement_prefers_cpu_then_the_busiest_node_and_empty_nodes_last() {
+pub(super) fn placement_prefers_cpu_then_the_busiest_node_and_empty_nodes_last() {
     // Two CPU slots first, then packing onto one GPU.
     assert_eq!(
         load_nodes_for_distinct_models(Policy::Slinfer, 4),
@@ -237,7 +238,7 @@ fn placement_prefers_cpu_then_the_busiest_node_and_empty_nodes_last() {
 }
 
 #[test]
-fn existing_instances_are_tried_largest_batch_first() {
+pub(super) fn existing_instances_are_tried_largest_batch_first() {
     let mut s = sched(Policy::Slinfer, &[(DeviceKind::Gpu, 1 << 20)], FAST);
     s.submit(req(1, 1, 100, 1.0), 0.0);
     settle(&mut s, 0.0);
@@ -251,7 +252,7 @@ fn existing_instances_are_tried_largest_batch_first() {
 }
 
 /// Capacity for two instances and 40 blocks of KV between them.
-fn two_model_node() -> Scheduler<Flat> {
+pub(super) fn two_model_node() -> Scheduler<Flat> {
     let mut s = sched(
         Policy::Slinfer,
         &[(DeviceKind::Gpu, 2 * WEIGHTS + 40 * 16)],
@@ -270,7 +271,7 @@ fn two_model_node() -> Scheduler<Flat> {
 
 /// Request 5 (model 1) goes to instance `a` by preempting request 2
 /// (model 2) from its neighbour `b`.
-fn submit_5_preempts_2(s: &mut Scheduler<Flat>, a: InstanceId, b: InstanceId) {
+pub(super) fn submit_5_preempts_2(s: &mut Scheduler<Flat>, a: InstanceId, b: InstanceId) {
     s.submit(req(5, 1, 100, 1.0), 0.0);
     let cmds = s.drain_commands();
     assert!(cmds.contains(&Command::Preempt {
@@ -281,7 +282,7 @@ fn submit_5_preempts_2(s: &mut Scheduler<Flat>, a: InstanceId, b: InstanceId) {
 }
 
 #[test]
-fn gpu_preemption_evicts_a_smaller_neighbour_when_only_memory_fails() {
+pub(super) fn gpu_preemption_evicts_a_smaller_neighbour_when_only_memory_fails() {
     let mut s = two_model_node();
     let a = s.by_model[&1][0];
     let b = s.by_model[&2][0];
@@ -292,7 +293,7 @@ fn gpu_preemption_evicts_a_smaller_neighbour_when_only_memory_fails() {
 }
 
 #[test]
-fn preemption_can_keep_kv_so_the_request_is_restored_not_recomputed() {
+pub(super) fn preemption_can_keep_kv_so_the_request_is_restored_not_recomputed() {
     let mut s = two_model_node();
     s.cfg.preempt_keeps_kv = true;
     // As if model 2's request had run its prefill.
@@ -320,7 +321,7 @@ fn preemption_can_keep_kv_so_the_request_is_restored_not_recomputed() {
 }
 
 #[test]
-fn cpu_preemption_evicts_a_smaller_neighbour_when_only_decode_fails() {
+pub(super) fn cpu_preemption_evicts_a_smaller_neighbour_when_only_decode_fails() {
     // Slice of one instance: (0.02 + 0.04 × batch) × 1.1 / 0.2375.
     let cost = Flat {
         decode_s: 0.02,
@@ -342,7 +343,7 @@ fn cpu_preemption_evicts_a_smaller_neighbour_when_only_decode_fails() {
 }
 
 #[test]
-fn shared_sllm_instances_are_throttled_to_their_share_of_device_time() {
+pub(super) fn shared_sllm_instances_are_throttled_to_their_share_of_device_time() {
     let mut s = sched(Policy::SllmCS, &[(DeviceKind::Gpu, 1 << 20)], FAST);
     s.submit(req(1, 1, 100, 1.0), 0.0);
     let cmds = settle(&mut s, 0.0);
@@ -361,7 +362,7 @@ fn shared_sllm_instances_are_throttled_to_their_share_of_device_time() {
 }
 
 #[test]
-fn snapshot_shows_instances_kv_and_queues() {
+pub(super) fn snapshot_shows_instances_kv_and_queues() {
     // Room for one request of 300 tokens, not two.
     let mut s = sched(
         Policy::Slinfer,
@@ -391,7 +392,7 @@ fn snapshot_shows_instances_kv_and_queues() {
 }
 
 #[test]
-fn retired_models_unload_when_idle_and_new_types_can_be_added() {
+pub(super) fn retired_models_unload_when_idle_and_new_types_can_be_added() {
     let mut s = sched(Policy::Slinfer, &[(DeviceKind::Cpu, 1 << 20)], FAST);
     s.cfg.keep_alive_s = PerKind::splat(300.0);
     let t = s.add_model_type(spec());
@@ -419,7 +420,7 @@ fn retired_models_unload_when_idle_and_new_types_can_be_added() {
 }
 
 #[test]
-fn cpu_kv_is_fixed_unless_cpu_kv_scales() {
+pub(super) fn cpu_kv_is_fixed_unless_cpu_kv_scales() {
     let fixed_blocks = spec().cpu_kv_bytes / 32;
     for scales in [false, true] {
         let mut s = sched(Policy::Slinfer, &[(DeviceKind::Cpu, 1 << 20)], FAST);
@@ -446,7 +447,7 @@ fn cpu_kv_is_fixed_unless_cpu_kv_scales() {
 }
 
 #[test]
-fn kv_scaling_grows_to_target_and_shrinks_only_past_the_watermark() {
+pub(super) fn kv_scaling_grows_to_target_and_shrinks_only_past_the_watermark() {
     let mut s = sched(Policy::Slinfer, &[(DeviceKind::Gpu, 1 << 20)], FAST);
     s.submit(req(1, 1, 300, 1.0), 0.0);
     let i = s.by_model[&1][0];
@@ -483,7 +484,7 @@ fn kv_scaling_grows_to_target_and_shrinks_only_past_the_watermark() {
 }
 
 #[test]
-fn grows_wait_for_committed_memory_and_shrinks_always_start() {
+pub(super) fn grows_wait_for_committed_memory_and_shrinks_always_start() {
     let cap = 2 * WEIGHTS + 10 * 16;
     let mut s = sched(Policy::Slinfer, &[(DeviceKind::Gpu, cap)], FAST);
     let a = s.create_instance(0, 1, ModelTypeId(0), 0.0);
@@ -523,7 +524,7 @@ fn grows_wait_for_committed_memory_and_shrinks_always_start() {
 }
 
 #[test]
-fn a_request_outgrowing_the_node_is_evicted_and_its_empty_instance_retires() {
+pub(super) fn a_request_outgrowing_the_node_is_evicted_and_its_empty_instance_retires() {
     let mut s = sched(
         Policy::Slinfer,
         &[(DeviceKind::Gpu, WEIGHTS + 10 * 16)],
@@ -564,7 +565,7 @@ fn a_request_outgrowing_the_node_is_evicted_and_its_empty_instance_retires() {
 }
 
 #[test]
-fn cancel_ends_a_request_once_and_frees_its_instance() {
+pub(super) fn cancel_ends_a_request_once_and_frees_its_instance() {
     let mut s = sched(Policy::Slinfer, &[(DeviceKind::Gpu, 1 << 20)], FAST);
     s.submit(req(1, 1, 100, 1.0), 0.0);
     settle(&mut s, 0.0);

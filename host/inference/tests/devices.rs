@@ -1,0 +1,653 @@
+//! The live inference path on two or more devices, on the pure-Rust
+//! reference engine and tiny real models (`slinfer_test_support::tiny`):
+//! placement (CPU first, the GPU when the CPU is full), KV pools that grow
+//! and shrink, preemption with recomputation, cancellation, a device that
+//! fails at run time, and shutdown. No virtualenv and no native library:
+//! these run in seconds anywhere.
+//!
+//! The reference engine computes each row of a batch with the same loops, so
+//! an answer does not depend on the batch it ran in: every answer here must
+//! equal the model's own greedy decode, token for token.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use slinfer_engine::package::ModelPackage;
+use slinfer_engine::reference::ReferenceBackend;
+use slinfer_engine::sampler::argmax;
+use slinfer_engine::{
+    Backend, DeviceInfo, DeviceKind, EngineError, Footprint, LlmInstance, LoadOptions,
+    MemoryReport, ModelConfig, ModelSource, SeqId, StepEntry,
+};
+use slinfer_inference::{
+    DeviceLabels, FinishReason, GenerateRequest, GenerationParams, INSTANCE_OVERHEAD_BYTES,
+    Inference, InferenceConfig, InferenceError, LlmMetrics, OutcomeLabels, Prompt, Usage,
+};
+use slinfer_test_support::tiny;
+
+const MIB: u64 = 1 << 20;
+
+/// A folder of tiny model packages, one per `(name, seed)`.
+fn models(list: &[(&str, u64)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, seed) in list {
+        tiny::write_package(dir.path(), name, *seed);
+    }
+    dir
+}
+
+fn device(
+    name: &str,
+    kind: DeviceKind,
+    backend: Arc<dyn Backend>,
+    bytes: u64,
+) -> slinfer_inference::Device {
+    slinfer_inference::Device {
+        name: name.into(),
+        kind,
+        backend,
+        index: 0,
+        capacity_bytes: bytes,
+    }
+}
+
+fn reference(kind: DeviceKind, bytes: u64) -> Arc<dyn Backend> {
+    Arc::new(ReferenceBackend::with_devices(kind, &[bytes]))
+}
+
+fn start(dir: &Path, devices: Vec<slinfer_inference::Device>) -> (Arc<Inference>, Arc<LlmMetrics>) {
+    let metrics = Arc::new(LlmMetrics::default());
+    let inf = Inference::start(
+        dir,
+        InferenceConfig {
+            devices,
+            metrics: Some(metrics.clone()),
+        },
+    )
+    .unwrap();
+    (inf, metrics)
+}
+
+fn request(model: &str, prompt: &str, max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        function: "test".into(),
+        model: model.into(),
+        prompt: Prompt::Text(prompt.into()),
+        params: GenerationParams {
+            max_tokens: Some(max_tokens),
+            ..Default::default()
+        },
+        ttft_slo_s: 0.0,
+        tpot_slo_s: 0.0,
+    }
+}
+
+async fn collect(inf: &Inference, req: GenerateRequest) -> Result<(String, Usage), InferenceError> {
+    let mut s = inf.generate(req).await?;
+    let mut text = String::new();
+    while let Some(chunk) = s.next().await {
+        text.push_str(&chunk?);
+    }
+    Ok((text, s.usage()))
+}
+
+/// The model's greedy answer, decoded directly on the reference engine one
+/// token at a time.
+fn greedy(dir: &Path, model: &str, prompt: &str, n: usize) -> String {
+    let pkg = dir.join(model);
+    let tok = tokenizers::Tokenizer::from_file(pkg.join("tokenizer.json")).unwrap();
+    let ids = tok.encode(prompt, true).unwrap().get_ids().to_vec();
+    let mut inst = ReferenceBackend::default()
+        .load(&ModelSource::Package(pkg), 0, &LoadOptions::default())
+        .unwrap();
+    inst.add_sequence(1).unwrap();
+    let mut out = Vec::new();
+    let mut next = ids;
+    while out.len() < n {
+        let logits = inst
+            .step(&[StepEntry {
+                seq: 1,
+                tokens: next,
+            }])
+            .unwrap();
+        let t = argmax(&logits[0]);
+        assert_ne!(t, tiny::EOS, "tiny models never choose EOS");
+        out.push(t);
+        next = vec![t];
+    }
+    tok.decode(&out, false).unwrap()
+}
+
+/// Waits until nothing is live and no KV block is in use.
+async fn quiet(inf: &Inference) {
+    for _ in 0..400 {
+        let s = inf.stats();
+        if s.live_requests == 0 && s.instances.iter().all(|i| i.kv_blocks_in_use == 0) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("requests or KV blocks still live: {:?}", inf.stats());
+}
+
+/// The devices the model's instances are on.
+fn placed(inf: &Inference, model: &str) -> Vec<String> {
+    inf.status()
+        .models
+        .iter()
+        .filter(|m| m.info.name == model)
+        .flat_map(|m| m.instances.iter().map(|i| i.device.clone()))
+        .collect()
+}
+
+fn outcomes(metrics: &LlmMetrics, model: &str, outcome: &str) -> u64 {
+    metrics
+        .requests
+        .get_or_create(&OutcomeLabels {
+            model: model.into(),
+            outcome: outcome.into(),
+        })
+        .get()
+}
+
+#[tokio::test]
+async fn models_go_to_the_cpu_first_then_the_gpu_and_answer_exactly() {
+    let dir = models(&[("tiny-a", 1), ("tiny-b", 2)]);
+    // Room on the CPU for one instance, not two.
+    let (inf, metrics) = start(
+        dir.path(),
+        vec![
+            device(
+                "cpu:0",
+                DeviceKind::Cpu,
+                reference(DeviceKind::Cpu, 0),
+                INSTANCE_OVERHEAD_BYTES + 8 * MIB,
+            ),
+            device(
+                "gpu:0",
+                DeviceKind::Gpu,
+                reference(DeviceKind::Gpu, 0),
+                4 << 30,
+            ),
+        ],
+    );
+    assert_eq!(inf.models(), ["tiny-a", "tiny-b"]);
+    let info = &inf.model_infos()[0];
+    assert_eq!(
+        info.footprints["gpu"],
+        Footprint::of_config(&tiny::config(), 4, 4),
+        "the reference engine's f32 footprint, per kind"
+    );
+    let (a, usage) = collect(&inf, request("tiny-a", "Hello", 40)).await.unwrap();
+    assert_eq!(a, greedy(dir.path(), "tiny-a", "Hello", 40));
+    assert_eq!(
+        (usage.generated_tokens, usage.finish_reason),
+        (40, FinishReason::Length)
+    );
+    assert_eq!(placed(&inf, "tiny-a"), ["cpu:0"]);
+    // tiny-a stays loaded (keep-alive): tiny-b does not fit beside it.
+    let (b, _) = collect(&inf, request("tiny-b", "World", 40)).await.unwrap();
+    assert_eq!(b, greedy(dir.path(), "tiny-b", "World", 40));
+    assert_eq!(placed(&inf, "tiny-b"), ["gpu:0"]);
+    // Four at once on each device, batched: each answer is still exact.
+    let prompts = ["one", "two two", "three three three", "four"];
+    let runs = prompts.iter().flat_map(|p| {
+        ["tiny-a", "tiny-b"].map(|m| {
+            let inf = inf.clone();
+            async move { (m, *p, collect(&inf, request(m, p, 24)).await) }
+        })
+    });
+    for (m, p, out) in futures::future::join_all(runs).await {
+        assert_eq!(out.unwrap().0, greedy(dir.path(), m, p, 24), "{m} {p:?}");
+    }
+    quiet(&inf).await;
+    let status = inf.status();
+    let names: Vec<(&str, &str)> = status
+        .devices
+        .iter()
+        .map(|d| (d.name.as_str(), d.backend.as_str()))
+        .collect();
+    assert_eq!(names, [("cpu:0", "reference"), ("gpu:0", "reference")]);
+    assert!(status.devices.iter().all(|d| d.failed.is_none()));
+    assert_eq!(outcomes(&metrics, "tiny-a", "finished"), 5);
+    let cold = |model: &str, device: &str| {
+        metrics
+            .cold_starts
+            .get_or_create(&DeviceLabels {
+                model: model.into(),
+                device: device.into(),
+            })
+            .get()
+    };
+    assert_eq!((cold("tiny-a", "cpu:0"), cold("tiny-b", "gpu:0")), (1, 1));
+}
+
+#[tokio::test]
+async fn kv_pools_grow_with_load_and_shrink_after() {
+    let dir = models(&[("tiny", 3)]);
+    let (inf, _) = start(
+        dir.path(),
+        vec![device(
+            "cpu:0",
+            DeviceKind::Cpu,
+            reference(DeviceKind::Cpu, 0),
+            1 << 30,
+        )],
+    );
+    let capacity = |inf: &Inference| -> usize {
+        inf.stats()
+            .instances
+            .iter()
+            .map(|i| i.kv_blocks_capacity)
+            .sum()
+    };
+    collect(&inf, request("tiny", "warm", 2)).await.unwrap();
+    quiet(&inf).await;
+    let idle = capacity(&inf);
+    let runs = (0..8).map(|i| {
+        let inf = inf.clone();
+        async move { collect(&inf, request("tiny", &format!("prompt {i}"), 200)).await }
+    });
+    let all = futures::future::join_all(runs);
+    tokio::pin!(all);
+    let mut peak = idle;
+    let outs = loop {
+        tokio::select! {
+            outs = &mut all => break outs,
+            _ = tokio::time::sleep(Duration::from_millis(1)) => peak = peak.max(capacity(&inf)),
+        }
+    };
+    for o in outs {
+        assert_eq!(o.unwrap().1.generated_tokens, 200);
+    }
+    quiet(&inf).await;
+    let mut after = capacity(&inf);
+    for _ in 0..200 {
+        if after < peak {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        after = capacity(&inf);
+    }
+    eprintln!("KV blocks: idle {idle}, peak {peak}, after {after}");
+    // Eight requests plan prompt + 512 look-ahead tokens each (16-token
+    // blocks): far beyond the idle pool.
+    assert!(peak >= 8 * 512 / 16, "idle {idle}, peak {peak}");
+    assert!(
+        after < peak,
+        "the pool did not shrink: peak {peak}, after {after}"
+    );
+}
+
+/// A test double: the reference engine at a real device's pace (each step
+/// sleeps), so that requests overlap long enough to contend.
+struct Paced {
+    inner: ReferenceBackend,
+    step: Duration,
+    /// From this many steps on (counted over every instance), each step
+    /// fails as a device whose driver died would.
+    fail_from: Option<usize>,
+    steps: Arc<AtomicUsize>,
+}
+
+impl Paced {
+    fn backend(kind: DeviceKind, step_ms: u64, fail_from: Option<usize>) -> Arc<dyn Backend> {
+        Arc::new(Paced {
+            inner: ReferenceBackend::with_devices(kind, &[0]),
+            step: Duration::from_millis(step_ms),
+            fail_from,
+            steps: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+}
+
+impl Backend for Paced {
+    fn name(&self) -> &str {
+        "paced-reference"
+    }
+    fn kind(&self) -> DeviceKind {
+        self.inner.kind()
+    }
+    fn devices(&self) -> Result<Vec<DeviceInfo>, EngineError> {
+        self.inner.devices()
+    }
+    fn footprint(&self, package: &ModelPackage) -> Result<Footprint, EngineError> {
+        self.inner.footprint(package)
+    }
+    fn load(
+        &self,
+        source: &ModelSource,
+        device: usize,
+        options: &LoadOptions,
+    ) -> Result<Box<dyn LlmInstance>, EngineError> {
+        Ok(Box::new(PacedInstance {
+            inner: self.inner.load(source, device, options)?,
+            step: self.step,
+            fail_from: self.fail_from,
+            steps: self.steps.clone(),
+        }))
+    }
+}
+
+struct PacedInstance {
+    inner: Box<dyn LlmInstance>,
+    step: Duration,
+    fail_from: Option<usize>,
+    steps: Arc<AtomicUsize>,
+}
+
+impl LlmInstance for PacedInstance {
+    fn config(&self) -> &ModelConfig {
+        self.inner.config()
+    }
+    fn block_size_tokens(&self) -> usize {
+        self.inner.block_size_tokens()
+    }
+    fn kv_bytes_per_block(&self) -> u64 {
+        self.inner.kv_bytes_per_block()
+    }
+    fn weight_bytes(&self) -> u64 {
+        self.inner.weight_bytes()
+    }
+    fn kv_capacity_blocks(&self) -> usize {
+        self.inner.kv_capacity_blocks()
+    }
+    fn kv_blocks_in_use(&self) -> usize {
+        self.inner.kv_blocks_in_use()
+    }
+    fn resize_kv(&mut self, blocks: usize) -> Result<(), EngineError> {
+        self.inner.resize_kv(blocks)
+    }
+    fn add_sequence(&mut self, seq: SeqId) -> Result<(), EngineError> {
+        self.inner.add_sequence(seq)
+    }
+    fn free_sequence(&mut self, seq: SeqId) -> Result<(), EngineError> {
+        self.inner.free_sequence(seq)
+    }
+    fn sequence_len(&self, seq: SeqId) -> Option<usize> {
+        self.inner.sequence_len(seq)
+    }
+    fn blocks_needed(&self, batch: &[StepEntry]) -> Result<usize, EngineError> {
+        self.inner.blocks_needed(batch)
+    }
+    fn step(&mut self, batch: &[StepEntry]) -> Result<Vec<Vec<f32>>, EngineError> {
+        std::thread::sleep(self.step);
+        let n = self.steps.fetch_add(1, Ordering::Relaxed);
+        if self.fail_from.is_some_and(|f| n >= f) {
+            return Err(EngineError::Device("the device fell off the bus".into()));
+        }
+        self.inner.step(batch)
+    }
+    fn memory(&self) -> MemoryReport {
+        self.inner.memory()
+    }
+}
+
+#[tokio::test]
+async fn a_request_preempted_off_a_full_gpu_is_recomputed_to_the_same_answer() {
+    let dir = models(&[("tiny-a", 4), ("tiny-b", 5)]);
+    let probe = start(
+        dir.path(),
+        vec![device(
+            "gpu:0",
+            DeviceKind::Gpu,
+            reference(DeviceKind::Gpu, 0),
+            1 << 30,
+        )],
+    )
+    .0;
+    let f = probe.model_infos()[0].footprints["gpu"];
+    drop(probe);
+    let instance = INSTANCE_OVERHEAD_BYTES + f.weights_bytes;
+    let block = 16 * f.kv_bytes_per_token;
+    // Two instances and 170 KV blocks. tiny-a's request plans 80 blocks
+    // (1,024 tokens and the watermark) all along; two tiny-b requests need
+    // 66 to 90 (prompt, up to 200 tokens and 512 of look-ahead each), a
+    // third at least 99 more: beyond the room beside tiny-a, and only
+    // memory stands in the way, so tiny-a's smaller batch is preempted.
+    let (inf, metrics) = start(
+        dir.path(),
+        vec![device(
+            "gpu:0",
+            DeviceKind::Gpu,
+            Paced::backend(DeviceKind::Gpu, 5, None),
+            2 * instance + 170 * block,
+        )],
+    );
+    // tiny-a's request has a loose TPOT SLO: tiny-b's, with less headroom,
+    // get the device first, so tiny-a's instance is mostly idle (an instance
+    // in a run is never preempted).
+    let mut relaxed = request("tiny-a", "a long one", 300);
+    relaxed.tpot_slo_s = 10.0;
+    let mut long = inf.generate(relaxed).await.unwrap();
+    let long = tokio::spawn(async move {
+        let mut text = String::new();
+        while let Some(chunk) = long.next().await {
+            text.push_str(&chunk.unwrap());
+        }
+        (text, long.usage())
+    });
+    let mut b = Vec::new();
+    for p in ["b one", "b two", "b three"] {
+        let mut s = inf.generate(request("tiny-b", p, 200)).await.unwrap();
+        b.push(tokio::spawn(async move {
+            let mut text = String::new();
+            while let Some(chunk) = s.next().await {
+                text.push_str(&chunk.unwrap());
+            }
+            (p, text)
+        }));
+    }
+    for h in b {
+        let (p, text) = h.await.unwrap();
+        assert_eq!(text, greedy(dir.path(), "tiny-b", p, 200), "{p}");
+    }
+    let (text, usage) = long.await.unwrap();
+    assert_eq!(usage.generated_tokens, 300);
+    assert_eq!(text, greedy(dir.path(), "tiny-a", "a long one", 300));
+    let preempted = metrics
+        .preemptions
+        .get_or_create(&DeviceLabels {
+            model: "tiny-a".into(),
+            device: "gpu:0".into(),
+        })
+        .get();
+    assert!(preempted >= 1, "tiny-a's request was not preempted");
+    quiet(&inf).await;
+}
+
+#[tokio::test]
+async fn a_caller_hanging_up_frees_its_sequence() {
+    let dir = models(&[("tiny", 6)]);
+    let (inf, metrics) = start(
+        dir.path(),
+        vec![device(
+            "cpu:0",
+            DeviceKind::Cpu,
+            Paced::backend(DeviceKind::Cpu, 2, None),
+            1 << 30,
+        )],
+    );
+    let mut s = inf
+        .generate(request("tiny", "hang up", 2000))
+        .await
+        .unwrap();
+    s.next().await.unwrap().unwrap();
+    // The runner publishes what its instance holds after each run.
+    while inf
+        .stats()
+        .instances
+        .iter()
+        .all(|i| i.kv_blocks_in_use == 0)
+    {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(inf.stats().live_requests, 1);
+    drop(s);
+    quiet(&inf).await;
+    assert_eq!(outcomes(&metrics, "tiny", "cancelled"), 1);
+    assert_eq!(outcomes(&metrics, "tiny", "finished"), 0);
+}
+
+#[tokio::test]
+async fn a_device_that_fails_leaves_placement_and_the_others_carry_on() {
+    let dir = models(&[("tiny", 7)]);
+    // The CPU's engine fails from its 40th step on (the load's calibration
+    // takes a few): mid-generation.
+    let (inf, metrics) = start(
+        dir.path(),
+        vec![
+            device(
+                "cpu:0",
+                DeviceKind::Cpu,
+                Paced::backend(DeviceKind::Cpu, 0, Some(40)),
+                1 << 30,
+            ),
+            device(
+                "gpu:0",
+                DeviceKind::Gpu,
+                reference(DeviceKind::Gpu, 0),
+                1 << 30,
+            ),
+        ],
+    );
+    let e = collect(&inf, request("tiny", "first", 100))
+        .await
+        .unwrap_err();
+    match &e {
+        InferenceError::Unavailable {
+            message,
+            retry_after_s,
+        } => {
+            assert!(message.contains("device cpu:0 failed"), "{message}");
+            assert!(message.contains("fell off the bus"), "{message}");
+            assert!(*retry_after_s > 0.0);
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    // The driver hears of the failure just after the request's end.
+    let mut status = inf.status();
+    for _ in 0..200 {
+        if status.devices[0].scheduler.failed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        status = inf.status();
+    }
+    let cpu = &status.devices[0];
+    assert!(cpu.scheduler.failed, "{cpu:?}");
+    assert!(cpu.failed.as_deref().unwrap().contains("fell off the bus"));
+    assert!(placed(&inf, "tiny").iter().all(|d| d != "cpu:0"));
+    // The retry goes to the GPU and succeeds.
+    let (text, _) = collect(&inf, request("tiny", "first", 100)).await.unwrap();
+    assert_eq!(text, greedy(dir.path(), "tiny", "first", 100));
+    assert_eq!(placed(&inf, "tiny"), ["gpu:0"]);
+    assert_eq!(outcomes(&metrics, "tiny", "unavailable"), 1);
+    quiet(&inf).await;
+}
+
+#[tokio::test]
+async fn with_every_device_failed_requests_are_unavailable_not_hung() {
+    let dir = models(&[("tiny", 8)]);
+    let (inf, _) = start(
+        dir.path(),
+        vec![device(
+            "cpu:0",
+            DeviceKind::Cpu,
+            Paced::backend(DeviceKind::Cpu, 0, Some(0)),
+            1 << 30,
+        )],
+    );
+    // The load's calibration fails first, then the first step.
+    let first = collect(&inf, request("tiny", "x", 5)).await.unwrap_err();
+    assert!(
+        matches!(
+            first,
+            InferenceError::Unavailable { .. } | InferenceError::Engine(_)
+        ),
+        "{first}"
+    );
+    let again = tokio::time::timeout(
+        Duration::from_secs(5),
+        collect(&inf, request("tiny", "x", 5)),
+    )
+    .await
+    .expect("a request hangs with no device left")
+    .unwrap_err();
+    assert!(
+        matches!(again, InferenceError::Unavailable { .. }),
+        "{again}"
+    );
+}
+
+#[tokio::test]
+async fn packages_no_device_can_load_are_refused_with_the_reason() {
+    let dir = models(&[("tiny", 9)]);
+    // A package whose weights are gone: the reference engine cannot load it.
+    let broken = tiny::write_package(dir.path(), "broken", 1);
+    std::fs::remove_file(broken.join("model.safetensors")).unwrap();
+    let toml = std::fs::read_to_string(broken.join("model.toml")).unwrap();
+    std::fs::write(
+        broken.join("model.toml"),
+        toml.replace("safetensors = \"model.safetensors\"\n", ""),
+    )
+    .unwrap();
+    let (inf, _) = start(
+        dir.path(),
+        vec![device(
+            "cpu:0",
+            DeviceKind::Cpu,
+            reference(DeviceKind::Cpu, 0),
+            1 << 30,
+        )],
+    );
+    assert_eq!(inf.models(), ["tiny"]);
+    let e = inf.add_model(&broken).unwrap_err().to_string();
+    assert!(e.contains("no device of this host can load it"), "{e}");
+    assert!(e.contains("no GGUF or safetensors weights"), "{e}");
+    assert!(matches!(
+        inf.generate(request("broken", "x", 1)).await,
+        Err(InferenceError::ModelNotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn dropping_the_service_ends_open_streams_and_joins_its_threads() {
+    let dir = models(&[("tiny", 10)]);
+    let (inf, _) = start(
+        dir.path(),
+        vec![
+            device(
+                "cpu:0",
+                DeviceKind::Cpu,
+                Paced::backend(DeviceKind::Cpu, 2, None),
+                1 << 30,
+            ),
+            device(
+                "gpu:0",
+                DeviceKind::Gpu,
+                Paced::backend(DeviceKind::Gpu, 2, None),
+                1 << 30,
+            ),
+        ],
+    );
+    let mut s = inf.generate(request("tiny", "long", 2000)).await.unwrap();
+    s.next().await.unwrap().unwrap();
+    tokio::task::spawn_blocking(move || drop(inf))
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match s.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Some(e),
+                None => return None,
+            }
+        }
+    })
+    .await
+    .expect("the stream hangs after the service stopped");
+    assert!(ended.is_some(), "the stream finished normally");
+}
