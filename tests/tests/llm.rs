@@ -156,3 +156,43 @@ async fn a_client_that_disconnects_mid_stream_frees_its_sequence() {
     }
     panic!("the sequence was not freed: {last}");
 }
+
+/// `serve --devices`: a device this host lacks or a name that is no device
+/// stops the server at start with the reason; `none` serves functions and
+/// no models.
+#[tokio::test]
+async fn devices_that_are_not_there_stop_the_server_and_none_serves_no_models() {
+    let tmp = tempfile::tempdir().unwrap();
+    let serve = |devices: &str| {
+        std::process::Command::new(slinfer_e2e::slinfer_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--devices", devices])
+            .arg("--data-dir")
+            .arg(tmp.path().join("data"))
+            .env("SLINFER_VENV", slinfer_e2e::venv())
+            .output()
+            .unwrap()
+    };
+    // No test machine without a GPU has cuda:7; with GPUs, few have eight.
+    let out = serve("cpu,cuda:7");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("error: --devices cuda:7: "), "{err}");
+    let out = serve("tpu:0");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("unknown device \"tpu:0\""), "{err}");
+
+    let s = Server::start_with(
+        &tmp.path().join("none"),
+        &[("SLINFER_VENV", slinfer_e2e::venv().to_str().unwrap())],
+        &["--devices", "none"],
+    );
+    assert!(
+        s.log().contains("inference is off: no devices"),
+        "{}",
+        s.log()
+    );
+    s.deploy(&package("chat"));
+    let (status, error) = chat_error(&s).await;
+    assert_eq!(status, 404, "{error}");
+}

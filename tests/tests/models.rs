@@ -181,6 +181,19 @@ async fn import_serve_share_and_remove_models_while_running() {
         assert_eq!(inst[0]["kv_blocks_in_use"], 0);
     }
     assert_eq!(status["inference"]["live_requests"], 0);
+    let devices = status["inference"]["devices"].as_array().unwrap();
+    assert_eq!(devices[0]["name"], "cpu:0", "{status}");
+    assert_eq!(devices[0]["backend"], "openvino");
+    assert_eq!(devices[0]["kind"], "cpu");
+    assert_eq!(devices[0]["failed"], serde_json::Value::Null);
+    assert!(devices[0]["committed_bytes"].as_u64().unwrap() > 0);
+    let def_status = model_status(&status, DEFAULT).unwrap();
+    assert!(
+        def_status["footprints"]["cpu"]["weights_bytes"]
+            .as_u64()
+            .unwrap()
+            > 50_000_000
+    );
     let (ok, cli_status, err) = s.cli(&["status"]);
     assert!(ok, "{err}");
     let cli_status: serde_json::Value = serde_json::from_str(&cli_status).unwrap();
@@ -207,6 +220,9 @@ async fn import_serve_share_and_remove_models_while_running() {
     assert!(m.contains("slinfer_llm_kv_blocks_planned{"), "{m}");
     assert!(m.contains("slinfer_llm_batch_size{"), "{m}");
     assert!(m.contains("slinfer_llm_queued_requests"), "{m}");
+    assert!(metric(&m, "slinfer_llm_device_capacity_bytes", &["cpu:0"]) > 0.0);
+    assert!(metric(&m, "slinfer_llm_device_committed_bytes", &["cpu:0"]) > 0.0);
+    assert_eq!(metric(&m, "slinfer_llm_device_failed", &["cpu:0"]), 0.0);
 
     // Removal: the copy stops being served and its package goes; the
     // default model is untouched.

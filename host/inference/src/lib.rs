@@ -35,7 +35,7 @@ pub use devices::{
     cpu_capacity_bytes, gpu_capacity_bytes,
 };
 pub use generation::GenerationStream;
-pub use metrics::{DeviceLabels, LlmMetrics, ModelLabel, OutcomeLabels, SloLabels};
+pub use metrics::{DeviceLabel, DeviceLabels, LlmMetrics, ModelLabel, OutcomeLabels, SloLabels};
 pub use service::{Inference, InferenceConfig};
 /// The neutral tensor types `wasi:nn` carries (from the engine contract).
 pub use slinfer_engine::tensor;

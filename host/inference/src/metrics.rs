@@ -25,6 +25,12 @@ pub struct DeviceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeviceLabel {
+    /// The device's name (`cpu:0`, `cuda:1`).
+    pub device: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub model: String,
     /// `finished`, `cancelled`, `overloaded`, `deadline_missed`,
@@ -55,6 +61,10 @@ pub struct LlmMetrics {
     pub kv_blocks_planned: Family<DeviceLabels, Gauge>,
     pub kv_blocks_in_use: Family<DeviceLabels, Gauge>,
     pub queued: Family<ModelLabel, Gauge>,
+    pub device_capacity: Family<DeviceLabel, Gauge>,
+    pub device_committed: Family<DeviceLabel, Gauge>,
+    pub device_planned: Family<DeviceLabel, Gauge>,
+    pub device_failed: Family<DeviceLabel, Gauge>,
 }
 
 impl Default for LlmMetrics {
@@ -76,6 +86,10 @@ impl Default for LlmMetrics {
             kv_blocks_planned: Family::default(),
             kv_blocks_in_use: Family::default(),
             queued: Family::default(),
+            device_capacity: Family::default(),
+            device_committed: Family::default(),
+            device_planned: Family::default(),
+            device_failed: Family::default(),
         }
     }
 }
@@ -144,6 +158,26 @@ impl LlmMetrics {
             "Requests waiting for an instance, per model",
             self.queued.clone(),
         );
+        r.register(
+            "device_capacity_bytes",
+            "Bytes the scheduler may fill on each device",
+            self.device_capacity.clone(),
+        );
+        r.register(
+            "device_committed_bytes",
+            "Bytes each device may hold now (weights and KV, actions started)",
+            self.device_committed.clone(),
+        );
+        r.register(
+            "device_planned_bytes",
+            "Bytes each device will hold once queued actions finish",
+            self.device_planned.clone(),
+        );
+        r.register(
+            "device_failed",
+            "1 for a device that failed and left placement",
+            self.device_failed.clone(),
+        );
     }
 
     /// How a request ended: its outcome (`finished`, `cancelled`,
@@ -185,6 +219,24 @@ impl LlmMetrics {
         self.kv_blocks_planned.clear();
         self.kv_blocks_in_use.clear();
         self.queued.clear();
+        for d in &status.devices {
+            let l = DeviceLabel {
+                device: d.name.clone(),
+            };
+            let n = &d.scheduler;
+            self.device_capacity
+                .get_or_create(&l)
+                .set(n.capacity_bytes as i64);
+            self.device_committed
+                .get_or_create(&l)
+                .set(n.committed_bytes as i64);
+            self.device_planned
+                .get_or_create(&l)
+                .set(n.planned_bytes as i64);
+            self.device_failed
+                .get_or_create(&l)
+                .set(i64::from(n.failed));
+        }
         for model in &status.models {
             let name = &model.info.name;
             self.queued
