@@ -48,3 +48,30 @@ pub fn models_dir() -> PathBuf {
 pub fn default_model_dir() -> PathBuf {
     models_dir().join(DEFAULT_MODEL)
 }
+
+/// Runs `work` while sampling `gauge` every `every`, then waits up to
+/// `settle` for the gauge to fall below the peak it reached (a pool that
+/// grew under load and shrinks after). Returns the work's output, the peak
+/// and the last reading.
+pub async fn peak_then_fall<T>(
+    work: impl std::future::Future<Output = T>,
+    gauge: impl Fn() -> usize,
+    every: std::time::Duration,
+    settle: std::time::Duration,
+) -> (T, usize, usize) {
+    let mut peak = gauge();
+    tokio::pin!(work);
+    let out = loop {
+        tokio::select! {
+            out = &mut work => break out,
+            _ = tokio::time::sleep(every) => peak = peak.max(gauge()),
+        }
+    };
+    let deadline = tokio::time::Instant::now() + settle;
+    let mut last = gauge();
+    while last >= peak && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(every).await;
+        last = gauge();
+    }
+    (out, peak, last)
+}

@@ -25,7 +25,7 @@ use slinfer_inference::{
     DeviceLabels, FinishReason, GenerateRequest, GenerationParams, INSTANCE_OVERHEAD_BYTES,
     Inference, InferenceConfig, InferenceError, LlmMetrics, OutcomeLabels, Prompt, Usage,
 };
-use slinfer_test_support::tiny;
+use slinfer_test_support::{peak_then_fall, tiny};
 
 const MIB: u64 = 1 << 20;
 
@@ -51,6 +51,15 @@ fn device(
         index: 0,
         capacity_bytes: bytes,
     }
+}
+
+/// `cpu:0` or `gpu:0` with 1 GiB.
+fn cpu(backend: Arc<dyn Backend>) -> slinfer_inference::Device {
+    device("cpu:0", DeviceKind::Cpu, backend, 1 << 30)
+}
+
+fn gpu(backend: Arc<dyn Backend>) -> slinfer_inference::Device {
+    device("gpu:0", DeviceKind::Gpu, backend, 1 << 30)
 }
 
 fn reference(kind: DeviceKind, bytes: u64) -> Arc<dyn Backend> {
@@ -227,15 +236,7 @@ async fn models_go_to_the_cpu_first_then_the_gpu_and_answer_exactly() {
 #[tokio::test]
 async fn kv_pools_grow_with_load_and_shrink_after() {
     let dir = models(&[("tiny", 3)]);
-    let (inf, _) = start(
-        dir.path(),
-        vec![device(
-            "cpu:0",
-            DeviceKind::Cpu,
-            reference(DeviceKind::Cpu, 0),
-            1 << 30,
-        )],
-    );
+    let (inf, _) = start(dir.path(), vec![cpu(reference(DeviceKind::Cpu, 0))]);
     let capacity = |inf: &Inference| -> usize {
         inf.stats()
             .instances
@@ -250,26 +251,15 @@ async fn kv_pools_grow_with_load_and_shrink_after() {
         let inf = inf.clone();
         async move { collect(&inf, request("tiny", &format!("prompt {i}"), 200)).await }
     });
-    let all = futures::future::join_all(runs);
-    tokio::pin!(all);
-    let mut peak = idle;
-    let outs = loop {
-        tokio::select! {
-            outs = &mut all => break outs,
-            _ = tokio::time::sleep(Duration::from_millis(1)) => peak = peak.max(capacity(&inf)),
-        }
-    };
+    let (outs, peak, after) = peak_then_fall(
+        futures::future::join_all(runs),
+        || capacity(&inf),
+        Duration::from_millis(1),
+        Duration::from_secs(2),
+    )
+    .await;
     for o in outs {
         assert_eq!(o.unwrap().1.generated_tokens, 200);
-    }
-    quiet(&inf).await;
-    let mut after = capacity(&inf);
-    for _ in 0..200 {
-        if after < peak {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        after = capacity(&inf);
     }
     eprintln!("KV blocks: idle {idle}, peak {peak}, after {after}");
     // Eight requests plan prompt + 512 look-ahead tokens each (16-token
@@ -388,16 +378,7 @@ impl LlmInstance for PacedInstance {
 #[tokio::test]
 async fn a_request_preempted_off_a_full_gpu_is_recomputed_to_the_same_answer() {
     let dir = models(&[("tiny-a", 4), ("tiny-b", 5)]);
-    let probe = start(
-        dir.path(),
-        vec![device(
-            "gpu:0",
-            DeviceKind::Gpu,
-            reference(DeviceKind::Gpu, 0),
-            1 << 30,
-        )],
-    )
-    .0;
+    let probe = start(dir.path(), vec![gpu(reference(DeviceKind::Gpu, 0))]).0;
     let f = probe.model_infos()[0].footprints["gpu"];
     drop(probe);
     let instance = INSTANCE_OVERHEAD_BYTES + f.weights_bytes;
@@ -463,12 +444,7 @@ async fn a_caller_hanging_up_frees_its_sequence() {
     let dir = models(&[("tiny", 6)]);
     let (inf, metrics) = start(
         dir.path(),
-        vec![device(
-            "cpu:0",
-            DeviceKind::Cpu,
-            Paced::backend(DeviceKind::Cpu, 2, None),
-            1 << 30,
-        )],
+        vec![cpu(Paced::backend(DeviceKind::Cpu, 2, None))],
     );
     let mut s = inf
         .generate(request("tiny", "hang up", 2000))
@@ -505,12 +481,7 @@ async fn a_device_that_fails_leaves_placement_and_the_others_carry_on() {
                 Paced::backend(DeviceKind::Cpu, 0, Some(40)),
                 1 << 30,
             ),
-            device(
-                "gpu:0",
-                DeviceKind::Gpu,
-                reference(DeviceKind::Gpu, 0),
-                1 << 30,
-            ),
+            gpu(reference(DeviceKind::Gpu, 0)),
         ],
     );
     let e = collect(&inf, request("tiny", "first", 100))
@@ -594,15 +565,7 @@ async fn packages_no_device_can_load_are_refused_with_the_reason() {
         toml.replace("safetensors = \"model.safetensors\"\n", ""),
     )
     .unwrap();
-    let (inf, _) = start(
-        dir.path(),
-        vec![device(
-            "cpu:0",
-            DeviceKind::Cpu,
-            reference(DeviceKind::Cpu, 0),
-            1 << 30,
-        )],
-    );
+    let (inf, _) = start(dir.path(), vec![cpu(reference(DeviceKind::Cpu, 0))]);
     assert_eq!(inf.models(), ["tiny"]);
     let e = inf.add_model(&broken).unwrap_err().to_string();
     assert!(e.contains("no device of this host can load it"), "{e}");
@@ -619,18 +582,8 @@ async fn dropping_the_service_ends_open_streams_and_joins_its_threads() {
     let (inf, _) = start(
         dir.path(),
         vec![
-            device(
-                "cpu:0",
-                DeviceKind::Cpu,
-                Paced::backend(DeviceKind::Cpu, 2, None),
-                1 << 30,
-            ),
-            device(
-                "gpu:0",
-                DeviceKind::Gpu,
-                Paced::backend(DeviceKind::Gpu, 2, None),
-                1 << 30,
-            ),
+            cpu(Paced::backend(DeviceKind::Cpu, 2, None)),
+            gpu(Paced::backend(DeviceKind::Gpu, 2, None)),
         ],
     );
     let mut s = inf.generate(request("tiny", "long", 2000)).await.unwrap();

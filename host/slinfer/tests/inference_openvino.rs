@@ -18,7 +18,9 @@ use slinfer_inference::{
     Inference, InferenceConfig, InferenceError, Prompt, Usage,
 };
 use slinfer_test_support::reference::{self, Answer, Finish, Reference};
-use slinfer_test_support::{DEFAULT_MODEL as MODEL, default_model_dir, models_dir, venv};
+use slinfer_test_support::{
+    DEFAULT_MODEL as MODEL, default_model_dir, models_dir, peak_then_fall, venv,
+};
 
 const NEW_TOKENS: usize = 32;
 /// SmolLM2's `<|im_end|>` (model.toml's `eos_token_ids`).
@@ -318,27 +320,16 @@ async fn kv_pool_grows_with_load_and_shrinks_after() {
             collect(&inf, request(Prompt::Text(prompt), greedy(24))).await
         }
     });
-    let all = futures::future::join_all(runs);
-    tokio::pin!(all);
-    let mut peak = idle;
-    let outs = loop {
-        tokio::select! {
-            outs = &mut all => break outs,
-            _ = tokio::time::sleep(Duration::from_millis(5)) => peak = peak.max(capacity(&inf)),
-        }
-    };
+    // The shrink is an action the instance's runner does after the last run.
+    let (outs, peak, after) = peak_then_fall(
+        futures::future::join_all(runs),
+        || capacity(&inf),
+        Duration::from_millis(5),
+        Duration::from_secs(5),
+    )
+    .await;
     for o in outs {
         o.unwrap();
-    }
-    quiet(&inf).await;
-    // The shrink is an action the instance's worker runs after the last run.
-    let mut after = capacity(&inf);
-    for _ in 0..100 {
-        if after < peak {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        after = capacity(&inf);
     }
     eprintln!("KV blocks: idle {idle}, peak {peak}, after {after}");
     // Each request plans prompt + look-ahead (512 tokens): 8 of them need
