@@ -354,7 +354,7 @@ fn threads_named(prefix: &str) -> usize {
 }
 
 #[tokio::test]
-async fn dropping_the_service_stops_its_threads_and_ends_open_streams() {
+async fn dropping_the_service_stops_its_threads() {
     let _turn = TURN.lock().await;
     // The driver's thread (instance workers cannot be counted this way:
     // OpenVINO's pool threads inherit their names).
@@ -371,19 +371,9 @@ async fn dropping_the_service_stops_its_threads_and_ends_open_streams() {
         .await
         .unwrap();
     assert_eq!(threads_named("slinfer-inferen"), before);
-    // The stream ends: with an error, after at most the tokens already sent.
-    let ended = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match s.next().await {
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Some(e),
-                None => return None,
-            }
-        }
-    })
-    .await
-    .expect("the stream hangs after the service stopped");
-    assert!(ended.is_some(), "the stream finished normally");
+    // How the open stream ends is the driver's business, tested on the
+    // reference engine (slinfer-inference's tests/devices.rs).
+    drop(s);
 }
 
 #[tokio::test]
