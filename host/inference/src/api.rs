@@ -25,6 +25,8 @@ pub const RETRY_AFTER_S: f64 = 1.0;
 pub enum InferenceError {
     #[error("model {0:?} not found")]
     ModelNotFound(String),
+    /// `prompt_tokens` is a lower bound when the prompt was refused by its
+    /// length in bytes, before tokenizing.
     #[error("prompt of {prompt_tokens} tokens does not fit the context of {context_tokens}")]
     PromptTooLong {
         prompt_tokens: u32,

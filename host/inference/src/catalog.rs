@@ -29,6 +29,10 @@ pub(crate) struct ModelEntry {
     pub tokenizer: Arc<tokenizers::Tokenizer>,
     /// `None` where no device of that kind can load the package.
     pub footprints: PerKind<Option<Footprint>>,
+    /// The most bytes of text one token can stand for (its longest token
+    /// string): a prompt longer than `context × this × 2` cannot fit, and
+    /// is refused before it is tokenized.
+    pub max_token_bytes: usize,
 }
 
 impl ModelEntry {
@@ -63,13 +67,35 @@ impl ModelEntry {
                 }
             );
         }
+        let max_token_bytes = tokenizer
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
+            .max(1);
         Ok(ModelEntry {
             name: package.manifest.name.clone(),
             dir: dir.to_path_buf(),
             package,
             tokenizer: Arc::new(tokenizer),
             footprints,
+            max_token_bytes,
         })
+    }
+
+    /// Refuses a prompt of `bytes` bytes that cannot fit the context
+    /// whatever it tokenizes to (normalisers may shrink text, hence the
+    /// factor 2), without tokenizing it.
+    pub fn check_prompt_bytes(&self, bytes: usize) -> Result<(), InferenceError> {
+        let context = self.context_tokens();
+        if bytes > context as usize * self.max_token_bytes * 2 {
+            return Err(InferenceError::PromptTooLong {
+                prompt_tokens: (bytes / (self.max_token_bytes * 2)).min(u32::MAX as usize) as u32,
+                context_tokens: context,
+            });
+        }
+        Ok(())
     }
 
     pub fn context_tokens(&self) -> u32 {

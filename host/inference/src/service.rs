@@ -241,11 +241,23 @@ impl Inference {
         req.params.check()?;
         let ttft = slo(req.ttft_slo_s, DEFAULT_TTFT_SLO_S, "ttft_slo_s")?;
         let tpot = slo(req.tpot_slo_s, DEFAULT_TPOT_SLO_S, "tpot_slo_s")?;
-        let text = match &req.prompt {
-            Prompt::Text(t) => t.clone(),
-            Prompt::Chat(msgs) => m.render_chat(msgs)?,
+        let bytes = match &req.prompt {
+            Prompt::Text(t) => t.len(),
+            Prompt::Chat(msgs) => msgs.iter().map(|c| c.role.len() + c.content.len()).sum(),
         };
-        let prompt = m.tokenize(&text)?;
+        m.check_prompt_bytes(bytes)?;
+        // Rendering and tokenizing take time in proportion to the prompt:
+        // on the blocking pool, never on an async worker.
+        let (entry, text) = (m.clone(), req.prompt);
+        let prompt = tokio::task::spawn_blocking(move || {
+            let text = match text {
+                Prompt::Text(t) => t,
+                Prompt::Chat(msgs) => entry.render_chat(&msgs)?,
+            };
+            entry.tokenize(&text)
+        })
+        .await
+        .map_err(|e| InferenceError::Engine(format!("tokenizing: {e}")))??;
         if prompt.is_empty() {
             return Err(InferenceError::InvalidParams("empty prompt".into()));
         }

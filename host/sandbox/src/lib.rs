@@ -342,6 +342,10 @@ impl Sandbox {
             result
         });
 
+        // Until the response is handed back, the caller can leave (the
+        // client hangs up and the server drops this future): the instance
+        // goes with it, and whatever it holds (a generation's KV) is freed.
+        let mut task = AbortOnDrop(Some(task));
         // Whatever the guest answered, a request body cut at the limit is
         // the caller's error.
         let request_too_large = || {
@@ -351,7 +355,9 @@ impl Sandbox {
                     limit_bytes: limits.max_request_body_bytes,
                 })
         };
-        match rx.await {
+        let answer = rx.await;
+        let task = task.0.take().expect("taken once");
+        match answer {
             Ok(Ok(resp)) => {
                 if let Some(e) = request_too_large() {
                     return Err(e);
@@ -445,6 +451,17 @@ impl Sandbox {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
         Ok(store)
+    }
+}
+
+/// Aborts the invocation's task if dropped while still holding it.
+struct AbortOnDrop<T>(Option<tokio::task::JoinHandle<T>>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            t.abort();
+        }
     }
 }
 

@@ -14,6 +14,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod connections;
 pub mod devices;
 pub mod functions;
 pub mod metrics;

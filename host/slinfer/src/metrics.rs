@@ -31,6 +31,8 @@ pub struct Metrics {
     pub functions: Gauge,
     pub compiles: Counter,
     pub cache_hits: Counter,
+    pub connections_open: Gauge,
+    pub connections_refused: Counter,
     pub llm: std::sync::Arc<slinfer_inference::LlmMetrics>,
 }
 
@@ -56,6 +58,18 @@ impl Metrics {
         let functions = Gauge::default();
         let compiles = Counter::default();
         let cache_hits = Counter::default();
+        let connections_open = Gauge::default();
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_open",
+            "HTTP connections open now",
+            connections_open.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections answered 503 because as many were open as allowed",
+            connections_refused.clone(),
+        );
         registry.register(
             "invocations",
             "Invocations finished, per function",
@@ -108,6 +122,8 @@ impl Metrics {
             functions,
             compiles,
             cache_hits,
+            connections_open,
+            connections_refused,
             llm,
         }
     }

@@ -12,6 +12,7 @@ use slinfer_inference::{Device, Inference, InferenceConfig, LlmMetrics};
 use slinfer_sandbox::limits::HostLimits;
 
 use crate::api::{AppState, router};
+use crate::connections;
 use crate::devices::{DeviceSelection, discover};
 use crate::functions::Functions;
 use crate::metrics::Metrics;
@@ -29,6 +30,8 @@ pub struct ServeOptions {
     pub venv: Option<PathBuf>,
     /// The devices to serve models on (`--devices`).
     pub devices: DeviceSelection,
+    /// The connection cap and timeouts (see `connections`).
+    pub connections: connections::ConnectionLimits,
     pub host: HostLimits,
 }
 
@@ -107,12 +110,18 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", opts.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, data_dir = %opts.data_dir.display(), "slinfer listening");
+    tracing::info!(%addr, data_dir = %opts.data_dir.display(), max_connections = opts.connections.max_connections, "slinfer listening");
     // Tests and scripts read this line to find an ephemeral port.
     println!("listening on http://{addr}");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    let metrics = state.metrics.clone();
+    connections::serve(
+        listener,
+        router(state),
+        opts.connections,
+        metrics,
+        shutdown_signal(),
+    )
+    .await;
     Ok(())
 }
 

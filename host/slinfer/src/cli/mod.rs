@@ -123,6 +123,14 @@ pub struct ServeArgs {
     /// error.
     #[arg(long, env = "SLINFER_DEVICES", default_value = "all")]
     pub devices: DeviceSelection,
+    /// Open HTTP connections at most; beyond it a new one is answered 503
+    /// (default: the open-files limit, raised to its hard limit, less 512).
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Time a client has to send a request's header, and an idle keep-alive
+    /// connection to start its next request, before it is closed.
+    #[arg(long, default_value_t = crate::connections::HEADER_READ_TIMEOUT.as_millis() as u64)]
+    pub header_timeout_ms: u64,
 }
 
 /// Where the server is and how to authenticate to it.
@@ -177,6 +185,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 admin_token_file: a.admin_token_file,
                 venv: a.venv,
                 devices: a.devices,
+                connections: crate::connections::ConnectionLimits {
+                    max_connections: a
+                        .max_connections
+                        .unwrap_or_else(crate::connections::default_max_connections),
+                    header_timeout: std::time::Duration::from_millis(a.header_timeout_ms),
+                },
                 host: HostLimits {
                     total_instances: a.max_instances,
                     ..HostLimits::default()

@@ -1,0 +1,180 @@
+//! A hostile but fair client against the real server: half-sent and idle
+//! connections, more connections than allowed, a huge prompt, and a caller
+//! that hangs up on a non-streamed generation. Each check fails without the
+//! mechanism it names.
+
+use std::time::Duration;
+
+use slinfer_e2e::{Server, client, metric, package};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The server's address (`host:port`).
+fn addr(s: &Server) -> String {
+    s.url.trim_start_matches("http://").to_string()
+}
+
+/// Whether the server closed `c` (a read returns end of file, or the
+/// connection was reset) within `within`.
+async fn closed(c: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 512];
+    match tokio::time::timeout(within, c.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => true,
+        Ok(Ok(_)) => false,
+        Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn half_sent_and_idle_connections_are_closed_after_the_header_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start_with(
+        &tmp.path().join("data"),
+        &[],
+        &["--header-timeout-ms", "500"],
+    );
+    s.deploy(&package("hello"));
+    let mut half = Vec::new();
+    for _ in 0..200 {
+        let mut c = TcpStream::connect(addr(&s)).await.unwrap();
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .await
+            .unwrap();
+        half.push(c);
+    }
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        idle.push(TcpStream::connect(addr(&s)).await.unwrap());
+    }
+    // Meanwhile others are served.
+    assert_eq!(
+        client()
+            .get(format!("{}/healthz", s.url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(s.get("hello", "/").await.status(), 200);
+    // Every one of them is closed once the timeout has passed.
+    for c in half.iter_mut().chain(idle.iter_mut()) {
+        assert!(
+            closed(c, Duration::from_secs(5)).await,
+            "a connection was kept open"
+        );
+    }
+    // A keep-alive connection idle after its request is closed too.
+    let mut c = TcpStream::connect(addr(&s)).await.unwrap();
+    c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = c.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    assert!(closed(&mut c, Duration::from_secs(5)).await);
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_are_refused_at_once_with_retry_after() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start_with(&tmp.path().join("data"), &[], &["--max-connections", "20"]);
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        held.push(TcpStream::connect(addr(&s)).await.unwrap());
+    }
+    // The accept loop counts them as they come in.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut extra = TcpStream::connect(addr(&s)).await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), extra.read_to_string(&mut answer))
+        .await
+        .expect("the refused connection hangs")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("retry-after: 1"), "{answer}");
+    assert!(answer.contains("\"too_many_connections\""), "{answer}");
+    drop(held);
+    // Room again once they are gone.
+    let mut ok = false;
+    for _ in 0..50 {
+        if let Ok(r) = client().get(format!("{}/healthz", s.url)).send().await {
+            ok = r.status() == 200;
+            if ok {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "the server did not take connections again");
+    let m = s.metrics().await;
+    assert!(
+        metric(&m, "slinfer_connections_refused_total", &[]) >= 1.0,
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn a_huge_prompt_is_refused_without_tokenizing_it() {
+    let s = Server::with_models();
+    s.deploy(&package("chat"));
+    // 7 MB: more than the model's context could hold whatever it tokenizes
+    // to, under chat's 8 MiB body limit.
+    let huge = "lorem ipsum dolor sit amet ".repeat(7 << 20 >> 5);
+    let resp = client()
+        .post(format!("{}/fn/chat/?stream=false", s.url))
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    let e = v["error"].as_str().unwrap();
+    assert!(e.contains("the model's context is 8192"), "{e}");
+    let m = s.metrics().await;
+    assert_eq!(
+        metric(&m, "slinfer_llm_requests_total", &["finished"]),
+        0.0,
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn a_caller_hanging_up_on_a_whole_answer_frees_its_generation() {
+    let s = Server::with_models();
+    s.deploy(&package("chat"));
+    let url = format!("{}/fn/chat/?stream=false&max_tokens=4000", s.url);
+    let call = client()
+        .post(url)
+        .body("Write a very long story about the sea.")
+        .send();
+    // Hang up while it generates.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(3), call)
+            .await
+            .is_err(),
+        "4000 tokens in 3 s?"
+    );
+    let mut live = 1;
+    for _ in 0..100 {
+        let r = client()
+            .get(format!("{}/v1/status", s.url))
+            .bearer_auth(&s.token)
+            .send()
+            .await
+            .unwrap();
+        let v: serde_json::Value = r.json().await.unwrap();
+        live = v["inference"]["live_requests"].as_u64().unwrap();
+        if live == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(live, 0, "the generation goes on after its caller left");
+    let m = s.metrics().await;
+    assert_eq!(
+        metric(&m, "slinfer_llm_requests_total", &["cancelled"]),
+        1.0,
+        "{m}"
+    );
+}
