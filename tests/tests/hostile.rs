@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use slinfer_e2e::{Server, client, metric, package};
+use slinfer_e2e::{Server, client, metric, package, package_variant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -177,4 +177,38 @@ async fn a_caller_hanging_up_on_a_whole_answer_frees_its_generation() {
         1.0,
         "{m}"
     );
+}
+
+#[tokio::test]
+async fn a_function_saturating_the_instance_pool_leaves_room_for_another() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start_with(&tmp.path().join("data"), &[], &["--max-instances", "16"]);
+    // Both may use the whole pool on their own.
+    let greedy = package_variant("misbehaving", |m| {
+        m.replace("timeout_ms = 1000", "timeout_ms = 10000")
+            .replace("max_concurrency = 8", "max_concurrency = 16")
+    });
+    let hello = package_variant("hello", |m| {
+        m.replace("max_concurrency = 1000", "max_concurrency = 16")
+    });
+    s.deploy(greedy.path());
+    s.deploy(hello.path());
+    // 40 requests that each hold an instance for 3 s: more than the pool.
+    let slow: Vec<_> = (0..40)
+        .map(|_| {
+            let url = format!("{}/fn/misbehaving/sleep?ms=3000", s.url);
+            tokio::spawn(async move { client().get(url).send().await.map(|r| r.status()) })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Another function is served while they hold the pool, not after.
+    for _ in 0..5 {
+        let r = tokio::time::timeout(Duration::from_millis(2000), s.get("hello", "/"))
+            .await
+            .expect("hello waited for the slow function's instances");
+        assert_eq!(r.status(), 200);
+    }
+    for h in slow {
+        assert_eq!(h.await.unwrap().unwrap(), 200);
+    }
 }

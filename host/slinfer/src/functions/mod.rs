@@ -7,6 +7,7 @@
 
 pub mod manifest;
 pub mod package;
+pub mod pool;
 pub mod store;
 
 use std::collections::HashMap;
@@ -146,6 +147,8 @@ pub struct Functions {
     deployed: RwLock<HashMap<String, Arc<Deployed>>>,
     deploy_lock: tokio::sync::Mutex<()>,
     metrics: Arc<Metrics>,
+    /// The host-wide instance slots, shared fairly between functions.
+    pool: Arc<pool::SlotPool>,
 }
 
 impl Functions {
@@ -171,6 +174,7 @@ impl Functions {
             deployed: RwLock::new(HashMap::new()),
             deploy_lock: tokio::sync::Mutex::new(()),
             metrics,
+            pool: pool::SlotPool::new(host.total_instances),
         };
         for name in functions.store.names()? {
             let Some(current) = functions.store.current(&name)? else {
@@ -384,9 +388,17 @@ impl Functions {
             .await?)
     }
 
-    async fn acquire(&self, d: &Deployed) -> Result<OwnedSemaphorePermit, InvokeFailure> {
-        if let Ok(p) = d.slots.clone().try_acquire_owned() {
-            return Ok(p);
+    /// A slot of the function's own (`max_concurrency`) and one of the
+    /// host's pool, waiting for them in the function's bounded queue.
+    async fn acquire(
+        &self,
+        d: &Deployed,
+    ) -> Result<(OwnedSemaphorePermit, pool::Slot), InvokeFailure> {
+        let name = &d.grants.function;
+        if let Ok(p) = d.slots.clone().try_acquire_owned()
+            && let Some(slot) = self.pool.try_acquire(name)
+        {
+            return Ok((p, slot));
         }
         let waiting = d.waiting.fetch_add(1, Ordering::SeqCst);
         let queued = self
@@ -412,8 +424,12 @@ impl Functions {
             });
         }
         let wait = Duration::from_millis(d.limits.timeout_ms);
-        match tokio::time::timeout(wait, d.slots.clone().acquire_owned()).await {
-            Ok(Ok(p)) => Ok(p),
+        let both = async {
+            let p = d.slots.clone().acquire_owned().await.ok()?;
+            Some((p, self.pool.acquire(name).await))
+        };
+        match tokio::time::timeout(wait, both).await {
+            Ok(Some(held)) => Ok(held),
             _ => Err(InvokeFailure::QueueTimeout {
                 waited_ms: d.limits.timeout_ms,
             }),
