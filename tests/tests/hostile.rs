@@ -212,3 +212,40 @@ async fn a_function_saturating_the_instance_pool_leaves_room_for_another() {
         assert_eq!(h.await.unwrap().unwrap(), 200);
     }
 }
+
+#[tokio::test]
+async fn the_ttft_deadline_counts_from_the_http_arrival_not_from_generate() {
+    let s = Server::with_models();
+    // One instance at a time and a 1 s TTFT target: the second caller waits
+    // for the first to finish before its guest even asks for a generation.
+    let chat = package_variant("chat", |m| {
+        m.replace("max_concurrency = 64", "max_concurrency = 1")
+            .replace("ttft_ms = 5000", "ttft_ms = 1000")
+    });
+    s.deploy(chat.path());
+    let first = {
+        let url = format!("{}/fn/chat/?stream=false&max_tokens=300", s.url);
+        tokio::spawn(async move {
+            client()
+                .post(url)
+                .body("Tell me a long story.")
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = client()
+        .post(format!("{}/fn/chat/?stream=false&max_tokens=5", s.url))
+        .body("Hi")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.await.unwrap(), 200);
+    // Past its deadline by the time it could start: refused, not served late.
+    assert_eq!(second.status(), 503);
+    assert!(second.headers().contains_key("retry-after"));
+    let v: serde_json::Value = second.json().await.unwrap();
+    assert!(v["error"].as_str().unwrap().contains("overloaded"), "{v}");
+}

@@ -60,6 +60,10 @@ pub struct GenerateRequest {
     pub ttft_slo_s: f64,
     /// 0: [`DEFAULT_TPOT_SLO_S`].
     pub tpot_slo_s: f64,
+    /// When the caller's own request reached the host (an HTTP request
+    /// that waited for an instance first): the TTFT deadline and the
+    /// measured TTFT count from it. `None`: now.
+    pub arrived: Option<std::time::Instant>,
 }
 
 #[derive(Debug, Clone)]

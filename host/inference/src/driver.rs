@@ -24,6 +24,8 @@ use crate::metrics::{DeviceLabels, LlmMetrics};
 use crate::runner::{InstanceRunner, Job, Links};
 use crate::stats::SharedStats;
 
+/// The longest wait a refused caller is told to take.
+const MAX_RETRY_AFTER_S: f64 = 60.0;
 /// Smallest KV pool of a loaded instance, in tokens (the scheduler scales
 /// it with the live requests' needs plus look-ahead, and back).
 const MIN_INSTANCE_TOKENS: u64 = 1024;
@@ -64,6 +66,7 @@ fn scheduler_config() -> SchedulerConfig {
     cfg.keep_alive_s = PerKind::splat(KEEP_ALIVE_S);
     cfg.instance_overhead_bytes = INSTANCE_OVERHEAD_BYTES;
     cfg.cpu_kv_scales = true;
+    cfg.refuse_early = true;
     cfg.min_instance_tokens = MIN_INSTANCE_TOKENS;
     cfg
 }
@@ -204,7 +207,8 @@ impl Driver {
                         input_tokens: g.prompt.len() as u64,
                         ttft_slo_s: g.ttft_slo_s,
                         tpot_slo_s: g.tpot_slo_s,
-                        arrival_s: now,
+                        // Deadlines count from the caller's arrival.
+                        arrival_s: now - g.age_s(),
                     }
                 };
                 self.generations.insert(request.id, generation);
@@ -340,14 +344,22 @@ impl Driver {
                 let _ = r.jobs.send(Job::Free(gens));
             }
             Command::Completed { .. } => {}
-            Command::Dropped { request, reason } => {
+            Command::Dropped {
+                request,
+                reason,
+                retry_after_s,
+            } => {
                 let Some(g) = self.generations.remove(&request) else {
                     return;
                 };
                 let err = match reason {
-                    DropReason::DeadlinePassedWaiting => Some(InferenceError::Overloaded {
-                        retry_after_s: RETRY_AFTER_S,
-                    }),
+                    DropReason::DeadlinePassedWaiting | DropReason::WouldMissDeadline => {
+                        Some(InferenceError::Overloaded {
+                            retry_after_s: retry_after_s
+                                .unwrap_or(RETRY_AFTER_S)
+                                .clamp(RETRY_AFTER_S, MAX_RETRY_AFTER_S),
+                        })
+                    }
                     DropReason::DeadlinePassedAfterPreemption => {
                         Some(InferenceError::DeadlineMissed)
                     }

@@ -56,6 +56,7 @@ pub(crate) struct Generation {
     detok: Detokenizer,
     tx: mpsc::UnboundedSender<Event>,
     cancelled: Arc<AtomicBool>,
+    /// When the caller's request arrived (TTFT counts from here).
     submitted: Instant,
     ttft_s: Option<f64>,
     /// Tokens sampled (EOS included).
@@ -76,7 +77,7 @@ impl Generation {
         model: Arc<ModelEntry>,
         prompt: Vec<u32>,
         params: &GenerationParams,
-        slo_s: (f64, f64),
+        (arrived, slo_s): (Instant, (f64, f64)),
         tx: mpsc::UnboundedSender<Event>,
         cancelled: Arc<AtomicBool>,
         metrics: Arc<LlmMetrics>,
@@ -91,7 +92,7 @@ impl Generation {
             detok: Detokenizer::new(params.stop.clone()),
             tx,
             cancelled,
-            submitted: Instant::now(),
+            submitted: arrived,
             ttft_s: None,
             sampled: 0,
             ended: false,
@@ -100,6 +101,11 @@ impl Generation {
             tpot_slo_s: slo_s.1,
             metrics,
         }
+    }
+
+    /// Seconds since the caller's request arrived.
+    pub fn age_s(&self) -> f64 {
+        self.submitted.elapsed().as_secs_f64()
     }
 
     pub fn cancelled(&self) -> bool {

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 use slinfer_engine::package::{PackageKind, package_dirs};
 use tokio::sync::mpsc;
@@ -281,7 +282,7 @@ impl Inference {
             m,
             prompt,
             &req.params,
-            (ttft, tpot),
+            (req.arrived.unwrap_or_else(Instant::now), (ttft, tpot)),
             tx,
             cancelled.clone(),
             self.metrics.clone(),

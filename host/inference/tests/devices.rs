@@ -90,6 +90,7 @@ fn request(model: &str, prompt: &str, max_tokens: u32) -> GenerateRequest {
         },
         ttft_slo_s: 0.0,
         tpot_slo_s: 0.0,
+        arrived: None,
     }
 }
 

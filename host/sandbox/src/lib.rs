@@ -259,13 +259,15 @@ impl Sandbox {
     }
 
     /// Run one request in a fresh instance of `pre`. `permit` is held until
-    /// the instance is gone. `path_and_query` is what the guest sees.
+    /// the instance is gone. `path_and_query` is what the guest sees;
+    /// `arrived` is when the request reached the host (latency targets of
+    /// what the guest asks count from it).
     pub async fn invoke(
         &self,
         pre: &FunctionPre,
         grants: &Grants,
         req: ::http::Request<axum_core::body::Body>,
-        path_and_query: ::http::uri::PathAndQuery,
+        (path_and_query, arrived): (::http::uri::PathAndQuery, Instant),
         permit: impl Send + 'static,
     ) -> Result<Invocation, InvokeError> {
         let started = Instant::now();
@@ -294,7 +296,7 @@ impl Sandbox {
         );
         let hyper_req = ::http::Request::from_parts(parts, body);
 
-        let mut store = self.new_store(grants, memory_hit.clone())?;
+        let mut store = self.new_store(grants, memory_hit.clone(), arrived)?;
         let deadline = started + Duration::from_millis(limits.timeout_ms);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
@@ -417,6 +419,7 @@ impl Sandbox {
         &self,
         grants: &Grants,
         memory_hit: Arc<AtomicBool>,
+        arrived: Instant,
     ) -> Result<Store<GuestState>, InvokeError> {
         let mut wasi = WasiCtxBuilder::new();
         wasi.envs(&grants.env)
@@ -445,6 +448,7 @@ impl Sandbox {
                 self.inference.clone(),
                 grants.function.clone(),
                 grants.llm.clone(),
+                arrived,
             ),
             nn: NnCtx::new(self.graphs.clone(), grants.nn.clone()),
         };

@@ -9,6 +9,7 @@
 //! [`add_to_linker`].
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use slinfer_inference::{self as inference, Inference};
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
@@ -47,16 +48,25 @@ pub struct LlmCtx {
     inference: Option<Arc<Inference>>,
     function: Arc<str>,
     config: LlmConfig,
+    /// When the instance's request reached the host: its first generation's
+    /// TTFT deadline counts from there (later ones from their own start).
+    arrived: Option<Instant>,
 }
 
 impl LlmCtx {
     /// `inference` is `None` on a host without models: `generate` then
     /// answers `model-not-found`.
-    pub fn new(inference: Option<Arc<Inference>>, function: Arc<str>, config: LlmConfig) -> Self {
+    pub fn new(
+        inference: Option<Arc<Inference>>,
+        function: Arc<str>,
+        config: LlmConfig,
+        arrived: Instant,
+    ) -> Self {
         LlmCtx {
             inference,
             function,
             config,
+            arrived: Some(arrived),
         }
     }
 }
@@ -172,6 +182,7 @@ impl wit::Host for LlmCtxView<'_> {
             },
             ttft_slo_s: self.ctx.config.ttft_slo_s,
             tpot_slo_s: self.ctx.config.tpot_slo_s,
+            arrived: self.ctx.arrived.take(),
         };
         match inference.generate(request).await {
             Ok(stream) => Ok(Ok(self.table.push(LlmStream {

@@ -311,7 +311,9 @@ impl World<'_> {
                     s.ended += 1;
                     s.load_delay_s = load_delay_s;
                 }
-                Command::Dropped { request, reason } => {
+                Command::Dropped {
+                    request, reason, ..
+                } => {
                     self.state[request as usize].ended += 1;
                     *self
                         .dropped_by_reason

@@ -62,6 +62,7 @@ fn request(prompt: Prompt, params: GenerationParams) -> GenerateRequest {
         params,
         ttft_slo_s: 0.0,
         tpot_slo_s: 0.0,
+        arrived: None,
     }
 }
 

@@ -113,12 +113,23 @@ impl<C: CostModel> Scheduler<C> {
                 } else {
                     DropReason::DeadlinePassedWaiting
                 };
+                let retry_after_s = self.queue_drain_s(rid, now_s);
                 self.detach(rid, now_s);
                 self.out.push(Command::Dropped {
                     request: rid,
                     reason,
+                    retry_after_s,
                 });
-            } else if !self.try_place(rid, now_s) {
+            } else if self.try_place(rid, now_s) {
+                continue;
+            } else if let Some(drain) = self.hopeless(rid, now_s) {
+                self.detach(rid, now_s);
+                self.out.push(Command::Dropped {
+                    request: rid,
+                    reason: DropReason::WouldMissDeadline,
+                    retry_after_s: Some(drain),
+                });
+            } else {
                 self.requests.get_mut(&rid).expect("live").next_retry_s =
                     now_s + self.cfg.retry_interval_s;
             }

@@ -16,11 +16,12 @@ mod arbiter;
 mod estimate;
 mod kv;
 mod placement;
+mod refusal;
 mod snapshot;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
-mod tests_faults;
+mod tests_live;
 mod types;
 
 pub use snapshot::{InstanceSnapshot, NodeSnapshot, Snapshot};
@@ -143,6 +144,8 @@ pub struct Scheduler<C: CostModel> {
     predictor: OutputPredictor,
     /// Models taken out of service: their instances unload as soon as idle.
     retired_models: HashSet<ModelId>,
+    /// Recent completion times per model (early refusal).
+    completions: HashMap<ModelId, VecDeque<f64>>,
     next_instance: InstanceId,
     next_action: ActionId,
     out: Vec<Command>,
@@ -175,6 +178,7 @@ impl<C: CostModel> Scheduler<C> {
             pending: Vec::new(),
             predictor: OutputPredictor::default(),
             retired_models: HashSet::new(),
+            completions: HashMap::new(),
             next_instance: 0,
             next_action: 0,
             out: Vec::new(),
@@ -197,6 +201,7 @@ impl<C: CostModel> Scheduler<C> {
             self.out.push(Command::Dropped {
                 request: id,
                 reason: DropReason::Unservable,
+                retry_after_s: None,
             });
             return;
         }
@@ -251,6 +256,7 @@ impl<C: CostModel> Scheduler<C> {
         for id in finished {
             let r = self.detach(id, now_s);
             self.predictor.record(r.req.function, r.generated);
+            self.record_completion(r.req.model, now_s);
             self.out.push(Command::Completed {
                 request: id,
                 load_delay_s: r.load_delay_s,
@@ -311,6 +317,7 @@ impl<C: CostModel> Scheduler<C> {
         self.out.push(Command::Dropped {
             request,
             reason: DropReason::Cancelled,
+            retry_after_s: None,
         });
         self.pump(now_s);
     }
@@ -339,6 +346,7 @@ impl<C: CostModel> Scheduler<C> {
                 self.out.push(Command::Dropped {
                     request: rid,
                     reason: DropReason::DeviceFailed,
+                    retry_after_s: None,
                 });
             }
         }

@@ -123,7 +123,7 @@ pub(super) fn runs(cmds: &[Command]) -> Vec<InstanceId> {
 }
 
 #[test]
-pub(super) fn arbiter_grants_the_least_headroom_first() {
+fn arbiter_grants_the_least_headroom_first() {
     let mut s = sched(Policy::Slinfer, &[(DeviceKind::Gpu, 1 << 20)], FAST);
     s.submit(req(1, 1, 100, 2.0), 0.0);
     s.submit(req(2, 2, 100, 0.6), 0.0);
@@ -139,7 +139,7 @@ pub(super) fn arbiter_grants_the_least_headroom_first() {
 }
 
 #[test]
-pub(super) fn memory_check_keeps_a_request_waiting_then_drops_it_at_its_deadline() {
+fn memory_check_keeps_a_request_waiting_then_drops_it_at_its_deadline() {
     // Room for one instance with its 4-block floor, not two.
     let mut s = sched(
         Policy::Slinfer,
@@ -160,7 +160,8 @@ pub(super) fn memory_check_keeps_a_request_waiting_then_drops_it_at_its_deadline
                 c,
                 Command::Dropped {
                     request: 2,
-                    reason: DropReason::DeadlinePassedWaiting
+                    reason: DropReason::DeadlinePassedWaiting,
+                    ..
                 }
             )
         })
@@ -169,7 +170,7 @@ pub(super) fn memory_check_keeps_a_request_waiting_then_drops_it_at_its_deadline
 }
 
 #[test]
-pub(super) fn decode_check_spreads_instances_whose_slices_exceed_the_device() {
+fn decode_check_spreads_instances_whose_slices_exceed_the_device() {
     // Each instance alone takes 0.15 / (0.25 × 0.95) ≈ 63% of the device.
     let slow = Flat {
         decode_s: 0.15,
@@ -187,7 +188,7 @@ pub(super) fn decode_check_spreads_instances_whose_slices_exceed_the_device() {
 }
 
 #[test]
-pub(super) fn prefill_check_spreads_prefills_that_would_miss_their_deadlines() {
+fn prefill_check_spreads_prefills_that_would_miss_their_deadlines() {
     // One prefill (0.5 × 1.05) fits the 0.95 s plan; two in a row do not.
     let slow = Flat {
         prefill_s: 0.5,
@@ -227,7 +228,7 @@ pub(super) fn load_nodes_for_distinct_models(policy: Policy, models: ModelId) ->
 }
 
 #[test]
-pub(super) fn placement_prefers_cpu_then_the_busiest_node_and_empty_nodes_last() {
+fn placement_prefers_cpu_then_the_busiest_node_and_empty_nodes_last() {
     // Two CPU slots first, then packing onto one GPU.
     assert_eq!(
         load_nodes_for_distinct_models(Policy::Slinfer, 4),
@@ -238,7 +239,7 @@ pub(super) fn placement_prefers_cpu_then_the_busiest_node_and_empty_nodes_last()
 }
 
 #[test]
-pub(super) fn existing_instances_are_tried_largest_batch_first() {
+fn existing_instances_are_tried_largest_batch_first() {
     let mut s = sched(Policy::Slinfer, &[(DeviceKind::Gpu, 1 << 20)], FAST);
     s.submit(req(1, 1, 100, 1.0), 0.0);
     settle(&mut s, 0.0);
@@ -282,7 +283,7 @@ pub(super) fn submit_5_preempts_2(s: &mut Scheduler<Flat>, a: InstanceId, b: Ins
 }
 
 #[test]
-pub(super) fn gpu_preemption_evicts_a_smaller_neighbour_when_only_memory_fails() {
+fn gpu_preemption_evicts_a_smaller_neighbour_when_only_memory_fails() {
     let mut s = two_model_node();
     let a = s.by_model[&1][0];
     let b = s.by_model[&2][0];
@@ -293,7 +294,7 @@ pub(super) fn gpu_preemption_evicts_a_smaller_neighbour_when_only_memory_fails()
 }
 
 #[test]
-pub(super) fn preemption_can_keep_kv_so_the_request_is_restored_not_recomputed() {
+fn preemption_can_keep_kv_so_the_request_is_restored_not_recomputed() {
     let mut s = two_model_node();
     s.cfg.preempt_keeps_kv = true;
     // As if model 2's request had run its prefill.
@@ -321,7 +322,7 @@ pub(super) fn preemption_can_keep_kv_so_the_request_is_restored_not_recomputed()
 }
 
 #[test]
-pub(super) fn cpu_preemption_evicts_a_smaller_neighbour_when_only_decode_fails() {
+fn cpu_preemption_evicts_a_smaller_neighbour_when_only_decode_fails() {
     // Slice of one instance: (0.02 + 0.04 × batch) × 1.1 / 0.2375.
     let cost = Flat {
         decode_s: 0.02,
@@ -343,7 +344,7 @@ pub(super) fn cpu_preemption_evicts_a_smaller_neighbour_when_only_decode_fails()
 }
 
 #[test]
-pub(super) fn shared_sllm_instances_are_throttled_to_their_share_of_device_time() {
+fn shared_sllm_instances_are_throttled_to_their_share_of_device_time() {
     let mut s = sched(Policy::SllmCS, &[(DeviceKind::Gpu, 1 << 20)], FAST);
     s.submit(req(1, 1, 100, 1.0), 0.0);
     let cmds = settle(&mut s, 0.0);
@@ -362,7 +363,7 @@ pub(super) fn shared_sllm_instances_are_throttled_to_their_share_of_device_time(
 }
 
 #[test]
-pub(super) fn snapshot_shows_instances_kv_and_queues() {
+fn snapshot_shows_instances_kv_and_queues() {
     // Room for one request of 300 tokens, not two.
     let mut s = sched(
         Policy::Slinfer,
@@ -392,7 +393,7 @@ pub(super) fn snapshot_shows_instances_kv_and_queues() {
 }
 
 #[test]
-pub(super) fn retired_models_unload_when_idle_and_new_types_can_be_added() {
+fn retired_models_unload_when_idle_and_new_types_can_be_added() {
     let mut s = sched(Policy::Slinfer, &[(DeviceKind::Cpu, 1 << 20)], FAST);
     s.cfg.keep_alive_s = PerKind::splat(300.0);
     let t = s.add_model_type(spec());
@@ -420,7 +421,7 @@ pub(super) fn retired_models_unload_when_idle_and_new_types_can_be_added() {
 }
 
 #[test]
-pub(super) fn cpu_kv_is_fixed_unless_cpu_kv_scales() {
+fn cpu_kv_is_fixed_unless_cpu_kv_scales() {
     let fixed_blocks = spec().cpu_kv_bytes / 32;
     for scales in [false, true] {
         let mut s = sched(Policy::Slinfer, &[(DeviceKind::Cpu, 1 << 20)], FAST);
@@ -447,7 +448,7 @@ pub(super) fn cpu_kv_is_fixed_unless_cpu_kv_scales() {
 }
 
 #[test]
-pub(super) fn kv_scaling_grows_to_target_and_shrinks_only_past_the_watermark() {
+fn kv_scaling_grows_to_target_and_shrinks_only_past_the_watermark() {
     let mut s = sched(Policy::Slinfer, &[(DeviceKind::Gpu, 1 << 20)], FAST);
     s.submit(req(1, 1, 300, 1.0), 0.0);
     let i = s.by_model[&1][0];
@@ -484,7 +485,7 @@ pub(super) fn kv_scaling_grows_to_target_and_shrinks_only_past_the_watermark() {
 }
 
 #[test]
-pub(super) fn grows_wait_for_committed_memory_and_shrinks_always_start() {
+fn grows_wait_for_committed_memory_and_shrinks_always_start() {
     let cap = 2 * WEIGHTS + 10 * 16;
     let mut s = sched(Policy::Slinfer, &[(DeviceKind::Gpu, cap)], FAST);
     let a = s.create_instance(0, 1, ModelTypeId(0), 0.0);
@@ -524,7 +525,7 @@ pub(super) fn grows_wait_for_committed_memory_and_shrinks_always_start() {
 }
 
 #[test]
-pub(super) fn a_request_outgrowing_the_node_is_evicted_and_its_empty_instance_retires() {
+fn a_request_outgrowing_the_node_is_evicted_and_its_empty_instance_retires() {
     let mut s = sched(
         Policy::Slinfer,
         &[(DeviceKind::Gpu, WEIGHTS + 10 * 16)],
@@ -565,7 +566,7 @@ pub(super) fn a_request_outgrowing_the_node_is_evicted_and_its_empty_instance_re
 }
 
 #[test]
-pub(super) fn cancel_ends_a_request_once_and_frees_its_instance() {
+fn cancel_ends_a_request_once_and_frees_its_instance() {
     let mut s = sched(Policy::Slinfer, &[(DeviceKind::Gpu, 1 << 20)], FAST);
     s.submit(req(1, 1, 100, 1.0), 0.0);
     settle(&mut s, 0.0);

@@ -97,6 +97,12 @@ pub struct SchedulerConfig {
     /// `ModelSpec::cpu_kv_bytes` (the paper's artifact keeps it fixed; the
     /// live host's CPU engine owns resizable block tensors). Off by default.
     pub cpu_kv_scales: bool,
+    /// Refuse a waiting request as soon as the model's recent completion
+    /// rate says the requests queued before it will not have drained by its
+    /// deadline (`DropReason::WouldMissDeadline`, with the time they need as
+    /// the retry hint), instead of holding it until the deadline passes.
+    /// Beyond the paper; off by default.
+    pub refuse_early: bool,
 }
 
 impl SchedulerConfig {
@@ -115,6 +121,7 @@ impl SchedulerConfig {
             predictor: PredictorConfig::default(),
             preempt_keeps_kv: false,
             cpu_kv_scales: false,
+            refuse_early: false,
         }
     }
 }
@@ -129,6 +136,10 @@ pub enum DropReason {
     Cancelled,
     /// No node this policy may use can ever host it.
     Unservable,
+    /// Refused while waiting: at the model's recent completion rate, the
+    /// requests ahead of it would not drain before its deadline
+    /// (`SchedulerConfig::refuse_early`).
+    WouldMissDeadline,
     /// The device it was placed on failed (`fail_node`).
     DeviceFailed,
 }
@@ -140,6 +151,7 @@ impl DropReason {
             DropReason::DeadlinePassedAfterPreemption => "deadline_passed_after_preemption",
             DropReason::Cancelled => "cancelled",
             DropReason::Unservable => "unservable",
+            DropReason::WouldMissDeadline => "would_miss_deadline",
             DropReason::DeviceFailed => "device_failed",
         }
     }
@@ -195,6 +207,9 @@ pub enum Command {
     Dropped {
         request: RequestId,
         reason: DropReason,
+        /// For a request refused as overloaded: when a retry may be served,
+        /// from the model's recent completion rate (`None`: no estimate).
+        retry_after_s: Option<f64>,
     },
 }
 

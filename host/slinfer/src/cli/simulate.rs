@@ -89,6 +89,10 @@ pub struct SimulateArgs {
     /// instead of recomputing it.
     #[arg(long)]
     pub preempt_keeps_kv: bool,
+    /// Refuse a waiting request as soon as its model's recent completion
+    /// rate says it would miss its deadline (the live host's setting).
+    #[arg(long)]
+    pub refuse_early: bool,
     /// Run every policy (or --policies) at every K (or --ks).
     #[arg(long)]
     pub sweep: bool,
@@ -133,6 +137,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     sc.predictor.quantile = args.predict_quantile;
     sc.predictor.min_history = args.predict_min_history;
     sc.preempt_keeps_kv = args.preempt_keeps_kv;
+    sc.refuse_early = args.refuse_early;
     let replay = sweep::Replay {
         duration_s: args.duration_s.unwrap_or(f64::INFINITY),
         jitter_s: args.jitter_s,

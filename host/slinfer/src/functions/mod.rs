@@ -348,7 +348,7 @@ impl Functions {
     ) -> Result<http::Response<axum::body::Body>, InvokeFailure> {
         let started = std::time::Instant::now();
         let name = d.manifest.name.clone();
-        let result = self.run(&d, req, path_and_query).await;
+        let result = self.run(&d, req, (path_and_query, started)).await;
         match result {
             Ok(inv) => {
                 let metrics = self.metrics.clone();
@@ -379,12 +379,12 @@ impl Functions {
         &self,
         d: &Arc<Deployed>,
         req: http::Request<axum::body::Body>,
-        path_and_query: http::uri::PathAndQuery,
+        target: (http::uri::PathAndQuery, std::time::Instant),
     ) -> Result<Invocation, InvokeFailure> {
         let permit = self.acquire(d).await?;
         Ok(self
             .sandbox
-            .invoke(&d.pre, &d.grants, req, path_and_query, permit)
+            .invoke(&d.pre, &d.grants, req, target, permit)
             .await?)
     }
 

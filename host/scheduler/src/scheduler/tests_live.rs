@@ -1,0 +1,130 @@
+use super::tests::*;
+use super::*;
+
+#[test]
+fn a_failed_node_drops_its_requests_and_leaves_placement() {
+    let mut s = sched(
+        Policy::Slinfer,
+        &[(DeviceKind::Cpu, 1 << 20), (DeviceKind::Gpu, 1 << 20)],
+        FAST,
+    );
+    s.submit(req(1, 1, 100, 1.0), 0.0);
+    assert_eq!(load_nodes(&settle(&mut s, 0.0)), [0], "CPU first");
+    s.fail_node(0, 0.1);
+    s.fail_node(0, 0.1);
+    let cmds = s.drain_commands();
+    let dropped: Vec<_> = cmds
+        .iter()
+        .filter(|c| {
+            matches!(
+                c,
+                Command::Dropped {
+                    request: 1,
+                    reason: DropReason::DeviceFailed,
+                    ..
+                }
+            )
+        })
+        .collect();
+    assert_eq!(dropped.len(), 1, "{cmds:?}");
+    assert_eq!(s.live_requests(), 0);
+    let snap = s.snapshot();
+    assert!(snap.nodes[0].failed && !snap.nodes[1].failed);
+    assert!(snap.instances.iter().all(|i| i.node != 0));
+    // A late report from the failed node's instance changes nothing.
+    s.iteration_done(0, 0, &[], 0.2);
+    // New requests go to the node that is left.
+    s.submit(req(2, 1, 100, 1.0), 0.3);
+    assert_eq!(load_nodes(&settle(&mut s, 0.3)), [1]);
+    // With every node failed, a request is unservable at once.
+    s.fail_node(1, 0.4);
+    s.drain_commands();
+    s.submit(req(3, 1, 100, 1.0), 0.5);
+    assert!(s.drain_commands().iter().any(|c| matches!(
+        c,
+        Command::Dropped {
+            request: 3,
+            reason: DropReason::Unservable,
+            ..
+        }
+    )));
+}
+
+/// Three requests of model 1 complete a second apart, then one holds the
+/// node; returns the scheduler at t = 3.
+fn busy_node_with_a_known_rate(refuse_early: bool) -> Scheduler<Flat> {
+    // KV room for one 400-token request, not two.
+    let mut s = sched(Policy::Slinfer, &[(DeviceKind::Gpu, WEIGHTS + 660)], FAST);
+    s.cfg.refuse_early = refuse_early;
+    for (id, t) in [(1, 0.0), (2, 1.0), (3, 2.0)] {
+        s.submit(arriving(id, 100, 5.0, t), t);
+        let inst = runs(&settle(&mut s, t))[0];
+        let done = RequestOutcome {
+            request: id,
+            tokens: 1,
+            finished: true,
+        };
+        s.iteration_done(0, inst, &[done], t + 0.5);
+        settle(&mut s, t + 0.5);
+    }
+    s.submit(arriving(10, 400, 1.0, 3.0), 3.0);
+    let c = settle(&mut s, 3.0);
+    assert_eq!(runs(&c).len(), 1, "{c:?}");
+    s
+}
+
+/// A request arriving at `t`.
+fn arriving(id: RequestId, input_tokens: u64, ttft_slo_s: f64, t: f64) -> Request {
+    Request {
+        arrival_s: t,
+        ..req(id, 1, input_tokens, ttft_slo_s)
+    }
+}
+
+fn drops(cmds: &[Command]) -> Vec<(RequestId, DropReason, Option<f64>)> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::Dropped {
+                request,
+                reason,
+                retry_after_s,
+            } => Some((*request, *reason, *retry_after_s)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_request_that_would_wait_past_its_deadline_is_refused_at_once() {
+    let mut s = busy_node_with_a_known_rate(true);
+    // 3 completions over the 2.5 s since the first: 1.2/s. The first four
+    // to wait drain in 0.83 to 3.33 s: within their 0.95 s of planned TTFT
+    // at four times the rate. The fifth needs 4.17 s (1.04 s at four
+    // times): refused now, told when the queue will have been served.
+    for id in 11..=15 {
+        s.submit(arriving(id, 400, 1.0, 3.0), 3.0);
+    }
+    let d = drops(&s.drain_commands());
+    assert_eq!(d.len(), 1, "{d:?}");
+    let (id, reason, retry) = d[0];
+    assert_eq!((id, reason), (15, DropReason::WouldMissDeadline));
+    assert!((retry.unwrap() - 5.0 / 1.2).abs() < 1e-9, "{retry:?}");
+    // The paper's policy holds it until its deadline instead.
+    let mut s = busy_node_with_a_known_rate(false);
+    for id in 11..=15 {
+        s.submit(arriving(id, 400, 1.0, 3.0), 3.0);
+    }
+    assert!(drops(&s.drain_commands()).is_empty());
+    s.tick(4.0);
+    let d = drops(&s.drain_commands());
+    assert_eq!(
+        d.iter().map(|x| (x.0, x.1)).collect::<Vec<_>>(),
+        (11..=15)
+            .map(|id| (id, DropReason::DeadlinePassedWaiting))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        d.iter().all(|x| x.2.is_some()),
+        "a hint from the rate: {d:?}"
+    );
+}
