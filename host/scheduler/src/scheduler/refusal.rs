@@ -23,7 +23,7 @@ const RATE_MARGIN: f64 = 4.0;
 
 impl<C: CostModel> Scheduler<C> {
     pub(super) fn record_completion(&mut self, model: ModelId, now_s: f64) {
-        let q = self.completions.entry(model).or_insert_with(VecDeque::new);
+        let q = self.completions.entry(model).or_default();
         q.push_back(now_s);
         while q.front().is_some_and(|&t| now_s - t > COMPLETION_WINDOW_S) {
             q.pop_front();
