@@ -6,8 +6,6 @@
 //! completions to go by, it waits as before, until placed or its deadline
 //! passes.
 
-use std::collections::VecDeque;
-
 use super::*;
 
 /// How far back completions count towards a model's rate.
