@@ -137,3 +137,59 @@ async fn a_thousand_concurrent_invocations_lose_nothing() {
     );
     assert_eq!(metric(&m, "slinfer_invocation_errors_total", &[]), 0.0);
 }
+
+/// Files below `dir`, relative, sorted (hidden ones included).
+fn tree(dir: &std::path::Path) -> Vec<String> {
+    fn walk(root: &std::path::Path, dir: &std::path::Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.push(p.strip_prefix(root).unwrap().display().to_string());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn a_crash_during_a_first_deploy_leaves_nothing_and_no_artifact_outlives_its_function() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut s = Server::start_in(&data, &[("SLINFER_CRASH_AT", "deploy-before-commit")]);
+    let (ok, _, _) = s.cli(&["deploy", package("hello").to_str().unwrap()]);
+    assert!(!ok, "the deploy should have died with the server");
+    assert!(s.wait_exit(Duration::from_secs(10)).is_some());
+    let s = Server::start_in(&data, &[]);
+    let (ok, out, _) = s.cli(&["functions", "ls"]);
+    assert!(ok && !out.contains("hello"), "{out}");
+    // Neither the version folder nor the compiled artifact survived.
+    let left: Vec<String> = tree(&data.join("functions"))
+        .into_iter()
+        .chain(tree(&data.join("cache")))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    // A replaced function's artifact goes with its version; a removed
+    // function takes its own along.
+    s.deploy(&package("hello"));
+    let other = package_variant("proxy-compat", |m| {
+        m.replace("name = \"proxy-compat\"", "name = \"hello\"")
+    });
+    s.deploy(other.path());
+    assert_eq!(
+        tree(&data.join("cache")).len(),
+        1,
+        "{:?}",
+        tree(&data.join("cache"))
+    );
+    s.deploy(&package("misbehaving"));
+    assert_eq!(tree(&data.join("cache")).len(), 2);
+    let (ok, _, err) = s.cli(&["functions", "rm", "misbehaving"]);
+    assert!(ok, "{err}");
+    assert_eq!(tree(&data.join("cache")).len(), 1);
+}

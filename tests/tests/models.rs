@@ -4,6 +4,7 @@
 //! and `/metrics`. Real server, real importer (openvino-genai), real engine.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use slinfer_e2e::{Server, client, error_of, metric, models_dir, package, package_variant, venv};
 use slinfer_test_support::reference::{self, Answer, Finish};
@@ -336,4 +337,68 @@ async fn bad_imports_get_clear_errors_and_leave_nothing() {
     // Nothing was lost: the default model still serves.
     s.deploy(&package("chat"));
     assert_eq!(reply(&s, "chat").await.0, 200);
+}
+
+/// Processes whose command line mentions `needle`.
+fn processes_with(needle: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(needle))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_server_killed_during_an_import_leaves_no_importer_and_nothing_half_written() {
+    let (mut s, tmp, models) = server();
+    let data = tmp.path().join("data");
+    let gguf = models_dir().join(DEFAULT).join("model.gguf");
+    let import = {
+        let url = format!("{}/v1/models/killed", s.url);
+        let token = s.token.clone();
+        let body = serde_json::json!({ "source": gguf });
+        tokio::spawn(async move {
+            let _ = client()
+                .put(url)
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await;
+        })
+    };
+    // Until the importer is converting: its folder is in the models dir.
+    let mut converting = false;
+    for _ in 0..300 {
+        converting = entries(&models)
+            .iter()
+            .any(|e| e.starts_with(".killed.importing-"));
+        if converting {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(converting, "the import never started: {}", s.log());
+    s.kill();
+    import.abort();
+    // The importer dies with the server.
+    let script = data.join("cache/models/import-killed.py");
+    let mut left = processes_with(script.to_str().unwrap());
+    for _ in 0..100 {
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        left = processes_with(script.to_str().unwrap());
+    }
+    assert!(left.is_empty(), "orphan importer: {left:?}");
+    // A restart sweeps what it had written.
+    let s = Server::start_with(
+        &data,
+        &[("SLINFER_VENV", venv().to_str().unwrap())],
+        &["--models-dir", models.to_str().unwrap()],
+    );
+    assert_eq!(entries(&models), [GRAPH, DEFAULT], "{}", s.log());
+    assert!(entries(&data.join("cache/models")).is_empty());
 }

@@ -248,6 +248,26 @@ impl Sandbox {
         }
     }
 
+    /// Deletes every compiled artifact but those of `keep` (digests) for
+    /// this engine: what refused deploys and removed or replaced functions
+    /// left, and artifacts of other wasmtime versions or settings.
+    pub fn prune_cache(&self, keep: &[&str]) -> std::io::Result<usize> {
+        let keep: Vec<PathBuf> = keep.iter().map(|d| self.cache_path(d)).collect();
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&self.cache_dir)? {
+            let entry = entry?;
+            let path = entry.path();
+            let stale = entry.file_type()?.is_file()
+                && path.extension().is_some_and(|e| e == "cwasm")
+                && !keep.contains(&path);
+            if stale {
+                std::fs::remove_file(&path)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     fn cache_path(&self, digest: &str) -> PathBuf {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         self.engine.precompile_compatibility_hash().hash(&mut h);

@@ -149,6 +149,7 @@ impl Models {
         inference: Option<Arc<Inference>>,
         graphs: Arc<Graphs>,
     ) -> Models {
+        sweep(dir, work);
         Models {
             dir: dir.to_path_buf(),
             venv: venv
@@ -248,7 +249,8 @@ impl Models {
             )
         })?;
         let python = venv.join("bin/python");
-        let child = tokio::process::Command::new(&python)
+        let mut child = tokio::process::Command::new(&python);
+        child
             .arg(&script)
             .arg("--models-dir")
             .arg(&self.dir)
@@ -258,8 +260,21 @@ impl Models {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn();
+            .kill_on_drop(true);
+        // The importer dies with the server: a crash must not leave it
+        // converting as an orphan.
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches
+        // nothing of the parent's between fork and exec.
+        #[cfg(target_os = "linux")]
+        unsafe {
+            child.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = child.spawn();
         let mut child = match child {
             Ok(c) => c,
             Err(e) => {
@@ -317,6 +332,41 @@ impl Models {
             remove_package(&self.dir, name).map_err(|e| io("deleting the package", e))?;
         }
         Ok(())
+    }
+}
+
+/// Removes what an import or a removal interrupted by a crash left: hidden
+/// package folders (`.<name>.importing-*` the importer builds in,
+/// `.<name>.removed-*` a removal deletes) and every upload and importer
+/// script (no import runs before the server serves).
+fn sweep(dir: &Path, work: &Path) {
+    let hidden = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with('.') && (n.contains(".importing-") || n.contains(".removed-"))
+        });
+    let leftovers = hidden.map(|e| e.path()).chain(
+        std::fs::read_dir(work)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path()),
+    );
+    for path in leftovers {
+        let gone = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match gone {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "removed what an interrupted import left")
+            }
+            Err(e) => tracing::warn!(path = %path.display(), "cannot remove: {e}"),
+        }
     }
 }
 

@@ -189,6 +189,7 @@ impl Functions {
                 Err(e) => tracing::error!(function = %name, "cannot restore: {e}"),
             }
         }
+        functions.prune_cache();
         Ok(functions)
     }
 
@@ -304,7 +305,24 @@ impl Functions {
         if let Ok(info) = &result {
             tracing::info!(function = %info.name, digest = %info.digest, "deployed");
         }
+        // A refused deploy's artifact, or the replaced version's.
+        self.prune_cache();
         result
+    }
+
+    /// Deletes compiled artifacts no deployed function uses (call under
+    /// the deploy lock, or before serving).
+    fn prune_cache(&self) {
+        let digests: Vec<String> = self.list().iter().map(|d| d.digest.clone()).collect();
+        let keep: Vec<&str> = digests.iter().map(String::as_str).collect();
+        match self.sandbox.prune_cache(&keep) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                removed = n,
+                "compile cache: artifacts no function uses removed"
+            ),
+            Err(e) => tracing::warn!("compile cache: {e}"),
+        }
     }
 
     /// Remove `name`; returns whether it existed.
@@ -314,10 +332,14 @@ impl Functions {
         }
         let _guard = self.deploy_lock.lock().await;
         let existed = self.store.remove(name)?;
-        let mut map = self.deployed.write().expect("registry lock");
-        let was_loaded = map.remove(name).is_some();
-        self.metrics.functions.set(map.len() as i64);
+        let was_loaded = {
+            let mut map = self.deployed.write().expect("registry lock");
+            let was = map.remove(name).is_some();
+            self.metrics.functions.set(map.len() as i64);
+            was
+        };
         self.metrics.forget(name);
+        self.prune_cache();
         Ok(existed || was_loaded)
     }
 

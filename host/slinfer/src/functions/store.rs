@@ -53,8 +53,13 @@ impl Store {
         }
         fs::create_dir_all(&incoming)?;
         let store = Store { root };
-        for name in store.names()? {
-            store.prune(&name)?;
+        // Every function folder, with a current version or not: a crash
+        // during a function's first deploy leaves a version and no current.
+        for entry in fs::read_dir(&store.root)? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if valid_name(&name) {
+                store.prune(&name)?;
+            }
         }
         Ok(store)
     }
@@ -147,17 +152,23 @@ impl Store {
         Ok(true)
     }
 
-    /// Delete every version of `name` but the current one (or the whole
-    /// directory when nothing is current).
+    /// Removes every version of `name` but the current one; a function
+    /// with no current version goes entirely.
     fn prune(&self, name: &str) -> std::io::Result<()> {
-        let keep = self.current(name)?.map(|c| c.version);
+        let Some(keep) = self.current(name)?.map(|c| c.version) else {
+            let dir = self.root.join(name);
+            if dir.exists() {
+                fs::remove_dir_all(dir)?;
+            }
+            return Ok(());
+        };
         let versions = self.root.join(name).join("versions");
         if !versions.exists() {
             return Ok(());
         }
         for entry in fs::read_dir(&versions)? {
             let entry = entry?;
-            if Some(entry.file_name().to_string_lossy().as_ref()) != keep.as_deref() {
+            if entry.file_name().to_string_lossy() != keep.as_str() {
                 fs::remove_dir_all(entry.path())?;
             }
         }
