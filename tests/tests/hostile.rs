@@ -189,7 +189,7 @@ async fn a_function_saturating_the_instance_pool_leaves_room_for_another() {
             .replace("max_concurrency = 8", "max_concurrency = 16")
     });
     let hello = package_variant("hello", |m| {
-        m.replace("max_concurrency = 1000", "max_concurrency = 16")
+        m.replace("max_concurrency = 256", "max_concurrency = 16")
     });
     s.deploy(greedy.path());
     s.deploy(hello.path());
@@ -248,4 +248,141 @@ async fn the_ttft_deadline_counts_from_the_http_arrival_not_from_generate() {
     assert!(second.headers().contains_key("retry-after"));
     let v: serde_json::Value = second.json().await.unwrap();
     assert!(v["error"].as_str().unwrap().contains("overloaded"), "{v}");
+}
+
+/// An archive's entries: path and contents.
+type Entries = Vec<(String, Vec<u8>)>;
+
+/// Deploys `archive` as `name`; returns (status, error kind, message).
+async fn deploy_archive(s: &Server, name: &str, archive: Vec<u8>) -> (u16, String, String) {
+    let resp = client()
+        .put(format!("{}/v1/functions/{name}", s.url))
+        .bearer_auth(&s.token)
+        .body(archive)
+        .send()
+        .await
+        .unwrap();
+    slinfer_e2e::error_of(resp).await
+}
+
+#[tokio::test]
+async fn client_mistakes_in_packages_are_400s_that_say_what_is_wrong() {
+    let s = Server::start();
+    let wasm = std::fs::read(package("hello").join("hello.wasm")).unwrap();
+    let manifest = b"name = \"h\"\ncomponent = \"h.wasm\"\n".to_vec();
+    let long = format!("{}.txt", "x".repeat(300));
+    let many: Vec<(String, Vec<u8>)> = (0..5000).map(|i| (format!("f/{i}"), Vec::new())).collect();
+    let cases: Vec<(&str, Entries, &str, &str)> = vec![
+        (
+            "a manifest that is not UTF-8",
+            vec![
+                ("slinfer.toml".into(), vec![0xff, 0xfe, 0x00]),
+                ("h.wasm".into(), wasm.clone()),
+            ],
+            "invalid_package",
+            "not UTF-8",
+        ),
+        (
+            "an entry below a file",
+            vec![("a".into(), b"x".to_vec()), ("a/b".into(), b"y".to_vec())],
+            "invalid_package",
+            "\"a/b\" cannot be unpacked",
+        ),
+        (
+            "a name over 255 bytes",
+            vec![(long.clone(), b"x".to_vec())],
+            "invalid_package",
+            "cannot be unpacked",
+        ),
+        (
+            "too many entries",
+            many,
+            "invalid_package",
+            "more than 4096 entries",
+        ),
+        (
+            "the package root granted to the guest",
+            vec![
+                (
+                    "slinfer.toml".into(),
+                    [&manifest[..], b"[files]\ndir = \".\"\n"].concat(),
+                ),
+                ("h.wasm".into(), wasm.clone()),
+            ],
+            "invalid_manifest",
+            "files.dir",
+        ),
+    ];
+    for (what, entries, kind, says) in cases {
+        let refs: Vec<(&str, &[u8])> = entries.iter().map(|(n, d)| (n.as_str(), &d[..])).collect();
+        let (status, k, msg) = deploy_archive(&s, "h", slinfer_e2e::archive(&refs)).await;
+        assert_eq!((status, k.as_str()), (400, kind), "{what}: {msg}");
+        assert!(msg.contains(says), "{what}: {msg}");
+    }
+    // Nothing was deployed, and the server goes on.
+    let (ok, out, _) = s.cli(&["functions", "ls"]);
+    assert!(ok && !out.contains("h "), "{out}");
+    s.deploy(&package("hello"));
+}
+
+#[tokio::test]
+async fn small_holes_are_closed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start_with(&tmp.path().join("data"), &[], &["--metrics", "admin"]);
+    s.deploy(&package("hello"));
+    let keyed = package_variant("hello", |m| {
+        m.replace("name = \"hello\"", "name = \"keyed\"\ninvoke_key = \"k3y\"")
+    });
+    s.deploy(keyed.path());
+    // The bearer scheme is case-insensitive.
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let r = client()
+            .get(format!("{}/v1/functions", s.url))
+            .header("authorization", format!("{scheme} {}", s.token))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{scheme}");
+        let r = client()
+            .get(format!("{}/fn/keyed/", s.url))
+            .header("authorization", format!("{scheme} k3y"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{scheme}");
+    }
+    // /metrics, which names every function, wants the token when asked to.
+    let r = client()
+        .get(format!("{}/metrics", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = client()
+        .get(format!("{}/metrics", s.url))
+        .bearer_auth(&s.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("function=\"keyed\""));
+    // hello's /echo holds its largest body, escaped, within its memory.
+    let body = vec![1u8; 1 << 20];
+    let r = client()
+        .post(format!("{}/fn/hello/echo/", s.url))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn a_trap_tells_the_caller_its_reason_and_the_log_its_backtrace() {
+    let s = Server::start();
+    s.deploy(&package("misbehaving"));
+    let (status, kind, msg) = slinfer_e2e::error_of(s.get("misbehaving", "/trap").await).await;
+    assert_eq!((status, kind.as_str()), (500, "trap"));
+    assert!(!msg.contains("backtrace"), "{msg}");
+    assert!(s.log().contains("wasm backtrace"), "{}", s.log());
 }

@@ -143,8 +143,8 @@ async fn request_body_over_the_limit_is_413() {
     let s = Server::start();
     let pkg = package_variant("hello", |m| {
         m.replace(
-            "max_concurrency = 1000",
-            "max_concurrency = 1000\nmax_request_body_bytes = 1024",
+            "max_request_body_bytes = 1048576",
+            "max_request_body_bytes = 1024",
         )
     });
     s.deploy(pkg.path());

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use wasmtime_wasi_http::WasiHttpHooks;
 
 /// Outbound `wasi:http` requests are refused unless the manifest lists the
-/// destination (`host` for any port, or `host:port`).
+/// destination: `host` (any port), `host:port`, `*.domain` (its subdomains,
+/// any port, or `*.domain:port`), or `*` (anywhere).
 pub struct OutboundPolicy {
     pub allowed_hosts: Arc<[String]>,
 }
@@ -21,11 +22,25 @@ impl OutboundPolicy {
             Some("https") => 443,
             _ => 80,
         });
+        let host_matches = |pattern: &str| {
+            if pattern == "*" {
+                return true;
+            }
+            match pattern.strip_prefix("*.") {
+                Some(domain) => {
+                    let (h, d) = (host.to_ascii_lowercase(), domain.to_ascii_lowercase());
+                    h.len() > d.len() + 1
+                        && h.ends_with(&d)
+                        && h[..h.len() - d.len()].ends_with('.')
+                }
+                None => pattern.eq_ignore_ascii_case(host),
+            }
+        };
         self.allowed_hosts
             .iter()
             .any(|entry| match entry.rsplit_once(':') {
-                Some((h, p)) => h.eq_ignore_ascii_case(host) && p.parse() == Ok(port),
-                None => entry.eq_ignore_ascii_case(host),
+                Some((h, p)) => host_matches(h) && p.parse() == Ok(port),
+                None => host_matches(entry),
             })
     }
 }
@@ -76,6 +91,18 @@ mod tests {
     #[test]
     fn outbound_is_off_by_default() {
         assert!(!policy(&[]).allows(&"http://example.com/".parse().unwrap()));
+    }
+
+    #[test]
+    fn wildcards_match_subdomains_or_everything() {
+        let p = policy(&["*.example.com", "*.svc:8080"]);
+        assert!(p.allows(&"https://api.example.com/".parse().unwrap()));
+        assert!(p.allows(&"http://a.b.EXAMPLE.com:81/".parse().unwrap()));
+        assert!(!p.allows(&"http://example.com/".parse().unwrap()));
+        assert!(!p.allows(&"http://evilexample.com/".parse().unwrap()));
+        assert!(p.allows(&"http://db.svc:8080/".parse().unwrap()));
+        assert!(!p.allows(&"http://db.svc:8081/".parse().unwrap()));
+        assert!(policy(&["*"]).allows(&"http://10.0.0.1:9/".parse().unwrap()));
     }
 
     #[test]

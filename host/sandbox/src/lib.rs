@@ -344,6 +344,7 @@ impl Sandbox {
         let pre = pre.clone();
         let timeout = Duration::from_millis(limits.timeout_ms);
         let memory_hit_task = memory_hit.clone();
+        let function = grants.function.clone();
         let task = tokio::spawn(async move {
             let _permit = permit;
             let run = async {
@@ -355,7 +356,7 @@ impl Sandbox {
             };
             let result = match tokio::time::timeout(timeout, run).await {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(classify(e, &limits, &memory_hit_task)),
+                Ok(Err(e)) => Err(classify(e, &function, &limits, &memory_hit_task)),
                 Err(_) => Err(InvokeError::Timeout {
                     timeout_ms: limits.timeout_ms,
                 }),
@@ -489,7 +490,17 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-fn classify(e: wasmtime::Error, limits: &FunctionLimits, memory_hit: &AtomicBool) -> InvokeError {
+/// What a failed call means for the caller. The caller learns the kind and
+/// a short reason (the trap, or the root cause of a host-call error); the
+/// whole error with its wasm backtrace is for the function's owner, in the
+/// log.
+fn classify(
+    e: wasmtime::Error,
+    function: &str,
+    limits: &FunctionLimits,
+    memory_hit: &AtomicBool,
+) -> InvokeError {
+    tracing::warn!(%function, "the instance failed: {e:?}");
     if memory_hit.load(Ordering::Relaxed) {
         return InvokeError::MemoryLimit {
             memory_bytes: limits.memory_bytes,
@@ -506,7 +517,7 @@ fn classify(e: wasmtime::Error, limits: &FunctionLimits, memory_hit: &AtomicBool
             if msg.contains("concurrent") && msg.contains("limit") {
                 InvokeError::PoolExhausted
             } else {
-                InvokeError::Trap(msg)
+                InvokeError::Trap(e.root_cause().to_string())
             }
         }
     }

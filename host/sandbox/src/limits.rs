@@ -44,6 +44,8 @@ pub struct HostLimits {
     pub max_timeout_ms: u64,
     /// Largest uploaded package archive.
     pub max_package_bytes: u64,
+    /// Most entries (files and directories) a package archive may hold.
+    pub max_package_entries: u32,
     /// Instances alive at once across all functions (pooling allocator slots).
     pub total_instances: u32,
     /// Table elements per table.
@@ -56,6 +58,7 @@ impl Default for HostLimits {
             max_function_memory_bytes: 1 << 30,
             max_timeout_ms: 15 * 60 * 1000,
             max_package_bytes: 64 << 20,
+            max_package_entries: 4096,
             total_instances: 1000,
             max_table_elements: 100_000,
         }

@@ -32,6 +32,8 @@ pub struct ServeOptions {
     pub devices: DeviceSelection,
     /// The connection cap and timeouts (see `connections`).
     pub connections: connections::ConnectionLimits,
+    /// Who may read `/metrics`.
+    pub metrics_access: crate::api::MetricsAccess,
     pub host: HostLimits,
 }
 
@@ -105,6 +107,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         metrics,
         admin_token: token.into(),
         max_package_bytes: opts.host.max_package_bytes,
+        metrics_access: opts.metrics_access,
     };
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await

@@ -30,6 +30,18 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub admin_token: Arc<str>,
     pub max_package_bytes: u64,
+    /// Who may read `/metrics` (it names every function and model).
+    pub metrics_access: MetricsAccess,
+}
+
+/// Who may read `/metrics` (`serve --metrics`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MetricsAccess {
+    /// Anyone who can reach the server (the default: a Prometheus scraper
+    /// needs no token).
+    Public,
+    /// Only with the admin token.
+    Admin,
 }
 
 /// The whole router.
@@ -47,25 +59,28 @@ pub fn router(state: AppState) -> Router {
             "/v1/models/{name}",
             get(models::show).put(models::import).delete(models::remove),
         )
-        .route("/v1/status", get(models::status))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+        .route("/v1/status", get(models::status));
+    let (admin, public) = match state.metrics_access {
+        MetricsAccess::Admin => (admin.route("/metrics", get(metrics)), Router::new()),
+        MetricsAccess::Public => (admin, Router::new().route("/metrics", get(metrics))),
+    };
+    let admin = admin.route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .merge(admin)
+        .merge(public)
         .route("/fn/{name}", any(invoke))
         .route("/fn/{name}/", any(invoke))
         .route("/fn/{name}/{*path}", any(invoke))
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(metrics))
         .with_state(state)
 }
 
+/// The token of an `Authorization: Bearer <token>` header (the scheme is
+/// case-insensitive, as RFC 9110 says).
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 async fn require_admin(State(state): State<AppState>, req: Request, next: Next) -> Response {

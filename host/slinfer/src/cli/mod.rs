@@ -131,6 +131,10 @@ pub struct ServeArgs {
     /// connection to start its next request, before it is closed.
     #[arg(long, default_value_t = crate::connections::HEADER_READ_TIMEOUT.as_millis() as u64)]
     pub header_timeout_ms: u64,
+    /// Who may read /metrics, which names every function and model:
+    /// `public` (a scraper needs no token) or `admin` (the admin token).
+    #[arg(long, value_enum, default_value = "public")]
+    pub metrics: crate::api::MetricsAccess,
 }
 
 /// Where the server is and how to authenticate to it.
@@ -191,6 +195,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         .unwrap_or_else(crate::connections::default_max_connections),
                     header_timeout: std::time::Duration::from_millis(a.header_timeout_ms),
                 },
+                metrics_access: a.metrics,
                 host: HostLimits {
                     total_instances: a.max_instances,
                     ..HostLimits::default()

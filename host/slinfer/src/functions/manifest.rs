@@ -128,11 +128,18 @@ pub fn valid_name(name: &str) -> bool {
 }
 
 /// A relative path with no `..`, root or prefix components.
+/// A path inside the package, below its root (`.` is the root itself: a
+/// granted directory there would show the guest its own manifest).
 fn is_inner_path(p: &str) -> bool {
-    !p.is_empty()
-        && Path::new(p)
-            .components()
-            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+    let mut below = false;
+    for c in Path::new(p).components() {
+        match c {
+            Component::Normal(_) => below = true,
+            Component::CurDir => {}
+            _ => return false,
+        }
+    }
+    below
 }
 
 impl Manifest {
@@ -280,7 +287,7 @@ mod tests {
 
     #[test]
     fn paths_stay_inside_the_package() {
-        for bad in ["../a.wasm", "/abs.wasm", "a/../../b.wasm", ""] {
+        for bad in ["../a.wasm", "/abs.wasm", "a/../../b.wasm", "", ".", "./"] {
             let e = parse(&format!("name = \"x\"\ncomponent = \"{bad}\"\n")).unwrap_err();
             assert!(
                 matches!(
@@ -291,6 +298,23 @@ mod tests {
                     }
                 ),
                 "{bad}: {e}"
+            );
+        }
+        // The package root would show the guest its own manifest.
+        for dir in ["../up", ".", "./"] {
+            let e = parse(&format!(
+                "name = \"x\"\ncomponent = \"a.wasm\"\n[files]\ndir = \"{dir}\"\n"
+            ))
+            .unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    ManifestError::Path {
+                        field: "files.dir",
+                        ..
+                    }
+                ),
+                "{dir}: {e}"
             );
         }
         let e =

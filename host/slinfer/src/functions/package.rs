@@ -23,6 +23,12 @@ pub enum PackageError {
     BadEntry(String),
     #[error("the package is larger than the limit of {limit_bytes} bytes unpacked")]
     TooLarge { limit_bytes: u64 },
+    #[error("the package has more than {limit} entries")]
+    TooManyEntries { limit: u32 },
+    #[error("the package entry {path:?} cannot be unpacked: {why}")]
+    Conflict { path: String, why: String },
+    #[error("slinfer.toml is not UTF-8 text")]
+    ManifestNotText,
     #[error("the package has no slinfer.toml")]
     NoManifest,
     #[error("the package's manifest names component {0:?}, which is not in the package")]
@@ -66,10 +72,17 @@ pub fn pack(dir: &Path, host: &HostLimits) -> Result<(Manifest, Vec<u8>), Packag
 pub fn unpack(archive: &[u8], into: &Path, host: &HostLimits) -> Result<Manifest, PackageError> {
     let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(archive));
     let mut total: u64 = 0;
+    let mut count: u32 = 0;
     let entries = tar
         .entries()
         .map_err(|e| PackageError::NotAnArchive(e.to_string()))?;
     for entry in entries {
+        count += 1;
+        if count > host.max_package_entries {
+            return Err(PackageError::TooManyEntries {
+                limit: host.max_package_entries,
+            });
+        }
         let mut entry = entry.map_err(|e| PackageError::NotAnArchive(e.to_string()))?;
         let raw = entry
             .path()
@@ -79,17 +92,20 @@ pub fn unpack(archive: &[u8], into: &Path, host: &HostLimits) -> Result<Manifest
             inner_path(&raw).ok_or_else(|| PackageError::BadEntry(raw.display().to_string()))?;
         let kind = entry.header().entry_type();
         let target = into.join(&rel);
+        // Entries that clash (a file below a file, a file over a folder) or
+        // a name the file system refuses are the package's fault.
+        let clash = |e: std::io::Error| conflict(&raw, e);
         if kind.is_dir() {
-            fs::create_dir_all(&target)?;
+            fs::create_dir_all(&target).map_err(clash)?;
             continue;
         }
         if !kind.is_file() {
             return Err(PackageError::BadEntry(raw.display().to_string()));
         }
         if let Some(parent) = target.parent() {
-            fs::create_dir_all(parent)?;
+            fs::create_dir_all(parent).map_err(clash)?;
         }
-        let mut out = fs::File::create(&target)?;
+        let mut out = fs::File::create(&target).map_err(clash)?;
         let mut buf = [0u8; 64 * 1024];
         loop {
             let n = entry
@@ -111,6 +127,12 @@ pub fn unpack(archive: &[u8], into: &Path, host: &HostLimits) -> Result<Manifest
     let text = match fs::read_to_string(into.join(MANIFEST_FILE)) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(PackageError::NoManifest),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            return Err(PackageError::ManifestNotText);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::IsADirectory => {
+            return Err(PackageError::BadEntry(MANIFEST_FILE.into()));
+        }
         Err(e) => return Err(e.into()),
     };
     let manifest = Manifest::parse(&text, host)?;
@@ -118,6 +140,24 @@ pub fn unpack(archive: &[u8], into: &Path, host: &HostLimits) -> Result<Manifest
         return Err(PackageError::NoComponent(manifest.component.clone()));
     }
     Ok(manifest)
+}
+
+/// An error creating an entry's path: the package's fault when the path
+/// clashes with another entry or is not a valid name, the server's (storage)
+/// otherwise.
+fn conflict(raw: &Path, e: std::io::Error) -> PackageError {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::AlreadyExists
+        | K::NotADirectory
+        | K::IsADirectory
+        | K::InvalidFilename
+        | K::InvalidInput => PackageError::Conflict {
+            path: raw.display().to_string(),
+            why: e.to_string(),
+        },
+        _ => PackageError::Io(e),
+    }
 }
 
 fn inner_path(p: &Path) -> Option<PathBuf> {
