@@ -14,6 +14,7 @@
 //! response or a classified error.
 
 mod body;
+mod cpu;
 mod guest_log;
 pub mod http;
 pub mod limits;
@@ -131,7 +132,7 @@ pub struct Invocation {
     pub done: std::pin::Pin<Box<dyn Future<Output = Option<&'static str>> + Send>>,
 }
 
-/// The engine, the linker, and the compile cache.
+/// The engine, the linker, the compile cache, and the guests' runtime.
 pub struct Sandbox {
     engine: Engine,
     linker: Linker<GuestState>,
@@ -139,6 +140,9 @@ pub struct Sandbox {
     host: HostLimits,
     inference: Option<Arc<Inference>>,
     graphs: Arc<Graphs>,
+    guests: cpu::GuestRuntime,
+    shares: Arc<cpu::Shares>,
+    next_guest: std::sync::atomic::AtomicU64,
 }
 
 impl Sandbox {
@@ -186,6 +190,7 @@ impl Sandbox {
                     std::thread::sleep(Duration::from_millis(EPOCH_TICK_MS));
                 }
             })?;
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         Ok(Sandbox {
             engine,
             linker,
@@ -193,6 +198,9 @@ impl Sandbox {
             host,
             inference,
             graphs,
+            guests: cpu::GuestRuntime::new(threads)?,
+            shares: Arc::new(cpu::Shares::new(threads)),
+            next_guest: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -318,15 +326,21 @@ impl Sandbox {
 
         let mut store = self.new_store(grants, memory_hit.clone(), arrived)?;
         let deadline = started + Duration::from_millis(limits.timeout_ms);
+        let guest = self.next_guest.fetch_add(1, Ordering::Relaxed);
+        let (shares, function) = (self.shares.clone(), grants.function.clone());
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
             if Instant::now() >= deadline {
-                Err(Trap::Interrupt.into())
-            } else {
-                // Busy guests give the executor back every tick, so one
-                // spinning function cannot starve the others.
-                Ok(wasmtime::UpdateDeadline::Yield(1))
+                return Err(Trap::Interrupt.into());
             }
+            // Busy guests give their thread back every tick; a function
+            // over its share of the CPU sleeps a tick (see `cpu`).
+            let pause = shares.tick(&function, guest);
+            Ok(if pause.is_zero() {
+                wasmtime::UpdateDeadline::Yield(1)
+            } else {
+                wasmtime::UpdateDeadline::YieldCustom(1, Box::pin(tokio::time::sleep(pause)))
+            })
         });
 
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -345,7 +359,8 @@ impl Sandbox {
         let timeout = Duration::from_millis(limits.timeout_ms);
         let memory_hit_task = memory_hit.clone();
         let function = grants.function.clone();
-        let task = tokio::spawn(async move {
+        let shares = self.shares.clone();
+        let task = self.guests.handle().spawn(async move {
             let _permit = permit;
             let run = async {
                 let proxy = pre.instantiate_async(&mut store).await?;
@@ -362,6 +377,7 @@ impl Sandbox {
                 }),
             };
             drop(store);
+            shares.done(&function, guest);
             result
         });
 
