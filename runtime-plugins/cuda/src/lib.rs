@@ -248,6 +248,11 @@ impl Backend for CudaBackend {
             })
             .collect()
     }
+    /// The device's used memory as the driver reports it (every process's).
+    fn used_bytes(&self, device: usize) -> Option<u64> {
+        let (free, total) = self.devices.get(device)?.ctx.mem_get_info().ok()?;
+        Some(total.saturating_sub(free) as u64)
+    }
     /// f16 weights (the default load precision) and an f16 KV cache.
     fn footprint(&self, package: &ModelPackage) -> Result<Footprint, EngineError> {
         package.weights_file()?;

@@ -82,6 +82,29 @@ impl HostMemory {
             available_bytes: get("MemAvailable:"),
         }
     }
+
+    /// Host memory this process holds now: its proportional set size
+    /// (`Pss` of `/proc/self/smaps_rollup`), so a file mapped twice, as a
+    /// model's weights are by two instances, counts once; the resident set
+    /// where that file is missing; 0 where neither can be read.
+    pub fn process_bytes() -> u64 {
+        let kb = |text: &str, key: &str| {
+            text.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        if let Some(kb) = std::fs::read_to_string("/proc/self/smaps_rollup")
+            .ok()
+            .and_then(|t| kb(&t, "Pss:"))
+        {
+            return kb * 1024;
+        }
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|t| kb(&t, "VmRSS:"))
+            .map_or(0, |kb| kb * 1024)
+    }
 }
 
 /// What one instance of a model holds on a backend's device, known before
@@ -248,6 +271,15 @@ pub trait Backend: Send + Sync {
     /// or why the backend cannot load it (e.g. the package lacks the format
     /// it reads: [`EngineError::Model`]).
     fn footprint(&self, package: &ModelPackage) -> Result<Footprint, EngineError>;
+    /// Bytes in use on `device` now, as this backend can measure them: the
+    /// host memory of this process for a CPU engine, the device's used
+    /// memory for a GPU; `None` where it cannot. The host measures each load
+    /// against it (loads one at a time), so that what it plans with is what
+    /// an instance really holds rather than [`Backend::footprint`]'s estimate.
+    fn used_bytes(&self, device: usize) -> Option<u64> {
+        let _ = device;
+        None
+    }
     /// Load one instance of a model on `device`.
     fn load(
         &self,

@@ -328,6 +328,12 @@ impl Backend for OpenVinoBackend {
     /// The IR's weights file, and the package's f16 KV figure: the compiled
     /// u8 cache with its quantisation parameters is smaller (the instance
     /// reports it once loaded), so planning with f16 errs on the safe side.
+    /// The process's own memory (see [`HostMemory::process_bytes`]): the
+    /// CPU plugin allocates on the heap, so what an instance holds shows
+    /// only there.
+    fn used_bytes(&self, device: usize) -> Option<u64> {
+        (device == 0).then(HostMemory::process_bytes)
+    }
     fn footprint(&self, package: &ModelPackage) -> Result<Footprint, EngineError> {
         let bin = ir_files(package)?.1;
         let weights_bytes = std::fs::metadata(&bin)

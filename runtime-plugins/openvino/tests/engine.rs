@@ -163,6 +163,56 @@ fn greedy_matches_genai_one_at_a_time_and_batched() {
 }
 
 #[test]
+fn prompts_prefilled_in_chunks_decode_greedily() {
+    // The host prefills long prompts in chunks (a step appends part of a
+    // prompt to a sequence that already holds the rest): four prompts in
+    // steps of at most 5 tokens over all of them, then decoded together.
+    let refs: Vec<&Reference> = reference().iter().collect();
+    let mut inst = load(64);
+    let seqs: Vec<u64> = (0..refs.len() as u64).map(|i| 200 + i).collect();
+    for &s in &seqs {
+        inst.add_sequence(s).unwrap();
+    }
+    let mut done = vec![0; refs.len()];
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); refs.len()];
+    while out.iter().any(|o| o.is_empty()) {
+        let (mut batch, mut who, mut room) = (Vec::new(), Vec::new(), 5);
+        for (i, r) in refs.iter().enumerate() {
+            let take = (r.prompt_ids.len() - done[i]).min(room);
+            if take == 0 {
+                continue;
+            }
+            batch.push(StepEntry {
+                seq: seqs[i],
+                tokens: r.prompt_ids[done[i]..done[i] + take].to_vec(),
+            });
+            who.push(i);
+            done[i] += take;
+            room -= take;
+        }
+        for (l, i) in inst.step(&batch).unwrap().iter().zip(who) {
+            if done[i] == refs[i].prompt_ids.len() {
+                out[i].push(argmax(l));
+            }
+        }
+    }
+    while out[0].len() < NEW_TOKENS {
+        let batch: Vec<StepEntry> = seqs
+            .iter()
+            .zip(&out)
+            .map(|(&seq, o)| StepEntry {
+                seq,
+                tokens: vec![*o.last().unwrap()],
+            })
+            .collect();
+        for (l, o) in inst.step(&batch).unwrap().iter().zip(&mut out) {
+            o.push(argmax(l));
+        }
+    }
+    assert_greedy("4 sequences, prompts prefilled in chunks", &refs, &out);
+}
+
+#[test]
 fn kv_grow_and_shrink_keep_results_identical() {
     let refs = reference();
     let all: Vec<&Reference> = refs.iter().collect();

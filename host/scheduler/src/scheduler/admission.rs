@@ -49,7 +49,7 @@ impl<C: CostModel> Scheduler<C> {
         match (inst, new) {
             (Some(i), _) => {
                 if i.planned_loaded {
-                    v.static_bytes = spec.weights_bytes[kind] + self.cfg.instance_overhead_bytes;
+                    v.static_bytes = i.static_bytes;
                 }
                 v.planned_blocks = i.planned_blocks;
                 v.loading = i
@@ -60,7 +60,7 @@ impl<C: CostModel> Scheduler<C> {
                     .any(|o| matches!(o, Op::Load { .. }));
             }
             (None, Some((_, fixed_blocks))) => {
-                v.static_bytes = spec.weights_bytes[kind] + self.cfg.instance_overhead_bytes;
+                v.static_bytes = self.static_bytes(mtype, kind);
                 v.planned_blocks = fixed_blocks;
                 v.fixed_kv = fixed_blocks > 0;
                 v.loading = self.cost.load_s(mtype, kind) > 0.0;
@@ -101,7 +101,7 @@ impl<C: CostModel> Scheduler<C> {
         if let Target::New(mtype) = target {
             let spec = &self.models[mtype.0 as usize];
             let fixed = self
-                .fixed_kv_bytes(spec, n.spec.kind, n.spec.capacity_bytes)
+                .fixed_kv_bytes(mtype, n.spec.kind, n.spec.capacity_bytes)
                 .map_or(0, |b| b / spec.block_bytes(n.spec.kind));
             views.push(self.view(n.spec.kind, None, Some((mtype, fixed)), Some(extra)));
         }
@@ -148,7 +148,7 @@ impl<C: CostModel> Scheduler<C> {
                 prefill: ok,
             };
         }
-        let capacity = self.nodes[node].spec.capacity_bytes;
+        let capacity = self.nodes[node].room_bytes;
         let memory = if tv.fixed_kv {
             tv.need_blocks <= tv.planned_blocks
                 && views

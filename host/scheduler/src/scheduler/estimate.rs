@@ -42,25 +42,35 @@ impl<C: CostModel> Scheduler<C> {
         let need = spec.blocks_for_tokens(kind, req.input_tokens + self.cfg.lookahead_tokens)
             * spec.block_bytes(kind);
         let kv = self
-            .fixed_kv_bytes(spec, kind, capacity_bytes)
+            .fixed_kv_bytes(req.model_type, kind, capacity_bytes)
             .unwrap_or(need);
-        need <= kv
-            && spec.weights_bytes[kind] + self.cfg.instance_overhead_bytes + kv <= capacity_bytes
+        need <= kv && self.static_bytes(req.model_type, kind) + kv <= capacity_bytes
+    }
+
+    /// What a new instance of `mtype` on `kind` holds besides its KV pool:
+    /// what the last one measured, or the estimate (weights and overhead).
+    pub(super) fn static_bytes(&self, mtype: ModelTypeId, kind: DeviceKind) -> u64 {
+        self.measured_static
+            .get(&(mtype, kind))
+            .copied()
+            .unwrap_or_else(|| {
+                self.models[mtype.0 as usize].weights_bytes[kind] + self.cfg.instance_overhead_bytes
+            })
     }
 
     /// KV bytes of an instance whose pool does not scale, or `None`.
     pub(super) fn fixed_kv_bytes(
         &self,
-        spec: &ModelSpec,
+        mtype: ModelTypeId,
         kind: DeviceKind,
         capacity_bytes: u64,
     ) -> Option<u64> {
         if kind == DeviceKind::Cpu && !self.cfg.cpu_kv_scales {
-            return Some(spec.cpu_kv_bytes);
+            return Some(self.models[mtype.0 as usize].cpu_kv_bytes);
         }
         self.cfg.policy.is_sllm().then(|| {
             (capacity_bytes / self.cfg.policy.sllm_shares() as u64)
-                .saturating_sub(spec.weights_bytes[kind] + self.cfg.instance_overhead_bytes)
+                .saturating_sub(self.static_bytes(mtype, kind))
         })
     }
 

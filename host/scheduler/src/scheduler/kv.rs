@@ -28,11 +28,8 @@ impl<C: CostModel> Scheduler<C> {
             let own = self.instance_bytes(inst, true);
             let others = self.planned_bytes(node) - own;
             let statics = own - planned * view.block_bytes;
-            let room = self.nodes[node]
-                .spec
-                .capacity_bytes
-                .saturating_sub(others + statics)
-                / view.block_bytes;
+            let room =
+                self.nodes[node].room_bytes.saturating_sub(others + statics) / view.block_bytes;
             let new = target.min(room).max(planned);
             if new > planned {
                 self.enqueue(id, Op::Resize { blocks: new });
@@ -90,8 +87,12 @@ impl<C: CostModel> Scheduler<C> {
             }
             Op::Resize { blocks } => {
                 inst.planned_blocks = blocks;
-                // A resize that has not started yet is superseded, not stacked.
-                if let Some((_, Op::Resize { blocks: b })) = inst.queue.back_mut() {
+                // A load or resize that has not started yet takes the new
+                // size rather than being followed by another action (the
+                // instance loads with the pool its first requests need).
+                if let Some((_, Op::Resize { blocks: b } | Op::Load { blocks: b })) =
+                    inst.queue.back_mut()
+                {
                     *b = blocks;
                     return;
                 }
@@ -122,7 +123,7 @@ impl<C: CostModel> Scheduler<C> {
             })
             .collect();
         heads.sort();
-        let capacity = self.nodes[node].spec.capacity_bytes;
+        let capacity = self.nodes[node].room_bytes;
         let mut blocked = false;
         for (_, id) in heads {
             let inst = &self.instances[&id];
@@ -131,9 +132,7 @@ impl<C: CostModel> Scheduler<C> {
             let kind = self.nodes[node].spec.kind;
             let bb = spec.block_bytes(kind);
             let increase = match op {
-                Op::Load { blocks } => {
-                    spec.weights_bytes[kind] + self.cfg.instance_overhead_bytes + blocks * bb
-                }
+                Op::Load { blocks } => inst.static_bytes + blocks * bb,
                 Op::Resize { blocks } => blocks.saturating_sub(inst.committed_blocks) * bb,
                 Op::Unload => 0,
             };
@@ -149,7 +148,7 @@ impl<C: CostModel> Scheduler<C> {
                     inst.committed_loaded = true;
                     inst.committed_blocks = blocks;
                     ActionOp::Load {
-                        weights_bytes: spec.weights_bytes[kind] + self.cfg.instance_overhead_bytes,
+                        weights_bytes: inst.static_bytes,
                         kv_bytes: blocks * bb,
                     }
                 }

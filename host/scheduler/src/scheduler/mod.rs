@@ -72,6 +72,10 @@ struct Instance {
     running: Option<(ActionId, Op, f64)>,
     /// KV stays at its load-time size (CPU instances, `sllm` baselines).
     fixed_kv: bool,
+    /// What it holds besides its KV pool: the model type's estimate when
+    /// placed, what the driver measured once loaded
+    /// ([`Scheduler::instance_measured`]).
+    static_bytes: u64,
     retiring: bool,
     idle_since_s: Option<f64>,
     /// `sllm+c+s` bills device time to throttle each share to its half.
@@ -83,6 +87,11 @@ struct Instance {
 #[derive(Clone, Debug)]
 struct Node {
     spec: NodeSpec,
+    /// What instances may hold now, at most `spec.capacity_bytes` (a host
+    /// sharing the device with other users lowers it; see `set_memory`).
+    /// Admission and actions check against it; whether a request could
+    /// ever fit checks against the capacity.
+    room_bytes: u64,
     busy: Option<InstanceId>,
     instances: Vec<InstanceId>,
     /// Left placement for good (`fail_node`).
@@ -146,6 +155,9 @@ pub struct Scheduler<C: CostModel> {
     retired_models: HashSet<ModelId>,
     /// Recent completion times per model (early refusal).
     completions: HashMap<ModelId, VecDeque<f64>>,
+    /// What the last instance of a model type loaded on a kind of device
+    /// measured besides its KV pool; new instances plan with it.
+    measured_static: HashMap<(ModelTypeId, DeviceKind), u64>,
     next_instance: InstanceId,
     next_action: ActionId,
     out: Vec<Command>,
@@ -165,6 +177,7 @@ impl<C: CostModel> Scheduler<C> {
             nodes: nodes
                 .into_iter()
                 .map(|spec| Node {
+                    room_bytes: spec.capacity_bytes,
                     spec,
                     busy: None,
                     instances: Vec::new(),
@@ -179,6 +192,7 @@ impl<C: CostModel> Scheduler<C> {
             predictor: OutputPredictor::default(),
             retired_models: HashSet::new(),
             completions: HashMap::new(),
+            measured_static: HashMap::new(),
             next_instance: 0,
             next_action: 0,
             out: Vec::new(),
@@ -383,6 +397,32 @@ impl<C: CostModel> Scheduler<C> {
 
     /// Adds a model type at run time (a model imported into a live host);
     /// returns its id.
+    /// What an instance really holds besides its KV pool, measured once
+    /// loaded: it replaces the estimate for this instance and for the
+    /// next instances of its model type on its kind of device.
+    pub fn instance_measured(&mut self, instance: InstanceId, static_bytes: u64, now_s: f64) {
+        let Some(inst) = self.instances.get_mut(&instance) else {
+            return;
+        };
+        inst.static_bytes = static_bytes;
+        let (mtype, node) = (inst.mtype, inst.node);
+        let kind = self.nodes[node].spec.kind;
+        self.measured_static.insert((mtype, kind), static_bytes);
+        self.start_actions(node, now_s);
+    }
+
+    /// Changes what a device may hold: its capacity (what a request may
+    /// ever use) and its room now (the capacity less what others use; the
+    /// host re-reads both). Less room evicts nothing: actions that no longer
+    /// fit wait, KV pools shrink as their load falls, and idle instances
+    /// unload.
+    pub fn set_memory(&mut self, node: NodeId, capacity_bytes: u64, room_bytes: u64, now_s: f64) {
+        let n = &mut self.nodes[node];
+        n.spec.capacity_bytes = capacity_bytes;
+        n.room_bytes = room_bytes.min(capacity_bytes);
+        self.start_actions(node, now_s);
+    }
+
     pub fn add_model_type(&mut self, spec: ModelSpec) -> ModelTypeId {
         self.models.push(spec);
         ModelTypeId((self.models.len() - 1) as u16)

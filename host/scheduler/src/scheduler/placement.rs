@@ -128,11 +128,7 @@ impl<C: CostModel> Scheduler<C> {
         } else {
             (inst.committed_loaded, inst.committed_blocks)
         };
-        let weights = if loaded {
-            spec.weights_bytes[kind] + self.cfg.instance_overhead_bytes
-        } else {
-            0
-        };
+        let weights = if loaded { inst.static_bytes } else { 0 };
         weights + blocks * spec.block_bytes(kind)
     }
 
@@ -164,7 +160,7 @@ impl<C: CostModel> Scheduler<C> {
                         v.static_bytes + b * v.block_bytes
                     })
                     .sum();
-                total as f64 - self.nodes[node].spec.capacity_bytes as f64
+                total as f64 - self.nodes[node].room_bytes as f64
             }
             DeviceKind::Cpu if checks.memory && !checks.decode && checks.prefill => {
                 if self.time_slice(tv) > 1.0 {
@@ -238,7 +234,7 @@ impl<C: CostModel> Scheduler<C> {
         self.next_instance += 1;
         let spec = &self.models[mtype.0 as usize];
         let kind = self.nodes[node].spec.kind;
-        let fixed = self.fixed_kv_bytes(spec, kind, self.nodes[node].spec.capacity_bytes);
+        let fixed = self.fixed_kv_bytes(mtype, kind, self.nodes[node].spec.capacity_bytes);
         let blocks = fixed.map_or(0, |b| b / spec.block_bytes(kind));
         self.instances.insert(
             id,
@@ -255,6 +251,7 @@ impl<C: CostModel> Scheduler<C> {
                 queue: VecDeque::new(),
                 running: None,
                 fixed_kv: fixed.is_some(),
+                static_bytes: self.static_bytes(mtype, kind),
                 retiring: false,
                 idle_since_s: None,
                 bill_start_s: now_s,

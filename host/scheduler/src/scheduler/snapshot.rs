@@ -8,6 +8,8 @@ pub struct NodeSnapshot {
     pub node: NodeId,
     pub kind: DeviceKind,
     pub capacity_bytes: u64,
+    /// What instances may hold now (the capacity less what others use).
+    pub room_bytes: u64,
     /// What the device may hold now (actions started).
     pub committed_bytes: u64,
     /// As if every queued action were done.
@@ -30,6 +32,8 @@ pub struct InstanceSnapshot {
     pub kv_blocks_committed: u64,
     pub kv_blocks_planned: u64,
     pub block_bytes: u64,
+    /// What it holds besides its KV pool (measured once loaded).
+    pub static_bytes: u64,
 }
 
 /// A read-only picture of the scheduler, for metrics and `slinfer status`.
@@ -49,6 +53,7 @@ impl<C: CostModel> Scheduler<C> {
                 node: n,
                 kind: self.nodes[n].spec.kind,
                 capacity_bytes: self.nodes[n].spec.capacity_bytes,
+                room_bytes: self.nodes[n].room_bytes,
                 committed_bytes: self.committed_bytes(n),
                 planned_bytes: self.planned_bytes(n),
                 failed: self.nodes[n].failed,
@@ -79,6 +84,7 @@ impl<C: CostModel> Scheduler<C> {
                     kv_blocks_committed: i.committed_blocks,
                     kv_blocks_planned: i.planned_blocks,
                     block_bytes: self.models[i.mtype.0 as usize].block_bytes(kind),
+                    static_bytes: i.static_bytes,
                 }
             })
             .collect();

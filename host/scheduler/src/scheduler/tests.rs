@@ -378,8 +378,8 @@ fn snapshot_shows_instances_kv_and_queues() {
         (i.model, i.kind, i.state, i.batch),
         (1, DeviceKind::Gpu, "loading", 1)
     );
-    // Planned at once; committed when the load action starts.
-    assert_eq!((i.kv_blocks_committed, i.kv_blocks_planned), (0, 25));
+    // The load started at once, with the pool its request needs.
+    assert_eq!((i.kv_blocks_committed, i.kv_blocks_planned), (25, 25));
     assert_eq!(snap.nodes[0].planned_bytes, WEIGHTS + 25 * 16);
     assert!(snap.queued.is_empty());
     settle(&mut s, 0.0);

@@ -128,3 +128,59 @@ fn a_request_that_would_wait_past_its_deadline_is_refused_at_once() {
         "a hint from the rate: {d:?}"
     );
 }
+
+#[test]
+fn a_measured_instance_counts_what_it_holds_and_new_ones_plan_with_it() {
+    let mut s = sched(Policy::Slinfer, &[(DeviceKind::Gpu, 8 * WEIGHTS)], FAST);
+    s.submit(req(1, 1, 100, 1.0), 0.0);
+    let c = settle(&mut s, 0.0);
+    let (_, inst) = loads(&c)[0];
+    let estimate = s.snapshot().instances[0].static_bytes;
+    assert_eq!(estimate, WEIGHTS);
+    let kv = s.committed_bytes(0) - estimate;
+    // The engine holds three times the estimate once loaded.
+    s.instance_measured(inst, 3 * WEIGHTS, 0.1);
+    assert_eq!(s.snapshot().instances[0].static_bytes, 3 * WEIGHTS);
+    assert_eq!(s.committed_bytes(0), 3 * WEIGHTS + kv);
+    // A second instance plans with the measurement: two fit, a third does not.
+    let b = s.create_instance(0, 2, ModelTypeId(0), 0.2);
+    s.start_actions(0, 0.2);
+    assert_eq!(loads(&settle(&mut s, 0.2)), [(0, b)]);
+    assert_eq!(s.instances[&b].static_bytes, 3 * WEIGHTS);
+    let c = s.create_instance(0, 3, ModelTypeId(0), 0.3);
+    s.start_actions(0, 0.3);
+    let cmds = s.drain_commands();
+    assert!(cmds.is_empty(), "the third load must wait: {cmds:?}");
+    assert!(s.committed_bytes(0) <= 8 * WEIGHTS);
+    // Measuring an unknown (already unloaded) instance changes nothing.
+    s.instance_measured(c + 100, 1, 0.4);
+    assert_eq!(s.instances[&b].static_bytes, 3 * WEIGHTS);
+}
+
+#[test]
+fn less_room_holds_back_loads_and_more_lets_them_through() {
+    let mut s = sched(Policy::Slinfer, &[(DeviceKind::Gpu, 4 * WEIGHTS)], FAST);
+    s.set_memory(0, 4 * WEIGHTS, WEIGHTS / 2, 0.0);
+    let n = &s.snapshot().nodes[0];
+    assert_eq!((n.capacity_bytes, n.room_bytes), (4 * WEIGHTS, WEIGHTS / 2));
+    // A request that fits the capacity waits for room rather than being
+    // refused as too large.
+    s.submit(req(1, 1, 100, 5.0), 0.0);
+    let c = settle(&mut s, 0.0);
+    assert!(loads(&c).is_empty() && drops(&c).is_empty(), "{c:?}");
+    s.set_memory(0, 4 * WEIGHTS, 4 * WEIGHTS, 1.0);
+    s.tick(1.0);
+    let c = settle(&mut s, 1.0);
+    assert_eq!(load_nodes(&c), [0], "{c:?}");
+    assert_eq!(runs(&c).len(), 1, "{c:?}");
+    // Less room than is committed evicts nothing.
+    let committed = s.committed_bytes(0);
+    s.set_memory(0, 4 * WEIGHTS, 1, 2.0);
+    assert!(s.drain_commands().is_empty());
+    assert_eq!(s.committed_bytes(0), committed);
+    // A request larger than the capacity is refused at once.
+    s.set_memory(0, WEIGHTS / 2, WEIGHTS / 2, 3.0);
+    s.submit(req(2, 2, 100, 5.0), 3.0);
+    let c = s.drain_commands();
+    assert_eq!(drops(&c), [(2, DropReason::Unservable, None)], "{c:?}");
+}
