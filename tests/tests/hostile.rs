@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use slinfer_e2e::{Server, client, metric, package, package_variant};
+use slinfer_e2e::{Server, client, error_of, metric, package, package_variant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -385,4 +385,63 @@ async fn a_trap_tells_the_caller_its_reason_and_the_log_its_backtrace() {
     assert_eq!((status, kind.as_str()), (500, "trap"));
     assert!(!msg.contains("backtrace"), "{msg}");
     assert!(s.log().contains("wasm backtrace"), "{}", s.log());
+}
+
+#[tokio::test]
+async fn functions_draw_on_one_host_memory_budget_and_are_told_when_it_is_full() {
+    const MIB: f64 = (1 << 20) as f64;
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start_with(
+        &tmp.path().join("data"),
+        &[],
+        &["--memory-budget", "512MiB"],
+    );
+    s.deploy(&package("hello"));
+    // One call may hold 300 MiB (its own limit is 400 MiB); two may not.
+    let big = package_variant("misbehaving", |m| {
+        m.replace("memory_bytes = 16777216", "memory_bytes = 419430400")
+            .replace("timeout_ms = 1000", "timeout_ms = 20000")
+    });
+    s.deploy(big.path());
+    let url = format!("{}/fn/misbehaving/hold?mib=300&ms=3000", s.url);
+    let first = tokio::spawn(async move {
+        let r = client().get(url).send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    });
+    let mut held = 0.0;
+    for _ in 0..100 {
+        held = metric(
+            &s.metrics().await,
+            "slinfer_memory_bytes",
+            &["part=\"functions\""],
+        );
+        if held >= 300.0 * MIB {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(held >= 300.0 * MIB, "the first call holds {held} bytes");
+    let second = s.get("misbehaving", "/hold?mib=300&ms=10").await;
+    assert!(second.headers().contains_key("retry-after"));
+    let (status, kind, msg) = error_of(second).await;
+    assert_eq!((status, kind.as_str()), (503, "host_memory_full"), "{msg}");
+    assert!(msg.contains("memory budget of 536870912 bytes"), "{msg}");
+    // Small calls still fit beside it.
+    assert_eq!(s.get("hello", "/").await.status(), 200);
+    assert_eq!(
+        first.await.unwrap(),
+        (200, format!("held {} bytes\n", 300 << 20))
+    );
+    // Its memory went back with its instance: the same call now succeeds.
+    let again = s.get("misbehaving", "/hold?mib=300&ms=10").await;
+    assert_eq!(again.status(), 200);
+    let m = s.metrics().await;
+    assert_eq!(
+        metric(&m, "slinfer_memory_bytes", &["part=\"functions\""]),
+        0.0
+    );
+    assert_eq!(
+        metric(&m, "slinfer_memory_bytes", &["part=\"budget\""]),
+        512.0 * MIB
+    );
 }

@@ -16,6 +16,7 @@ impl Handler for Misbehaving {
             .get("/stack-overflow", stack_overflow)
             .get("/shadow-stack-overflow", shadow_stack_overflow)
             .get("/memory-bomb", memory_bomb)
+            .get("/hold", hold)
             .get("/large-output", large_output)
             .get("/fs-read", fs_read)
             .get("/env", env)
@@ -81,6 +82,22 @@ fn memory_bomb(_r: Request, _p: Params) -> Response {
         hoard.push(vec![1u8; 1 << 20]);
         std::hint::black_box(&hoard);
     }
+}
+
+/// Holds `?mib=` MiB (written, so resident) for `?ms=` ms: many at once
+/// fill the host's memory budget.
+fn hold(req: Request, _p: Params) -> Response {
+    let param = |k: &str, default: u64| {
+        req.query_param(k)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let held = vec![1u8; (param("mib", 8) << 20) as usize];
+    std::thread::sleep(std::time::Duration::from_millis(param("ms", 100)));
+    Response::text(
+        200,
+        format!("held {} bytes\n", std::hint::black_box(&held).len()),
+    )
 }
 
 fn large_output(req: Request, _p: Params) -> Response {

@@ -4,12 +4,8 @@
 
 use std::sync::Arc;
 
-use slinfer_engine::{Backend, DeviceKind, HostMemory};
+use slinfer_engine::{Backend, DeviceKind};
 
-/// Host memory kept free for the rest of the process when the CPU is a
-/// device: its capacity is MemAvailable at start minus this (or
-/// `SLINFER_INFERENCE_MEMORY_BYTES`).
-pub const CPU_MEMORY_MARGIN_BYTES: u64 = 2 << 30;
 /// GPU memory left free beyond the scheduler's plan (driver, cuBLAS
 /// workspaces, other processes): the larger of this and
 /// [`GPU_MEMORY_MARGIN_FRACTION`] of the device.
@@ -25,7 +21,8 @@ pub struct Device {
     pub backend: Arc<dyn Backend>,
     /// Its index among the backend's devices.
     pub index: usize,
-    /// Bytes the scheduler may fill with weights and KV.
+    /// Bytes the scheduler may fill with weights and KV (on a CPU, the
+    /// host memory budget, when there is one, bounds it further).
     pub capacity_bytes: u64,
 }
 
@@ -39,25 +36,6 @@ impl std::fmt::Debug for Device {
             .field("capacity_bytes", &self.capacity_bytes)
             .finish()
     }
-}
-
-/// Bytes the CPU device may hold for instances:
-/// `SLINFER_INFERENCE_MEMORY_BYTES`, or MemAvailable minus
-/// [`CPU_MEMORY_MARGIN_BYTES`] (at least 512 MiB).
-pub fn cpu_capacity_bytes() -> u64 {
-    if let Some(v) = std::env::var("SLINFER_INFERENCE_MEMORY_BYTES")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        return v;
-    }
-    let available = match HostMemory::read().available_bytes {
-        0 => 4 << 30,
-        n => n,
-    };
-    available
-        .saturating_sub(CPU_MEMORY_MARGIN_BYTES)
-        .max(512 << 20)
 }
 
 /// Bytes a GPU with `free_bytes` free of `total_bytes` may hold for

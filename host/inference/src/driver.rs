@@ -11,8 +11,8 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::time::{Duration, Instant};
 
 use slinfer_scheduler::{
-    ActionId, ActionOp, Command, DropReason, InstanceId, ModelTypeId, NodeId, NodeSpec, PerKind,
-    Policy, Request, RequestId, RequestOutcome, Scheduler, SchedulerConfig,
+    ActionId, ActionOp, Command, DeviceKind, DropReason, InstanceId, ModelTypeId, NodeId, NodeSpec,
+    PerKind, Policy, Request, RequestId, RequestOutcome, Scheduler, SchedulerConfig,
 };
 
 use crate::api::{INSTANCE_OVERHEAD_BYTES, InferenceError, KEEP_ALIVE_S, RETRY_AFTER_S};
@@ -20,6 +20,7 @@ use crate::catalog::ModelEntry;
 use crate::cost::{Costs, LiveCost};
 use crate::devices::Device;
 use crate::generation::{End, Shared, lock};
+use crate::memory::{MEMORY_REFRESH, MemoryBudget};
 use crate::metrics::{DeviceLabels, LlmMetrics};
 use crate::runner::{InstanceRunner, Job, Links};
 use crate::stats::SharedStats;
@@ -52,6 +53,12 @@ pub(crate) enum Msg {
         node: NodeId,
         instance: InstanceId,
         outcomes: Vec<RequestOutcome>,
+    },
+    /// What a runner measured its freshly loaded instance holds besides its
+    /// KV pool (sent before the load's `ActionDone`).
+    InstanceMeasured {
+        instance: InstanceId,
+        static_bytes: u64,
     },
     /// An engine failed in a way that takes its device out of placement.
     DeviceFailed {
@@ -93,6 +100,9 @@ struct Driver {
     metrics: Arc<LlmMetrics>,
     /// What the requests dropped by the last device failure are told.
     failure: String,
+    /// The host memory budget the CPU devices draw from, and when it was
+    /// last re-read.
+    memory: Option<(Arc<MemoryBudget>, Instant)>,
 }
 
 /// Starts the driver thread; returns its inbox and its handle (send
@@ -100,8 +110,8 @@ struct Driver {
 pub(crate) fn spawn(
     models: Vec<Arc<ModelEntry>>,
     devices: Vec<Device>,
-    stats: Arc<SharedStats>,
-    metrics: Arc<LlmMetrics>,
+    (stats, metrics): (Arc<SharedStats>, Arc<LlmMetrics>),
+    memory: Option<Arc<MemoryBudget>>,
 ) -> anyhow::Result<(Sender<Msg>, std::thread::JoinHandle<()>)> {
     let cost = LiveCost::default();
     let specs = models
@@ -134,6 +144,7 @@ pub(crate) fn spawn(
         stats,
         metrics,
         failure: String::new(),
+        memory: memory.map(|m| (m, Instant::now() - MEMORY_REFRESH)),
     };
     let handle = std::thread::Builder::new()
         .name("slinfer-inference-driver".into())
@@ -148,11 +159,15 @@ impl Driver {
 
     fn run(&mut self, rx: Receiver<Msg>) {
         loop {
-            let wait = self
+            self.track_memory();
+            let mut wait = self
                 .sched
                 .next_wakeup_s()
                 .map(|t| (t - self.now()).clamp(0.002, 3600.0))
                 .unwrap_or(3600.0);
+            if self.memory.is_some() {
+                wait = wait.min(MEMORY_REFRESH.as_secs_f64());
+            }
             match rx.recv_timeout(Duration::from_secs_f64(wait)) {
                 Ok(Msg::Shutdown) => return self.shutdown(),
                 Ok(m) => self.handle(m),
@@ -167,8 +182,42 @@ impl Driver {
                 tracing::trace!(command = ?c, "inference");
                 self.execute(c);
             }
-            self.stats
-                .publish(self.generations.len(), self.sched.snapshot());
+            let snapshot = self.sched.snapshot();
+            if let Some((budget, _)) = &self.memory {
+                budget.set_engines(
+                    snapshot
+                        .nodes
+                        .iter()
+                        .filter(|n| n.kind == DeviceKind::Cpu)
+                        .map(|n| n.committed_bytes)
+                        .sum(),
+                );
+            }
+            self.stats.publish(self.generations.len(), snapshot);
+        }
+    }
+
+    /// Every [`MEMORY_REFRESH`]: gives each CPU device what the host memory
+    /// budget (re-read by its own thread) leaves to instances.
+    fn track_memory(&mut self) {
+        let Some((budget, last)) = &mut self.memory else {
+            return;
+        };
+        if last.elapsed() < MEMORY_REFRESH {
+            return;
+        }
+        *last = Instant::now();
+        let total = budget.usage().total_bytes;
+        let room = budget.engine_capacity();
+        let now = self.now();
+        for (node, d) in self.devices.iter().enumerate() {
+            if d.kind == DeviceKind::Cpu {
+                let cap = d.capacity_bytes.min(total);
+                self.sched.set_memory(node, cap, cap.min(room), now);
+            }
+        }
+        for c in self.sched.drain_commands() {
+            self.execute(c);
         }
     }
 
@@ -223,6 +272,10 @@ impl Driver {
                 self.sched.cancel(id, now);
             }
             Msg::ActionDone { node, action } => self.sched.action_done(node, action, now),
+            Msg::InstanceMeasured {
+                instance,
+                static_bytes,
+            } => self.sched.instance_measured(instance, static_bytes, now),
             Msg::AddModel(entry) => {
                 let spec = entry.spec();
                 self.cost.push(Costs::estimates(spec.weights_bytes));

@@ -23,6 +23,7 @@ mod devices;
 mod driver;
 mod generation;
 pub mod graphs;
+mod memory;
 mod metrics;
 mod runner;
 mod service;
@@ -31,10 +32,10 @@ mod text;
 
 pub use api::*;
 pub use devices::{
-    CPU_MEMORY_MARGIN_BYTES, Device, GPU_MEMORY_MARGIN_BYTES, GPU_MEMORY_MARGIN_FRACTION,
-    cpu_capacity_bytes, gpu_capacity_bytes,
+    Device, GPU_MEMORY_MARGIN_BYTES, GPU_MEMORY_MARGIN_FRACTION, gpu_capacity_bytes,
 };
 pub use generation::GenerationStream;
+pub use memory::{HOST_MEMORY_MARGIN_BYTES, MemoryBudget, MemoryUse};
 pub use metrics::{DeviceLabel, DeviceLabels, LlmMetrics, ModelLabel, OutcomeLabels, SloLabels};
 pub use service::{Inference, InferenceConfig};
 /// The neutral tensor types `wasi:nn` carries (from the engine contract).

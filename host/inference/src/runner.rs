@@ -5,13 +5,18 @@
 //! sequences of ended requests, and unloads. An engine error that means the
 //! device itself failed (out of memory, a driver or kernel error) is
 //! reported to the driver, which takes the device out of placement.
+//!
+//! Loads run one at a time in the process, each measured against what its
+//! engine reports in use ([`slinfer_engine::Backend::used_bytes`]): the
+//! growth, less the KV pool, is what the instance really holds, and the
+//! scheduler plans with it from then on.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use slinfer_engine::{EngineError, LlmInstance, LoadOptions, ModelSource, StepEntry};
+use slinfer_engine::{DeviceKind, EngineError, LlmInstance, LoadOptions, ModelSource, StepEntry};
 use slinfer_scheduler::{ActionId, InstanceId, ModelTypeId, NodeId, RequestId, RequestOutcome};
 
 use crate::api::{InferenceError, RETRY_AFTER_S};
@@ -29,6 +34,22 @@ const LOAD_RETRY_S: f64 = 10.0;
 /// Tokens per block the first load sizes its pool with, before it learns
 /// the engine's own block size and fits the grant exactly.
 const LOAD_BLOCK_TOKENS: u64 = 32;
+
+/// Most prompt tokens one engine step takes, per kind of device: a longer
+/// prefill runs as several steps (chunked prefill). An engine keeps its
+/// activation buffers sized for the largest step it has run, so this bounds
+/// them; calibration runs one full chunk, so the load's measurement
+/// includes them.
+fn prefill_chunk_tokens(kind: DeviceKind) -> usize {
+    match kind {
+        DeviceKind::Cpu => 512,
+        DeviceKind::Gpu => 2048,
+    }
+}
+
+/// Held through a load and its calibration, so that what the device has in
+/// use grows by one instance at a time.
+static LOADING: Mutex<()> = Mutex::new(());
 
 pub(crate) enum Job {
     Load {
@@ -169,15 +190,20 @@ impl InstanceRunner {
             Job::Resize { action, kv_bytes } => {
                 if let Some(i) = self.inst.as_mut() {
                     let blocks = (kv_bytes / i.kv_bytes_per_block().max(1)) as usize;
+                    let shrinks = blocks < i.kv_capacity_blocks();
                     if let Err(e) = i.resize_kv(blocks.max(i.kv_blocks_in_use())) {
                         tracing::warn!(device = %self.device.name, "resizing the KV pool: {e}");
                         self.report(&e);
+                    }
+                    if shrinks {
+                        return_freed_memory();
                     }
                 }
                 self.action_done(action);
             }
             Job::Unload { action } => {
                 self.inst = None;
+                return_freed_memory();
                 self.action_done(action);
             }
             Job::Free(gens) => {
@@ -219,8 +245,32 @@ impl InstanceRunner {
         }
     }
 
-    /// Loads the instance with the granted KV bytes and calibrates.
+    /// Loads the instance with the granted KV bytes and calibrates, one load
+    /// at a time; tells the driver what it measured the instance holds.
     fn load(&mut self, kv_bytes: u64) {
+        let _one_at_a_time = LOADING.lock().unwrap_or_else(|e| e.into_inner());
+        let backend = self.device.backend.clone();
+        let before = backend.used_bytes(self.device.index);
+        self.load_and_calibrate(kv_bytes);
+        let after = backend.used_bytes(self.device.index);
+        if let (Some(inst), Some(before), Some(after)) = (self.inst.as_deref(), before, after) {
+            let kv = inst.kv_capacity_blocks() as u64 * inst.kv_bytes_per_block();
+            let static_bytes = after.saturating_sub(before).saturating_sub(kv);
+            tracing::info!(
+                model = %self.model.name,
+                device = %self.device.name,
+                static_bytes,
+                kv_bytes = kv,
+                "measured a loaded instance"
+            );
+            let _ = self.to_driver.send(Msg::InstanceMeasured {
+                instance: self.id,
+                static_bytes,
+            });
+        }
+    }
+
+    fn load_and_calibrate(&mut self, kv_bytes: u64) {
         self.kv_bytes = kv_bytes;
         self.last_load = Some(Instant::now());
         let t = Instant::now();
@@ -261,11 +311,14 @@ impl InstanceRunner {
         let b = CALIBRATION_SEQ + 1;
         let tok = self.model.package.manifest.config.bos_token_id.unwrap_or(1);
         let need = |n: usize| n.div_ceil(inst.block_size_tokens());
-        if inst.kv_capacity_blocks() < need(72) + need(16) + 2 {
+        let fits = |long: usize| inst.kv_capacity_blocks() >= need(long + 8) + need(16) + 2;
+        let chunk = prefill_chunk_tokens(kind);
+        let long = if fits(chunk) { chunk } else { 64 };
+        if !fits(long) {
             self.cost.update(mtype, kind, |c| c.load_s = load_s);
             return;
         }
-        let result = measure(inst, a, b, tok, load_s);
+        let result = measure(inst, (a, b), tok, long, load_s);
         for s in [a, b] {
             if inst.sequence_len(s).is_some() {
                 let _ = inst.free_sequence(s);
@@ -324,7 +377,7 @@ impl InstanceRunner {
     /// a preempted request had generated.
     fn prefill(&mut self, gens: &[Shared], produced: &mut HashMap<RequestId, u64>) {
         let inst = self.inst.as_mut().expect("loaded");
-        let mut batch = Vec::new();
+        let mut contexts = Vec::new();
         let mut members = Vec::new();
         for shared in gens {
             let mut g = lock(shared);
@@ -340,32 +393,55 @@ impl InstanceRunner {
                 continue;
             }
             g.kv_on = Some(self.id);
-            batch.push(StepEntry {
-                seq: id,
-                tokens: g.context(),
-            });
+            contexts.push((id, g.context()));
             members.push(shared);
         }
-        if batch.is_empty() {
+        if members.is_empty() {
             return;
         }
-        let tokens: u64 = batch.iter().map(|e| e.tokens.len() as u64).sum();
+        let tokens: u64 = contexts.iter().map(|(_, c)| c.len() as u64).sum();
+        let chunk = prefill_chunk_tokens(self.device.kind);
         let t = Instant::now();
-        match inst.step(&batch) {
-            Ok(logits) => {
-                self.cost.observe_prefill(
-                    self.mtype,
-                    self.device.kind,
-                    tokens,
-                    t.elapsed().as_secs_f64(),
-                );
-                for (g, l) in members.into_iter().zip(logits) {
-                    let mut g = lock(g);
-                    g.accept(&l);
-                    produced.insert(g.id, 1);
+        // Steps of at most `chunk` tokens, the prompts in order; a prompt's
+        // last step gives the logits it samples from.
+        let mut done = vec![0; contexts.len()];
+        let mut last = vec![None; contexts.len()];
+        while done.iter().zip(&contexts).any(|(d, (_, c))| *d < c.len()) {
+            let (mut batch, mut who, mut room) = (Vec::new(), Vec::new(), chunk);
+            for (i, (seq, context)) in contexts.iter().enumerate() {
+                let take = (context.len() - done[i]).min(room);
+                if take == 0 {
+                    continue;
                 }
+                batch.push(StepEntry {
+                    seq: *seq,
+                    tokens: context[done[i]..done[i] + take].to_vec(),
+                });
+                who.push(i);
+                done[i] += take;
+                room -= take;
             }
-            Err(e) => self.step_failed(&members, &e),
+            match inst.step(&batch) {
+                Ok(logits) => {
+                    for (l, i) in logits.into_iter().zip(who) {
+                        if done[i] == contexts[i].1.len() {
+                            last[i] = Some(l);
+                        }
+                    }
+                }
+                Err(e) => return self.step_failed(&members, &e),
+            }
+        }
+        self.cost.observe_prefill(
+            self.mtype,
+            self.device.kind,
+            tokens,
+            t.elapsed().as_secs_f64(),
+        );
+        for (g, l) in members.into_iter().zip(last) {
+            let mut g = lock(g);
+            g.accept(&l.expect("every prompt ends in a step"));
+            produced.insert(g.id, 1);
         }
     }
 
@@ -450,7 +526,13 @@ fn timed(inst: &mut dyn LlmInstance, batch: &[StepEntry]) -> Option<f64> {
 }
 
 /// The calibration steps on sequences `a` and `b` (see `cost`).
-fn measure(inst: &mut dyn LlmInstance, a: u64, b: u64, tok: u32, load_s: f64) -> Option<Costs> {
+fn measure(
+    inst: &mut dyn LlmInstance,
+    (a, b): (u64, u64),
+    tok: u32,
+    long: usize,
+    load_s: f64,
+) -> Option<Costs> {
     let entry = |seq, n| StepEntry {
         seq,
         tokens: vec![tok; n],
@@ -462,14 +544,14 @@ fn measure(inst: &mut dyn LlmInstance, a: u64, b: u64, tok: u32, load_s: f64) ->
     inst.free_sequence(a).ok()?;
     inst.add_sequence(a).ok()?;
     let p8 = timed(inst, &[entry(a, 8)])?;
-    let p64 = timed(inst, &[entry(b, 64)])?;
+    let p_long = timed(inst, &[entry(b, long)])?;
     let mut d1 = f64::INFINITY;
     let mut d2 = f64::INFINITY;
     for _ in 0..3 {
         d1 = d1.min(timed(inst, &[entry(a, 1)])?);
         d2 = d2.min(timed(inst, &[entry(a, 1), entry(b, 1)])?);
     }
-    let per_token = ((p64 - p8) / 56.0).max(1e-5);
+    let per_token = ((p_long - p8) / (long - 8) as f64).max(1e-5);
     let per_seq = (d2 - d1).max(1e-4);
     Some(Costs {
         prefill_base_s: (p8 - 8.0 * per_token).max(1e-3),
@@ -480,4 +562,16 @@ fn measure(inst: &mut dyn LlmInstance, a: u64, b: u64, tok: u32, load_s: f64) ->
         prefill_factor: 1.0,
         decode_factor: 1.0,
     })
+}
+
+/// Hands the heap's free pages back to the system after an instance or
+/// part of its KV pool is freed: glibc keeps large freed blocks in its
+/// arenas, and the process would go on holding memory that the scheduler
+/// no longer counts (measured: 400 MB after one burst of 60 streams).
+fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }

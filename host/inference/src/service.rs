@@ -20,6 +20,7 @@ use crate::catalog::{Catalog, ModelEntry};
 use crate::devices::Device;
 use crate::driver::{self, Msg};
 use crate::generation::{Event, Generation, GenerationStream};
+use crate::memory::MemoryBudget;
 use crate::metrics::LlmMetrics;
 use crate::stats::SharedStats;
 
@@ -31,6 +32,10 @@ pub struct InferenceConfig {
     /// Where request outcomes and scheduler state are recorded (the host's
     /// `/metrics`); default: a private set.
     pub metrics: Option<Arc<LlmMetrics>>,
+    /// The host-wide budget that instances on the CPU share with the
+    /// functions' Wasm memories (re-read every second); `None`: CPU devices
+    /// keep their `capacity_bytes`.
+    pub memory: Option<Arc<MemoryBudget>>,
 }
 
 // The binding shares `Inference` across tasks and keeps streams in them.
@@ -75,8 +80,8 @@ impl Inference {
         let (tx, driver) = driver::spawn(
             catalog.all.clone(),
             config.devices.clone(),
-            stats.clone(),
-            metrics.clone(),
+            (stats.clone(), metrics.clone()),
+            config.memory,
         )?;
         Ok(Arc::new(Inference {
             catalog: RwLock::new(catalog),

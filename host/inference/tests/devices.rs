@@ -11,7 +11,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use slinfer_engine::package::ModelPackage;
@@ -23,7 +23,8 @@ use slinfer_engine::{
 };
 use slinfer_inference::{
     DeviceLabels, FinishReason, GenerateRequest, GenerationParams, INSTANCE_OVERHEAD_BYTES,
-    Inference, InferenceConfig, InferenceError, LlmMetrics, OutcomeLabels, Prompt, Usage,
+    Inference, InferenceConfig, InferenceError, LlmMetrics, MemoryBudget, OutcomeLabels, Prompt,
+    Usage,
 };
 use slinfer_test_support::{peak_then_fall, tiny};
 
@@ -67,12 +68,21 @@ fn reference(kind: DeviceKind, bytes: u64) -> Arc<dyn Backend> {
 }
 
 fn start(dir: &Path, devices: Vec<slinfer_inference::Device>) -> (Arc<Inference>, Arc<LlmMetrics>) {
+    start_with(dir, devices, None)
+}
+
+fn start_with(
+    dir: &Path,
+    devices: Vec<slinfer_inference::Device>,
+    memory: Option<Arc<MemoryBudget>>,
+) -> (Arc<Inference>, Arc<LlmMetrics>) {
     let metrics = Arc::new(LlmMetrics::default());
     let inf = Inference::start(
         dir,
         InferenceConfig {
             devices,
             metrics: Some(metrics.clone()),
+            memory,
         },
     )
     .unwrap();
@@ -281,16 +291,31 @@ struct Paced {
     /// fails as a device whose driver died would.
     fail_from: Option<usize>,
     steps: Arc<AtomicUsize>,
+    meter: Option<Meter>,
+}
+
+/// Makes the double report memory in use, as a real engine's
+/// `Backend::used_bytes` would: each instance holds `extra` bytes beyond
+/// its KV pool.
+#[derive(Clone)]
+struct Meter {
+    extra: u64,
+    used: Arc<AtomicU64>,
 }
 
 impl Paced {
     fn backend(kind: DeviceKind, step_ms: u64, fail_from: Option<usize>) -> Arc<dyn Backend> {
-        Arc::new(Paced {
+        Arc::new(Paced::new(kind, step_ms, fail_from))
+    }
+
+    fn new(kind: DeviceKind, step_ms: u64, fail_from: Option<usize>) -> Paced {
+        Paced {
             inner: ReferenceBackend::with_devices(kind, &[0]),
             step: Duration::from_millis(step_ms),
             fail_from,
             steps: Arc::new(AtomicUsize::new(0)),
-        })
+            meter: None,
+        }
     }
 }
 
@@ -307,18 +332,27 @@ impl Backend for Paced {
     fn footprint(&self, package: &ModelPackage) -> Result<Footprint, EngineError> {
         self.inner.footprint(package)
     }
+    fn used_bytes(&self, _device: usize) -> Option<u64> {
+        self.meter.as_ref().map(|m| m.used.load(Ordering::SeqCst))
+    }
     fn load(
         &self,
         source: &ModelSource,
         device: usize,
         options: &LoadOptions,
     ) -> Result<Box<dyn LlmInstance>, EngineError> {
-        Ok(Box::new(PacedInstance {
+        let inst = PacedInstance {
             inner: self.inner.load(source, device, options)?,
             step: self.step,
             fail_from: self.fail_from,
             steps: self.steps.clone(),
-        }))
+            meter: self.meter.clone(),
+        };
+        if let Some(m) = &self.meter {
+            m.used
+                .fetch_add(m.extra + inst.kv_bytes(), Ordering::SeqCst);
+        }
+        Ok(Box::new(inst))
     }
 }
 
@@ -327,6 +361,22 @@ struct PacedInstance {
     step: Duration,
     fail_from: Option<usize>,
     steps: Arc<AtomicUsize>,
+    meter: Option<Meter>,
+}
+
+impl PacedInstance {
+    fn kv_bytes(&self) -> u64 {
+        self.inner.kv_capacity_blocks() as u64 * self.inner.kv_bytes_per_block()
+    }
+}
+
+impl Drop for PacedInstance {
+    fn drop(&mut self) {
+        if let Some(m) = &self.meter {
+            m.used
+                .fetch_sub(m.extra + self.kv_bytes(), Ordering::SeqCst);
+        }
+    }
 }
 
 impl LlmInstance for PacedInstance {
@@ -349,7 +399,13 @@ impl LlmInstance for PacedInstance {
         self.inner.kv_blocks_in_use()
     }
     fn resize_kv(&mut self, blocks: usize) -> Result<(), EngineError> {
-        self.inner.resize_kv(blocks)
+        let before = self.kv_bytes();
+        self.inner.resize_kv(blocks)?;
+        if let Some(m) = &self.meter {
+            m.used.fetch_add(self.kv_bytes(), Ordering::SeqCst);
+            m.used.fetch_sub(before, Ordering::SeqCst);
+        }
+        Ok(())
     }
     fn add_sequence(&mut self, seq: SeqId) -> Result<(), EngineError> {
         self.inner.add_sequence(seq)
@@ -604,4 +660,104 @@ async fn dropping_the_service_ends_open_streams_and_joins_its_threads() {
     .await
     .expect("the stream hangs after the service stopped");
     assert!(ended.is_some(), "the stream finished normally");
+}
+
+/// The scheduler's static figure for each instance.
+fn static_bytes(inf: &Inference) -> Vec<u64> {
+    inf.status()
+        .models
+        .iter()
+        .flat_map(|m| &m.instances)
+        .map(|i| i.scheduler.static_bytes)
+        .collect()
+}
+
+#[tokio::test]
+async fn an_instance_counts_what_its_engine_measured_it_holds() {
+    let dir = models(&[("tiny", 9)]);
+    let extra = 300 * MIB;
+    let backend = Paced {
+        meter: Some(Meter {
+            extra,
+            used: Arc::new(AtomicU64::new(0)),
+        }),
+        ..Paced::new(DeviceKind::Cpu, 0, None)
+    };
+    let (inf, _) = start(dir.path(), vec![cpu(Arc::new(backend))]);
+    let estimate = INSTANCE_OVERHEAD_BYTES + inf.model_infos()[0].footprints["cpu"].weights_bytes;
+    assert_ne!(estimate, extra);
+    collect(&inf, request("tiny", "measure me", 4))
+        .await
+        .unwrap();
+    assert_eq!(static_bytes(&inf), [extra]);
+    let s = inf.status();
+    let i = &s.models[0].instances[0].scheduler;
+    let kv = i.kv_blocks_committed * i.block_bytes;
+    assert_eq!(s.devices[0].scheduler.committed_bytes, extra + kv, "{s:?}");
+}
+
+#[tokio::test]
+async fn a_cpu_device_shares_the_host_memory_budget_with_functions() {
+    let dir = models(&[("tiny", 10)]);
+    let probe = start(dir.path(), vec![cpu(reference(DeviceKind::Cpu, 0))]).0;
+    let instance = INSTANCE_OVERHEAD_BYTES + probe.model_infos()[0].footprints["cpu"].weights_bytes;
+    drop(probe);
+    let budget = MemoryBudget::fixed(instance + 64 * MIB);
+    // Functions hold all but a few MiB: no room for an instance.
+    let held = instance + 60 * MIB;
+    assert!(budget.try_reserve_functions(held));
+    let (inf, _) = start_with(
+        dir.path(),
+        vec![cpu(reference(DeviceKind::Cpu, 0))],
+        Some(budget.clone()),
+    );
+    let mut req = request("tiny", "wait for memory", 4);
+    req.ttft_slo_s = 60.0;
+    let waiting = tokio::spawn({
+        let inf = inf.clone();
+        async move { collect(&inf, req).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!waiting.is_finished(), "it must wait for room");
+    assert!(placed(&inf, "tiny").is_empty());
+    let s = inf.status();
+    assert_eq!(s.devices[0].scheduler.room_bytes, 4 * MIB, "{s:?}");
+    // The functions let go: the request is served.
+    budget.release_functions(held);
+    let (text, _) = waiting.await.unwrap().unwrap();
+    assert_eq!(text, greedy(dir.path(), "tiny", "wait for memory", 4));
+    // Now the instance holds its part, functions may not take it.
+    let engines = budget.usage().engines_bytes;
+    assert!(engines >= instance, "{engines} < {instance}");
+    assert!(!budget.try_reserve_functions(instance + 64 * MIB - engines + 1));
+    assert!(budget.try_reserve_functions(instance + 64 * MIB - engines));
+}
+
+#[tokio::test]
+async fn long_prompts_are_prefilled_in_chunks_to_the_same_answers() {
+    let dir = models(&[("tiny", 11)]);
+    let (inf, _) = start(dir.path(), vec![cpu(reference(DeviceKind::Cpu, 0))]);
+    // Two prompts of ~700 tokens submitted together: more than one CPU
+    // prefill chunk (512 tokens), and the second is split across steps.
+    let prompts: Vec<String> = ["first", "second"]
+        .iter()
+        .map(|w| {
+            format!(
+                "{w}: {}",
+                "the quick brown fox jumps over a lazy dog; ".repeat(16)
+            )
+        })
+        .collect();
+    let runs: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let (inf, p) = (inf.clone(), p.clone());
+            tokio::spawn(async move { collect(&inf, request("tiny", &p, 8)).await })
+        })
+        .collect();
+    for (p, r) in prompts.iter().zip(runs) {
+        let (text, usage) = r.await.unwrap().unwrap();
+        assert!(usage.prompt_tokens > 600, "{usage:?}");
+        assert_eq!(text, greedy(dir.path(), "tiny", p, 8));
+    }
 }

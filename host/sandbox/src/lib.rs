@@ -40,9 +40,9 @@ use body::Capped;
 use limits::{EPOCH_TICK_MS, FunctionLimits, HostLimits};
 use llm::{LlmConfig, LlmCtx};
 use nn::{NnConfig, NnCtx};
-use slinfer_inference::Inference;
 use slinfer_inference::graphs::Graphs;
-use store::{GuestLimiter, GuestState};
+use slinfer_inference::{Inference, MemoryBudget};
+use store::{GuestLimiter, GuestState, MemoryHit};
 
 /// The wasmtime release the host is pinned to (workspace Cargo.toml), part
 /// of every compile-cache key; the engine hash in the key also covers it.
@@ -74,6 +74,10 @@ pub enum InvokeError {
     Timeout { timeout_ms: u64 },
     #[error("the function exceeded its memory limit of {memory_bytes} bytes")]
     MemoryLimit { memory_bytes: u64 },
+    #[error(
+        "the host's memory budget of {total_bytes} bytes (shared by every function and the models on the CPU) is full; retry later"
+    )]
+    HostMemoryFull { total_bytes: u64 },
     #[error("the function overflowed its stack")]
     StackOverflow,
     #[error("the function trapped: {0}")]
@@ -96,6 +100,7 @@ impl InvokeError {
         match self {
             InvokeError::Timeout { .. } => "timeout",
             InvokeError::MemoryLimit { .. } => "memory_limit",
+            InvokeError::HostMemoryFull { .. } => "host_memory_full",
             InvokeError::StackOverflow => "stack_overflow",
             InvokeError::Trap(_) => "trap",
             InvokeError::NoResponse => "no_response",
@@ -138,24 +143,30 @@ pub struct Sandbox {
     linker: Linker<GuestState>,
     cache_dir: PathBuf,
     host: HostLimits,
-    inference: Option<Arc<Inference>>,
-    graphs: Arc<Graphs>,
+    services: Services,
     guests: cpu::GuestRuntime,
     shares: Arc<cpu::Shares>,
     next_guest: std::sync::atomic::AtomicU64,
 }
 
+/// What the host gives every guest besides its limits.
+#[derive(Clone)]
+pub struct Services {
+    /// `slinfer:llm` (when the host has models).
+    pub inference: Option<Arc<Inference>>,
+    /// `wasi:nn`'s tensor models.
+    pub graphs: Arc<Graphs>,
+    /// The host-wide memory budget that Wasm memories and `wasi:nn`
+    /// tensors draw from (shared with the CPU's inference instances).
+    pub memory: Arc<MemoryBudget>,
+}
+
 impl Sandbox {
     /// Build the engine (pooling allocator sized by `host`), link the host
     /// interfaces, and start the epoch ticker that enforces wall-clock
-    /// limits. Guests reach `inference` (when the host has models) through
-    /// `slinfer:llm`, and `graphs` (tensor models) through `wasi:nn`.
-    pub fn new(
-        cache_dir: &Path,
-        host: HostLimits,
-        inference: Option<Arc<Inference>>,
-        graphs: Arc<Graphs>,
-    ) -> anyhow::Result<Sandbox> {
+    /// limits. Guests reach `services`' inference through `slinfer:llm`,
+    /// its graphs through `wasi:nn`, and draw memory from its budget.
+    pub fn new(cache_dir: &Path, host: HostLimits, services: Services) -> anyhow::Result<Sandbox> {
         let mut pool = PoolingAllocationConfig::default();
         let instances = host.total_instances;
         pool.total_component_instances(instances)
@@ -196,8 +207,7 @@ impl Sandbox {
             linker,
             cache_dir: cache_dir.to_path_buf(),
             host,
-            inference,
-            graphs,
+            services,
             guests: cpu::GuestRuntime::new(threads)?,
             shares: Arc::new(cpu::Shares::new(threads)),
             next_guest: std::sync::atomic::AtomicU64::new(0),
@@ -301,7 +311,7 @@ impl Sandbox {
         let started = Instant::now();
         let limits = grants.limits;
         let request_hit = Arc::new(AtomicBool::new(false));
-        let memory_hit = Arc::new(AtomicBool::new(false));
+        let memory_hit = Arc::new(MemoryHit::default());
 
         let (mut parts, body) = req.into_parts();
         let authority = parts
@@ -358,6 +368,7 @@ impl Sandbox {
         let pre = pre.clone();
         let timeout = Duration::from_millis(limits.timeout_ms);
         let memory_hit_task = memory_hit.clone();
+        let budget = self.services.memory.clone();
         let function = grants.function.clone();
         let shares = self.shares.clone();
         let task = self.guests.handle().spawn(async move {
@@ -371,7 +382,7 @@ impl Sandbox {
             };
             let result = match tokio::time::timeout(timeout, run).await {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(classify(e, &function, &limits, &memory_hit_task)),
+                Ok(Err(e)) => Err(classify(e, &function, &limits, (&memory_hit_task, &budget))),
                 Err(_) => Err(InvokeError::Timeout {
                     timeout_ms: limits.timeout_ms,
                 }),
@@ -455,7 +466,7 @@ impl Sandbox {
     fn new_store(
         &self,
         grants: &Grants,
-        memory_hit: Arc<AtomicBool>,
+        memory_hit: Arc<MemoryHit>,
         arrived: Instant,
     ) -> Result<Store<GuestState>, InvokeError> {
         let mut wasi = WasiCtxBuilder::new();
@@ -476,18 +487,24 @@ impl Sandbox {
             limiter: GuestLimiter {
                 memory_bytes: grants.limits.memory_bytes as usize,
                 table_elements: self.host.max_table_elements,
-                memory_hit,
+                hit: memory_hit,
+                budget: self.services.memory.clone(),
+                reserved: 0,
             },
             outbound: http::OutboundPolicy {
                 allowed_hosts: grants.outbound_hosts.clone(),
             },
             llm: LlmCtx::new(
-                self.inference.clone(),
+                self.services.inference.clone(),
                 grants.function.clone(),
                 grants.llm.clone(),
                 arrived,
             ),
-            nn: NnCtx::new(self.graphs.clone(), grants.nn.clone()),
+            nn: NnCtx::new(
+                self.services.graphs.clone(),
+                grants.nn.clone(),
+                self.services.memory.clone(),
+            ),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -514,12 +531,17 @@ fn classify(
     e: wasmtime::Error,
     function: &str,
     limits: &FunctionLimits,
-    memory_hit: &AtomicBool,
+    (memory_hit, budget): (&MemoryHit, &MemoryBudget),
 ) -> InvokeError {
     tracing::warn!(%function, "the instance failed: {e:?}");
-    if memory_hit.load(Ordering::Relaxed) {
+    if memory_hit.limit.load(Ordering::Relaxed) {
         return InvokeError::MemoryLimit {
             memory_bytes: limits.memory_bytes,
+        };
+    }
+    if memory_hit.host.load(Ordering::Relaxed) {
+        return InvokeError::HostMemoryFull {
+            total_bytes: budget.usage().total_bytes,
         };
     }
     match e.downcast_ref::<Trap>() {

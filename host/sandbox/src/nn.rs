@@ -11,10 +11,10 @@
 //!   byte lengths) and runs on a blocking thread, never on a tokio worker.
 //!   Outputs come back in the model's order, named by the model's output names.
 //! - Host-side bytes an instance holds through `wasi:nn` (tensors, and graphs
-//!   it loaded from bytes) count against its memory limit (`memory_bytes`):
-//!   a `compute` or `load` beyond it answers `too-large`; a tensor
-//!   constructor beyond it (constructors cannot fail) traps with a message
-//!   saying so.
+//!   it loaded from bytes) count against its memory limit (`memory_bytes`)
+//!   and are reserved in the host-wide memory budget: a `compute` or `load`
+//!   beyond either answers `too-large`; a tensor constructor beyond either
+//!   (constructors cannot fail) traps with a message saying so.
 //!
 //! Self-contained in the manner of wasmtime-wasi-http: [`NnConfig`] is what
 //! the manifest grants, [`NnCtx`] an instance's context (with the bytes it
@@ -23,6 +23,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use slinfer_inference::MemoryBudget;
 use slinfer_inference::graphs::{self, Graphs};
 use slinfer_inference::tensor::{
     TensorContext, TensorData, TensorError, TensorErrorKind, TensorGraph, TensorType,
@@ -64,17 +65,26 @@ pub struct NnConfig {
 pub struct NnCtx {
     graphs: Arc<Graphs>,
     config: NnConfig,
+    /// The host-wide budget its bytes are reserved in.
+    host: Arc<MemoryBudget>,
     /// Host-side bytes it holds now.
     held_bytes: usize,
 }
 
 impl NnCtx {
-    pub fn new(graphs: Arc<Graphs>, config: NnConfig) -> Self {
+    pub fn new(graphs: Arc<Graphs>, config: NnConfig, host: Arc<MemoryBudget>) -> Self {
         NnCtx {
             graphs,
             config,
+            host,
             held_bytes: 0,
         }
+    }
+}
+
+impl Drop for NnCtx {
+    fn drop(&mut self) {
+        self.host.release_functions(self.held_bytes as u64);
     }
 }
 
@@ -173,10 +183,20 @@ pub fn add_to_linker<T: NnView + 'static>(linker: &mut Linker<T>) -> wasmtime::R
 }
 
 impl NnCtx {
-    /// Count `bytes` more against the budget.
+    /// Count `bytes` more against the function's limit and the host's
+    /// budget.
     fn take(&mut self, bytes: usize) -> Result<(), NnError> {
         match self.held_bytes.checked_add(bytes) {
             Some(n) if n <= self.config.budget_bytes => {
+                if !self.host.try_reserve_functions(bytes as u64) {
+                    return Err(NnError::new(
+                        errors::ErrorCode::TooLarge,
+                        format!(
+                            "wasi:nn: the host's memory budget of {} bytes (shared by every function and the models on the CPU) has no room for {bytes} more bytes; retry later",
+                            self.host.usage().total_bytes
+                        ),
+                    ));
+                }
                 self.held_bytes = n;
                 Ok(())
             }
@@ -192,7 +212,9 @@ impl NnCtx {
     }
 
     fn give_back(&mut self, bytes: usize) {
-        self.held_bytes = self.held_bytes.saturating_sub(bytes);
+        let bytes = bytes.min(self.held_bytes);
+        self.held_bytes -= bytes;
+        self.host.release_functions(bytes as u64);
     }
 }
 
@@ -400,19 +422,21 @@ impl errors::HostError for NnCtxView<'_> {
 mod tests {
     use super::*;
 
-    fn grant(budget: usize) -> NnCtx {
+    fn grant(budget: usize, host: &Arc<MemoryBudget>) -> NnCtx {
         NnCtx::new(
             Arc::new(Graphs::open(std::path::Path::new("/nonexistent"), None)),
             NnConfig {
                 allowed_models: Arc::from([]),
                 budget_bytes: budget,
             },
+            host.clone(),
         )
     }
 
     #[test]
     fn budget_counts_taken_and_given_back_bytes() {
-        let mut g = grant(100);
+        let host = MemoryBudget::fixed(1000);
+        let mut g = grant(100, &host);
         g.take(60).unwrap();
         let e = g.take(41).unwrap_err();
         assert_eq!(e.code, errors::ErrorCode::TooLarge);
@@ -424,6 +448,33 @@ mod tests {
         g.give_back(60);
         g.take(100).unwrap();
         assert!(g.take(usize::MAX).is_err());
+        assert_eq!(host.usage().functions_bytes, 100);
+        drop(g);
+        assert_eq!(
+            host.usage().functions_bytes,
+            0,
+            "released with the instance"
+        );
+    }
+
+    #[test]
+    fn the_host_budget_bounds_what_all_instances_hold() {
+        let host = MemoryBudget::fixed(150);
+        let mut a = grant(100, &host);
+        let mut b = grant(100, &host);
+        a.take(100).unwrap();
+        let e = b.take(60).unwrap_err();
+        assert_eq!(e.code, errors::ErrorCode::TooLarge);
+        assert!(
+            e.message.contains("host's memory budget of 150 bytes"),
+            "{}",
+            e.message
+        );
+        assert_eq!(host.usage().functions_bytes, 100, "a refusal holds nothing");
+        b.take(50).unwrap();
+        a.give_back(100);
+        b.take(50).unwrap();
+        assert_eq!(host.usage().functions_bytes, 100);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 use crate::http::OutboundPolicy;
 use crate::llm::{LlmCtx, LlmCtxView, LlmView};
 use crate::nn::{NnCtx, NnCtxView, NnView};
+use slinfer_inference::MemoryBudget;
 
 /// What one guest instance's store holds.
 pub struct GuestState {
@@ -44,27 +45,46 @@ impl WasiHttpView for GuestState {
     }
 }
 
-/// Caps linear memory and tables, and remembers whether a cap was hit so the
-/// error can say so (a Rust guest aborts on allocation failure, which
-/// otherwise looks like any other trap).
+/// Which memory bound a failed call ran into, so the error can say so (a
+/// Rust guest aborts on allocation failure, which otherwise looks like any
+/// other trap).
+#[derive(Debug, Default)]
+pub struct MemoryHit {
+    /// The function's own `limits.memory_bytes`.
+    pub(crate) limit: AtomicBool,
+    /// The host-wide memory budget.
+    pub(crate) host: AtomicBool,
+}
+
+/// Caps linear memory and tables; reserves each memory's growth in the
+/// host-wide budget and gives it back when the store is dropped.
 pub struct GuestLimiter {
     pub(crate) memory_bytes: usize,
     pub(crate) table_elements: usize,
-    pub(crate) memory_hit: Arc<AtomicBool>,
+    pub(crate) hit: Arc<MemoryHit>,
+    pub(crate) budget: Arc<MemoryBudget>,
+    /// Bytes reserved in `budget` for this store's memories.
+    pub(crate) reserved: u64,
 }
 
 impl wasmtime::ResourceLimiter for GuestLimiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let ok = desired <= self.memory_bytes;
-        if !ok {
-            self.memory_hit.store(true, Ordering::Relaxed);
+        if desired > self.memory_bytes {
+            self.hit.limit.store(true, Ordering::Relaxed);
+            return Ok(false);
         }
-        Ok(ok)
+        let grow = desired.saturating_sub(current) as u64;
+        if !self.budget.try_reserve_functions(grow) {
+            self.hit.host.store(true, Ordering::Relaxed);
+            return Ok(false);
+        }
+        self.reserved += grow;
+        Ok(true)
     }
 
     fn table_growing(
@@ -74,6 +94,12 @@ impl wasmtime::ResourceLimiter for GuestLimiter {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         Ok(desired <= self.table_elements)
+    }
+}
+
+impl Drop for GuestLimiter {
+    fn drop(&mut self) {
+        self.budget.release_functions(self.reserved);
     }
 }
 

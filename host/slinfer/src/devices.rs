@@ -4,8 +4,9 @@
 //! and a `TensorBackend`.
 //!
 //! - `cpu`: the OpenVINO CPU engine, when `libopenvino_c` loads (from the
-//!   `openvino` wheel in the virtualenv); its capacity is the host memory
-//!   left after a margin (`slinfer_inference::cpu_capacity_bytes`).
+//!   `openvino` wheel in the virtualenv); what it may hold is set by the
+//!   host memory budget (`slinfer_inference::MemoryBudget`), which it
+//!   shares with the functions.
 //! - `cuda:N`: each GPU the CUDA engine finds (driver, cuBLAS and NVRTC
 //!   present); its capacity is its free memory at start less a margin.
 //!
@@ -19,7 +20,7 @@ use std::sync::Arc;
 use anyhow::bail;
 use slinfer_engine::Backend;
 use slinfer_engine::tensor::TensorBackend;
-use slinfer_inference::{Device, cpu_capacity_bytes, gpu_capacity_bytes};
+use slinfer_inference::{Device, gpu_capacity_bytes};
 
 /// One device `--devices` may name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,7 +126,8 @@ pub fn discover(selection: &DeviceSelection, venv: Option<&Path>) -> anyhow::Res
             kind: b.kind(),
             backend: Arc::new(b),
             index: 0,
-            capacity_bytes: cpu_capacity_bytes(),
+            // The host memory budget bounds it (see `InferenceConfig`).
+            capacity_bytes: u64::MAX,
         }),
         (Some(true), Err(e)) => bail!("--devices cpu: {e}"),
         (Some(false), Err(e)) => tracing::warn!("no CPU device: {e}"),

@@ -33,7 +33,15 @@ pub struct Metrics {
     pub cache_hits: Counter,
     pub connections_open: Gauge,
     pub connections_refused: Counter,
+    /// The host memory budget's figures, set when scraped.
+    memory: Family<MemoryLabel, Gauge>,
     pub llm: std::sync::Arc<slinfer_inference::LlmMetrics>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MemoryLabel {
+    /// `budget`, `functions`, `engines`, `untracked` or `process`.
+    pub part: &'static str,
 }
 
 impl Default for Metrics {
@@ -110,6 +118,12 @@ impl Metrics {
             "Components loaded from the compile cache",
             cache_hits.clone(),
         );
+        let memory = Family::<MemoryLabel, Gauge>::default();
+        registry.register(
+            "memory_bytes",
+            "The host memory budget (`budget`) and what draws on it: functions' Wasm memories and wasi:nn tensors (`functions`), inference instances on the CPU (`engines`), the rest of the process's growth (`untracked`); and the process's proportional set size (`process`)",
+            memory.clone(),
+        );
         let llm = std::sync::Arc::new(slinfer_inference::LlmMetrics::default());
         llm.register(&mut registry);
         Metrics {
@@ -124,7 +138,23 @@ impl Metrics {
             cache_hits,
             connections_open,
             connections_refused,
+            memory,
             llm,
+        }
+    }
+
+    /// Sets the memory gauges from the budget's figures.
+    pub fn set_memory(&self, u: slinfer_inference::MemoryUse) {
+        for (part, bytes) in [
+            ("budget", u.total_bytes),
+            ("functions", u.functions_bytes),
+            ("engines", u.engines_bytes),
+            ("untracked", u.untracked_bytes),
+            ("process", u.process_bytes),
+        ] {
+            self.memory
+                .get_or_create(&MemoryLabel { part })
+                .set(bytes as i64);
         }
     }
 

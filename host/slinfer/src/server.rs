@@ -8,7 +8,8 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use slinfer_inference::graphs::Graphs;
-use slinfer_inference::{Device, Inference, InferenceConfig, LlmMetrics};
+use slinfer_inference::{Device, Inference, InferenceConfig, LlmMetrics, MemoryBudget};
+use slinfer_sandbox::Services;
 use slinfer_sandbox::limits::HostLimits;
 
 use crate::api::{AppState, router};
@@ -34,6 +35,8 @@ pub struct ServeOptions {
     pub connections: connections::ConnectionLimits,
     /// Who may read `/metrics`.
     pub metrics_access: crate::api::MetricsAccess,
+    /// The host-wide memory budget's bound (`--memory-budget`).
+    pub memory_budget: Option<u64>,
     pub host: HostLimits,
 }
 
@@ -84,8 +87,18 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     }
     let token = admin_token(&opts)?;
     let metrics = Arc::new(Metrics::new());
+    let memory = MemoryBudget::new(opts.memory_budget).context("starting the memory budget")?;
+    tracing::info!(
+        bytes = memory.usage().total_bytes,
+        "memory budget for functions and models on the CPU"
+    );
     let found = discover(&opts.devices, opts.venv.as_deref())?;
-    let inference = start_inference(&opts.models_dir, found.devices, metrics.llm.clone());
+    let inference = start_inference(
+        &opts.models_dir,
+        found.devices,
+        metrics.llm.clone(),
+        memory.clone(),
+    );
     let graphs = Arc::new(Graphs::open(&opts.models_dir, found.tensor));
     let models = Arc::new(Models::new(
         &opts.models_dir,
@@ -98,8 +111,11 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         &opts.data_dir,
         opts.host,
         metrics.clone(),
-        inference,
-        graphs,
+        Services {
+            inference,
+            graphs,
+            memory: memory.clone(),
+        },
     )?);
     let state = AppState {
         functions,
@@ -108,6 +124,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         admin_token: token.into(),
         max_package_bytes: opts.host.max_package_bytes,
         metrics_access: opts.metrics_access,
+        memory,
     };
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -136,6 +153,7 @@ fn start_inference(
     models_dir: &Path,
     devices: Vec<Device>,
     metrics: Arc<LlmMetrics>,
+    memory: Arc<MemoryBudget>,
 ) -> Option<Arc<Inference>> {
     if devices.is_empty() {
         tracing::warn!("inference is off: no devices");
@@ -150,6 +168,7 @@ fn start_inference(
     let config = InferenceConfig {
         devices,
         metrics: Some(metrics),
+        memory: Some(memory),
     };
     match Inference::start(models_dir, config) {
         Ok(i) => {

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use slinfer::devices::{DeviceName, DeviceSelection, discover};
 use slinfer_inference::{
-    ChatMessage, FinishReason, GenerateRequest, GenerationParams, INSTANCE_OVERHEAD_BYTES,
-    Inference, InferenceConfig, InferenceError, Prompt, Usage,
+    ChatMessage, FinishReason, GenerateRequest, GenerationParams, Inference, InferenceConfig,
+    InferenceError, MemoryBudget, Prompt, Usage,
 };
 use slinfer_test_support::reference::{self, Answer, Finish, Reference};
 use slinfer_test_support::{
@@ -30,15 +30,13 @@ const PROMPTS: &[&str] = &["The capital of France is", "def fibonacci(n):"];
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A service on the OpenVINO CPU device as `serve --devices cpu` finds it,
-/// its capacity set to `memory_bytes` when given.
-fn start(memory_bytes: Option<u64>) -> Arc<Inference> {
-    let mut found = discover(&DeviceSelection::Only(vec![DeviceName::Cpu]), Some(&venv()))
+/// the host memory budget bounding it as under `serve`.
+fn start() -> Arc<Inference> {
+    let found = discover(&DeviceSelection::Only(vec![DeviceName::Cpu]), Some(&venv()))
         .unwrap_or_else(|e| panic!("{e:#}: run ./dev test (it installs the openvino wheel)"));
-    if let Some(m) = memory_bytes {
-        found.devices[0].capacity_bytes = m;
-    }
     let config = InferenceConfig {
         devices: found.devices,
+        memory: Some(MemoryBudget::new(None).unwrap()),
         ..Default::default()
     };
     Inference::start(&models_dir(), config).unwrap()
@@ -46,7 +44,7 @@ fn start(memory_bytes: Option<u64>) -> Arc<Inference> {
 
 fn inference() -> Arc<Inference> {
     static I: OnceLock<Arc<Inference>> = OnceLock::new();
-    I.get_or_init(|| start(None)).clone()
+    I.get_or_init(start).clone()
 }
 
 fn reference() -> &'static [Reference] {
@@ -360,7 +358,7 @@ async fn dropping_the_service_stops_its_threads() {
     // The driver's thread (instance workers cannot be counted this way:
     // OpenVINO's pool threads inherit their names).
     let before = threads_named("slinfer-inferen");
-    let own = start(None);
+    let own = start();
     let mut s = own
         .generate(request(Prompt::Text(PROMPTS[1].into()), greedy(200)))
         .await
@@ -380,16 +378,48 @@ async fn dropping_the_service_stops_its_threads() {
 #[tokio::test]
 async fn more_requests_than_memory_admits_wait_or_are_refused_and_memory_holds() {
     let _turn = TURN.lock().await;
-    let probe = inference();
-    let info = probe
+    let info = inference()
         .model_infos()
         .into_iter()
         .find(|m| m.name == MODEL)
         .unwrap();
-    // Room for the instance and the KV of about two requests (prompt +
-    // 512 look-ahead tokens each), not eight.
-    let kv_room = 2 * 560 * info.kv_bytes_per_token;
-    let own = start(Some(info.weights_bytes + INSTANCE_OVERHEAD_BYTES + kv_room));
+    // The CPU's room comes from a host memory budget that the functions
+    // share, as under `serve`. One request loads the instance, which is
+    // measured; then functions take all but that instance and the KV of
+    // about two requests (prompt + 512 look-ahead tokens each), not eight.
+    let budget = MemoryBudget::fixed(64 << 30);
+    let mut found = discover(&DeviceSelection::Only(vec![DeviceName::Cpu]), Some(&venv())).unwrap();
+    found.devices[0].capacity_bytes = u64::MAX;
+    let own = Inference::start(
+        &models_dir(),
+        InferenceConfig {
+            devices: found.devices,
+            memory: Some(budget.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    collect(&own, request(Prompt::Text("warm up".into()), greedy(2)))
+        .await
+        .unwrap();
+    let measured: u64 = own.status().models[0]
+        .instances
+        .iter()
+        .map(|i| i.scheduler.static_bytes)
+        .sum();
+    // (At least the pool the idle instance keeps.)
+    let pool = own.status().devices[0].scheduler.committed_bytes - measured;
+    let kv_room = pool.max(2 * 560 * info.kv_bytes_per_token);
+    let room = measured + kv_room;
+    assert!(budget.try_reserve_functions((64 << 30) - room));
+    // The driver applies the budget every second.
+    for _ in 0..100 {
+        if own.status().devices[0].scheduler.room_bytes == room {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(own.status().devices[0].scheduler.room_bytes, room);
     let runs = (0..8).map(|i| {
         let own = own.clone();
         async move {
@@ -401,7 +431,7 @@ async fn more_requests_than_memory_admits_wait_or_are_refused_and_memory_holds()
     });
     let all = futures::future::join_all(runs);
     tokio::pin!(all);
-    let mut peak_kv_bytes = 0;
+    let mut peak_bytes = 0;
     let mut peak_queued = 0;
     let outs = tokio::time::timeout(Duration::from_secs(120), async {
         loop {
@@ -411,10 +441,7 @@ async fn more_requests_than_memory_admits_wait_or_are_refused_and_memory_holds()
                     let st = own.status();
                     let m = st.models.iter().find(|m| m.info.name == MODEL).unwrap();
                     peak_queued = peak_queued.max(m.queued_requests);
-                    let committed: u64 = m.instances.iter().map(|i| {
-                        i.scheduler.kv_blocks_committed * i.scheduler.block_bytes
-                    }).sum();
-                    peak_kv_bytes = peak_kv_bytes.max(committed);
+                    peak_bytes = peak_bytes.max(st.devices[0].scheduler.committed_bytes);
                 }
             }
         }
@@ -430,11 +457,11 @@ async fn more_requests_than_memory_admits_wait_or_are_refused_and_memory_holds()
         }
     }
     eprintln!(
-        "memory overload: {ok} finished, {overloaded} overloaded, peak queue {peak_queued}, peak KV {peak_kv_bytes} of {kv_room} bytes"
+        "memory overload: {ok} finished, {overloaded} overloaded, peak queue {peak_queued}, peak committed {peak_bytes} of {room} bytes"
     );
     assert!(ok >= 2, "{ok} finished");
     assert!(peak_queued >= 1, "nothing ever waited for memory");
-    assert!(peak_kv_bytes <= kv_room, "{peak_kv_bytes} > {kv_room}");
+    assert!(peak_bytes <= room, "{peak_bytes} > {room}");
     tokio::task::spawn_blocking(move || drop(own))
         .await
         .unwrap();

@@ -69,7 +69,7 @@ impl From<InvokeFailure> for ApiError {
                 let status = match e {
                     InvokeError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
                     InvokeError::RequestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-                    InvokeError::PoolExhausted => {
+                    InvokeError::PoolExhausted | InvokeError::HostMemoryFull { .. } => {
                         return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, kind, message)
                             .retry();
                     }

@@ -32,6 +32,8 @@ pub struct AppState {
     pub max_package_bytes: u64,
     /// Who may read `/metrics` (it names every function and model).
     pub metrics_access: MetricsAccess,
+    /// The host-wide memory budget (status and metrics show it).
+    pub memory: Arc<slinfer_inference::MemoryBudget>,
 }
 
 /// Who may read `/metrics` (`serve --metrics`).
@@ -207,6 +209,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     if let Some(i) = state.models.inference() {
         i.refresh_metrics();
     }
+    state.metrics.set_memory(state.memory.usage());
     (
         [(
             header::CONTENT_TYPE,

@@ -45,6 +45,7 @@ pub(super) async fn status(State(state): State<AppState>) -> Response {
     let inference = state.models.inference().map(|i| i.status());
     axum::Json(serde_json::json!({
         "functions": state.functions.list().len(),
+        "memory": state.memory.usage(),
         "inference": inference,
     }))
     .into_response()

@@ -135,6 +135,12 @@ pub struct ServeArgs {
     /// `public` (a scraper needs no token) or `admin` (the admin token).
     #[arg(long, value_enum, default_value = "public")]
     pub metrics: crate::api::MetricsAccess,
+    /// Memory the functions (Wasm memories, wasi:nn tensors) and the models
+    /// on the CPU may hold together, such as `8GiB` (default: the host's
+    /// available memory less 2 GiB, followed as it changes). Never more
+    /// than the host has.
+    #[arg(long, env = "SLINFER_MEMORY_BUDGET")]
+    pub memory_budget: Option<bytesize::ByteSize>,
 }
 
 /// Where the server is and how to authenticate to it.
@@ -196,6 +202,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     header_timeout: std::time::Duration::from_millis(a.header_timeout_ms),
                 },
                 metrics_access: a.metrics,
+                memory_budget: a.memory_budget.map(|b| b.as_u64()),
                 host: HostLimits {
                     total_instances: a.max_instances,
                     ..HostLimits::default()

@@ -22,12 +22,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::metrics::{FunctionLabel, Metrics};
 use manifest::Manifest;
 use package::PackageError;
-use slinfer_inference::Inference;
-use slinfer_inference::graphs::Graphs;
 use slinfer_sandbox::limits::{FunctionLimits, HostLimits};
 use slinfer_sandbox::llm::LlmConfig;
 use slinfer_sandbox::nn::NnConfig;
-use slinfer_sandbox::{FunctionPre, Grants, Invocation, InvokeError, LoadError, Sandbox, digest};
+use slinfer_sandbox::{
+    FunctionPre, Grants, Invocation, InvokeError, LoadError, Sandbox, Services, digest,
+};
 use store::Store;
 
 /// Environment variable naming a deploy stage at which the process aborts,
@@ -158,15 +158,9 @@ impl Functions {
         data_dir: &Path,
         host: HostLimits,
         metrics: Arc<Metrics>,
-        inference: Option<Arc<Inference>>,
-        graphs: Arc<Graphs>,
+        services: Services,
     ) -> anyhow::Result<Functions> {
-        let sandbox = Arc::new(Sandbox::new(
-            &data_dir.join("cache"),
-            host,
-            inference,
-            graphs,
-        )?);
+        let sandbox = Arc::new(Sandbox::new(&data_dir.join("cache"), host, services)?);
         let store = Store::open(data_dir.join("functions"))?;
         let functions = Functions {
             store,
