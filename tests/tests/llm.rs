@@ -196,3 +196,35 @@ async fn devices_that_are_not_there_stop_the_server_and_none_serves_no_models() 
     let (status, error) = chat_error(&s).await;
     assert_eq!(status, 404, "{error}");
 }
+
+#[tokio::test]
+async fn chat_refuses_what_is_not_a_message_or_a_number() {
+    let s = Server::start();
+    s.deploy(&package("chat"));
+    let post = |query: &str, body: Vec<u8>| {
+        client()
+            .post(format!("{}/fn/chat/{query}", s.url))
+            .body(body)
+            .send()
+    };
+    for (query, body, want) in [
+        (
+            "?max_tokens=abc",
+            b"hi".to_vec(),
+            "max_tokens=\"abc\" is not a number",
+        ),
+        (
+            "?temperature=warm",
+            b"hi".to_vec(),
+            "temperature=\"warm\" is not a number",
+        ),
+        ("?seed=-1", b"hi".to_vec(), "seed=\"-1\" is not a number"),
+        ("", Vec::new(), "send the message as the request body"),
+        ("", vec![0xff, 0xfe], "the message is not UTF-8 text"),
+    ] {
+        let r = post(query, body).await.unwrap();
+        assert_eq!(r.status(), 400, "{query}");
+        let text = r.text().await.unwrap();
+        assert!(text.contains(want), "{query}: {text}");
+    }
+}

@@ -267,6 +267,23 @@ async fn bad_imports_get_clear_errors_and_leave_nothing() {
     let (code, _, msg) = error_of(json("x", "model.gguf").send().await.unwrap()).await;
     assert_eq!(code, 400);
     assert!(msg.contains("absolute"), "{msg}");
+    // Sources that are not models are refused before an import starts.
+    let (code, kind, msg) = error_of(json("x", "/etc/hostname").send().await.unwrap()).await;
+    assert_eq!((code, kind.as_str()), (400, "invalid_source"), "{msg}");
+    assert!(msg.contains("not a GGUF file"), "{msg}");
+    let (code, kind, msg) = error_of(json("x", "/etc").send().await.unwrap()).await;
+    assert_eq!((code, kind.as_str()), (400, "invalid_source"), "{msg}");
+    assert!(msg.contains("openvino_model.xml"), "{msg}");
+    let (code, kind, msg) = error_of(
+        put("x")
+            .header("content-type", "application/octet-stream")
+            .body(b"PK\x03\x04 a zip, not a model".to_vec())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((code, kind.as_str()), (400, "invalid_source"), "{msg}");
     let (code, _, msg) = error_of(put("x").body(Vec::new()).send().await.unwrap()).await;
     assert_eq!(code, 400);
     assert!(msg.contains("empty body"), "{msg}");

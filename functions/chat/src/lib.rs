@@ -22,6 +22,18 @@ impl Handler for Chat {
 
 slinfer_sdk::export_handler!(Chat);
 
+/// The query parameter `k` as a number, if given; a 400 that names it when
+/// it is not one.
+fn number<T: std::str::FromStr>(req: &Request, k: &str) -> Result<Option<T>, Response> {
+    match req.query_param(k) {
+        None => Ok(None),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| Response::text(400, format!("{k}={v:?} is not a number\n"))),
+    }
+}
+
 fn models(_req: Request, _p: RouteParams) -> Response {
     Response::text(200, llm::models().join("\n") + "\n")
 }
@@ -29,15 +41,26 @@ fn models(_req: Request, _p: RouteParams) -> Response {
 fn reply(mut req: Request, _p: RouteParams) -> Response {
     let model = std::env::var("MODEL").unwrap_or_else(|_| "smollm2-135m-instruct".into());
     let query = |k: &str| req.query_param(k).map(str::to_owned);
-    let (max_tokens, temperature, seed, system, stream) = (
-        query("max_tokens").and_then(|v| v.parse().ok()),
-        query("temperature").and_then(|v| v.parse().ok()),
-        query("seed").and_then(|v| v.parse().ok()),
+    let (max_tokens, temperature, seed) = match (
+        number(&req, "max_tokens"),
+        number(&req, "temperature"),
+        number(&req, "seed"),
+    ) {
+        (Ok(m), Ok(t), Ok(s)) => (m, t, s),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return e,
+    };
+    let (system, stream) = (
         query("system"),
         query("stream").is_none_or(|v| v != "false"),
     );
     let message = match req.body() {
-        Ok(b) => String::from_utf8_lossy(b).into_owned(),
+        Ok([]) => {
+            return Response::text(400, "send the message as the request body\n");
+        }
+        Ok(b) => match String::from_utf8(b.to_vec()) {
+            Ok(m) => m,
+            Err(_) => return Response::text(400, "the message is not UTF-8 text\n"),
+        },
         Err(e) => return Response::text(400, format!("{e}\n")),
     };
     let mut messages = Vec::new();

@@ -45,6 +45,8 @@ pub enum ModelsError {
     NotFound(String),
     #[error("source {0} does not exist on the server")]
     SourceMissing(PathBuf),
+    #[error("source {0} cannot be imported: {1}")]
+    SourceInvalid(PathBuf, &'static str),
     #[error("import failed: {0}")]
     Import(String),
     #[error(
@@ -65,6 +67,7 @@ impl ModelsError {
             ModelsError::Busy(_) => "model_busy",
             ModelsError::NotFound(_) => "model_not_found",
             ModelsError::SourceMissing(_) => "source_missing",
+            ModelsError::SourceInvalid(..) => "invalid_source",
             ModelsError::Import(_) => "import_failed",
             ModelsError::TensorModel(_) => "tensor_model",
             ModelsError::Io(_) => "io_error",
@@ -83,6 +86,47 @@ pub enum ImportSource {
     Default,
     /// A `.gguf` file or an OpenVINO IR folder on the server.
     Path(PathBuf),
+}
+
+impl ImportSource {
+    /// Whether the source is something the importer reads: a file that
+    /// starts as GGUF does, or a folder with an IR, its config and its
+    /// tokenizer. Checked before an import starts, so that a wrong source is
+    /// a 400 rather than a failure at the end of a stream.
+    pub fn check(&self) -> Result<(), ModelsError> {
+        let ImportSource::Path(p) = self else {
+            return Ok(());
+        };
+        if !p.exists() {
+            return Err(ModelsError::SourceMissing(p.clone()));
+        }
+        if p.is_dir() {
+            let complete = ["openvino_model.xml", "config.json", "tokenizer.json"]
+                .iter()
+                .all(|f| p.join(f).is_file());
+            return if complete {
+                Ok(())
+            } else {
+                Err(ModelsError::SourceInvalid(
+                    p.clone(),
+                    "an OpenVINO IR folder needs openvino_model.xml, config.json and tokenizer.json",
+                ))
+            };
+        }
+        let mut magic = [0u8; 4];
+        let gguf = std::fs::File::open(p)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+            .is_ok()
+            && &magic == b"GGUF";
+        if gguf {
+            Ok(())
+        } else {
+            Err(ModelsError::SourceInvalid(
+                p.clone(),
+                "not a GGUF file (it does not start with \"GGUF\")",
+            ))
+        }
+    }
 }
 
 /// A claim on a name being imported; released on drop.
@@ -231,11 +275,9 @@ impl Models {
     ) -> Result<Listed, ModelsError> {
         let name = &claim.name;
         let inference = self.served()?;
+        source.check()?;
         let src = match source {
             ImportSource::Default => "default".to_string(),
-            ImportSource::Path(p) if !p.exists() => {
-                return Err(ModelsError::SourceMissing(p.clone()));
-            }
             ImportSource::Path(p) => p.display().to_string(),
         };
         std::fs::create_dir_all(&self.dir).map_err(|e| io("creating the models dir", e))?;

@@ -112,7 +112,9 @@ impl From<ModelsError> for ApiError {
     fn from(e: ModelsError) -> ApiError {
         let status = match &e {
             ModelsError::InferenceOff => StatusCode::SERVICE_UNAVAILABLE,
-            ModelsError::BadName(_) | ModelsError::SourceMissing(_) => StatusCode::BAD_REQUEST,
+            ModelsError::BadName(_)
+            | ModelsError::SourceMissing(_)
+            | ModelsError::SourceInvalid(..) => StatusCode::BAD_REQUEST,
             ModelsError::Exists(_) | ModelsError::Busy(_) | ModelsError::TensorModel(_) => {
                 StatusCode::CONFLICT
             }

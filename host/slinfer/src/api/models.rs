@@ -90,9 +90,6 @@ pub(super) async fn import(
                 if !p.is_absolute() {
                     return bad_body("a source path must be absolute (a path on the server)");
                 }
-                if !p.exists() {
-                    return ApiError::from(ModelsError::SourceMissing(p)).into_response();
-                }
                 ImportSource::Path(p)
             }
         };
@@ -103,6 +100,12 @@ pub(super) async fn import(
             Err(e) => return e.into_response(),
         }
     };
+    if let Err(e) = source.check() {
+        if let Some(p) = upload {
+            let _ = tokio::fs::remove_file(p).await;
+        }
+        return ApiError::from(e).into_response();
+    }
     // Progress lines flow while the import runs; its result is the last line.
     let (tx, mut rx) = mpsc::channel::<String>(64);
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
