@@ -435,7 +435,15 @@ async fn functions_draw_on_one_host_memory_budget_and_are_told_when_it_is_full()
     // Its memory went back with its instance: the same call now succeeds.
     let again = s.get("misbehaving", "/hold?mib=300&ms=10").await;
     assert_eq!(again.status(), 200);
-    let m = s.metrics().await;
+    // The instance ends just after its response is handed back.
+    let mut m = s.metrics().await;
+    for _ in 0..100 {
+        if metric(&m, "slinfer_memory_bytes", &["part=\"functions\""]) == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        m = s.metrics().await;
+    }
     assert_eq!(
         metric(&m, "slinfer_memory_bytes", &["part=\"functions\""]),
         0.0

@@ -338,18 +338,17 @@ impl Sandbox {
         let deadline = started + Duration::from_millis(limits.timeout_ms);
         let guest = self.next_guest.fetch_add(1, Ordering::Relaxed);
         let (shares, function) = (self.shares.clone(), grants.function.clone());
+        let turns = shares.arrive(&function, guest);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
             if Instant::now() >= deadline {
                 return Err(Trap::Interrupt.into());
             }
             // Busy guests give their thread back every tick; a function
-            // over its share of the CPU sleeps a tick (see `cpu`).
-            let pause = shares.tick(&function, guest);
-            Ok(if pause.is_zero() {
-                wasmtime::UpdateDeadline::Yield(1)
-            } else {
-                wasmtime::UpdateDeadline::YieldCustom(1, Box::pin(tokio::time::sleep(pause)))
+            // running its share of the threads waits for its turn (see `cpu`).
+            Ok(match shares.tick(&function, guest) {
+                None => wasmtime::UpdateDeadline::Yield(1),
+                Some(turn) => wasmtime::UpdateDeadline::YieldCustom(1, Box::pin(turn)),
             })
         });
 
@@ -370,9 +369,9 @@ impl Sandbox {
         let memory_hit_task = memory_hit.clone();
         let budget = self.services.memory.clone();
         let function = grants.function.clone();
-        let shares = self.shares.clone();
         let task = self.guests.handle().spawn(async move {
             let _permit = permit;
+            let _turns = turns;
             let run = async {
                 let proxy = pre.instantiate_async(&mut store).await?;
                 proxy
@@ -388,7 +387,6 @@ impl Sandbox {
                 }),
             };
             drop(store);
-            shares.done(&function, guest);
             result
         });
 

@@ -68,7 +68,7 @@ impl Default for HostLimits {
 /// How often the epoch ticks; the wall-clock timeout is checked and a busy
 /// guest yields its thread at this granularity (so a new invocation waits
 /// at most about this long for one).
-pub const EPOCH_TICK_MS: u64 = 2;
+pub const EPOCH_TICK_MS: u64 = 1;
 
 /// How long a client is told to wait before retrying a refused request.
 pub const RETRY_AFTER_S: u64 = 1;
