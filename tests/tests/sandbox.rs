@@ -127,6 +127,37 @@ async fn concurrency_limit_answers_429_with_retry_after() {
 }
 
 #[tokio::test]
+async fn a_request_queued_past_most_of_its_ttft_slo_is_refused_with_retry_after() {
+    // A TTFT SLO of 500 ms: a request waits at most 450 ms for a slot.
+    let (s, _pkg) = server_with_fixture(|m| {
+        format!(
+            "{}\n[slo]\nttft_ms = 500\n",
+            m.replace("max_concurrency = 8", "max_concurrency = 1")
+                .replace("timeout_ms = 1000", "timeout_ms = 10000")
+        )
+    })
+    .await;
+    let slow = s.get("misbehaving", "/sleep?ms=2000");
+    let refused = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let t = std::time::Instant::now();
+        (s.get("misbehaving", "/sleep?ms=1").await, t.elapsed())
+    };
+    let (slow, (refused, waited)) = tokio::join!(slow, refused);
+    assert_eq!(slow.status(), 200, "the running request is untouched");
+    assert!(
+        waited >= Duration::from_millis(450) && waited < Duration::from_millis(1500),
+        "{waited:?}"
+    );
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let (status, kind, msg) = error_of(refused).await;
+    assert_eq!((status, kind.as_str()), (503, "queue_timeout"), "{msg}");
+    assert!(msg.contains("within 450 ms"), "{msg}");
+    // Once the slot is free, requests run again.
+    assert_eq!(s.get("misbehaving", "/sleep?ms=1").await.status(), 200);
+}
+
+#[tokio::test]
 async fn queued_requests_wait_for_a_slot() {
     let (s, _pkg) =
         server_with_fixture(|m| m.replace("max_concurrency = 8", "max_concurrency = 1")).await;

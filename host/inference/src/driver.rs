@@ -74,6 +74,7 @@ fn scheduler_config() -> SchedulerConfig {
     cfg.instance_overhead_bytes = INSTANCE_OVERHEAD_BYTES;
     cfg.cpu_kv_scales = true;
     cfg.refuse_early = true;
+    cfg.ttft_counts_load = true;
     cfg.min_instance_tokens = MIN_INSTANCE_TOKENS;
     cfg
 }

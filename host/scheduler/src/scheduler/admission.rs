@@ -171,6 +171,28 @@ impl<C: CostModel> Scheduler<C> {
             total <= capacity
         };
         let decode = views.iter().map(|v| self.time_slice(v)).sum::<f64>() <= 1.0;
+        // Cold starts count once the model has an instance somewhere: for
+        // a model with none, its cold start is the best that can be done.
+        let counts_load = self.cfg.ttft_counts_load
+            && self
+                .by_model
+                .get(&self.requests[&extra].req.model)
+                .is_some_and(|i| !i.is_empty());
+        let prefill = if counts_load {
+            self.prefills_fit_counting_loads(&views, is_target, target, extra, now_s)
+        } else {
+            self.prefills_fit(&views, is_target, now_s)
+        };
+        Checks {
+            memory,
+            decode,
+            prefill,
+        }
+    }
+
+    /// The paper's prefill check: prefills in deadline order from now;
+    /// none from the target's on may miss its deadline.
+    fn prefills_fit(&self, views: &[View], is_target: impl Fn(&View) -> bool, now_s: f64) -> bool {
         let mut prefills: Vec<(f64, f64, bool)> = views
             .iter()
             .filter(|v| {
@@ -181,19 +203,74 @@ impl<C: CostModel> Scheduler<C> {
         prefills.sort_by(|a, b| a.0.total_cmp(&b.0).then(b.2.cmp(&a.2)));
         let mut t = now_s;
         let mut influenced = false;
-        let mut prefill = true;
         for (deadline, dur, tgt) in prefills {
             influenced |= tgt;
             t += dur;
             if influenced && t > deadline {
-                prefill = false;
-                break;
+                return false;
             }
         }
-        Checks {
-            memory,
-            decode,
-            prefill,
+        true
+    }
+
+    /// The prefill check when cold starts count
+    /// (`SchedulerConfig::ttft_counts_load`): prefills in deadline order,
+    /// each starting once its instance has loaded. The new request must
+    /// meet its own deadline, and no prefill may turn late that would be on
+    /// time without it (those late anyway, behind a load, do not refuse
+    /// it).
+    fn prefills_fit_counting_loads(
+        &self,
+        views: &[View],
+        is_target: impl Fn(&View) -> bool,
+        target: Target,
+        extra: RequestId,
+        now_s: f64,
+    ) -> bool {
+        let own_deadline_s = self.next_token_deadline_s(&self.requests[&extra]);
+        let first_step = |v: &View| {
+            if v.prefill_tokens + v.restore_tokens > 0 {
+                self.estimate_first_step_s(v)
+            } else {
+                0.0
+            }
+        };
+        // The target instance's own prefills, without the new request.
+        let target_without_s = match target {
+            Target::Existing(id) => {
+                let inst = &self.instances[&id];
+                first_step(&self.view(self.nodes[inst.node].spec.kind, Some(inst), None, None))
+            }
+            Target::New(..) => 0.0,
+        };
+        let mut prefills: Vec<(f64, f64, f64, bool, f64)> = views
+            .iter()
+            .filter(|v| v.prefill_tokens + v.restore_tokens > 0)
+            .map(|v| {
+                let tgt = is_target(v);
+                let dur = first_step(v);
+                let without = if tgt { target_without_s } else { dur };
+                (
+                    v.deadline_s,
+                    dur,
+                    without,
+                    tgt,
+                    now_s + self.load_left_s(v, now_s),
+                )
+            })
+            .collect();
+        prefills.sort_by(|a, b| a.0.total_cmp(&b.0).then(b.3.cmp(&a.3)));
+        let (mut t, mut t_without) = (now_s, now_s);
+        for (deadline, dur, without, tgt, ready_s) in prefills {
+            t = t.max(ready_s) + dur;
+            if without > 0.0 {
+                t_without = t_without.max(ready_s) + without;
+            }
+            let turned_late = t > deadline && t_without <= deadline;
+            if turned_late || (tgt && t > own_deadline_s) {
+                return false;
+            }
         }
+        true
     }
 }

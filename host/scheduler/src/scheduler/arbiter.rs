@@ -122,12 +122,12 @@ impl<C: CostModel> Scheduler<C> {
                 });
             } else if self.try_place(rid, now_s) {
                 continue;
-            } else if let Some(drain) = self.hopeless(rid, now_s) {
+            } else if let Some(retry_after_s) = self.hopeless(rid, now_s) {
                 self.detach(rid, now_s);
                 self.out.push(Command::Dropped {
                     request: rid,
                     reason: DropReason::WouldMissDeadline,
-                    retry_after_s: Some(drain),
+                    retry_after_s,
                 });
             } else {
                 self.requests.get_mut(&rid).expect("live").next_retry_s =

@@ -13,8 +13,13 @@ impl<C: CostModel> Scheduler<C> {
     }
 
     pub(super) fn next_token_deadline_s(&self, r: &ReqState) -> f64 {
+        let load_delay_s = if self.cfg.ttft_counts_load {
+            0.0
+        } else {
+            r.load_delay_s
+        };
         r.req.arrival_s
-            + r.load_delay_s
+            + load_delay_s
             + self.ttft_plan_s(&r.req)
             + self.tpot_plan_s(&r.req) * r.generated as f64
     }
@@ -75,6 +80,19 @@ impl<C: CostModel> Scheduler<C> {
     }
 
     /// The iteration that prefills new requests and restores swapped ones.
+    /// How long until `v`'s instance has loaded: its load's estimate, less
+    /// what has run of it.
+    pub(super) fn load_left_s(&self, v: &View, now_s: f64) -> f64 {
+        if !v.loading {
+            return 0.0;
+        }
+        let load_s = self.cost.load_s(v.mtype, v.kind);
+        match v.id.and_then(|id| self.instances[&id].running.as_ref()) {
+            Some((_, Op::Load { .. }, started_s)) => (started_s + load_s - now_s).max(0.0),
+            _ => load_s,
+        }
+    }
+
     pub(super) fn estimate_first_step_s(&self, v: &View) -> f64 {
         let prefill = if v.prefill_tokens > 0 {
             self.cost.prefill_s(v.mtype, v.kind, v.prefill_tokens)

@@ -1,10 +1,11 @@
 //! Early refusal (`SchedulerConfig::refuse_early`): a request that cannot
 //! be placed now is refused at once when, even at [`RATE_MARGIN`] times its
 //! model's recent completion rate, the requests queued before it (and it)
-//! will not have drained by its deadline; the time they need at the rate
-//! itself is its caller's retry hint. Without enough
-//! completions to go by, it waits as before, until placed or its deadline
-//! passes.
+//! will not have drained by its deadline, or (when cold starts count, so
+//! deadlines stay put) when its next try would come after its deadline;
+//! the time the queue needs at the rate itself is its
+//! caller's retry hint. Otherwise it waits as before, until placed or
+//! refused.
 
 use super::*;
 
@@ -57,13 +58,21 @@ impl<C: CostModel> Scheduler<C> {
         Some((ahead + 1) as f64 / rate)
     }
 
-    /// Whether a request that could not be placed should be refused now.
-    pub(super) fn hopeless(&self, rid: RequestId, now_s: f64) -> Option<f64> {
+    /// Whether a request that could not be placed should be refused now,
+    /// and the retry hint to give it: when the requests queued before it
+    /// will not have drained by its deadline, or when its next try comes
+    /// after its fixed deadline (it would be dropped then, unplaced).
+    pub(super) fn hopeless(&self, rid: RequestId, now_s: f64) -> Option<Option<f64>> {
         if !self.cfg.refuse_early {
             return None;
         }
-        let drain = self.queue_drain_s(rid, now_s)?;
-        let late = now_s + drain / RATE_MARGIN > self.next_token_deadline_s(&self.requests[&rid]);
+        let deadline_s = self.next_token_deadline_s(&self.requests[&rid]);
+        let drain = self.queue_drain_s(rid, now_s);
+        // Its deadline stays put only when cold starts count (otherwise a
+        // load it joins may still extend it).
+        let fixed_deadline = self.cfg.ttft_counts_load;
+        let late = drain.is_some_and(|d| now_s + d / RATE_MARGIN > deadline_s)
+            || (fixed_deadline && now_s + self.cfg.retry_interval_s > deadline_s);
         late.then_some(drain)
     }
 }

@@ -3,9 +3,10 @@ use crate::model::PerKind;
 
 /// Simple costs, so each test controls exactly which check binds.
 pub(super) struct Flat {
-    prefill_s: f64,
-    decode_s: f64,
-    decode_per_request_s: f64,
+    pub(super) prefill_s: f64,
+    pub(super) decode_s: f64,
+    pub(super) decode_per_request_s: f64,
+    pub(super) load_s: f64,
 }
 
 impl CostModel for Flat {
@@ -16,7 +17,7 @@ impl CostModel for Flat {
         self.decode_s + self.decode_per_request_s * batch as f64
     }
     fn load_s(&self, _: ModelTypeId, _: DeviceKind) -> f64 {
-        0.0
+        self.load_s
     }
     fn kv_resize_s(&self, _: ModelTypeId, _: DeviceKind) -> f64 {
         0.0
@@ -34,6 +35,7 @@ pub(super) const FAST: Flat = Flat {
     prefill_s: 0.01,
     decode_s: 0.01,
     decode_per_request_s: 0.0,
+    load_s: 0.0,
 };
 
 pub(super) fn spec() -> ModelSpec {

@@ -184,3 +184,64 @@ fn less_room_holds_back_loads_and_more_lets_them_through() {
     let c = s.drain_commands();
     assert_eq!(drops(&c), [(2, DropReason::Unservable, None)], "{c:?}");
 }
+
+#[test]
+fn with_cold_starts_counted_a_request_joins_no_load_it_cannot_wait_for() {
+    // Loads take 2 s; prefills 0.01 s.
+    let slow_load = || Flat {
+        load_s: 2.0,
+        ..FAST
+    };
+    for counts_load in [false, true] {
+        let mut s = sched(Policy::Slinfer, &[(DeviceKind::Cpu, 1 << 20)], slow_load());
+        s.cfg.ttft_counts_load = counts_load;
+        // The model's first instance loads (t = 0 to 2) even for a 1 s SLO:
+        // nothing better can be done for a cold model.
+        s.submit(req(1, 1, 100, 1.0), 0.0);
+        assert_eq!(load_nodes(&s.drain_commands()), [0]);
+        // At t = 0.5 the load has 1.5 s left: a 1.5 s SLO (1.425 s
+        // planned) can neither join it nor wait for a second load; a 4 s
+        // SLO joins it. The paper's rule does not count the load: both join.
+        s.submit(arriving(2, 100, 1.5, 0.5), 0.5);
+        s.submit(arriving(3, 100, 4.0, 0.5), 0.5);
+        let c = s.drain_commands();
+        assert!(load_nodes(&c).is_empty(), "{counts_load}: {c:?}");
+        assert!(drops(&c).is_empty(), "{counts_load}: {c:?}");
+        let snap = s.snapshot();
+        assert_eq!(snap.instances.len(), 1);
+        assert_eq!(snap.instances[0].batch, if counts_load { 2 } else { 3 });
+        if counts_load {
+            s.tick(2.0);
+            let d = drops(&s.drain_commands());
+            assert_eq!(
+                d.iter().map(|d| (d.0, d.1)).collect::<Vec<_>>(),
+                [(2, DropReason::DeadlinePassedWaiting)]
+            );
+        }
+    }
+}
+
+#[test]
+fn a_request_whose_next_try_comes_after_its_deadline_is_refused_at_once() {
+    // KV room for one 400-token request, not two; no completions yet, so
+    // no rate to go by.
+    let mut s = sched(Policy::Slinfer, &[(DeviceKind::Gpu, WEIGHTS + 660)], FAST);
+    s.cfg.refuse_early = true;
+    s.cfg.ttft_counts_load = true;
+    s.submit(arriving(1, 400, 5.0, 0.0), 0.0);
+    assert_eq!(runs(&settle(&mut s, 0.0)).len(), 1);
+    // Retries come every 0.25 s: a 0.2 s SLO (0.19 s planned) would be
+    // dropped unplaced at its next try, so it is refused now; a 1 s SLO
+    // waits for its tries.
+    s.submit(arriving(2, 400, 0.2, 0.1), 0.1);
+    s.submit(arriving(3, 400, 1.0, 0.1), 0.1);
+    let d = drops(&s.drain_commands());
+    assert_eq!(d, [(2, DropReason::WouldMissDeadline, None)]);
+    // Request 3 gets its tries, the last at 0.85 s: 0.85 + 0.25 is past its
+    // 1.05 s deadline, so that try refuses it, before the deadline.
+    for t in [0.35, 0.6, 0.85] {
+        s.tick(t);
+    }
+    let d = drops(&s.drain_commands());
+    assert_eq!(d, [(3, DropReason::WouldMissDeadline, None)]);
+}

@@ -103,6 +103,16 @@ pub struct SchedulerConfig {
     /// the retry hint), instead of holding it until the deadline passes.
     /// Beyond the paper; off by default.
     pub refuse_early: bool,
+    /// The time-to-first-token SLO counts a cold start: admission starts a
+    /// loading instance's prefills only once its load is done (a request
+    /// goes to a new or still-loading instance only if load and prefill fit
+    /// its deadline), a finished load does not extend deadlines, and a
+    /// request is refused a node only for the prefills it would make late
+    /// (not for those late without it). A model's first instance (none
+    /// anywhere) still loads for a request it cannot serve in time: a cold
+    /// start cannot be avoided. The paper excludes load delay (TTFT ≤ … +
+    /// load delay); off by default.
+    pub ttft_counts_load: bool,
 }
 
 impl SchedulerConfig {
@@ -122,6 +132,7 @@ impl SchedulerConfig {
             preempt_keeps_kv: false,
             cpu_kv_scales: false,
             refuse_early: false,
+            ttft_counts_load: false,
         }
     }
 }

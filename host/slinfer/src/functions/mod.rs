@@ -439,16 +439,21 @@ impl Functions {
                 waiting,
             });
         }
-        let wait = Duration::from_millis(d.limits.timeout_ms);
+        // A function with a time-to-first-token SLO waits for a slot at most
+        // nine tenths of it: the last tenth is the least its start and its
+        // prefill need, so later it could not meet it and is better refused
+        // while the caller can still go elsewhere.
+        let wait_ms = d.manifest.slo.ttft_ms.map_or(d.limits.timeout_ms, |ttft| {
+            (ttft * 9 / 10).min(d.limits.timeout_ms)
+        });
+        let wait = Duration::from_millis(wait_ms);
         let both = async {
             let p = d.slots.clone().acquire_owned().await.ok()?;
             Some((p, self.pool.acquire(name).await))
         };
         match tokio::time::timeout(wait, both).await {
             Ok(Some(held)) => Ok(held),
-            _ => Err(InvokeFailure::QueueTimeout {
-                waited_ms: d.limits.timeout_ms,
-            }),
+            _ => Err(InvokeFailure::QueueTimeout { waited_ms: wait_ms }),
         }
     }
 }
