@@ -201,7 +201,10 @@ impl Sandbox {
                     std::thread::sleep(Duration::from_millis(EPOCH_TICK_MS));
                 }
             })?;
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        // One core stays with the server's I/O threads and the scheduler:
+        // guests that compute without end cannot take every core.
+        let threads =
+            std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1));
         Ok(Sandbox {
             engine,
             linker,
