@@ -134,8 +134,9 @@ impl MemoryBudget {
         let total = self.limit.map_or(host, |l| l.min(host));
         let old = self.total.load(Ordering::Relaxed);
         if old.abs_diff(total) >= REFRESH_STEP_BYTES || old == 0 {
+            // Other processes move it all the time: a debug line, not info.
             if old != 0 {
-                tracing::info!(
+                tracing::debug!(
                     from = old,
                     to = total,
                     "the host's memory changed: memory budget re-read"
