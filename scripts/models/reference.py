@@ -12,8 +12,9 @@ prompt at a time, and those `openvino_genai.ContinuousBatchingPipeline`
 generates for all the prompts submitted at once (EOS ignored, so every list
 has MAX_NEW_TOKENS tokens); "text"/"batched_text" are GenAI's decoding of them
 up to the first EOS, "eos_at" the index of that EOS (or MAX_NEW_TOKENS).
-LLMPipeline runs the paged-attention backend (pinned: `ATTENTION_BACKEND=PA`),
-the same graph and kernels slinfer's CPU engine runs, so one sequence at a
+LLMPipeline runs the paged-attention backend (pinned: `ATTENTION_BACKEND=PA`)
+in f32 (slinfer's default `--cpu-precision`, given to both pipelines), the
+same graph and kernels slinfer's CPU engine runs, so one sequence at a
 time is a like-for-like comparison; batched kernels differ from the
 single-row ones, so batched answers are compared like for like only when the
 batch is composed the same way.
@@ -41,13 +42,16 @@ import numpy as np
 import openvino as ov
 import openvino_genai as ov_genai
 
+# What slinfer's CPU engine computes in by default (`--cpu-precision`).
+ENGINE_PROPS = {"INFERENCE_PRECISION_HINT": "f32"}
+
 # Candidates considered at each step of a text walk (those within the
 # near-tie distance, best first); more than a handful never come that close.
 MAX_CANDIDATES = 8
 
 
 def generate(model_dir: str, max_new: int, prompts: list[str]) -> list[dict]:
-    pipe = ov_genai.LLMPipeline(model_dir, "CPU", ATTENTION_BACKEND="PA")
+    pipe = ov_genai.LLMPipeline(model_dir, "CPU", ATTENTION_BACKEND="PA", **ENGINE_PROPS)
     tok = pipe.get_tokenizer()
     cfg = ov_genai.GenerationConfig()
     cfg.max_new_tokens = max_new
@@ -63,7 +67,7 @@ def generate(model_dir: str, max_new: int, prompts: list[str]) -> list[dict]:
         res = pipe.generate(inputs, cfg)
         out.append({"prompt": p, "prompt_ids": ids.tolist(), "tokens": [int(t) for t in res.tokens[0]]})
     del pipe
-    cb = ov_genai.ContinuousBatchingPipeline(model_dir, ov_genai.SchedulerConfig(), "CPU")
+    cb = ov_genai.ContinuousBatchingPipeline(model_dir, ov_genai.SchedulerConfig(), "CPU", ENGINE_PROPS)
     inputs = [ov.Tensor(np.array([o["prompt_ids"]], dtype=np.int64)) for o in out]
     for o, r in zip(out, cb.generate(inputs, [cfg] * len(inputs))):
         o["batched_tokens"] = [int(t) for t in r.m_generation_ids[0]]

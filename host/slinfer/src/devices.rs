@@ -105,11 +105,17 @@ pub struct Discovered {
 }
 
 /// Finds the devices `selection` asks for. `venv` holds the `openvino`
-/// wheel (default `$SLINFER_VENV`).
-pub fn discover(selection: &DeviceSelection, venv: Option<&Path>) -> anyhow::Result<Discovered> {
+/// wheel (default `$SLINFER_VENV`); the CPU engine computes in
+/// `cpu_precision`.
+pub fn discover(
+    selection: &DeviceSelection,
+    venv: Option<&Path>,
+    cpu_precision: slinfer_openvino::Precision,
+) -> anyhow::Result<Discovered> {
     let mut devices = Vec::new();
     let openvino = slinfer_openvino::OpenVinoBackend::new(&slinfer_openvino::BackendOptions {
         venv: venv.map(Path::to_path_buf),
+        precision: cpu_precision,
         ..Default::default()
     });
     // wasi:nn graphs run on OpenVINO whatever devices the scheduler has.
@@ -210,7 +216,10 @@ mod tests {
             0
         };
         let sel = DeviceSelection::Only(vec![DeviceName::Cuda(n)]);
-        let e = discover(&sel, None).err().expect("an error").to_string();
+        let e = discover(&sel, None, Default::default())
+            .err()
+            .expect("an error")
+            .to_string();
         assert!(e.starts_with(&format!("--devices cuda:{n}: ")), "{e}");
     }
 }

@@ -31,6 +31,8 @@ pub struct ServeOptions {
     pub venv: Option<PathBuf>,
     /// The devices to serve models on (`--devices`).
     pub devices: DeviceSelection,
+    /// What the CPU engine computes in (`--cpu-precision`).
+    pub cpu_precision: slinfer_openvino::Precision,
     /// The connection cap and timeouts (see `connections`).
     pub connections: connections::ConnectionLimits,
     /// Who may read `/metrics`.
@@ -92,7 +94,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         bytes = memory.usage().total_bytes,
         "memory budget for functions and models on the CPU"
     );
-    let found = discover(&opts.devices, opts.venv.as_deref())?;
+    let found = discover(&opts.devices, opts.venv.as_deref(), opts.cpu_precision)?;
     let inference = start_inference(
         &opts.models_dir,
         found.devices,

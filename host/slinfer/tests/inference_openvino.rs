@@ -32,8 +32,12 @@ static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// A service on the OpenVINO CPU device as `serve --devices cpu` finds it,
 /// the host memory budget bounding it as under `serve`.
 fn start() -> Arc<Inference> {
-    let found = discover(&DeviceSelection::Only(vec![DeviceName::Cpu]), Some(&venv()))
-        .unwrap_or_else(|e| panic!("{e:#}: run ./dev test (it installs the openvino wheel)"));
+    let found = discover(
+        &DeviceSelection::Only(vec![DeviceName::Cpu]),
+        Some(&venv()),
+        Default::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}: run ./dev test (it installs the openvino wheel)"));
     let config = InferenceConfig {
         devices: found.devices,
         memory: Some(MemoryBudget::new(None).unwrap()),
@@ -388,7 +392,12 @@ async fn more_requests_than_memory_admits_wait_or_are_refused_and_memory_holds()
     // measured; then functions take all but that instance and the KV of
     // about two requests (prompt + 512 look-ahead tokens each), not eight.
     let budget = MemoryBudget::fixed(64 << 30);
-    let mut found = discover(&DeviceSelection::Only(vec![DeviceName::Cpu]), Some(&venv())).unwrap();
+    let mut found = discover(
+        &DeviceSelection::Only(vec![DeviceName::Cpu]),
+        Some(&venv()),
+        Default::default(),
+    )
+    .unwrap();
     found.devices[0].capacity_bytes = u64::MAX;
     let own = Inference::start(
         &models_dir(),

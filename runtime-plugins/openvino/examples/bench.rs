@@ -6,14 +6,15 @@
 //!     cargo run --release -p slinfer-openvino --example bench -- [NEW_TOKENS] [BATCH]
 //!
 //! Env: SLINFER_VENV (default <repo>/.venv), SLINFER_MODELS_DIR (default
-//! <repo>/.data/models).
+//! <repo>/.data/models), SLINFER_CPU_PRECISION (f32 or bf16; default
+//! f32; GenAI is given the same `INFERENCE_PRECISION_HINT`).
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
 use slinfer_engine::{LlmInstance, LoadOptions, StepEntry, sampler::argmax};
-use slinfer_openvino::{BackendOptions, OpenVinoBackend};
+use slinfer_openvino::{BackendOptions, OpenVinoBackend, Precision};
 
 const PROMPT_IDS: &[u32] = &[504, 1463, 282, 260, 2240, 282, 7042, 5634]; // "The history of the city of Paris begins"
 
@@ -32,6 +33,9 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or(repo.join(".data/models"));
     let dir = models.join("smollm2-135m-instruct");
+    let precision: Precision = std::env::var("SLINFER_CPU_PRECISION")
+        .map(|p| p.parse().unwrap())
+        .unwrap_or_default();
 
     let genai = || {
         let out = Command::new(venv.join("bin/python"))
@@ -39,6 +43,7 @@ fn main() {
             .arg(&dir)
             .arg(n.to_string())
             .arg(batch.to_string())
+            .arg(format!(r#"{{"INFERENCE_PRECISION_HINT": "{precision}"}}"#))
             .output()
             .expect("bench_genai.py");
         assert!(
@@ -52,6 +57,7 @@ fn main() {
 
     let backend = OpenVinoBackend::new(&BackendOptions {
         venv: Some(venv.clone()),
+        precision,
         ..Default::default()
     })
     .unwrap();

@@ -48,6 +48,8 @@ pub struct OpenVinoInstance {
     kv_bytes_per_block: u64,
     weight_bytes: u64,
     workspace_bytes: u64,
+    /// Projection groups the shim merged (one per layer: Q, K and V).
+    merged_projections: usize,
 }
 
 const BATCH_INPUTS: &[&str] = &[
@@ -70,6 +72,7 @@ impl OpenVinoInstance {
         compiled: CompiledModel,
         request: InferRequest,
         weight_bytes: u64,
+        merged_projections: usize,
         options: &LoadOptions,
     ) -> Result<Self, EngineError> {
         let config = pkg.manifest.config.clone();
@@ -173,6 +176,7 @@ impl OpenVinoInstance {
             kv_bytes_per_block,
             weight_bytes,
             workspace_bytes: 0,
+            merged_projections,
             request,
         };
         inst.resize_kv(options.initial_kv_blocks)?;
@@ -182,6 +186,12 @@ impl OpenVinoInstance {
     /// The package's model name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// How many groups of projections reading the same input (a layer's Q,
+    /// K and V) were merged into one matrix product at load time.
+    pub fn merged_projections(&self) -> usize {
+        self.merged_projections
     }
 
     fn alloc_tensors(&self, blocks: usize) -> Result<Vec<Tensor>, EngineError> {

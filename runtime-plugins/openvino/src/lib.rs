@@ -13,7 +13,11 @@
 //!   time by `shim/paged_attention.cpp` (built by build.rs against the wheel's
 //!   headers, loaded at run time) — the same pass GenAI runs — which also
 //!   gathers the sampled rows before the LM head (`sampled_tokens_indices`),
-//!   so a prefill computes one vocab-sized row per sequence, not per token.
+//!   so a prefill computes one vocab-sized row per sequence, not per token,
+//!   and merges each layer's Q, K and V projections into one matrix product
+//!   ([`OpenVinoInstance::merged_projections`]).
+//! - Instances compute in f32 by default ([`Precision`]), not in OpenVINO's
+//!   own default of bf16 on CPUs that have it.
 //! - The instance owns the `key_cache.N` / `value_cache.N` block tensors. Their
 //!   per-block shape and element type are read from the compiled model (on an
 //!   AVX2 CPU: u8 blocks of 32 tokens with quantisation parameters); the block
@@ -121,7 +125,12 @@ fn lib_in(dir: &Path) -> Option<PathBuf> {
 /// The `libopenvino_c` this process loaded (only a success is remembered).
 static LOADED: Mutex<Option<PathBuf>> = Mutex::new(None);
 
-type PagedFn = unsafe extern "C" fn(*mut std::ffi::c_void, *mut std::ffi::c_char, usize) -> i32;
+type PagedFn = unsafe extern "C" fn(
+    *mut std::ffi::c_void,
+    *mut std::ffi::c_int,
+    *mut std::ffi::c_char,
+    usize,
+) -> i32;
 
 /// The paged-attention transformation from `shim/paged_attention.cpp`
 /// (built by build.rs against the wheel's headers), loaded after
@@ -152,8 +161,10 @@ fn paged_shim() -> Result<PagedFn, EngineError> {
     .map_err(|e| EngineError::Unavailable(format!("OpenVINO unavailable: {e}")))
 }
 
-/// Apply SDPA -> PagedAttention to `model` in place.
-fn to_paged_attention(model: &mut openvino::Model) -> Result<(), EngineError> {
+/// Apply SDPA -> PagedAttention to `model` in place, and merge the
+/// projections that read the same input (Q, K, V); returns how many groups
+/// were merged.
+fn to_paged_attention(model: &mut openvino::Model) -> Result<usize, EngineError> {
     let f = paged_shim()?;
     // `openvino::Model` is a single `*mut ov_model_t` field and exposes no
     // accessor for it; check the layout assumption before reading it.
@@ -161,11 +172,12 @@ fn to_paged_attention(model: &mut openvino::Model) -> Result<(), EngineError> {
         std::mem::size_of::<openvino::Model>() == std::mem::size_of::<*mut std::ffi::c_void>()
     );
     let mut err = vec![0 as std::ffi::c_char; 1024];
+    let mut merged: std::ffi::c_int = 0;
     // SAFETY: the pointer is the live handle `model` owns; the shim only
     // rewrites the ov::Model it points to.
     let rc = unsafe {
         let raw = *(std::ptr::from_mut(model) as *const *mut std::ffi::c_void);
-        f(raw, err.as_mut_ptr(), err.len())
+        f(raw, &mut merged, err.as_mut_ptr(), err.len())
     };
     if rc != 0 {
         let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
@@ -174,7 +186,7 @@ fn to_paged_attention(model: &mut openvino::Model) -> Result<(), EngineError> {
             msg.to_string_lossy()
         )));
     }
-    Ok(())
+    Ok(usize::try_from(merged).unwrap_or(0))
 }
 
 /// Load `libopenvino_c` once per process (the first successful path wins; a
@@ -212,6 +224,53 @@ pub struct BackendOptions {
     pub cache_dir: Option<PathBuf>,
     /// `INFERENCE_NUM_THREADS`; 0 lets OpenVINO use every core.
     pub num_threads: usize,
+    /// The precision LLM instances compute in.
+    pub precision: Precision,
+}
+
+/// The CPU plugin's `INFERENCE_PRECISION_HINT` for LLM instances: what
+/// activations and matrix products compute in (weights stay as the IR
+/// stores them, the KV cache as the plugin picks: u8 blocks).
+///
+/// OpenVINO's own default is bf16 on CPUs with bf16 instructions (AMX,
+/// AVX512_BF16), f32 elsewhere. Measured on an Intel Xeon with AMX
+/// (BENCHMARKS.md, "CPU decode speed"): for SmolLM2-135M, f32 decodes one
+/// sequence 1.4x and eight 1.6x faster than bf16, whose AMX kernels win only
+/// on long prefills (1.6x on 580 tokens). Decode steps are most of a
+/// generation's time, so f32 is the default. (f16, on CPUs with AVX512_FP16,
+/// overflows in this model: GenAI produced no text with it.)
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    /// The property's value.
+    pub fn hint(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(format!("unknown precision {s:?} (f32 or bf16)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.hint())
+    }
 }
 
 /// The OpenVINO CPU backend.
@@ -231,6 +290,12 @@ impl OpenVinoBackend {
             .map_err(|e| dev("PERFORMANCE_HINT", e))?;
         core.set_property(&cpu, &RwPropertyKey::NumStreams, "1")
             .map_err(|e| dev("NUM_STREAMS", e))?;
+        core.set_property(
+            &cpu,
+            &RwPropertyKey::HintInferencePrecision,
+            options.precision.hint(),
+        )
+        .map_err(|e| dev("INFERENCE_PRECISION_HINT", e))?;
         if options.num_threads > 0 {
             core.set_property(
                 &cpu,
@@ -273,21 +338,23 @@ impl OpenVinoBackend {
         let pkg = ModelPackage::open(dir)?;
         let (xml, bin) = ir_files(&pkg)?;
         let weight_bytes = std::fs::metadata(&bin).map(|m| m.len()).unwrap_or(0);
-        let mut compiled = {
+        let (mut compiled, merged) = {
             let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
             let mut model = core
                 .read_model_from_file(&xml.to_string_lossy(), &bin.to_string_lossy())
                 .map_err(|e| EngineError::Model(format!("{}: {e}", xml.display())))?;
-            to_paged_attention(&mut model)?;
+            let merged = to_paged_attention(&mut model)?;
             // A model the plugin cannot compile is the model's problem,
             // not the device's.
-            core.compile_model(&model, DeviceType::CPU)
-                .map_err(|e| EngineError::Model(format!("{}: compile_model: {e}", xml.display())))?
+            let compiled = core.compile_model(&model, DeviceType::CPU).map_err(|e| {
+                EngineError::Model(format!("{}: compile_model: {e}", xml.display()))
+            })?;
+            (compiled, merged)
         };
         let request = compiled
             .create_infer_request()
             .map_err(|e| dev("create_infer_request", e))?;
-        OpenVinoInstance::new(pkg, compiled, request, weight_bytes, options)
+        OpenVinoInstance::new(pkg, compiled, request, weight_bytes, merged, options)
     }
 }
 

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use slinfer_engine::{EngineError, LlmInstance, LoadOptions, StepEntry, sampler::argmax};
-use slinfer_openvino::{BackendOptions, OpenVinoBackend, OpenVinoInstance};
+use slinfer_openvino::{BackendOptions, OpenVinoBackend, OpenVinoInstance, Precision};
 use slinfer_test_support::reference::{self, Answer, Reference};
 use slinfer_test_support::{default_model_dir as model_dir, venv};
 
@@ -362,4 +362,41 @@ fn backend_trait_loads_packages_on_the_cpu() {
     assert_eq!(logits[0].len(), inst.config().vocab_size);
     assert_eq!(argmax(&logits[0]), r.tokens[0]);
     assert_eq!(inst.sequence_len(7), Some(r.prompt_ids.len()));
+}
+
+#[test]
+fn each_layers_q_k_v_projections_are_merged() {
+    // The shim merges the three projections of every layer into one matrix
+    // product; the bit-for-bit comparisons with GenAI (which does not merge
+    // them) show the arithmetic of each output is unchanged.
+    let inst = load(4);
+    assert_eq!(inst.merged_projections(), inst.config().num_layers);
+}
+
+#[test]
+fn bf16_precision_decodes_greedily() {
+    // `--cpu-precision bf16` (OpenVINO's own default on CPUs with bf16
+    // instructions): other arithmetic than GenAI's f32 reference, so greedy
+    // up to a near-tie, one prompt at a time.
+    let backend = OpenVinoBackend::new(&BackendOptions {
+        venv: Some(venv()),
+        precision: Precision::Bf16,
+        ..Default::default()
+    })
+    .expect("backend");
+    let mut inst = backend
+        .load_package(
+            &model_dir(),
+            &LoadOptions {
+                initial_kv_blocks: 16,
+                ..Default::default()
+            },
+        )
+        .expect("load");
+    let refs: Vec<&Reference> = reference().iter().collect();
+    let got: Vec<Vec<u32>> = refs
+        .iter()
+        .map(|r| generate(&mut inst, &[*r], &[0], |_, _, _| {}).remove(0))
+        .collect();
+    assert_greedy("bf16, one sequence at a time", &refs, &got);
 }

@@ -123,6 +123,12 @@ pub struct ServeArgs {
     /// error.
     #[arg(long, env = "SLINFER_DEVICES", default_value = "all")]
     pub devices: DeviceSelection,
+    /// What the CPU engine computes in (OpenVINO's inference precision):
+    /// `f32`, or `bf16`, which is OpenVINO's own default on CPUs with bf16
+    /// instructions and faster only for long prompts (BENCHMARKS.md, "CPU
+    /// decode speed").
+    #[arg(long, env = "SLINFER_CPU_PRECISION", default_value_t = slinfer_openvino::Precision::default())]
+    pub cpu_precision: slinfer_openvino::Precision,
     /// Open HTTP connections at most; beyond it a new one is answered 503
     /// (default: the open-files limit, raised to its hard limit, less 512).
     #[arg(long)]
@@ -195,6 +201,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 admin_token_file: a.admin_token_file,
                 venv: a.venv,
                 devices: a.devices,
+                cpu_precision: a.cpu_precision,
                 connections: crate::connections::ConnectionLimits {
                     max_connections: a
                         .max_connections
