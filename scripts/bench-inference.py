@@ -1,22 +1,34 @@
 #!/usr/bin/env python3
-"""Whole-path inference benchmark: HTTP -> the `chat` Wasm function ->
-slinfer:llm -> scheduler -> OpenVINO engine, against openvino_genai,
-interleaved A/B in one run (BENCHMARKS.md).
+"""CPU inference benchmark, interleaved in one run (BENCHMARKS.md): slinfer's
+whole path (HTTP -> the `chat` Wasm function -> slinfer:llm -> scheduler ->
+OpenVINO engine) against OpenVINO GenAI and llama.cpp on the same model,
+prompts and cores.
 
-    .venv/bin/python scripts/bench-inference.py URL MODEL_DIR [TOKENS] [ROUNDS]
+    .venv/bin/python scripts/bench-inference.py URL MODEL_DIR [--tokens N] [--rounds R]
+        [--streams 1,4,8,16] [--genai-props JSON] [--threads T]
 
-URL is a running slinfer with `chat` deployed. GenAI runs in a helper
-process (scripts/models/bench_genai.py) that holds LLMPipeline and
-ContinuousBatchingPipeline loaded; each round measures, back to back:
-slinfer single stream, GenAI single stream, slinfer 8 streams, GenAI CB 8
-streams. Both sides get the same prompts, greedy, the chat template, EOS
-honoured (so they generate the same tokens). Definitions, the same on both
-sides: single-stream decode tok/s = (n - 1) / (last - first token time);
-8-stream aggregate tok/s = tokens generated / wall time from submitting to
-the last token (prefill included). Prints per-round figures, the medians of
-the paired ratios, then TTFT/TPOT percentiles at 1/4/8/16 streams.
+`./dev bench-llm` sets everything up and runs it. URL is a running slinfer
+with `chat` deployed; MODEL_DIR the imported model package (its
+`model.gguf` is what llama.cpp runs, its IR what GenAI runs). The other two
+run in helper processes held loaded for the whole run:
+scripts/models/bench_genai.py (`LLMPipeline` for one stream,
+`ContinuousBatchingPipeline` for several, with --genai-props as CPU
+properties) and scripts/llama-cpp/anchor.mjs (the prebuilt llama.cpp of the
+npm package node-llama-cpp, T threads, one context with a sequence per
+stream).
+
+Each round runs every stream count on every side back to back, the order of
+the sides rotating from round to round. All sides get the same text (the
+model's chat template applied to the same user prompts), greedy, stopping
+at EOS or N tokens. Definitions, the same on every side: a stream's decode
+tok/s = (n - 1) / (last - first token time), its TPOT the inverse; the
+aggregate tok/s of K streams = tokens generated / wall time from submission
+to the last token (prefill included). The headline figure is decode tok/s
+at one stream and aggregate tok/s at several; ratios are paired within a
+round and summarised by their median (min-max).
 """
 
+import argparse
 import json
 import statistics
 import subprocess
@@ -24,13 +36,17 @@ import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 PROMPT = "Write a long, detailed story about a dragon who learns to cook."
-BATCH = 8
+SIDES = ("slinfer", "genai", "llama.cpp")
+
+
+def user_prompts(k: int) -> list:
+    return [PROMPT] if k == 1 else [f"{PROMPT} ({i})" for i in range(k)]
 
 
 def one(url: str, prompt: str, tokens: int, t0: float, out: list) -> None:
-    start = time.perf_counter()
     req = urllib.request.Request(f"{url}/fn/chat/?max_tokens={tokens}&temperature=0",
                                  data=prompt.encode(), method="POST")
     first = last = None
@@ -42,93 +58,149 @@ def one(url: str, prompt: str, tokens: int, t0: float, out: list) -> None:
             if line.startswith("event: "):
                 event = line[7:]
             elif line.startswith("data: "):
-                now = time.perf_counter()
+                now = time.perf_counter() - t0
                 if event == "usage":
                     usage = json.loads(line[6:])
                 elif event is None:
-                    first = first or now
+                    first = first if first is not None else now
                     last = now
                 else:
                     raise RuntimeError(line)
             elif line == "":
                 event = None
-    n = usage["generated_tokens"]
-    out.append({"ttft": first - start, "decode_s": last - first, "n": n,
-                "tpot": (last - first) / max(n - 1, 1), "end": last, "start": t0})
+    out.append({"n": usage["generated_tokens"], "first": first, "last": last})
 
 
-def prompts(k: int) -> list:
-    return [PROMPT] if k == 1 else [f"{PROMPT} ({i})" for i in range(k)]
-
-
-def slinfer(url: str, tokens: int, k: int) -> list:
+def slinfer(url: str, prompts: list, tokens: int) -> dict:
     out: list = []
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=one, args=(url, p, tokens, t0, out)) for p in prompts(k)]
+    threads = [threading.Thread(target=one, args=(url, p, tokens, t0, out)) for p in prompts]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return out
+    if len(out) != len(prompts):
+        raise RuntimeError("a slinfer stream failed")
+    return {"wall_s": max(s["last"] for s in out), "streams": out}
 
 
-def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+class Helper:
+    """A helper process answering one JSON line per JSON line."""
 
+    def __init__(self, argv: list):
+        self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{argv[1]} exited before it was ready")
+        self.hello = json.loads(line)
 
-class GenAI:
-    def __init__(self, model_dir: str):
-        self.p = subprocess.Popen([sys.executable, "scripts/models/bench_genai.py", model_dir],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert json.loads(self.p.stdout.readline())["ready"]
-
-    def ask(self, **cmd) -> dict:
+    def ask(self, cmd: dict) -> dict:
         self.p.stdin.write(json.dumps(cmd) + "\n")
         self.p.stdin.flush()
-        return json.loads(self.p.stdout.readline())
+        out = json.loads(self.p.stdout.readline())
+        if "error" in out:
+            raise RuntimeError(out["error"])
+        return out
 
     def close(self) -> None:
         self.p.stdin.close()
         self.p.wait()
 
 
+def decode_tok_s(s: dict) -> float:
+    return (s["n"] - 1) / max(s["last"] - s["first"], 1e-9)
+
+
+def headline(run: dict) -> float:
+    streams = run["streams"]
+    if len(streams) == 1:
+        return decode_tok_s(streams[0])
+    return sum(s["n"] for s in streams) / run["wall_s"]
+
+
+def median_range(xs: list) -> str:
+    return f"{statistics.median(xs):.2f}x ({min(xs):.2f}-{max(xs):.2f})"
+
+
+def cpu_name() -> str:
+    info = {}
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        k, _, v = line.partition(":")
+        info[k.strip()] = v.strip()
+    flags = [f for f in info.get("Flags", "").split()
+             if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")]
+    return (f"{info.get('Model name', '?')} (family {info.get('CPU family', '?')}, model {info.get('Model', '?')}), "
+            f"{info.get('CPU(s)', '?')} CPUs; {' '.join(flags)}")
+
+
 def main() -> int:
-    url, model_dir = sys.argv[1], sys.argv[2]
-    tokens = int(sys.argv[3]) if len(sys.argv) > 3 else 128
-    rounds = int(sys.argv[4]) if len(sys.argv) > 4 else 5
-    slinfer(url, 8, 1)  # warm-up: loads the model
-    slinfer(url, 8, BATCH)
-    genai = GenAI(model_dir)
-    print("| round | slinfer 1 stream | GenAI LLMPipeline | ratio | slinfer 8 streams | GenAI CB 8 | ratio | slinfer 8 / 1 |")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("url")
+    ap.add_argument("model_dir", type=Path)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--streams", default="1,4,8,16")
+    ap.add_argument("--genai-props", default='{"INFERENCE_PRECISION_HINT": "f32"}')
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    counts = [int(k) for k in args.streams.split(",")]
+
+    import openvino_genai as ov_genai
+
+    tok = ov_genai.Tokenizer(str(args.model_dir))
+    templated = {k: [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+                     for p in user_prompts(k)] for k in counts}
+    here = Path(__file__).parent
+    genai = Helper([sys.executable, str(here / "models/bench_genai.py"), str(args.model_dir), args.genai_props])
+    llama = Helper(["node", str(here / "llama-cpp/anchor.mjs"), str(args.model_dir / "model.gguf"),
+                    str(args.threads)])
+    runners = {
+        "slinfer": lambda k: slinfer(args.url, user_prompts(k), args.tokens),
+        "genai": lambda k: genai.ask({"op": "streams", "prompts": templated[k], "tokens": args.tokens}),
+        "llama.cpp": lambda k: llama.ask({"prompts": templated[k], "tokens": args.tokens}),
+    }
+    for side in SIDES:  # warm-up: loads slinfer's instance, touches every path
+        for k in counts:
+            runners[side](k)
+
+    print(f"CPU: {cpu_name()}")
+    print(f"GenAI properties: {genai.hello['props']}; llama.cpp: {llama.hello['version']['release']}, "
+          f"{args.threads} threads; {args.tokens} tokens per stream, {args.rounds} rounds")
+    print()
+    print("| round | streams | " + " | ".join(SIDES) + " | slinfer / llama.cpp | slinfer / GenAI |")
+    print("|---:|---:|" + "---:|" * (len(SIDES) + 2))
+    results = {(side, k): [] for side in SIDES for k in counts}
+    for r in range(args.rounds):
+        order = SIDES[r % len(SIDES):] + SIDES[:r % len(SIDES)]
+        for k in counts:
+            got = {side: runners[side](k) for side in order}
+            for side in SIDES:
+                results[side, k].append(got[side])
+            h = {side: headline(got[side]) for side in SIDES}
+            print(f"| {r + 1} | {k} | " + " | ".join(f"{h[s]:.1f}" for s in SIDES)
+                  + f" | {h['slinfer'] / h['llama.cpp']:.2f}x | {h['slinfer'] / h['genai']:.2f}x |", flush=True)
+    for side in ("genai", "llama.cpp"):
+        {"genai": genai, "llama.cpp": llama}[side].close()
+
+    print()
+    print("Headline: decode tok/s of one stream; aggregate tok/s (prefill included) of several. "
+          "Medians over the rounds; ratios paired within a round.")
+    print()
+    print("| streams | slinfer | GenAI | llama.cpp | slinfer / llama.cpp | slinfer / GenAI "
+          "| TPOT p50 ms (slinfer / GenAI / llama.cpp) | TTFT p50 s (slinfer / GenAI / llama.cpp) |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    r1, r8, scale = [], [], []
-    for k in range(rounds):
-        s1 = slinfer(url, tokens, 1)[0]
-        s1_tok_s = (s1["n"] - 1) / s1["decode_s"]
-        g1 = genai.ask(op="single", prompt=PROMPT, tokens=tokens)
-        s8 = slinfer(url, tokens, BATCH)
-        s8_tok_s = sum(r["n"] for r in s8) / (max(r["end"] for r in s8) - s8[0]["start"])
-        g8 = genai.ask(op="batch", prompts=prompts(BATCH), tokens=tokens)
-        r1.append(s1_tok_s / g1["decode_tok_s"])
-        r8.append(s8_tok_s / g8["tok_s"])
-        scale.append(s8_tok_s / s1_tok_s)
-        print(f"| {k + 1} | {s1_tok_s:.1f} ({s1['n']} tok) | {g1['decode_tok_s']:.1f} ({g1['n']} tok) | {r1[-1]:.2f}x "
-              f"| {s8_tok_s:.1f} ({sum(r['n'] for r in s8)} tok) | {g8['tok_s']:.1f} ({g8['n']} tok) | {r8[-1]:.2f}x "
-              f"| {scale[-1]:.2f}x |", flush=True)
-    genai.close()
-    print()
-    print(f"median paired ratios over {rounds} rounds: single stream {statistics.median(r1):.2f}x "
-          f"(min {min(r1):.2f}, max {max(r1):.2f}); 8 streams vs CB {statistics.median(r8):.2f}x "
-          f"(min {min(r8):.2f}, max {max(r8):.2f}); 8 streams vs 1 {statistics.median(scale):.2f}x")
-    print()
-    print("| streams | aggregate tok/s (prefill included) | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) |")
-    print("|---:|---:|---:|---:|")
-    for n in (1, 4, 8, 16):
-        rs = slinfer(url, tokens, n)
-        agg = sum(r["n"] for r in rs) / (max(r["end"] for r in rs) - rs[0]["start"])
-        print(f"| {n} | {agg:.1f} | {pct([r['ttft'] for r in rs], .5):.2f} / {pct([r['ttft'] for r in rs], .99):.2f} "
-              f"| {1000 * pct([r['tpot'] for r in rs], .5):.0f} / {1000 * pct([r['tpot'] for r in rs], .99):.0f} |")
+    for k in counts:
+        h = {side: [headline(x) for x in results[side, k]] for side in SIDES}
+        vs_llama = [a / b for a, b in zip(h["slinfer"], h["llama.cpp"])]
+        vs_genai = [a / b for a, b in zip(h["slinfer"], h["genai"])]
+        tpot = {side: statistics.median(1000 / decode_tok_s(s) for x in results[side, k] for s in x["streams"])
+                for side in SIDES}
+        ttft = {side: statistics.median(s["first"] for x in results[side, k] for s in x["streams"])
+                for side in SIDES}
+        print(f"| {k} | " + " | ".join(f"{statistics.median(h[s]):.1f}" for s in SIDES)
+              + f" | {median_range(vs_llama)} | {median_range(vs_genai)} | "
+              + " / ".join(f"{tpot[s]:.1f}" for s in SIDES) + " | "
+              + " / ".join(f"{ttft[s]:.3f}" for s in SIDES) + " |")
     return 0
 
 

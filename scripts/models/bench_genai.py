@@ -1,22 +1,25 @@
 #!/usr/bin/env python3
 """openvino_genai's side of the inference benchmarks (BENCHMARKS.md), as a
-server the benchmark drives between its own measurements (A/B interleaved).
+server the benchmark drives between its own measurements (interleaved).
 
-    .venv/bin/python scripts/models/bench_genai.py MODEL_DIR              # server
-    .venv/bin/python scripts/models/bench_genai.py MODEL_DIR N BATCH      # one shot
+    .venv/bin/python scripts/models/bench_genai.py MODEL_DIR [PROPS]              # server
+    .venv/bin/python scripts/models/bench_genai.py MODEL_DIR N BATCH [PROPS]      # one shot
 
-Loads `LLMPipeline` and `ContinuousBatchingPipeline` on the CPU once, then
-reads one JSON command per line on stdin and answers one JSON line:
+PROPS is a JSON object of CPU properties given to both pipelines (for
+example '{"INFERENCE_PRECISION_HINT": "f32"}'); default: none, GenAI's own
+defaults. Loads `LLMPipeline` and `ContinuousBatchingPipeline` on the CPU
+once, then reads one JSON command per line on stdin and answers one JSON
+line:
 
-    {"op": "single", "prompt": P, "tokens": N}
-        -> {"n": generated, "ttft": s, "decode_tok_s": (n - 1) / (last - first token)}
-    {"op": "batch", "prompts": [P...], "tokens": N}
-        -> {"n": total generated, "wall_s": s, "tok_s": n / wall_s}
+    {"op": "streams", "prompts": [TEXT...], "tokens": N}
+        -> {"wall_s": s, "streams": [{"n", "first", "last"}...]}
 
-Greedy, the model's chat template applied (as the `chat` function does),
-stopping at EOS like slinfer, so both sides generate the same tokens; token
-times come from a streamer callback, measured the way the benchmark measures
-slinfer's stream (first to last token).
+One prompt runs on `LLMPipeline`, several at once on
+`ContinuousBatchingPipeline`. TEXT is used as is (the caller applies the
+chat template), greedy, stopping at EOS or after N tokens; "first"/"last"
+are the seconds from submission to each stream's first and last token
+(LLMPipeline: its streamer's calls; CB: the step after which the token
+could be read), measured the way the benchmark measures slinfer's stream.
 
 One shot (the engine benchmark, runtime-plugins/openvino/examples/bench.rs):
 a raw prompt, EOS ignored, N new tokens; prints one JSON object with the
@@ -34,16 +37,16 @@ import openvino_genai as ov_genai
 RAW_PROMPT = "The history of the city of Paris begins"
 
 
-def config(tokens: int, chat: bool) -> "ov_genai.GenerationConfig":
+def config(tokens: int, ignore_eos: bool) -> "ov_genai.GenerationConfig":
     cfg = ov_genai.GenerationConfig()
     cfg.max_new_tokens = tokens
     cfg.do_sample = False
-    cfg.apply_chat_template = chat
-    cfg.ignore_eos = not chat
+    cfg.apply_chat_template = False
+    cfg.ignore_eos = ignore_eos
     return cfg
 
 
-def single(pipe, prompt: str, tokens: int, chat: bool = True) -> dict:
+def single(pipe, prompt: str, tokens: int, ignore_eos: bool = False) -> dict:
     times = []
 
     def streamer(_text):
@@ -51,45 +54,66 @@ def single(pipe, prompt: str, tokens: int, chat: bool = True) -> dict:
         return ov_genai.StreamingStatus.RUNNING
 
     t0 = time.perf_counter()
-    res = pipe.generate([prompt], config(tokens, chat), streamer=streamer)
+    res = pipe.generate([prompt], config(tokens, ignore_eos), streamer=streamer)
+    wall = time.perf_counter() - t0
     n = res.perf_metrics.get_num_generated_tokens()
     # The streamer gets text pieces (a token may wait for the next one to
     # form whole UTF-8): its first and last calls bound the decode.
-    return {"n": n, "ttft": times[0] - t0,
-            "decode_tok_s": (n - 1) / max(times[-1] - times[0], 1e-9)}
+    return {"wall_s": wall, "streams": [{"n": n, "first": times[0] - t0, "last": times[-1] - t0}]}
 
 
-def batch(cb, prompts: list, tokens: int, chat: bool = True) -> dict:
+def batch(cb, prompts: list, tokens: int, ignore_eos: bool = False) -> dict:
+    cfg = config(tokens, ignore_eos)
     t0 = time.perf_counter()
-    res = cb.generate(prompts, [config(tokens, chat)] * len(prompts))
-    wall = time.perf_counter() - t0
-    # Each result carries the perf metrics of the whole batch.
-    n = res[0].perf_metrics.get_num_generated_tokens()
-    return {"n": n, "wall_s": wall, "tok_s": n / wall}
+    handles = [cb.add_request(i, p, cfg) for i, p in enumerate(prompts)]
+    streams = [{"n": 0, "first": None, "last": None} for _ in prompts]
+    while cb.has_non_finished_requests():
+        cb.step()
+        now = time.perf_counter() - t0
+        for h, s in zip(handles, streams):
+            if h.can_read():
+                got = sum(len(o.generated_ids) for o in h.read().values())
+                if got:
+                    s["n"] += got
+                    s["first"] = s["first"] if s["first"] is not None else now
+                    s["last"] = now
+    return {"wall_s": time.perf_counter() - t0, "streams": streams}
+
+
+def run(pipe, cb, prompts: list, tokens: int, ignore_eos: bool = False) -> dict:
+    if len(prompts) == 1:
+        return single(pipe, prompts[0], tokens, ignore_eos)
+    return batch(cb, prompts, tokens, ignore_eos)
 
 
 def main() -> int:
     model_dir = sys.argv[1]
-    pipe = ov_genai.LLMPipeline(model_dir, "CPU")
-    cb = ov_genai.ContinuousBatchingPipeline(model_dir, ov_genai.SchedulerConfig(), "CPU")
-    single(pipe, "Hello", 4)  # warm-up
-    batch(cb, ["Hello"], 4)
-    if len(sys.argv) == 4:
+    one_shot = len(sys.argv) >= 4
+    props = json.loads(sys.argv[4 if one_shot else 2]) if len(sys.argv) > (4 if one_shot else 2) else {}
+    pipe = ov_genai.LLMPipeline(model_dir, "CPU", **props)
+    cb = ov_genai.ContinuousBatchingPipeline(model_dir, ov_genai.SchedulerConfig(), "CPU", props)
+    run(pipe, cb, ["Hello"], 4)  # warm-up
+    run(pipe, cb, ["Hello", "Hi"], 4)
+    if one_shot:
         n, k = int(sys.argv[2]), int(sys.argv[3])
-        runs = sorted(single(pipe, RAW_PROMPT, n, chat=False)["decode_tok_s"] for _ in range(3))
-        cb_out = batch(cb, [f"{RAW_PROMPT} ({i})" for i in range(k)], n, chat=False)
+
+        def decode_tok_s(out):
+            s = out["streams"][0]
+            return (s["n"] - 1) / max(s["last"] - s["first"], 1e-9)
+
+        runs = sorted(decode_tok_s(single(pipe, RAW_PROMPT, n, True)) for _ in range(3))
+        cb_out = batch(cb, [f"{RAW_PROMPT} ({i})" for i in range(k)], n, True)
+        total = sum(s["n"] for s in cb_out["streams"])
         print(json.dumps({"llm_pipeline_decode_tok_s": runs[1], "cb_batch": k,
-                          "cb_aggregate_tok_s": cb_out["tok_s"]}))
+                          "cb_aggregate_tok_s": total / cb_out["wall_s"]}))
         return 0
-    print(json.dumps({"ready": True}), flush=True)
+    print(json.dumps({"ready": True, "props": props}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
-        if cmd["op"] == "single":
-            out = single(pipe, cmd["prompt"], cmd["tokens"])
-        elif cmd["op"] == "batch":
-            out = batch(cb, cmd["prompts"], cmd["tokens"])
+        if cmd.get("op") == "streams":
+            out = run(pipe, cb, cmd["prompts"], cmd["tokens"])
         else:
-            out = {"error": f"unknown op {cmd['op']}"}
+            out = {"error": f"unknown op {cmd.get('op')}"}
         print(json.dumps(out), flush=True)
     return 0
 
