@@ -197,6 +197,27 @@ async fn devices_that_are_not_there_stop_the_server_and_none_serves_no_models() 
     assert_eq!(status, 404, "{error}");
 }
 
+/// `serve --cpu-precision` takes f32 or bf16; anything else stops the server
+/// at start, naming the choices.
+#[test]
+fn an_unknown_cpu_precision_stops_the_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(slinfer_e2e::slinfer_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--cpu-precision", "f16"])
+        .arg("--data-dir")
+        .arg(tmp.path())
+        .env("SLINFER_VENV", slinfer_e2e::venv())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("invalid value 'f16' for '--cpu-precision")
+            && err.contains("unknown precision \"f16\" (f32 or bf16)"),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn chat_refuses_what_is_not_a_message_or_a_number() {
     let s = Server::start();
