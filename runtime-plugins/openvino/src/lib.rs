@@ -235,7 +235,7 @@ pub struct BackendOptions {
 /// OpenVINO's own default is bf16 on CPUs with bf16 instructions (AMX,
 /// AVX512_BF16), f32 elsewhere. Measured on an Intel Xeon with AMX
 /// (BENCHMARKS.md, "CPU decode speed"): for SmolLM2-135M, f32 decodes one
-/// sequence 1.4x and eight 1.6x faster than bf16, whose AMX kernels win only
+/// sequence 1.4x and eight 1.6x faster than bf16, whose kernels win only
 /// on long prefills (1.6x on 580 tokens). Decode steps are most of a
 /// generation's time, so f32 is the default. (f16, on CPUs with AVX512_FP16,
 /// overflows in this model: GenAI produced no text with it.)
