@@ -179,8 +179,8 @@ def main() -> int:
             h = {side: headline(got[side]) for side in SIDES}
             print(f"| {r + 1} | {k} | " + " | ".join(f"{h[s]:.1f}" for s in SIDES)
                   + f" | {h['slinfer'] / h['llama.cpp']:.2f}x | {h['slinfer'] / h['genai']:.2f}x |", flush=True)
-    for side in ("genai", "llama.cpp"):
-        {"genai": genai, "llama.cpp": llama}[side].close()
+    genai.close()
+    llama.close()
 
     print()
     print("Headline: decode tok/s of one stream; aggregate tok/s (prefill included) of several. "

@@ -7,7 +7,7 @@
 // Prints {"ready": true, ...} once loaded, then answers each command line
 //     {"prompts": [TEXT...], "tokens": N}
 // with one line
-//     {"wall_s": s, "streams": [{"n", "first", "last", "tokens"}...]}
+//     {"wall_s": s, "streams": [{"n", "first", "last"}...]}
 // where every prompt runs as its own sequence of one context (llama.cpp
 // batches the sequences' steps together), greedy, stopping at EOS or after N
 // tokens; "first"/"last" are the seconds from submission to the first and
@@ -28,14 +28,12 @@ async function generate(text, tokens, t0) {
     const seq = context.getSequence();
     try {
         const times = [];
-        const out = [];
         for await (const tok of seq.evaluate(model.tokenize(text, true), {temperature: 0})) {
             if (model.isEogToken(tok)) break;
             times.push(performance.now());
-            out.push(tok);
-            if (out.length >= tokens) break;
+            if (times.length >= tokens) break;
         }
-        return {n: out.length, first: (times[0] - t0) / 1000, last: (times.at(-1) - t0) / 1000, tokens: out};
+        return {n: times.length, first: (times[0] - t0) / 1000, last: (times.at(-1) - t0) / 1000};
     } finally {
         seq.dispose();
     }

@@ -89,7 +89,8 @@ def run(pipe, cb, prompts: list, tokens: int, ignore_eos: bool = False) -> dict:
 def main() -> int:
     model_dir = sys.argv[1]
     one_shot = len(sys.argv) >= 4
-    props = json.loads(sys.argv[4 if one_shot else 2]) if len(sys.argv) > (4 if one_shot else 2) else {}
+    props_at = 4 if one_shot else 2
+    props = json.loads(sys.argv[props_at]) if len(sys.argv) > props_at else {}
     pipe = ov_genai.LLMPipeline(model_dir, "CPU", **props)
     cb = ov_genai.ContinuousBatchingPipeline(model_dir, ov_genai.SchedulerConfig(), "CPU", props)
     run(pipe, cb, ["Hello"], 4)  # warm-up

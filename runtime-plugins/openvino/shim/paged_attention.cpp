@@ -81,7 +81,8 @@ static bool compressed(const std::shared_ptr<ov::op::v0::MatMul>& mm, Compressed
     auto zp = zc ? input_as<ov::op::v0::Constant>(zc, 0) : nullptr;
     if (!scale || !w || !zp) return false;
     const auto& shape = reshape->get_output_partial_shape(0);
-    if (shape.rank().get_length() != 2 || shape.is_dynamic() || w->get_shape().size() != 3 ||
+    // is_dynamic first: get_length() of a dynamic rank throws.
+    if (shape.is_dynamic() || shape.rank().get_length() != 2 || w->get_shape().size() != 3 ||
         zp->get_shape().size() != 3 || scale->get_shape().size() != 3)
         return false;
     c = {mm, w, zp, scale, wc->get_destination_type(), out->get_destination_type(),
