@@ -3,7 +3,8 @@
 //! The platform binary's library: the HTTP API (`api`), function packages and
 //! their on-disk store and registry (`functions`), the WebAssembly sandbox
 //! (`sandbox`), the live inference path (`inference`), model packages
-//! (`models`), metrics, and the command-line clients (`cli`). It turns an
+//! (`models`), cluster membership (`cluster`, on `slinfer-cluster`), metrics,
+//! and the command-line clients (`cli`). It turns an
 //! HTTP request for `/fn/{name}/...` into a fresh, limited instance of that
 //! function's component.
 //!
@@ -14,6 +15,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod cluster;
 pub mod connections;
 pub mod devices;
 pub mod functions;

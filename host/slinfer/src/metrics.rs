@@ -8,6 +8,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::borrow::Cow;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FunctionLabel {
@@ -46,13 +47,16 @@ pub struct MemoryLabel {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new(None)
     }
 }
 
 impl Metrics {
-    pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("slinfer");
+    /// The metrics of one server; a cluster member's carry the label
+    /// `node="NAME"` on every sample.
+    pub fn new(node: Option<&str>) -> Metrics {
+        let labels = node.map(|n| (Cow::Borrowed("node"), Cow::Owned(n.to_owned())));
+        let mut registry = Registry::with_prefix_and_labels("slinfer", labels.into_iter());
         let invocations = Family::<FunctionLabel, Counter>::default();
         let errors = Family::<ErrorLabels, Counter>::default();
         let duration = Family::<FunctionLabel, Histogram>::new_with_constructor(|| {

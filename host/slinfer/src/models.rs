@@ -135,6 +135,12 @@ pub struct ImportClaim {
     name: String,
 }
 
+impl ImportClaim {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
 impl Drop for ImportClaim {
     fn drop(&mut self) {
         self.models
@@ -377,6 +383,142 @@ impl Models {
     }
 }
 
+impl Models {
+    /// The LLM packages served now, by name (what a cluster member shares).
+    pub fn llm_names(&self) -> Vec<String> {
+        self.inference
+            .iter()
+            .flat_map(|i| i.model_infos())
+            .map(|m| m.name)
+            .collect()
+    }
+
+    /// Writes package `name` as a tar to a fresh file in the work folder:
+    /// entries sorted, times and owners zeroed, so one package always makes
+    /// the same bytes. Returns the file, its SHA-256 and its size.
+    pub fn pack(&self, name: &str) -> Result<(PathBuf, String, u64), ModelsError> {
+        use sha2::Digest;
+        let dir = self.dir.join(name);
+        if !dir.is_dir() {
+            return Err(ModelsError::NotFound(name.to_string()));
+        }
+        std::fs::create_dir_all(&self.work).map_err(|e| io("creating the work dir", e))?;
+        let nonce = getrandom::u64().map_err(|e| io("random", e))?;
+        let path = self.work.join(format!("pack-{name}-{nonce:016x}.tar"));
+        let result = (|| -> std::io::Result<()> {
+            let mut builder =
+                tar::Builder::new(std::io::BufWriter::new(std::fs::File::create(&path)?));
+            for rel in files_under(&dir)? {
+                let mut header = tar::Header::new_gnu();
+                let file = std::fs::File::open(dir.join(&rel))?;
+                header.set_size(file.metadata()?.len());
+                header.set_mode(0o644);
+                header.set_mtime(0);
+                header.set_entry_type(tar::EntryType::Regular);
+                builder.append_data(&mut header, &rel, file)?;
+            }
+            builder
+                .into_inner()?
+                .into_inner()
+                .map_err(|e| e.into_error())?
+                .sync_all()
+        })();
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&path);
+            return Err(io("packing the model", e));
+        }
+        let mut hasher = sha2::Sha256::new();
+        let mut file = std::fs::File::open(&path).map_err(|e| io("packing the model", e))?;
+        let bytes =
+            std::io::copy(&mut file, &mut hasher).map_err(|e| io("packing the model", e))?;
+        Ok((path, hex::encode(hasher.finalize()), bytes))
+    }
+
+    /// A fresh path in the work folder for a package being received.
+    pub fn receive_path(&self, name: &str) -> Result<PathBuf, ModelsError> {
+        std::fs::create_dir_all(&self.work).map_err(|e| io("creating the work dir", e))?;
+        let nonce = getrandom::u64().map_err(|e| io("random", e))?;
+        Ok(self.work.join(format!("receive-{name}-{nonce:016x}.tar")))
+    }
+
+    /// Serves the packed package `tar` (from [`Models::pack`], made on
+    /// another member) as `name`, replacing a package of that name: unpacks
+    /// into a hidden folder, checks it is an LLM package, takes the old one
+    /// out of service, renames the new one into place and serves it.
+    pub fn install(&self, name: &str, tar: &Path) -> Result<Listed, ModelsError> {
+        let inference = self.served()?;
+        if !valid_name(name) {
+            return Err(ModelsError::BadName(name.to_string()));
+        }
+        let nonce = getrandom::u64().map_err(|e| io("random", e))?;
+        let staging = self.dir.join(format!(".{name}.importing-{nonce:016x}"));
+        let unpacked = unpack_files(tar, &staging);
+        let checked = unpacked
+            .map_err(|e| io("unpacking the model", e))
+            .and_then(|()| match package_kind(&staging) {
+                Ok(PackageKind::Llm) => Ok(()),
+                Ok(_) => Err(ModelsError::TensorModel(name.to_string())),
+                Err(e) => Err(ModelsError::Import(e.to_string())),
+            });
+        if let Err(e) = checked {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+        if self.dir.join(name).exists()
+            && let Err(e) = self.remove(name)
+        {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+        std::fs::rename(&staging, self.dir.join(name))
+            .map_err(|e| io("installing the model", e))?;
+        match inference.add_model(&self.dir.join(name)) {
+            Ok(_) => self.get(name),
+            Err(e) => {
+                let _ = remove_package(&self.dir, name);
+                Err(ModelsError::Import(e.to_string()))
+            }
+        }
+    }
+}
+
+/// Unpacks a packed model package into the new folder `into`: plain files
+/// only, none outside it.
+fn unpack_files(tar: &Path, into: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(into)?;
+    let mut archive = tar::Archive::new(std::fs::File::open(tar)?);
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        if entry.header().entry_type() != tar::EntryType::Regular {
+            return Err(std::io::Error::other("a model package holds only files"));
+        }
+        // `unpack_in` refuses paths that leave the folder.
+        if !entry.unpack_in(into)? {
+            return Err(std::io::Error::other("a path leaves the package"));
+        }
+    }
+    Ok(())
+}
+
+/// The files under `dir`, as sorted relative paths.
+fn files_under(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for entry in std::fs::read_dir(dir.join(&rel))? {
+            let entry = entry?;
+            let path = rel.join(entry.file_name());
+            if entry.file_type()?.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// Removes what an import or a removal interrupted by a crash left: hidden
 /// package folders (`.<name>.importing-*` the importer builds in,
 /// `.<name>.removed-*` a removal deletes) and every upload and importer
@@ -447,6 +589,62 @@ mod tests {
         ] {
             assert!(!valid_name(bad), "{bad}");
         }
+    }
+
+    fn models_in(dir: &Path) -> Models {
+        let graphs = Arc::new(Graphs::open(dir, None));
+        Models::new(dir, None, &dir.join(".work"), None, graphs)
+    }
+
+    #[test]
+    fn a_packed_package_is_the_same_bytes_every_time_and_unpacks_whole() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("m/sub")).unwrap();
+        std::fs::write(d.path().join("m/model.toml"), "x").unwrap();
+        std::fs::write(d.path().join("m/sub/weights.bin"), [7u8; 3000]).unwrap();
+        let models = models_in(d.path());
+        let (t1, d1, n1) = models.pack("m").unwrap();
+        std::fs::write(d.path().join("m/model.toml"), "x").unwrap();
+        let (t2, d2, n2) = models.pack("m").unwrap();
+        assert_ne!(t1, t2);
+        assert_eq!((d1, n1), (d2, n2));
+        let out = d.path().join("out");
+        unpack_files(&t1, &out).unwrap();
+        assert_eq!(
+            files_under(&out).unwrap(),
+            files_under(&d.path().join("m")).unwrap()
+        );
+        assert_eq!(
+            std::fs::read(out.join("sub/weights.bin")).unwrap(),
+            vec![7u8; 3000]
+        );
+        assert!(matches!(models.pack("nope"), Err(ModelsError::NotFound(_))));
+    }
+
+    #[test]
+    fn unpacking_refuses_paths_out_of_the_package_and_links() {
+        let d = tempfile::tempdir().unwrap();
+        let evil = d.path().join("evil.tar");
+        let mut b = tar::Builder::new(std::fs::File::create(&evil).unwrap());
+        let mut h = tar::Header::new_gnu();
+        h.as_old_mut().name[..10].copy_from_slice(b"../escaped");
+        h.set_size(1);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append(&h, &b"x"[..]).unwrap();
+        b.into_inner().unwrap();
+        assert!(unpack_files(&evil, &d.path().join("in")).is_err());
+        assert!(!d.path().join("escaped").exists());
+
+        let link = d.path().join("link.tar");
+        let mut b = tar::Builder::new(std::fs::File::create(&link).unwrap());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        b.append_link(&mut h, "model.toml", "/etc/passwd").unwrap();
+        b.into_inner().unwrap();
+        let err = unpack_files(&link, &d.path().join("in2")).unwrap_err();
+        assert!(err.to_string().contains("only files"), "{err}");
     }
 
     #[test]

@@ -13,6 +13,7 @@ use slinfer_sandbox::Services;
 use slinfer_sandbox::limits::HostLimits;
 
 use crate::api::{AppState, router};
+use crate::cluster::Member;
 use crate::connections;
 use crate::devices::{DeviceSelection, discover};
 use crate::functions::Functions;
@@ -39,6 +40,8 @@ pub struct ServeOptions {
     pub metrics_access: crate::api::MetricsAccess,
     /// The host-wide memory budget's bound (`--memory-budget`).
     pub memory_budget: Option<u64>,
+    /// Join a cluster (`--cluster`); `None` serves alone, without NATS.
+    pub cluster: Option<crate::cluster::ClusterOptions>,
     pub host: HostLimits,
 }
 
@@ -88,7 +91,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         std::fs::set_permissions(&opts.data_dir, std::fs::Permissions::from_mode(0o700))?;
     }
     let token = admin_token(&opts)?;
-    let metrics = Arc::new(Metrics::new());
+    let node = opts.cluster.as_ref().map(|c| c.node());
+    let metrics = Arc::new(Metrics::new(node.as_deref()));
     let memory = MemoryBudget::new(opts.memory_budget).context("starting the memory budget")?;
     tracing::info!(
         bytes = memory.usage().total_bytes,
@@ -119,6 +123,26 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             memory: memory.clone(),
         },
     )?);
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("binding {}", opts.listen))?;
+    let addr = listener.local_addr()?;
+    let member = match &opts.cluster {
+        None => None,
+        Some(c) => Some(
+            Member::join(
+                c,
+                &opts.data_dir,
+                addr,
+                &token,
+                functions.clone(),
+                models.clone(),
+                opts.host.max_package_bytes,
+            )
+            .await
+            .context("joining the cluster")?,
+        ),
+    };
     let state = AppState {
         functions,
         models,
@@ -127,11 +151,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         max_package_bytes: opts.host.max_package_bytes,
         metrics_access: opts.metrics_access,
         memory,
+        member: member.clone(),
     };
-    let listener = tokio::net::TcpListener::bind(opts.listen)
-        .await
-        .with_context(|| format!("binding {}", opts.listen))?;
-    let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %opts.data_dir.display(), max_connections = opts.connections.max_connections, "slinfer listening");
     // Tests and scripts read this line to find an ephemeral port.
     println!("listening on http://{addr}");
@@ -144,6 +165,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         shutdown_signal(),
     )
     .await;
+    if let Some(m) = member {
+        m.cluster.leave().await;
+    }
     Ok(())
 }
 

@@ -125,3 +125,15 @@ impl From<ModelsError> for ApiError {
         ApiError::new(status, e.kind(), e.to_string())
     }
 }
+
+/// A write the cluster store could not take: retryable once NATS is back.
+impl From<slinfer_cluster::ClusterError> for ApiError {
+    fn from(e: slinfer_cluster::ClusterError) -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "cluster_unavailable",
+            e.to_string(),
+        )
+        .retry()
+    }
+}

@@ -34,6 +34,8 @@ pub struct AppState {
     pub metrics_access: MetricsAccess,
     /// The host-wide memory budget (status and metrics show it).
     pub memory: Arc<slinfer_inference::MemoryBudget>,
+    /// This host as a cluster member (`serve --cluster`).
+    pub member: Option<Arc<crate::cluster::Member>>,
 }
 
 /// Who may read `/metrics` (`serve --metrics`).
@@ -61,7 +63,8 @@ pub fn router(state: AppState) -> Router {
             "/v1/models/{name}",
             get(models::show).put(models::import).delete(models::remove),
         )
-        .route("/v1/status", get(models::status));
+        .route("/v1/status", get(models::status))
+        .route("/v1/cluster", get(cluster_view));
     let (admin, public) = match state.metrics_access {
         MetricsAccess::Admin => (admin.route("/metrics", get(metrics)), Router::new()),
         MetricsAccess::Public => (admin, Router::new().route("/metrics", get(metrics))),
@@ -73,7 +76,7 @@ pub fn router(state: AppState) -> Router {
         .route("/fn/{name}", any(invoke))
         .route("/fn/{name}/", any(invoke))
         .route("/fn/{name}/{*path}", any(invoke))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .with_state(state)
 }
 
@@ -100,6 +103,27 @@ async fn require_admin(State(state): State<AppState>, req: Request, next: Next) 
         )
         .into_response(),
         Some(_) => next.run(req).await,
+    }
+}
+
+/// `ok`, and in a cluster, a line when this member lost NATS (it still
+/// serves what it has, so the status stays 200).
+async fn healthz(State(state): State<AppState>) -> String {
+    let cut_off = state.member.as_ref().and_then(|m| m.health());
+    format!("ok\n{}", cut_off.unwrap_or_default())
+}
+
+/// `GET /v1/cluster`: the members, their devices and instances, the
+/// controller, as this member sees them.
+async fn cluster_view(State(state): State<AppState>) -> Response {
+    match &state.member {
+        Some(m) => axum::Json(m.view().await).into_response(),
+        None => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_clustered",
+            "this server runs alone: start it with --cluster nats://HOST:PORT to join a cluster",
+        )
+        .into_response(),
     }
 }
 
@@ -132,17 +156,44 @@ async fn deploy_function(
             .into_response();
         }
     };
-    match state.functions.deploy(&name, archive).await {
-        Ok(info) => (StatusCode::OK, axum::Json(info)).into_response(),
-        Err(e) => ApiError::from(e).into_response(),
+    if let Some(m) = &state.member
+        && let Err(e) = m.cluster.ensure_connected()
+    {
+        return ApiError::from(e).into_response();
     }
+    let info = match state.functions.deploy(&name, archive.clone(), None).await {
+        Ok(info) => info,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    if let Some(m) = &state.member
+        && let Err(e) = m.deployed(&info, &archive).await
+    {
+        return ApiError::from(e).into_response();
+    }
+    (StatusCode::OK, axum::Json(info)).into_response()
 }
 
 async fn delete_function(State(state): State<AppState>, Path(name): Path<String>) -> Response {
-    match state.functions.remove(&name).await {
-        Ok(true) => StatusCode::NO_CONTENT.into_response(),
-        Ok(false) => ApiError::from(InvokeFailure::NotFound(name)).into_response(),
-        Err(e) => ApiError::from(e).into_response(),
+    if let Some(m) = &state.member
+        && let Err(e) = m.cluster.ensure_connected()
+    {
+        return ApiError::from(e).into_response();
+    }
+    let here = match state.functions.remove(&name).await {
+        Ok(here) => here,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let in_cluster = match &state.member {
+        Some(m) => match m.removed_function(&name).await {
+            Ok(had) => had,
+            Err(e) => return ApiError::from(e).into_response(),
+        },
+        None => false,
+    };
+    if here || in_cluster {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        ApiError::from(InvokeFailure::NotFound(name)).into_response()
     }
 }
 

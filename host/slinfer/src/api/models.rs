@@ -35,18 +35,46 @@ pub(super) async fn show(State(state): State<AppState>, Path(name): Path<String>
 }
 
 pub(super) async fn remove(State(state): State<AppState>, Path(name): Path<String>) -> Response {
-    match state.models.remove(&name) {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+    let Some(member) = &state.member else {
+        return match state.models.remove(&name) {
+            Ok(()) => StatusCode::NO_CONTENT.into_response(),
+            Err(e) => ApiError::from(e).into_response(),
+        };
+    };
+    // In a cluster: here, then the record, which every other member
+    // follows by removing its copy.
+    if let Err(e) = member.cluster.ensure_connected() {
+        return ApiError::from(e).into_response();
+    }
+    let here = match state.models.remove(&name) {
+        Ok(()) => true,
+        Err(ModelsError::NotFound(_) | ModelsError::InferenceOff) => false,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    match member.removed_model(&name).await {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) if here => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => ApiError::from(ModelsError::NotFound(name)).into_response(),
         Err(e) => ApiError::from(e).into_response(),
     }
 }
 
 pub(super) async fn status(State(state): State<AppState>) -> Response {
     let inference = state.models.inference().map(|i| i.status());
+    let cluster = state.member.as_ref().map(|m| {
+        let lease = m.cluster.lease_state();
+        serde_json::json!({
+            "node": m.cluster.identity().node,
+            "connected": m.cluster.connected(),
+            "leader": lease.leader.map(|l| l.node),
+            "members_alive": m.cluster.members().iter().filter(|x| x.alive).count(),
+        })
+    });
     axum::Json(serde_json::json!({
         "functions": state.functions.list().len(),
         "memory": state.memory.usage(),
         "inference": inference,
+        "cluster": cluster,
     }))
     .into_response()
 }
@@ -110,8 +138,17 @@ pub(super) async fn import(
     let (tx, mut rx) = mpsc::channel::<String>(64);
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let models = state.models.clone();
+    let member = state.member.clone();
     tokio::spawn(async move {
-        let result = models.import(&claim, &source, &tx).await;
+        let mut result = models.import(&claim, &source, &tx).await;
+        if let (Ok(_), Some(m)) = (&result, &member) {
+            let _ = tx.send("storing the package in the cluster".into()).await;
+            if let Err(e) = m.imported_model(claim.name()).await {
+                result = Err(ModelsError::Io(format!(
+                    "imported on this member, but not stored in the cluster: {e}"
+                )));
+            }
+        }
         drop((tx, claim));
         if let Some(p) = upload {
             let _ = tokio::fs::remove_file(p).await;

@@ -266,6 +266,96 @@ pub async fn status(c: &ClientArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `slinfer cluster status`: the members as the server sees them, one line
+/// each, then the controller; `--json` prints the whole view.
+pub async fn cluster_status(c: &ClientArgs, json: bool) -> anyhow::Result<()> {
+    let v = get_json(c, &token(c)?, "/v1/cluster").await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    print!("{}", cluster_table(&v));
+    Ok(())
+}
+
+/// The text of `slinfer cluster status` for a `/v1/cluster` answer.
+fn cluster_table(v: &serde_json::Value) -> String {
+    let leader = &v["lease"]["leader"];
+    let mut out = format!(
+        "node {} · NATS {} ({}) · controller {}\n",
+        v["node"].as_str().unwrap_or("?"),
+        v["nats"].as_str().unwrap_or("?"),
+        if v["connected"].as_bool() == Some(true) {
+            "connected"
+        } else {
+            "DISCONNECTED"
+        },
+        match leader["node"].as_str() {
+            Some(n) => format!("{n} (term {})", leader["term"]),
+            None => "none yet".into(),
+        },
+    );
+    out += &format!(
+        "{:<16} {:<6} {:>9}  {:<28} {:>9}  {:<24} {}\n",
+        "MEMBER", "STATE", "HEARTBEAT", "ADVERTISE", "FUNCTIONS", "DEVICES", "INSTANCES"
+    );
+    for m in v["members"].as_array().into_iter().flatten() {
+        let inference = &m["inference"];
+        let devices: Vec<&str> = inference["devices"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d["name"].as_str())
+            .collect();
+        let instances: Vec<String> = inference["models"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|model| {
+                model["instances"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(move |i| {
+                        format!(
+                            "{}@{}",
+                            model["name"].as_str().unwrap_or("?"),
+                            i["device"].as_str().unwrap_or("?")
+                        )
+                    })
+            })
+            .collect();
+        let controller = if m["controller"].as_bool() == Some(true) {
+            "*"
+        } else {
+            ""
+        };
+        out += &format!(
+            "{:<16} {:<6} {:>7}ms  {:<28} {:>9}  {:<24} {}\n",
+            format!("{}{controller}", m["node"].as_str().unwrap_or("?")),
+            if m["alive"].as_bool() == Some(true) {
+                "alive"
+            } else {
+                "dead"
+            },
+            m["heartbeat_age_ms"],
+            m["advertise"].as_str().unwrap_or("?"),
+            m["functions"],
+            if devices.is_empty() {
+                "none (routes)".to_string()
+            } else {
+                devices.join(",")
+            },
+            if instances.is_empty() {
+                "-".to_string()
+            } else {
+                instances.join(" ")
+            },
+        );
+    }
+    out
+}
+
 pub async fn invoke(a: InvokeArgs) -> anyhow::Result<()> {
     let path = a.path.as_deref().unwrap_or("/");
     let path = path.strip_prefix('/').unwrap_or(path);
@@ -314,4 +404,39 @@ pub async fn invoke(a: InvokeArgs) -> anyhow::Result<()> {
         bail!("the function answered {status}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cluster_table_has_a_line_per_member_and_marks_the_controller() {
+        let v = serde_json::json!({
+            "node": "a", "nats": "nats://n:4222", "connected": true,
+            "lease": {"leader": {"node": "b", "term": 3}, "held": false},
+            "members": [
+                {"node": "a", "alive": true, "heartbeat_age_ms": 120, "advertise": "http://a:8080",
+                 "functions": 2, "controller": false, "inference": null},
+                {"node": "b", "alive": false, "heartbeat_age_ms": 4100, "advertise": "http://b:8080",
+                 "functions": 2, "controller": true,
+                 "inference": {"devices": [{"name": "cpu:0"}],
+                               "models": [{"name": "m", "instances": [{"device": "cpu:0"}]}]}}
+            ]
+        });
+        let text = cluster_table(&v);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[0].contains("controller b (term 3)") && lines[0].contains("connected"));
+        assert!(
+            lines[2].starts_with("a ")
+                && lines[2].contains("alive")
+                && lines[2].contains("none (routes)")
+        );
+        assert!(
+            lines[3].starts_with("b* ")
+                && lines[3].contains("dead")
+                && lines[3].contains("m@cpu:0")
+        );
+    }
 }

@@ -1,5 +1,5 @@
 //! The `slinfer` command line: `serve` runs the platform; `deploy`,
-//! `functions`, `models`, `status` and `invoke` are thin clients of its HTTP
+//! `functions`, `models`, `status`, `cluster` and `invoke` are thin clients of its HTTP
 //! API; `simulate`
 //! runs the scheduler simulator.
 
@@ -56,6 +56,13 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// The cluster a server belongs to (`serve --cluster`).
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Invoke a function over HTTP and print its response body.
     Invoke(client::InvokeArgs),
     /// Run the scheduler simulator on a trace.
@@ -70,6 +77,17 @@ pub enum FunctionsAction {
     Show { name: String },
     /// Remove a function.
     Rm { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterAction {
+    /// Members (alive or dead, heartbeat age, devices, instances) and the
+    /// controller, as the server sees them.
+    Status {
+        /// Print the whole view as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -147,6 +165,19 @@ pub struct ServeArgs {
     /// than the host has.
     #[arg(long, env = "SLINFER_MEMORY_BUDGET")]
     pub memory_budget: Option<bytesize::ByteSize>,
+    /// Join the cluster whose NATS server (with JetStream) is at this URL,
+    /// such as `nats://10.0.0.5:4222`. Every member needs the same admin
+    /// token (`--admin-token-file`). Without it the server runs alone.
+    #[arg(long, env = "SLINFER_CLUSTER")]
+    pub cluster: Option<String>,
+    /// This member's name in the cluster (default: the host name); unique
+    /// among live members.
+    #[arg(long, env = "SLINFER_NODE_NAME", requires = "cluster")]
+    pub node_name: Option<String>,
+    /// The base URL other members and clients reach this member at
+    /// (default: `http://` and the address it listens on).
+    #[arg(long, env = "SLINFER_ADVERTISE", requires = "cluster")]
+    pub advertise: Option<String>,
 }
 
 /// Where the server is and how to authenticate to it.
@@ -210,6 +241,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 metrics_access: a.metrics,
                 memory_budget: a.memory_budget.map(|b| b.as_u64()),
+                cluster: a.cluster.map(|url| crate::cluster::ClusterOptions {
+                    url,
+                    node_name: a.node_name,
+                    advertise: a.advertise,
+                }),
                 host: HostLimits {
                     total_instances: a.max_instances,
                     ..HostLimits::default()
@@ -220,6 +256,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Functions { action, client } => rt()?.block_on(client::functions(&client, action)),
         Command::Models { action, client } => rt()?.block_on(client::models(&client, action)),
         Command::Status { client } => rt()?.block_on(client::status(&client)),
+        Command::Cluster {
+            action: ClusterAction::Status { json },
+            client,
+        } => rt()?.block_on(client::cluster_status(&client, json)),
         Command::Invoke(a) => rt()?.block_on(client::invoke(a)),
         Command::Simulate(a) => simulate::run(a),
     }

@@ -39,6 +39,8 @@ pub struct Deployed {
     pub manifest: Manifest,
     pub limits: FunctionLimits,
     pub digest: String,
+    /// The deployed upload: the first 32 hex digits of its archive's digest.
+    pub version: String,
     pub deployed_at_unix_s: u64,
     pre: FunctionPre,
     grants: Grants,
@@ -51,6 +53,7 @@ pub struct Deployed {
 pub struct FunctionInfo {
     pub name: String,
     pub digest: String,
+    pub version: String,
     pub deployed_at_unix_s: u64,
     pub limits: FunctionLimits,
     pub manifest: Manifest,
@@ -65,6 +68,7 @@ impl Deployed {
         FunctionInfo {
             name: self.manifest.name.clone(),
             digest: self.digest.clone(),
+            version: self.version.clone(),
             deployed_at_unix_s: self.deployed_at_unix_s,
             limits: self.limits,
             manifest,
@@ -175,7 +179,7 @@ impl Functions {
                 continue;
             };
             let dir = functions.store.version_dir(&name, &current.version);
-            match functions.load_dir(&dir, current.deployed_at_unix_s) {
+            match functions.load_dir(&dir, &current.version, current.deployed_at_unix_s) {
                 Ok(d) => {
                     tracing::info!(function = %name, digest = %d.digest, "restored");
                     functions.insert(d);
@@ -194,7 +198,12 @@ impl Functions {
     }
 
     /// Load a package directory: manifest, component, grants.
-    fn load_dir(&self, dir: &Path, deployed_at_unix_s: u64) -> Result<Deployed, DeployError> {
+    fn load_dir(
+        &self,
+        dir: &Path,
+        version: &str,
+        deployed_at_unix_s: u64,
+    ) -> Result<Deployed, DeployError> {
         let host = self.sandbox.host_limits();
         let manifest = Manifest::parse(
             &std::fs::read_to_string(dir.join(manifest::MANIFEST_FILE))?,
@@ -238,6 +247,7 @@ impl Functions {
             waiting: AtomicU32::new(0),
             limits,
             digest,
+            version: version.to_owned(),
             deployed_at_unix_s,
             pre,
             grants,
@@ -245,12 +255,14 @@ impl Functions {
         })
     }
 
-    /// Deploy (or replace) `name` from a package archive. The previous
-    /// version keeps serving until the new one is committed.
+    /// Deploy (or replace) `name` from a package archive, deployed now or
+    /// (a deploy made through another cluster member) at `deployed_at`. The
+    /// previous version keeps serving until the new one is committed.
     pub async fn deploy(
         self: &Arc<Self>,
         name: &str,
         archive: bytes::Bytes,
+        deployed_at: Option<u64>,
     ) -> Result<FunctionInfo, DeployError> {
         if !manifest::valid_name(name) {
             return Err(DeployError::BadName(name.to_owned()));
@@ -258,12 +270,22 @@ impl Functions {
         let _guard = self.deploy_lock.lock().await;
         let this = self.clone();
         let name = name.to_owned();
-        tokio::task::spawn_blocking(move || this.deploy_blocking(&name, &archive))
+        let deployed_at = deployed_at.unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        });
+        tokio::task::spawn_blocking(move || this.deploy_blocking(&name, &archive, deployed_at))
             .await
             .map_err(|e| DeployError::Io(std::io::Error::other(e.to_string())))?
     }
 
-    fn deploy_blocking(&self, name: &str, archive: &[u8]) -> Result<FunctionInfo, DeployError> {
+    fn deploy_blocking(
+        &self,
+        name: &str,
+        archive: &[u8],
+        deployed_at: u64,
+    ) -> Result<FunctionInfo, DeployError> {
         let incoming = self.store.incoming_dir()?;
         let result = (|| {
             let manifest = package::unpack(archive, &incoming, self.sandbox.host_limits())?;
@@ -273,14 +295,11 @@ impl Functions {
                     url: name.to_owned(),
                 });
             }
-            let deployed_at = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            // Validate and compile before anything replaces the old version.
-            let mut staged = self.load_dir(&incoming, deployed_at)?;
             // A version is one upload: a new manifest with the same component
             // is a new version too.
             let version = digest(archive)[..32].to_owned();
+            // Validate and compile before anything replaces the old version.
+            let mut staged = self.load_dir(&incoming, &version, deployed_at)?;
             let dir = self.store.install(name, &version, &incoming)?;
             if std::env::var(CRASH_AT_ENV).as_deref() == Ok("deploy-before-commit") {
                 tracing::error!("{CRASH_AT_ENV}=deploy-before-commit: aborting on purpose");
@@ -335,6 +354,15 @@ impl Functions {
         self.metrics.forget(name);
         self.prune_cache();
         Ok(existed || was_loaded)
+    }
+
+    /// The folder `d` was unpacked into.
+    pub fn package_dir(&self, d: &Deployed) -> std::path::PathBuf {
+        self.store.version_dir(&d.manifest.name, &d.version)
+    }
+
+    pub fn host_limits(&self) -> HostLimits {
+        *self.sandbox.host_limits()
     }
 
     /// Everything deployed, by name.
