@@ -120,6 +120,12 @@ async fn a_deploy_through_one_member_serves_from_every_member() {
     let b = setup.member(&nats, "b");
     let c = setup.member(&nats, "c");
 
+    // Replaced twice: only the package serving stays stored.
+    for i in 0..3 {
+        let variant = package_variant("hello", |t| format!("{t}\n# {i}\n"));
+        a.deploy(variant.path());
+    }
+    assert_eq!(get_json(&b, "/v1/cluster").await["packages"]["count"], 1);
     a.deploy(&package("hello"));
     for m in [&b, &c] {
         let took = wait_for(BOUND, || serves(m, "hello")).await;
@@ -186,9 +192,10 @@ async fn a_deploy_through_one_member_serves_from_every_member() {
         let gone = wait_for(BOUND, || async { !serves(m, "hello").await }).await;
         assert!(gone.is_some(), "hello still served on {}", m.url);
     }
-    // Removing it again is a 404 everywhere.
+    // Removing it again is a 404 everywhere, and no package is left.
     let (ok, _, err) = a.cli(&["functions", "rm", "hello"]);
     assert!(!ok && err.contains("404"), "{err}");
+    assert_eq!(get_json(&a, "/v1/cluster").await["packages"]["count"], 0);
 }
 
 #[tokio::test]

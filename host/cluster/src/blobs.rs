@@ -33,6 +33,38 @@ impl Cluster {
         Ok(())
     }
 
+    /// Delete package `digest` if no function or model record names it any
+    /// more (after a record was replaced or removed). A member still
+    /// applying the superseded record then fails to fetch it and moves on
+    /// to the record that replaced it.
+    pub async fn release_blob(&self, digest: &str) -> Result<(), ClusterError> {
+        let functions = self.functions.list().await?;
+        let models = self.models.list().await?;
+        let named = functions.iter().any(|r| r.digest == digest)
+            || models.iter().any(|r| r.digest == digest);
+        if !named {
+            self.blobs
+                .delete(digest)
+                .await
+                .map_err(ClusterError::store)?;
+        }
+        Ok(())
+    }
+
+    /// How many packages are stored, and their bytes.
+    pub async fn blob_usage(&self) -> Result<(usize, u64), ClusterError> {
+        use futures::TryStreamExt;
+        let infos: Vec<_> = self
+            .blobs
+            .list()
+            .await
+            .map_err(ClusterError::store)?
+            .try_collect()
+            .await
+            .map_err(ClusterError::store)?;
+        Ok((infos.len(), infos.iter().map(|i| i.size as u64).sum()))
+    }
+
     /// Package `digest` into memory, at most `limit` bytes, checked.
     pub async fn blob_bytes(&self, digest: &str, limit: u64) -> Result<Vec<u8>, ClusterError> {
         let mut object = self.blobs.get(digest).await.map_err(ClusterError::store)?;

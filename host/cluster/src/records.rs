@@ -91,13 +91,13 @@ impl<T: Record> Records<T> {
             .map_err(ClusterError::store)
     }
 
-    /// Remove `name`; returns whether it was there.
-    pub async fn delete(&self, name: &str) -> Result<bool, ClusterError> {
-        let existed = matches!(self.get(name).await?, Some(Change::Put { .. }));
-        if existed {
-            self.kv.delete(name).await.map_err(ClusterError::store)?;
-        }
-        Ok(existed)
+    /// Remove `name`; returns the record it had, if any.
+    pub async fn delete(&self, name: &str) -> Result<Option<T>, ClusterError> {
+        let Some(Change::Put { record, .. }) = self.get(name).await? else {
+            return Ok(None);
+        };
+        self.kv.delete(name).await.map_err(ClusterError::store)?;
+        Ok(Some(record))
     }
 
     /// The last word on `name`: a record, a removal, or `None` when the

@@ -63,6 +63,8 @@ pub struct ClusterView {
     pub lease: slinfer_cluster::LeaseState,
     pub members: Vec<slinfer_cluster::Member>,
     pub books: Option<slinfer_cluster::controller::Books>,
+    /// Packages in the object store: `{"count", "bytes"}`.
+    pub packages: Option<serde_json::Value>,
 }
 
 /// The member id kept in the data directory: the same member across
@@ -143,14 +145,20 @@ impl Member {
     }
 
     pub async fn view(&self) -> ClusterView {
-        let books = if self.cluster.connected() {
-            tokio::time::timeout(Duration::from_secs(1), self.cluster.books())
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .flatten()
+        let (books, packages) = if self.cluster.connected() {
+            let second = Duration::from_secs(1);
+            let books = tokio::time::timeout(second, self.cluster.books());
+            let usage = tokio::time::timeout(second, self.cluster.blob_usage());
+            let (books, usage) = tokio::join!(books, usage);
+            (
+                books.ok().and_then(Result::ok).flatten(),
+                usage
+                    .ok()
+                    .and_then(Result::ok)
+                    .map(|(count, bytes)| serde_json::json!({"count": count, "bytes": bytes})),
+            )
         } else {
-            None
+            (None, None)
         };
         ClusterView {
             node: self.cluster.identity().node.clone(),
@@ -159,6 +167,7 @@ impl Member {
             lease: self.cluster.lease_state(),
             members: self.cluster.members(),
             books,
+            packages,
         }
     }
 
@@ -189,6 +198,7 @@ impl Member {
         archive: &[u8],
     ) -> Result<(), ClusterError> {
         let digest = slinfer_cluster::blobs::digest(archive);
+        let previous = self.cluster.functions.get(&info.name).await?;
         self.cluster.put_blob(&digest, &mut &archive[..]).await?;
         let record = FunctionRecord {
             name: info.name.clone(),
@@ -201,7 +211,20 @@ impl Member {
         };
         self.cluster.functions.put(&record).await?;
         self.cluster.state_changed();
+        if let Some(Change::Put { record: old, .. }) = previous
+            && old.digest != record.digest
+        {
+            self.release(&old.digest).await;
+        }
         Ok(())
+    }
+
+    /// Drop a package no record needs any more; a failure only leaves it
+    /// stored.
+    async fn release(&self, digest: &str) {
+        if let Err(e) = self.cluster.release_blob(digest).await {
+            tracing::warn!(digest, "cluster: cannot delete an unused package: {e}");
+        }
     }
 
     /// Make this member serve what the cluster says for `name`.
@@ -218,9 +241,12 @@ impl Member {
     /// Remove `name` cluster-wide (it is already gone here); whether the
     /// cluster had it.
     pub async fn removed_function(&self, name: &str) -> Result<bool, ClusterError> {
-        let existed = self.cluster.functions.delete(name).await?;
+        let removed = self.cluster.functions.delete(name).await?;
         self.cluster.state_changed();
-        Ok(existed)
+        if let Some(old) = &removed {
+            self.release(&old.digest).await;
+        }
+        Ok(removed.is_some())
     }
 
     /// Publish the model `name` imported on this member.
@@ -236,6 +262,7 @@ impl Member {
             let mut file = tokio::fs::File::open(&tar)
                 .await
                 .map_err(ClusterError::store)?;
+            let previous = self.cluster.models.get(name).await?;
             self.cluster.put_blob(&digest, &mut file).await?;
             let record = ModelRecord {
                 name: name.to_owned(),
@@ -246,6 +273,11 @@ impl Member {
             };
             self.cluster.models.put(&record).await?;
             self.cluster.state_changed();
+            if let Some(Change::Put { record: old, .. }) = previous
+                && old.digest != record.digest
+            {
+                self.release(&old.digest).await;
+            }
             Ok(())
         }
         .await;
@@ -255,9 +287,12 @@ impl Member {
 
     /// Remove the model `name` cluster-wide (it is already gone here).
     pub async fn removed_model(&self, name: &str) -> Result<bool, ClusterError> {
-        let existed = self.cluster.models.delete(name).await?;
+        let removed = self.cluster.models.delete(name).await?;
         self.cluster.state_changed();
-        Ok(existed)
+        if let Some(old) = &removed {
+            self.release(&old.digest).await;
+        }
+        Ok(removed.is_some())
     }
 
     /// Publish the functions and models the cluster never heard of.
