@@ -389,8 +389,34 @@ async fn a_model_imported_on_one_member_is_served_by_the_others() {
     let (ok, out, err) = b.cli(&["models", "import", gguf.to_str().unwrap(), "--name", MODEL]);
     assert!(ok, "import failed: {out}{err}");
     assert!(err.contains("storing the package in the cluster"), "{err}");
+    // The record is in the cluster at once; a serves it once it fetched
+    // and loaded the package.
+    let recorded = wait_for(BOUND, || async {
+        let v = get_json(&router, "/v1/cluster").await;
+        v["models"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|m| m["name"] == MODEL && m["origin"] == "b")
+    })
+    .await;
     let listed = wait_for(Duration::from_secs(60), || lists_model(&a, MODEL)).await;
     assert!(listed.is_some(), "{}", a.log());
+    println!("model import on b: recorded after {recorded:?}, served by a after {listed:?}");
+    let served_by = wait_for(BOUND, || async {
+        let v = get_json(&router, "/v1/cluster").await;
+        v["models"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|m| m["name"] == MODEL && m["served_by"] == serde_json::json!(["a", "b"]))
+    })
+    .await;
+    assert!(
+        served_by.is_some(),
+        "{}",
+        get_json(&router, "/v1/cluster").await
+    );
     let package = setup.tmp.path().join("a/models").join(MODEL);
     assert!(package.join("model.toml").is_file());
     // A member without engines keeps no models.

@@ -65,6 +65,17 @@ pub struct ClusterView {
     pub books: Option<slinfer_cluster::controller::Books>,
     /// Packages in the object store: `{"count", "bytes"}`.
     pub packages: Option<serde_json::Value>,
+    /// The cluster's models, each with the live members serving it (a
+    /// member with engines serves a model once it has fetched and loaded
+    /// the package).
+    pub models: Vec<ClusterModel>,
+}
+
+#[derive(Serialize)]
+pub struct ClusterModel {
+    #[serde(flatten)]
+    pub record: ModelRecord,
+    pub served_by: Vec<String>,
 }
 
 /// The member id kept in the data directory: the same member across
@@ -145,29 +156,44 @@ impl Member {
     }
 
     pub async fn view(&self) -> ClusterView {
-        let (books, packages) = if self.cluster.connected() {
+        let members = self.cluster.members();
+        let (books, packages, models) = if self.cluster.connected() {
             let second = Duration::from_secs(1);
             let books = tokio::time::timeout(second, self.cluster.books());
             let usage = tokio::time::timeout(second, self.cluster.blob_usage());
-            let (books, usage) = tokio::join!(books, usage);
+            let models = tokio::time::timeout(second, self.cluster.models.list());
+            let (books, usage, models) = tokio::join!(books, usage, models);
+            let models = models.ok().and_then(Result::ok).unwrap_or_default();
             (
                 books.ok().and_then(Result::ok).flatten(),
                 usage
                     .ok()
                     .and_then(Result::ok)
                     .map(|(count, bytes)| serde_json::json!({"count": count, "bytes": bytes})),
+                models
+                    .into_iter()
+                    .map(|record| ClusterModel {
+                        served_by: members
+                            .iter()
+                            .filter(|m| m.alive && m.state.report.models.contains(&record.name))
+                            .map(|m| m.state.node.clone())
+                            .collect(),
+                        record,
+                    })
+                    .collect(),
             )
         } else {
-            (None, None)
+            (None, None, Vec::new())
         };
         ClusterView {
             node: self.cluster.identity().node.clone(),
             nats: self.cluster.identity().url.clone(),
             connected: self.cluster.connected(),
             lease: self.cluster.lease_state(),
-            members: self.cluster.members(),
+            members,
             books,
             packages,
+            models,
         }
     }
 
@@ -393,6 +419,7 @@ impl Member {
                 {
                     return;
                 }
+                tracing::info!(model = %record.name, bytes = record.bytes, from = %record.origin, "cluster: fetching the model package");
                 match self.install_model(&record).await {
                     Ok(()) => {
                         let _ = write_marker(&marker, &record.digest);

@@ -353,6 +353,32 @@ fn cluster_table(v: &serde_json::Value) -> String {
             },
         );
     }
+    let models = v["models"].as_array().cloned().unwrap_or_default();
+    if !models.is_empty() {
+        out += &format!(
+            "\n{:<32} {:>12}  {:<16} {}\n",
+            "MODEL", "BYTES", "ORIGIN", "SERVED BY"
+        );
+    }
+    for m in &models {
+        let by: Vec<&str> = m["served_by"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n.as_str())
+            .collect();
+        out += &format!(
+            "{:<32} {:>12}  {:<16} {}\n",
+            m["name"].as_str().unwrap_or("?"),
+            m["bytes"],
+            m["origin"].as_str().unwrap_or("?"),
+            if by.is_empty() {
+                "-".to_string()
+            } else {
+                by.join(",")
+            },
+        );
+    }
     out
 }
 
@@ -426,7 +452,7 @@ mod tests {
         });
         let text = cluster_table(&v);
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(lines.len(), 4, "no models, no models table: {text}");
         assert!(lines[0].contains("controller b (term 3)") && lines[0].contains("connected"));
         assert!(
             lines[2].starts_with("a ")
@@ -437,6 +463,24 @@ mod tests {
             lines[3].starts_with("b* ")
                 && lines[3].contains("dead")
                 && lines[3].contains("m@cpu:0")
+        );
+
+        let mut v = v;
+        v["models"] = serde_json::json!([
+            {"name": "m", "bytes": 189, "origin": "b", "served_by": ["a", "b"]},
+            {"name": "n", "bytes": 7, "origin": "a", "served_by": []},
+        ]);
+        let text = cluster_table(&v);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 8, "{text}");
+        assert!(lines[5].starts_with("MODEL"));
+        assert!(
+            lines[6].starts_with("m ") && lines[6].ends_with("a,b"),
+            "{text}"
+        );
+        assert!(
+            lines[7].starts_with("n ") && lines[7].ends_with(" -"),
+            "{text}"
         );
     }
 }
