@@ -32,7 +32,7 @@ use tokio::sync::Notify;
 
 pub use controller::{Leader, LeaseState};
 pub use members::{Member, MemberState};
-pub use records::{Change, FunctionRecord, ModelRecord, Records};
+pub use records::{Change, FunctionRecord, ModelRecord, Record, Records};
 
 /// KV bucket of function records, keyed by function name.
 pub const FUNCTIONS_BUCKET: &str = "slinfer_functions";

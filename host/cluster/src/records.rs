@@ -18,6 +18,8 @@ use crate::ClusterError;
 /// A record kept under its name.
 pub trait Record: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
     fn name(&self) -> &str;
+    /// The package the record names in the object store.
+    fn digest(&self) -> &str;
 }
 
 /// A deployed function, as every member serves it.
@@ -41,6 +43,9 @@ impl Record for FunctionRecord {
     fn name(&self) -> &str {
         &self.name
     }
+    fn digest(&self) -> &str {
+        &self.digest
+    }
 }
 
 /// An imported model package, as every member with engines serves it.
@@ -58,6 +63,9 @@ pub struct ModelRecord {
 impl Record for ModelRecord {
     fn name(&self) -> &str {
         &self.name
+    }
+    fn digest(&self) -> &str {
+        &self.digest
     }
 }
 

@@ -23,7 +23,9 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Serialize;
 
-use slinfer_cluster::{Change, Cluster, ClusterError, FunctionRecord, Identity, ModelRecord};
+use slinfer_cluster::{
+    Change, Cluster, ClusterError, FunctionRecord, Identity, ModelRecord, Record, Records,
+};
 
 use crate::functions::{FunctionInfo, Functions, package};
 use crate::models::Models;
@@ -235,14 +237,39 @@ impl Member {
             manifest: serde_json::to_value(&info.manifest).unwrap_or_default(),
             origin: self.cluster.identity().node.clone(),
         };
-        self.cluster.functions.put(&record).await?;
+        self.store(&self.cluster.functions, &record, previous).await
+    }
+
+    /// Store `record` (its package is stored already) and drop the package
+    /// of the record it replaced, if no other names it.
+    async fn store<T: Record>(
+        &self,
+        records: &Records<T>,
+        record: &T,
+        previous: Option<Change<T>>,
+    ) -> Result<(), ClusterError> {
+        records.put(record).await?;
         self.cluster.state_changed();
         if let Some(Change::Put { record: old, .. }) = previous
-            && old.digest != record.digest
+            && old.digest() != record.digest()
         {
-            self.release(&old.digest).await;
+            self.release(old.digest()).await;
         }
         Ok(())
+    }
+
+    /// Remove the record `name` and drop its package; whether there was one.
+    async fn unstore<T: Record>(
+        &self,
+        records: &Records<T>,
+        name: &str,
+    ) -> Result<bool, ClusterError> {
+        let removed = records.delete(name).await?;
+        self.cluster.state_changed();
+        if let Some(old) = &removed {
+            self.release(old.digest()).await;
+        }
+        Ok(removed.is_some())
     }
 
     /// Drop a package no record needs any more; a failure only leaves it
@@ -267,12 +294,7 @@ impl Member {
     /// Remove `name` cluster-wide (it is already gone here); whether the
     /// cluster had it.
     pub async fn removed_function(&self, name: &str) -> Result<bool, ClusterError> {
-        let removed = self.cluster.functions.delete(name).await?;
-        self.cluster.state_changed();
-        if let Some(old) = &removed {
-            self.release(&old.digest).await;
-        }
-        Ok(removed.is_some())
+        self.unstore(&self.cluster.functions, name).await
     }
 
     /// Publish the model `name` imported on this member.
@@ -297,14 +319,7 @@ impl Member {
                 imported_at_unix_s: unix_now(),
                 origin: self.cluster.identity().node.clone(),
             };
-            self.cluster.models.put(&record).await?;
-            self.cluster.state_changed();
-            if let Some(Change::Put { record: old, .. }) = previous
-                && old.digest != record.digest
-            {
-                self.release(&old.digest).await;
-            }
-            Ok(())
+            self.store(&self.cluster.models, &record, previous).await
         }
         .await;
         let _ = tokio::fs::remove_file(&tar).await;
@@ -313,12 +328,7 @@ impl Member {
 
     /// Remove the model `name` cluster-wide (it is already gone here).
     pub async fn removed_model(&self, name: &str) -> Result<bool, ClusterError> {
-        let removed = self.cluster.models.delete(name).await?;
-        self.cluster.state_changed();
-        if let Some(old) = &removed {
-            self.release(&old.digest).await;
-        }
-        Ok(removed.is_some())
+        self.unstore(&self.cluster.models, name).await
     }
 
     /// Publish the functions and models the cluster never heard of.
