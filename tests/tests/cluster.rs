@@ -482,6 +482,10 @@ fn cmd_ok(mut cmd: Command) {
     );
 }
 
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
 /// Run `slinfer serve` expecting it to stop with an error; its log.
 fn serve_fails(data: &Path, args: &[&str]) -> String {
     std::fs::create_dir_all(data).unwrap();
@@ -535,42 +539,21 @@ async fn a_bad_cluster_setup_gets_a_clear_error() {
     );
 
     let nats = Nats::start();
-    let bad = serve_fails(
-        &setup.data("x3"),
-        &[
-            "--cluster",
-            &nats.url,
-            "--node-name",
-            "Not_A_Name",
-            "--admin-token-file",
-            token,
-        ],
-    );
+    let mut args = setup.args(&nats, "Not_A_Name");
+    let bad = serve_fails(&setup.data("x3"), &strs(&args));
     assert!(bad.contains("invalid node name"), "{bad}");
 
     // A second member under a live member's name.
     let a = setup.member(&nats, "a");
-    let args = setup.args(&nats, "a");
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let err = serve_fails(&setup.data("a-twin"), &args);
+    let err = serve_fails(&setup.data("a-twin"), &strs(&setup.args(&nats, "a")));
     assert!(err.contains("\"a\" is in use by a live member"), "{err}");
 
     // Another admin token.
     let other = setup.tmp.path().join("other-token");
     std::fs::write(&other, "not-the-secret\n").unwrap();
-    let err = serve_fails(
-        &setup.data("x4"),
-        &[
-            "--cluster",
-            &nats.url,
-            "--node-name",
-            "d",
-            "--admin-token-file",
-            other.to_str().unwrap(),
-            "--devices",
-            "none",
-        ],
-    );
+    args[3] = "d".into();
+    args[5] = other.to_str().unwrap().into();
+    let err = serve_fails(&setup.data("x4"), &strs(&args));
     assert!(err.contains("admin token is not the cluster's"), "{err}");
 
     // The member that was there is untouched by all that.
