@@ -223,6 +223,14 @@ impl Server {
         let _ = self.child.wait();
     }
 
+    /// Ask the server to stop (SIGTERM) and wait up to `timeout` for it.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.wait_exit(timeout)
+    }
+
     /// Wait for the process to exit on its own (e.g. an injected crash).
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let deadline = std::time::Instant::now() + timeout;

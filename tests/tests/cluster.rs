@@ -269,6 +269,51 @@ async fn the_controller_fails_over_and_a_restarted_member_catches_up() {
 }
 
 #[tokio::test]
+async fn a_member_that_stops_cleanly_hands_over_and_leaves() {
+    let nats = Nats::start();
+    let setup = Setup::new();
+    let mut members = vec![setup.member(&nats, "a"), setup.member(&nats, "b")];
+    let elected = wait_for(BOUND, || async {
+        leader_seen_by(&members[1]).await.is_some()
+    })
+    .await;
+    assert!(elected.is_some(), "no controller elected");
+    let (first, term) = leader_seen_by(&members[1]).await.unwrap();
+    let i = if first == "a" { 0 } else { 1 };
+    let mut leaving = members.remove(i);
+    let status = leaving
+        .terminate(BOUND)
+        .expect("the member stops on SIGTERM");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        leaving.log().contains("lease handed back"),
+        "{}",
+        leaving.log()
+    );
+    let stays = &members[0];
+    // Taken over without waiting out the lease, and the member is gone from
+    // the view rather than counted dead.
+    let took_over = wait_for(BOUND, || async {
+        leader_seen_by(stays)
+            .await
+            .is_some_and(|(n, t)| n != first && t > term)
+    })
+    .await;
+    assert!(
+        took_over.is_some(),
+        "{}",
+        get_json(stays, "/v1/cluster").await
+    );
+    println!("controller handed over {took_over:?} after SIGTERM returned");
+    let left = wait_for(BOUND, || async {
+        let v = get_json(stays, "/v1/cluster").await;
+        v["members"].as_array().is_some_and(|m| m.len() == 1)
+    })
+    .await;
+    assert!(left.is_some(), "{}", get_json(stays, "/v1/cluster").await);
+}
+
+#[tokio::test]
 async fn members_carry_on_through_a_nats_restart() {
     let mut nats = Nats::start();
     let setup = Setup::new();
