@@ -353,6 +353,8 @@ pub struct Nats {
     port: u16,
     store: tempfile::TempDir,
     jetstream: bool,
+    /// `--user` and `--pass` the server requires, if any.
+    auth: Option<(String, String)>,
     child: Option<Child>,
 }
 
@@ -364,12 +366,23 @@ impl Nats {
 
     /// Start one with (`-js`) or without JetStream.
     pub fn start_with(jetstream: bool) -> Nats {
+        Nats::start_full(jetstream, None)
+    }
+
+    /// Start one with JetStream that admits only `user` with `password`;
+    /// `url` then carries no credentials.
+    pub fn start_with_password(user: &str, password: &str) -> Nats {
+        Nats::start_full(true, Some((user.into(), password.into())))
+    }
+
+    fn start_full(jetstream: bool, auth: Option<(String, String)>) -> Nats {
         let port = free_port();
         let mut nats = Nats {
             url: format!("nats://127.0.0.1:{port}"),
             port,
             store: tempfile::tempdir().expect("tempdir"),
             jetstream,
+            auth,
             child: None,
         };
         nats.spawn();
@@ -389,6 +402,9 @@ impl Nats {
             .stderr(Stdio::null());
         if self.jetstream {
             cmd.arg("-js").arg("-sd").arg(self.store.path());
+        }
+        if let Some((user, pass)) = &self.auth {
+            cmd.args(["--user", user, "--pass", pass]);
         }
         self.child = Some(cmd.spawn().expect("starting nats-server"));
         let deadline = std::time::Instant::now() + Duration::from_secs(10);

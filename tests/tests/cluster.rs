@@ -601,6 +601,43 @@ async fn a_bad_cluster_setup_gets_a_clear_error() {
     let err = serve_fails(&setup.data("x4"), &strs(&args));
     assert!(err.contains("admin token is not the cluster's"), "{err}");
 
+    // A URL that is not one.
+    let err = serve_fails(
+        &setup.data("x5"),
+        &["--cluster", "nats://[::1", "--admin-token-file", token],
+    );
+    assert!(err.contains("invalid cluster URL"), "{err}");
+
+    // A NATS server that wants a password: the wrong one is refused, the
+    // right one joins, and the password shows nowhere.
+    let guarded = Nats::start_with_password("slinfer", "s3cret");
+    let port = guarded.url.rsplit(':').next().unwrap();
+    let wrong = format!("nats://slinfer:nope@127.0.0.1:{port}");
+    let err = serve_fails(
+        &setup.data("x6"),
+        &["--cluster", &wrong, "--admin-token-file", token],
+    );
+    assert!(
+        err.contains("authorization violation") && !err.contains("nope"),
+        "{err}"
+    );
+    let right = format!("nats://slinfer:s3cret@127.0.0.1:{port}");
+    let joined = Server::start_with(
+        &setup.data("x7"),
+        &[("SLINFER_CLUSTER", right.as_str())],
+        &[
+            "--node-name",
+            "p",
+            "--admin-token-file",
+            token,
+            "--devices",
+            "none",
+        ],
+    );
+    let view = get_json(&joined, "/v1/cluster").await;
+    assert_eq!(view["nats"], format!("nats://127.0.0.1:{port}"));
+    assert!(!view.to_string().contains("s3cret") && !joined.log().contains("s3cret"));
+
     // The member that was there is untouched by all that.
     a.deploy(&package("hello"));
     assert!(serves(&a, "hello").await);

@@ -54,6 +54,9 @@ pub const DEAD_AFTER: Duration = Duration::from_secs(3);
 /// Why joining or talking to the cluster failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
+    /// (The URL itself is not repeated: it may hold a password.)
+    #[error("invalid cluster URL: {0} (expected nats://[USER:PASSWORD@]HOST:PORT)")]
+    BadUrl(String),
     #[error("cannot reach the NATS server at {url}: {why}")]
     Unreachable { url: String, why: String },
     #[error(
@@ -94,7 +97,9 @@ impl ClusterError {
 /// Who this member is.
 #[derive(Debug, Clone)]
 pub struct Identity {
-    /// The NATS server, `nats://HOST:PORT`.
+    /// The NATS server, `nats://HOST:PORT`, with credentials if it needs
+    /// them (`nats://USER:PASSWORD@HOST:PORT` or `nats://TOKEN@HOST:PORT`);
+    /// after joining, without them.
     pub url: String,
     /// The node name, unique among live members.
     pub node: String,
@@ -138,12 +143,28 @@ impl Cluster {
         if !valid_node_name(&identity.node) {
             return Err(ClusterError::BadNodeName(identity.node));
         }
+        // Credentials may come in the URL (`nats://user:password@host:port`,
+        // or `nats://token@host:port`); they never appear in logs or views.
+        let addr: async_nats::ServerAddr = identity
+            .url
+            .parse()
+            .map_err(|e: std::io::Error| ClusterError::BadUrl(e.to_string()))?;
+        let mut options = async_nats::ConnectOptions::new();
+        match (addr.username(), addr.password()) {
+            (Some(user), Some(pass)) => {
+                options = options.user_and_password(user.into(), pass.into());
+            }
+            (Some(token), None) => options = options.token(token.into()),
+            _ => {}
+        }
+        let mut identity = identity;
+        identity.url = format!("{}://{}:{}", addr.scheme(), addr.host(), addr.port());
         let url = identity.url.clone();
         let unreachable = |why: String| ClusterError::Unreachable {
             url: url.clone(),
             why,
         };
-        let connect = async_nats::ConnectOptions::new()
+        let connect = options
             .name(format!("slinfer {}", identity.node))
             .connection_timeout(Duration::from_secs(3))
             // Reconnect quickly after a NATS restart; never give up.
@@ -151,7 +172,7 @@ impl Cluster {
                 Duration::from_millis((100 * attempts as u64).min(1000))
             })
             .max_reconnects(None)
-            .connect(identity.url.as_str());
+            .connect(addr);
         let client = tokio::time::timeout(Duration::from_secs(5), connect)
             .await
             .map_err(|_| unreachable("no answer within 5 s".into()))?
