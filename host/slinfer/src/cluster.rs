@@ -102,6 +102,16 @@ fn hostname() -> String {
         .unwrap_or_else(|| "slinfer".into())
 }
 
+/// `http://` and the listening address, or the host name in place of an
+/// address that listens on every interface (`0.0.0.0`, `::`).
+fn default_advertise(listening: std::net::SocketAddr) -> String {
+    if listening.ip().is_unspecified() {
+        format!("http://{}:{}", hostname(), listening.port())
+    } else {
+        format!("http://{listening}")
+    }
+}
+
 impl Member {
     /// Join the cluster and start following it.
     pub async fn join(
@@ -120,7 +130,7 @@ impl Member {
             advertise: opts
                 .advertise
                 .clone()
-                .unwrap_or_else(|| format!("http://{listening}")),
+                .unwrap_or_else(|| default_advertise(listening)),
         };
         let cluster = Cluster::join(identity).await?;
         let token_digest = slinfer_cluster::blobs::digest(admin_token.as_bytes());
@@ -494,4 +504,20 @@ async fn follow_functions(member: Arc<Member>) {
 async fn follow_models(member: Arc<Member>) {
     let records = &member.cluster.models;
     records.follow(|change| member.apply_model(change)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_on_every_interface_advertises_its_host_name() {
+        let one: std::net::SocketAddr = "10.0.0.7:8080".parse().unwrap();
+        assert_eq!(default_advertise(one), "http://10.0.0.7:8080");
+        let all: std::net::SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        assert_eq!(
+            default_advertise(all),
+            format!("http://{}:8080", hostname())
+        );
+    }
 }

@@ -175,7 +175,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SLINFER_NODE_NAME", requires = "cluster")]
     pub node_name: Option<String>,
     /// The base URL other members and clients reach this member at
-    /// (default: `http://` and the address it listens on).
+    /// (default: `http://` and the address it listens on, or the host name
+    /// when it listens on every interface).
     #[arg(long, env = "SLINFER_ADVERTISE", requires = "cluster")]
     pub advertise: Option<String>,
 }
