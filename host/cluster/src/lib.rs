@@ -9,7 +9,10 @@
 //! - publishes its own state every 250 ms and on change, and keeps a view of
 //!   every member's ([`members`]): a member silent for 3 s counts as dead;
 //! - takes part in electing the controller ([`controller`]): one member at
-//!   a time holds a lease in a KV bucket, renewed by compare-and-set.
+//!   a time holds a lease in a KV bucket, renewed by compare-and-set;
+//! - sends and answers streamed requests to and from other members by node
+//!   name ([`streams`], core NATS), each side watching the other's
+//!   heartbeat.
 //!
 //! Agreement and replication are JetStream's (Raft-replicated streams);
 //! nothing here is a consensus, membership or replication protocol of its
@@ -23,6 +26,7 @@ pub mod blobs;
 pub mod controller;
 pub mod members;
 pub mod records;
+pub mod streams;
 
 use std::sync::Arc;
 use std::time::Duration;
