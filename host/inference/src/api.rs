@@ -20,8 +20,9 @@ pub const INSTANCE_OVERHEAD_BYTES: u64 = 256 << 20;
 /// Seconds a refused caller is told to wait before retrying.
 pub const RETRY_AFTER_S: f64 = 1.0;
 
-/// Errors of the inference API.
-#[derive(Debug, Clone, thiserror::Error)]
+/// Errors of the inference API. They cross the network between members of
+/// a cluster (serde), as requests do.
+#[derive(Debug, Clone, PartialEq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum InferenceError {
     #[error("model {0:?} not found")]
     ModelNotFound(String),
@@ -49,7 +50,7 @@ pub enum InferenceError {
 }
 
 /// A generation request.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct GenerateRequest {
     /// Caller identity (predictive look-ahead, metrics).
     pub function: String,
@@ -62,18 +63,20 @@ pub struct GenerateRequest {
     pub tpot_slo_s: f64,
     /// When the caller's own request reached the host (an HTTP request
     /// that waited for an instance first): the TTFT deadline and the
-    /// measured TTFT count from it. `None`: now.
+    /// measured TTFT count from it. `None`: now. (Not sent between
+    /// members: a routed request carries its age instead.)
+    #[serde(skip)]
     pub arrived: Option<std::time::Instant>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum Prompt {
     Text(String),
     /// Rendered with the model's own chat template (model.toml).
     Chat(Vec<ChatMessage>),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
@@ -81,7 +84,7 @@ pub struct ChatMessage {
 
 /// Sampling and stopping, as the caller gives them (`None`: the default).
 /// The same value travels from the interface to the instance runner.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GenerationParams {
     pub max_tokens: Option<u32>,
     pub temperature: Option<f32>,
@@ -133,7 +136,7 @@ impl GenerationParams {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum FinishReason {
     /// EOS or a stop sequence.
     Stop,
@@ -141,7 +144,7 @@ pub enum FinishReason {
     Length,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
     pub prompt_tokens: u32,
     pub generated_tokens: u32,

@@ -284,6 +284,53 @@ impl GenerationStream {
     }
 }
 
+/// The feeding side of a [`GenerationStream`] whose tokens are made
+/// elsewhere (by another member of a cluster): what it sends, the stream's
+/// holder reads as if the tokens were made here.
+pub struct Relay {
+    tx: mpsc::UnboundedSender<Event>,
+}
+
+impl Relay {
+    /// Send a chunk of text; false once the stream's holder has gone.
+    pub fn text(&self, text: String) -> bool {
+        self.tx.send(Event::Text(text)).is_ok()
+    }
+
+    /// The generation ended well.
+    pub fn done(self, usage: Usage) {
+        let _ = self.tx.send(Event::Done(usage));
+    }
+
+    /// The generation failed.
+    pub fn error(self, e: InferenceError) {
+        let _ = self.tx.send(Event::Error(e));
+    }
+
+    /// Resolves when the stream's holder has dropped it (hung up).
+    pub async fn closed(&self) {
+        self.tx.closed().await
+    }
+}
+
+impl GenerationStream {
+    /// A stream fed through the returned [`Relay`] rather than by this
+    /// host's engines. Dropping the stream closes the relay.
+    pub fn relayed() -> (Relay, GenerationStream) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stream = GenerationStream {
+            id: 0,
+            rx,
+            cancelled: Arc::new(AtomicBool::new(false)),
+            to_driver: None,
+            usage: None,
+            pending: None,
+            done: false,
+        };
+        (Relay { tx }, stream)
+    }
+}
+
 impl Drop for GenerationStream {
     /// Dropping an unfinished stream cancels its request: the driver ends it
     /// and frees its sequence.

@@ -34,9 +34,9 @@ pub use api::*;
 pub use devices::{
     Device, GPU_MEMORY_MARGIN_BYTES, GPU_MEMORY_MARGIN_FRACTION, gpu_capacity_bytes,
 };
-pub use generation::GenerationStream;
+pub use generation::{GenerationStream, Relay};
 pub use memory::{HOST_MEMORY_MARGIN_BYTES, MemoryBudget, MemoryUse};
 pub use metrics::{DeviceLabel, DeviceLabels, LlmMetrics, ModelLabel, OutcomeLabels, SloLabels};
-pub use service::{Inference, InferenceConfig};
+pub use service::{Inference, InferenceConfig, Remote};
 /// The neutral tensor types `wasi:nn` carries (from the engine contract).
 pub use slinfer_engine::tensor;

@@ -3,9 +3,11 @@
 //! the published state for status and metrics.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Instant;
 
 use slinfer_engine::package::{PackageKind, package_dirs};
@@ -24,10 +26,29 @@ use crate::memory::MemoryBudget;
 use crate::metrics::LlmMetrics;
 use crate::stats::SharedStats;
 
+/// Other members of a cluster, for generations this host does not serve
+/// or cannot take now. The binary implements it on the cluster; this crate
+/// knows nothing of the network.
+pub trait Remote: Send + Sync {
+    /// Run `req` on another member that serves its model, the best
+    /// candidate first: `ModelNotFound` when none serves it, the
+    /// candidates' refusal (`Overloaded`, with the shortest retry hint)
+    /// when none takes it.
+    fn generate(
+        &self,
+        req: GenerateRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<GenerationStream, InferenceError>> + Send + '_>>;
+
+    /// Models other members serve now.
+    fn models(&self) -> Vec<String>;
+}
+
 /// What [`Inference::start`] serves on.
 #[derive(Default)]
 pub struct InferenceConfig {
-    /// Each becomes one scheduler node; CPUs are tried first.
+    /// Each becomes one scheduler node; CPUs are tried first. None: the
+    /// service serves no model itself and routes every generation to its
+    /// [`Remote`].
     pub devices: Vec<Device>,
     /// Where request outcomes and scheduler state are recorded (the host's
     /// `/metrics`); default: a private set.
@@ -55,6 +76,7 @@ pub struct Inference {
     next_id: AtomicU64,
     stats: Arc<SharedStats>,
     functions: Mutex<HashMap<String, u32>>,
+    remote: OnceLock<Arc<dyn Remote>>,
 }
 
 impl Inference {
@@ -62,11 +84,14 @@ impl Inference {
     /// of the devices can load is a model) and starts the driver on
     /// `config.devices`.
     pub fn start(models_dir: &Path, config: InferenceConfig) -> anyhow::Result<Arc<Inference>> {
-        anyhow::ensure!(!config.devices.is_empty(), "no devices to serve on");
         let mut catalog = Catalog::default();
-        // Tensor models (`kind = "tensor"`) are wasi:nn's, not ours.
-        let entries = package_dirs(models_dir, PackageKind::Llm)
-            .map_err(|e| anyhow::anyhow!("models dir {}: {e}", models_dir.display()))?;
+        // Tensor models (`kind = "tensor"`) are wasi:nn's, not ours; with no
+        // device, no model is ours.
+        let entries = match config.devices.is_empty() {
+            true => Vec::new(),
+            false => package_dirs(models_dir, PackageKind::Llm)
+                .map_err(|e| anyhow::anyhow!("models dir {}: {e}", models_dir.display()))?,
+        };
         for dir in entries {
             match ModelEntry::open(&dir, &config.devices) {
                 Ok(m) => {
@@ -92,7 +117,16 @@ impl Inference {
             next_id: AtomicU64::new(1),
             stats,
             functions: Mutex::new(HashMap::new()),
+            remote: OnceLock::new(),
         }))
+    }
+
+    /// Route generations this host does not serve, or cannot take now, to
+    /// `remote` (once, when the host joins a cluster).
+    pub fn set_remote(&self, remote: Arc<dyn Remote>) {
+        if self.remote.set(remote).is_err() {
+            tracing::warn!("the inference service already has a remote");
+        }
     }
 
     fn sender(&self) -> std::sync::mpsc::Sender<Msg> {
@@ -155,9 +189,16 @@ impl Inference {
             .collect()
     }
 
-    /// Names of the models served now, sorted.
+    /// Names of the models served now, sorted: here, and by other
+    /// members of the cluster.
     pub fn models(&self) -> Vec<String> {
-        self.model_infos().into_iter().map(|m| m.name).collect()
+        let mut names: Vec<String> = self.model_infos().into_iter().map(|m| m.name).collect();
+        if let Some(r) = self.remote.get() {
+            names.extend(r.models());
+            names.sort();
+            names.dedup();
+        }
+        names
     }
 
     fn model(&self, name: &str) -> Result<(usize, Arc<ModelEntry>), InferenceError> {
@@ -242,7 +283,47 @@ impl Inference {
     /// Submits a generation; tokens flow through the returned stream, which
     /// is handed back once the first token exists (or the request failed).
     /// Dropping the stream cancels the request and frees its KV sequence.
-    pub async fn generate(&self, req: GenerateRequest) -> Result<GenerationStream, InferenceError> {
+    ///
+    /// With a [`Remote`], a model this host does not serve goes there, and
+    /// so does a request this host refuses for want of room (`Overloaded`,
+    /// `Unavailable`); when no other member takes it either, the local
+    /// refusal stands.
+    pub async fn generate(
+        &self,
+        mut req: GenerateRequest,
+    ) -> Result<GenerationStream, InferenceError> {
+        let Some(remote) = self.remote.get() else {
+            return self.generate_here(req).await;
+        };
+        req.arrived.get_or_insert_with(Instant::now);
+        if self.model(&req.model).is_err() {
+            return remote.generate(req).await;
+        }
+        match self.generate_here(req.clone()).await {
+            Err(
+                local @ (InferenceError::Overloaded { .. } | InferenceError::Unavailable { .. }),
+            ) => match remote.generate(req).await {
+                Ok(stream) => Ok(stream),
+                Err(InferenceError::Overloaded { retry_after_s }) => Err(match local {
+                    InferenceError::Overloaded {
+                        retry_after_s: here,
+                    } => InferenceError::Overloaded {
+                        retry_after_s: here.min(retry_after_s),
+                    },
+                    other => other,
+                }),
+                Err(_) => Err(local),
+            },
+            r => r,
+        }
+    }
+
+    /// [`Self::generate`] on this host's devices only (never routed): what
+    /// a request another member sent here runs.
+    pub async fn generate_here(
+        &self,
+        req: GenerateRequest,
+    ) -> Result<GenerationStream, InferenceError> {
         let (idx, m) = self.model(&req.model)?;
         req.params.check()?;
         let ttft = slo(req.ttft_slo_s, DEFAULT_TTFT_SLO_S, "ttft_slo_s")?;
