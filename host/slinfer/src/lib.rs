@@ -3,7 +3,8 @@
 //! The platform binary's library: the HTTP API (`api`), function packages and
 //! their on-disk store and registry (`functions`), the WebAssembly sandbox
 //! (`sandbox`), the live inference path (`inference`), model packages
-//! (`models`), cluster membership (`cluster`, on `slinfer-cluster`), metrics,
+//! (`models`), cluster membership (`cluster`, on `slinfer-cluster`),
+//! generations across the cluster (`routing`), metrics,
 //! and the command-line clients (`cli`). It turns an
 //! HTTP request for `/fn/{name}/...` into a fresh, limited instance of that
 //! function's component.
@@ -21,4 +22,5 @@ pub mod devices;
 pub mod functions;
 pub mod metrics;
 pub mod models;
+pub mod routing;
 pub mod server;

@@ -19,6 +19,7 @@ use crate::devices::{DeviceSelection, discover};
 use crate::functions::Functions;
 use crate::metrics::Metrics;
 use crate::models::Models;
+use crate::routing::{self, Router};
 
 /// Settings of a running server.
 pub struct ServeOptions {
@@ -105,6 +106,18 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         metrics.llm.clone(),
         memory.clone(),
     );
+    // A cluster member without engines still generates: with a service of
+    // no devices, whose every generation is routed to other members.
+    let generations = match (&inference, &opts.cluster) {
+        (None, Some(_)) => Some(Inference::start(
+            &opts.models_dir,
+            InferenceConfig {
+                metrics: Some(metrics.llm.clone()),
+                ..Default::default()
+            },
+        )?),
+        _ => inference.clone(),
+    };
     let graphs = Arc::new(Graphs::open(&opts.models_dir, found.tensor));
     let models = Arc::new(Models::new(
         &opts.models_dir,
@@ -118,7 +131,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         opts.host,
         metrics.clone(),
         Services {
-            inference,
+            inference: generations.clone(),
             graphs,
             memory: memory.clone(),
         },
@@ -143,6 +156,16 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             .context("joining the cluster")?,
         ),
     };
+    if let Some(m) = &member {
+        if let Some(g) = &generations {
+            g.set_remote(Arc::new(Router::new(m.cluster.clone())));
+        }
+        if let Some(i) = &inference {
+            routing::answer(&m.cluster, i.clone())
+                .await
+                .context("answering the cluster's generations")?;
+        }
+    }
     let state = AppState {
         functions,
         models,

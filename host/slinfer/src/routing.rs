@@ -1,0 +1,449 @@
+//! Generations across a cluster: a member's [`Remote`] for the inference
+//! service, and the answering side on members with engines.
+//!
+//! A function's Wasm runs on the member that took its HTTP request; only
+//! its `slinfer:llm` generations travel. The service tries this member's
+//! own devices first when it serves the model; a model it does not serve,
+//! or a local refusal for want of room, comes here:
+//!
+//! - candidates are the live members that serve the model, ranked on their
+//!   last published state (every 250 ms): an instance of the model already
+//!   loaded first, then the shorter queue and the lighter batch, then the
+//!   most free memory;
+//! - each candidate makes the final admission with its own scheduler; a
+//!   refusal (`Overloaded`, `Unavailable`, a model it no longer serves)
+//!   tries the next, and with none left the shortest retry hint is the
+//!   answer;
+//! - tokens come back as frames on core NATS as they are made; a caller
+//!   that hangs up cancels the sequence on the other member; a member lost
+//!   mid-stream (silent for 3 s, gone, restarted) ends the stream with
+//!   `Unavailable`, which is retryable;
+//! - the TTFT deadline counts from the request's arrival at the cluster:
+//!   the request carries its age.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use slinfer_cluster::Cluster;
+use slinfer_cluster::streams::{Incoming, Outgoing};
+use slinfer_inference::{
+    GenerateRequest, GenerationStream, Inference, InferenceError, RETRY_AFTER_S, Relay, Remote,
+    Usage,
+};
+
+/// How long a candidate has to say it got the request before the next one
+/// is tried (a lost message or a member that just stopped).
+const ACCEPT_WITHIN: Duration = Duration::from_secs(1);
+
+/// A generation sent to another member.
+#[derive(Serialize, Deserialize)]
+struct Routed {
+    request: GenerateRequest,
+    /// Time since the request reached the cluster (the clocks of two
+    /// machines are not compared).
+    age_ms: f64,
+}
+
+/// What the answering member sends back, in order: `Accepted` at once,
+/// then `Started` (or `Error`) once admission and the first token are
+/// done, then `Text` chunks, and last `Done` or `Error`.
+#[derive(Serialize, Deserialize)]
+enum Frame {
+    Accepted,
+    Started,
+    Text(String),
+    Done(Usage),
+    Error(InferenceError),
+}
+
+fn encode(frame: &Frame) -> Vec<u8> {
+    serde_json::to_vec(frame).expect("a frame serializes")
+}
+
+/// The next frame of `out`; a lost member or a frame that does not parse
+/// is `Unavailable`, an answer that ended without its last frame too.
+async fn next_frame(out: &mut Outgoing, node: &str) -> Result<Frame, InferenceError> {
+    match out.next().await {
+        Ok(Some(bytes)) => serde_json::from_slice(&bytes).map_err(|e| {
+            unavailable(format!(
+                "member {node:?} sent a frame that does not parse: {e}"
+            ))
+        }),
+        Ok(None) => Err(unavailable(format!(
+            "member {node:?} ended the generation without its end"
+        ))),
+        Err(e) => Err(unavailable(format!("{e} while generating"))),
+    }
+}
+
+fn unavailable(message: String) -> InferenceError {
+    InferenceError::Unavailable {
+        message,
+        retry_after_s: RETRY_AFTER_S,
+    }
+}
+
+/// This member's way to the others' engines.
+pub struct Router {
+    cluster: Arc<Cluster>,
+}
+
+impl Router {
+    pub fn new(cluster: Arc<Cluster>) -> Router {
+        Router { cluster }
+    }
+
+    /// Live members other than this one that serve `model`, best first.
+    fn candidates(&self, model: &str) -> Vec<String> {
+        let me = &self.cluster.identity().node;
+        let mut ranked: Vec<(Rank, String)> = self
+            .cluster
+            .members()
+            .into_iter()
+            .filter(|m| m.alive && &m.state.node != me)
+            .filter(|m| m.state.report.models.iter().any(|n| n == model))
+            .map(|m| (Rank::of(&m.state.report.inference, model), m.state.node))
+            .collect();
+        ranked.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+        ranked.into_iter().map(|(_, node)| node).collect()
+    }
+
+    /// One candidate: its stream once the first token exists, or why not.
+    async fn try_node(&self, node: &str, body: Vec<u8>) -> Result<Outgoing, InferenceError> {
+        let mut out = self
+            .cluster
+            .open_stream(node, body)
+            .await
+            .map_err(|e| unavailable(format!("cannot reach member {node:?}: {e}")))?;
+        match tokio::time::timeout(ACCEPT_WITHIN, next_frame(&mut out, node)).await {
+            Ok(Ok(Frame::Accepted)) => {}
+            Ok(Ok(_)) => {
+                return Err(unavailable(format!(
+                    "member {node:?} answered out of order"
+                )));
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(unavailable(format!(
+                    "member {node:?} did not take the request within {} ms",
+                    ACCEPT_WITHIN.as_millis()
+                )));
+            }
+        }
+        match next_frame(&mut out, node).await? {
+            Frame::Started => Ok(out),
+            Frame::Error(e) => Err(e),
+            _ => Err(unavailable(format!(
+                "member {node:?} answered out of order"
+            ))),
+        }
+    }
+}
+
+/// How a candidate's published state ranks it for one model (less is
+/// better).
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Rank {
+    /// No instance of the model is loaded there (a cold start).
+    cold: bool,
+    queued: usize,
+    /// Requests per instance of the model.
+    batch: usize,
+    /// Memory it has left, negated.
+    free: std::cmp::Reverse<u64>,
+}
+
+/// The parts of a member's published inference status that rank it.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Published {
+    devices: Vec<PublishedDevice>,
+    models: Vec<PublishedModel>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct PublishedDevice {
+    room_bytes: u64,
+    planned_bytes: u64,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct PublishedModel {
+    name: String,
+    queued_requests: usize,
+    instances: Vec<PublishedInstance>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct PublishedInstance {
+    batch: usize,
+}
+
+impl Rank {
+    fn of(inference: &serde_json::Value, model: &str) -> Rank {
+        let p = Published::deserialize(inference).unwrap_or_default();
+        let m = p.models.iter().find(|m| m.name == model);
+        let instances = m.map_or(0, |m| m.instances.len());
+        let batch: usize = m.map_or(0, |m| m.instances.iter().map(|i| i.batch).sum());
+        Rank {
+            cold: instances == 0,
+            queued: m.map_or(0, |m| m.queued_requests),
+            batch: batch / instances.max(1),
+            free: std::cmp::Reverse(
+                p.devices
+                    .iter()
+                    .map(|d| d.room_bytes.saturating_sub(d.planned_bytes))
+                    .max()
+                    .unwrap_or(0),
+            ),
+        }
+    }
+}
+
+/// The answer when no candidate took the request: the shortest retry hint
+/// of those that were overloaded, else the last other refusal.
+fn merge(so_far: Option<InferenceError>, e: InferenceError) -> InferenceError {
+    match (so_far, e) {
+        (
+            Some(InferenceError::Overloaded { retry_after_s: a }),
+            InferenceError::Overloaded { retry_after_s: b },
+        ) => InferenceError::Overloaded {
+            retry_after_s: a.min(b),
+        },
+        (Some(o @ InferenceError::Overloaded { .. }), _) => o,
+        (_, e) => e,
+    }
+}
+
+impl Remote for Router {
+    fn generate(
+        &self,
+        req: GenerateRequest,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<GenerationStream, InferenceError>> + Send + '_>,
+    > {
+        Box::pin(async move {
+            let arrived = req.arrived.unwrap_or_else(Instant::now);
+            let mut refusal = None;
+            for node in self.candidates(&req.model) {
+                let body = serde_json::to_vec(&Routed {
+                    request: req.clone(),
+                    age_ms: arrived.elapsed().as_secs_f64() * 1e3,
+                })
+                .expect("a request serializes");
+                match self.try_node(&node, body).await {
+                    Ok(out) => {
+                        tracing::debug!(model = %req.model, %node, "generation routed");
+                        let (relay, stream) = GenerationStream::relayed();
+                        tokio::spawn(forward(out, node, relay));
+                        return Ok(stream);
+                    }
+                    Err(
+                        e @ (InferenceError::Overloaded { .. }
+                        | InferenceError::Unavailable { .. }
+                        | InferenceError::ModelNotFound(_)),
+                    ) => {
+                        tracing::debug!(model = %req.model, %node, "candidate refused: {e}");
+                        refusal = Some(merge(refusal, e));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(refusal.unwrap_or(InferenceError::ModelNotFound(req.model)))
+        })
+    }
+
+    fn models(&self) -> Vec<String> {
+        let me = &self.cluster.identity().node;
+        let mut names: Vec<String> = self
+            .cluster
+            .members()
+            .into_iter()
+            .filter(|m| m.alive && &m.state.node != me)
+            .flat_map(|m| m.state.report.models)
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+}
+
+/// Copy a remote generation's frames into the caller's stream until it
+/// ends; a caller that hangs up drops `out`, which cancels it there.
+async fn forward(mut out: Outgoing, node: String, relay: Relay) {
+    loop {
+        let frame = tokio::select! {
+            _ = relay.closed() => return,
+            f = next_frame(&mut out, &node) => f,
+        };
+        match frame {
+            Ok(Frame::Text(t)) => {
+                if !relay.text(t) {
+                    return;
+                }
+            }
+            Ok(Frame::Done(usage)) => return relay.done(usage),
+            Ok(Frame::Error(e)) | Err(e) => return relay.error(e),
+            Ok(_) => {
+                return relay.error(unavailable(format!(
+                    "member {node:?} answered out of order"
+                )));
+            }
+        }
+    }
+}
+
+/// Answer the generations other members send here, on this member's own
+/// devices (never routed on).
+pub async fn answer(cluster: &Arc<Cluster>, inference: Arc<Inference>) -> anyhow::Result<()> {
+    cluster
+        .answer_streams(move |incoming| answer_one(incoming, inference.clone()))
+        .await?;
+    Ok(())
+}
+
+async fn answer_one(incoming: Incoming, inference: Arc<Inference>) {
+    let routed: Routed = match serde_json::from_slice(&incoming.body) {
+        Ok(r) => r,
+        Err(e) => {
+            let e = InferenceError::InvalidParams(format!("a routed request does not parse: {e}"));
+            let _ = incoming.finish(encode(&Frame::Error(e))).await;
+            return;
+        }
+    };
+    if incoming.send(encode(&Frame::Accepted)).await.is_err() {
+        return;
+    }
+    let mut request = routed.request;
+    request.arrived = Some(
+        Instant::now()
+            .checked_sub(Duration::from_secs_f64(routed.age_ms.max(0.0) / 1e3))
+            .unwrap_or_else(Instant::now),
+    );
+    let started = tokio::select! {
+        r = inference.generate_here(request) => r,
+        _ = incoming.cancelled() => return,
+    };
+    let mut stream = match started {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = incoming.finish(encode(&Frame::Error(e))).await;
+            return;
+        }
+    };
+    if incoming.send(encode(&Frame::Started)).await.is_err() {
+        return;
+    }
+    loop {
+        // Dropping `stream` (cancelled, or the asker unreachable) ends the
+        // request here and frees its sequence.
+        let next = tokio::select! {
+            n = stream.next() => n,
+            _ = incoming.cancelled() => return,
+        };
+        match next {
+            Some(Ok(text)) => {
+                if incoming.send(encode(&Frame::Text(text))).await.is_err() {
+                    return;
+                }
+            }
+            Some(Err(e)) => {
+                let _ = incoming.finish(encode(&Frame::Error(e))).await;
+                return;
+            }
+            None => {
+                let _ = incoming.finish(encode(&Frame::Done(stream.usage()))).await;
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(models: serde_json::Value, room: u64, planned: u64) -> serde_json::Value {
+        serde_json::json!({
+            "devices": [{"name": "cpu:0", "room_bytes": room, "planned_bytes": planned}],
+            "models": models,
+        })
+    }
+
+    #[test]
+    fn a_loaded_instance_ranks_first_then_the_lighter_load_then_room() {
+        let warm = status(
+            serde_json::json!([{"name": "m", "queued_requests": 0, "instances": [{"batch": 3}]}]),
+            1 << 30,
+            900 << 20,
+        );
+        let busier = status(
+            serde_json::json!([{"name": "m", "queued_requests": 2, "instances": [{"batch": 3}]}]),
+            8 << 30,
+            0,
+        );
+        let cold_roomy = status(serde_json::json!([]), 64 << 30, 0);
+        let cold_tight = status(serde_json::json!([]), 2 << 30, 0);
+        let mut ranks = [
+            Rank::of(&cold_tight, "m"),
+            Rank::of(&busier, "m"),
+            Rank::of(&cold_roomy, "m"),
+            Rank::of(&warm, "m"),
+        ];
+        ranks.sort();
+        assert!(!ranks[0].cold && ranks[0].queued == 0);
+        assert!(!ranks[1].cold && ranks[1].queued == 2);
+        assert_eq!(ranks[2].free, std::cmp::Reverse(64 << 30));
+        assert_eq!(ranks[3].free, std::cmp::Reverse(2 << 30));
+        // A status that does not parse ranks as cold with no room: last.
+        assert!(Rank::of(&serde_json::json!("?"), "m") > ranks[3]);
+    }
+
+    #[test]
+    fn refusals_merge_to_the_shortest_retry_hint() {
+        let over = |s| InferenceError::Overloaded { retry_after_s: s };
+        let e = merge(Some(over(2.0)), over(0.5));
+        assert_eq!(e, over(0.5));
+        // An overload beats a later unavailable member: the caller should
+        // retry, and soon.
+        let e = merge(Some(over(2.0)), unavailable("gone".into()));
+        assert_eq!(e, over(2.0));
+        let e = merge(None, InferenceError::ModelNotFound("m".into()));
+        assert_eq!(e, InferenceError::ModelNotFound("m".into()));
+    }
+
+    #[test]
+    fn frames_and_requests_cross_as_json() {
+        let req = GenerateRequest {
+            function: "chat".into(),
+            model: "m".into(),
+            prompt: slinfer_inference::Prompt::Text("hi".into()),
+            params: Default::default(),
+            ttft_slo_s: 0.0,
+            tpot_slo_s: 0.0,
+            arrived: Some(Instant::now()),
+        };
+        let body = serde_json::to_vec(&Routed {
+            request: req,
+            age_ms: 12.5,
+        })
+        .unwrap();
+        let back: Routed = serde_json::from_slice(&body).unwrap();
+        assert_eq!(back.age_ms, 12.5);
+        assert!(
+            back.request.arrived.is_none(),
+            "the age travels, not an Instant"
+        );
+        let f: Frame = serde_json::from_slice(&encode(&Frame::Error(InferenceError::Overloaded {
+            retry_after_s: 1.5,
+        })))
+        .unwrap();
+        assert!(
+            matches!(f, Frame::Error(InferenceError::Overloaded { retry_after_s }) if retry_after_s == 1.5)
+        );
+    }
+}
