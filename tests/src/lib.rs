@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+pub mod cluster;
+
 pub use slinfer_test_support::{models_dir, repo_root, venv};
 
 /// `../shared/data` beside the checkout: the traces and latency profiles.
@@ -225,10 +227,17 @@ impl Server {
 
     /// Ask the server to stop (SIGTERM) and wait up to `timeout` for it.
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+        self.signal("TERM");
         self.wait_exit(timeout)
+    }
+
+    /// Send the process a signal by name (`TERM`, `STOP`, `CONT`).
+    pub fn signal(&self, name: &str) {
+        let sent = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(sent.success(), "kill -{name} failed");
     }
 
     /// Wait for the process to exit on its own (e.g. an injected crash).

@@ -5,88 +5,16 @@
 //! of a bad setup. Each wait is bounded; the figures for how fast are in
 //! BENCHMARKS.md, not asserted here.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use slinfer_e2e::cluster::{Setup, get_json};
 use slinfer_e2e::{
     Nats, Server, client, error_of, package, package_variant, slinfer_bin, wait_for,
 };
 
 const BOUND: Duration = Duration::from_secs(15);
-
-/// Members' data directories and the cluster's admin token file.
-struct Setup {
-    tmp: tempfile::TempDir,
-    token_file: PathBuf,
-}
-
-impl Setup {
-    fn new() -> Setup {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let token_file = tmp.path().join("admin-token");
-        std::fs::write(&token_file, "cluster-secret-for-tests\n").expect("token");
-        Setup { tmp, token_file }
-    }
-
-    fn data(&self, name: &str) -> PathBuf {
-        self.tmp.path().join(name).join("data")
-    }
-
-    /// The `serve` arguments of member `name` (a router: `--devices none`).
-    fn args(&self, nats: &Nats, name: &str) -> Vec<String> {
-        [
-            "--cluster",
-            &nats.url,
-            "--node-name",
-            name,
-            "--admin-token-file",
-            self.token_file.to_str().expect("utf-8"),
-            "--devices",
-            "none",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    }
-
-    /// Member `name` with the CPU engine and its own, empty models folder.
-    fn engine_member(&self, nats: &Nats, name: &str) -> Server {
-        let models = self.tmp.path().join(name).join("models");
-        std::fs::create_dir_all(&models).expect("models dir");
-        let mut args = self.args(nats, name);
-        args.truncate(args.len() - 2);
-        args.extend([
-            "--models-dir".into(),
-            models.to_str().expect("utf-8").into(),
-        ]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let venv = slinfer_e2e::venv();
-        Server::start_with(
-            &self.data(name),
-            &[("SLINFER_VENV", venv.to_str().expect("utf-8"))],
-            &args,
-        )
-    }
-
-    fn member(&self, nats: &Nats, name: &str) -> Server {
-        let args = self.args(nats, name);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Server::start_with(&self.data(name), &[], &args)
-    }
-}
-
-async fn get_json(s: &Server, path: &str) -> serde_json::Value {
-    client()
-        .get(format!("{}{path}", s.url))
-        .bearer_auth(&s.token)
-        .send()
-        .await
-        .expect("request")
-        .json()
-        .await
-        .expect("JSON")
-}
 
 async fn version_of(s: &Server, name: &str) -> Option<String> {
     let resp = client()

@@ -1,0 +1,246 @@
+//! Generations across a cluster of real `slinfer serve --cluster` members
+//! on loopback, with a real NATS server and the real OpenVINO CPU engine:
+//! a function on a member without engines generating on another member,
+//! hang-ups that free the sequence over there, and members lost mid-stream
+//! (SIGSTOP, kill -9) with their work moving to the survivors. Waits are
+//! bounded; how fast is in BENCHMARKS.md, not asserted here.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use slinfer_e2e::cluster::{DEFAULT_MODEL, Setup, get_json, live_requests, served_by};
+use slinfer_e2e::{Nats, Server, client, package, wait_for};
+
+const BOUND: Duration = Duration::from_secs(20);
+/// Loading the model the first time (fetch, compile) on a shared 2-core
+/// machine.
+const LOAD_BOUND: Duration = Duration::from_secs(120);
+
+async fn chat(s: &Server, query: &str, message: &str) -> reqwest::Response {
+    client()
+        .post(format!("{}/fn/chat/?{query}", s.url))
+        .body(message.to_owned())
+        .send()
+        .await
+        .expect("request")
+}
+
+/// A greedy, non-streamed chat answer through `s`.
+async fn greedy(s: &Server, max_tokens: u32) -> (u16, serde_json::Value) {
+    let resp = chat(
+        s,
+        &format!("max_tokens={max_tokens}&temperature=0&stream=false"),
+        "Name three colours.",
+    )
+    .await;
+    let status = resp.status().as_u16();
+    (status, resp.json().await.expect("JSON"))
+}
+
+/// Deploy `chat` through `via` and wait until every one of `on` has it.
+async fn deploy_chat(via: &Server, on: &[&Server]) {
+    via.deploy(&package("chat"));
+    for s in on {
+        let ok = wait_for(BOUND, || async {
+            s.get("chat", "/models").await.status() == 200
+        })
+        .await;
+        assert!(ok.is_some(), "chat never reached {}: {}", s.url, s.log());
+    }
+}
+
+/// Start a streamed chat through `s` and read its first chunk; the rest of
+/// the body is the returned stream.
+async fn start_stream(
+    s: &Server,
+    max_tokens: u32,
+) -> impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin {
+    let resp = chat(
+        s,
+        &format!("max_tokens={max_tokens}&temperature=0"),
+        "Tell me a long story about a lighthouse keeper.",
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let first = body.next().await.expect("a first chunk").expect("bytes");
+    assert!(String::from_utf8_lossy(&first).contains("data: "));
+    body
+}
+
+/// Read the rest of an event stream: what it said, and how long it took.
+async fn drain(
+    mut body: impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin,
+) -> (String, Duration) {
+    let start = Instant::now();
+    let mut text = String::new();
+    while let Some(Ok(chunk)) = tokio::time::timeout(BOUND, body.next())
+        .await
+        .expect("the stream hung")
+    {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    (text, start.elapsed())
+}
+
+#[tokio::test]
+async fn a_function_on_a_member_without_engines_generates_on_another() {
+    let nats = Nats::start();
+    let setup = Setup::new();
+    let c = setup.engine_member_with_model(&nats, "c");
+    let a = setup.member(&nats, "a");
+    let seen = wait_for(BOUND, || async {
+        served_by(&a, DEFAULT_MODEL).await == ["c"]
+    })
+    .await;
+    assert!(seen.is_some(), "{}", get_json(&a, "/v1/cluster").await);
+    deploy_chat(&a, &[&a, &c]).await;
+
+    // The function on a lists the model c serves, and generates with it:
+    // the same greedy answer as on c itself.
+    let listed = a.get("chat", "/models").await.text().await.unwrap();
+    assert_eq!(listed.trim(), DEFAULT_MODEL);
+    let (status, remote) = greedy(&a, 12).await;
+    assert_eq!(status, 200, "{remote}\n{}", a.log());
+    let (status, local) = greedy(&c, 12).await;
+    assert_eq!(status, 200, "{local}");
+    assert_eq!(remote["text"], local["text"]);
+    assert_eq!(remote["generated_tokens"], 12);
+    // a has no engine; c ran both.
+    assert!(get_json(&a, "/v1/status").await["inference"].is_null());
+    let served = c.metrics().await;
+    assert!(served.contains("slinfer_llm_requests_total"), "{served}");
+
+    // A caller that hangs up on a frees the sequence on c.
+    let body = start_stream(&a, 400).await;
+    assert_eq!(live_requests(&c).await, 1);
+    drop(body);
+    let freed = wait_for(BOUND, || async { live_requests(&c).await == 0 }).await;
+    assert!(freed.is_some(), "{}", get_json(&c, "/v1/status").await);
+    println!("hang-up on a freed the sequence on c after {freed:?}");
+
+    // The OpenAI-compatible function, deployed through a, answers there.
+    a.deploy(&package("openai-api"));
+    let ok = wait_for(BOUND, || async {
+        a.get("openai-api", "/v1/models").await.status() == 200
+    })
+    .await;
+    assert!(ok.is_some());
+    let resp = client()
+        .post(format!("{}/fn/openai-api/v1/chat/completions", a.url))
+        .json(&serde_json::json!({
+            "model": DEFAULT_MODEL,
+            "messages": [{"role": "user", "content": "Say hi."}],
+            "max_tokens": 5,
+            "temperature": 0,
+        }))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 5, "{v}");
+
+    // A model nobody serves is still "not found", from a.
+    let resp = client()
+        .post(format!("{}/fn/openai-api/v1/chat/completions", a.url))
+        .json(&serde_json::json!({
+            "model": "no-such-model",
+            "messages": [{"role": "user", "content": "Say hi."}],
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+}
+
+/// Which of `members` runs a request now (its index).
+async fn running_on(members: &[Server]) -> Option<usize> {
+    for (i, s) in members.iter().enumerate() {
+        if live_requests(s).await > 0 {
+            return Some(i);
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn a_member_lost_mid_stream_ends_the_stream_and_the_others_carry_on() {
+    let nats = Nats::start();
+    let setup = Setup::new();
+    let c = setup.engine_member_with_model(&nats, "c");
+    let b = setup.engine_member(&nats, "b");
+    let a = setup.member(&nats, "a");
+    // b fetches the model c published.
+    let both = wait_for(LOAD_BOUND, || async {
+        served_by(&a, DEFAULT_MODEL).await == ["b", "c"]
+    })
+    .await;
+    assert!(both.is_some(), "{}", b.log());
+    deploy_chat(&a, &[&a, &b, &c]).await;
+    let mut engines = [b, c];
+    // Warm both engines, so that the streams below start at once.
+    for s in &engines {
+        let (status, v) = greedy(s, 2).await;
+        assert_eq!(status, 200, "{v}");
+    }
+
+    // SIGSTOP the member serving a stream: a ends the stream with a
+    // retryable error once the member is silent for 3 s.
+    let body = start_stream(&a, 2000).await;
+    let serving = running_on(&engines).await.expect("b or c runs it");
+    engines[serving].signal("STOP");
+    let (text, took) = drain(body).await;
+    assert!(text.contains("event: error"), "{text}");
+    assert!(text.contains("was lost"), "{text}");
+    println!("SIGSTOP mid-stream: the stream ended after {took:?}");
+    // The next request goes to the other member.
+    let (status, v) = greedy(&a, 4).await;
+    assert_eq!(status, 200, "{v}");
+    engines[serving].signal("CONT");
+    let back = wait_for(BOUND, || async {
+        served_by(&a, DEFAULT_MODEL).await == ["b", "c"]
+    })
+    .await;
+    assert!(back.is_some(), "the stopped member never came back");
+    // The sequence of the abandoned stream is freed there too.
+    let freed = wait_for(BOUND, || async {
+        live_requests(&engines[serving]).await == 0
+    })
+    .await;
+    assert!(
+        freed.is_some(),
+        "{}",
+        get_json(&engines[serving], "/v1/status").await
+    );
+
+    // kill -9 of the member serving a stream.
+    let body = start_stream(&a, 2000).await;
+    let serving = running_on(&engines).await.expect("b or c runs it");
+    engines[serving].kill();
+    let (text, took) = drain(body).await;
+    assert!(
+        text.contains("event: error") && text.contains("was lost"),
+        "{text}"
+    );
+    println!("kill -9 mid-stream: the stream ended after {took:?}");
+    // New requests succeed on the survivor, which alone serves the model.
+    let start = Instant::now();
+    let (status, v) = greedy(&a, 4).await;
+    assert_eq!(status, 200, "{v}");
+    println!(
+        "after kill -9: the next request succeeded {:?} after the stream ended",
+        start.elapsed()
+    );
+    let survivor = ["b", "c"][1 - serving];
+    let alone = wait_for(BOUND, || async {
+        served_by(&a, DEFAULT_MODEL).await == [survivor]
+    })
+    .await;
+    assert!(
+        alone.is_some(),
+        "{}",
+        get_json(&a, "/v1/cluster").await["models"]
+    );
+}
