@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use slinfer_e2e::cluster::{DEFAULT_MODEL, Setup, get_json, live_requests, served_by};
-use slinfer_e2e::{Nats, Server, client, package, wait_for};
+use slinfer_e2e::{Nats, Server, client, metric, package, package_variant, wait_for};
 
 const BOUND: Duration = Duration::from_secs(20);
 /// Loading the model the first time (fetch, compile) on a shared 2-core
@@ -108,8 +108,12 @@ async fn a_function_on_a_member_without_engines_generates_on_another() {
     assert_eq!(remote["generated_tokens"], 12);
     // a has no engine; c ran both.
     assert!(get_json(&a, "/v1/status").await["inference"].is_null());
-    let served = c.metrics().await;
-    assert!(served.contains("slinfer_llm_requests_total"), "{served}");
+    let finished = metric(
+        &c.metrics().await,
+        "slinfer_llm_requests_total",
+        &["outcome=\"finished\""],
+    );
+    assert_eq!(finished, 2.0);
 
     // A caller that hangs up on a frees the sequence on c.
     let body = start_stream(&a, 400).await;
@@ -243,4 +247,58 @@ async fn a_member_lost_mid_stream_ends_the_stream_and_the_others_carry_on() {
         "{}",
         get_json(&a, "/v1/cluster").await["models"]
     );
+}
+
+#[tokio::test]
+async fn overload_across_the_cluster_is_refused_with_a_retry_hint_not_a_hang() {
+    let nats = Nats::start();
+    let setup = Setup::new();
+    let c = setup.engine_member_with_model(&nats, "c");
+    let a = setup.member(&nats, "a");
+    let seen = wait_for(BOUND, || async {
+        served_by(&a, DEFAULT_MODEL).await == ["c"]
+    })
+    .await;
+    assert!(seen.is_some());
+    // A first token within 1 ms is more than any device here can promise:
+    // every member refuses, so the cluster does.
+    let tight = package_variant("chat", |m| {
+        m.replace("name = \"chat\"", "name = \"tight\"")
+            .replace("ttft_ms = 5000", "ttft_ms = 1")
+    });
+    a.deploy(tight.path());
+    let ok = wait_for(BOUND, || async {
+        c.get("tight", "/models").await.status() == 200
+    })
+    .await;
+    assert!(ok.is_some());
+    let burst = (0..8).map(|_| async {
+        let start = Instant::now();
+        let resp = client()
+            .post(format!("{}/fn/tight/?max_tokens=8&stream=false", a.url))
+            .body("Hello.")
+            .send()
+            .await
+            .expect("request");
+        (
+            resp.status().as_u16(),
+            resp.headers().get("retry-after").cloned(),
+            resp.text().await.unwrap(),
+            start.elapsed(),
+        )
+    });
+    for (status, retry_after, body, took) in futures::future::join_all(burst).await {
+        assert_eq!(status, 503, "{body}");
+        assert!(retry_after.is_some(), "no Retry-After: {body}");
+        assert!(body.contains("overloaded"), "{body}");
+        assert!(took < BOUND, "refused after {took:?}");
+    }
+    // c made the refusals (a has no engine), and nothing is left running.
+    let refused = metric(
+        &c.metrics().await,
+        "slinfer_llm_requests_total",
+        &["outcome=\"overloaded\""],
+    );
+    assert_eq!(refused, 8.0);
+    assert_eq!(live_requests(&c).await, 0);
 }
