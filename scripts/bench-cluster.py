@@ -10,13 +10,20 @@ In one run, on loopback, release builds:
 2. Deploy-to-visible latency: a new version of a function deployed through
    member A, and the time until members B and C each serve it (polled every
    2 ms through `GET /v1/functions/NAME`), over N deploys.
+3. Remote generation: `chat` invoked on member E (with the CPU engine and
+   the default model) and on member R (no engines: its generations go to
+   E over NATS), alternately, rounds interleaved: TTFT and TPOT of single
+   streams, and tokens/s of 8 concurrent streams, R against E. Both sides
+   run on E's engine: the difference is the cost of the hop.
 
-Usage: bench-cluster.py [--rounds R] [--seconds S] [--deploys N]
-Needs: target/release/slinfer, target/packages/hello, .venv/bin/nats-server,
-.cache/tools/bin/oha (installed on first use); ./dev bench-cluster builds the rest.
+Usage: bench-cluster.py [--rounds R] [--seconds S] [--deploys N] [--streams N]
+Needs: target/release/slinfer, target/packages/{hello,chat}, .venv/bin/nats-server,
+.data/models (the default model), .cache/tools/bin/oha (installed on first use);
+./dev bench-cluster builds the rest.
 """
 
 import argparse
+import http.client
 import json
 import os
 import platform
@@ -28,12 +35,18 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target/release/slinfer"
-HELLO = Path(os.environ.get("SLINFER_PACKAGES", ROOT / "target/packages")) / "hello"
+PACKAGES = Path(os.environ.get("SLINFER_PACKAGES", ROOT / "target/packages"))
+HELLO = PACKAGES / "hello"
+CHAT = PACKAGES / "chat"
+MODELS = Path(os.environ.get("SLINFER_MODELS_DIR", ROOT / ".data/models"))
+VENV = Path(os.environ.get("SLINFER_VENV", ROOT / ".venv"))
+MODEL = "smollm2-135m-instruct"
 NATS = ROOT / ".venv/bin/nats-server"
 OHA = ROOT / ".cache/tools/bin/oha"
 TOKEN = "bench-cluster-token"
@@ -56,7 +69,7 @@ def wait_port(port, what):
 
 
 class Member:
-    def __init__(self, work, name, extra):
+    def __init__(self, work, name, extra, devices="none"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         data = work / name
@@ -64,8 +77,8 @@ class Member:
         log = open(work / f"{name}.log", "w")
         self.proc = subprocess.Popen(
             [str(BIN), "serve", "--listen", f"127.0.0.1:{self.port}", "--data-dir", str(data),
-             "--admin-token-file", str(work / "token"), "--devices", "none", *extra],
-            stdout=subprocess.DEVNULL, stderr=log)
+             "--admin-token-file", str(work / "token"), "--devices", devices, *extra],
+            stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "SLINFER_VENV": str(VENV)})
         wait_port(self.port, name)
 
     def get(self, path):
@@ -79,6 +92,96 @@ class Member:
     def deploy(self, package):
         subprocess.run([str(BIN), "deploy", str(package), "--server", self.url, "--token", TOKEN],
                        check=True, stdout=subprocess.DEVNULL)
+
+
+def stream(url, max_tokens):
+    """One streamed chat: (TTFT s, TPOT s, generated tokens)."""
+    u = urllib.parse.urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+    start = time.perf_counter()
+    conn.request("POST", f"/fn/chat/?max_tokens={max_tokens}&temperature=0",
+                 body=b"Tell me a story about a lighthouse keeper.")
+    resp = conn.getresponse()
+    assert resp.status == 200, resp.read()
+    first = last = None
+    usage = None
+    event = None
+    for raw in resp:
+        line = raw.decode().rstrip("\n")
+        if line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: "):
+            if event == "usage":
+                usage = json.loads(line[6:])
+            elif event is None:
+                last = time.perf_counter()
+                first = first or last
+            else:
+                raise SystemExit(f"stream error: {line}")
+        elif not line:
+            event = None
+    conn.close()
+    n = usage["generated_tokens"]
+    return first - start, (last - first) / max(n - 1, 1), n
+
+
+def throughput(url, streams, max_tokens):
+    """Tokens/s of `streams` concurrent streams."""
+    done = []
+    start = time.perf_counter()
+    threads = [threading.Thread(target=lambda: done.append(stream(url, max_tokens)[2]))
+               for _ in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(done) / (time.perf_counter() - start)
+
+
+def remote_generation(work, nats, rounds, streams):
+    models = work / "e-models"
+    models.mkdir()
+    (models / MODEL).symlink_to(MODELS / MODEL)
+    engine = Member(work, "e", ["--cluster", nats, "--node-name", "e", "--models-dir", str(models)],
+                    devices="cpu")
+    router = Member(work, "r", ["--cluster", nats, "--node-name", "r"])
+    router.deploy(CHAT)
+    for _ in range(1200):
+        cluster = router.get("/v1/cluster") or {}
+        served = [m for m in cluster.get("models", []) if m["name"] == MODEL and m["served_by"]]
+        if served and engine.get("/v1/functions/chat"):
+            break
+        time.sleep(0.1)
+    else:
+        sys.exit("the engine member never served the model")
+    stream(engine.url, 8)  # load and warm the instance
+    print(f"\n3. chat with {MODEL}: on e (local) vs on r (routed to e over NATS), rounds interleaved")
+    ttft = {"local": [], "remote": []}
+    tpot = {"local": [], "remote": []}
+    tps = {"local": [], "remote": []}
+    for r in range(rounds):
+        sides = [("local", engine), ("remote", router)]
+        if r % 2:
+            sides.reverse()
+        for name, m in sides:
+            for _ in range(5):
+                a, b, _ = stream(m.url, 64)
+                ttft[name].append(a)
+                tpot[name].append(b)
+            tps[name].append(throughput(m.url, streams, 64))
+    med = {k: {n: statistics.median(v[n]) for n in v} for k, v in
+           (("ttft", ttft), ("tpot", tpot), ("tps", tps))}
+    print(f"  single stream, 64 tokens, {5 * rounds} per side: "
+          f"TTFT local {med['ttft']['local'] * 1e3:6.1f} ms  remote {med['ttft']['remote'] * 1e3:6.1f} ms  "
+          f"(+{(med['ttft']['remote'] - med['ttft']['local']) * 1e3:.2f} ms)")
+    print(f"  {'':38}TPOT local {med['tpot']['local'] * 1e3:6.2f} ms  remote {med['tpot']['remote'] * 1e3:6.2f} ms  "
+          f"(+{(med['tpot']['remote'] - med['tpot']['local']) * 1e3:.3f} ms per token)")
+    single = {k: 1 / v for k, v in med["tpot"].items()}
+    print(f"  single-stream decode: local {single['local']:.1f} tok/s  remote {single['remote']:.1f} tok/s  "
+          f"ratio {single['remote'] / single['local']:.3f}")
+    print(f"  {streams} streams: local {med['tps']['local']:.1f} tok/s  remote {med['tps']['remote']:.1f} tok/s  "
+          f"ratio {med['tps']['remote'] / med['tps']['local']:.3f} (medians of {rounds} rounds)")
+    return [engine.proc, router.proc]
 
 
 def oha_rps(url, seconds):
@@ -99,12 +202,13 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--deploys", type=int, default=20)
+    ap.add_argument("--streams", type=int, default=8)
     args = ap.parse_args()
     if not OHA.exists():
         print("==> installing oha (cargo install)", file=sys.stderr)
         subprocess.run(["cargo", "install", "--quiet", "--locked", "oha", "--root",
                         str(OHA.parent.parent)], check=True)
-    for p in (BIN, HELLO / "slinfer.toml", NATS, OHA):
+    for p in (BIN, HELLO / "slinfer.toml", CHAT / "slinfer.toml", NATS, OHA, MODELS / MODEL):
         if not p.exists():
             sys.exit(f"{p} is missing: run ./dev bench-cluster")
 
@@ -166,6 +270,7 @@ def main():
             xs = sorted(x * 1000 for x in xs)
             print(f"  {name}: p50 {statistics.median(xs):6.1f} ms  max {xs[-1]:6.1f} ms  "
                   f"(after the deploy through a answered)")
+        procs += remote_generation(work, nats, args.rounds, args.streams)
     finally:
         for p in procs:
             p.kill()
