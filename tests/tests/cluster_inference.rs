@@ -54,7 +54,7 @@ async fn deploy_chat(via: &Server, on: &[&Server]) {
 async fn start_stream(
     s: &Server,
     max_tokens: u32,
-) -> impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin {
+) -> impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin + use<> {
     let resp = chat(
         s,
         &format!("max_tokens={max_tokens}&temperature=0"),
@@ -88,7 +88,7 @@ async fn a_function_on_a_member_without_engines_generates_on_another() {
     let nats = Nats::start();
     let setup = Setup::new();
     let c = setup.engine_member_with_model(&nats, "c");
-    let a = setup.member(&nats, "a");
+    let mut a = setup.member(&nats, "a");
     let seen = wait_for(BOUND, || async {
         served_by(&a, DEFAULT_MODEL).await == ["c"]
     })
@@ -157,6 +157,16 @@ async fn a_function_on_a_member_without_engines_generates_on_another() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 404);
+
+    // The asking member killed mid-stream: c ends the request and frees
+    // its sequence once a is silent for 3 s.
+    let body = start_stream(&a, 2000).await;
+    assert_eq!(live_requests(&c).await, 1);
+    a.kill();
+    let freed = wait_for(BOUND, || async { live_requests(&c).await == 0 }).await;
+    assert!(freed.is_some(), "{}", get_json(&c, "/v1/status").await);
+    println!("kill -9 of the asking member: c freed the sequence after {freed:?}");
+    drop(body);
 }
 
 /// Which of `members` runs a request now (its index).

@@ -153,19 +153,23 @@ impl View {
 
     fn list(&self) -> Vec<Member> {
         let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out: Vec<Member> = seen
-            .values()
-            .map(|(state, at)| {
-                let age = at.elapsed();
-                Member {
-                    state: state.clone(),
-                    alive: age < DEAD_AFTER,
-                    heartbeat_age_ms: age.as_millis() as u64,
-                }
-            })
-            .collect();
+        let mut out: Vec<Member> = seen.values().map(as_member).collect();
         out.sort_by(|a, b| a.state.node.cmp(&b.state.node));
         out
+    }
+
+    fn get(&self, node: &str) -> Option<Member> {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.get(node).map(as_member)
+    }
+}
+
+fn as_member((state, at): &(MemberState, Instant)) -> Member {
+    let age = at.elapsed();
+    Member {
+        state: state.clone(),
+        alive: age < DEAD_AFTER,
+        heartbeat_age_ms: age.as_millis() as u64,
     }
 }
 
@@ -173,6 +177,11 @@ impl Cluster {
     /// Every member heard from (alive or not), by node name.
     pub fn members(&self) -> Vec<Member> {
         self.members.list()
+    }
+
+    /// A member by node name, as this member sees it.
+    pub fn member(&self, node: &str) -> Option<Member> {
+        self.members.get(node)
     }
 
     /// Publish this member's state every [`HEARTBEAT`] and whenever

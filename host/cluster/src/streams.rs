@@ -33,6 +33,8 @@ const REQUESTS: &str = "slinfer.streams";
 const CANCELS: &str = "slinfer.streams-cancel";
 /// The asking member's node name.
 const FROM: &str = "Slinfer-From";
+/// The asking member's id (the answerer watches that member).
+const FROM_MEMBER: &str = "Slinfer-From-Member";
 /// The answering member's id, when the asker chose it: a request for a
 /// member that has since restarted is not taken by the new one.
 const TO_MEMBER: &str = "Slinfer-To-Member";
@@ -57,6 +59,8 @@ pub struct Outgoing {
     member_id: String,
     inbox: String,
     frames: Subscriber,
+    /// When to look at the answerer's membership next.
+    watch: tokio::time::Interval,
     ended: bool,
 }
 
@@ -67,7 +71,6 @@ impl Outgoing {
         if self.ended {
             return Ok(None);
         }
-        let mut tick = tokio::time::interval(WATCH_EVERY);
         loop {
             tokio::select! {
                 m = self.frames.next() => {
@@ -82,7 +85,7 @@ impl Outgoing {
                     }
                     return Ok(Some(m.payload));
                 }
-                _ = tick.tick() => {
+                _ = self.watch.tick() => {
                     if let Some(why) = self.peer_gone() {
                         return Err(self.lost(&why));
                     }
@@ -169,30 +172,13 @@ impl Incoming {
     /// Resolves when the asker cancelled (dropped its [`Outgoing`]) or was
     /// lost (silent for the membership timeout, left, or restarted).
     pub async fn cancelled(&self) {
-        let asker = self
-            .cluster
-            .upgrade()
-            .and_then(|c| c.member(&self.from))
-            .map(|m| m.state.member_id);
         let mut cancel = self.cancel.clone();
         if *cancel.borrow_and_update() {
             return;
         }
-        let mut tick = tokio::time::interval(WATCH_EVERY);
-        loop {
-            tokio::select! {
-                r = cancel.changed() => {
-                    if r.is_err() || *cancel.borrow() {
-                        return;
-                    }
-                }
-                _ = tick.tick() => {
-                    let Some(c) = self.cluster.upgrade() else { return };
-                    match &asker {
-                        Some(id) if peer_gone(&c, &self.from, id).is_none() => {}
-                        _ => return,
-                    }
-                }
+        while cancel.changed().await.is_ok() {
+            if *cancel.borrow() {
+                return;
             }
         }
     }
@@ -201,6 +187,37 @@ impl Incoming {
 impl Drop for Incoming {
     fn drop(&mut self) {
         self.book.forget(&self.reply);
+    }
+}
+
+/// Ticks every [`WATCH_EVERY`], the first one [`WATCH_EVERY`] from now.
+fn watch_interval() -> tokio::time::Interval {
+    let mut i = tokio::time::interval_at(tokio::time::Instant::now() + WATCH_EVERY, WATCH_EVERY);
+    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    i
+}
+
+/// Cancel the request answering `inbox` once its asker (`node`, as member
+/// `member_id`) is lost; return once the request is over.
+async fn watch_asker(
+    cluster: Weak<Cluster>,
+    book: Arc<CancelBook>,
+    inbox: String,
+    node: String,
+    member_id: String,
+) {
+    let mut tick = watch_interval();
+    loop {
+        tick.tick().await;
+        if !book.is_live(&inbox) {
+            return;
+        }
+        let Some(c) = cluster.upgrade() else { return };
+        if let Some(why) = peer_gone(&c, &node, &member_id) {
+            tracing::debug!(%node, "cancelling a request of a lost member: {why}");
+            book.cancel(&inbox);
+            return;
+        }
     }
 }
 
@@ -250,6 +267,13 @@ impl CancelBook {
         }
     }
 
+    fn is_live(&self, inbox: &str) -> bool {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(inbox)
+    }
+
     fn forget(&self, inbox: &str) {
         self.live
             .lock()
@@ -259,11 +283,6 @@ impl CancelBook {
 }
 
 impl Cluster {
-    /// A member by node name, as this member sees it.
-    pub fn member(&self, node: &str) -> Option<crate::Member> {
-        self.members().into_iter().find(|m| m.state.node == node)
-    }
-
     /// Send `body` to member `node` and read its answer. Fails at once when
     /// `node` is not a live member or the NATS connection is down.
     pub async fn open_stream(
@@ -284,6 +303,7 @@ impl Cluster {
             .map_err(ClusterError::store)?;
         let mut headers = HeaderMap::new();
         headers.insert(FROM, self.identity.node.as_str());
+        headers.insert(FROM_MEMBER, self.identity.member_id.as_str());
         headers.insert(TO_MEMBER, member.state.member_id.as_str());
         self.client
             .publish_with_reply_and_headers(
@@ -300,6 +320,7 @@ impl Cluster {
             member_id: member.state.member_id,
             inbox,
             frames,
+            watch: watch_interval(),
             ended: false,
         })
     }
@@ -340,7 +361,9 @@ impl Cluster {
                         .and_then(|h| h.get(name))
                         .map(|v| v.as_str().to_owned())
                 };
-                let (Some(reply), Some(from)) = (m.reply.clone(), header(FROM)) else {
+                let (Some(reply), Some(from), Some(from_member)) =
+                    (m.reply.clone(), header(FROM), header(FROM_MEMBER))
+                else {
                     tracing::debug!("a stream request without a reply subject or sender");
                     continue;
                 };
@@ -349,13 +372,20 @@ impl Cluster {
                     continue;
                 }
                 let incoming = Incoming {
-                    from,
+                    from: from.clone(),
                     body: m.payload,
                     cancel: book.register(&reply),
                     reply: reply.to_string(),
                     cluster: cluster.clone(),
                     book: book.clone(),
                 };
+                tokio::spawn(watch_asker(
+                    cluster.clone(),
+                    book.clone(),
+                    reply.to_string(),
+                    from,
+                    from_member,
+                ));
                 tokio::spawn(answer(incoming));
             }
         });
