@@ -173,9 +173,9 @@ def remote_generation(work, nats, rounds, streams):
            (("ttft", ttft), ("tpot", tpot), ("tps", tps))}
     print(f"  single stream, 64 tokens, {5 * rounds} per side: "
           f"TTFT local {med['ttft']['local'] * 1e3:6.1f} ms  remote {med['ttft']['remote'] * 1e3:6.1f} ms  "
-          f"(+{(med['ttft']['remote'] - med['ttft']['local']) * 1e3:.2f} ms)")
+          f"({(med['ttft']['remote'] - med['ttft']['local']) * 1e3:+.2f} ms)")
     print(f"  {'':38}TPOT local {med['tpot']['local'] * 1e3:6.2f} ms  remote {med['tpot']['remote'] * 1e3:6.2f} ms  "
-          f"(+{(med['tpot']['remote'] - med['tpot']['local']) * 1e3:.3f} ms per token)")
+          f"({(med['tpot']['remote'] - med['tpot']['local']) * 1e3:+.3f} ms per token)")
     single = {k: 1 / v for k, v in med["tpot"].items()}
     print(f"  single-stream decode: local {single['local']:.1f} tok/s  remote {single['remote']:.1f} tok/s  "
           f"ratio {single['remote'] / single['local']:.3f}")
