@@ -23,5 +23,5 @@ pub use scheduler::{
     ActionId, ActionOp, Command, DropReason, InstanceId, InstanceSnapshot, ModelId, NodeId,
     NodeSnapshot, Policy, Request, RequestId, RequestOutcome, Scheduler, SchedulerConfig, Snapshot,
 };
-pub use sim::{SimResult, SimSetup, Slo, Summary, simulate};
+pub use sim::{ClusterSim, SimResult, SimSetup, Slo, Summary, simulate};
 pub use trace::{TraceError, TraceFunction, TraceRequest, load_trace, select};

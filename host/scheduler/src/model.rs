@@ -72,3 +72,31 @@ pub trait CostModel {
     /// Moving `tokens` of one request's KV out to host memory and back.
     fn kv_swap_s(&self, model: ModelTypeId, kind: DeviceKind, tokens: u64) -> f64;
 }
+
+/// A borrowed cost model (the simulator's schedulers share one profile).
+impl<C: CostModel + ?Sized> CostModel for &C {
+    fn prefill_s(&self, model: ModelTypeId, kind: DeviceKind, tokens: u64) -> f64 {
+        (**self).prefill_s(model, kind, tokens)
+    }
+    fn decode_s(
+        &self,
+        model: ModelTypeId,
+        kind: DeviceKind,
+        context_tokens: u64,
+        batch: u64,
+    ) -> f64 {
+        (**self).decode_s(model, kind, context_tokens, batch)
+    }
+    fn load_s(&self, model: ModelTypeId, kind: DeviceKind) -> f64 {
+        (**self).load_s(model, kind)
+    }
+    fn kv_resize_s(&self, model: ModelTypeId, kind: DeviceKind) -> f64 {
+        (**self).kv_resize_s(model, kind)
+    }
+    fn unload_s(&self, model: ModelTypeId, kind: DeviceKind) -> f64 {
+        (**self).unload_s(model, kind)
+    }
+    fn kv_swap_s(&self, model: ModelTypeId, kind: DeviceKind, tokens: u64) -> f64 {
+        (**self).kv_swap_s(model, kind, tokens)
+    }
+}

@@ -4,6 +4,14 @@
 //! `iteration_done` like a real engine would. It also keeps its own account
 //! of device memory, so the scheduler's no-OOM promise is checked from the
 //! outside.
+//!
+//! With [`SimSetup::cluster`] it simulates a cluster instead of one
+//! machine: every device is a member with a scheduler of its own, and a
+//! router sends each request to the members in the order their last
+//! published state suggests (a dry run of each member's own placement on a
+//! copy as old as the last publish, then [`bin_packing_order`]), one
+//! network hop per try; a member that cannot place it now refuses and the
+//! next is tried; the last one keeps it waiting.
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -13,8 +21,8 @@ use serde::Serialize;
 use crate::model::{CostModel, DeviceKind, ModelTypeId, NodeSpec, PerKind};
 use crate::profile::Profile;
 use crate::scheduler::{
-    ActionId, ActionOp, Command, InstanceId, NodeId, Policy, Request, RequestId, RequestOutcome,
-    Scheduler, SchedulerConfig,
+    ActionId, ActionOp, Command, InstanceId, NodeId, Policy, Probe, Request, RequestId,
+    RequestOutcome, Scheduler, SchedulerConfig, bin_packing_order,
 };
 use crate::trace::TraceRequest;
 
@@ -53,6 +61,28 @@ pub struct SimSetup {
     pub gpu_capacity_bytes: u64,
     pub cpu_capacity_bytes: u64,
     pub slo: Slo,
+    /// Simulate a cluster of one member per device; `None`: one machine
+    /// with one scheduler over every device.
+    pub cluster: Option<ClusterSim>,
+}
+
+/// How a simulated cluster shares state and routes.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct ClusterSim {
+    /// How often members publish their state (a router sees it this old).
+    pub publish_every_s: f64,
+    /// One network hop: a request sent to a member arrives this much later.
+    pub hop_s: f64,
+}
+
+impl Default for ClusterSim {
+    /// The live cluster's heartbeat (250 ms) and a LAN hop (1 ms).
+    fn default() -> Self {
+        ClusterSim {
+            publish_every_s: 0.25,
+            hop_s: 0.001,
+        }
+    }
 }
 
 impl SimSetup {
@@ -81,6 +111,7 @@ impl SimSetup {
                 tpot_s: p.tpot_slo_s,
                 ..Slo::default()
             },
+            cluster: None,
         }
     }
 
@@ -138,6 +169,10 @@ pub struct Summary {
     pub held_bytes_at_end: u64,
     pub makespan_s: f64,
     pub nodes: Vec<NodeSummary>,
+    /// The cluster simulated, if one was.
+    pub cluster: Option<ClusterSim>,
+    /// Tries beyond each request's first member (refused, sent on).
+    pub routing_retries: usize,
 }
 
 /// A summary plus the per-request samples plots need.
@@ -168,9 +203,15 @@ impl Ord for Time {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Event {
     Arrival(usize),
+    /// Request i reaches the k-th member of its route.
+    Deliver(usize, usize),
+    /// On a global node.
     RunEnd(NodeId),
-    ActionEnd(ActionId),
-    Wakeup,
+    /// Of member m.
+    ActionEnd(usize, ActionId),
+    Wakeup(usize),
+    /// Every member publishes its state.
+    Publish,
 }
 
 #[derive(Clone, Debug)]
@@ -192,7 +233,8 @@ struct Batch<'a> {
 }
 
 struct Pending {
-    instance: InstanceId,
+    /// (member, its instance id)
+    instance: (usize, InstanceId),
     /// (request, tokens, finished, first token at, finish at)
     outcomes: Vec<(RequestId, u64, bool, f64, f64)>,
 }
@@ -209,12 +251,12 @@ struct World<'a> {
     reqs: &'a [TraceRequest],
     state: Vec<SimReq>,
     nodes: Vec<NodeState>,
-    /// Per instance: (weights bytes, KV bytes) the device holds.
-    held: HashMap<InstanceId, (u64, u64)>,
-    actions: HashMap<ActionId, (NodeId, InstanceId, ActionOp)>,
+    /// Per (member, instance): (weights bytes, KV bytes) the device holds.
+    held: HashMap<(usize, InstanceId), (u64, u64)>,
+    /// Per (member, action): its global node, instance and op.
+    actions: HashMap<(usize, ActionId), (NodeId, InstanceId, ActionOp)>,
     heap: BinaryHeap<Reverse<(Time, u64, Event)>>,
     seq: u64,
-    wakeup_at: Option<f64>,
     cold_starts: usize,
     preemptions: usize,
     preempted_requests: usize,
@@ -238,7 +280,9 @@ impl World<'_> {
         }
     }
 
-    fn execute(&mut self, cmds: Vec<Command>, now: f64) {
+    /// Carry out member `m`'s commands; its node ids start at global
+    /// node `first_node`.
+    fn execute(&mut self, cmds: Vec<Command>, (m, first_node): (usize, NodeId), now: f64) {
         for c in cmds {
             match c {
                 Command::Action {
@@ -249,6 +293,7 @@ impl World<'_> {
                     op,
                     ..
                 } => {
+                    let node = first_node + node;
                     let kind = self.nodes[node].spec.kind;
                     let dur = match op {
                         ActionOp::Load {
@@ -256,12 +301,15 @@ impl World<'_> {
                             kv_bytes,
                         } => {
                             self.cold_starts += 1;
-                            self.held.insert(instance, (weights_bytes, kv_bytes));
+                            self.held.insert((m, instance), (weights_bytes, kv_bytes));
                             self.bump_used(node, weights_bytes + kv_bytes);
                             self.profile.load_s(model_type, kind)
                         }
                         ActionOp::ResizeKv { kv_bytes } => {
-                            let held = self.held.get_mut(&instance).expect("resize after load");
+                            let held = self
+                                .held
+                                .get_mut(&(m, instance))
+                                .expect("resize after load");
                             if kv_bytes > held.1 {
                                 let add = kv_bytes - held.1;
                                 held.1 = kv_bytes;
@@ -271,8 +319,8 @@ impl World<'_> {
                         }
                         ActionOp::Unload => self.profile.unload_s(model_type, kind),
                     };
-                    self.actions.insert(action, (node, instance, op));
-                    self.push(now + dur, Event::ActionEnd(action));
+                    self.actions.insert((m, action), (node, instance, op));
+                    self.push(now + dur, Event::ActionEnd(m, action));
                 }
                 Command::Run {
                     node,
@@ -283,8 +331,8 @@ impl World<'_> {
                     restore,
                     decode,
                 } => self.start_run(
-                    node,
-                    instance,
+                    first_node + node,
+                    (m, instance),
                     model_type,
                     iterations,
                     Batch {
@@ -298,7 +346,7 @@ impl World<'_> {
                     self.preemptions += 1;
                     self.preempted_requests += requests.len();
                     for n in &mut self.nodes {
-                        if let Some(run) = n.run.as_mut().filter(|r| r.instance == instance) {
+                        if let Some(run) = n.run.as_mut().filter(|r| r.instance == (m, instance)) {
                             run.outcomes.retain(|o| !requests.contains(&o.0));
                         }
                     }
@@ -327,7 +375,7 @@ impl World<'_> {
     fn start_run(
         &mut self,
         node: NodeId,
-        instance: InstanceId,
+        instance: (usize, InstanceId),
         mtype: ModelTypeId,
         iterations: u32,
         Batch {
@@ -408,6 +456,54 @@ fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
     Some(sorted[idx])
 }
 
+/// A scheduler of the simulation: the one of a machine, or one member of a
+/// cluster.
+struct Member<'p> {
+    sched: Scheduler<&'p Profile>,
+    /// Its state as last published (cluster only).
+    published: Option<Scheduler<&'p Profile>>,
+    /// Its node 0 is this global node.
+    first_node: NodeId,
+    wakeup_at: Option<f64>,
+}
+
+impl Member<'_> {
+    /// Hand its commands to the world and keep one wakeup queued.
+    fn settle(&mut self, m: usize, w: &mut World, now: f64) {
+        let cmds = self.sched.drain_commands();
+        w.execute(cmds, (m, self.first_node), now);
+        self.wake(m, w, now);
+    }
+
+    fn wake(&mut self, m: usize, w: &mut World, now: f64) {
+        if let Some(t) = self.sched.next_wakeup_s()
+            && t > now
+            && self.wakeup_at.is_none_or(|s| s <= now || t < s)
+        {
+            self.wakeup_at = Some(t);
+            w.push(t, Event::Wakeup(m));
+        }
+    }
+}
+
+/// The members to try for `req`, best first, on their published state:
+/// those that would place it on an instance they have, then those that
+/// would start one, then the rest; each group in bin-packing order.
+fn route(members: &[Member], req: &Request, now: f64) -> Vec<usize> {
+    let mut groups: [Vec<(usize, crate::DeviceKind, Option<f64>)>; 3] = Default::default();
+    for (m, member) in members.iter().enumerate() {
+        let published = member.published.as_ref().unwrap_or(&member.sched);
+        let (kind, load) = published.node_load(0);
+        let group = match published.probe(req, now) {
+            Probe::Existing => 0,
+            Probe::New => 1,
+            Probe::No => 2,
+        };
+        groups[group].push((m, kind, load));
+    }
+    groups.into_iter().flat_map(bin_packing_order).collect()
+}
+
 /// Replays `reqs` (ids are their positions) through the policy in `setup`.
 /// `models` is how many distinct models the trace selection serves.
 pub fn simulate(
@@ -417,12 +513,44 @@ pub fn simulate(
     models: usize,
 ) -> SimResult {
     let nodes = setup.nodes();
-    let mut sched = Scheduler::new(
-        setup.scheduler.clone(),
-        profile.models.clone(),
-        nodes.clone(),
-        profile.clone(),
-    );
+    let new_scheduler = |nodes: Vec<NodeSpec>| {
+        Scheduler::new(
+            setup.scheduler.clone(),
+            profile.models.clone(),
+            nodes,
+            profile,
+        )
+    };
+    let mut members: Vec<Member> = match setup.cluster {
+        None => vec![Member {
+            sched: new_scheduler(nodes.clone()),
+            published: None,
+            first_node: 0,
+            wakeup_at: None,
+        }],
+        Some(_) => nodes
+            .iter()
+            .enumerate()
+            .map(|(g, spec)| {
+                let sched = new_scheduler(vec![spec.clone()]);
+                Member {
+                    published: Some(sched.clone()),
+                    sched,
+                    first_node: g,
+                    wakeup_at: None,
+                }
+            })
+            .collect(),
+    };
+    // Global node → (member, its node).
+    let owner: Vec<(usize, NodeId)> = members
+        .iter()
+        .enumerate()
+        .flat_map(|(m, member)| {
+            let n = member.sched.snapshot().nodes.len();
+            (0..n).map(move |local| (m, local))
+        })
+        .collect();
     let mut w = World {
         profile,
         reqs,
@@ -449,7 +577,6 @@ pub fn simulate(
         actions: HashMap::new(),
         heap: BinaryHeap::new(),
         seq: 0,
-        wakeup_at: None,
         cold_starts: 0,
         preemptions: 0,
         preempted_requests: 0,
@@ -460,28 +587,71 @@ pub fn simulate(
     for (i, r) in reqs.iter().enumerate() {
         w.push(r.arrival_s, Event::Arrival(i));
     }
+    if let Some(c) = setup.cluster {
+        w.push(c.publish_every_s, Event::Publish);
+    }
+    let request = |i: usize| {
+        let r = &reqs[i];
+        Request {
+            id: i as RequestId,
+            model: r.function,
+            model_type: setup.model_type,
+            function: r.function,
+            input_tokens: r.input_tokens,
+            ttft_slo_s: setup.slo.ttft_s(r.input_tokens),
+            tpot_slo_s: setup.slo.tpot_s,
+            arrival_s: r.arrival_s,
+        }
+    };
+    let mut routes: HashMap<usize, Vec<usize>> = HashMap::new();
+    let mut routing_retries = 0;
     let mut last_t = 0.0;
     let mut node_s = 0.0;
     while let Some(Reverse((Time(now), _, ev))) = w.heap.pop() {
         let in_use = w.nodes.iter().filter(|n| n.used_bytes > 0).count();
         node_s += in_use as f64 * (now - last_t);
         last_t = now;
-        match ev {
-            Event::Arrival(i) => {
-                let r = &reqs[i];
-                sched.submit(
-                    Request {
-                        id: i as RequestId,
-                        model: r.function,
-                        model_type: setup.model_type,
-                        function: r.function,
-                        input_tokens: r.input_tokens,
-                        ttft_slo_s: setup.slo.ttft_s(r.input_tokens),
-                        tpot_slo_s: setup.slo.tpot_s,
-                        arrival_s: r.arrival_s,
-                    },
-                    now,
-                );
+        let m = match ev {
+            Event::Arrival(i) => match setup.cluster {
+                None => {
+                    members[0].sched.submit(request(i), now);
+                    0
+                }
+                Some(c) => {
+                    routes.insert(i, route(&members, &request(i), now));
+                    w.push(now + c.hop_s, Event::Deliver(i, 0));
+                    continue;
+                }
+            },
+            Event::Deliver(i, k) => {
+                let route = &routes[&i];
+                let m = route[k];
+                let sched = &mut members[m].sched;
+                sched.submit(request(i), now);
+                let mut cmds = sched.drain_commands();
+                if k + 1 < route.len() {
+                    // Refused at once, or waiting: the next member.
+                    let refused = cmds
+                        .iter()
+                        .position(|c| matches!(c, Command::Dropped { request, .. } if *request == i as RequestId));
+                    let refused = match refused {
+                        Some(at) => {
+                            cmds.remove(at);
+                            true
+                        }
+                        None => sched.withdraw(i as RequestId, now),
+                    };
+                    if refused {
+                        routing_retries += 1;
+                        let hop = setup.cluster.map_or(0.0, |c| c.hop_s);
+                        w.push(now + hop, Event::Deliver(i, k + 1));
+                    }
+                } else {
+                    routes.remove(&i);
+                }
+                w.execute(cmds, (m, members[m].first_node), now);
+                members[m].wake(m, &mut w, now);
+                continue;
             }
             Event::RunEnd(node) => {
                 let run = w.nodes[node].run.take().expect("a run ends only once");
@@ -501,11 +671,16 @@ pub fn simulate(
                         finished,
                     });
                 }
-                sched.iteration_done(node, run.instance, &outcomes, now);
+                let (m, local) = owner[node];
+                members[m]
+                    .sched
+                    .iteration_done(local, run.instance.1, &outcomes, now);
+                m
             }
-            Event::ActionEnd(action) => {
-                let (node, instance, op) = w.actions.remove(&action).expect("actions end once");
-                let held = w.held.get_mut(&instance).expect("held since load");
+            Event::ActionEnd(m, action) => {
+                let (node, instance, op) =
+                    w.actions.remove(&(m, action)).expect("actions end once");
+                let held = w.held.get_mut(&(m, instance)).expect("held since load");
                 let freed = match op {
                     ActionOp::ResizeKv { kv_bytes } if kv_bytes < held.1 => {
                         let f = held.1 - kv_bytes;
@@ -513,27 +688,37 @@ pub fn simulate(
                         f
                     }
                     ActionOp::Unload => {
-                        let (wb, kb) = w.held.remove(&instance).expect("held");
+                        let (wb, kb) = w.held.remove(&(m, instance)).expect("held");
                         wb + kb
                     }
                     _ => 0,
                 };
                 w.nodes[node].used_bytes -= freed;
-                sched.action_done(node, action, now);
+                members[m].sched.action_done(owner[node].1, action, now);
+                m
             }
-            Event::Wakeup => sched.tick(now),
-        }
-        let cmds = sched.drain_commands();
-        w.execute(cmds, now);
-        if let Some(t) = sched.next_wakeup_s()
-            && t > now
-            && w.wakeup_at.is_none_or(|s| s <= now || t < s)
-        {
-            w.wakeup_at = Some(t);
-            w.push(t, Event::Wakeup);
-        }
+            Event::Wakeup(m) => {
+                members[m].sched.tick(now);
+                m
+            }
+            Event::Publish => {
+                for member in &mut members {
+                    member.published = Some(member.sched.clone());
+                }
+                // Until the rest of the run is over.
+                if let Some(c) = setup.cluster
+                    && !w.heap.is_empty()
+                {
+                    w.push(now + c.publish_every_s, Event::Publish);
+                }
+                continue;
+            }
+        };
+        members[m].settle(m, &mut w, now);
     }
-    summarize(&w, setup, models, last_t, node_s)
+    let mut result = summarize(&w, setup, models, last_t, node_s);
+    result.summary.routing_retries = routing_retries;
+    result
 }
 
 fn summarize(
@@ -609,6 +794,8 @@ fn summarize(
         end_violations,
         held_bytes_at_end: w.nodes.iter().map(|n| n.used_bytes).sum(),
         makespan_s,
+        cluster: setup.cluster,
+        routing_retries: 0,
         nodes: w
             .nodes
             .iter()

@@ -161,6 +161,8 @@ mod tests {
             end_violations: 0,
             held_bytes_at_end: 0,
             makespan_s: 0.0,
+            cluster: None,
+            routing_retries: 0,
             nodes: vec![NodeSummary {
                 kind: crate::DeviceKind::Gpu,
                 capacity_bytes: 1,

@@ -13,6 +13,7 @@ use crate::predict::OutputPredictor;
 
 mod admission;
 mod arbiter;
+mod cluster;
 mod estimate;
 mod kv;
 mod placement;
@@ -24,6 +25,8 @@ mod tests;
 mod tests_live;
 mod types;
 
+pub use cluster::Probe;
+pub use placement::bin_packing_order;
 pub use snapshot::{InstanceSnapshot, NodeSnapshot, Snapshot};
 pub use types::{ActionOp, Command, DropReason, Policy, Request, RequestOutcome, SchedulerConfig};
 
@@ -140,6 +143,7 @@ enum Target {
 
 /// The policy's state machine. Generic over the cost model so the
 /// simulator and the live host share every decision.
+#[derive(Clone)]
 pub struct Scheduler<C: CostModel> {
     cfg: SchedulerConfig,
     models: Vec<ModelSpec>,
@@ -206,12 +210,7 @@ impl<C: CostModel> Scheduler<C> {
 
     pub fn submit(&mut self, req: Request, now_s: f64) {
         let id = req.id;
-        let usable = self.nodes.iter().any(|n| {
-            !n.failed
-                && self.kind_usable(n.spec.kind, req.model_type)
-                && self.fits_alone(&req, n.spec.kind, n.spec.capacity_bytes)
-        });
-        if !usable {
+        if !self.servable(&req) {
             self.out.push(Command::Dropped {
                 request: id,
                 reason: DropReason::Unservable,
@@ -219,6 +218,22 @@ impl<C: CostModel> Scheduler<C> {
             });
             return;
         }
+        self.enqueue_request(req, now_s);
+        self.pump(now_s);
+    }
+
+    /// Whether some node this policy may use could ever host `req`.
+    fn servable(&self, req: &Request) -> bool {
+        self.nodes.iter().any(|n| {
+            !n.failed
+                && self.kind_usable(n.spec.kind, req.model_type)
+                && self.fits_alone(req, n.spec.kind, n.spec.capacity_bytes)
+        })
+    }
+
+    /// A new request waiting for placement.
+    fn enqueue_request(&mut self, req: Request, now_s: f64) {
+        let id = req.id;
         self.requests.insert(
             id,
             ReqState {
@@ -234,7 +249,6 @@ impl<C: CostModel> Scheduler<C> {
             },
         );
         self.pending.push(id);
-        self.pump(now_s);
     }
 
     pub fn iteration_done(

@@ -57,40 +57,33 @@ impl<C: CostModel> Scheduler<C> {
     /// Nodes for a new instance: CPU pool first, then GPU; within a pool the
     /// busiest node first (bin-packing), nodes with no instance last.
     pub(super) fn placement_order(&self, mtype: ModelTypeId) -> Vec<NodeId> {
-        let mut order = Vec::new();
-        for kind in [DeviceKind::Cpu, DeviceKind::Gpu] {
-            if !self.kind_usable(kind, mtype) {
-                continue;
-            }
-            let mut used: Vec<(f64, NodeId)> = Vec::new();
-            let mut empty = Vec::new();
-            for (id, n) in self
-                .nodes
+        let usable = |kind| self.kind_usable(kind, mtype);
+        bin_packing_order(
+            self.nodes
                 .iter()
                 .enumerate()
-                .filter(|(_, n)| n.spec.kind == kind && !n.failed)
-            {
-                if n.instances.is_empty() {
-                    empty.push(id);
-                    continue;
-                }
-                let load = match kind {
-                    DeviceKind::Cpu => n
-                        .instances
-                        .iter()
-                        .map(|i| {
-                            self.time_slice(&self.view(kind, Some(&self.instances[i]), None, None))
-                        })
-                        .sum::<f64>(),
-                    DeviceKind::Gpu => self.planned_bytes(id) as f64,
-                };
-                used.push((load, id));
-            }
-            used.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-            order.extend(used.into_iter().map(|(_, id)| id));
-            order.extend(empty);
+                .filter(|(_, n)| usable(n.spec.kind) && !n.failed)
+                .map(|(id, n)| (id, n.spec.kind, self.load_of(id))),
+        )
+    }
+
+    /// How busy a node is, for bin-packing: on a CPU the decode time
+    /// slices its instances take, on a GPU its planned bytes; `None` with
+    /// no instance.
+    pub(super) fn load_of(&self, node: NodeId) -> Option<f64> {
+        let n = &self.nodes[node];
+        if n.instances.is_empty() {
+            return None;
         }
-        order
+        let kind = n.spec.kind;
+        Some(match kind {
+            DeviceKind::Cpu => n
+                .instances
+                .iter()
+                .map(|i| self.time_slice(&self.view(kind, Some(&self.instances[i]), None, None)))
+                .sum::<f64>(),
+            DeviceKind::Gpu => self.planned_bytes(node) as f64,
+        })
     }
 
     pub(super) fn node_has_slot(&self, node: NodeId, mtype: ModelTypeId) -> bool {
@@ -309,4 +302,32 @@ impl<C: CostModel> Scheduler<C> {
         }
         self.enqueue(id, Op::Unload);
     }
+}
+
+/// The placement order of `candidates` (an id, its kind of device, its
+/// load or `None` when it holds no instance): CPUs before GPUs; within a
+/// kind the busiest first (bin-packing onto the fewest devices), the empty
+/// ones last, ties by id. One machine orders its devices with it, a
+/// cluster's router its members.
+pub fn bin_packing_order<T: Ord + Copy>(
+    candidates: impl IntoIterator<Item = (T, DeviceKind, Option<f64>)>,
+) -> Vec<T> {
+    let candidates: Vec<_> = candidates.into_iter().collect();
+    let mut order = Vec::with_capacity(candidates.len());
+    for kind in [DeviceKind::Cpu, DeviceKind::Gpu] {
+        let mut used: Vec<(f64, T)> = Vec::new();
+        let mut empty = Vec::new();
+        for &(id, k, load) in &candidates {
+            match (k == kind, load) {
+                (false, _) => {}
+                (true, Some(load)) => used.push((load, id)),
+                (true, None) => empty.push(id),
+            }
+        }
+        used.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        empty.sort();
+        order.extend(used.into_iter().map(|(_, id)| id));
+        order.extend(empty);
+    }
+    order
 }

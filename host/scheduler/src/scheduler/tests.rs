@@ -2,6 +2,7 @@ use super::*;
 use crate::model::PerKind;
 
 /// Simple costs, so each test controls exactly which check binds.
+#[derive(Clone)]
 pub(super) struct Flat {
     pub(super) prefill_s: f64,
     pub(super) decode_s: f64,

@@ -93,6 +93,16 @@ pub struct SimulateArgs {
     /// rate says it would miss its deadline (the live host's setting).
     #[arg(long)]
     pub refuse_early: bool,
+    /// Simulate a cluster of one member per device, each with its own
+    /// scheduler, routed on state published every --publish-ms, one
+    /// --hop-ms network hop per try (the default: one machine, one
+    /// scheduler).
+    #[arg(long)]
+    pub cluster: bool,
+    #[arg(long, default_value_t = 250.0, requires = "cluster")]
+    pub publish_ms: f64,
+    #[arg(long, default_value_t = 1.0, requires = "cluster")]
+    pub hop_ms: f64,
     /// Run every policy (or --policies) at every K (or --ks).
     #[arg(long)]
     pub sweep: bool,
@@ -138,6 +148,16 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     sc.predictor.min_history = args.predict_min_history;
     sc.preempt_keeps_kv = args.preempt_keeps_kv;
     sc.refuse_early = args.refuse_early;
+    if args.cluster {
+        anyhow::ensure!(
+            args.publish_ms > 0.0 && args.hop_ms >= 0.0,
+            "--publish-ms must be > 0 and --hop-ms >= 0"
+        );
+        setup.cluster = Some(slinfer_scheduler::ClusterSim {
+            publish_every_s: args.publish_ms / 1e3,
+            hop_s: args.hop_ms / 1e3,
+        });
+    }
     let replay = sweep::Replay {
         duration_s: args.duration_s.unwrap_or(f64::INFINITY),
         jitter_s: args.jitter_s,
