@@ -72,14 +72,25 @@ impl Setup {
     /// its models folder (its files linked, not copied): the member
     /// publishes the model to the cluster if the cluster lacks it.
     pub fn engine_member_with_model(&self, nats: &Nats, name: &str) -> Server {
-        let package = self
-            .tmp
-            .path()
-            .join(name)
-            .join("models")
-            .join(DEFAULT_MODEL);
-        if !package.exists() {
-            link_files(&models_dir().join(DEFAULT_MODEL), &package);
+        self.engine_member_with(nats, name, &[DEFAULT_MODEL])
+    }
+
+    /// Member `name` with the CPU engine and `models` in its models folder:
+    /// each the imported default model under that name.
+    pub fn engine_member_with(&self, nats: &Nats, name: &str, models: &[&str]) -> Server {
+        for model in models {
+            let package = self.tmp.path().join(name).join("models").join(model);
+            if !package.exists() {
+                link_files(&models_dir().join(DEFAULT_MODEL), &package);
+                let toml = package.join("model.toml");
+                let text = std::fs::read_to_string(&toml).expect("model.toml");
+                std::fs::remove_file(&toml).expect("unlink model.toml");
+                let renamed = text.replace(
+                    &format!("name = \"{DEFAULT_MODEL}\""),
+                    &format!("name = \"{model}\""),
+                );
+                std::fs::write(&toml, renamed).expect("model.toml");
+            }
         }
         self.engine_member(nats, name)
     }

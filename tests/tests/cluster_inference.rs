@@ -312,3 +312,78 @@ async fn overload_across_the_cluster_is_refused_with_a_retry_hint_not_a_hang() {
     assert_eq!(refused, 8.0);
     assert_eq!(live_requests(&c).await, 0);
 }
+
+/// The models with instances on member `node`, as `via` sees the cluster.
+async fn instances_on(via: &Server, node: &str) -> Vec<String> {
+    let v = get_json(via, "/v1/cluster").await;
+    let member = v["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["node"] == node)
+        .cloned()
+        .unwrap_or_default();
+    member["inference"]["models"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| !m["instances"].as_array().is_none_or(|i| i.is_empty()))
+        .filter_map(|m| m["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test]
+async fn two_models_through_a_router_pack_onto_one_member() {
+    const TWIN: &str = "smollm2-twin";
+    let nats = Nats::start();
+    let setup = Setup::new();
+    let _b = setup.engine_member_with(&nats, "b", &[DEFAULT_MODEL, TWIN]);
+    let c = setup.engine_member(&nats, "c");
+    let a = setup.member(&nats, "a");
+    for model in [DEFAULT_MODEL, TWIN] {
+        let both = wait_for(LOAD_BOUND, || async {
+            served_by(&a, model).await == ["b", "c"]
+        })
+        .await;
+        assert!(both.is_some(), "{model}: {}", c.log());
+    }
+    deploy_chat(&a, &[&a]).await;
+    let twin = package_variant("chat", |m| {
+        m.replace("name = \"chat\"", "name = \"twin\"")
+            .replace(&format!("\"{DEFAULT_MODEL}\""), &format!("\"{TWIN}\""))
+    });
+    a.deploy(twin.path());
+    let ok = wait_for(BOUND, || async {
+        a.get("twin", "/models").await.status() == 200
+    })
+    .await;
+    assert!(ok.is_some());
+
+    // Both members idle: the first model goes to the first in order (b).
+    let (status, v) = greedy(&a, 4).await;
+    assert_eq!(status, 200, "{v}");
+    let seen = wait_for(BOUND, || async {
+        instances_on(&a, "b").await == [DEFAULT_MODEL]
+    })
+    .await;
+    assert!(seen.is_some(), "{}", get_json(&a, "/v1/cluster").await);
+    // The second model packs onto the busy member, not the idle one.
+    let resp = client()
+        .post(format!(
+            "{}/fn/twin/?max_tokens=4&temperature=0&stream=false",
+            a.url
+        ))
+        .body("Name three colours.")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let packed = wait_for(BOUND, || async { instances_on(&a, "b").await.len() == 2 }).await;
+    assert!(packed.is_some(), "{}", get_json(&a, "/v1/cluster").await);
+    assert!(instances_on(&a, "c").await.is_empty());
+    // `slinfer cluster status` shows it.
+    let (ok, out, err) = a.cli(&["cluster", "status"]);
+    assert!(ok, "{err}");
+    println!("{out}");
+    assert!(out.contains(TWIN), "{out}");
+}

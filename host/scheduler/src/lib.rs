@@ -21,7 +21,8 @@ pub use model::{CostModel, DeviceKind, ModelSpec, ModelTypeId, NodeSpec, PerKind
 pub use profile::{Profile, ProfileError};
 pub use scheduler::{
     ActionId, ActionOp, Command, DropReason, InstanceId, InstanceSnapshot, ModelId, NodeId,
-    NodeSnapshot, Policy, Request, RequestId, RequestOutcome, Scheduler, SchedulerConfig, Snapshot,
+    NodeSnapshot, Policy, Probe, Request, RequestId, RequestOutcome, Scheduler, SchedulerConfig,
+    Snapshot, bin_packing_order,
 };
 pub use sim::{ClusterSim, SimResult, SimSetup, Slo, Summary, simulate};
 pub use trace::{TraceError, TraceFunction, TraceRequest, load_trace, select};

@@ -6,10 +6,12 @@
 //! own devices first when it serves the model; a model it does not serve,
 //! or a local refusal for want of room, comes here:
 //!
-//! - candidates are the live members that serve the model, ranked on their
-//!   last published state (every 250 ms): an instance of the model already
-//!   loaded first, then the shorter queue and the lighter batch, then the
-//!   most free memory;
+//! - candidates are the live members that serve the model, ordered on
+//!   their last published state (every 250 ms): those with an instance of
+//!   the model loaded first, then the others, each group in the
+//!   scheduler's own bin-packing order (`slinfer_scheduler::bin_packing_order`
+//!   over each member's first device: CPU first, busiest first, idle
+//!   last), as one machine orders its devices;
 //! - each candidate makes the final admission with its own scheduler; a
 //!   refusal (`Overloaded`, `Unavailable`, a model it no longer serves)
 //!   tries the next, and with none left the shortest retry hint is the
@@ -31,6 +33,7 @@ use slinfer_inference::{
     GenerateRequest, GenerationStream, Inference, InferenceError, RETRY_AFTER_S, Relay, Remote,
     Usage,
 };
+use slinfer_scheduler::{DeviceKind, bin_packing_order};
 
 /// How long a candidate has to say it got the request before the next one
 /// is tried (a lost message or a member that just stopped).
@@ -94,19 +97,34 @@ impl Router {
         Router { cluster }
     }
 
-    /// Live members other than this one that serve `model`, best first.
+    /// Live members other than this one that serve `model`, best first:
+    /// those with an instance of it loaded, then the others, each group in
+    /// the scheduler's bin-packing order of their published devices (CPU
+    /// first, busiest first, idle last).
     fn candidates(&self, model: &str) -> Vec<String> {
         let me = &self.cluster.identity().node;
-        let mut ranked: Vec<(Rank, String)> = self
+        let members: Vec<(String, Standing)> = self
             .cluster
             .members()
             .into_iter()
             .filter(|m| m.alive && &m.state.node != me)
             .filter(|m| m.state.report.models.iter().any(|n| n == model))
-            .map(|m| (Rank::of(&m.state.report.inference, model), m.state.node))
+            .map(|m| (m.state.node, Standing::of(&m.state.report.inference, model)))
             .collect();
-        ranked.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
-        ranked.into_iter().map(|(_, node)| node).collect()
+        let group = |warm: bool| {
+            bin_packing_order(
+                members
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (_, s))| s.warm == warm)
+                    .map(|(i, (_, s))| (i, s.kind, s.load)),
+            )
+        };
+        [group(true), group(false)]
+            .concat()
+            .into_iter()
+            .map(|i| members[i].0.clone())
+            .collect()
     }
 
     /// One candidate: its stream once the first token exists, or why not.
@@ -141,17 +159,15 @@ impl Router {
     }
 }
 
-/// How a candidate's published state ranks it for one model (less is
-/// better).
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct Rank {
-    /// No instance of the model is loaded there (a cold start).
-    cold: bool,
-    queued: usize,
-    /// Requests per instance of the model.
-    batch: usize,
-    /// Memory it has left, negated.
-    free: std::cmp::Reverse<u64>,
+/// Where a member stands for one model, from its published status.
+#[derive(Debug, PartialEq)]
+struct Standing {
+    /// It has an instance of the model.
+    warm: bool,
+    /// Its first working device in placement order (a CPU if it has one).
+    kind: DeviceKind,
+    /// That device's bin-packing load; none when idle.
+    load: Option<f64>,
 }
 
 /// The parts of a member's published inference status that rank it.
@@ -162,44 +178,37 @@ struct Published {
     models: Vec<PublishedModel>,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(default)]
+#[derive(Deserialize)]
 struct PublishedDevice {
-    room_bytes: u64,
-    planned_bytes: u64,
+    kind: DeviceKind,
+    #[serde(default)]
+    load: Option<f64>,
+    #[serde(default)]
+    failed: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(default)]
 struct PublishedModel {
     name: String,
-    queued_requests: usize,
-    instances: Vec<PublishedInstance>,
+    instances: Vec<serde_json::Value>,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct PublishedInstance {
-    batch: usize,
-}
-
-impl Rank {
-    fn of(inference: &serde_json::Value, model: &str) -> Rank {
+impl Standing {
+    fn of(inference: &serde_json::Value, model: &str) -> Standing {
         let p = Published::deserialize(inference).unwrap_or_default();
-        let m = p.models.iter().find(|m| m.name == model);
-        let instances = m.map_or(0, |m| m.instances.len());
-        let batch: usize = m.map_or(0, |m| m.instances.iter().map(|i| i.batch).sum());
-        Rank {
-            cold: instances == 0,
-            queued: m.map_or(0, |m| m.queued_requests),
-            batch: batch / instances.max(1),
-            free: std::cmp::Reverse(
-                p.devices
-                    .iter()
-                    .map(|d| d.room_bytes.saturating_sub(d.planned_bytes))
-                    .max()
-                    .unwrap_or(0),
-            ),
+        let device = p
+            .devices
+            .iter()
+            .filter(|d| d.failed.is_none())
+            .min_by_key(|d| d.kind != DeviceKind::Cpu);
+        Standing {
+            warm: p
+                .models
+                .iter()
+                .any(|m| m.name == model && !m.instances.is_empty()),
+            kind: device.map_or(DeviceKind::Gpu, |d| d.kind),
+            load: device.and_then(|d| d.load),
         }
     }
 }
@@ -367,40 +376,35 @@ async fn answer_one(incoming: Incoming, inference: Arc<Inference>) {
 mod tests {
     use super::*;
 
-    fn status(models: serde_json::Value, room: u64, planned: u64) -> serde_json::Value {
+    fn status(kind: &str, load: Option<f64>, instances: usize) -> serde_json::Value {
         serde_json::json!({
-            "devices": [{"name": "cpu:0", "room_bytes": room, "planned_bytes": planned}],
-            "models": models,
+            "devices": [{"name": "d", "kind": kind, "load": load, "failed": null}],
+            "models": [{"name": "m", "instances": vec![serde_json::json!({}); instances]}],
         })
     }
 
     #[test]
-    fn a_loaded_instance_ranks_first_then_the_lighter_load_then_room() {
-        let warm = status(
-            serde_json::json!([{"name": "m", "queued_requests": 0, "instances": [{"batch": 3}]}]),
-            1 << 30,
-            900 << 20,
+    fn a_member_stands_by_its_first_working_device_in_placement_order() {
+        let s = Standing::of(&status("cpu", Some(0.4), 1), "m");
+        assert_eq!(
+            s,
+            Standing {
+                warm: true,
+                kind: DeviceKind::Cpu,
+                load: Some(0.4)
+            }
         );
-        let busier = status(
-            serde_json::json!([{"name": "m", "queued_requests": 2, "instances": [{"batch": 3}]}]),
-            8 << 30,
-            0,
-        );
-        let cold_roomy = status(serde_json::json!([]), 64 << 30, 0);
-        let cold_tight = status(serde_json::json!([]), 2 << 30, 0);
-        let mut ranks = [
-            Rank::of(&cold_tight, "m"),
-            Rank::of(&busier, "m"),
-            Rank::of(&cold_roomy, "m"),
-            Rank::of(&warm, "m"),
-        ];
-        ranks.sort();
-        assert!(!ranks[0].cold && ranks[0].queued == 0);
-        assert!(!ranks[1].cold && ranks[1].queued == 2);
-        assert_eq!(ranks[2].free, std::cmp::Reverse(64 << 30));
-        assert_eq!(ranks[3].free, std::cmp::Reverse(2 << 30));
-        // A status that does not parse ranks as cold with no room: last.
-        assert!(Rank::of(&serde_json::json!("?"), "m") > ranks[3]);
+        assert!(!Standing::of(&status("gpu", None, 1), "other").warm);
+        // A CPU is chosen over a GPU; a failed device not at all.
+        let both = serde_json::json!({"devices": [
+            {"kind": "gpu", "load": 5.0, "failed": null},
+            {"kind": "cpu", "load": null, "failed": "driver error"},
+        ]});
+        let s = Standing::of(&both, "m");
+        assert_eq!((s.kind, s.load), (DeviceKind::Gpu, Some(5.0)));
+        // A status that does not parse stands as an idle GPU, no instance.
+        let s = Standing::of(&serde_json::json!("?"), "m");
+        assert!(!s.warm && s.kind == DeviceKind::Gpu && s.load.is_none());
     }
 
     #[test]

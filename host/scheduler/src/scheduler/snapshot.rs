@@ -16,6 +16,11 @@ pub struct NodeSnapshot {
     pub planned_bytes: u64,
     /// Out of placement since its device failed.
     pub failed: bool,
+    /// How busy it is for bin-packing ([`super::bin_packing_order`]): on a
+    /// CPU the decode time slices of its instances, on a GPU its planned
+    /// bytes; none without instances. A cluster's router orders members
+    /// by it.
+    pub load: Option<f64>,
 }
 
 /// What a status page shows of one instance.
@@ -57,6 +62,7 @@ impl<C: CostModel> Scheduler<C> {
                 committed_bytes: self.committed_bytes(n),
                 planned_bytes: self.planned_bytes(n),
                 failed: self.nodes[n].failed,
+                load: self.load_of(n),
             })
             .collect();
         let mut instances: Vec<InstanceSnapshot> = self
