@@ -114,6 +114,19 @@ async fn a_function_on_a_member_without_engines_generates_on_another() {
         &["outcome=\"finished\""],
     );
     assert_eq!(finished, 2.0);
+    // Counted on both sides, per member.
+    let sent = metric(
+        &a.metrics().await,
+        "slinfer_routed_generations_total",
+        &["peer=\"c\"", "outcome=\"started\""],
+    );
+    assert_eq!(sent, 1.0);
+    let answered = metric(
+        &c.metrics().await,
+        "slinfer_answered_generations_total",
+        &["peer=\"a\""],
+    );
+    assert_eq!(answered, 1.0);
 
     // A caller that hangs up on a frees the sequence on c.
     let body = start_stream(&a, 400).await;
@@ -247,6 +260,12 @@ async fn a_member_lost_mid_stream_ends_the_stream_and_the_others_carry_on() {
         "after kill -9: the next request succeeded {:?} after the stream ended",
         start.elapsed()
     );
+    let lost = metric(
+        &a.metrics().await,
+        "slinfer_routed_generations_total",
+        &["outcome=\"lost\""],
+    );
+    assert_eq!(lost, 2.0, "one SIGSTOP, one kill -9");
     let survivor = ["b", "c"][1 - serving];
     let alone = wait_for(BOUND, || async {
         served_by(&a, DEFAULT_MODEL).await == [survivor]
@@ -310,6 +329,12 @@ async fn overload_across_the_cluster_is_refused_with_a_retry_hint_not_a_hang() {
         &["outcome=\"overloaded\""],
     );
     assert_eq!(refused, 8.0);
+    let refused_there = metric(
+        &a.metrics().await,
+        "slinfer_routed_generations_total",
+        &["peer=\"c\"", "outcome=\"overloaded\""],
+    );
+    assert_eq!(refused_there, 8.0);
     assert_eq!(live_requests(&c).await, 0);
 }
 

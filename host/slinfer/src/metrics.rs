@@ -21,6 +21,17 @@ pub struct ErrorLabels {
     pub kind: String,
 }
 
+/// A generation sent to, or taken from, another member of a cluster.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// The other member's node name.
+    pub peer: String,
+    /// Sent: `started`, `overloaded`, `unavailable`, `model_not_found`,
+    /// `failed`, and `lost` for a started one whose member was lost.
+    /// Taken: `answered`.
+    pub outcome: &'static str,
+}
+
 /// Every metric the host exports.
 pub struct Metrics {
     registry: Mutex<Registry>,
@@ -37,6 +48,10 @@ pub struct Metrics {
     /// The host memory budget's figures, set when scraped.
     memory: Family<MemoryLabel, Gauge>,
     pub llm: std::sync::Arc<slinfer_inference::LlmMetrics>,
+    /// Generations this member sent to others, per member and outcome.
+    pub routed: Family<RouteLabels, Counter>,
+    /// Generations other members sent here, per member.
+    pub answered: Family<RouteLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -130,6 +145,18 @@ impl Metrics {
         );
         let llm = std::sync::Arc::new(slinfer_inference::LlmMetrics::default());
         llm.register(&mut registry);
+        let routed = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "routed_generations",
+            "Generations sent to another cluster member, per member (peer) and outcome",
+            routed.clone(),
+        );
+        let answered = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "answered_generations",
+            "Generations other cluster members sent here, per member (peer)",
+            answered.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             invocations,
@@ -144,7 +171,20 @@ impl Metrics {
             connections_refused,
             memory,
             llm,
+            routed,
+            answered,
         }
+    }
+
+    /// Count a generation sent to (`routed`) or taken from (`answered`)
+    /// member `peer`.
+    pub fn route(family: &Family<RouteLabels, Counter>, peer: &str, outcome: &'static str) {
+        family
+            .get_or_create(&RouteLabels {
+                peer: peer.to_owned(),
+                outcome,
+            })
+            .inc();
     }
 
     /// Sets the memory gauges from the budget's figures.

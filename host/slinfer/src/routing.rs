@@ -29,6 +29,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use slinfer_cluster::Cluster;
 use slinfer_cluster::streams::{Incoming, Outgoing};
+
+use crate::metrics::Metrics;
 use slinfer_inference::{
     GenerateRequest, GenerationStream, Inference, InferenceError, RETRY_AFTER_S, Relay, Remote,
     Usage,
@@ -90,11 +92,16 @@ fn unavailable(message: String) -> InferenceError {
 /// This member's way to the others' engines.
 pub struct Router {
     cluster: Arc<Cluster>,
+    metrics: Arc<Metrics>,
 }
 
 impl Router {
-    pub fn new(cluster: Arc<Cluster>) -> Router {
-        Router { cluster }
+    pub fn new(cluster: Arc<Cluster>, metrics: Arc<Metrics>) -> Router {
+        Router { cluster, metrics }
+    }
+
+    fn count(&self, node: &str, outcome: &'static str) {
+        Metrics::route(&self.metrics.routed, node, outcome);
     }
 
     /// Live members other than this one that serve `model`, best first:
@@ -247,19 +254,24 @@ impl Remote for Router {
                 match self.try_node(&node, body).await {
                     Ok(out) => {
                         tracing::debug!(model = %req.model, %node, "generation routed");
+                        self.count(&node, "started");
                         let (relay, stream) = GenerationStream::relayed();
-                        tokio::spawn(forward(out, node, relay));
+                        let lost = (self.metrics.clone(), node.clone());
+                        tokio::spawn(forward(out, node, relay, lost));
                         return Ok(stream);
                     }
-                    Err(
-                        e @ (InferenceError::Overloaded { .. }
-                        | InferenceError::Unavailable { .. }
-                        | InferenceError::ModelNotFound(_)),
-                    ) => {
-                        tracing::debug!(model = %req.model, %node, "candidate refused: {e}");
-                        refusal = Some(merge(refusal, e));
+                    Err(e) => {
+                        self.count(&node, outcome(&e));
+                        match e {
+                            InferenceError::Overloaded { .. }
+                            | InferenceError::Unavailable { .. }
+                            | InferenceError::ModelNotFound(_) => {
+                                tracing::debug!(model = %req.model, %node, "candidate refused: {e}");
+                                refusal = Some(merge(refusal, e));
+                            }
+                            e => return Err(e),
+                        }
                     }
-                    Err(e) => return Err(e),
                 }
             }
             Err(refusal.unwrap_or(InferenceError::ModelNotFound(req.model)))
@@ -281,9 +293,25 @@ impl Remote for Router {
     }
 }
 
+/// How a refusal is counted.
+fn outcome(e: &InferenceError) -> &'static str {
+    match e {
+        InferenceError::Overloaded { .. } => "overloaded",
+        InferenceError::Unavailable { .. } => "unavailable",
+        InferenceError::ModelNotFound(_) => "model_not_found",
+        _ => "failed",
+    }
+}
+
 /// Copy a remote generation's frames into the caller's stream until it
-/// ends; a caller that hangs up drops `out`, which cancels it there.
-async fn forward(mut out: Outgoing, node: String, relay: Relay) {
+/// ends; a caller that hangs up drops `out`, which cancels it there. A
+/// member lost midway is counted against `peer`.
+async fn forward(
+    mut out: Outgoing,
+    node: String,
+    relay: Relay,
+    (metrics, peer): (Arc<Metrics>, String),
+) {
     loop {
         let frame = tokio::select! {
             _ = relay.closed() => return,
@@ -296,7 +324,11 @@ async fn forward(mut out: Outgoing, node: String, relay: Relay) {
                 }
             }
             Ok(Frame::Done(usage)) => return relay.done(usage),
-            Ok(Frame::Error(e)) | Err(e) => return relay.error(e),
+            Ok(Frame::Error(e)) => return relay.error(e),
+            Err(e) => {
+                Metrics::route(&metrics.routed, &peer, "lost");
+                return relay.error(e);
+            }
             Ok(_) => {
                 return relay.error(unavailable(format!(
                     "member {node:?} answered out of order"
@@ -308,9 +340,16 @@ async fn forward(mut out: Outgoing, node: String, relay: Relay) {
 
 /// Answer the generations other members send here, on this member's own
 /// devices (never routed on).
-pub async fn answer(cluster: &Arc<Cluster>, inference: Arc<Inference>) -> anyhow::Result<()> {
+pub async fn answer(
+    cluster: &Arc<Cluster>,
+    inference: Arc<Inference>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
     cluster
-        .answer_streams(move |incoming| answer_one(incoming, inference.clone()))
+        .answer_streams(move |incoming| {
+            Metrics::route(&metrics.answered, &incoming.from, "answered");
+            answer_one(incoming, inference.clone())
+        })
         .await?;
     Ok(())
 }

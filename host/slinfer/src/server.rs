@@ -158,10 +158,10 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     };
     if let Some(m) = &member {
         if let Some(g) = &generations {
-            g.set_remote(Arc::new(Router::new(m.cluster.clone())));
+            g.set_remote(Arc::new(Router::new(m.cluster.clone(), metrics.clone())));
         }
         if let Some(i) = &inference {
-            routing::answer(&m.cluster, i.clone())
+            routing::answer(&m.cluster, i.clone(), metrics.clone())
                 .await
                 .context("answering the cluster's generations")?;
         }
