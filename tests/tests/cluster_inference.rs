@@ -362,7 +362,7 @@ async fn two_models_through_a_router_pack_onto_one_member() {
     const TWIN: &str = "smollm2-twin";
     let nats = Nats::start();
     let setup = Setup::new();
-    let _b = setup.engine_member_with(&nats, "b", &[DEFAULT_MODEL, TWIN]);
+    let mut b = setup.engine_member_with(&nats, "b", &[DEFAULT_MODEL, TWIN]);
     let c = setup.engine_member(&nats, "c");
     let a = setup.member(&nats, "a");
     for model in [DEFAULT_MODEL, TWIN] {
@@ -411,4 +411,18 @@ async fn two_models_through_a_router_pack_onto_one_member() {
     assert!(ok, "{err}");
     println!("{out}");
     assert!(out.contains(TWIN), "{out}");
+
+    // b lost: the controller (b itself before, a or c now) starts both
+    // models on c before any request asks for them.
+    b.kill();
+    let lost = Instant::now();
+    let replaced = wait_for(Duration::from_secs(30), || async {
+        instances_on(&a, "c").await.len() == 2
+    })
+    .await;
+    assert!(replaced.is_some(), "{}", get_json(&a, "/v1/cluster").await);
+    println!(
+        "kill -9 of b: both its models loaded on c {:?} later",
+        lost.elapsed()
+    );
 }

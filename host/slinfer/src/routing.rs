@@ -338,6 +338,82 @@ async fn forward(
     }
 }
 
+/// How often the controller looks for models a lost member was serving.
+const REPLACE_EVERY: Duration = Duration::from_millis(500);
+/// How long before the controller tries a model again.
+const REPLACE_RETRY: Duration = Duration::from_secs(10);
+
+/// The models with an instance loaded, in a member's published status.
+fn loaded_models(inference: &serde_json::Value) -> Vec<String> {
+    Published::deserialize(inference)
+        .unwrap_or_default()
+        .models
+        .into_iter()
+        .filter(|m| !m.instances.is_empty())
+        .map(|m| m.name)
+        .collect()
+}
+
+/// While this member holds the controller lease: when a member is lost
+/// with instances of models that no live member has loaded, start one of
+/// each on the survivors at once, before a request has to wait for it.
+/// Where it starts is the ordinary placement of a generation (this
+/// member's devices if it serves the model, else the routing order): a
+/// one-token generation through `inference` loads the instance, which then
+/// stays for its keep-alive.
+pub async fn replace_lost(cluster: Arc<Cluster>, inference: Arc<Inference>) {
+    let mut tried: std::collections::HashMap<String, Instant> = Default::default();
+    loop {
+        tokio::time::sleep(REPLACE_EVERY).await;
+        if !cluster.lease_state().held {
+            continue;
+        }
+        let members = cluster.members();
+        let (alive, lost): (Vec<_>, Vec<_>) = members.iter().partition(|m| m.alive);
+        let loaded: std::collections::HashSet<String> = alive
+            .iter()
+            .flat_map(|m| loaded_models(&m.state.report.inference))
+            .collect();
+        for m in lost {
+            for model in loaded_models(&m.state.report.inference) {
+                let served = alive.iter().any(|a| a.state.report.models.contains(&model));
+                let recent = tried
+                    .get(&model)
+                    .is_some_and(|t| t.elapsed() < REPLACE_RETRY);
+                if loaded.contains(&model) || !served || recent {
+                    continue;
+                }
+                tried.insert(model.clone(), Instant::now());
+                tracing::info!(%model, lost = %m.state.node, "controller: re-placing a lost member's model");
+                tokio::spawn(warm(inference.clone(), model));
+            }
+        }
+    }
+}
+
+/// Load an instance of `model` where a generation of it would go.
+async fn warm(inference: Arc<Inference>, model: String) {
+    let request = GenerateRequest {
+        function: "slinfer-controller".into(),
+        model: model.clone(),
+        prompt: slinfer_inference::Prompt::Text("warm-up".into()),
+        params: slinfer_inference::GenerationParams {
+            max_tokens: Some(1),
+            ..Default::default()
+        },
+        ttft_slo_s: 0.0,
+        tpot_slo_s: 0.0,
+        arrived: None,
+    };
+    match inference.generate(request).await {
+        Ok(mut stream) => {
+            while let Some(Ok(_)) = stream.next().await {}
+            tracing::info!(%model, "controller: model re-placed");
+        }
+        Err(e) => tracing::warn!(%model, "controller: cannot re-place the model: {e}"),
+    }
+}
+
 /// Answer the generations other members send here, on this member's own
 /// devices (never routed on).
 pub async fn answer(

@@ -159,6 +159,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     if let Some(m) = &member {
         if let Some(g) = &generations {
             g.set_remote(Arc::new(Router::new(m.cluster.clone(), metrics.clone())));
+            tokio::spawn(routing::replace_lost(m.cluster.clone(), g.clone()));
         }
         if let Some(i) = &inference {
             routing::answer(&m.cluster, i.clone(), metrics.clone())
