@@ -15,7 +15,10 @@ use slinfer_scheduler::{
     PerKind, Policy, Request, RequestId, RequestOutcome, Scheduler, SchedulerConfig,
 };
 
-use crate::api::{INSTANCE_OVERHEAD_BYTES, InferenceError, KEEP_ALIVE_S, RETRY_AFTER_S};
+use crate::api::{
+    DEFAULT_TPOT_SLO_S, DEFAULT_TTFT_SLO_S, INSTANCE_OVERHEAD_BYTES, InferenceError, KEEP_ALIVE_S,
+    RETRY_AFTER_S,
+};
 use crate::catalog::ModelEntry;
 use crate::cost::{Costs, LiveCost};
 use crate::devices::Device;
@@ -85,8 +88,16 @@ struct Runner {
     labels: DeviceLabels,
 }
 
+/// How often the driver probes where a typical new request of each model
+/// would go (published with the status; a cluster's routers read it).
+pub(crate) const ADMISSION_EVERY: Duration = Duration::from_millis(250);
+/// The typical request probed: a prompt this long, the default SLOs.
+const PROBE_PROMPT_TOKENS: u64 = 256;
+
 struct Driver {
     sched: Scheduler<LiveCost>,
+    /// When admission was last probed.
+    probed: Instant,
     devices: Vec<Device>,
     models: Vec<Arc<ModelEntry>>,
     cost: LiveCost,
@@ -146,6 +157,7 @@ pub(crate) fn spawn(
         metrics,
         failure: String::new(),
         memory: memory.map(|m| (m, Instant::now() - MEMORY_REFRESH)),
+        probed: Instant::now() - ADMISSION_EVERY,
     };
     let handle = std::thread::Builder::new()
         .name("slinfer-inference-driver".into())
@@ -169,6 +181,7 @@ impl Driver {
             if self.memory.is_some() {
                 wait = wait.min(MEMORY_REFRESH.as_secs_f64());
             }
+            wait = wait.min(ADMISSION_EVERY.as_secs_f64());
             match rx.recv_timeout(Duration::from_secs_f64(wait)) {
                 Ok(Msg::Shutdown) => return self.shutdown(),
                 Ok(m) => self.handle(m),
@@ -195,7 +208,34 @@ impl Driver {
                 );
             }
             self.stats.publish(self.generations.len(), snapshot);
+            self.probe_admission();
         }
+    }
+
+    /// Every [`ADMISSION_EVERY`]: where a typical new request of each
+    /// served model would go now (the scheduler's own placement, dry-run).
+    fn probe_admission(&mut self) {
+        if self.probed.elapsed() < ADMISSION_EVERY || self.devices.is_empty() {
+            return;
+        }
+        self.probed = Instant::now();
+        let now = self.now();
+        let admission = (0..self.models.len())
+            .map(|model| {
+                let request = Request {
+                    id: RequestId::MAX,
+                    model: model as u32,
+                    model_type: ModelTypeId(model as u16),
+                    function: u32::MAX,
+                    input_tokens: PROBE_PROMPT_TOKENS,
+                    ttft_slo_s: DEFAULT_TTFT_SLO_S,
+                    tpot_slo_s: DEFAULT_TPOT_SLO_S,
+                    arrival_s: now,
+                };
+                (model, self.sched.probe(&request, now))
+            })
+            .collect();
+        self.stats.publish_admission(admission);
     }
 
     /// Every [`MEMORY_REFRESH`]: gives each CPU device what the host memory

@@ -252,6 +252,7 @@ impl Inference {
             .map(|(idx, m)| ModelStatus {
                 info: m.info(),
                 queued_requests: snap.queued.get(&(idx as u32)).copied().unwrap_or(0),
+                admission: self.stats.admission(idx),
                 instances: snap
                     .instances
                     .iter()

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use slinfer_engine::LlmInstance;
-use slinfer_scheduler::{InstanceId, Snapshot};
+use slinfer_scheduler::{InstanceId, Probe, Snapshot};
 
 use crate::api::{InferenceStats, InstanceStats};
 
@@ -14,6 +14,8 @@ pub(crate) struct SharedStats {
     live: Mutex<usize>,
     instances: Mutex<HashMap<InstanceId, InstanceStats>>,
     scheduler: Mutex<Snapshot>,
+    /// Per model: where a typical new request would go now.
+    admission: Mutex<HashMap<usize, Probe>>,
     /// Why each failed device failed, by node.
     failures: Mutex<HashMap<usize, String>>,
 }
@@ -31,6 +33,16 @@ impl SharedStats {
     pub fn publish(&self, live: usize, snapshot: Snapshot) {
         *lock(&self.live) = live;
         *lock(&self.scheduler) = snapshot;
+    }
+
+    /// The driver, every [`crate::driver::ADMISSION_EVERY`].
+    pub fn publish_admission(&self, admission: HashMap<usize, Probe>) {
+        *lock(&self.admission) = admission;
+    }
+
+    /// Where a typical new request for `model` would go, as last probed.
+    pub fn admission(&self, model: usize) -> Option<Probe> {
+        lock(&self.admission).get(&model).copied()
     }
 
     pub fn snapshot(&self) -> InferenceStats {

@@ -7,11 +7,13 @@
 //! or a local refusal for want of room, comes here:
 //!
 //! - candidates are the live members that serve the model, ordered on
-//!   their last published state (every 250 ms): those with an instance of
-//!   the model loaded first, then the others, each group in the
-//!   scheduler's own bin-packing order (`slinfer_scheduler::bin_packing_order`
-//!   over each member's first device: CPU first, busiest first, idle
-//!   last), as one machine orders its devices;
+//!   their last published state (every 250 ms): by where each member's own
+//!   scheduler, probing a typical request, said a new one would go (onto
+//!   an instance it has, onto a new one, nowhere now), then within each
+//!   group in the scheduler's bin-packing order
+//!   (`slinfer_scheduler::bin_packing_order` over each member's first
+//!   device: CPU first, busiest first, idle last), as one machine orders
+//!   its devices and the simulator's `--cluster` orders members;
 //! - each candidate makes the final admission with its own scheduler; a
 //!   refusal (`Overloaded`, `Unavailable`, a model it no longer serves)
 //!   tries the next, and with none left the shortest retry hint is the
@@ -35,7 +37,7 @@ use slinfer_inference::{
     GenerateRequest, GenerationStream, Inference, InferenceError, RETRY_AFTER_S, Relay, Remote,
     Usage,
 };
-use slinfer_scheduler::{DeviceKind, bin_packing_order};
+use slinfer_scheduler::{DeviceKind, Probe, bin_packing_order};
 
 /// How long a candidate has to say it got the request before the next one
 /// is tried (a lost message or a member that just stopped).
@@ -105,9 +107,10 @@ impl Router {
     }
 
     /// Live members other than this one that serve `model`, best first:
-    /// those with an instance of it loaded, then the others, each group in
-    /// the scheduler's bin-packing order of their published devices (CPU
-    /// first, busiest first, idle last).
+    /// by where their own scheduler last said a new request of it would go
+    /// (onto an instance it has, onto a new one, nowhere now), each group
+    /// in the scheduler's bin-packing order of their published devices
+    /// (CPU first, busiest first, idle last).
     fn candidates(&self, model: &str) -> Vec<String> {
         let me = &self.cluster.identity().node;
         let members: Vec<(String, Standing)> = self
@@ -118,18 +121,17 @@ impl Router {
             .filter(|m| m.state.report.models.iter().any(|n| n == model))
             .map(|m| (m.state.node, Standing::of(&m.state.report.inference, model)))
             .collect();
-        let group = |warm: bool| {
-            bin_packing_order(
-                members
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, (_, s))| s.warm == warm)
-                    .map(|(i, (_, s))| (i, s.kind, s.load)),
-            )
-        };
-        [group(true), group(false)]
-            .concat()
+        [Probe::Existing, Probe::New, Probe::No]
             .into_iter()
+            .flat_map(|admission| {
+                bin_packing_order(
+                    members
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, (_, s))| s.admission == admission)
+                        .map(|(i, (_, s))| (i, s.kind, s.load)),
+                )
+            })
             .map(|i| members[i].0.clone())
             .collect()
     }
@@ -169,8 +171,8 @@ impl Router {
 /// Where a member stands for one model, from its published status.
 #[derive(Debug, PartialEq)]
 struct Standing {
-    /// It has an instance of the model.
-    warm: bool,
+    /// Where its scheduler said a new request of the model would go.
+    admission: Probe,
     /// Its first working device in placement order (a CPU if it has one).
     kind: DeviceKind,
     /// That device's bin-packing load; none when idle.
@@ -199,6 +201,7 @@ struct PublishedDevice {
 struct PublishedModel {
     name: String,
     instances: Vec<serde_json::Value>,
+    admission: Option<Probe>,
 }
 
 impl Standing {
@@ -209,11 +212,15 @@ impl Standing {
             .iter()
             .filter(|d| d.failed.is_none())
             .min_by_key(|d| d.kind != DeviceKind::Cpu);
+        let admission = match p.models.iter().find(|m| m.name == model) {
+            None => Probe::No,
+            Some(m) => m.admission.unwrap_or(match m.instances.is_empty() {
+                true => Probe::New,
+                false => Probe::Existing,
+            }),
+        };
         Standing {
-            warm: p
-                .models
-                .iter()
-                .any(|m| m.name == model && !m.instances.is_empty()),
+            admission,
             kind: device.map_or(DeviceKind::Gpu, |d| d.kind),
             load: device.and_then(|d| d.load),
         }
@@ -491,25 +498,36 @@ async fn answer_one(incoming: Incoming, inference: Arc<Inference>) {
 mod tests {
     use super::*;
 
-    fn status(kind: &str, load: Option<f64>, instances: usize) -> serde_json::Value {
+    fn status(kind: &str, load: Option<f64>, admission: &str) -> serde_json::Value {
         serde_json::json!({
             "devices": [{"name": "d", "kind": kind, "load": load, "failed": null}],
-            "models": [{"name": "m", "instances": vec![serde_json::json!({}); instances]}],
+            "models": [{"name": "m", "instances": [], "admission": admission}],
         })
     }
 
     #[test]
-    fn a_member_stands_by_its_first_working_device_in_placement_order() {
-        let s = Standing::of(&status("cpu", Some(0.4), 1), "m");
+    fn a_member_stands_by_its_admission_and_first_working_device() {
+        let s = Standing::of(&status("cpu", Some(0.4), "existing"), "m");
         assert_eq!(
             s,
             Standing {
-                warm: true,
+                admission: Probe::Existing,
                 kind: DeviceKind::Cpu,
                 load: Some(0.4)
             }
         );
-        assert!(!Standing::of(&status("gpu", None, 1), "other").warm);
+        assert_eq!(
+            Standing::of(&status("gpu", None, "no"), "m").admission,
+            Probe::No
+        );
+        // A model it does not list: nowhere.
+        assert_eq!(
+            Standing::of(&status("gpu", None, "new"), "other").admission,
+            Probe::No
+        );
+        // Without a probe, its instances say it.
+        let old = serde_json::json!({"models": [{"name": "m", "instances": [{}]}]});
+        assert_eq!(Standing::of(&old, "m").admission, Probe::Existing);
         // A CPU is chosen over a GPU; a failed device not at all.
         let both = serde_json::json!({"devices": [
             {"kind": "gpu", "load": 5.0, "failed": null},
@@ -517,9 +535,9 @@ mod tests {
         ]});
         let s = Standing::of(&both, "m");
         assert_eq!((s.kind, s.load), (DeviceKind::Gpu, Some(5.0)));
-        // A status that does not parse stands as an idle GPU, no instance.
+        // A status that does not parse stands as an idle GPU, nowhere.
         let s = Standing::of(&serde_json::json!("?"), "m");
-        assert!(!s.warm && s.kind == DeviceKind::Gpu && s.load.is_none());
+        assert!(s.admission == Probe::No && s.kind == DeviceKind::Gpu && s.load.is_none());
     }
 
     #[test]

@@ -6,7 +6,8 @@
 use super::*;
 
 /// What a dry run of placing a request found.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Probe {
     /// On an instance the scheduler has (possibly by preempting).
     Existing,
