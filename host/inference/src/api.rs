@@ -49,6 +49,24 @@ pub enum InferenceError {
     ModelExists(String),
 }
 
+impl InferenceError {
+    /// Of two refusals of one request (by this host and another member, or
+    /// by two members), the one to answer with: an `Overloaded`, with the
+    /// shorter retry hint of two, so that the caller retries and soon;
+    /// else the first.
+    pub fn first_refusal(self, later: InferenceError) -> InferenceError {
+        use InferenceError::Overloaded;
+        match (self, later) {
+            (Overloaded { retry_after_s: a }, Overloaded { retry_after_s: b }) => Overloaded {
+                retry_after_s: a.min(b),
+            },
+            (first @ Overloaded { .. }, _) => first,
+            (_, later @ Overloaded { .. }) => later,
+            (first, _) => first,
+        }
+    }
+}
+
 /// A generation request.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct GenerateRequest {
@@ -232,4 +250,27 @@ pub struct InstanceStatus {
     /// What the engine holds (absent while loading).
     pub kv_blocks_in_use: Option<usize>,
     pub kv_blocks_capacity: Option<usize>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_keep_the_shortest_retry_hint_else_the_first() {
+        let over = |s| InferenceError::Overloaded { retry_after_s: s };
+        let gone = || InferenceError::Unavailable {
+            message: "gone".into(),
+            retry_after_s: RETRY_AFTER_S,
+        };
+        let missing = || InferenceError::ModelNotFound("m".into());
+        assert_eq!(over(2.0).first_refusal(over(0.5)), over(0.5));
+        // An overload beats an unavailable member, before or after: the
+        // caller should retry, and soon.
+        assert_eq!(over(2.0).first_refusal(gone()), over(2.0));
+        assert_eq!(gone().first_refusal(over(2.0)), over(2.0));
+        // Otherwise the first stands (this host's own, when it has one).
+        assert_eq!(gone().first_refusal(missing()), gone());
+        assert_eq!(missing().first_refusal(gone()), missing());
+    }
 }

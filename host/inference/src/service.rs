@@ -287,8 +287,8 @@ impl Inference {
     ///
     /// With a [`Remote`], a model this host does not serve goes there, and
     /// so does a request this host refuses for want of room (`Overloaded`,
-    /// `Unavailable`); when no other member takes it either, the local
-    /// refusal stands.
+    /// `Unavailable`); when no other member takes it either, the answer is
+    /// [`InferenceError::first_refusal`] of this host's and theirs.
     pub async fn generate(
         &self,
         mut req: GenerateRequest,
@@ -303,18 +303,10 @@ impl Inference {
         match self.generate_here(req.clone()).await {
             Err(
                 local @ (InferenceError::Overloaded { .. } | InferenceError::Unavailable { .. }),
-            ) => match remote.generate(req).await {
-                Ok(stream) => Ok(stream),
-                Err(InferenceError::Overloaded { retry_after_s }) => Err(match local {
-                    InferenceError::Overloaded {
-                        retry_after_s: here,
-                    } => InferenceError::Overloaded {
-                        retry_after_s: here.min(retry_after_s),
-                    },
-                    other => other,
-                }),
-                Err(_) => Err(local),
-            },
+            ) => remote
+                .generate(req)
+                .await
+                .map_err(|e| local.first_refusal(e)),
             r => r,
         }
     }

@@ -16,8 +16,9 @@
 //!   its devices and the simulator's `--cluster` orders members;
 //! - each candidate makes the final admission with its own scheduler; a
 //!   refusal (`Overloaded`, `Unavailable`, a model it no longer serves)
-//!   tries the next, and with none left the shortest retry hint is the
-//!   answer;
+//!   tries the next, and with none left the answer is their
+//!   `InferenceError::first_refusal` (an overload with the shortest retry
+//!   hint, else the first refusal);
 //! - tokens come back as frames on core NATS as they are made; a caller
 //!   that hangs up cancels the sequence on the other member; a member lost
 //!   mid-stream (silent for 3 s, gone, restarted) ends the stream with
@@ -227,21 +228,6 @@ impl Standing {
     }
 }
 
-/// The answer when no candidate took the request: the shortest retry hint
-/// of those that were overloaded, else the last other refusal.
-fn merge(so_far: Option<InferenceError>, e: InferenceError) -> InferenceError {
-    match (so_far, e) {
-        (
-            Some(InferenceError::Overloaded { retry_after_s: a }),
-            InferenceError::Overloaded { retry_after_s: b },
-        ) => InferenceError::Overloaded {
-            retry_after_s: a.min(b),
-        },
-        (Some(o @ InferenceError::Overloaded { .. }), _) => o,
-        (_, e) => e,
-    }
-}
-
 impl Remote for Router {
     fn generate(
         &self,
@@ -251,7 +237,7 @@ impl Remote for Router {
     > {
         Box::pin(async move {
             let arrived = req.arrived.unwrap_or_else(Instant::now);
-            let mut refusal = None;
+            let mut refusal: Option<InferenceError> = None;
             for node in self.candidates(&req.model) {
                 let body = serde_json::to_vec(&Routed {
                     request: req.clone(),
@@ -274,7 +260,10 @@ impl Remote for Router {
                             | InferenceError::Unavailable { .. }
                             | InferenceError::ModelNotFound(_) => {
                                 tracing::debug!(model = %req.model, %node, "candidate refused: {e}");
-                                refusal = Some(merge(refusal, e));
+                                refusal = Some(match refusal {
+                                    None => e,
+                                    Some(first) => first.first_refusal(e),
+                                });
                             }
                             e => return Err(e),
                         }
@@ -538,19 +527,6 @@ mod tests {
         // A status that does not parse stands as an idle GPU, nowhere.
         let s = Standing::of(&serde_json::json!("?"), "m");
         assert!(s.admission == Probe::No && s.kind == DeviceKind::Gpu && s.load.is_none());
-    }
-
-    #[test]
-    fn refusals_merge_to_the_shortest_retry_hint() {
-        let over = |s| InferenceError::Overloaded { retry_after_s: s };
-        let e = merge(Some(over(2.0)), over(0.5));
-        assert_eq!(e, over(0.5));
-        // An overload beats a later unavailable member: the caller should
-        // retry, and soon.
-        let e = merge(Some(over(2.0)), unavailable("gone".into()));
-        assert_eq!(e, over(2.0));
-        let e = merge(None, InferenceError::ModelNotFound("m".into()));
-        assert_eq!(e, InferenceError::ModelNotFound("m".into()));
     }
 
     #[test]
