@@ -145,3 +145,40 @@ fn unknown_policy_is_refused_with_the_known_names() {
         "{err}"
     );
 }
+
+#[test]
+fn a_cluster_run_keeps_the_contract_and_bad_cluster_flags_are_refused() {
+    let args = [
+        "--models-per-group",
+        "2",
+        "--gpus",
+        "2",
+        "--cpus",
+        "1",
+        "--duration-s",
+        "120",
+        "--json",
+    ];
+    let one = json(&args);
+    let run = json(&[&args[..], &["--cluster"]].concat());
+    check_run_contract(&run);
+    assert!(one["cluster"].is_null() && one["routing_retries"] == 0);
+    assert_eq!(run["cluster"]["publish_every_s"], 0.25);
+    assert_eq!(run["cluster"]["hop_s"], 0.001);
+    assert_eq!(run["nodes"].as_array().unwrap().len(), 3);
+    assert_eq!(run["requests"], one["requests"]);
+
+    let refused = |extra: &[&str], says: &str| {
+        let out = simulate(&[&args[..], extra].concat());
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{extra:?}: {err}");
+    };
+    refused(
+        &["--cluster", "--publish-ms", "0"],
+        "--publish-ms must be > 0",
+    );
+    refused(&["--cluster", "--hop-ms=-1"], "--hop-ms >= 0");
+    // The cluster's knobs without --cluster would be silently ignored.
+    refused(&["--hop-ms", "5"], "--cluster");
+}

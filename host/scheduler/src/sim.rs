@@ -543,12 +543,10 @@ pub fn simulate(
             .collect(),
     };
     // Global node → (member, its node).
-    let owner: Vec<(usize, NodeId)> = members
-        .iter()
-        .enumerate()
-        .flat_map(|(m, member)| {
-            let n = member.sched.snapshot().nodes.len();
-            (0..n).map(move |local| (m, local))
+    let owner: Vec<(usize, NodeId)> = (0..nodes.len())
+        .map(|g| match setup.cluster {
+            None => (0, g),
+            Some(_) => (g, 0),
         })
         .collect();
     let mut w = World {

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use slinfer_scheduler::{Policy, Profile, SimSetup, load_trace, simulate, svg, sweep, trace};
+use slinfer_scheduler::{
+    ClusterSim, Policy, Profile, SimSetup, load_trace, simulate, svg, sweep, trace,
+};
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
@@ -99,9 +101,9 @@ pub struct SimulateArgs {
     /// scheduler).
     #[arg(long)]
     pub cluster: bool,
-    #[arg(long, default_value_t = 250.0, requires = "cluster")]
+    #[arg(long, default_value_t = ClusterSim::default().publish_every_s * 1e3, requires = "cluster")]
     pub publish_ms: f64,
-    #[arg(long, default_value_t = 1.0, requires = "cluster")]
+    #[arg(long, default_value_t = ClusterSim::default().hop_s * 1e3, requires = "cluster")]
     pub hop_ms: f64,
     /// Run every policy (or --policies) at every K (or --ks).
     #[arg(long)]
@@ -153,7 +155,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
             args.publish_ms > 0.0 && args.hop_ms >= 0.0,
             "--publish-ms must be > 0 and --hop-ms >= 0"
         );
-        setup.cluster = Some(slinfer_scheduler::ClusterSim {
+        setup.cluster = Some(ClusterSim {
             publish_every_s: args.publish_ms / 1e3,
             hop_s: args.hop_ms / 1e3,
         });
