@@ -23,10 +23,8 @@ Needs: target/release/slinfer, target/packages/{hello,chat}, .venv/bin/nats-serv
 """
 
 import argparse
-import http.client
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -35,9 +33,10 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 import urllib.request
 from pathlib import Path
+
+from benchlib import chat_stream, cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target/release/slinfer"
@@ -96,33 +95,9 @@ class Member:
 
 def stream(url, max_tokens):
     """One streamed chat: (TTFT s, TPOT s, generated tokens)."""
-    u = urllib.parse.urlparse(url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
-    start = time.perf_counter()
-    conn.request("POST", f"/fn/chat/?max_tokens={max_tokens}&temperature=0",
-                 body=b"Tell me a story about a lighthouse keeper.")
-    resp = conn.getresponse()
-    assert resp.status == 200, resp.read()
-    first = last = None
-    usage = None
-    event = None
-    for raw in resp:
-        line = raw.decode().rstrip("\n")
-        if line.startswith("event: "):
-            event = line[7:]
-        elif line.startswith("data: "):
-            if event == "usage":
-                usage = json.loads(line[6:])
-            elif event is None:
-                last = time.perf_counter()
-                first = first or last
-            else:
-                raise SystemExit(f"stream error: {line}")
-        elif not line:
-            event = None
-    conn.close()
-    n = usage["generated_tokens"]
-    return first - start, (last - first) / max(n - 1, 1), n
+    r = chat_stream(url, "Tell me a story about a lighthouse keeper.", max_tokens,
+                    time.perf_counter())
+    return r["first"], (r["last"] - r["first"]) / max(r["n"] - 1, 1), r["n"]
 
 
 def throughput(url, streams, max_tokens):
@@ -190,13 +165,6 @@ def oha_rps(url, seconds):
     return json.loads(out)["summary"]["requestsPerSec"]
 
 
-def cpu_name():
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -231,7 +199,7 @@ def main():
             while m.get("/v1/functions/hello") is None:
                 time.sleep(0.01)
 
-        print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; oha -c 32, {args.seconds} s per side per round")
+        print(f"CPU: {cpu_name()}; oha -c 32, {args.seconds} s per side per round")
         print("\n1. hello invocations/s, alone vs through member b (rounds interleaved)")
         ratios = []
         for r in range(args.rounds):

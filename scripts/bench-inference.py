@@ -35,8 +35,9 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
+
+from benchlib import chat_stream, cpu_name
 
 PROMPT = "Write a long, detailed story about a dragon who learns to cook."
 SIDES = ("slinfer", "genai", "llama.cpp")
@@ -47,28 +48,7 @@ def user_prompts(k: int) -> list:
 
 
 def one(url: str, prompt: str, tokens: int, t0: float, out: list) -> None:
-    req = urllib.request.Request(f"{url}/fn/chat/?max_tokens={tokens}&temperature=0",
-                                 data=prompt.encode(), method="POST")
-    first = last = None
-    usage = None
-    with urllib.request.urlopen(req, timeout=600) as resp:
-        event = None
-        for raw in resp:
-            line = raw.decode().rstrip("\n")
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: "):
-                now = time.perf_counter() - t0
-                if event == "usage":
-                    usage = json.loads(line[6:])
-                elif event is None:
-                    first = first if first is not None else now
-                    last = now
-                else:
-                    raise RuntimeError(line)
-            elif line == "":
-                event = None
-    out.append({"n": usage["generated_tokens"], "first": first, "last": last})
+    out.append(chat_stream(url, prompt, tokens, t0))
 
 
 def slinfer(url: str, prompts: list, tokens: int) -> dict:
@@ -120,17 +100,6 @@ def headline(run: dict) -> float:
 
 def median_range(xs: list) -> str:
     return f"{statistics.median(xs):.2f}x ({min(xs):.2f}-{max(xs):.2f})"
-
-
-def cpu_name() -> str:
-    info = {}
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        k, _, v = line.partition(":")
-        info[k.strip()] = v.strip()
-    flags = [f for f in info.get("Flags", "").split()
-             if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")]
-    return (f"{info.get('Model name', '?')} (family {info.get('CPU family', '?')}, model {info.get('Model', '?')}), "
-            f"{info.get('CPU(s)', '?')} CPUs; {' '.join(flags)}")
 
 
 def main() -> int:
