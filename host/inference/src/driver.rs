@@ -427,10 +427,7 @@ impl Driver {
                 let Some(r) = self.runners.get(&instance) else {
                     return;
                 };
-                self.metrics
-                    .preemptions
-                    .get_or_create(&r.labels)
-                    .inc_by(requests.len() as u64);
+                self.metrics.preempted(&r.labels, requests.len());
                 let gens = requests
                     .iter()
                     .filter_map(|id| self.generations.get(id).cloned())
@@ -489,7 +486,7 @@ impl Driver {
             model: entry.name.clone(),
             device: device.name.clone(),
         };
-        self.metrics.cold_starts.get_or_create(&labels).inc();
+        self.metrics.cold_start(&labels);
         let (jobs, inbox) = channel();
         let links = Links {
             cost: self.cost.clone(),

@@ -68,6 +68,8 @@ pub(crate) struct Generation {
     pub ttft_slo_s: f64,
     pub tpot_slo_s: f64,
     metrics: Arc<LlmMetrics>,
+    /// The model's sampled-tokens counter.
+    tokens: prometheus_client::metrics::counter::Counter,
 }
 
 impl Generation {
@@ -84,6 +86,7 @@ impl Generation {
     ) -> Generation {
         Generation {
             id,
+            tokens: metrics.tokens_of(&model.name),
             model,
             prompt,
             generated: Vec::new(),
@@ -143,6 +146,7 @@ impl Generation {
             self.sampler.sample(logits, &history)
         };
         self.sampled += 1;
+        self.metrics.token(&self.tokens, &self.model.name);
         if self.ttft_s.is_none() {
             self.ttft_s = Some(self.submitted.elapsed().as_secs_f64());
             let _ = self.tx.send(Event::Started);

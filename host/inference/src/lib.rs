@@ -25,6 +25,7 @@ mod generation;
 pub mod graphs;
 mod memory;
 mod metrics;
+pub mod recent;
 mod runner;
 mod service;
 mod stats;
@@ -36,7 +37,9 @@ pub use devices::{
 };
 pub use generation::{GenerationStream, Relay};
 pub use memory::{HOST_MEMORY_MARGIN_BYTES, MemoryBudget, MemoryUse};
-pub use metrics::{DeviceLabel, DeviceLabels, LlmMetrics, ModelLabel, OutcomeLabels, SloLabels};
+pub use metrics::{
+    DeviceLabel, DeviceLabels, LlmMetrics, ModelLabel, ModelTally, OutcomeLabels, SloLabels,
+};
 pub use service::{Inference, InferenceConfig, Remote};
 /// The neutral tensor types `wasi:nn` carries (from the engine contract).
 pub use slinfer_engine::tensor;

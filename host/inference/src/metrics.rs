@@ -9,8 +9,10 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::collections::BTreeMap;
 
 use crate::api::InferenceStatus;
+use crate::recent::{Recent, Samples};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabel {
@@ -45,11 +47,29 @@ pub struct SloLabels {
     pub result: String,
 }
 
+/// What happened to one model in one second (the dashboard's windows).
+#[derive(Debug, Default)]
+pub struct ModelTally {
+    /// Requests ended, per outcome (as in `slinfer_llm_requests`).
+    pub ended: BTreeMap<&'static str, u32>,
+    pub slo_met: u32,
+    pub slo_missed: u32,
+    /// Tokens sampled.
+    pub tokens: u64,
+    /// Seconds to first token and per output token of finished requests.
+    pub ttft: Samples,
+    pub tpot: Samples,
+    pub cold_starts: u32,
+    pub preemptions: u32,
+}
+
 /// The inference room's metrics: the live scheduler's state per model and
 /// device (gauges set from its snapshot at each scrape) and what happened
-/// to requests (counters and histograms the driver records).
+/// to requests (counters and histograms the driver records, and the same
+/// second by second in [`LlmMetrics::recent`]).
 pub struct LlmMetrics {
     pub requests: Family<OutcomeLabels, Counter>,
+    pub tokens: Family<ModelLabel, Counter>,
     pub ttft: Family<ModelLabel, Histogram>,
     pub tpot: Family<ModelLabel, Histogram>,
     pub slo: Family<SloLabels, Counter>,
@@ -65,12 +85,15 @@ pub struct LlmMetrics {
     pub device_committed: Family<DeviceLabel, Gauge>,
     pub device_planned: Family<DeviceLabel, Gauge>,
     pub device_failed: Family<DeviceLabel, Gauge>,
+    /// The last 15 minutes, per second and model.
+    pub recent: Recent<BTreeMap<String, ModelTally>>,
 }
 
 impl Default for LlmMetrics {
     fn default() -> Self {
         LlmMetrics {
             requests: Family::default(),
+            tokens: Family::default(),
             ttft: Family::new_with_constructor(|| {
                 Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
             }),
@@ -90,6 +113,7 @@ impl Default for LlmMetrics {
             device_committed: Family::default(),
             device_planned: Family::default(),
             device_failed: Family::default(),
+            recent: Recent::default(),
         }
     }
 }
@@ -102,6 +126,11 @@ impl LlmMetrics {
             "requests",
             "Generation requests ended, per model and outcome",
             self.requests.clone(),
+        );
+        r.register(
+            "generated_tokens",
+            "Tokens sampled, per model",
+            self.tokens.clone(),
         );
         r.register(
             "ttft_seconds",
@@ -180,10 +209,34 @@ impl LlmMetrics {
         );
     }
 
+    /// Adds to `model`'s tally of the current second.
+    fn tally(&self, model: &str, f: impl FnOnce(&mut ModelTally)) {
+        self.recent.record(|models| match models.get_mut(model) {
+            Some(t) => f(t),
+            None => f(models.entry(model.to_string()).or_default()),
+        });
+    }
+
+    /// The counter of `model`'s sampled tokens (a generation holds it, so
+    /// counting a token does not look the model up).
+    pub(crate) fn tokens_of(&self, model: &str) -> Counter {
+        self.tokens
+            .get_or_create(&ModelLabel {
+                model: model.to_string(),
+            })
+            .clone()
+    }
+
+    /// A token was sampled for `model`; `counter` is [`Self::tokens_of`] it.
+    pub(crate) fn token(&self, counter: &Counter, model: &str) {
+        counter.inc();
+        self.tally(model, |t| t.tokens += 1);
+    }
+
     /// How a request ended: its outcome (`finished`, `cancelled`,
     /// `overloaded`, `deadline_missed`, `unavailable`, `failed`), and for the
     /// ones that count towards the SLO whether it was met.
-    pub(crate) fn ended(&self, model: &str, outcome: &str, slo_met: Option<bool>) {
+    pub(crate) fn ended(&self, model: &str, outcome: &'static str, slo_met: Option<bool>) {
         self.requests
             .get_or_create(&OutcomeLabels {
                 model: model.to_string(),
@@ -198,6 +251,14 @@ impl LlmMetrics {
                 })
                 .inc();
         }
+        self.tally(model, |t| {
+            *t.ended.entry(outcome).or_default() += 1;
+            match slo_met {
+                Some(true) => t.slo_met += 1,
+                Some(false) => t.slo_missed += 1,
+                None => {}
+            }
+        });
     }
 
     /// A finished request's latencies.
@@ -209,6 +270,24 @@ impl LlmMetrics {
         if let Some(t) = tpot_s {
             self.tpot.get_or_create(&label).observe(t);
         }
+        self.tally(model, |t| {
+            t.ttft.add(ttft_s);
+            if let Some(s) = tpot_s {
+                t.tpot.add(s);
+            }
+        });
+    }
+
+    /// An instance of `labels.model` was loaded on `labels.device`.
+    pub(crate) fn cold_start(&self, labels: &DeviceLabels) {
+        self.cold_starts.get_or_create(labels).inc();
+        self.tally(&labels.model, |t| t.cold_starts += 1);
+    }
+
+    /// `n` requests were preempted off an instance of `labels.model`.
+    pub(crate) fn preempted(&self, labels: &DeviceLabels, n: usize) {
+        self.preemptions.get_or_create(labels).inc_by(n as u64);
+        self.tally(&labels.model, |t| t.preemptions += n as u32);
     }
 
     /// Sets the scheduler-state gauges from the service's status.
