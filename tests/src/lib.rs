@@ -132,7 +132,8 @@ impl Server {
     }
 
     /// Start a server on `data_dir` with extra environment variables and
-    /// `serve` arguments. Its log (stderr) goes to [`Server::log_path`].
+    /// `serve` arguments (`--listen` among them keeps the address across
+    /// [`Server::restart`]). Its log (stderr) goes to [`Server::log_path`].
     pub fn start_with(data_dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Server {
         std::fs::create_dir_all(data_dir.parent().expect("data dir has a parent")).expect("mkdir");
         let log = std::fs::OpenOptions::new()
@@ -141,7 +142,12 @@ impl Server {
             .open(log_path(data_dir))
             .expect("server log");
         let mut cmd = Command::new(slinfer_bin());
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        cmd.arg("serve");
+        // An ephemeral port unless the caller names one (to restart on it).
+        if !args.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        cmd.arg("--data-dir")
             .arg(data_dir)
             .args(args)
             // Inference is opt-in per test (`--models-dir`), not inherited.

@@ -24,3 +24,4 @@ pub mod metrics;
 pub mod models;
 pub mod routing;
 pub mod server;
+pub mod ui;

@@ -8,7 +8,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use slinfer_inference::recent::{Recent, Samples};
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FunctionLabel {
@@ -32,6 +34,24 @@ pub struct RouteLabels {
     pub outcome: &'static str,
 }
 
+/// What happened to one function in one second (the dashboard's windows).
+#[derive(Debug, Default)]
+pub struct FunctionTally {
+    pub invocations: u32,
+    /// Failed invocations, per kind of error.
+    pub errors: BTreeMap<String, u32>,
+    /// Seconds from arrival to the end of the response body.
+    pub latency: Samples,
+}
+
+/// One device's memory at the end of one second (the dashboard's timeline).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct DeviceMemory {
+    pub capacity_bytes: u64,
+    pub committed_bytes: u64,
+    pub planned_bytes: u64,
+}
+
 /// Every metric the host exports.
 pub struct Metrics {
     registry: Mutex<Registry>,
@@ -52,6 +72,11 @@ pub struct Metrics {
     pub routed: Family<RouteLabels, Counter>,
     /// Generations other members sent here, per member.
     pub answered: Family<RouteLabels, Counter>,
+    /// The last 15 minutes of invocations, per second and function.
+    pub recent: Recent<BTreeMap<String, FunctionTally>>,
+    /// The last 15 minutes of each device's memory (set by
+    /// [`Metrics::sample_devices`]).
+    pub device_memory: Recent<BTreeMap<String, DeviceMemory>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -173,6 +198,8 @@ impl Metrics {
             llm,
             routed,
             answered,
+            recent: Recent::default(),
+            device_memory: Recent::default(),
         }
     }
 
@@ -217,6 +244,34 @@ impl Metrics {
                 })
                 .inc();
         }
+        self.recent.record(|functions| {
+            let t = match functions.get_mut(function) {
+                Some(t) => t,
+                None => functions.entry(function.to_owned()).or_default(),
+            };
+            t.invocations += 1;
+            t.latency.add(seconds);
+            if let Some(kind) = error {
+                *t.errors.entry(kind.to_owned()).or_default() += 1;
+            }
+        });
+    }
+
+    /// Notes each device's memory for this second.
+    pub fn sample_devices(&self, status: &slinfer_inference::InferenceStatus) {
+        self.device_memory.record(|devices| {
+            for d in &status.devices {
+                let n = &d.scheduler;
+                devices.insert(
+                    d.name.clone(),
+                    DeviceMemory {
+                        capacity_bytes: n.capacity_bytes,
+                        committed_bytes: n.committed_bytes,
+                        planned_bytes: n.planned_bytes,
+                    },
+                );
+            }
+        });
     }
 
     /// Forget a removed function's per-function series.

@@ -176,10 +176,15 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         metrics_access: opts.metrics_access,
         memory,
         member: member.clone(),
+        started_unix_s: slinfer_inference::recent::unix_now(),
     };
+    if let Some(i) = &inference {
+        crate::ui::sample_devices(state.metrics.clone(), i.clone());
+    }
     tracing::info!(%addr, data_dir = %opts.data_dir.display(), max_connections = opts.connections.max_connections, "slinfer listening");
     // Tests and scripts read this line to find an ephemeral port.
     println!("listening on http://{addr}");
+    println!("dashboard at http://{addr}/ui");
     let metrics = state.metrics.clone();
     connections::serve(
         listener,

@@ -1,7 +1,7 @@
 //! The HTTP API (axum): function management under `/v1/functions`, model
 //! packages under `/v1/models` and the scheduler's state at `/v1/status`
-//! (admin token required), invocation under `/fn/{name}/...`, `/healthz` and
-//! `/metrics`.
+//! (admin token required), invocation under `/fn/{name}/...`, `/healthz`,
+//! `/metrics` and the dashboard under `/ui` (`crate::ui`).
 //!
 //! This room translates between HTTP and the `functions` room; it holds no
 //! state of its own beyond the admin token.
@@ -36,6 +36,8 @@ pub struct AppState {
     pub memory: Arc<slinfer_inference::MemoryBudget>,
     /// This host as a cluster member (`serve --cluster`).
     pub member: Option<Arc<crate::cluster::Member>>,
+    /// When this server started (the dashboard tells a restart by it).
+    pub started_unix_s: u64,
 }
 
 /// Who may read `/metrics` (`serve --metrics`).
@@ -65,9 +67,13 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/status", get(models::status))
         .route("/v1/cluster", get(cluster_view));
+    // The dashboard's state names what `/metrics` names: the same access.
+    let observed = Router::new()
+        .route("/metrics", get(metrics))
+        .merge(crate::ui::api());
     let (admin, public) = match state.metrics_access {
-        MetricsAccess::Admin => (admin.route("/metrics", get(metrics)), Router::new()),
-        MetricsAccess::Public => (admin, Router::new().route("/metrics", get(metrics))),
+        MetricsAccess::Admin => (admin.merge(observed), Router::new()),
+        MetricsAccess::Public => (admin, observed),
     };
     let admin = admin.route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
@@ -77,6 +83,7 @@ pub fn router(state: AppState) -> Router {
         .route("/fn/{name}/", any(invoke))
         .route("/fn/{name}/{*path}", any(invoke))
         .route("/healthz", get(healthz))
+        .merge(crate::ui::pages())
         .with_state(state)
 }
 
