@@ -108,6 +108,15 @@ async fn a_function_on_a_member_without_engines_generates_on_another() {
     assert_eq!(remote["generated_tokens"], 12);
     // a has no engine; c ran both.
     assert!(get_json(&a, "/v1/status").await["inference"].is_null());
+    // a's dashboard shows each member's devices: none here, c's CPU.
+    let ui = get_json(&a, "/ui/api/state").await;
+    let nodes = ui["nodes"].as_array().expect("nodes");
+    let devices_of = |node: &str| {
+        let n = nodes.iter().find(|n| n["node"] == node).expect(node);
+        n["status"]["devices"].as_array().map_or(0, Vec::len)
+    };
+    assert_eq!((devices_of("a"), devices_of("c")), (0, 1), "{ui}");
+    assert_eq!(ui["node"], "a");
     let finished = metric(
         &c.metrics().await,
         "slinfer_llm_requests_total",
