@@ -5,14 +5,14 @@
 //! the last 5 minutes, SLO attainment over 1, 5 and 15 minutes, counts over
 //! 15 minutes; the timeline has one point per 5 seconds.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 use slinfer_inference::recent::{KEPT_SECONDS, Recent, Samples, percentiles, unix_now};
 use slinfer_inference::{InferenceStatus, ModelTally};
 
 use crate::api::AppState;
-use crate::metrics::{DeviceMemory, FunctionLabel, FunctionTally, Metrics};
+use crate::metrics::{DeviceMemory, FunctionLabel, Metrics};
 
 /// Seconds a rate is averaged over.
 const RATE_SECONDS: u64 = 10;
@@ -137,18 +137,6 @@ impl UiState {
     }
 }
 
-/// Calls `f` on the tallies of the seconds from `now - back` to
-/// `now - skip`, both included.
-fn window<T: Default>(recent: &Recent<T>, now: u64, back: u64, skip: u64, mut f: impl FnMut(&T)) {
-    recent.read(|seconds| {
-        for (s, t) in seconds {
-            if s + back >= now && s + skip <= now {
-                f(t);
-            }
-        }
-    });
-}
-
 /// `part / whole`, none of nothing.
 fn share(part: u32, whole: u32) -> Option<f64> {
     (whole > 0).then(|| f64::from(part) / f64::from(whole))
@@ -159,124 +147,141 @@ fn p50_p99<'a>(samples: impl Iterator<Item = &'a Samples>) -> [Option<f64>; 2] {
     [p[0], p[1]]
 }
 
+/// Whether second `s` is among the last `back` seconds at `now`, the
+/// current one included.
+fn within(s: u64, now: u64, back: u64) -> bool {
+    s + back >= now
+}
+
+/// Whether second `s` counts towards a rate at `now`: the last
+/// [`RATE_SECONDS`] whole seconds.
+fn in_rate(s: u64, now: u64) -> bool {
+    within(s, now, RATE_SECONDS) && s < now
+}
+
+/// One model's seconds, added up in one pass over the tallies.
+#[derive(Default)]
+struct ModelSums<'a> {
+    tokens: u64,
+    met: [u32; 3],
+    missed: [u32; 3],
+    ttft: Vec<&'a Samples>,
+    tpot: Vec<&'a Samples>,
+    ended: BTreeMap<&'static str, u32>,
+    cold_starts: u32,
+    preemptions: u32,
+}
+
 fn models(
     recent: &Recent<BTreeMap<String, ModelTally>>,
     status: Option<&InferenceStatus>,
     now: u64,
 ) -> Vec<ModelView> {
-    let mut names: BTreeSet<String> = status
-        .iter()
-        .flat_map(|s| s.models.iter().map(|m| m.info.name.clone()))
-        .collect();
-    window(recent, now, KEPT_SECONDS, 0, |second| {
-        names.extend(second.keys().cloned());
-    });
-    names
-        .into_iter()
-        .map(|name| {
-            let here = status.and_then(|s| s.models.iter().find(|m| m.info.name == name));
-            let mut view = ModelView {
-                queued: here.map_or(0, |m| m.queued_requests),
-                instances: here.map_or(0, |m| m.instances.len()),
-                tokens_per_s: 0.0,
-                ttft_s: [None; 2],
-                tpot_s: [None; 2],
-                slo: [None; 3],
-                ended: BTreeMap::new(),
-                cold_starts: 0,
-                preemptions: 0,
-                name,
-            };
-            let mut tokens = 0;
-            window(recent, now, RATE_SECONDS, 1, |s| {
-                tokens += s.get(&view.name).map_or(0, |t| t.tokens);
-            });
-            view.tokens_per_s = tokens as f64 / RATE_SECONDS as f64;
-            for (i, minutes) in [1, 5, 15].into_iter().enumerate() {
-                let (mut met, mut missed) = (0, 0);
-                window(recent, now, minutes * 60, 0, |s| {
-                    if let Some(t) = s.get(&view.name) {
-                        met += t.slo_met;
-                        missed += t.slo_missed;
-                    }
-                });
-                view.slo[i] = share(met, met + missed);
-            }
-            let (mut ttft, mut tpot) = (Vec::new(), Vec::new());
-            recent.read(|seconds| {
-                for (s, second) in seconds {
-                    let Some(t) = second.get(&view.name) else {
-                        continue;
-                    };
-                    if s + PERCENTILE_SECONDS >= now {
-                        ttft.push(t.ttft.clone());
-                        tpot.push(t.tpot.clone());
-                    }
-                    for (outcome, n) in &t.ended {
-                        *view.ended.entry(outcome).or_default() += n;
-                    }
-                    view.cold_starts += t.cold_starts;
-                    view.preemptions += t.preemptions;
+    recent.read(|seconds| {
+        let mut sums: BTreeMap<&str, ModelSums> = status
+            .iter()
+            .flat_map(|s| s.models.iter())
+            .map(|m| (m.info.name.as_str(), ModelSums::default()))
+            .collect();
+        for (s, second) in seconds {
+            for (name, t) in second {
+                let m = sums.entry(name.as_str()).or_default();
+                if in_rate(s, now) {
+                    m.tokens += t.tokens;
                 }
-            });
-            view.ttft_s = p50_p99(ttft.iter());
-            view.tpot_s = p50_p99(tpot.iter());
-            view
-        })
-        .collect()
+                for (i, minutes) in [1, 5, 15].into_iter().enumerate() {
+                    if within(s, now, minutes * 60) {
+                        m.met[i] += t.slo_met;
+                        m.missed[i] += t.slo_missed;
+                    }
+                }
+                if within(s, now, PERCENTILE_SECONDS) {
+                    m.ttft.push(&t.ttft);
+                    m.tpot.push(&t.tpot);
+                }
+                for (outcome, n) in &t.ended {
+                    *m.ended.entry(outcome).or_default() += n;
+                }
+                m.cold_starts += t.cold_starts;
+                m.preemptions += t.preemptions;
+            }
+        }
+        sums.into_iter()
+            .map(|(name, m)| {
+                let here = status.and_then(|s| s.models.iter().find(|x| x.info.name == name));
+                ModelView {
+                    name: name.to_owned(),
+                    queued: here.map_or(0, |x| x.queued_requests),
+                    instances: here.map_or(0, |x| x.instances.len()),
+                    tokens_per_s: m.tokens as f64 / RATE_SECONDS as f64,
+                    ttft_s: p50_p99(m.ttft.into_iter()),
+                    tpot_s: p50_p99(m.tpot.into_iter()),
+                    slo: [0, 1, 2].map(|i| share(m.met[i], m.met[i] + m.missed[i])),
+                    ended: m.ended,
+                    cold_starts: m.cold_starts,
+                    preemptions: m.preemptions,
+                }
+            })
+            .collect()
+    })
+}
+
+/// One function's seconds, added up in one pass over the tallies.
+#[derive(Default)]
+struct FunctionSums<'a> {
+    last: u32,
+    invocations: u32,
+    errors: BTreeMap<String, u32>,
+    latency: Vec<&'a Samples>,
 }
 
 fn functions(app: &AppState, now: u64) -> Vec<FunctionView> {
-    let recent = &app.metrics.recent;
-    let gauge = |family: &prometheus_client::metrics::family::Family<
+    type Gauges = prometheus_client::metrics::family::Family<
         FunctionLabel,
         prometheus_client::metrics::gauge::Gauge,
-    >,
-                 name: &str| {
+    >;
+    let gauge = |family: &Gauges, name: &str| {
         family
             .get(&FunctionLabel {
                 function: name.to_owned(),
             })
             .map_or(0, |g| g.get())
     };
-    app.functions
-        .list()
-        .iter()
-        .map(|d| {
-            let name = d.manifest.name.clone();
-            let mut view = FunctionView {
-                invocations_per_s: 0.0,
-                invocations: 0,
-                errors: BTreeMap::new(),
-                latency_s: [None; 2],
-                instances: gauge(&app.metrics.instances, &name),
-                queued: gauge(&app.metrics.queued, &name),
-                name,
-            };
-            let mut last = 0;
-            window(recent, now, RATE_SECONDS, 1, |s| {
-                last += s.get(&view.name).map_or(0, |t| t.invocations);
-            });
-            view.invocations_per_s = f64::from(last) / RATE_SECONDS as f64;
-            let mut latency = Vec::new();
-            recent.read(|seconds| {
-                for (s, second) in seconds {
-                    let Some(t): Option<&FunctionTally> = second.get(&view.name) else {
-                        continue;
-                    };
-                    view.invocations += t.invocations;
-                    for (kind, n) in &t.errors {
-                        *view.errors.entry(kind.clone()).or_default() += n;
-                    }
-                    if s + PERCENTILE_SECONDS >= now {
-                        latency.push(t.latency.clone());
-                    }
+    let deployed = app.functions.list();
+    app.metrics.recent.read(|seconds| {
+        let mut sums: HashMap<&str, FunctionSums> = HashMap::new();
+        for (s, second) in seconds {
+            for (name, t) in second {
+                let f = sums.entry(name.as_str()).or_default();
+                if in_rate(s, now) {
+                    f.last += t.invocations;
                 }
-            });
-            view.latency_s = p50_p99(latency.iter());
-            view
-        })
-        .collect()
+                f.invocations += t.invocations;
+                for (kind, n) in &t.errors {
+                    *f.errors.entry(kind.clone()).or_default() += n;
+                }
+                if within(s, now, PERCENTILE_SECONDS) {
+                    f.latency.push(&t.latency);
+                }
+            }
+        }
+        deployed
+            .iter()
+            .map(|d| {
+                let name = d.manifest.name.as_str();
+                let f = sums.remove(name).unwrap_or_default();
+                FunctionView {
+                    name: name.to_owned(),
+                    invocations_per_s: f64::from(f.last) / RATE_SECONDS as f64,
+                    invocations: f.invocations,
+                    errors: f.errors,
+                    latency_s: p50_p99(f.latency.into_iter()),
+                    instances: gauge(&app.metrics.instances, name),
+                    queued: gauge(&app.metrics.queued, name),
+                }
+            })
+            .collect()
+    })
 }
 
 fn timeline(metrics: &Metrics, now: u64) -> Timeline {
