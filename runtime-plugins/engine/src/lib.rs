@@ -52,7 +52,7 @@ use std::path::PathBuf;
 pub use config::ModelConfig;
 pub use kv::{BatchPlan, BlockAllocator, KvManager};
 pub use package::{ModelPackage, PackageManifest};
-pub use sampler::{Sampler, SamplingParams};
+pub use sampler::{Logprobs, Sampler, SamplingParams, Seen, logprobs};
 pub use slinfer_device::{DeviceKind, PerKind};
 pub use weights::{LlamaWeights, WeightDType};
 

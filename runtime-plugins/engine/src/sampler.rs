@@ -1,6 +1,8 @@
 //! Token sampling on the host, the same for every backend: greedy,
-//! temperature, top-k, top-p and repetition penalty, with a seeded generator
-//! so a seeded request repeats exactly.
+//! temperature, top-k, top-p, the repetition, presence and frequency
+//! penalties, a logit bias and banned tokens, with a seeded generator so a
+//! seeded request repeats exactly; and the log-probabilities of a sampled
+//! token and its most likely alternatives ([`logprobs`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +18,12 @@ pub struct SamplingParams {
     /// Hugging Face's rule: divide positive logits of tokens seen so far by
     /// this, multiply negative ones; 1 is off.
     pub repetition_penalty: f32,
+    /// OpenAI's: subtracted once from the logit of every token the output
+    /// already holds; 0 is off.
+    pub presence_penalty: f32,
+    /// OpenAI's: subtracted from a token's logit once per time the output
+    /// holds it; 0 is off.
+    pub frequency_penalty: f32,
     pub seed: u64,
 }
 
@@ -26,9 +34,23 @@ impl Default for SamplingParams {
             top_k: 0,
             top_p: 1.0,
             repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: 0,
         }
     }
+}
+
+/// What a sampler reads of the sequence besides its logits.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Seen<'a> {
+    /// The prompt's tokens (the repetition penalty counts them).
+    pub prompt: &'a [u32],
+    /// The tokens generated so far (every penalty counts them).
+    pub output: &'a [u32],
+    /// Tokens that may not be sampled now (an end of sequence before the
+    /// request's minimum length).
+    pub banned: &'a [u32],
 }
 
 /// SplitMix64: tiny, fast, good enough to draw tokens, and stable across
@@ -62,6 +84,8 @@ impl Rng {
 pub struct Sampler {
     params: SamplingParams,
     rng: Rng,
+    /// Added to these tokens' logits before anything else.
+    logit_bias: Vec<(u32, f32)>,
 }
 
 /// Index of the largest value (the first one on ties); NaNs never win.
@@ -96,38 +120,44 @@ impl Sampler {
         Sampler {
             params,
             rng: Rng::new(params.seed),
+            logit_bias: Vec::new(),
         }
+    }
+
+    /// Adds `bias` to the logits of its tokens before sampling (OpenAI's
+    /// `logit_bias`: -100 in effect bans a token, 100 forces it).
+    pub fn with_logit_bias(mut self, bias: Vec<(u32, f32)>) -> Self {
+        self.logit_bias = bias;
+        self
     }
 
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }
 
-    /// Pick the next token from `logits`, given the tokens seen so far
-    /// (prompt and output, for the repetition penalty).
-    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+    /// Whether [`Sampler::sample`] reads [`Seen::prompt`] or
+    /// [`Seen::output`] (callers skip gathering them otherwise).
+    pub fn reads_history(&self) -> bool {
+        let p = &self.params;
+        p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0
+    }
+
+    /// Pick the next token from `logits`, given what the sequence holds.
+    pub fn sample(&mut self, logits: &[f32], seen: Seen<'_>) -> u32 {
         let p = self.params;
         let greedy = p.temperature <= 0.0 || p.top_k == 1;
-        let penalty = p.repetition_penalty != 1.0 && p.repetition_penalty > 0.0;
-        if greedy && !penalty {
+        let repetition = p.repetition_penalty != 1.0 && p.repetition_penalty > 0.0;
+        let adjusted = repetition
+            || p.presence_penalty != 0.0
+            || p.frequency_penalty != 0.0
+            || !self.logit_bias.is_empty()
+            || !seen.banned.is_empty();
+        if greedy && !adjusted {
             return argmax(logits);
         }
         let mut l = logits.to_vec();
-        if penalty {
-            let mut seen = vec![false; l.len()];
-            for &t in history {
-                if let Some(s) = seen.get_mut(t as usize)
-                    && !*s
-                {
-                    *s = true;
-                    let v = &mut l[t as usize];
-                    *v = if *v > 0.0 {
-                        *v / p.repetition_penalty
-                    } else {
-                        *v * p.repetition_penalty
-                    };
-                }
-            }
+        if adjusted {
+            self.adjust(&mut l, seen, repetition);
         }
         if greedy {
             return argmax(&l);
@@ -179,6 +209,91 @@ impl Sampler {
         }
         *idx.last().expect("non-empty")
     }
+
+    /// The logit bias, the penalties and the bans, in that order.
+    fn adjust(&self, l: &mut [f32], seen: Seen<'_>, repetition: bool) {
+        let p = &self.params;
+        for &(t, b) in &self.logit_bias {
+            if let Some(v) = l.get_mut(t as usize) {
+                *v += b;
+            }
+        }
+        if repetition {
+            // Hugging Face's rule, once per distinct token of prompt and output.
+            let mut done = vec![false; l.len()];
+            for &t in seen.prompt.iter().chain(seen.output) {
+                if let Some(d) = done.get_mut(t as usize)
+                    && !*d
+                {
+                    *d = true;
+                    let v = &mut l[t as usize];
+                    *v = if *v > 0.0 {
+                        *v / p.repetition_penalty
+                    } else {
+                        *v * p.repetition_penalty
+                    };
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            let mut output = seen.output.to_vec();
+            output.sort_unstable();
+            for run in output.chunk_by(|a, b| a == b) {
+                if let Some(v) = l.get_mut(run[0] as usize) {
+                    *v -= p.presence_penalty + p.frequency_penalty * run.len() as f32;
+                }
+            }
+        }
+        for &t in seen.banned {
+            if let Some(v) = l.get_mut(t as usize) {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
+/// A sampled token's log-probability and the `top` most likely tokens with
+/// theirs, most likely first, in the model's own distribution: the
+/// log-softmax of the raw logits, before bias, penalties and temperature
+/// (what vLLM reports by default).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logprobs {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// [`Logprobs`] of `token` in `logits`, with the `top` best alternatives.
+pub fn logprobs(logits: &[f32], token: u32, top: usize) -> Logprobs {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|v| v.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits
+        .iter()
+        .filter(|v| v.is_finite())
+        .map(|&v| f64::from(v - max).exp())
+        .sum();
+    let log_z = f64::from(max) + sum.ln();
+    let of = |v: f32| (f64::from(v) - log_z) as f32;
+    // The `top` largest, kept sorted in a short list (top <= 20).
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &v) in logits.iter().enumerate() {
+            if !v.is_finite() || (best.len() == top && v <= best[top - 1].1) {
+                continue;
+            }
+            let at = best.partition_point(|&(_, b)| b >= v);
+            best.insert(at, (i as u32, v));
+            best.truncate(top);
+        }
+    }
+    Logprobs {
+        logprob: logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |&v| of(v)),
+        top: best.into_iter().map(|(i, v)| (i, of(v))).collect(),
+    }
 }
 
 #[cfg(test)]
@@ -222,7 +337,7 @@ mod tests {
         let mut s = Sampler::new(params);
         let mut c = vec![0; logits.len()];
         for _ in 0..n {
-            c[s.sample(logits, &[]) as usize] += 1;
+            c[s.sample(logits, Seen::default()) as usize] += 1;
         }
         c
     }
@@ -230,7 +345,7 @@ mod tests {
     #[test]
     fn greedy_picks_argmax_first_on_ties() {
         let mut s = Sampler::new(SamplingParams::default());
-        assert_eq!(s.sample(&[0.1, 3.0, -1.0, 3.0], &[]), 1);
+        assert_eq!(s.sample(&[0.1, 3.0, -1.0, 3.0], Seen::default()), 1);
         assert_eq!(argmax(&[f32::NAN, 1.0]), 1);
     }
 
@@ -244,7 +359,9 @@ mod tests {
         let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
         let run = |p: SamplingParams| {
             let mut s = Sampler::new(p);
-            (0..64).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
+            (0..64)
+                .map(|_| s.sample(&logits, Seen::default()))
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(p), run(p));
         assert_ne!(run(p), run(SamplingParams { seed: 43, ..p }));
@@ -307,11 +424,114 @@ mod tests {
             ..Default::default()
         };
         let mut s = Sampler::new(p);
+        let prompt = |t: &'static [u32]| Seen {
+            prompt: t,
+            ..Default::default()
+        };
         // token 0 (3.0 → 1.5) loses to token 1 (2.0)
-        assert_eq!(s.sample(&[3.0, 2.0, -1.0], &[0]), 1);
+        assert_eq!(s.sample(&[3.0, 2.0, -1.0], prompt(&[0])), 1);
         // negative logits get more negative: -1 → -2 keeps token 2 last
-        assert_eq!(s.sample(&[-1.0, -1.5, -3.0], &[0, 0]), 1);
-        // repeated history counts once
-        assert_eq!(s.sample(&[3.0, 1.4, 0.0], &[0, 0, 0]), 0);
+        assert_eq!(s.sample(&[-1.0, -1.5, -3.0], prompt(&[0, 0])), 1);
+        // repeated history counts once, prompt and output alike
+        assert_eq!(s.sample(&[3.0, 1.4, 0.0], prompt(&[0, 0, 0])), 0);
+        let both = Seen {
+            prompt: &[0],
+            output: &[0],
+            ..Default::default()
+        };
+        assert_eq!(s.sample(&[3.0, 1.4, 0.0], both), 0);
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_count_the_output_only() {
+        let logits = [3.0, 2.5, 0.0];
+        let output = |t: &'static [u32]| Seen {
+            output: t,
+            ..Default::default()
+        };
+        let presence = SamplingParams {
+            presence_penalty: 1.0,
+            ..Default::default()
+        };
+        let mut s = Sampler::new(presence);
+        // 3.0 - 1 < 2.5, however often token 0 appeared.
+        assert_eq!(s.sample(&logits, output(&[0])), 1);
+        assert_eq!(s.sample(&logits, output(&[0, 0, 0])), 1);
+        // The prompt does not count.
+        let in_prompt = Seen {
+            prompt: &[0],
+            ..Default::default()
+        };
+        assert_eq!(s.sample(&logits, in_prompt), 0);
+        let frequency = SamplingParams {
+            frequency_penalty: 0.4,
+            ..Default::default()
+        };
+        let mut s = Sampler::new(frequency);
+        // Once: 2.6 > 2.5; twice: 2.2 < 2.5.
+        assert_eq!(s.sample(&logits, output(&[0])), 0);
+        assert_eq!(s.sample(&logits, output(&[0, 2, 0])), 1);
+        // A negative penalty favours repeats.
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: -2.0,
+            ..Default::default()
+        });
+        assert_eq!(s.sample(&[1.0, 1.5, 0.0], output(&[2])), 2);
+    }
+
+    #[test]
+    fn logit_bias_and_bans_apply_before_sampling() {
+        let logits = [3.0, 2.0, 0.0];
+        let mut s = Sampler::new(SamplingParams::default()).with_logit_bias(vec![(2, 100.0)]);
+        assert_eq!(s.sample(&logits, Seen::default()), 2);
+        let mut s = Sampler::new(SamplingParams::default()).with_logit_bias(vec![(0, -100.0)]);
+        assert_eq!(s.sample(&logits, Seen::default()), 1);
+        // A ban wins over any bias; an id past the vocabulary is ignored.
+        let mut s =
+            Sampler::new(SamplingParams::default()).with_logit_bias(vec![(2, 100.0), (99, 5.0)]);
+        let banned = Seen {
+            banned: &[2],
+            ..Default::default()
+        };
+        assert_eq!(s.sample(&logits, banned), 0);
+        // Sampling at a temperature never draws a banned token.
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 5.0,
+            seed: 3,
+            ..Default::default()
+        });
+        for _ in 0..500 {
+            assert_ne!(s.sample(&logits, banned), 2);
+        }
+    }
+
+    #[test]
+    fn logprobs_are_a_log_softmax_with_the_best_first() {
+        let logits = [1.0f32, 3.0, 2.0, f32::NEG_INFINITY, 0.5];
+        let z: f64 = logits
+            .iter()
+            .filter(|v| v.is_finite())
+            .map(|&v| f64::from(v).exp())
+            .sum();
+        let lp = |v: f32| (f64::from(v) - z.ln()) as f32;
+        let got = logprobs(&logits, 2, 3);
+        assert!((got.logprob - lp(2.0)).abs() < 1e-6);
+        let ids: Vec<u32> = got.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, [1, 2, 0]);
+        assert!((got.top[0].1 - lp(3.0)).abs() < 1e-6);
+        // Probabilities sum to one; none asked, none given; -inf stays -inf.
+        let all = logprobs(&logits, 1, 5);
+        assert_eq!(all.top.len(), 4);
+        let total: f32 = all.top.iter().map(|t| t.1.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-5);
+        assert!(logprobs(&logits, 0, 0).top.is_empty());
+        assert_eq!(logprobs(&logits, 3, 0).logprob, f32::NEG_INFINITY);
+        // A large vocabulary: the top agree with a full sort.
+        let mut rng = Rng::new(5);
+        let big: Vec<f32> = (0..49152).map(|_| rng.next_f32_sym(10.0)).collect();
+        let mut order: Vec<u32> = (0..big.len() as u32).collect();
+        order.sort_by(|&a, &b| big[b as usize].total_cmp(&big[a as usize]));
+        let top: Vec<u32> = logprobs(&big, 0, 20).top.iter().map(|t| t.0).collect();
+        assert_eq!(top, order[..20]);
     }
 }
