@@ -111,7 +111,29 @@ pub struct GenerationParams {
     pub repetition_penalty: Option<f32>,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
+    /// OpenAI's presence and frequency penalties, in [-2, 2].
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    /// Added to these tokens' logits, each in [-100, 100].
+    #[serde(default)]
+    pub logit_bias: Vec<(u32, f32)>,
+    /// An end of sequence cannot end the generation before this many tokens.
+    #[serde(default)]
+    pub min_tokens: Option<u32>,
+    /// An end of sequence never ends it (`max_tokens`, the context length or
+    /// a stop sequence do).
+    #[serde(default)]
+    pub ignore_eos: bool,
+    /// Report each token's log-probability and this many (0..=20) most
+    /// likely alternatives ([`Chunk::tokens`]); `None` reports none.
+    #[serde(default)]
+    pub logprobs: Option<u8>,
 }
+
+/// The most alternatives [`GenerationParams::logprobs`] may ask for.
+pub const MAX_TOP_LOGPROBS: u8 = 20;
 
 impl GenerationParams {
     /// Refuses values no sampler can use, naming the parameter.
@@ -132,7 +154,44 @@ impl GenerationParams {
         if !(penalty.is_finite() && penalty > 0.0) {
             return bad("repetition_penalty must be > 0");
         }
+        for (name, value) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !value.is_none_or(|v| (-2.0..=2.0).contains(&v)) {
+                return bad(&format!("{name} must be in [-2, 2]"));
+            }
+        }
+        if let Some((token, _)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return bad(&format!(
+                "logit_bias of token {token} must be in [-100, 100]"
+            ));
+        }
+        if self.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
+            return bad(&format!("top_logprobs must be at most {MAX_TOP_LOGPROBS}"));
+        }
+        if self.min_tokens.is_some_and(|m| m > self.max_tokens()) {
+            return bad("min_tokens must not exceed max_tokens");
+        }
         Ok(())
+    }
+
+    /// Refuses a logit bias for a token the model does not have.
+    pub fn check_tokens(&self, vocab_size: usize) -> Result<(), InferenceError> {
+        match self
+            .logit_bias
+            .iter()
+            .find(|(t, _)| *t as usize >= vocab_size)
+        {
+            Some((t, _)) => Err(InferenceError::InvalidParams(format!(
+                "logit_bias names token {t}, but the model's vocabulary has {vocab_size} tokens"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// The most tokens to generate.
@@ -147,11 +206,43 @@ impl GenerationParams {
             top_k: self.top_k.unwrap_or(0) as usize,
             top_p: self.top_p.unwrap_or(1.0),
             repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
             seed: self
                 .seed
                 .unwrap_or_else(|| getrandom::u64().unwrap_or(0x5eed)),
         }
     }
+}
+
+/// A piece of a generation's output: text (complete UTF-8; possibly empty
+/// when a token's text is held back), and when the request asked for
+/// log-probabilities, those of the tokens sampled since the last chunk.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Chunk {
+    pub text: String,
+    pub tokens: Vec<TokenLogprobs>,
+}
+
+/// One token and its log-probability.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TokenLogprob {
+    pub token: u32,
+    /// Its bytes (part of a character, for some tokens) and their text
+    /// (with U+FFFD for such a part).
+    pub bytes: Vec<u8>,
+    pub text: String,
+    pub logprob: f32,
+}
+
+/// A sampled token with its log-probability, and the most likely tokens at
+/// its position with theirs (most likely first), of the model's own
+/// distribution: the log-softmax of its logits before bias, penalties and
+/// temperature.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TokenLogprobs {
+    pub chosen: TokenLogprob,
+    pub top: Vec<TokenLogprob>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

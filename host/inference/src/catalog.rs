@@ -9,7 +9,7 @@ use slinfer_engine::package::ModelPackage;
 use slinfer_engine::{DeviceKind, Footprint, PerKind};
 use slinfer_scheduler::ModelSpec;
 
-use crate::api::{ChatMessage, InferenceError, ModelInfo};
+use crate::api::{ChatMessage, InferenceError, ModelInfo, TokenLogprob, TokenLogprobs};
 use crate::devices::Device;
 
 /// KV block size the scheduler plans with, in tokens (bytes are what matter:
@@ -33,6 +33,9 @@ pub(crate) struct ModelEntry {
     /// string): a prompt longer than `context × this × 2` cannot fit, and
     /// is refused before it is tokenized.
     pub max_token_bytes: usize,
+    /// Tokens in its tokenizer's vocabulary, added ones included (counted
+    /// once: the tokenizer builds a map to count them).
+    pub vocab_size: usize,
 }
 
 impl ModelEntry {
@@ -67,13 +70,9 @@ impl ModelEntry {
                 }
             );
         }
-        let max_token_bytes = tokenizer
-            .get_vocab(true)
-            .keys()
-            .map(String::len)
-            .max()
-            .unwrap_or(1)
-            .max(1);
+        let vocab = tokenizer.get_vocab(true);
+        let max_token_bytes = vocab.keys().map(String::len).max().unwrap_or(1).max(1);
+        let vocab_size = vocab.len();
         Ok(ModelEntry {
             name: package.manifest.name.clone(),
             dir: dir.to_path_buf(),
@@ -81,6 +80,7 @@ impl ModelEntry {
             tokenizer: Arc::new(tokenizer),
             footprints,
             max_token_bytes,
+            vocab_size,
         })
     }
 
@@ -100,6 +100,23 @@ impl ModelEntry {
 
     pub fn context_tokens(&self) -> u32 {
         self.package.manifest.config.context_length_tokens as u32
+    }
+
+    /// `token` with its log-probability and the alternatives', as reported.
+    pub fn token_logprobs(&self, token: u32, lp: slinfer_engine::Logprobs) -> TokenLogprobs {
+        let entry = |token: u32, logprob: f32| {
+            let bytes = crate::text::token_bytes(&self.tokenizer, token);
+            TokenLogprob {
+                token,
+                text: String::from_utf8_lossy(&bytes).into_owned(),
+                bytes,
+                logprob,
+            }
+        };
+        TokenLogprobs {
+            chosen: entry(token, lp.logprob),
+            top: lp.top.into_iter().map(|(t, l)| entry(t, l)).collect(),
+        }
     }
 
     pub fn eos_token_ids(&self) -> &[u32] {
@@ -156,7 +173,7 @@ impl ModelEntry {
     }
 
     pub fn detokenize(&self, tokens: &[u32]) -> Result<String, InferenceError> {
-        let vocab = self.tokenizer.get_vocab_size(true) as u32;
+        let vocab = self.vocab_size as u32;
         if let Some(t) = tokens.iter().find(|&&t| t >= vocab) {
             return Err(InferenceError::InvalidParams(format!(
                 "token id {t} is outside the vocabulary ({vocab})"

@@ -8,11 +8,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use slinfer_engine::Sampler;
+use slinfer_engine::{Sampler, Seen};
 use slinfer_scheduler::{InstanceId, RequestId};
 use tokio::sync::mpsc;
 
-use crate::api::{FinishReason, GenerationParams, InferenceError, Usage};
+use crate::api::{Chunk, FinishReason, GenerationParams, InferenceError, TokenLogprobs, Usage};
 use crate::catalog::ModelEntry;
 use crate::driver::Msg;
 use crate::metrics::LlmMetrics;
@@ -31,7 +31,7 @@ pub(crate) fn lock(g: &Shared) -> std::sync::MutexGuard<'_, Generation> {
 pub(crate) enum Event {
     /// The first token was produced (generate returns).
     Started,
-    Text(String),
+    Text(Chunk),
     Done(Usage),
     Error(InferenceError),
 }
@@ -53,6 +53,13 @@ pub(crate) struct Generation {
     generated: Vec<u32>,
     sampler: Sampler,
     max_tokens: u32,
+    /// An end of sequence is banned while fewer tokens than this were
+    /// generated (`u32::MAX`: always, `ignore_eos`).
+    min_tokens: u32,
+    /// Alternatives to report with each token's log-probability, if asked.
+    logprobs: Option<u8>,
+    /// Log-probabilities of tokens whose text is not handed out yet.
+    unsent: Vec<TokenLogprobs>,
     detok: Detokenizer,
     tx: mpsc::UnboundedSender<Event>,
     cancelled: Arc<AtomicBool>,
@@ -90,8 +97,15 @@ impl Generation {
             model,
             prompt,
             generated: Vec::new(),
-            sampler: Sampler::new(params.sampling()),
+            sampler: Sampler::new(params.sampling()).with_logit_bias(params.logit_bias.clone()),
             max_tokens: params.max_tokens(),
+            min_tokens: if params.ignore_eos {
+                u32::MAX
+            } else {
+                params.min_tokens.unwrap_or(0)
+            },
+            logprobs: params.logprobs,
+            unsent: Vec::new(),
             detok: Detokenizer::new(params.stop.clone()),
             tx,
             cancelled,
@@ -138,13 +152,24 @@ impl Generation {
     /// generation at EOS, a stop sequence, `max_tokens` or the context
     /// length. Returns whether it ended.
     pub fn accept(&mut self, logits: &[f32]) -> bool {
-        // Only a repetition penalty reads the history: skip the copy otherwise.
-        let token = if self.sampler.params().repetition_penalty == 1.0 {
-            self.sampler.sample(logits, &[])
+        let banned = if (self.generated.len() as u32) < self.min_tokens {
+            self.model.eos_token_ids()
         } else {
-            let history = self.context();
-            self.sampler.sample(logits, &history)
+            &[]
         };
+        let seen = if self.sampler.reads_history() {
+            Seen {
+                prompt: &self.prompt,
+                output: &self.generated,
+                banned,
+            }
+        } else {
+            Seen {
+                banned,
+                ..Seen::default()
+            }
+        };
+        let token = self.sampler.sample(logits, seen);
         self.sampled += 1;
         self.metrics.token(&self.tokens, &self.model.name);
         if self.ttft_s.is_none() {
@@ -156,6 +181,10 @@ impl Generation {
             self.text(tail);
             self.end(End::Finished(FinishReason::Stop));
             return true;
+        }
+        if let Some(top) = self.logprobs {
+            let lp = slinfer_engine::logprobs(logits, token, top as usize);
+            self.unsent.push(self.model.token_logprobs(token, lp));
         }
         self.generated.push(token);
         match self.detok.push(&self.model.tokenizer, token) {
@@ -179,9 +208,12 @@ impl Generation {
         }
     }
 
-    fn text(&self, t: String) {
-        if !t.is_empty() {
-            let _ = self.tx.send(Event::Text(t));
+    /// Hands out `t` with the log-probabilities of the tokens not yet
+    /// handed out.
+    fn text(&mut self, t: String) {
+        if !t.is_empty() || !self.unsent.is_empty() {
+            let tokens = std::mem::take(&mut self.unsent);
+            let _ = self.tx.send(Event::Text(Chunk { text: t, tokens }));
         }
     }
 
@@ -191,7 +223,8 @@ impl Generation {
             return;
         }
         self.ended = true;
-        let model = self.model.name.as_str();
+        let entry = self.model.clone();
+        let model = entry.name.as_str();
         match end {
             End::Finished(reason) => {
                 // Cut at a length: what the detokenizer still holds back (a
@@ -245,6 +278,17 @@ impl GenerationStream {
     /// finished.
     pub async fn next(&mut self) -> Option<Result<String, InferenceError>> {
         loop {
+            match self.next_chunk().await? {
+                Ok(c) if c.text.is_empty() => continue,
+                r => return Some(r.map(|c| c.text)),
+            }
+        }
+    }
+
+    /// Next chunk with its tokens' log-probabilities (when the request
+    /// asked for them; its text may then be empty), or None when finished.
+    pub async fn next_chunk(&mut self) -> Option<Result<Chunk, InferenceError>> {
+        loop {
             if self.done {
                 return None;
             }
@@ -254,8 +298,7 @@ impl GenerationStream {
             };
             match ev {
                 Some(Event::Started) => continue,
-                Some(Event::Text(t)) if t.is_empty() => continue,
-                Some(Event::Text(t)) => return Some(Ok(t)),
+                Some(Event::Text(c)) => return Some(Ok(c)),
                 Some(Event::Done(u)) => {
                     self.usage = Some(u);
                     self.done = true;
@@ -296,9 +339,9 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Send a chunk of text; false once the stream's holder has gone.
-    pub fn text(&self, text: String) -> bool {
-        self.tx.send(Event::Text(text)).is_ok()
+    /// Send a chunk; false once the stream's holder has gone.
+    pub fn chunk(&self, chunk: Chunk) -> bool {
+        self.tx.send(Event::Text(chunk)).is_ok()
     }
 
     /// The generation ended well.

@@ -319,6 +319,7 @@ impl Inference {
     ) -> Result<GenerationStream, InferenceError> {
         let (idx, m) = self.model(&req.model)?;
         req.params.check()?;
+        req.params.check_tokens(m.vocab_size)?;
         let ttft = slo(req.ttft_slo_s, DEFAULT_TTFT_SLO_S, "ttft_slo_s")?;
         let tpot = slo(req.tpot_slo_s, DEFAULT_TPOT_SLO_S, "tpot_slo_s")?;
         let bytes = match &req.prompt {

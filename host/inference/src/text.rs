@@ -41,6 +41,47 @@ pub(crate) fn render_chat(
         .map_err(bad)
 }
 
+/// The bytes a token stands for: `<0xHH>` byte-fallback pieces, the
+/// byte-level alphabet of GPT-2-style tokenizers mapped back to bytes, else
+/// the piece's text with SentencePiece's `▁` as a space.
+pub(crate) fn token_bytes(tok: &tokenizers::Tokenizer, id: u32) -> Vec<u8> {
+    let Some(piece) = tok.id_to_token(id) else {
+        return Vec::new();
+    };
+    if let Some(hex) = piece.strip_prefix("<0x").and_then(|p| p.strip_suffix('>'))
+        && let Ok(b) = u8::from_str_radix(hex, 16)
+    {
+        return vec![b];
+    }
+    let table = byte_level_table();
+    match piece.chars().map(|c| table.get(&c).copied()).collect() {
+        Some(bytes) => bytes,
+        None => piece.replace('\u{2581}', " ").into_bytes(),
+    }
+}
+
+/// GPT-2's byte-level alphabet, from character back to byte: printable
+/// Latin-1 stands for itself, the other bytes for U+0100 onwards.
+fn byte_level_table() -> &'static std::collections::HashMap<char, u8> {
+    static TABLE: std::sync::OnceLock<std::collections::HashMap<char, u8>> =
+        std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+        let mut next = 0x100u32;
+        (0..=255u8)
+            .map(|b| {
+                let c = if printable(b) {
+                    char::from(b)
+                } else {
+                    next += 1;
+                    char::from_u32(next - 1).expect("a valid char")
+                };
+                (c, b)
+            })
+            .collect()
+    })
+}
+
 /// The output text of one request, built token by token: it hands out only
 /// text that is complete UTF-8 and cannot be the start of a stop sequence.
 ///

@@ -24,7 +24,7 @@ use slinfer_engine::{
 use slinfer_inference::{
     DeviceLabels, FinishReason, GenerateRequest, GenerationParams, INSTANCE_OVERHEAD_BYTES,
     Inference, InferenceConfig, InferenceError, LlmMetrics, MemoryBudget, OutcomeLabels, Prompt,
-    Usage,
+    TokenLogprobs, Usage,
 };
 use slinfer_test_support::{peak_then_fall, tiny};
 
@@ -116,6 +116,17 @@ async fn collect(inf: &Inference, req: GenerateRequest) -> Result<(String, Usage
 /// The model's greedy answer, decoded directly on the reference engine one
 /// token at a time.
 fn greedy(dir: &Path, model: &str, prompt: &str, n: usize) -> String {
+    let (tok, out, _) = greedy_steps(dir, model, prompt, n);
+    tok.decode(&out, false).unwrap()
+}
+
+/// [`greedy`]'s tokens and the logits each was chosen from.
+fn greedy_steps(
+    dir: &Path,
+    model: &str,
+    prompt: &str,
+    n: usize,
+) -> (tokenizers::Tokenizer, Vec<u32>, Vec<Vec<f32>>) {
     let pkg = dir.join(model);
     let tok = tokenizers::Tokenizer::from_file(pkg.join("tokenizer.json")).unwrap();
     let ids = tok.encode(prompt, true).unwrap().get_ids().to_vec();
@@ -123,7 +134,7 @@ fn greedy(dir: &Path, model: &str, prompt: &str, n: usize) -> String {
         .load(&ModelSource::Package(pkg), 0, &LoadOptions::default())
         .unwrap();
     inst.add_sequence(1).unwrap();
-    let mut out = Vec::new();
+    let (mut out, mut steps) = (Vec::new(), Vec::new());
     let mut next = ids;
     while out.len() < n {
         let logits = inst
@@ -135,9 +146,10 @@ fn greedy(dir: &Path, model: &str, prompt: &str, n: usize) -> String {
         let t = argmax(&logits[0]);
         assert_ne!(t, tiny::EOS, "tiny models never choose EOS");
         out.push(t);
+        steps.push(logits[0].clone());
         next = vec![t];
     }
-    tok.decode(&out, false).unwrap()
+    (tok, out, steps)
 }
 
 /// Waits until nothing is live and no KV block is in use.
@@ -760,4 +772,84 @@ async fn long_prompts_are_prefilled_in_chunks_to_the_same_answers() {
         assert!(usage.prompt_tokens > 600, "{usage:?}");
         assert_eq!(text, greedy(dir.path(), "tiny", p, 8));
     }
+}
+
+/// The chosen tokens and their log-probabilities of a whole generation.
+async fn tokens_of(inf: &Inference, req: GenerateRequest) -> Vec<TokenLogprobs> {
+    let mut s = inf.generate(req).await.unwrap();
+    let mut tokens = Vec::new();
+    while let Some(chunk) = s.next_chunk().await {
+        tokens.extend(chunk.unwrap().tokens);
+    }
+    tokens
+}
+
+#[tokio::test]
+async fn logprobs_are_the_log_softmax_of_the_engines_logits_and_a_logit_bias_steers_sampling() {
+    let dir = models(&[("tiny-a", 3)]);
+    let (inf, _) = start(dir.path(), vec![cpu(reference(DeviceKind::Cpu, 0))]);
+    let (_, ids, logits) = greedy_steps(dir.path(), "tiny-a", "hello there", 8);
+    let mut req = request("tiny-a", "hello there", 8);
+    req.params.logprobs = Some(4);
+    let tokens = tokens_of(&inf, req).await;
+    assert_eq!(
+        tokens.iter().map(|t| t.chosen.token).collect::<Vec<_>>(),
+        ids
+    );
+    for (t, l) in tokens.iter().zip(&logits) {
+        let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let log_z = f64::from(max)
+            + l.iter()
+                .map(|&v| f64::from(v - max).exp())
+                .sum::<f64>()
+                .ln();
+        let expected = (f64::from(l[t.chosen.token as usize]) - log_z) as f32;
+        assert!(
+            (t.chosen.logprob - expected).abs() < 1e-3,
+            "{t:?} vs {expected}"
+        );
+        assert_eq!(t.top.len(), 4);
+        assert_eq!(
+            (t.top[0].token, t.top[0].logprob),
+            (t.chosen.token, t.chosen.logprob)
+        );
+        assert!(t.top.windows(2).all(|w| w[0].logprob >= w[1].logprob));
+        assert!(!t.chosen.bytes.is_empty());
+    }
+
+    // A bias of 100 makes one token win every step; of -100, never.
+    let force = ids[0] ^ 1;
+    let mut req = request("tiny-a", "hello there", 5);
+    req.params.logit_bias = vec![(force, 100.0)];
+    req.params.logprobs = Some(0);
+    let forced = tokens_of(&inf, req).await;
+    assert!(forced.iter().all(|t| t.chosen.token == force), "{forced:?}");
+    let mut req = request("tiny-a", "hello there", 8);
+    req.params.logit_bias = vec![(ids[0], -100.0)];
+    req.params.logprobs = Some(0);
+    let banned = tokens_of(&inf, req).await;
+    assert!(
+        banned.iter().all(|t| t.chosen.token != ids[0]),
+        "{banned:?}"
+    );
+
+    // A bias for a token the model lacks, and values out of range, are refused.
+    let vocab = tiny::config().vocab_size as u32;
+    for (bias, says) in [
+        (vec![(vocab, 1.0)], "vocabulary"),
+        (vec![(1, 101.0)], "[-100, 100]"),
+    ] {
+        let mut req = request("tiny-a", "hi", 2);
+        req.params.logit_bias = bias;
+        match collect(&inf, req).await {
+            Err(InferenceError::InvalidParams(m)) => assert!(m.contains(says), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut req = request("tiny-a", "hi", 2);
+    req.params.logprobs = Some(21);
+    assert!(matches!(
+        collect(&inf, req).await,
+        Err(InferenceError::InvalidParams(_))
+    ));
 }

@@ -20,7 +20,9 @@ mod bindings {
         world: "slinfer:llm/host",
         imports: {
             "slinfer:llm/generation.generate": async | trappable,
+            "slinfer:llm/generation.generate-with": async | trappable,
             "slinfer:llm/generation.[method]generation-stream.next": async | trappable,
+            "slinfer:llm/generation.[method]generation-stream.next-chunk": async | trappable,
             default: trappable,
         },
         with: {
@@ -100,6 +102,19 @@ pub fn add_to_linker<T: LlmView + 'static>(linker: &mut Linker<T>) -> wasmtime::
     wit::add_to_linker::<T, HasLlm>(linker, T::llm)
 }
 
+fn token_logprobs(t: inference::TokenLogprobs) -> t::TokenLogprobs {
+    let one = |l: inference::TokenLogprob| t::TokenLogprob {
+        token: l.token,
+        bytes: l.bytes,
+        text: l.text,
+        logprob: l.logprob,
+    };
+    t::TokenLogprobs {
+        chosen: one(t.chosen),
+        top: t.top.into_iter().map(one).collect(),
+    }
+}
+
 fn convert_error(e: inference::InferenceError) -> Error {
     use inference::InferenceError as E;
     match e {
@@ -151,6 +166,24 @@ impl wit::Host for LlmCtxView<'_> {
         prompt: t::Prompt,
         params: t::Params,
     ) -> wasmtime::Result<Result<Resource<LlmStream>, Error>> {
+        let none = t::Options {
+            presence_penalty: None,
+            frequency_penalty: None,
+            logit_bias: Vec::new(),
+            min_tokens: None,
+            ignore_eos: false,
+            logprobs: None,
+        };
+        self.generate_with(model, prompt, params, none).await
+    }
+
+    async fn generate_with(
+        &mut self,
+        model: String,
+        prompt: t::Prompt,
+        params: t::Params,
+        options: t::Options,
+    ) -> wasmtime::Result<Result<Resource<LlmStream>, Error>> {
         let inference = match self.llm_for(&model) {
             Ok(i) => i,
             Err(e) => return Ok(Err(e)),
@@ -179,6 +212,12 @@ impl wit::Host for LlmCtxView<'_> {
                 repetition_penalty: params.repetition_penalty,
                 seed: params.seed,
                 stop: params.stop,
+                presence_penalty: options.presence_penalty,
+                frequency_penalty: options.frequency_penalty,
+                logit_bias: options.logit_bias,
+                min_tokens: options.min_tokens,
+                ignore_eos: options.ignore_eos,
+                logprobs: options.logprobs,
             },
             ttft_slo_s: self.ctx.config.ttft_slo_s,
             tpot_slo_s: self.ctx.config.tpot_slo_s,
@@ -236,12 +275,28 @@ impl HostGenerationStream for LlmCtxView<'_> {
         &mut self,
         this: Resource<LlmStream>,
     ) -> wasmtime::Result<Result<Option<String>, Error>> {
+        // The text of the chunks, skipping those with none.
+        loop {
+            match self.next_chunk(Resource::new_borrow(this.rep())).await? {
+                Ok(Some(c)) if c.text.is_empty() => continue,
+                r => return Ok(r.map(|c| c.map(|c| c.text))),
+            }
+        }
+    }
+
+    async fn next_chunk(
+        &mut self,
+        this: Resource<LlmStream>,
+    ) -> wasmtime::Result<Result<Option<t::Chunk>, Error>> {
         let s = self.table.get_mut(&this)?;
         if s.usage.is_some() {
             return Ok(Ok(None));
         }
-        Ok(match s.stream.next().await {
-            Some(Ok(text)) => Ok(Some(text)),
+        Ok(match s.stream.next_chunk().await {
+            Some(Ok(c)) => Ok(Some(t::Chunk {
+                text: c.text,
+                tokens: c.tokens.into_iter().map(token_logprobs).collect(),
+            })),
             Some(Err(e)) => Err(convert_error(e)),
             None => {
                 let u = s.stream.usage();

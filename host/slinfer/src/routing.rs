@@ -35,8 +35,8 @@ use slinfer_cluster::streams::{Incoming, Outgoing};
 
 use crate::metrics::Metrics;
 use slinfer_inference::{
-    GenerateRequest, GenerationStream, Inference, InferenceError, RETRY_AFTER_S, Relay, Remote,
-    Usage,
+    Chunk, GenerateRequest, GenerationStream, Inference, InferenceError, RETRY_AFTER_S, Relay,
+    Remote, Usage,
 };
 use slinfer_scheduler::{DeviceKind, Probe, bin_packing_order};
 
@@ -55,12 +55,12 @@ struct Routed {
 
 /// What the answering member sends back, in order: `Accepted` at once,
 /// then `Started` (or `Error`) once admission and the first token are
-/// done, then `Text` chunks, and last `Done` or `Error`.
+/// done, then `Chunk`s, and last `Done` or `Error`.
 #[derive(Serialize, Deserialize)]
 enum Frame {
     Accepted,
     Started,
-    Text(String),
+    Chunk(Chunk),
     Done(Usage),
     Error(InferenceError),
 }
@@ -314,8 +314,8 @@ async fn forward(
             f = next_frame(&mut out, &node) => f,
         };
         match frame {
-            Ok(Frame::Text(t)) => {
-                if !relay.text(t) {
+            Ok(Frame::Chunk(c)) => {
+                if !relay.chunk(c) {
                     return;
                 }
             }
@@ -462,12 +462,12 @@ async fn answer_one(incoming: Incoming, inference: Arc<Inference>) {
         // Dropping `stream` (cancelled, or the asker unreachable) ends the
         // request here and frees its sequence.
         let next = tokio::select! {
-            n = stream.next() => n,
+            n = stream.next_chunk() => n,
             _ = incoming.cancelled() => return,
         };
         match next {
-            Some(Ok(text)) => {
-                if incoming.send(encode(&Frame::Text(text))).await.is_err() {
+            Some(Ok(chunk)) => {
+                if incoming.send(encode(&Frame::Chunk(chunk))).await.is_err() {
                     return;
                 }
             }
