@@ -196,6 +196,68 @@ def check_seeded_sampling(client, _args):
     assert len({first, sample(1), sample(2), sample(3)}) > 1, "seeds make no difference"
 
 
+def check_logprobs(client, _args):
+    r = greedy_chat(client, logprobs=True, top_logprobs=5)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens, (len(content), r.usage)
+    text = b"".join(bytes(t.bytes) for t in content).decode("utf-8", "replace")
+    assert text == r.choices[0].message.content, (text, r.choices[0].message.content)
+    for t in content:
+        top = t.top_logprobs
+        assert len(top) == 5, t
+        # Greedy: the chosen token is the most likely one.
+        assert (top[0].bytes, top[0].logprob) == (t.bytes, t.logprob), t
+        assert all(a.logprob >= b.logprob for a, b in zip(top, top[1:])), top
+        assert t.logprob <= 0 and sum(2.718281828 ** a.logprob for a in top) <= 1.0001, t
+    # Streamed: the same tokens, chunk by chunk.
+    streamed = []
+    for chunk in greedy_chat(client, logprobs=True, top_logprobs=5, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed.extend(chunk.choices[0].logprobs.content)
+    assert [(t.bytes, round(t.logprob, 4)) for t in streamed] == [
+        (t.bytes, round(t.logprob, 4)) for t in content
+    ], "streamed logprobs differ from whole ones"
+    # Without top_logprobs: the chosen token only.
+    plain = greedy_chat(client, logprobs=True).choices[0].logprobs.content
+    assert plain and all(t.top_logprobs == [] for t in plain), plain
+    # Completions' own format.
+    c = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=3)
+    lp = c.choices[0].logprobs
+    n = c.usage.completion_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n, lp
+    assert lp.text_offset[0] == 0 and all(len(t) <= 3 for t in lp.top_logprobs), lp
+    assert greedy_chat(client).choices[0].logprobs is None
+
+
+def check_penalties_and_bias(client, _args):
+    def greedy(**kw):
+        return greedy_chat(client, logprobs=True, **kw).choices[0].logprobs.content
+
+    # +100 forces one token every time; -100 keeps it out.
+    forced = greedy(logit_bias={"42": 100})
+    assert len({bytes(t.bytes) for t in forced}) == 1, forced
+    banned = greedy(logit_bias={"42": -100})
+    assert all(bytes(t.bytes) != bytes(forced[0].bytes) for t in banned), banned
+    # Penalties change a greedy answer that repeats itself.
+    repeat = [{"role": "user", "content": "Repeat the word 'cat' twenty times."}]
+
+    def words(**kw):
+        r = client.chat.completions.create(model=MODEL, messages=repeat, max_tokens=30, temperature=0, **kw)
+        return r.choices[0].message.content
+
+    plain = words()
+    assert words(frequency_penalty=2.0) != plain
+    assert words(presence_penalty=2.0) != plain
+    # vLLM's min_tokens and ignore_eos: the answer runs to its length.
+    short = [{"role": "user", "content": "Say OK."}]
+    r = client.chat.completions.create(model=MODEL, messages=short, max_tokens=40, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length", r
+    r = client.chat.completions.create(model=MODEL, messages=short, max_tokens=60, temperature=0,
+                                       extra_body={"min_tokens": 30})
+    assert r.usage.completion_tokens >= 30, r.usage
+
+
 def expect(cls, code, param, f):
     try:
         f()
@@ -215,8 +277,25 @@ def check_errors(client, _args):
            lambda: client.completions.create(model="no-such-model", prompt="x", max_tokens=4))
     expect(openai.BadRequestError, "unsupported_parameter", "n",
            lambda: chat(model=MODEL, messages=msgs, max_tokens=4, n=2))
-    expect(openai.BadRequestError, "unsupported_parameter", "logprobs",
-           lambda: chat(model=MODEL, messages=msgs, max_tokens=4, logprobs=True))
+    expect(openai.BadRequestError, "invalid_value", "top_logprobs",
+           lambda: chat(model=MODEL, messages=msgs, max_tokens=4, logprobs=True, top_logprobs=21))
+    expect(openai.BadRequestError, "invalid_value", "top_logprobs",
+           lambda: chat(model=MODEL, messages=msgs, max_tokens=4, top_logprobs=2))
+    expect(openai.BadRequestError, "invalid_value", "logprobs",
+           lambda: client.completions.create(model=MODEL, prompt="x", max_tokens=4, logprobs=6))
+    expect(openai.BadRequestError, "invalid_value", "presence_penalty",
+           lambda: chat(model=MODEL, messages=msgs, max_tokens=4, presence_penalty=2.5))
+    expect(openai.BadRequestError, "invalid_value", "frequency_penalty",
+           lambda: chat(model=MODEL, messages=msgs, max_tokens=4, frequency_penalty=-3))
+    expect(openai.BadRequestError, "invalid_value", "logit_bias",
+           lambda: chat(model=MODEL, messages=msgs, max_tokens=4, logit_bias={"x": 1}))
+    expect(openai.BadRequestError, "invalid_value", "logit_bias",
+           lambda: chat(model=MODEL, messages=msgs, max_tokens=4, logit_bias={"5": 101}))
+    # A token the model does not have: the host refuses it.
+    expect(openai.BadRequestError, "invalid_value", None,
+           lambda: chat(model=MODEL, messages=msgs, max_tokens=4, logit_bias={"999999": 1}))
+    expect(openai.BadRequestError, "invalid_value", "min_tokens",
+           lambda: chat(model=MODEL, messages=msgs, max_tokens=4, extra_body={"min_tokens": 5}))
     expect(openai.BadRequestError, "unsupported_parameter", "tools",
            lambda: chat(model=MODEL, messages=msgs, max_tokens=4, tools=[{
                "type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]))
@@ -262,6 +341,8 @@ CHECKS = [
     check_max_tokens,
     check_stop,
     check_seeded_sampling,
+    check_logprobs,
+    check_penalties_and_bias,
     check_errors,
     check_forbidden,
 ]

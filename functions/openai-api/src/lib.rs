@@ -9,9 +9,13 @@
 //! Streams are Server-Sent Events, `data: {chunk}` per event, ending with
 //! `data: [DONE]`; `stream_options.include_usage` adds a usage chunk before
 //! it. Sampling: `max_tokens` (chat also `max_completion_tokens`),
-//! `temperature`, `top_p`, `seed`, `stop`, and vLLM's `top_k` and
-//! `repetition_penalty`. What slinfer does not implement (`n` > 1,
-//! `logprobs`, tools, penalties, ...) is refused with a 400 that names the
+//! `temperature`, `top_p`, `seed`, `stop`, `presence_penalty`,
+//! `frequency_penalty`, `logit_bias`, and vLLM's `top_k`,
+//! `repetition_penalty`, `min_tokens` and `ignore_eos`. Log-probabilities:
+//! chat's `logprobs` and `top_logprobs` (up to 20), completions' `logprobs`
+//! (up to 5), streamed or whole, of the model's own distribution (before
+//! penalties and temperature, as vLLM reports them). What slinfer does not
+//! implement (`n` > 1, tools, ...) is refused with a 400 that names the
 //! parameter. Every error is `{"error": {"message", "type", "param", "code"}}`.
 
 mod error;
@@ -19,7 +23,7 @@ mod request;
 
 use serde_json::{Value, json};
 use slinfer_sdk::bindings::wasi::random::random::get_random_bytes;
-use slinfer_sdk::llm::{self, FinishReason, Generation, Usage};
+use slinfer_sdk::llm::{self, FinishReason, Generation, TokenLogprob, TokenLogprobs, Usage};
 use slinfer_sdk::{BodyWriter, Handler, Params as RouteParams, Request, Response, Router};
 
 use error::ApiError;
@@ -101,13 +105,17 @@ fn start(kind: Kind, job: Job) -> Result<Response, ApiError> {
     }
     // Errors that come before the first token (overloaded, prompt too long)
     // are still the HTTP status of the answer, streamed or not.
-    let generation = llm::generate(&job.model, &job.prompt, &job.params)
+    let generation = llm::Request::new(&job.model, job.prompt)
+        .params(job.params)
+        .options(job.options.clone())
+        .start()
         .map_err(|e| ApiError::from_llm(e, kind.prompt_param()))?;
     let reply = Reply {
         kind,
         id: new_id(kind),
         created: now_s(),
         model: job.model,
+        logprobs: job.options.logprobs.is_some(),
     };
     if job.stream {
         Ok(reply.stream(generation, job.include_usage))
@@ -149,6 +157,8 @@ struct Reply {
     id: String,
     created: u64,
     model: String,
+    /// Whether choices carry log-probabilities.
+    logprobs: bool,
 }
 
 impl Reply {
@@ -163,11 +173,64 @@ impl Reply {
         })
     }
 
+    /// The `logprobs` member of a choice for `tokens`; `offset` is where
+    /// their text starts in the completion (for completions' `text_offset`).
+    fn logprobs_object(&self, tokens: &[TokenLogprobs], offset: usize) -> Value {
+        if !self.logprobs {
+            return Value::Null;
+        }
+        match self.kind {
+            Kind::Chat => {
+                let one = |t: &TokenLogprob| json!({"token": t.text, "logprob": t.logprob, "bytes": t.bytes});
+                let content: Vec<Value> = tokens
+                    .iter()
+                    .map(|t| {
+                        let mut entry = one(&t.chosen);
+                        entry["top_logprobs"] = t.top.iter().map(one).collect();
+                        entry
+                    })
+                    .collect();
+                json!({"content": content, "refusal": null})
+            }
+            Kind::Completion => {
+                let mut at = offset;
+                let offsets: Vec<usize> = tokens
+                    .iter()
+                    .map(|t| {
+                        let here = at;
+                        at += t.chosen.text.len();
+                        here
+                    })
+                    .collect();
+                let top: Vec<Value> = tokens
+                    .iter()
+                    .map(|t| {
+                        let alternatives: serde_json::Map<String, Value> = t
+                            .top
+                            .iter()
+                            .map(|a| (a.text.clone(), Value::from(a.logprob)))
+                            .collect();
+                        Value::Object(alternatives)
+                    })
+                    .collect();
+                json!({
+                    "tokens": tokens.iter().map(|t| t.chosen.text.clone()).collect::<Vec<_>>(),
+                    "token_logprobs": tokens.iter().map(|t| t.chosen.logprob).collect::<Vec<_>>(),
+                    "top_logprobs": top,
+                    "text_offset": offsets,
+                })
+            }
+        }
+    }
+
     /// The whole answer, once generation has finished.
     fn whole(self, mut generation: Generation) -> Result<Response, ApiError> {
         let mut text = String::new();
-        for chunk in generation.by_ref() {
-            text.push_str(&chunk.map_err(|e| ApiError::from_llm(e, self.kind.prompt_param()))?);
+        let mut tokens = Vec::new();
+        while let Some(chunk) = generation.next_chunk() {
+            let chunk = chunk.map_err(|e| ApiError::from_llm(e, self.kind.prompt_param()))?;
+            text.push_str(&chunk.text);
+            tokens.extend(chunk.tokens);
         }
         let usage = finished_usage(&generation)?;
         let (object, member, content) = match self.kind {
@@ -178,7 +241,8 @@ impl Reply {
             ),
             Kind::Completion => ("text_completion", "text", Value::from(text)),
         };
-        let choice = choice(member, content, Some(usage.finish_reason));
+        let mut choice = choice(member, content, Some(usage.finish_reason));
+        choice["logprobs"] = self.logprobs_object(&tokens, 0);
         let mut body = self.object(object, json!([choice]));
         body["usage"] = usage_object(&usage);
         Ok(Response::json(200, body.to_string()))
@@ -207,11 +271,14 @@ impl Reply {
                 let role = json!({"role": "assistant", "content": ""});
                 event(w, &chunk(json!([choice(member, role, None)]), None))?;
             }
-            for text in generation.by_ref() {
-                match text {
-                    Ok(text) if text.is_empty() => {}
-                    Ok(text) => {
-                        let choice = choice(member, content(&text), None);
+            let mut offset = 0;
+            while let Some(piece) = generation.next_chunk() {
+                match piece {
+                    Ok(piece) if piece.text.is_empty() && piece.tokens.is_empty() => {}
+                    Ok(piece) => {
+                        let mut choice = choice(member, content(&piece.text), None);
+                        choice["logprobs"] = self.logprobs_object(&piece.tokens, offset);
+                        offset += piece.text.len();
                         event(w, &chunk(json!([choice]), None))?;
                     }
                     // The status is sent: tell the client in the stream, as

@@ -2,7 +2,7 @@
 //! checked parameter by parameter so that every refusal names its `param`.
 
 use serde_json::{Map, Value};
-use slinfer_sdk::llm::{ChatMessage, Params, Prompt};
+use slinfer_sdk::llm::{ChatMessage, Options, Params, Prompt};
 
 use crate::error::ApiError;
 
@@ -28,9 +28,17 @@ pub struct Job {
     pub model: String,
     pub prompt: Prompt,
     pub params: Params,
+    /// Penalties, logit bias, vLLM's `min_tokens` and `ignore_eos`, and
+    /// log-probabilities (`logprobs.is_some()` when the answer carries them).
+    pub options: Options,
     pub stream: bool,
     pub include_usage: bool,
 }
+
+/// Most alternatives per token: chat's `top_logprobs`, completions'
+/// `logprobs` (OpenAI's limits).
+const MAX_TOP_LOGPROBS_CHAT: i64 = 20;
+const MAX_LOGPROBS_COMPLETION: i64 = 5;
 
 /// Whether a parameter's value leaves it off.
 type Neutral = fn(&Value) -> bool;
@@ -42,11 +50,6 @@ const UNSUPPORTED: &[(&str, Neutral)] = &[
     ("best_of", |v| v.as_u64() == Some(1)),
     ("echo", |v| v.as_bool() == Some(false)),
     ("suffix", |v| v.as_str() == Some("")),
-    ("logprobs", |v| v.as_bool() == Some(false)),
-    ("top_logprobs", |v| v.as_u64() == Some(0)),
-    ("presence_penalty", |v| v.as_f64() == Some(0.0)),
-    ("frequency_penalty", |v| v.as_f64() == Some(0.0)),
-    ("logit_bias", |v| v.as_object().is_some_and(Map::is_empty)),
     ("tools", |v| v.as_array().is_some_and(Vec::is_empty)),
     ("tool_choice", |v| v.as_str() == Some("none")),
     ("parallel_tool_calls", Value::is_boolean),
@@ -126,6 +129,23 @@ impl Job {
             seed: f.int("seed", i64::MIN, i64::MAX)?.map(|s| s as u64),
             stop: stop(f.take("stop"))?,
         };
+        let penalty = |x: f64| (-2.0..=2.0).contains(&x);
+        let options = Options {
+            presence_penalty: f.float("presence_penalty", penalty, "from -2 to 2")?,
+            frequency_penalty: f.float("frequency_penalty", penalty, "from -2 to 2")?,
+            logit_bias: logit_bias(f.take("logit_bias"))?,
+            min_tokens: f.int("min_tokens", 0, u32::MAX.into())?.map(|n| n as u32),
+            ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
+            logprobs: logprobs(kind, &mut f)?,
+        };
+        if let (Some(min), Some(max)) = (options.min_tokens, params.max_tokens)
+            && min > max
+        {
+            return Err(ApiError::invalid(
+                "min_tokens",
+                format!("min_tokens ({min}) must not exceed max_tokens ({max})"),
+            ));
+        }
         let stream = f.bool("stream")?.unwrap_or(false);
         let include_usage = match f.take("stream_options") {
             None => false,
@@ -154,6 +174,7 @@ impl Job {
             model,
             prompt,
             params,
+            options,
             stream,
             include_usage,
         })
@@ -327,6 +348,61 @@ fn prompt(v: Value) -> Result<String, ApiError> {
             )),
         },
         _ => Err(ApiError::invalid("prompt", "expected a string")),
+    }
+}
+
+/// `{"token id": bias}`, each bias from -100 to 100.
+fn logit_bias(v: Option<Value>) -> Result<Vec<(u32, f32)>, ApiError> {
+    let Some(v) = v else {
+        return Ok(Vec::new());
+    };
+    let Value::Object(map) = v else {
+        return Err(ApiError::invalid(
+            "logit_bias",
+            "expected an object mapping token ids to biases",
+        ));
+    };
+    map.into_iter()
+        .map(|(key, bias)| {
+            let token = key.parse::<u32>().map_err(|_| {
+                ApiError::invalid(
+                    "logit_bias",
+                    format!("keys must be token ids (integers), got {key:?}"),
+                )
+            })?;
+            match bias.as_f64() {
+                Some(b) if (-100.0..=100.0).contains(&b) => Ok((token, b as f32)),
+                _ => Err(ApiError::invalid(
+                    "logit_bias",
+                    format!(
+                        "the bias of token {token} must be a number from -100 to 100, got {bias}"
+                    ),
+                )),
+            }
+        })
+        .collect()
+}
+
+/// How many alternatives to report per token, if log-probabilities are
+/// asked for: chat's `logprobs` (a boolean) and `top_logprobs`, or
+/// completions' `logprobs` (the count).
+fn logprobs(kind: Kind, f: &mut Fields) -> Result<Option<u8>, ApiError> {
+    match kind {
+        Kind::Chat => {
+            let on = f.bool("logprobs")?.unwrap_or(false);
+            let top = f.int("top_logprobs", 0, MAX_TOP_LOGPROBS_CHAT)?;
+            match (on, top) {
+                (false, Some(n)) if n > 0 => Err(ApiError::invalid(
+                    "top_logprobs",
+                    "top_logprobs needs logprobs set to true",
+                )),
+                (false, _) => Ok(None),
+                (true, top) => Ok(Some(top.unwrap_or(0) as u8)),
+            }
+        }
+        Kind::Completion => Ok(f
+            .int("logprobs", 0, MAX_LOGPROBS_COMPLETION)?
+            .map(|n| n as u8)),
     }
 }
 
