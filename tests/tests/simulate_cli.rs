@@ -116,6 +116,8 @@ fn sweep_reports_runs_capacity_and_figures() {
         "--json",
         "--svg",
         svg.to_str().unwrap(),
+        "--html",
+        dir.path().join("report.html").to_str().unwrap(),
     ]);
     let runs = report["runs"].as_array().expect("runs");
     assert_eq!(runs.len(), 6);
@@ -132,7 +134,28 @@ fn sweep_reports_runs_capacity_and_figures() {
     for f in ["goodput.svg", "nodes.svg", "ttft-cdf.svg"] {
         let text = std::fs::read_to_string(svg.join(f)).expect(f);
         assert!(text.starts_with("<svg") && text.contains("slinfer"), "{f}");
+        // The HTML report holds the same figure inline.
+        let page = std::fs::read_to_string(dir.path().join("report.html")).unwrap();
+        assert!(page.contains(&text), "{f} is not in the report");
     }
+    let page = std::fs::read_to_string(dir.path().join("report.html")).unwrap();
+    assert!(page.starts_with("<!DOCTYPE html>"));
+    assert_eq!(page.matches("<tr><td>").count(), 6, "a row per run");
+    for p in ["sllm", "slinfer", "slinfer+p"] {
+        assert!(page.contains(&format!("<tr><td>{p}</td>")), "{p}");
+    }
+    assert!(!page.contains("src=") && !page.contains("href=") && !page.contains("<script"));
+}
+
+#[test]
+fn an_html_report_that_cannot_be_written_is_an_error_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("no-such-dir/report.html");
+    let out = simulate(&["--duration-s", "30", "--html", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("writing {}", bad.display())), "{err}");
+    assert!(!bad.exists());
 }
 
 #[test]

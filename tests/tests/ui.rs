@@ -261,3 +261,51 @@ async fn the_dashboard_state_counts_invocations_and_errors_and_follows_metrics_a
     let r = get("/ui/api/state", Some(&locked.token)).await.unwrap();
     assert_eq!(r.status(), 200);
 }
+
+#[test]
+fn the_simulator_report_renders_in_a_real_browser() {
+    let dir = tempfile::tempdir().unwrap();
+    let page = dir.path().join("report.html");
+    let data = slinfer_e2e::shared_data();
+    let out = Command::new(slinfer_e2e::slinfer_bin())
+        .arg("simulate")
+        .arg("--trace")
+        .arg(data.join("traces/azure-functions-128fn-30min.json"))
+        .arg("--profile")
+        .arg(data.join("profiles/slinfer-artifact-latency-ms.json"))
+        .args([
+            "--sweep",
+            "--policies",
+            "sllm,slinfer",
+            "--ks",
+            "1,2",
+            "--duration-s",
+            "120",
+            "--html",
+        ])
+        .arg(&page)
+        .output()
+        .expect("slinfer simulate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shot = artifacts().join("simulate-report.png");
+    let mut b = Browser::start(&[
+        "report",
+        page.to_str().unwrap(),
+        "--screenshot",
+        shot.to_str().unwrap(),
+    ]);
+    let seen = b.report();
+    b.finish();
+    assert_eq!(seen["title"], "slinfer simulate report");
+    assert_eq!(seen["rows"], 4, "{seen}");
+    assert_eq!(seen["figures"], 3, "{seen}");
+    let captions = seen["captions"].to_string();
+    assert!(
+        captions.contains("TTFT") || captions.contains("first token"),
+        "{captions}"
+    );
+}

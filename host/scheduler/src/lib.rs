@@ -11,6 +11,7 @@
 pub mod model;
 pub mod predict;
 pub mod profile;
+pub mod report;
 pub mod scheduler;
 pub mod sim;
 pub mod svg;

@@ -21,10 +21,12 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
-fn escape(s: &str) -> String {
+/// Text made safe inside XML or HTML elements and quoted attributes.
+pub fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// A "nice" axis maximum (whose fifths are round too), at least `max`.
@@ -228,30 +230,54 @@ pub fn ttft_cdf_chart(results: &[&SimResult]) -> String {
     )
 }
 
-/// Writes the figures for `results` into `dir`: goodput and nodes by load
-/// (when there is more than one load), and the TTFT CDF of every policy at
-/// the highest load. Returns the files written.
-pub fn write_figures(dir: &Path, results: &[SimResult]) -> std::io::Result<Vec<PathBuf>> {
-    std::fs::create_dir_all(dir)?;
+/// One figure of a run: its file name, caption and SVG.
+pub struct Figure {
+    pub file: &'static str,
+    pub caption: &'static str,
+    pub svg: String,
+}
+
+/// The figures for `results`: goodput and nodes by load (when there is more
+/// than one load), and the TTFT CDF of every policy at the highest load.
+pub fn figures(results: &[SimResult]) -> Vec<Figure> {
     let runs: Vec<Summary> = results.iter().map(|r| r.summary.clone()).collect();
-    let mut files = Vec::new();
-    let mut put = |name: &str, svg: String| -> std::io::Result<()> {
-        let path = dir.join(name);
-        std::fs::write(&path, svg)?;
-        files.push(path);
-        Ok(())
-    };
+    let mut out = Vec::new();
     let max_models = runs.iter().map(|r| r.models).max().unwrap_or(0);
     if runs.iter().any(|r| r.models != max_models) {
-        put("goodput.svg", goodput_chart(&runs))?;
-        put("nodes.svg", nodes_chart(&runs))?;
+        out.push(Figure {
+            file: "goodput.svg",
+            caption: "Requests that met their SLO, by load (models), per policy",
+            svg: goodput_chart(&runs),
+        });
+        out.push(Figure {
+            file: "nodes.svg",
+            caption: "Average nodes in use, by load, per policy",
+            svg: nodes_chart(&runs),
+        });
     }
     let top: Vec<&SimResult> = results
         .iter()
         .filter(|r| r.summary.models == max_models)
         .collect();
-    put("ttft-cdf.svg", ttft_cdf_chart(&top))?;
-    Ok(files)
+    out.push(Figure {
+        file: "ttft-cdf.svg",
+        caption: "Time to first token (CDF) of every request at the highest load",
+        svg: ttft_cdf_chart(&top),
+    });
+    out
+}
+
+/// Writes [`figures`] into `dir`; returns the files written.
+pub fn write_figures(dir: &Path, results: &[SimResult]) -> std::io::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir)?;
+    figures(results)
+        .into_iter()
+        .map(|f| {
+            let path = dir.join(f.file);
+            std::fs::write(&path, f.svg)?;
+            Ok(path)
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -90,41 +90,50 @@ pub fn report(results: &[SimResult], threshold: f64) -> SweepReport {
 }
 
 /// A fixed-width table of runs for people (the JSON is for scripts).
+/// The summary table's column headers ([`table_row`] gives the cells).
+pub const TABLE_HEADERS: [&str; 13] = [
+    "policy", "models", "gpus", "cpus", "requests", "slo_met", "attain", "dropped", "ttft_p99",
+    "tpot_p99", "nodes", "cold", "preem",
+];
+
+/// One run's cells of the summary table, under [`TABLE_HEADERS`].
+pub fn table_row(r: &Summary) -> [String; 13] {
+    let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
+    [
+        r.policy.name().to_string(),
+        r.models.to_string(),
+        r.gpus.to_string(),
+        r.cpus.to_string(),
+        r.requests.to_string(),
+        r.slo_met.to_string(),
+        format!("{:.3}", r.slo_attainment),
+        r.dropped.to_string(),
+        opt(r.ttft_p99_s),
+        opt(r.tpot_p99_s),
+        format!("{:.2}", r.avg_nodes_in_use),
+        r.cold_starts.to_string(),
+        r.preemptions.to_string(),
+    ]
+}
+
+/// The summary table as text: the policy left-aligned, numbers right.
 pub fn render_table(runs: &[Summary]) -> String {
-    let mut s = format!(
-        "{:<10} {:>6} {:>5} {:>4} {:>8} {:>8} {:>7} {:>7} {:>9} {:>9} {:>6} {:>6} {:>5}\n",
-        "policy",
-        "models",
-        "gpus",
-        "cpus",
-        "requests",
-        "slo_met",
-        "attain",
-        "dropped",
-        "ttft_p99",
-        "tpot_p99",
-        "nodes",
-        "cold",
-        "preem"
-    );
+    const WIDTHS: [usize; 13] = [10, 6, 5, 4, 8, 8, 7, 7, 9, 9, 6, 6, 5];
+    let line = |cells: &[String]| {
+        let mut s = String::new();
+        for (i, (c, w)) in cells.iter().zip(WIDTHS).enumerate() {
+            if i == 0 {
+                s.push_str(&format!("{c:<w$}"));
+            } else {
+                s.push_str(&format!(" {c:>w$}"));
+            }
+        }
+        s.push('\n');
+        s
+    };
+    let mut s = line(&TABLE_HEADERS.map(String::from));
     for r in runs {
-        let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
-        s.push_str(&format!(
-            "{:<10} {:>6} {:>5} {:>4} {:>8} {:>8} {:>7.3} {:>7} {:>9} {:>9} {:>6.2} {:>6} {:>5}\n",
-            r.policy.name(),
-            r.models,
-            r.gpus,
-            r.cpus,
-            r.requests,
-            r.slo_met,
-            r.slo_attainment,
-            r.dropped,
-            opt(r.ttft_p99_s),
-            opt(r.tpot_p99_s),
-            r.avg_nodes_in_use,
-            r.cold_starts,
-            r.preemptions
-        ));
+        s.push_str(&line(&table_row(r)));
     }
     s
 }

@@ -123,6 +123,10 @@ pub struct SimulateArgs {
     /// Write SVG figures into this directory.
     #[arg(long)]
     pub svg: Option<PathBuf>,
+    /// Write one self-contained HTML page (settings, summary table,
+    /// figures) to this file.
+    #[arg(long)]
+    pub html: Option<PathBuf>,
 }
 
 pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
@@ -166,6 +170,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         seed: args.seed,
     };
 
+    let mut capacity = None;
     let results = if args.sweep {
         let policies = if args.policies.is_empty() {
             Policy::ALL.to_vec()
@@ -210,6 +215,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
                 println!("  {policy:<10} {models}");
             }
         }
+        capacity = Some(report.capacity.clone());
         results
     } else {
         let reqs = replay.requests(&fns, args.models_per_group)?;
@@ -231,6 +237,15 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         }
         vec![result]
     };
+    if let Some(file) = &args.html {
+        let page = slinfer_scheduler::report::html(
+            &settings(&args),
+            &results,
+            capacity.as_ref().map(|c| (args.capacity_threshold, c)),
+        );
+        std::fs::write(file, page).with_context(|| format!("writing {}", file.display()))?;
+        eprintln!("wrote {}", file.display());
+    }
     if let Some(dir) = &args.svg {
         let files = svg::write_figures(dir, &results)
             .with_context(|| format!("writing figures to {}", dir.display()))?;
@@ -239,4 +254,36 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// What the HTML report lists as the run's settings.
+fn settings(args: &SimulateArgs) -> Vec<(&'static str, String)> {
+    let mut s = vec![
+        ("trace", args.trace.display().to_string()),
+        ("profile", args.profile.display().to_string()),
+        ("model", args.model.clone()),
+        ("gpus", args.gpus.to_string()),
+        ("cpus", args.cpus.to_string()),
+    ];
+    if args.sweep {
+        s.push(("sweep: models per group", format!("{:?}", args.ks)));
+    } else {
+        s.push(("policy", args.policy.name().to_string()));
+        s.push(("models per group", args.models_per_group.to_string()));
+    }
+    s.push(("seed", args.seed.to_string()));
+    if let Some(d) = args.duration_s {
+        s.push(("duration (s)", d.to_string()));
+    }
+    if args.cluster {
+        s.push((
+            "cluster",
+            format!(
+                "publish every {} ms, hop {} ms",
+                args.publish_ms, args.hop_ms
+            ),
+        ));
+    }
+    s.push(("command", std::env::args().collect::<Vec<_>>().join(" ")));
+    s
 }
