@@ -71,6 +71,31 @@ pub fn package_variant(name: &str, edit: impl FnOnce(String) -> String) -> tempf
     dst
 }
 
+/// `hello` with a request-body limit of 1 KiB (its own is 1 MiB).
+pub fn hello_with_1k_body_limit() -> tempfile::TempDir {
+    package_variant("hello", |m| {
+        m.replace(
+            "max_request_body_bytes = 1048576",
+            "max_request_body_bytes = 1024",
+        )
+    })
+}
+
+/// `slinfer simulate` on the shared trace and latency profile, with `extra`
+/// arguments.
+pub fn simulate(extra: &[&str]) -> std::process::Output {
+    let data = shared_data();
+    Command::new(slinfer_bin())
+        .arg("simulate")
+        .arg("--trace")
+        .arg(data.join("traces/azure-functions-128fn-30min.json"))
+        .arg("--profile")
+        .arg(data.join("profiles/slinfer-artifact-latency-ms.json"))
+        .args(extra)
+        .output()
+        .expect("run slinfer simulate")
+}
+
 /// A gzip'd tar archive of `(name, bytes)` entries, for uploading packages
 /// that the CLI would refuse to build.
 pub fn archive(entries: &[(&str, &[u8])]) -> Vec<u8> {

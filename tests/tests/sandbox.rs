@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use slinfer_e2e::{Server, client, error_of, metric, package, package_variant};
+use slinfer_e2e::{
+    Server, client, error_of, hello_with_1k_body_limit, metric, package, package_variant,
+};
 
 /// The misbehaving fixture deployed next to `hello`.
 async fn server_with_fixture(edit: impl FnOnce(String) -> String) -> (Server, tempfile::TempDir) {
@@ -181,12 +183,7 @@ async fn queued_requests_wait_for_a_slot() {
 #[tokio::test]
 async fn request_body_over_the_limit_is_413() {
     let s = Server::start();
-    let pkg = package_variant("hello", |m| {
-        m.replace(
-            "max_request_body_bytes = 1048576",
-            "max_request_body_bytes = 1024",
-        )
-    });
+    let pkg = hello_with_1k_body_limit();
     s.deploy(pkg.path());
     let big = vec![b'a'; 4096];
     // Declared too large up front.

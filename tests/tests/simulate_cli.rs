@@ -2,23 +2,8 @@
 //! trace and profile; checks the `--json` contract scripts depend on and the
 //! paper's ordering of policies.
 
-use std::process::Command;
-
 use serde_json::Value;
-use slinfer_e2e::{shared_data, slinfer_bin};
-
-fn simulate(extra: &[&str]) -> std::process::Output {
-    let data = shared_data();
-    Command::new(slinfer_bin())
-        .arg("simulate")
-        .arg("--trace")
-        .arg(data.join("traces/azure-functions-128fn-30min.json"))
-        .arg("--profile")
-        .arg(data.join("profiles/slinfer-artifact-latency-ms.json"))
-        .args(extra)
-        .output()
-        .expect("run slinfer simulate")
-}
+use slinfer_e2e::simulate;
 
 fn json(extra: &[&str]) -> Value {
     let out = simulate(extra);
