@@ -116,20 +116,76 @@ fn sweep_reports_runs_capacity_and_figures() {
         let c = cap[p].as_u64().expect("capacity per policy");
         assert!(c == 0 || c == 16 || c == 32);
     }
+    let page = check_html_report(
+        &dir.path().join("report.html"),
+        &["sllm", "slinfer", "slinfer+p"],
+        6,
+        3,
+    );
+    assert!(
+        page.contains("<dd>sllm, slinfer, slinfer+p</dd>"),
+        "settings"
+    );
     for f in ["goodput.svg", "nodes.svg", "ttft-cdf.svg"] {
         let text = std::fs::read_to_string(svg.join(f)).expect(f);
         assert!(text.starts_with("<svg") && text.contains("slinfer"), "{f}");
         // The HTML report holds the same figure inline.
-        let page = std::fs::read_to_string(dir.path().join("report.html")).unwrap();
         assert!(page.contains(&text), "{f} is not in the report");
     }
-    let page = std::fs::read_to_string(dir.path().join("report.html")).unwrap();
+}
+
+/// The `--html` page at `path`: self-contained, its summary table with
+/// `rows` rows (each of `policies` among them), `figures` inline SVGs, each
+/// captioned. Returns the page.
+fn check_html_report(
+    path: &std::path::Path,
+    policies: &[&str],
+    rows: usize,
+    figures: usize,
+) -> String {
+    let page = std::fs::read_to_string(path).expect("the HTML report");
     assert!(page.starts_with("<!DOCTYPE html>"));
-    assert_eq!(page.matches("<tr><td>").count(), 6, "a row per run");
-    for p in ["sllm", "slinfer", "slinfer+p"] {
+    assert!(page.contains("<title>slinfer simulate report</title>"));
+    assert!(page.contains("<table id=\"summary\">"));
+    assert_eq!(page.matches("<tr><td>").count(), rows, "a row per run");
+    for p in policies {
         assert!(page.contains(&format!("<tr><td>{p}</td>")), "{p}");
     }
-    assert!(!page.contains("src=") && !page.contains("href=") && !page.contains("<script"));
+    assert_eq!(page.matches("<figure>").count(), figures);
+    assert_eq!(page.matches("<figcaption>").count(), figures);
+    assert_eq!(page.matches("<svg").count(), figures);
+    for outside in ["src=", "href=", "<script", "<link", "https://"] {
+        assert!(!page.contains(outside), "{outside}");
+    }
+    page
+}
+
+#[test]
+fn a_single_run_writes_an_html_report_with_its_row_and_ttft_cdf() {
+    let dir = tempfile::tempdir().unwrap();
+    // A name that must be escaped where the page shows the command line.
+    let file = dir.path().join("a <run> & \"it\".html");
+    let out = simulate(&[
+        "--policy",
+        "sllm",
+        "--models-per-group",
+        "2",
+        "--gpus",
+        "2",
+        "--duration-s",
+        "60",
+        "--html",
+        file.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let page = check_html_report(&file, &["sllm"], 1, 1);
+    assert!(page.contains("TTFT CDF"));
+    assert!(page.contains("a &lt;run&gt; &amp; &quot;it&quot;.html"));
+    assert!(!page.contains("<run>"));
 }
 
 #[test]
@@ -140,6 +196,10 @@ fn an_html_report_that_cannot_be_written_is_an_error_naming_the_file() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("writing {}", bad.display())), "{err}");
+    assert!(
+        !err.contains("simulated in"),
+        "refused after the run: {err}"
+    );
     assert!(!bad.exists());
 }
 

@@ -3,8 +3,8 @@
 //! `slinfer_scheduler`; the simulation, sweep, capacity and figures live
 //! there.
 
-use std::path::PathBuf;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
 
 use anyhow::Context;
 use slinfer_scheduler::{
@@ -170,25 +170,38 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         seed: args.seed,
     };
 
-    let mut capacity = None;
-    let results = if args.sweep {
-        let policies = if args.policies.is_empty() {
+    // A page that cannot be written is refused now, not after a run that
+    // can take minutes. Opening to append leaves an existing file as it is.
+    let writing = |file: &Path| format!("writing {}", file.display());
+    if let Some(file) = &args.html {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(file)
+            .with_context(|| writing(file))?;
+    }
+    let plan = args.sweep.then(|| Plan {
+        policies: if args.policies.is_empty() {
             Policy::ALL.to_vec()
         } else {
             args.policies.clone()
-        };
-        let ks = if args.ks.is_empty() {
+        },
+        ks: if args.ks.is_empty() {
             (1..=trace::GROUP_SIZE).collect()
         } else {
             args.ks.clone()
-        };
+        },
+    });
+
+    let mut capacity = None;
+    let results = if let Some(Plan { policies, ks }) = &plan {
         let started = Instant::now();
         let results = sweep::sweep(
             &profile,
             &setup,
             &fns,
-            &policies,
-            &ks,
+            policies,
+            ks,
             replay,
             |done, total, s| {
                 eprintln!(
@@ -239,11 +252,11 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     };
     if let Some(file) = &args.html {
         let page = slinfer_scheduler::report::html(
-            &settings(&args),
+            &settings(&args, plan.as_ref()),
             &results,
             capacity.as_ref().map(|c| (args.capacity_threshold, c)),
         );
-        std::fs::write(file, page).with_context(|| format!("writing {}", file.display()))?;
+        std::fs::write(file, page).with_context(|| writing(file))?;
         eprintln!("wrote {}", file.display());
     }
     if let Some(dir) = &args.svg {
@@ -256,8 +269,16 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The runs of a `--sweep`: every policy at every load.
+struct Plan {
+    policies: Vec<Policy>,
+    /// Loads, as models per group.
+    ks: Vec<usize>,
+}
+
 /// What the HTML report lists as the run's settings.
-fn settings(args: &SimulateArgs) -> Vec<(&'static str, String)> {
+fn settings(args: &SimulateArgs, plan: Option<&Plan>) -> Vec<(&'static str, String)> {
+    let list = |items: Vec<String>| items.join(", ");
     let mut s = vec![
         ("trace", args.trace.display().to_string()),
         ("profile", args.profile.display().to_string()),
@@ -265,15 +286,28 @@ fn settings(args: &SimulateArgs) -> Vec<(&'static str, String)> {
         ("gpus", args.gpus.to_string()),
         ("cpus", args.cpus.to_string()),
     ];
-    if args.sweep {
-        s.push(("sweep: models per group", format!("{:?}", args.ks)));
-    } else {
-        s.push(("policy", args.policy.name().to_string()));
-        s.push(("models per group", args.models_per_group.to_string()));
+    match plan {
+        Some(plan) => {
+            s.push((
+                "policies",
+                list(plan.policies.iter().map(|p| p.name().to_string()).collect()),
+            ));
+            s.push((
+                "models per group",
+                list(plan.ks.iter().map(|k| k.to_string()).collect()),
+            ));
+        }
+        None => {
+            s.push(("policy", args.policy.name().to_string()));
+            s.push(("models per group", args.models_per_group.to_string()));
+        }
     }
     s.push(("seed", args.seed.to_string()));
     if let Some(d) = args.duration_s {
         s.push(("duration (s)", d.to_string()));
+    }
+    if args.jitter_s > 0.0 {
+        s.push(("jitter (s)", args.jitter_s.to_string()));
     }
     if args.cluster {
         s.push((
@@ -284,6 +318,14 @@ fn settings(args: &SimulateArgs) -> Vec<(&'static str, String)> {
             ),
         ));
     }
-    s.push(("command", std::env::args().collect::<Vec<_>>().join(" ")));
+    s.push((
+        "date",
+        humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+    ));
+    // Lossy: a path that is not UTF-8 must not stop the report.
+    let command: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    s.push(("command", command.join(" ")));
     s
 }
