@@ -101,6 +101,19 @@ impl Setup {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Server::start_with(&self.data(name), &[], &args)
     }
+
+    /// Member `a` without engines and member `c` serving the default model,
+    /// once `a` sees `c` serve it (within 20 s).
+    pub async fn router_and_engine(&self, nats: &Nats) -> (Server, Server) {
+        let c = self.engine_member_with_model(nats, "c");
+        let a = self.member(nats, "a");
+        let seen = crate::wait_for(std::time::Duration::from_secs(20), || async {
+            served_by(&a, DEFAULT_MODEL).await == ["c"]
+        })
+        .await;
+        assert!(seen.is_some(), "{}", get_json(&a, "/v1/cluster").await);
+        (a, c)
+    }
 }
 
 /// A copy of the folder `from` at `to` whose files are symbolic links.

@@ -87,13 +87,7 @@ async fn drain(
 async fn a_function_on_a_member_without_engines_generates_on_another() {
     let nats = Nats::start();
     let setup = Setup::new();
-    let c = setup.engine_member_with_model(&nats, "c");
-    let mut a = setup.member(&nats, "a");
-    let seen = wait_for(BOUND, || async {
-        served_by(&a, DEFAULT_MODEL).await == ["c"]
-    })
-    .await;
-    assert!(seen.is_some(), "{}", get_json(&a, "/v1/cluster").await);
+    let (mut a, c) = setup.router_and_engine(&nats).await;
     deploy_chat(&a, &[&a, &c]).await;
 
     // The function on a lists the model c serves, and generates with it:
@@ -291,13 +285,7 @@ async fn a_member_lost_mid_stream_ends_the_stream_and_the_others_carry_on() {
 async fn overload_across_the_cluster_is_refused_with_a_retry_hint_not_a_hang() {
     let nats = Nats::start();
     let setup = Setup::new();
-    let c = setup.engine_member_with_model(&nats, "c");
-    let a = setup.member(&nats, "a");
-    let seen = wait_for(BOUND, || async {
-        served_by(&a, DEFAULT_MODEL).await == ["c"]
-    })
-    .await;
-    assert!(seen.is_some());
+    let (a, c) = setup.router_and_engine(&nats).await;
     // A first token within 1 ms is more than any device here can promise:
     // every member refuses, so the cluster does.
     let tight = package_variant("chat", |m| {

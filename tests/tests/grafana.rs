@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde_json::Value;
-use slinfer_e2e::cluster::{DEFAULT_MODEL, Setup, get_json, served_by};
+use slinfer_e2e::cluster::Setup;
 use slinfer_e2e::{Nats, Server, client, package, package_variant, repo_root, wait_for};
 
 const DASHBOARD: &str = "deploy/grafana/slinfer-dashboard.json";
@@ -201,13 +201,7 @@ async fn every_metric_the_dashboard_queries_is_exported() {
     // c serves the default model; a has no engine and routes to c.
     let nats = Nats::start();
     let setup = Setup::new();
-    let c = setup.engine_member_with_model(&nats, "c");
-    let a = setup.member(&nats, "a");
-    let seen = wait_for(BOUND, || async {
-        served_by(&a, DEFAULT_MODEL).await == ["c"]
-    })
-    .await;
-    assert!(seen.is_some(), "{}", get_json(&a, "/v1/cluster").await);
+    let (a, c) = setup.router_and_engine(&nats).await;
     // hello with one slot and no queue, so a second caller is refused.
     let hello = package_variant("hello", |m| {
         m.replace(

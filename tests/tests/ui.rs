@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde_json::Value;
+use slinfer_e2e::cluster::get_json;
 use slinfer_e2e::{
     Server, client, error_of, free_port, hello_with_1k_body_limit, package, simulate,
 };
@@ -216,14 +217,7 @@ async fn the_dashboard_state_counts_invocations_and_errors_and_follows_metrics_a
             .await
             .unwrap();
     }
-    let state: Value = client()
-        .get(format!("{}/ui/api/state", s.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let state = get_json(&s, "/ui/api/state").await;
     // This server's own node comes first (with whatever devices it found).
     assert_eq!(state["nodes"][0]["here"], true, "{state}");
     assert!(state["nodes"][0]["status"]["devices"].is_array(), "{state}");
