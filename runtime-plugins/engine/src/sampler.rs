@@ -264,17 +264,7 @@ pub struct Logprobs {
 
 /// [`Logprobs`] of `token` in `logits`, with the `top` best alternatives.
 pub fn logprobs(logits: &[f32], token: u32, top: usize) -> Logprobs {
-    let max = logits
-        .iter()
-        .copied()
-        .filter(|v| v.is_finite())
-        .fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits
-        .iter()
-        .filter(|v| v.is_finite())
-        .map(|&v| f64::from(v - max).exp())
-        .sum();
-    let log_z = f64::from(max) + sum.ln();
+    let log_z = log_sum_exp(logits);
     let of = |v: f32| (f64::from(v) - log_z) as f32;
     // The `top` largest, kept sorted in a short list (top <= 20).
     let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
@@ -296,9 +286,97 @@ pub fn logprobs(logits: &[f32], token: u32, top: usize) -> Logprobs {
     }
 }
 
+/// `ln Σ e^v` over the finite logits, in lanes the compiler vectorises
+/// with [`exp_nonpositive`]: ~10× faster than `f64::exp` per value, which
+/// cost ~9% of decode throughput at 8 streams with logprobs on.
+fn log_sum_exp(logits: &[f32]) -> f64 {
+    const LANES: usize = 16;
+    let finite = |v: f32| if v.is_finite() { v } else { f32::NEG_INFINITY };
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = logits.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = m.max(finite(v));
+        }
+    }
+    let max = lanes
+        .iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(finite(v)));
+    if max == f32::NEG_INFINITY {
+        return f64::NEG_INFINITY;
+    }
+    let mut sums = [0f32; LANES];
+    let chunks = logits.chunks_exact(LANES);
+    for c in chunks {
+        for (s, &v) in sums.iter_mut().zip(c) {
+            *s += exp_nonpositive(finite(v) - max);
+        }
+    }
+    let sum: f64 = sums.iter().map(|&s| f64::from(s)).sum::<f64>()
+        + tail
+            .iter()
+            .map(|&v| f64::from(exp_nonpositive(finite(v) - max)))
+            .sum::<f64>();
+    f64::from(max) + sum.ln()
+}
+
+/// `e^x` for `x <= 0` (a softmax's terms once the maximum is taken off),
+/// within 5e-6 relative: `2^n` from the exponent bits times a degree-7
+/// polynomial for `2^f`, `|f| < 1`. Plain arithmetic, so loops over it
+/// vectorise. Below -87 (and for -inf, NaN) it is 0 or a subnormal.
+fn exp_nonpositive(x: f32) -> f32 {
+    const C: [f32; 8] = [
+        1.0,
+        std::f32::consts::LN_2,
+        0.240_226_5,
+        0.055_504_11,
+        0.009_618_129,
+        0.001_333_355_8,
+        0.000_154_035_3,
+        0.000_015_252_73,
+    ];
+    let t = x.max(-87.0) * std::f32::consts::LOG2_E;
+    // Truncation (SSE2's cvttps2dq; `floor` would be a call without
+    // SSE4.1): `f` is in (-1, 0], where the polynomial is as good.
+    let n = t as i32;
+    let f = t - n as f32;
+    let p = C[0]
+        + f * (C[1] + f * (C[2] + f * (C[3] + f * (C[4] + f * (C[5] + f * (C[6] + f * C[7]))))));
+    p * f32::from_bits(((n + 127) as u32) << 23)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fast_exp_and_log_sum_exp_agree_with_f64() {
+        for i in 0..=20_000 {
+            let x = -87.0 * i as f32 / 20_000.0;
+            let want = f64::from(x).exp();
+            let got = f64::from(exp_nonpositive(x));
+            assert!((got - want).abs() <= 5e-6 * want, "e^{x}: {got} vs {want}");
+        }
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert!(exp_nonpositive(f32::NEG_INFINITY) < 1e-37);
+        let mut rng = Rng::new(11);
+        for len in [1, 17, 49152, 49155] {
+            let mut v: Vec<f32> = (0..len).map(|_| rng.next_f32_sym(20.0)).collect();
+            if len > 1 {
+                v[0] = f32::NEG_INFINITY;
+            }
+            let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let want = f64::from(max)
+                + v.iter()
+                    .map(|&x| f64::from(x - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            assert!((log_sum_exp(&v) - want).abs() < 1e-5, "len {len}");
+        }
+        assert_eq!(log_sum_exp(&[f32::NEG_INFINITY]), f64::NEG_INFINITY);
+    }
 
     /// The plain definition `argmax` must agree with.
     fn argmax_reference(logits: &[f32]) -> u32 {
