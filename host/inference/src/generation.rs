@@ -157,17 +157,10 @@ impl Generation {
         } else {
             &[]
         };
-        let seen = if self.sampler.reads_history() {
-            Seen {
-                prompt: &self.prompt,
-                output: &self.generated,
-                banned,
-            }
-        } else {
-            Seen {
-                banned,
-                ..Seen::default()
-            }
+        let seen = Seen {
+            prompt: &self.prompt,
+            output: &self.generated,
+            banned,
         };
         let token = self.sampler.sample(logits, seen);
         self.sampled += 1;

@@ -95,24 +95,32 @@ pub struct Sampler {
 /// over a 49k vocabulary (40 µs → 4 µs), and greedy decoding calls it once
 /// per sequence per step.
 pub fn argmax(logits: &[f32]) -> u32 {
+    let max = lane_max(logits, |v| v);
+    if max == f32::NEG_INFINITY {
+        // Nothing beats -inf: the first index, as the plain loop gives.
+        return 0;
+    }
+    logits.iter().position(|&v| v == max).unwrap_or(0) as u32
+}
+
+/// The largest of `map(v)` over `logits` (NaN never wins), with a running
+/// maximum per lane the compiler vectorises.
+fn lane_max(logits: &[f32], map: impl Fn(f32) -> f32) -> f32 {
     const LANES: usize = 16;
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let chunks = logits.chunks_exact(LANES);
     let tail = chunks.remainder();
     for c in chunks {
         for (m, &v) in lanes.iter_mut().zip(c) {
+            let v = map(v);
             *m = if v > *m { v } else { *m };
         }
     }
-    let max = lanes
+    lanes
         .iter()
-        .chain(tail)
-        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-    if max == f32::NEG_INFINITY {
-        // Nothing beats -inf: the first index, as the plain loop gives.
-        return 0;
-    }
-    logits.iter().position(|&v| v == max).unwrap_or(0) as u32
+        .copied()
+        .chain(tail.iter().map(|&v| map(v)))
+        .fold(f32::NEG_INFINITY, |m, v| if v > m { v } else { m })
 }
 
 impl Sampler {
@@ -133,13 +141,6 @@ impl Sampler {
 
     pub fn params(&self) -> &SamplingParams {
         &self.params
-    }
-
-    /// Whether [`Sampler::sample`] reads [`Seen::prompt`] or
-    /// [`Seen::output`] (callers skip gathering them otherwise).
-    pub fn reads_history(&self) -> bool {
-        let p = &self.params;
-        p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0
     }
 
     /// Pick the next token from `logits`, given what the sequence holds.
@@ -292,23 +293,13 @@ pub fn logprobs(logits: &[f32], token: u32, top: usize) -> Logprobs {
 fn log_sum_exp(logits: &[f32]) -> f64 {
     const LANES: usize = 16;
     let finite = |v: f32| if v.is_finite() { v } else { f32::NEG_INFINITY };
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let chunks = logits.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for (m, &v) in lanes.iter_mut().zip(c) {
-            *m = m.max(finite(v));
-        }
-    }
-    let max = lanes
-        .iter()
-        .chain(tail)
-        .fold(f32::NEG_INFINITY, |m, &v| m.max(finite(v)));
+    let max = lane_max(logits, finite);
     if max == f32::NEG_INFINITY {
         return f64::NEG_INFINITY;
     }
     let mut sums = [0f32; LANES];
     let chunks = logits.chunks_exact(LANES);
+    let tail = chunks.remainder();
     for c in chunks {
         for (s, &v) in sums.iter_mut().zip(c) {
             *s += exp_nonpositive(finite(v) - max);
