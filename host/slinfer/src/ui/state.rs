@@ -96,23 +96,22 @@ impl UiState {
     pub fn now(app: &AppState) -> UiState {
         let now = unix_now();
         let status = app.models.inference().map(|i| i.status());
+        let node = app
+            .member
+            .as_ref()
+            .map(|m| m.cluster.identity().node.clone());
         let mut nodes = vec![NodeView {
-            node: app
-                .member
-                .as_ref()
-                .map(|m| m.cluster.identity().node.clone())
-                .unwrap_or_default(),
+            node: node.clone().unwrap_or_default(),
             here: true,
             alive: true,
             status: serde_json::to_value(&status).unwrap_or_default(),
         }];
         if let Some(m) = &app.member {
-            let me = &m.cluster.identity().node;
             nodes.extend(
                 m.cluster
                     .members()
                     .into_iter()
-                    .filter(|o| &o.state.node != me)
+                    .filter(|o| Some(&o.state.node) != node.as_ref())
                     .map(|o| NodeView {
                         node: o.state.node,
                         here: false,
@@ -122,10 +121,7 @@ impl UiState {
             );
         }
         UiState {
-            node: app
-                .member
-                .as_ref()
-                .map(|m| m.cluster.identity().node.clone()),
+            node,
             now_unix_s: now,
             started_unix_s: app.started_unix_s,
             inference: status.is_some(),
