@@ -1,12 +1,13 @@
 //! Text generation with the host's models (`slinfer:llm`): an iterator over
 //! text chunks, [`Request`] to build a generation with every setting
-//! (penalties, logit bias, a minimum length, log-probabilities), and [`sse`]
+//! (penalties, logit bias, a minimum length, log-probabilities, a JSON
+//! schema, regex or grammar the output must match, tools), and [`sse`]
 //! to stream one straight into an HTTP response as Server-Sent Events.
 
 use crate::bindings::slinfer::llm::generation as wit;
 pub use crate::bindings::slinfer::llm::types::{
-    ChatMessage, Chunk, Error as LlmError, FinishReason, Options, Params, Prompt, TokenLogprob,
-    TokenLogprobs, Usage,
+    ChatMessage, Chunk, Constraint, Error as LlmError, FinishReason, Options, Params, Prompt,
+    TokenLogprob, TokenLogprobs, Usage,
 };
 use crate::{Response, json};
 
@@ -37,6 +38,8 @@ impl Default for Options {
             min_tokens: None,
             ignore_eos: false,
             logprobs: None,
+            constraint: None,
+            tools: None,
         }
     }
 }
@@ -148,6 +151,32 @@ impl Request {
     /// alternatives, read with [`Generation::next_chunk`].
     pub fn logprobs(mut self, top: u8) -> Self {
         self.options.logprobs = Some(top);
+        self
+    }
+
+    /// The output is one JSON value valid against `schema` (a JSON Schema's
+    /// text); it ends when the value is complete.
+    pub fn json_schema(mut self, schema: &str) -> Self {
+        self.options.constraint = Some(Constraint::JsonSchema(schema.to_owned()));
+        self
+    }
+
+    /// The whole output matches `regex` (Rust `regex` syntax).
+    pub fn regex(mut self, regex: &str) -> Self {
+        self.options.constraint = Some(Constraint::Regex(regex.to_owned()));
+        self
+    }
+
+    /// The output is a sentence of `grammar` (llguidance's Lark dialect).
+    pub fn grammar(mut self, grammar: &str) -> Self {
+        self.options.constraint = Some(Constraint::Lark(grammar.to_owned()));
+        self
+    }
+
+    /// The tools the model may call (a JSON array in OpenAI's `tools`
+    /// shape), for a chat prompt: see the `tools` option in `slinfer:llm`.
+    pub fn tools(mut self, tools: &str) -> Self {
+        self.options.tools = Some(tools.to_owned());
         self
     }
 

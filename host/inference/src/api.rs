@@ -130,6 +130,39 @@ pub struct GenerationParams {
     /// likely alternatives ([`Chunk::tokens`]); `None` reports none.
     #[serde(default)]
     pub logprobs: Option<u8>,
+    /// Keeps the output inside a schema, expression or grammar; its end
+    /// ends the generation.
+    #[serde(default)]
+    pub constraint: Option<Constraint>,
+    /// For a chat prompt: the tools the model may call (a JSON array in
+    /// OpenAI's `tools` shape), given to its chat template or, when the
+    /// template does not use them, described in a system message.
+    #[serde(default)]
+    pub tools: Option<String>,
+}
+
+/// What a constrained generation's output must match.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum Constraint {
+    /// A JSON Schema (its JSON text): the output is one JSON value that
+    /// validates against it.
+    JsonSchema(String),
+    /// A regular expression the whole output matches.
+    Regex(String),
+    /// A grammar in llguidance's Lark dialect (which can embed JSON schemas
+    /// with `%json { ... }`).
+    Lark(String),
+}
+
+impl Constraint {
+    /// Its name in errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Constraint::JsonSchema(_) => "json schema",
+            Constraint::Regex(_) => "regex",
+            Constraint::Lark(_) => "grammar",
+        }
+    }
 }
 
 /// The most alternatives [`GenerationParams::logprobs`] may ask for.
@@ -176,6 +209,11 @@ impl GenerationParams {
         }
         if self.min_tokens.is_some_and(|m| m > self.max_tokens()) {
             return bad("min_tokens must not exceed max_tokens");
+        }
+        if self.constraint.is_some() && (self.ignore_eos || self.min_tokens.is_some()) {
+            return bad(
+                "min_tokens and ignore_eos cannot be used with a constraint (the constraint decides where the output ends)",
+            );
         }
         Ok(())
     }

@@ -3,13 +3,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use slinfer_engine::package::ModelPackage;
 use slinfer_engine::{DeviceKind, Footprint, PerKind};
 use slinfer_scheduler::ModelSpec;
 
-use crate::api::{ChatMessage, InferenceError, ModelInfo, TokenLogprob, TokenLogprobs};
+use crate::api::{ChatMessage, Constraint, InferenceError, ModelInfo, TokenLogprob, TokenLogprobs};
+use crate::constraint::{Constrained, Grammars};
 use crate::devices::Device;
 
 /// KV block size the scheduler plans with, in tokens (bytes are what matter:
@@ -36,6 +37,8 @@ pub(crate) struct ModelEntry {
     /// Tokens in its tokenizer's vocabulary, added ones included (counted
     /// once: the tokenizer builds a map to count them).
     pub vocab_size: usize,
+    /// Compiles constraints (built on the first constrained request).
+    grammars: OnceLock<Result<Grammars, String>>,
 }
 
 impl ModelEntry {
@@ -81,6 +84,7 @@ impl ModelEntry {
             footprints,
             max_token_bytes,
             vocab_size,
+            grammars: OnceLock::new(),
         })
     }
 
@@ -96,6 +100,27 @@ impl ModelEntry {
             });
         }
         Ok(())
+    }
+
+    /// A matcher for `c` over this model's tokens (slow the first time: it
+    /// builds the token trie; call it off the async workers).
+    pub fn constrain(&self, c: &Constraint) -> Result<Constrained, InferenceError> {
+        let grammars = self.grammars.get_or_init(|| {
+            let cfg = &self.package.manifest.config;
+            Grammars::new(
+                self.tokenizer.clone(),
+                cfg.vocab_size.max(self.vocab_size),
+                &cfg.eos_token_ids,
+            )
+            .map_err(|e| format!("{e:#}"))
+        });
+        match grammars {
+            Ok(g) => g.compile(c).map(Constrained),
+            Err(e) => Err(InferenceError::Engine(format!(
+                "constrained decoding is not available for model {}: {e}",
+                self.name
+            ))),
+        }
     }
 
     pub fn context_tokens(&self) -> u32 {
@@ -184,8 +209,13 @@ impl ModelEntry {
             .map_err(|e| InferenceError::Engine(format!("tokenizer: {e}")))
     }
 
-    /// The text chat messages become with the model's template.
-    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, InferenceError> {
+    /// The text chat messages become with the model's template (and the
+    /// tools the model may call).
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&str>,
+    ) -> Result<String, InferenceError> {
         let template = self
             .package
             .manifest
@@ -203,7 +233,7 @@ impl ModelEntry {
             .copied()
             .map(token)
             .unwrap_or_default();
-        crate::text::render_chat(template, messages, &bos, &eos)
+        crate::text::render_chat(template, messages, tools, (&bos, &eos))
     }
 }
 

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::api::{Chunk, FinishReason, GenerationParams, InferenceError, TokenLogprobs, Usage};
 use crate::catalog::ModelEntry;
+use crate::constraint::Constrained;
 use crate::driver::Msg;
 use crate::metrics::LlmMetrics;
 use crate::text::{Detokenizer, Step};
@@ -61,6 +62,8 @@ pub(crate) struct Generation {
     /// Log-probabilities of tokens whose text is not handed out yet.
     unsent: Vec<TokenLogprobs>,
     detok: Detokenizer,
+    /// The schema, expression or grammar the output must match.
+    constraint: Option<Constrained>,
     tx: mpsc::UnboundedSender<Event>,
     cancelled: Arc<AtomicBool>,
     /// When the caller's request arrived (TTFT counts from here).
@@ -107,6 +110,7 @@ impl Generation {
             logprobs: params.logprobs,
             unsent: Vec::new(),
             detok: Detokenizer::new(params.stop.clone()),
+            constraint: None,
             tx,
             cancelled,
             submitted: arrived,
@@ -118,6 +122,12 @@ impl Generation {
             tpot_slo_s: slo_s.1,
             metrics,
         }
+    }
+
+    /// Keeps its output inside `constraint`.
+    pub fn with_constraint(mut self, constraint: Option<Constrained>) -> Self {
+        self.constraint = constraint;
+        self
     }
 
     /// Seconds since the caller's request arrived.
@@ -157,10 +167,18 @@ impl Generation {
         } else {
             &[]
         };
+        let allowed = match self.constraint.as_mut().map(Constrained::allowed) {
+            Some(Err(e)) => {
+                self.end(End::Failed(e));
+                return true;
+            }
+            mask => mask.and_then(Result::ok),
+        };
         let seen = Seen {
             prompt: &self.prompt,
             output: &self.generated,
             banned,
+            allowed: allowed.as_deref(),
         };
         let token = self.sampler.sample(logits, seen);
         self.sampled += 1;
@@ -180,9 +198,23 @@ impl Generation {
             self.unsent.push(self.model.token_logprobs(token, lp));
         }
         self.generated.push(token);
+        let complete = match self.constraint.as_mut().map(|c| c.take(token)) {
+            Some(Err(e)) => {
+                self.end(End::Failed(e));
+                return true;
+            }
+            done => done == Some(Ok(true)),
+        };
         match self.detok.push(&self.model.tokenizer, token) {
             Step::Stopped(t) => {
                 self.text(t);
+                self.end(End::Finished(FinishReason::Stop));
+                true
+            }
+            Step::Text(t) if complete => {
+                self.text(t);
+                let tail = self.detok.flush(&self.model.tokenizer);
+                self.text(tail);
                 self.end(End::Finished(FinishReason::Stop));
                 true
             }

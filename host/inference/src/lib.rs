@@ -18,6 +18,7 @@
 
 mod api;
 mod catalog;
+mod constraint;
 mod cost;
 mod devices;
 mod driver;

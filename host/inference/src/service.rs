@@ -218,8 +218,9 @@ impl Inference {
         &self,
         model: &str,
         messages: &[ChatMessage],
+        tools: Option<&str>,
     ) -> Result<String, InferenceError> {
-        self.model(model)?.1.render_chat(messages)
+        self.model(model)?.1.render_chat(messages, tools)
     }
 
     /// Live requests and KV blocks in use per instance.
@@ -329,13 +330,21 @@ impl Inference {
         m.check_prompt_bytes(bytes)?;
         // Rendering and tokenizing take time in proportion to the prompt:
         // on the blocking pool, never on an async worker.
-        let (entry, text) = (m.clone(), req.prompt);
-        let prompt = tokio::task::spawn_blocking(move || {
+        // So does compiling a constraint (the first one of a model builds
+        // its token trie).
+        let (entry, text, params) = (m.clone(), req.prompt, req.params.clone());
+        let (prompt, constrained) = tokio::task::spawn_blocking(move || {
+            let constrained = params.constraint.map(|c| entry.constrain(&c)).transpose()?;
             let text = match text {
+                Prompt::Text(_) if params.tools.is_some() => {
+                    return Err(InferenceError::InvalidParams(
+                        "tools need a chat prompt".into(),
+                    ));
+                }
                 Prompt::Text(t) => t,
-                Prompt::Chat(msgs) => entry.render_chat(&msgs)?,
+                Prompt::Chat(msgs) => entry.render_chat(&msgs, params.tools.as_deref())?,
             };
-            entry.tokenize(&text)
+            Ok::<_, InferenceError>((entry.tokenize(&text)?, constrained))
         })
         .await
         .map_err(|e| InferenceError::Engine(format!("tokenizing: {e}")))??;
@@ -366,7 +375,8 @@ impl Inference {
             tx,
             cancelled.clone(),
             self.metrics.clone(),
-        );
+        )
+        .with_constraint(constrained);
         let to_driver = self.sender();
         let mut stream = GenerationStream {
             id,

@@ -5,12 +5,14 @@
 use crate::api::{ChatMessage, InferenceError};
 
 /// Renders `messages` with the model's Jinja chat template, with
-/// `add_generation_prompt = true` (the assistant's turn is opened).
+/// `add_generation_prompt = true` (the assistant's turn is opened), and
+/// `tools` (a JSON array in OpenAI's shape) given to the template when it
+/// uses them, else described by [`tools_prompt`] in the system message.
 pub(crate) fn render_chat(
     template: &str,
     messages: &[ChatMessage],
-    bos: &str,
-    eos: &str,
+    tools: Option<&str>,
+    (bos, eos): (&str, &str),
 ) -> Result<String, InferenceError> {
     let mut env = minijinja::Environment::new();
     env.add_function(
@@ -24,21 +26,75 @@ pub(crate) fn render_chat(
     );
     let bad = |e: minijinja::Error| InferenceError::InvalidParams(format!("chat template: {e}"));
     env.add_template("chat", template).map_err(bad)?;
+    let template = env.get_template("chat").map_err(bad)?;
+    let tools = tools.map(parse_tools).transpose()?;
+    let mut messages = messages.to_vec();
+    let tools = match tools {
+        Some(t) if !template.undeclared_variables(false).contains("tools") => {
+            let prompt = tools_prompt(&t);
+            match messages.first_mut() {
+                Some(m) if m.role == "system" => m.content = format!("{}\n\n{prompt}", m.content),
+                _ => messages.insert(
+                    0,
+                    ChatMessage {
+                        role: "system".into(),
+                        content: prompt,
+                    },
+                ),
+            }
+            None
+        }
+        t => t,
+    };
     let msgs: Vec<minijinja::Value> = messages
         .iter()
         .map(|m| {
             minijinja::context! { role => m.role.clone(), content => m.content.clone() }
         })
         .collect();
-    env.get_template("chat")
-        .map_err(bad)?
+    template
         .render(minijinja::context! {
             messages => msgs,
+            tools => tools.map(minijinja::Value::from_serialize),
             add_generation_prompt => true,
             bos_token => bos,
             eos_token => eos,
         })
         .map_err(bad)
+}
+
+/// `tools` as JSON, refused unless it is a list of functions with names.
+fn parse_tools(tools: &str) -> Result<Vec<serde_json::Value>, InferenceError> {
+    let bad = |m: String| InferenceError::InvalidParams(format!("tools: {m}"));
+    let list: Vec<serde_json::Value> =
+        serde_json::from_str(tools).map_err(|e| bad(format!("not a JSON array: {e}")))?;
+    for (i, t) in list.iter().enumerate() {
+        if t["type"] != "function" || !t["function"]["name"].is_string() {
+            return Err(bad(format!(
+                "tool {i} is not {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}"
+            )));
+        }
+    }
+    Ok(list)
+}
+
+/// The system message that describes `tools` to a model whose chat
+/// template knows nothing of tools, and asks for each call in the
+/// `<tool_call>` form most tool-trained models use.
+pub(crate) fn tools_prompt(tools: &[serde_json::Value]) -> String {
+    let mut p = String::from(
+        "You can call the following tools. Each is described by one JSON object per line:\n",
+    );
+    for t in tools {
+        p.push_str(&t["function"].to_string());
+        p.push('\n');
+    }
+    p.push_str(
+        "To call tools, reply with nothing but one line per call, each of the form\n\
+         <tool_call>{\"name\": \"<tool name>\", \"arguments\": <the arguments as a JSON object>}</tool_call>\n\
+         Otherwise, answer normally.",
+    );
+    p
 }
 
 /// The bytes a token stands for: `<0xHH>` byte-fallback pieces, the
@@ -253,14 +309,71 @@ mod tests {
         let t = "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m.content }}\
                  {% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
         assert_eq!(
-            render_chat(t, &msgs, "<s>", "</s>").unwrap(),
+            render_chat(t, &msgs, None, ("<s>", "</s>")).unwrap(),
             "<s><user>hi<assistant>"
         );
         let bad = "{{ raise_exception('no system role') }}";
         assert!(matches!(
-            render_chat(bad, &msgs, "", ""),
+            render_chat(bad, &msgs, None, ("", "")),
             Err(InferenceError::InvalidParams(e)) if e.contains("no system role")
         ));
-        assert!(render_chat("{% for %}", &msgs, "", "").is_err());
+        assert!(render_chat("{% for %}", &msgs, None, ("", "")).is_err());
+    }
+
+    #[test]
+    fn tools_go_to_a_template_that_uses_them_else_into_the_system_message() {
+        let tools = r#"[{"type": "function", "function": {"name": "now", "parameters": {}}}]"#;
+        let user = ChatMessage {
+            role: "user".into(),
+            content: "hi".into(),
+        };
+        let plain = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}";
+        let with_tools =
+            "{% if tools %}{% for t in tools %}[{{ t.function.name }}]{% endfor %}{% endif %}";
+        assert_eq!(
+            render_chat(
+                with_tools,
+                std::slice::from_ref(&user),
+                Some(tools),
+                ("", "")
+            )
+            .unwrap(),
+            "[now]"
+        );
+        let out = render_chat(plain, std::slice::from_ref(&user), Some(tools), ("", "")).unwrap();
+        let (system, rest) = out.split_once("\n<user>").unwrap();
+        assert!(
+            system.starts_with("<system>You can call the following tools."),
+            "{out}"
+        );
+        assert!(
+            system.contains(r#"{"name":"now","parameters":{}}"#),
+            "{out}"
+        );
+        assert!(system.contains("<tool_call>"), "{out}");
+        assert_eq!(rest, "hi\n");
+        // A system message of the caller's keeps its text, first.
+        let sys = ChatMessage {
+            role: "system".into(),
+            content: "Be brief.".into(),
+        };
+        let out = render_chat(plain, &[sys, user], Some(tools), ("", "")).unwrap();
+        assert!(
+            out.starts_with("<system>Be brief.\n\nYou can call"),
+            "{out}"
+        );
+        for (bad, says) in [
+            ("{", "not a JSON array"),
+            (r#"[{"type": "function"}]"#, "tool 0"),
+            (
+                r#"[{"type": "retrieval", "function": {"name": "x"}}]"#,
+                "tool 0",
+            ),
+        ] {
+            match render_chat(plain, &[], Some(bad), ("", "")) {
+                Err(InferenceError::InvalidParams(m)) => assert!(m.contains(says), "{m}"),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 }

@@ -22,9 +22,9 @@ use slinfer_engine::{
     MemoryReport, ModelConfig, ModelSource, SeqId, StepEntry,
 };
 use slinfer_inference::{
-    DeviceLabels, FinishReason, GenerateRequest, GenerationParams, INSTANCE_OVERHEAD_BYTES,
-    Inference, InferenceConfig, InferenceError, LlmMetrics, MemoryBudget, OutcomeLabels, Prompt,
-    TokenLogprobs, Usage,
+    Constraint, DeviceLabels, FinishReason, GenerateRequest, GenerationParams,
+    INSTANCE_OVERHEAD_BYTES, Inference, InferenceConfig, InferenceError, LlmMetrics, MemoryBudget,
+    OutcomeLabels, Prompt, TokenLogprobs, Usage,
 };
 use slinfer_test_support::{peak_then_fall, tiny};
 
@@ -852,4 +852,100 @@ async fn logprobs_are_the_log_softmax_of_the_engines_logits_and_a_logit_bias_ste
         collect(&inf, req).await,
         Err(InferenceError::InvalidParams(_))
     ));
+}
+
+#[tokio::test]
+async fn a_constraint_keeps_every_sampled_output_inside_it_and_its_end_ends_the_generation() {
+    let dir = models(&[("tiny-a", 3)]);
+    let (inf, _) = start(dir.path(), vec![cpu(reference(DeviceKind::Cpu, 0))]);
+    let run = |constraint: Constraint, temperature: f32, seed: u64| {
+        let mut req = request("tiny-a", "answer:", 120);
+        req.params.constraint = Some(constraint);
+        req.params.temperature = Some(temperature);
+        req.params.seed = Some(seed);
+        let inf = inf.clone();
+        async move { collect(&inf, req).await }
+    };
+    let schema = r#"{"type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999},
+                       "ok": {"type": "boolean"},
+                       "tag": {"enum": ["red", "green"]}},
+        "required": ["n", "ok", "tag"], "additionalProperties": false}"#;
+    // Greedy and sampled at two temperatures: always a complete, valid
+    // value, ended by the constraint (the tiny model never picks EOS).
+    for (temperature, seed) in [(0.0, 0), (1.0, 1), (1.0, 2), (3.0, 3)] {
+        let (text, usage) = run(Constraint::JsonSchema(schema.into()), temperature, seed)
+            .await
+            .unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+        let n = v["n"].as_u64().unwrap_or_else(|| panic!("{text}"));
+        assert!(n <= 999 && v["ok"].is_boolean(), "{text}");
+        assert!(
+            ["red", "green"].contains(&v["tag"].as_str().unwrap()),
+            "{text}"
+        );
+        assert_eq!(v.as_object().unwrap().len(), 3, "{text}");
+        assert_eq!(usage.finish_reason, FinishReason::Stop, "{text}");
+    }
+    for seed in 0..5 {
+        let (text, usage) = run(Constraint::Regex("[a-c]{3}-[0-9]{2}".into()), 2.0, seed)
+            .await
+            .unwrap();
+        let b = text.as_bytes();
+        assert!(
+            b.len() == 6
+                && b[..3].iter().all(|c| (b'a'..=b'c').contains(c))
+                && b[3] == b'-'
+                && b[4..].iter().all(u8::is_ascii_digit),
+            "{text:?}"
+        );
+        assert_eq!(
+            (usage.generated_tokens, usage.finish_reason),
+            (6, FinishReason::Stop)
+        );
+    }
+    let grammar = "start: answer \"!\"\nanswer: \"yes\" | \"no\" | \"maybe\"";
+    let (text, _) = run(Constraint::Lark(grammar.into()), 1.0, 4).await.unwrap();
+    assert!(
+        ["yes!", "no!", "maybe!"].contains(&text.as_str()),
+        "{text:?}"
+    );
+    // A length limit cuts a constrained output like any other.
+    let mut req = request("tiny-a", "x", 3);
+    req.params.constraint = Some(Constraint::Regex("[a-z]{10}".into()));
+    let (text, usage) = collect(&inf, req).await.unwrap();
+    assert_eq!((text.len(), usage.finish_reason), (3, FinishReason::Length));
+
+    // Bad constraints are refused before anything runs, naming the problem.
+    for (constraint, says) in [
+        (
+            Constraint::JsonSchema("{\"type\": ".into()),
+            "json schema is not JSON",
+        ),
+        (
+            Constraint::JsonSchema(r#"{"type": "frobnicate"}"#.into()),
+            "json schema",
+        ),
+        (Constraint::Regex("([a-z]".into()), "regex"),
+        (
+            Constraint::Lark("start: undefined_rule".into()),
+            "undefined_rule",
+        ),
+    ] {
+        let mut req = request("tiny-a", "x", 3);
+        req.params.constraint = Some(constraint);
+        match collect(&inf, req).await {
+            Err(InferenceError::InvalidParams(m)) => assert!(m.contains(says), "{m}"),
+            other => panic!("{says}: {other:?}"),
+        }
+    }
+    let mut req = request("tiny-a", "x", 3);
+    req.params.constraint = Some(Constraint::Regex("a+".into()));
+    req.params.min_tokens = Some(2);
+    match collect(&inf, req).await {
+        Err(InferenceError::InvalidParams(m)) => assert!(m.contains("constraint"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    quiet(&inf).await;
 }

@@ -173,6 +173,8 @@ impl wit::Host for LlmCtxView<'_> {
             min_tokens: None,
             ignore_eos: false,
             logprobs: None,
+            constraint: None,
+            tools: None,
         };
         self.generate_with(model, prompt, params, none).await
     }
@@ -218,6 +220,12 @@ impl wit::Host for LlmCtxView<'_> {
                 min_tokens: options.min_tokens,
                 ignore_eos: options.ignore_eos,
                 logprobs: options.logprobs,
+                constraint: options.constraint.map(|c| match c {
+                    t::Constraint::JsonSchema(s) => inference::Constraint::JsonSchema(s),
+                    t::Constraint::Regex(r) => inference::Constraint::Regex(r),
+                    t::Constraint::Lark(g) => inference::Constraint::Lark(g),
+                }),
+                tools: options.tools,
             },
             ttft_slo_s: self.ctx.config.ttft_slo_s,
             tpot_slo_s: self.ctx.config.tpot_slo_s,

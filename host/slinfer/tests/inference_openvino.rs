@@ -172,7 +172,7 @@ async fn chat_prompt_uses_the_models_template() {
         role: "user".into(),
         content: "What is the capital of France?".into(),
     }];
-    let rendered = inf.render_chat(MODEL, &msgs).unwrap();
+    let rendered = inf.render_chat(MODEL, &msgs, None).unwrap();
     assert_eq!(
         rendered,
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging \

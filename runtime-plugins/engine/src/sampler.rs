@@ -51,6 +51,10 @@ pub struct Seen<'a> {
     /// Tokens that may not be sampled now (an end of sequence before the
     /// request's minimum length).
     pub banned: &'a [u32],
+    /// When set, only these tokens may be sampled: a bitset, token `t` is
+    /// bit `t % 32` of word `t / 32` (a constraint's mask); tokens past its
+    /// end may not be sampled.
+    pub allowed: Option<&'a [u32]>,
 }
 
 /// SplitMix64: tiny, fast, good enough to draw tokens, and stable across
@@ -152,7 +156,8 @@ impl Sampler {
             || p.presence_penalty != 0.0
             || p.frequency_penalty != 0.0
             || !self.logit_bias.is_empty()
-            || !seen.banned.is_empty();
+            || !seen.banned.is_empty()
+            || seen.allowed.is_some();
         if greedy && !adjusted {
             return argmax(logits);
         }
@@ -211,7 +216,8 @@ impl Sampler {
         *idx.last().expect("non-empty")
     }
 
-    /// The logit bias, the penalties and the bans, in that order.
+    /// The logit bias, the penalties, the bans and the allowed set, in
+    /// that order.
     fn adjust(&self, l: &mut [f32], seen: Seen<'_>, repetition: bool) {
         let p = &self.params;
         for &(t, b) in &self.logit_bias {
@@ -248,6 +254,18 @@ impl Sampler {
         for &t in seen.banned {
             if let Some(v) = l.get_mut(t as usize) {
                 *v = f32::NEG_INFINITY;
+            }
+        }
+        if let Some(allowed) = seen.allowed {
+            for (i, chunk) in l.chunks_mut(32).enumerate() {
+                let word = allowed.get(i).copied().unwrap_or(0);
+                if word != u32::MAX {
+                    for (b, v) in chunk.iter_mut().enumerate() {
+                        if word >> b & 1 == 0 {
+                            *v = f32::NEG_INFINITY;
+                        }
+                    }
+                }
             }
         }
     }
@@ -572,6 +590,33 @@ mod tests {
         for _ in 0..500 {
             assert_ne!(s.sample(&logits, banned), 2);
         }
+    }
+
+    #[test]
+    fn only_allowed_tokens_are_sampled() {
+        // 40 logits, the best first; the mask allows tokens 3 and 33 (the
+        // second word), and nothing past its one-and-a-bit words.
+        let logits: Vec<f32> = (0..70).map(|i| -(i as f32) / 10.0).collect();
+        let mask = [1u32 << 3, 1 << 1];
+        let seen = Seen {
+            allowed: Some(&mask),
+            ..Default::default()
+        };
+        let mut s = Sampler::new(SamplingParams::default());
+        assert_eq!(s.sample(&logits, seen), 3);
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 10.0,
+            seed: 9,
+            ..Default::default()
+        });
+        let mut drawn = std::collections::BTreeSet::new();
+        for _ in 0..500 {
+            drawn.insert(s.sample(&logits, seen));
+        }
+        assert_eq!(drawn.into_iter().collect::<Vec<_>>(), [3, 33]);
+        // A bias cannot bring back a masked token.
+        let mut s = Sampler::new(SamplingParams::default()).with_logit_bias(vec![(0, 100.0)]);
+        assert_eq!(s.sample(&logits, seen), 3);
     }
 
     #[test]
