@@ -10,10 +10,14 @@ real server.
 """
 
 import argparse
+import json
+import re
 import sys
 import traceback
 
+import jsonschema
 import openai
+import pydantic
 
 MODEL = "smollm2-135m-instruct"
 QUESTION = [
@@ -296,9 +300,6 @@ def check_errors(client, _args):
            lambda: chat(model=MODEL, messages=msgs, max_tokens=4, logit_bias={"999999": 1}))
     expect(openai.BadRequestError, "invalid_value", "min_tokens",
            lambda: chat(model=MODEL, messages=msgs, max_tokens=4, extra_body={"min_tokens": 5}))
-    expect(openai.BadRequestError, "unsupported_parameter", "tools",
-           lambda: chat(model=MODEL, messages=msgs, max_tokens=4, tools=[{
-               "type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]))
     expect(openai.BadRequestError, "invalid_value", "temperature",
            lambda: chat(model=MODEL, messages=msgs, max_tokens=4, temperature=5))
     expect(openai.BadRequestError, "invalid_value", "max_tokens",
@@ -308,7 +309,7 @@ def check_errors(client, _args):
     expect(openai.BadRequestError, "invalid_value", "messages",
            lambda: chat(model=MODEL, messages=[], max_tokens=4))
     expect(openai.BadRequestError, "unsupported_parameter", "messages[0].role",
-           lambda: chat(model=MODEL, messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}]))
+           lambda: chat(model=MODEL, messages=[{"role": "function", "content": "x", "name": "f"}]))
     expect(openai.BadRequestError, "unknown_parameter", "bogus",
            lambda: chat(model=MODEL, messages=msgs, max_tokens=4, extra_body={"bogus": 1}))
     expect(openai.BadRequestError, "invalid_value", "stream_options",
@@ -316,6 +317,169 @@ def check_errors(client, _args):
                         stream_options={"include_usage": True}))
     expect(openai.BadRequestError, "context_length_exceeded", "prompt",
            lambda: client.completions.create(model=MODEL, prompt="hello " * 10000, max_tokens=4))
+
+
+class City(pydantic.BaseModel):
+    """Bounded, so that any output the schema allows fits max_tokens."""
+    name: str = pydantic.Field(max_length=40)
+    country: str = pydantic.Field(max_length=40)
+    population: int = pydantic.Field(ge=0, le=100_000_000)
+    capital: bool
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 30},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "languages": {"type": "array", "items": {"enum": ["en", "fr", "de", "es"]},
+                      "minItems": 1, "maxItems": 3},
+        "email": {"type": "string", "pattern": "^[a-z]{1,12}@example\\.com$"},
+    },
+    "required": ["name", "age", "languages", "email"],
+    "additionalProperties": False,
+}
+
+
+def check_structured_outputs(client, _args):
+    # The official client's parse() with a Pydantic model, ten prompts.
+    for i, city in enumerate(["Paris", "Tokyo", "Lagos", "Lima", "Oslo", "Cairo", "Delhi",
+                              "Quito", "Perth", "Hanoi"]):
+        r = client.beta.chat.completions.parse(
+            model=MODEL, response_format=City, max_tokens=120, temperature=0.7, seed=i,
+            messages=[{"role": "user", "content": "Describe the city of %s." % city}])
+        c = r.choices[0]
+        assert c.finish_reason == "stop", (city, c)
+        assert isinstance(c.message.parsed, City), (city, c.message)
+    # A JSON schema holds over 20 sampled runs at temperature 1.
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    for seed in range(20):
+        r = client.chat.completions.create(
+            model=MODEL, response_format=fmt, max_tokens=150, temperature=1, seed=seed,
+            messages=[{"role": "user", "content": "Invent a person."}])
+        out = r.choices[0].message.content
+        jsonschema.validate(json.loads(out), PERSON)
+        assert r.choices[0].finish_reason == "stop", r.choices[0]
+    # Streamed: the deltas make a valid value too; properties in schema order.
+    chunks = client.chat.completions.create(
+        model=MODEL, response_format=fmt, max_tokens=150, temperature=0, stream=True,
+        messages=[{"role": "user", "content": "Invent a person."}])
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    value = json.loads(text)
+    jsonschema.validate(value, PERSON)
+    assert list(value) == list(PERSON["properties"]), text
+    # json_object: some JSON object.
+    r = client.chat.completions.create(
+        model=MODEL, response_format={"type": "json_object"}, max_tokens=80, temperature=0,
+        messages=[{"role": "user", "content": "Give me a JSON object about cats."}])
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].message.content), dict), r.choices[0]
+    else:
+        assert r.choices[0].message.content.startswith("{"), r.choices[0]
+    # vLLM's guided_regex and guided_choice.
+    r = client.chat.completions.create(
+        model=MODEL, max_tokens=20, temperature=1, seed=1,
+        messages=[{"role": "user", "content": "A date?"}],
+        extra_body={"guided_regex": "20[0-9]{2}-(0[1-9]|1[0-2])-[0-2][0-9]"})
+    assert re.fullmatch(r"20\d\d-(0[1-9]|1[0-2])-[0-2]\d", r.choices[0].message.content), r
+    r = client.completions.create(
+        model=MODEL, prompt="The sky is", max_tokens=5, temperature=1, seed=2,
+        extra_body={"guided_choice": ["blue", "green", "on fire"]})
+    assert r.choices[0].text in ("blue", "green", "on fire"), r
+    assert r.choices[0].finish_reason == "stop", r
+
+
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 30}, "unit": {"enum": ["c", "f"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                      "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "description": "The time now in a time zone",
+                                      "parameters": {"type": "object",
+                                                     "properties": {"zone": {"type": "string", "maxLength": 20}},
+                                                     "required": ["zone"]}}},
+]
+
+
+def check_tools(client, _args):
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    # `required`, one call: it names a tool and its arguments validate.
+    r = client.chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS, tool_choice="required",
+                                       parallel_tool_calls=False, max_tokens=100, temperature=0)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls", c
+    assert c.message.content is None and len(c.message.tool_calls) == 1, c.message
+    call = c.message.tool_calls[0]
+    assert call.type == "function" and call.id.startswith("call_"), call
+    schema = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    jsonschema.validate(json.loads(call.function.arguments), schema[call.function.name])
+    # The loop: the call and its result go back; the model answers in text.
+    msgs.append(c.message.model_dump(exclude_none=True))
+    msgs.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 21, "unit": "c"})})
+    r = client.chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS, tool_choice="none",
+                                       max_tokens=40, temperature=0)
+    final = r.choices[0]
+    assert final.message.tool_calls is None and final.message.content, final
+    assert final.finish_reason in ("stop", "length"), final
+    # A named function, streamed: deltas in OpenAI's shape, one call.
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=msgs[:1], tools=TOOLS, max_tokens=100, temperature=0, stream=True,
+        tool_choice={"type": "function", "function": {"name": "get_time"}}))
+    deltas = [d for ch in chunks if ch.choices for d in (ch.choices[0].delta.tool_calls or [])]
+    assert len(deltas) == 1 and deltas[0].index == 0, deltas
+    assert deltas[0].function.name == "get_time", deltas
+    assert isinstance(json.loads(deltas[0].function.arguments)["zone"], str), deltas
+    assert chunks[-1].choices[0].finish_reason == "tool_calls", chunks[-1]
+    # `auto`: text, or calls that parse; never both broken.
+    r = client.chat.completions.create(model=MODEL, messages=msgs[:1], tools=TOOLS, max_tokens=100,
+                                       temperature=0)
+    m = r.choices[0].message
+    for call in m.tool_calls or []:
+        jsonschema.validate(json.loads(call.function.arguments), schema[call.function.name])
+    assert m.tool_calls or m.content, m
+
+
+def check_structured_errors(client, _args):
+    chat = client.chat.completions.create
+    msgs = QUESTION
+    expect(openai.BadRequestError, "invalid_value", "response_format.type",
+           lambda: chat(model=MODEL, messages=msgs, max_tokens=4, response_format={"type": "yaml"}))
+    expect(openai.BadRequestError, "missing_required_parameter", "response_format.json_schema.name",
+           lambda: chat(model=MODEL, messages=msgs, max_tokens=4,
+                        response_format={"type": "json_schema", "json_schema": {"schema": PERSON}}))
+    # A schema the host cannot compile: refused, naming the problem.
+    try:
+        chat(model=MODEL, messages=msgs, max_tokens=4, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicate"}}})
+        raise AssertionError("a bad schema was accepted")
+    except openai.BadRequestError as e:
+        assert (e.code, e.param) == ("invalid_value", "response_format"), e.body
+        assert "frobnicate" in e.body["message"], e.body
+    expect(openai.BadRequestError, "invalid_value", "guided_regex",
+           lambda: chat(model=MODEL, messages=msgs, max_tokens=4, extra_body={"guided_regex": "([a-z]"}))
+    expect(openai.BadRequestError, "invalid_value", "guided_regex",
+           lambda: chat(model=MODEL, messages=msgs, max_tokens=4, response_format={"type": "json_object"},
+                        extra_body={"guided_regex": "a+"}))
+    expect(openai.BadRequestError, "invalid_value", "tool_choice",
+           lambda: chat(model=MODEL, messages=msgs, max_tokens=4, tools=TOOLS,
+                        tool_choice={"type": "function", "function": {"name": "nope"}}))
+    expect(openai.BadRequestError, "invalid_value", "tool_choice",
+           lambda: chat(model=MODEL, messages=msgs, max_tokens=4, tool_choice="required"))
+    expect(openai.BadRequestError, "invalid_value", "tool_choice",
+           lambda: chat(model=MODEL, messages=msgs, max_tokens=4, tools=TOOLS, tool_choice="required",
+                        response_format={"type": "json_object"}))
+    expect(openai.BadRequestError, "invalid_value", "tools[0].type",
+           lambda: chat(model=MODEL, messages=msgs, max_tokens=4, tools=[{"type": "retrieval"}]))
+    expect(openai.BadRequestError, "invalid_value", "tools[1].function.name",
+           lambda: chat(model=MODEL, messages=msgs, max_tokens=4,
+                        tools=[TOOLS[0], {"type": "function", "function": {"name": "bad name!"}}]))
+    expect(openai.BadRequestError, "missing_required_parameter", "messages[1].tool_call_id",
+           lambda: chat(model=MODEL, max_tokens=4,
+                        messages=[msgs[1], {"role": "tool", "content": "21 C"}]))
 
 
 def check_forbidden(_client, args):
@@ -344,6 +508,9 @@ CHECKS = [
     check_logprobs,
     check_penalties_and_bias,
     check_errors,
+    check_structured_outputs,
+    check_tools,
+    check_structured_errors,
     check_forbidden,
 ]
 

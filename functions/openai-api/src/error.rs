@@ -28,7 +28,8 @@ impl ApiError {
         }
     }
 
-    fn param(mut self, param: impl Into<String>) -> Self {
+    /// The same error, pointing at `param`.
+    pub fn param(mut self, param: impl Into<String>) -> Self {
         self.param = Some(param.into());
         self
     }

@@ -14,20 +14,28 @@
 //! `repetition_penalty`, `min_tokens` and `ignore_eos`. Log-probabilities:
 //! chat's `logprobs` and `top_logprobs` (up to 20), completions' `logprobs`
 //! (up to 5), streamed or whole, of the model's own distribution (before
-//! penalties and temperature, as vLLM reports them). What slinfer does not
-//! implement (`n` > 1, tools, ...) is refused with a 400 that names the
-//! parameter. Every error is `{"error": {"message", "type", "param", "code"}}`.
+//! penalties and temperature, as vLLM reports them). Structured output:
+//! `response_format` (`json_object`, `json_schema`) and vLLM's
+//! `guided_json`, `guided_regex`, `guided_grammar`, `guided_choice`,
+//! enforced token by token by the host. Tools (chat): `tools`,
+//! `tool_choice` (`none`, `auto`, `required`, a named function),
+//! `parallel_tool_calls`, assistant `tool_calls` and `tool` messages in
+//! the history (see `tools.rs`). What slinfer does not implement (`n` > 1,
+//! ...) is refused with a 400 that names the parameter. Every error is
+//! `{"error": {"message", "type", "param", "code"}}`.
 
 mod error;
 mod request;
+mod tools;
 
 use serde_json::{Value, json};
 use slinfer_sdk::bindings::wasi::random::random::get_random_bytes;
-use slinfer_sdk::llm::{self, FinishReason, Generation, TokenLogprob, TokenLogprobs, Usage};
+use slinfer_sdk::llm::{self, Generation, TokenLogprob, TokenLogprobs, Usage, finish_reason_name};
 use slinfer_sdk::{BodyWriter, Handler, Params as RouteParams, Request, Response, Router};
 
 use error::ApiError;
 use request::{Job, Kind};
+use tools::{Piece, Splitter, Tools};
 
 struct OpenAi;
 
@@ -109,13 +117,32 @@ fn start(kind: Kind, job: Job) -> Result<Response, ApiError> {
         .params(job.params)
         .options(job.options.clone())
         .start()
-        .map_err(|e| ApiError::from_llm(e, kind.prompt_param()))?;
+        .map_err(|e| {
+            // A schema or grammar the host refused: the parameter that gave it.
+            let param = match (&e, job.constraint_param) {
+                (llm::LlmError::InvalidParams(m), Some(p))
+                    if ["json schema", "regex", "grammar"]
+                        .iter()
+                        .any(|k| m.starts_with(k)) =>
+                {
+                    Some(p)
+                }
+                (llm::LlmError::InvalidParams(m), _) if m.starts_with("tools") => Some("tools"),
+                _ => None,
+            };
+            let err = ApiError::from_llm(e, kind.prompt_param());
+            match param {
+                Some(p) => err.param(p),
+                None => err,
+            }
+        })?;
     let reply = Reply {
         kind,
         id: new_id(kind),
         created: now_s(),
         model: job.model,
         logprobs: job.options.logprobs.is_some(),
+        tools: job.tools,
     };
     if job.stream {
         Ok(reply.stream(generation, job.include_usage))
@@ -159,6 +186,9 @@ struct Reply {
     model: String,
     /// Whether choices carry log-probabilities.
     logprobs: bool,
+    /// The tools the model may call: its output is split into text and
+    /// calls.
+    tools: Option<Tools>,
 }
 
 impl Reply {
@@ -233,15 +263,34 @@ impl Reply {
             tokens.extend(chunk.tokens);
         }
         let usage = finished_usage(&generation)?;
+        let (mut finish, mut calls) = (finish_reason_name(usage.finish_reason), Vec::new());
+        if let Some(tools) = &self.tools {
+            let mut split = Splitter::new(tools);
+            let mut pieces = split.push(&text);
+            pieces.extend(split.finish());
+            text.clear();
+            for p in pieces {
+                match p {
+                    Piece::Text(t) => text.push_str(&t),
+                    Piece::Call(c) => calls.push(c.object()),
+                }
+            }
+            if !calls.is_empty() && finish == "stop" {
+                finish = "tool_calls";
+            }
+        }
         let (object, member, content) = match self.kind {
-            Kind::Chat => (
-                "chat.completion",
-                "message",
-                json!({"role": "assistant", "content": text, "refusal": null}),
-            ),
+            Kind::Chat => {
+                let mut message = json!({"role": "assistant", "content": text, "refusal": null});
+                if !calls.is_empty() {
+                    message["content"] = Value::from((!text.is_empty()).then_some(text));
+                    message["tool_calls"] = calls.into();
+                }
+                ("chat.completion", "message", message)
+            }
             Kind::Completion => ("text_completion", "text", Value::from(text)),
         };
-        let mut choice = choice(member, content, Some(usage.finish_reason));
+        let mut choice = choice(member, content, Some(finish));
         choice["logprobs"] = self.logprobs_object(&tokens, 0);
         let mut body = self.object(object, json!([choice]));
         body["usage"] = usage_object(&usage);
@@ -272,14 +321,46 @@ impl Reply {
                 event(w, &chunk(json!([choice(member, role, None)]), None))?;
             }
             let mut offset = 0;
+            let mut split = self.tools.as_ref().map(Splitter::new);
+            let mut calls = 0;
+            // One event per piece of text or call, the chunk's
+            // log-probabilities with the first.
+            let mut send = |w: &mut BodyWriter, pieces: Vec<Piece>, tokens: &[TokenLogprobs]| {
+                let mut logprobs = self.logprobs_object(tokens, offset);
+                let mut deltas: Vec<Value> = pieces
+                    .into_iter()
+                    .map(|p| match p {
+                        Piece::Text(t) => {
+                            offset += t.len();
+                            content(&t)
+                        }
+                        Piece::Call(c) => {
+                            let mut call = c.object();
+                            call["index"] = calls.into();
+                            calls += 1;
+                            json!({"tool_calls": [call]})
+                        }
+                    })
+                    .collect();
+                if deltas.is_empty() && !tokens.is_empty() {
+                    deltas.push(content(""));
+                }
+                for delta in deltas {
+                    let mut choice = choice(member, delta, None);
+                    choice["logprobs"] = std::mem::take(&mut logprobs);
+                    event(w, &chunk(json!([choice]), None))?;
+                }
+                Ok::<_, slinfer_sdk::Error>(())
+            };
             while let Some(piece) = generation.next_chunk() {
                 match piece {
                     Ok(piece) if piece.text.is_empty() && piece.tokens.is_empty() => {}
                     Ok(piece) => {
-                        let mut choice = choice(member, content(&piece.text), None);
-                        choice["logprobs"] = self.logprobs_object(&piece.tokens, offset);
-                        offset += piece.text.len();
-                        event(w, &chunk(json!([choice]), None))?;
+                        let pieces = match &mut split {
+                            Some(s) => s.push(&piece.text),
+                            None => vec![Piece::Text(piece.text)],
+                        };
+                        send(w, pieces, &piece.tokens)?;
                     }
                     // The status is sent: tell the client in the stream, as
                     // OpenAI does, and end it without `[DONE]`.
@@ -292,11 +373,18 @@ impl Reply {
                 Ok(u) => u,
                 Err(e) => return event(w, &e.body()),
             };
+            if let Some(s) = split {
+                send(w, s.finish(), &[])?;
+            }
+            let mut finish = finish_reason_name(usage.finish_reason);
+            if calls > 0 && finish == "stop" {
+                finish = "tool_calls";
+            }
             let last = match self.kind {
                 Kind::Chat => json!({}),
                 Kind::Completion => content(""),
             };
-            let choice = choice(member, last, Some(usage.finish_reason));
+            let choice = choice(member, last, Some(finish));
             event(w, &chunk(json!([choice]), None))?;
             if include_usage {
                 event(w, &chunk(json!([]), Some(usage_object(&usage))))?;
@@ -309,11 +397,11 @@ impl Reply {
 }
 
 /// One choice whose `member` (`message`, `delta` or `text`) is `content`.
-fn choice(member: &str, content: Value, finish: Option<FinishReason>) -> Value {
+fn choice(member: &str, content: Value, finish: Option<&str>) -> Value {
     let mut c = json!({
         "index": 0,
         "logprobs": null,
-        "finish_reason": finish.map(llm::finish_reason_name),
+        "finish_reason": finish,
     });
     c[member] = content;
     c

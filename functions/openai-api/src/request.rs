@@ -2,9 +2,10 @@
 //! checked parameter by parameter so that every refusal names its `param`.
 
 use serde_json::{Map, Value};
-use slinfer_sdk::llm::{ChatMessage, Options, Params, Prompt};
+use slinfer_sdk::llm::{ChatMessage, Constraint, Options, Params, Prompt};
 
 use crate::error::ApiError;
+use crate::tools::{Tools, calls_text};
 
 /// Which endpoint a request came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,9 +29,14 @@ pub struct Job {
     pub model: String,
     pub prompt: Prompt,
     pub params: Params,
-    /// Penalties, logit bias, vLLM's `min_tokens` and `ignore_eos`, and
-    /// log-probabilities (`logprobs.is_some()` when the answer carries them).
+    /// Penalties, logit bias, vLLM's `min_tokens` and `ignore_eos`,
+    /// log-probabilities (`logprobs.is_some()` when the answer carries them),
+    /// the constraint and the tools for the host.
     pub options: Options,
+    /// The parameter that set the constraint (where its errors point).
+    pub constraint_param: Option<&'static str>,
+    /// The tools the model may call (chat).
+    pub tools: Option<Tools>,
     pub stream: bool,
     pub include_usage: bool,
 }
@@ -50,14 +56,9 @@ const UNSUPPORTED: &[(&str, Neutral)] = &[
     ("best_of", |v| v.as_u64() == Some(1)),
     ("echo", |v| v.as_bool() == Some(false)),
     ("suffix", |v| v.as_str() == Some("")),
-    ("tools", |v| v.as_array().is_some_and(Vec::is_empty)),
-    ("tool_choice", |v| v.as_str() == Some("none")),
-    ("parallel_tool_calls", Value::is_boolean),
+    // The deprecated forerunners of `tools` and `tool_choice`.
     ("functions", |v| v.as_array().is_some_and(Vec::is_empty)),
     ("function_call", |v| v.as_str() == Some("none")),
-    ("response_format", |v| {
-        v.get("type").and_then(Value::as_str) == Some("text")
-    }),
     ("modalities", |v| *v == Value::from(vec!["text"])),
     ("audio", |_| false),
     ("prediction", |_| false),
@@ -137,7 +138,41 @@ impl Job {
             min_tokens: f.int("min_tokens", 0, u32::MAX.into())?.map(|n| n as u32),
             ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
             logprobs: logprobs(kind, &mut f)?,
+            constraint: None,
+            tools: None,
         };
+        let mut options = options;
+        let tools = match kind {
+            Kind::Chat => {
+                let (list, choice) = (f.take("tools"), f.take("tool_choice"));
+                Tools::parse(list, choice, f.bool("parallel_tool_calls")?)?
+            }
+            Kind::Completion => None,
+        };
+        let (constraint_param, constraint) = constraint(&mut f)?;
+        let constraint_param = match (&tools, constraint) {
+            (Some(t), Some(_)) if t.grammar().is_some() => {
+                return Err(ApiError::invalid(
+                    "tool_choice",
+                    format!(
+                        "a required tool call cannot be combined with {}",
+                        constraint_param.unwrap_or_default()
+                    ),
+                ));
+            }
+            (_, Some(c)) => {
+                options.constraint = Some(c);
+                constraint_param
+            }
+            (Some(t), None) => {
+                options.constraint = t.grammar().map(Constraint::Lark);
+                options.constraint.as_ref().map(|_| "tools")
+            }
+            (None, None) => None,
+        };
+        if let Some(t) = &tools {
+            options.tools = Some(t.json());
+        }
         if let (Some(min), Some(max)) = (options.min_tokens, params.max_tokens)
             && min > max
         {
@@ -175,6 +210,8 @@ impl Job {
             prompt,
             params,
             options,
+            constraint_param,
+            tools,
             stream,
             include_usage,
         })
@@ -289,12 +326,12 @@ fn message((i, v): (usize, Value)) -> Result<ChatMessage, ApiError> {
         Some("system" | "developer") => "system",
         Some("user") => "user",
         Some("assistant") => "assistant",
+        Some("tool") => "tool",
         Some(_) => return Err(ApiError::unsupported(f.param("role"))),
         None => return Err(ApiError::missing(f.param("role"))),
     };
-    let content = match f.take("content") {
-        // An assistant turn may come without content (it had tool calls,
-        // which are refused below).
+    let mut content = match f.take("content") {
+        // An assistant turn may come without content (it had tool calls).
         None if role == "assistant" => String::new(),
         None => return Err(ApiError::missing(f.param("content"))),
         Some(Value::String(s)) => s,
@@ -306,6 +343,30 @@ fn message((i, v): (usize, Value)) -> Result<ChatMessage, ApiError> {
             ));
         }
     };
+    match (role, f.take("tool_calls")) {
+        (_, None) => {}
+        ("assistant", Some(Value::Array(calls))) => {
+            let calls = calls_text(&f.param("tool_calls"), calls)?;
+            content = [content.as_str(), calls.as_str()]
+                .iter()
+                .filter(|s| !s.is_empty())
+                .copied()
+                .collect::<Vec<_>>()
+                .join("\n");
+        }
+        ("assistant", Some(_)) => {
+            return Err(ApiError::invalid(
+                f.param("tool_calls"),
+                "expected an array of tool calls",
+            ));
+        }
+        (_, Some(_)) => return Err(ApiError::unknown(f.param("tool_calls"))),
+    }
+    if role == "tool" {
+        // The template has no place for the id: results go in call order.
+        f.string("tool_call_id")?
+            .ok_or_else(|| ApiError::missing(f.param("tool_call_id")))?;
+    }
     f.take("name"); // a participant's name: the chat template has no place for it
     f.finish()?;
     Ok(ChatMessage {
@@ -403,6 +464,98 @@ fn logprobs(kind: Kind, f: &mut Fields) -> Result<Option<u8>, ApiError> {
         Kind::Completion => Ok(f
             .int("logprobs", 0, MAX_LOGPROBS_COMPLETION)?
             .map(|n| n as u8)),
+    }
+}
+
+/// The constraint of `response_format` (`json_object`, `json_schema`) or
+/// of vLLM's `guided_json`, `guided_regex`, `guided_grammar` (llguidance's
+/// Lark) and `guided_choice`, at most one, with the parameter that set it.
+fn constraint(f: &mut Fields) -> Result<(Option<&'static str>, Option<Constraint>), ApiError> {
+    let mut found = Vec::new();
+    if let Some(v) = f.take("response_format") {
+        let Value::Object(o) = v else {
+            return Err(ApiError::invalid("response_format", "expected an object"));
+        };
+        let mut o = Fields::new(o, "response_format.");
+        let c = match o.string("type")?.as_deref() {
+            Some("text") => None,
+            Some("json_object") => Some(Constraint::JsonSchema(r#"{"type": "object"}"#.into())),
+            Some("json_schema") => {
+                let Some(Value::Object(js)) = o.take("json_schema") else {
+                    return Err(ApiError::missing("response_format.json_schema"));
+                };
+                let mut js = Fields::new(js, "response_format.json_schema.");
+                js.string("name")?
+                    .ok_or_else(|| ApiError::missing("response_format.json_schema.name"))?;
+                js.string("description")?;
+                js.bool("strict")?;
+                let schema = match js.take("schema") {
+                    None => r#"{"type": "object"}"#.to_owned(),
+                    Some(s @ Value::Object(_)) => s.to_string(),
+                    Some(_) => {
+                        return Err(ApiError::invalid(
+                            "response_format.json_schema.schema",
+                            "expected a JSON Schema object",
+                        ));
+                    }
+                };
+                js.finish()?;
+                Some(Constraint::JsonSchema(schema))
+            }
+            Some(t) => {
+                return Err(ApiError::invalid(
+                    "response_format.type",
+                    format!("expected text, json_object or json_schema, got {t:?}"),
+                ));
+            }
+            None => return Err(ApiError::missing("response_format.type")),
+        };
+        o.finish()?;
+        found.extend(c.map(|c| ("response_format", c)));
+    }
+    if let Some(v) = f.take("guided_json") {
+        let schema = match v {
+            Value::String(s) => s,
+            v @ Value::Object(_) => v.to_string(),
+            _ => return Err(ApiError::invalid("guided_json", "expected a JSON Schema")),
+        };
+        found.push(("guided_json", Constraint::JsonSchema(schema)));
+    }
+    if let Some(r) = f.string("guided_regex")? {
+        found.push(("guided_regex", Constraint::Regex(r)));
+    }
+    if let Some(g) = f.string("guided_grammar")? {
+        found.push(("guided_grammar", Constraint::Lark(g)));
+    }
+    if let Some(v) = f.take("guided_choice") {
+        let choices: Vec<String> = match v {
+            Value::Array(items) if !items.is_empty() => items
+                .into_iter()
+                .map(|c| match c {
+                    Value::String(s) => Ok(Value::from(s).to_string()),
+                    _ => Err(ApiError::invalid("guided_choice", "expected strings")),
+                })
+                .collect::<Result<_, _>>()?,
+            _ => {
+                return Err(ApiError::invalid(
+                    "guided_choice",
+                    "expected a non-empty array of strings",
+                ));
+            }
+        };
+        found.push((
+            "guided_choice",
+            Constraint::Lark(format!("start: {}", choices.join(" | "))),
+        ));
+    }
+    match found.len() {
+        0 | 1 => Ok(found
+            .pop()
+            .map_or((None, None), |(p, c)| (Some(p), Some(c)))),
+        _ => Err(ApiError::invalid(
+            found[1].0,
+            format!("{} and {} cannot be combined", found[0].0, found[1].0),
+        )),
     }
 }
 
