@@ -6,8 +6,8 @@
 
 use crate::bindings::slinfer::llm::generation as wit;
 pub use crate::bindings::slinfer::llm::types::{
-    ChatMessage, Chunk, Constraint, Error as LlmError, FinishReason, Options, Params, Prompt,
-    TokenLogprob, TokenLogprobs, Usage,
+    ChatMessage, Chunk, Constraint, Embedding, Error as LlmError, FinishReason, Options, Params,
+    Prompt, TokenLogprob, TokenLogprobs, Usage,
 };
 use crate::{Response, json};
 
@@ -310,6 +310,12 @@ pub fn complete(
         .usage()
         .ok_or_else(|| LlmError::EngineError("no usage after the end".into()))?;
     Ok((text, usage))
+}
+
+/// The embedding of each input, in order: the final hidden state of its
+/// last token, L2-normalised (at most 256 inputs per call).
+pub fn embed(model: &str, inputs: &[String]) -> Result<Vec<Embedding>, LlmError> {
+    wit::embed(model, inputs)
 }
 
 /// The model's token ids for `text`.

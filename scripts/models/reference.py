@@ -3,6 +3,7 @@
 
     .venv/bin/python scripts/models/reference.py generate MODEL_DIR MAX_NEW_TOKENS < prompts.json
     .venv/bin/python scripts/models/reference.py check MODEL_DIR NEAR_TIE_LOGITS < answers.json
+    .venv/bin/python scripts/models/reference.py hidden MODEL_DIR last < prompts.json
 
 `generate` reads a JSON list of prompt strings and writes a JSON list of
 {"prompt", "prompt_ids", "tokens", "batched_tokens", "text", "batched_text",
@@ -32,6 +33,11 @@ NEAR_TIE_LOGITS of the best one: engines running bf16 or batched kernels flip
 such near-ties, and nothing else. It writes one verdict per answer:
 {"ok", "steps", "near_ties": [{"step", "token", "piece", "best", "best_piece",
 "gap"}], "error"}.
+
+`hidden` reads a JSON list of prompt strings and writes, for each, the input
+of the model's LM head (its final norm's output) at the prompt's last token
+in the stateful IR in full precision, [{"prompt", "prompt_ids", "hidden"}]:
+what slinfer's embeddings are (before normalising).
 """
 
 import json
@@ -86,9 +92,13 @@ def generate(model_dir: str, max_new: int, prompts: list[str]) -> list[dict]:
 class F32Model:
     """The stateful IR in full precision, fed one chunk at a time."""
 
-    def __init__(self, model_dir: str):
+    def __init__(self, model_dir: str, hidden: bool = False):
         core = ov.Core()
         model = core.read_model(f"{model_dir}/openvino_model.xml")
+        if hidden:
+            # The LM head's input, as a second output.
+            lm_head = model.output("logits").get_node().input_value(0).get_node()
+            self.hidden_output = model.add_outputs([lm_head.input_value(0)])[0]
         self.compiled = core.compile_model(
             model,
             "CPU",
@@ -206,20 +216,37 @@ def check_one(model: F32Model, answer: dict, eps: float) -> dict:
     return verdict()
 
 
+def hidden(model_dir: str, prompts: list[str]) -> list[dict]:
+    model = F32Model(model_dir, hidden=True)
+    out = []
+    for p in prompts:
+        ids = model.prompt_ids({"prompt": p})
+        model.start()
+        model.feed(ids)
+        width = model.hidden_output.get_partial_shape()[-1].get_length()
+        h = model.request.get_tensor(model.compiled.outputs[-1]).data.reshape(-1, width)
+        out.append({"prompt": p, "prompt_ids": ids, "hidden": [float(x) for x in h[-1]]})
+    return out
+
+
 def check(model_dir: str, eps: float, answers: list[dict]) -> list[dict]:
     model = F32Model(model_dir)
     return [check_one(model, a, eps) for a in answers]
 
 
 def main() -> int:
-    usage = "usage: reference.py generate MODEL_DIR MAX_NEW_TOKENS | check MODEL_DIR NEAR_TIE_LOGITS (JSON on stdin)"
-    if len(sys.argv) != 4 or sys.argv[1] not in ("generate", "check"):
+    usage = ("usage: reference.py generate MODEL_DIR MAX_NEW_TOKENS | check MODEL_DIR NEAR_TIE_LOGITS"
+             " | hidden MODEL_DIR last (JSON on stdin)")
+    if len(sys.argv) != 4 or sys.argv[1] not in ("generate", "check", "hidden") \
+            or (sys.argv[1] == "hidden" and sys.argv[3] != "last"):
         print(usage, file=sys.stderr)
         return 2
     mode, model_dir, arg = sys.argv[1:]
     items = json.load(sys.stdin)
     if mode == "generate":
         out = generate(model_dir, int(arg), items)
+    elif mode == "hidden":
+        out = hidden(model_dir, items)
     else:
         out = check(model_dir, float(arg), items)
     json.dump(out, sys.stdout)

@@ -60,6 +60,23 @@ pub fn generate(model_dir: &Path, prompts: &[&str], max_new_tokens: usize) -> Ve
     out
 }
 
+/// A prompt's final hidden state (the LM head's input at its last token)
+/// in the stateful IR at full precision: what an embedding is, before
+/// normalising.
+#[derive(Deserialize, Debug, Clone)]
+pub struct Hidden {
+    pub prompt: String,
+    pub prompt_ids: Vec<u32>,
+    pub hidden: Vec<f32>,
+}
+
+/// [`Hidden`] for each prompt, from `scripts/models/reference.py hidden`.
+pub fn hidden(model_dir: &Path, prompts: &[&str]) -> Vec<Hidden> {
+    let out: Vec<Hidden> = run("hidden", model_dir, "last", prompts);
+    assert_eq!(out.len(), prompts.len());
+    out
+}
+
 /// How a generation ended, as the server reported it.
 #[derive(Serialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]

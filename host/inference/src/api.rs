@@ -139,6 +139,10 @@ pub struct GenerationParams {
     /// template does not use them, described in a system message.
     #[serde(default)]
     pub tools: Option<String>,
+    /// Embed the prompt instead of continuing it: the answer is one chunk
+    /// with [`Chunk::embedding`] and no text.
+    #[serde(default)]
+    pub embed: bool,
 }
 
 /// What a constrained generation's output must match.
@@ -210,6 +214,17 @@ impl GenerationParams {
         if self.min_tokens.is_some_and(|m| m > self.max_tokens()) {
             return bad("min_tokens must not exceed max_tokens");
         }
+        if self.embed
+            && (self.constraint.is_some()
+                || self.tools.is_some()
+                || self.logprobs.is_some()
+                || self.min_tokens.is_some()
+                || self.ignore_eos)
+        {
+            return bad(
+                "an embedding takes no constraint, tools, logprobs, min_tokens or ignore_eos",
+            );
+        }
         if self.constraint.is_some() && (self.ignore_eos || self.min_tokens.is_some()) {
             return bad(
                 "min_tokens and ignore_eos cannot be used with a constraint (the constraint decides where the output ends)",
@@ -260,6 +275,10 @@ impl GenerationParams {
 pub struct Chunk {
     pub text: String,
     pub tokens: Vec<TokenLogprobs>,
+    /// An embedding request's vector: the final hidden state of the
+    /// prompt's last token, L2-normalised (empty otherwise).
+    #[serde(default)]
+    pub embedding: Vec<f32>,
 }
 
 /// One token and its log-probability.

@@ -59,6 +59,8 @@ pub(crate) struct Generation {
     min_tokens: u32,
     /// Alternatives to report with each token's log-probability, if asked.
     logprobs: Option<u8>,
+    /// An embedding: its prompt's final hidden state is the answer.
+    embed: bool,
     /// Log-probabilities of tokens whose text is not handed out yet.
     unsent: Vec<TokenLogprobs>,
     detok: Detokenizer,
@@ -108,6 +110,7 @@ impl Generation {
                 params.min_tokens.unwrap_or(0)
             },
             logprobs: params.logprobs,
+            embed: params.embed,
             unsent: Vec::new(),
             detok: Detokenizer::new(params.stop.clone()),
             constraint: None,
@@ -233,12 +236,44 @@ impl Generation {
         }
     }
 
+    /// Whether the request wants its prompt's final hidden state rather
+    /// than a continuation.
+    pub fn embeds(&self) -> bool {
+        self.embed
+    }
+
+    /// Ends an embedding request with its prompt's last hidden state
+    /// (L2-normalised), or the engine's refusal to give it.
+    pub fn embedded(&mut self, hidden: Result<Vec<f32>, InferenceError>) {
+        match hidden {
+            Ok(mut v) => {
+                let norm = v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+                if norm > 0.0 {
+                    v.iter_mut()
+                        .for_each(|x| *x = (f64::from(*x) / norm) as f32);
+                }
+                self.ttft_s = Some(self.submitted.elapsed().as_secs_f64());
+                let _ = self.tx.send(Event::Started);
+                let _ = self.tx.send(Event::Text(Chunk {
+                    embedding: v,
+                    ..Chunk::default()
+                }));
+                self.end(End::Finished(FinishReason::Stop));
+            }
+            Err(e) => self.end(End::Failed(e)),
+        }
+    }
+
     /// Hands out `t` with the log-probabilities of the tokens not yet
     /// handed out.
     fn text(&mut self, t: String) {
         if !t.is_empty() || !self.unsent.is_empty() {
             let tokens = std::mem::take(&mut self.unsent);
-            let _ = self.tx.send(Event::Text(Chunk { text: t, tokens }));
+            let _ = self.tx.send(Event::Text(Chunk {
+                text: t,
+                tokens,
+                ..Chunk::default()
+            }));
         }
     }
 

@@ -404,8 +404,10 @@ impl InstanceRunner {
         let t = Instant::now();
         // Steps of at most `chunk` tokens, the prompts in order; a prompt's
         // last step gives the logits it samples from.
+        let embeds: Vec<bool> = members.iter().map(|g| lock(g).embeds()).collect();
         let mut done = vec![0; contexts.len()];
         let mut last = vec![None; contexts.len()];
+        let mut hidden: Vec<Option<Result<Vec<f32>, InferenceError>>> = vec![None; contexts.len()];
         while done.iter().zip(&contexts).any(|(d, (_, c))| *d < c.len()) {
             let (mut batch, mut who, mut room) = (Vec::new(), Vec::new(), chunk);
             for (i, (seq, context)) in contexts.iter().enumerate() {
@@ -423,9 +425,28 @@ impl InstanceRunner {
             }
             match inst.step(&batch) {
                 Ok(logits) => {
-                    for (l, i) in logits.into_iter().zip(who) {
-                        if done[i] == contexts[i].1.len() {
-                            last[i] = Some(l);
+                    let ended = |i: &usize| done[*i] == contexts[*i].1.len();
+                    // The final hidden states, when an embedding's prompt
+                    // ended in this step.
+                    let rows = match who.iter().any(|i| ended(i) && embeds[*i]) {
+                        true => Some(
+                            inst.last_hidden()
+                                .map_err(|e| InferenceError::Engine(e.to_string())),
+                        ),
+                        false => None,
+                    };
+                    for (k, (l, i)) in logits.into_iter().zip(who).enumerate() {
+                        if !ended(&i) {
+                            continue;
+                        }
+                        last[i] = Some(l);
+                        if let Some(rows) = &rows {
+                            hidden[i] = Some(match rows {
+                                Ok(r) => r.get(k).cloned().ok_or_else(|| {
+                                    InferenceError::Engine("a hidden state is missing".into())
+                                }),
+                                Err(e) => Err(e.clone()),
+                            });
                         }
                     }
                 }
@@ -438,9 +459,14 @@ impl InstanceRunner {
             tokens,
             t.elapsed().as_secs_f64(),
         );
-        for (g, l) in members.into_iter().zip(last) {
+        for ((g, l), h) in members.into_iter().zip(last).zip(hidden) {
             let mut g = lock(g);
-            g.accept(&l.expect("every prompt ends in a step"));
+            match h {
+                Some(h) => g.embedded(h),
+                None => {
+                    g.accept(&l.expect("every prompt ends in a step"));
+                }
+            }
             produced.insert(g.id, 1);
         }
     }

@@ -321,6 +321,11 @@ impl Inference {
         let (idx, m) = self.model(&req.model)?;
         req.params.check()?;
         req.params.check_tokens(m.vocab_size)?;
+        let mut req = req;
+        if req.params.embed {
+            // One step: the prompt's (the scheduler plans a 1-token answer).
+            req.params.max_tokens = Some(1);
+        }
         let ttft = slo(req.ttft_slo_s, DEFAULT_TTFT_SLO_S, "ttft_slo_s")?;
         let tpot = slo(req.tpot_slo_s, DEFAULT_TPOT_SLO_S, "tpot_slo_s")?;
         let bytes = match &req.prompt {

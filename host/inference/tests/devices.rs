@@ -949,3 +949,72 @@ async fn a_constraint_keeps_every_sampled_output_inside_it_and_its_end_ends_the_
     }
     quiet(&inf).await;
 }
+
+#[tokio::test]
+async fn an_embedding_is_the_normalised_final_hidden_state_of_the_prompts_last_token() {
+    let dir = models(&[("tiny-a", 3)]);
+    let (inf, _) = start(dir.path(), vec![cpu(reference(DeviceKind::Cpu, 0))]);
+    let embed = |prompt: &str| {
+        let mut req = request("tiny-a", prompt, 1);
+        req.params.max_tokens = None;
+        req.params.embed = true;
+        let inf = inf.clone();
+        async move {
+            let mut s = inf.generate(req).await?;
+            let mut chunks = Vec::new();
+            while let Some(c) = s.next_chunk().await {
+                chunks.push(c?);
+            }
+            Ok::<_, InferenceError>((chunks, s.usage()))
+        }
+    };
+    // The model's own hidden state, computed directly.
+    let direct = |prompt: &str| {
+        let pkg = dir.path().join("tiny-a");
+        let tok = tokenizers::Tokenizer::from_file(pkg.join("tokenizer.json")).unwrap();
+        let ids = tok.encode(prompt, true).unwrap().get_ids().to_vec();
+        let mut inst = ReferenceBackend::default()
+            .load(&ModelSource::Package(pkg), 0, &LoadOptions::default())
+            .unwrap();
+        inst.add_sequence(1).unwrap();
+        inst.step(&[StepEntry {
+            seq: 1,
+            tokens: ids,
+        }])
+        .unwrap();
+        let h = inst.last_hidden().unwrap().remove(0);
+        let norm = h.iter().map(|x| x * x).sum::<f32>().sqrt();
+        h.into_iter().map(|x| x / norm).collect::<Vec<f32>>()
+    };
+    // Several at once (batched in one prefill), each its own answer.
+    let prompts = ["hello there", "a longer sentence to embed", "x"];
+    let answers = futures::future::join_all(prompts.iter().map(|p| embed(p))).await;
+    for (p, answer) in prompts.iter().zip(answers) {
+        let (chunks, usage) = answer.unwrap();
+        assert_eq!(chunks.len(), 1, "{chunks:?}");
+        let v = &chunks[0].embedding;
+        assert!(chunks[0].text.is_empty() && chunks[0].tokens.is_empty());
+        assert_eq!(v.len(), tiny::config().hidden_size);
+        let want = direct(p);
+        assert!(
+            v.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5),
+            "{p}: {v:?} vs {want:?}"
+        );
+        let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5, "{norm}");
+        assert_eq!(usage.prompt_tokens as usize, p.len());
+        assert_eq!(
+            (usage.generated_tokens, usage.finish_reason),
+            (0, FinishReason::Stop)
+        );
+    }
+    // What an embedding cannot take is refused.
+    let mut req = request("tiny-a", "x", 1);
+    req.params.embed = true;
+    req.params.constraint = Some(Constraint::Regex("a".into()));
+    match collect(&inf, req).await {
+        Err(InferenceError::InvalidParams(m)) => assert!(m.contains("embedding"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    quiet(&inf).await;
+}

@@ -21,6 +21,7 @@ mod bindings {
         imports: {
             "slinfer:llm/generation.generate": async | trappable,
             "slinfer:llm/generation.generate-with": async | trappable,
+            "slinfer:llm/generation.embed": async | trappable,
             "slinfer:llm/generation.[method]generation-stream.next": async | trappable,
             "slinfer:llm/generation.[method]generation-stream.next-chunk": async | trappable,
             default: trappable,
@@ -34,6 +35,9 @@ mod bindings {
 
 use bindings::slinfer::llm::generation::{self as wit, HostGenerationStream};
 use bindings::slinfer::llm::types::{self as t, Error};
+
+/// The most inputs one `embed` call may take.
+const MAX_EMBED_INPUTS: usize = 256;
 
 /// What a function may do with `slinfer:llm` (from its manifest).
 #[derive(Clone, Debug, Default)]
@@ -226,6 +230,7 @@ impl wit::Host for LlmCtxView<'_> {
                     t::Constraint::Lark(g) => inference::Constraint::Lark(g),
                 }),
                 tools: options.tools,
+                embed: false,
             },
             ttft_slo_s: self.ctx.config.ttft_slo_s,
             tpot_slo_s: self.ctx.config.tpot_slo_s,
@@ -238,6 +243,61 @@ impl wit::Host for LlmCtxView<'_> {
             })?)),
             Err(e) => Ok(Err(convert_error(e))),
         }
+    }
+
+    async fn embed(
+        &mut self,
+        model: String,
+        inputs: Vec<String>,
+    ) -> wasmtime::Result<Result<Vec<t::Embedding>, Error>> {
+        let inference = match self.llm_for(&model) {
+            Ok(i) => i,
+            Err(e) => return Ok(Err(e)),
+        };
+        if inputs.len() > MAX_EMBED_INPUTS {
+            return Ok(Err(Error::InvalidParams(format!(
+                "at most {MAX_EMBED_INPUTS} inputs per call, got {}",
+                inputs.len()
+            ))));
+        }
+        let arrived = self.ctx.arrived.take().unwrap_or_else(Instant::now);
+        // All at once: the scheduler batches their prompts.
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, input) in inputs.into_iter().enumerate() {
+            let request = inference::GenerateRequest {
+                function: self.ctx.function.to_string(),
+                model: model.clone(),
+                prompt: inference::Prompt::Text(input),
+                params: inference::GenerationParams {
+                    embed: true,
+                    ..Default::default()
+                },
+                ttft_slo_s: self.ctx.config.ttft_slo_s,
+                tpot_slo_s: self.ctx.config.tpot_slo_s,
+                arrived: Some(arrived),
+            };
+            let inference = inference.clone();
+            tasks.spawn(async move {
+                let mut stream = inference.generate(request).await?;
+                let mut values = Vec::new();
+                while let Some(chunk) = stream.next_chunk().await {
+                    values.extend(chunk?.embedding);
+                }
+                let tokens = stream.usage().prompt_tokens;
+                Ok::<_, inference::InferenceError>((i, t::Embedding { values, tokens }))
+            });
+        }
+        let mut out = Vec::with_capacity(tasks.len());
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok(Ok(e)) => out.push(e),
+                // Dropping the set cancels the others.
+                Ok(Err(e)) => return Ok(Err(convert_error(e))),
+                Err(e) => return Ok(Err(Error::EngineError(format!("embedding: {e}")))),
+            }
+        }
+        out.sort_by_key(|(i, _)| *i);
+        Ok(Ok(out.into_iter().map(|(_, e)| e).collect()))
     }
 
     fn tokenize(

@@ -475,3 +475,64 @@ async fn more_requests_than_memory_admits_wait_or_are_refused_and_memory_holds()
         .await
         .unwrap();
 }
+
+/// The embedding of `text` through the service.
+async fn embedding(inf: &Inference, text: &str) -> Vec<f32> {
+    let params = GenerationParams {
+        embed: true,
+        ..Default::default()
+    };
+    let mut s = inf
+        .generate(request(Prompt::Text(text.into()), params))
+        .await
+        .unwrap();
+    let mut v = Vec::new();
+    while let Some(c) = s.next_chunk().await {
+        v.extend(c.unwrap().embedding);
+    }
+    v
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot = |x: &[f32], y: &[f32]| {
+        x.iter()
+            .zip(y)
+            .map(|(p, q)| f64::from(*p) * f64::from(*q))
+            .sum::<f64>()
+    };
+    dot(a, b) / (dot(a, a).sqrt() * dot(b, b).sqrt())
+}
+
+#[tokio::test]
+async fn embeddings_are_the_final_hidden_state_openvino_computes_at_full_precision() {
+    let _turn = TURN.lock().await;
+    let inf = inference();
+    let want = reference::hidden(&default_model_dir(), PROMPTS);
+    for w in &want {
+        assert_eq!(inf.tokenize(MODEL, &w.prompt).unwrap(), w.prompt_ids);
+        let got = embedding(&inf, &w.prompt).await;
+        assert_eq!(got.len(), 576, "SmolLM2-135M's hidden size");
+        let norm: f64 = got
+            .iter()
+            .map(|x| f64::from(*x).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "{norm}");
+        let c = cosine(&got, &w.hidden);
+        println!("{:?}: cosine to the f32 stateful IR {c:.5}", w.prompt);
+        assert!(c > 0.995, "{:?}: cosine {c}", w.prompt);
+    }
+    // Embedded together (one batch), each as alone.
+    let alone = embedding(&inf, PROMPTS[0]).await;
+    let both = futures::future::join_all(PROMPTS.iter().map(|p| embedding(&inf, p))).await;
+    assert!(
+        cosine(&both[0], &alone) > 0.9999,
+        "{}",
+        cosine(&both[0], &alone)
+    );
+    assert!(
+        cosine(&both[0], &both[1]) < 0.99,
+        "two texts, two embeddings"
+    );
+    quiet(&inf).await;
+}

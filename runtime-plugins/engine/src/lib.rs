@@ -242,6 +242,9 @@ pub enum EngineError {
     UnsupportedType(String),
     #[error("unsupported architecture {0:?}")]
     UnsupportedArchitecture(String),
+    /// Something this backend does not do (named).
+    #[error("not supported by this engine: {0}")]
+    Unsupported(String),
     #[error("I/O error on {path}: {source}")]
     Io {
         path: PathBuf,
@@ -343,5 +346,15 @@ pub trait LlmInstance: Send {
     fn blocks_needed(&self, batch: &[StepEntry]) -> Result<usize, EngineError>;
     /// Run one iteration; see the crate docs. On error no sequence advances.
     fn step(&mut self, batch: &[StepEntry]) -> Result<Vec<Vec<f32>>, EngineError>;
+    /// The final hidden state (after the model's last norm) that the last
+    /// successful [`Self::step`]'s logits were computed from: one row per
+    /// batch entry, of its last token, `hidden_size` wide (what embeddings
+    /// are pooled from). [`EngineError::Unsupported`] where a backend cannot
+    /// give it.
+    fn last_hidden(&mut self) -> Result<Vec<Vec<f32>>, EngineError> {
+        Err(EngineError::Unsupported(
+            "final hidden states (embeddings)".into(),
+        ))
+    }
     fn memory(&self) -> MemoryReport;
 }

@@ -114,6 +114,8 @@ pub struct ReferenceInstance {
     kv: KvManager,
     k_cache: Vec<Vec<f32>>,
     v_cache: Vec<Vec<f32>>,
+    /// The last step's final hidden states, one per entry.
+    hidden: Vec<Vec<f32>>,
 }
 
 /// `y[t][n] = Σ_k x[t][k] · w[n][k]` (+ bias): PyTorch's `Linear`.
@@ -203,6 +205,7 @@ impl ReferenceInstance {
             kv: KvManager::new(bs, blocks, c.context_length_tokens),
             k_cache: vec![vec![0.0; per_layer]; c.num_layers],
             v_cache: vec![vec![0.0; per_layer]; c.num_layers],
+            hidden: Vec::new(),
             config: c,
         }
     }
@@ -291,13 +294,17 @@ impl ReferenceInstance {
             let d = linear(&a, &l.w_down, None, c.intermediate_size);
             x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
         }
-        plan.last_token_rows
+        self.hidden = plan
+            .last_token_rows
             .iter()
             .map(|&r| {
                 let r = r as usize;
-                let hn = rms_norm(&x[r * h..(r + 1) * h], &self.final_norm, c.rms_norm_eps);
-                linear(&hn, &self.output, None, h)
+                rms_norm(&x[r * h..(r + 1) * h], &self.final_norm, c.rms_norm_eps)
             })
+            .collect();
+        self.hidden
+            .iter()
+            .map(|hn| linear(hn, &self.output, None, h))
             .collect()
     }
 }
@@ -340,6 +347,9 @@ impl LlmInstance for ReferenceInstance {
         let out = self.forward(&plan);
         self.kv.commit(res);
         Ok(out)
+    }
+    fn last_hidden(&mut self) -> Result<Vec<Vec<f32>>, EngineError> {
+        Ok(self.hidden.clone())
     }
     fn memory(&self) -> MemoryReport {
         MemoryReport {

@@ -25,6 +25,7 @@
 #include "openvino/op/multiply.hpp"
 #include "openvino/op/parameter.hpp"
 #include "openvino/op/reshape.hpp"
+#include "openvino/op/result.hpp"
 #include "openvino/op/subtract.hpp"
 #include "openvino/op/variadic_split.hpp"
 #include "openvino/pass/sdpa_to_paged_attention.hpp"
@@ -33,8 +34,9 @@
 // apply_gather_before_matmul_transformation does): a Gather on the token axis
 // of the hidden states before the final MatMul, fed by a new input
 // `sampled_tokens_indices` [?] i64. Without it a prefill of N tokens makes N
-// vocab-sized rows. Returns whether it applied (only the plain
-// MatMul -> Result shape is recognised).
+// vocab-sized rows. The gathered rows (the final norm's output) are also a
+// second output, `hidden_states`, that embeddings are pooled from. Returns
+// whether it applied (only the plain MatMul -> Result shape is recognised).
 static bool gather_before_lm_head(const std::shared_ptr<ov::Model>& model) {
     if (model->get_results().size() != 1) return false;
     auto last = model->get_results()[0]->input_value(0).get_node_shared_ptr();
@@ -49,6 +51,8 @@ static bool gather_before_lm_head(const std::shared_ptr<ov::Model>& model) {
     auto gather = std::make_shared<ov::op::v8::Gather>(hidden, indices, axis);
     matmul->input(0).replace_source_output(gather);
     model->add_parameters({indices});
+    gather->output(0).get_tensor().set_names({"hidden_states"});
+    model->add_results({std::make_shared<ov::op::v0::Result>(gather)});
     return true;
 }
 

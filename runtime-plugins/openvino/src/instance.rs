@@ -329,6 +329,39 @@ impl OpenVinoInstance {
 }
 
 impl LlmInstance for OpenVinoInstance {
+    fn last_hidden(&mut self) -> Result<Vec<Vec<f32>>, EngineError> {
+        if !self.sampled_rows {
+            return Err(EngineError::Unsupported(
+                "final hidden states: the load-time shim did not apply to this IR".into(),
+            ));
+        }
+        let out = self
+            .request
+            .get_tensor("hidden_states")
+            .map_err(|e| dev("hidden_states", e))?;
+        let width = self.config.hidden_size;
+        let data: &[f32] = match out
+            .get_element_type()
+            .map_err(|e| dev("hidden_states type", e))?
+        {
+            ElementType::F32 => out
+                .get_data::<f32>()
+                .map_err(|e| dev("hidden_states data", e))?,
+            other => {
+                return Err(EngineError::UnsupportedType(format!(
+                    "hidden_states {other:?}"
+                )));
+            }
+        };
+        if width == 0 || !data.len().is_multiple_of(width) {
+            return Err(dev(
+                "hidden_states",
+                format!("{} values for rows of {width}", data.len()),
+            ));
+        }
+        Ok(data.chunks(width).map(<[f32]>::to_vec).collect())
+    }
+
     fn config(&self) -> &ModelConfig {
         &self.config
     }
