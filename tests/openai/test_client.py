@@ -482,6 +482,42 @@ def check_structured_errors(client, _args):
                         messages=[msgs[1], {"role": "tool", "content": "21 C"}]))
 
 
+def check_embeddings(client, _args):
+    def norm(v):
+        return sum(x * x for x in v) ** 0.5
+
+    # The client asks for base64 by default and decodes it.
+    r = client.embeddings.create(model=MODEL, input="The capital of France is Paris.")
+    assert (r.object, r.model, len(r.data)) == ("list", MODEL, 1), r
+    one = r.data[0].embedding
+    assert len(one) == 576 and abs(norm(one) - 1) < 1e-4, (len(one), norm(one))
+    assert r.usage.prompt_tokens == r.usage.total_tokens > 0, r.usage
+    texts = ["The capital of France is Paris.", "def f(x): return x", "The capital of France is Paris."]
+    r = client.embeddings.create(model=MODEL, input=texts, encoding_format="float")
+    assert [d.index for d in r.data] == [0, 1, 2], r.data
+    v = [d.embedding for d in r.data]
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b))
+    assert dot(v[0], v[2]) > 0.9999 and dot(v[0], one) > 0.9999, (dot(v[0], v[2]), dot(v[0], one))
+    assert dot(v[0], v[1]) < 0.99, dot(v[0], v[1])
+    # `dimensions`: the first values, normalised again.
+    r = client.embeddings.create(model=MODEL, input=texts[0], dimensions=64, encoding_format="float")
+    cut = r.data[0].embedding
+    head = one[:64]
+    assert len(cut) == 64 and abs(norm(cut) - 1) < 1e-4, len(cut)
+    assert dot(cut, [x / norm(head) for x in head]) > 0.9999
+    emb = client.embeddings.create
+    expect(openai.BadRequestError, "invalid_value", "input", lambda: emb(model=MODEL, input=""))
+    expect(openai.BadRequestError, "invalid_value", "input", lambda: emb(model=MODEL, input=[]))
+    expect(openai.BadRequestError, "invalid_value", "input", lambda: emb(model=MODEL, input=[[1, 2, 3]]))
+    expect(openai.BadRequestError, "invalid_value", "dimensions",
+           lambda: emb(model=MODEL, input="x", dimensions=100000))
+    expect(openai.BadRequestError, "invalid_value", "encoding_format",
+           lambda: emb(model=MODEL, input="x", encoding_format="hex"))
+    expect(openai.NotFoundError, "model_not_found", "model", lambda: emb(model="no-such-model", input="x"))
+    expect(openai.BadRequestError, "context_length_exceeded", "input",
+           lambda: emb(model=MODEL, input="hello " * 10000))
+
+
 def check_forbidden(_client, args):
     if not args.forbidden_url:
         print("  (skipped: no --forbidden-url)")
@@ -511,6 +547,7 @@ CHECKS = [
     check_structured_outputs,
     check_tools,
     check_structured_errors,
+    check_embeddings,
     check_forbidden,
 ]
 

@@ -5,6 +5,7 @@
 //! - `GET /v1/models`, `GET /v1/models/{id}`: the models this API serves.
 //! - `POST /v1/chat/completions`: chat (`messages`), whole or streamed.
 //! - `POST /v1/completions`: plain text continuation (`prompt`), whole or streamed.
+//! - `POST /v1/embeddings`: `input` embedded (`embeddings.rs`).
 //!
 //! Streams are Server-Sent Events, `data: {chunk}` per event, ending with
 //! `data: [DONE]`; `stream_options.include_usage` adds a usage chunk before
@@ -24,6 +25,7 @@
 //! ...) is refused with a 400 that names the parameter. Every error is
 //! `{"error": {"message", "type", "param", "code"}}`.
 
+mod embeddings;
 mod error;
 mod request;
 mod tools;
@@ -46,6 +48,13 @@ impl Handler for OpenAi {
             .get("/v1/models/*id", get_model)
             .post("/v1/chat/completions", |req, _| create(req, Kind::Chat))
             .post("/v1/completions", |req, _| create(req, Kind::Completion))
+            .post("/v1/embeddings", |mut req, _| {
+                let resp = match req.body() {
+                    Ok(body) => embeddings::create(body),
+                    Err(e) => Err(ApiError::bad_body(e.to_string())),
+                };
+                resp.unwrap_or_else(|e| e.response())
+            })
             .any("/*path", |req, _| {
                 ApiError::no_route(req.method().as_str(), req.path()).response()
             })
