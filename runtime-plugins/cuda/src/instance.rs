@@ -214,6 +214,8 @@ pub struct CudaInstance {
     v_cache: Vec<Buf<u16>>,
     ws: Workspace,
     graphs: Graphs,
+    /// Entries of the last successful step (rows of `ws.hfinal` it wrote).
+    last_entries: usize,
 }
 
 fn bits(t: &HostTensor, dtype: WeightDType) -> Result<Vec<u16>, EngineError> {
@@ -478,6 +480,7 @@ impl CudaInstance {
                 enabled: std::env::var("SLINFER_CUDA_GRAPHS").is_ok_and(|v| v == "1"),
                 ..Default::default()
             },
+            last_entries: 0,
         };
         inst.weight_bytes = inst.count_weight_bytes();
         inst.stream.synchronize().map_err(|e| dev_err(what, e))?;
@@ -638,6 +641,7 @@ impl LlmInstance for CudaInstance {
         match self.forward(&plan) {
             Ok(l) => {
                 self.kv.commit(res);
+                self.last_entries = l.len();
                 Ok(l)
             }
             Err(e) => {
@@ -645,6 +649,22 @@ impl LlmInstance for CudaInstance {
                 Err(e)
             }
         }
+    }
+    fn last_hidden(&mut self) -> Result<Vec<Vec<f32>>, EngineError> {
+        let h = self.config.hidden_size;
+        let bits = self
+            .stream
+            .clone_dtoh(&self.ws.hfinal.slice.slice(0..self.last_entries * h))
+            .map_err(|e| dev_err("download hidden states", e))?;
+        self.synchronize()?;
+        let value = |b: u16| match self.dtype {
+            WeightDType::BF16 => half::bf16::from_bits(b).to_f32(),
+            _ => half::f16::from_bits(b).to_f32(),
+        };
+        Ok(bits
+            .chunks_exact(h.max(1))
+            .map(|row| row.iter().map(|&b| value(b)).collect())
+            .collect())
     }
     fn memory(&self) -> MemoryReport {
         let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));

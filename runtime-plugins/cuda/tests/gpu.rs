@@ -301,3 +301,30 @@ fn gpu_cuda_graph_decode_matches_eager() {
     }
     assert_eq!(graph.cuda_graph_failure(), None);
 }
+
+#[test]
+fn gpu_final_hidden_states_match_the_reference() {
+    let Some(b) = backend("gpu_final_hidden_states_match_the_reference") else {
+        return;
+    };
+    let w = LlamaWeights::random(small_config(), 8, 0.08, WeightDType::F16);
+    let mut gpu = b.load_weights(&w, 0, &opts(64, WeightDType::F16)).unwrap();
+    let mut cpu = ReferenceInstance::new(&w, &opts(64, WeightDType::F16));
+    for inst in [&mut gpu as &mut dyn LlmInstance, &mut cpu] {
+        inst.add_sequence(1).unwrap();
+        inst.add_sequence(2).unwrap();
+    }
+    let batch = [
+        e(1, (0..21).map(|i| (i * 11 + 3) % 512).collect()),
+        e(2, vec![7, 8, 9]),
+    ];
+    gpu.step(&batch).unwrap();
+    cpu.step(&batch).unwrap();
+    let (g, c) = (gpu.last_hidden().unwrap(), cpu.last_hidden().unwrap());
+    assert_eq!((g.len(), g[0].len()), (2, small_config().hidden_size));
+    for (a, b) in g.iter().zip(&c) {
+        let r = rel_err(a, b);
+        eprintln!("final hidden state: relative error {r:.4}");
+        assert!(r < 0.05, "relative error {r}");
+    }
+}
