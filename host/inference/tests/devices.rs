@@ -120,13 +120,13 @@ fn greedy(dir: &Path, model: &str, prompt: &str, n: usize) -> String {
     tok.decode(&out, false).unwrap()
 }
 
-/// [`greedy`]'s tokens and the logits each was chosen from.
-fn greedy_steps(
+/// The model on the reference engine with an empty sequence 1, its
+/// tokenizer, and `prompt`'s tokens.
+fn loaded(
     dir: &Path,
     model: &str,
     prompt: &str,
-    n: usize,
-) -> (tokenizers::Tokenizer, Vec<u32>, Vec<Vec<f32>>) {
+) -> (tokenizers::Tokenizer, Box<dyn LlmInstance>, Vec<u32>) {
     let pkg = dir.join(model);
     let tok = tokenizers::Tokenizer::from_file(pkg.join("tokenizer.json")).unwrap();
     let ids = tok.encode(prompt, true).unwrap().get_ids().to_vec();
@@ -134,6 +134,17 @@ fn greedy_steps(
         .load(&ModelSource::Package(pkg), 0, &LoadOptions::default())
         .unwrap();
     inst.add_sequence(1).unwrap();
+    (tok, inst, ids)
+}
+
+/// [`greedy`]'s tokens and the logits each was chosen from.
+fn greedy_steps(
+    dir: &Path,
+    model: &str,
+    prompt: &str,
+    n: usize,
+) -> (tokenizers::Tokenizer, Vec<u32>, Vec<Vec<f32>>) {
+    let (tok, mut inst, ids) = loaded(dir, model, prompt);
     let (mut out, mut steps) = (Vec::new(), Vec::new());
     let mut next = ids;
     while out.len() < n {
@@ -970,13 +981,7 @@ async fn an_embedding_is_the_normalised_final_hidden_state_of_the_prompts_last_t
     };
     // The model's own hidden state, computed directly.
     let direct = |prompt: &str| {
-        let pkg = dir.path().join("tiny-a");
-        let tok = tokenizers::Tokenizer::from_file(pkg.join("tokenizer.json")).unwrap();
-        let ids = tok.encode(prompt, true).unwrap().get_ids().to_vec();
-        let mut inst = ReferenceBackend::default()
-            .load(&ModelSource::Package(pkg), 0, &LoadOptions::default())
-            .unwrap();
-        inst.add_sequence(1).unwrap();
+        let (_, mut inst, ids) = loaded(dir.path(), "tiny-a", prompt);
         inst.step(&[StepEntry {
             seq: 1,
             tokens: ids,
