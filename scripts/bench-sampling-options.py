@@ -2,8 +2,9 @@
 """What the sampling options of `openai-api` cost (BENCHMARKS.md, "Sampling
 options"): the same chat completions, 128 tokens each (`ignore_eos`, so every
 answer has the same length), plain and with log-probabilities (chosen only,
-and with 20 alternatives) and with penalties and a logit bias, at 1 and 8
-concurrent streams. Modes take turns round by round so the machine's drift
+and with 20 alternatives), with penalties and a logit bias, and constrained
+to a JSON schema or a regular expression (each too long to end before 128
+tokens), at 1 and 8 concurrent streams. Modes take turns round by round so the machine's drift
 touches each alike; each figure is a ratio to `plain` from the same run.
 
     scripts/bench-sampling-options.py BASE_URL [--rounds N]
@@ -28,6 +29,12 @@ MODES = {
     "logprobs": {"logprobs": True},
     "logprobs+top20": {"logprobs": True, "top_logprobs": 20},
     "penalties+bias": {"presence_penalty": 0.5, "frequency_penalty": 0.5, "logit_bias": {"42": -100}},
+    # A constraint decides where the output ends (no ignore_eos): these
+    # cannot end before 2,000 characters, far past 128 tokens.
+    "json_schema": {"ignore_eos": None, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "story", "schema": {"type": "object", "properties": {
+            "story": {"type": "string", "minLength": 2000}}, "required": ["story"]}}}},
+    "regex": {"ignore_eos": None, "guided_regex": "[A-Z][A-Za-z ,.'\\n]{2000}"},
 }
 
 
@@ -48,12 +55,15 @@ def one(url, extra, i):
 
 
 def tokens_per_s(url, extra, streams, round_):
-    threads = [threading.Thread(target=one, args=(url, extra, round_ * streams + k)) for k in range(streams)]
+    done = []
+    threads = [threading.Thread(target=lambda k=k: done.append(one(url, extra, round_ * streams + k)))
+               for k in range(streams)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert len(done) == streams, "a request failed"
     return streams * TOKENS / (time.perf_counter() - t0)
 
 
