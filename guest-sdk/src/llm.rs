@@ -187,6 +187,20 @@ impl Request {
             finished: false,
         })
     }
+
+    /// Starts `n` (1 to 16) continuations of the prompt at once, computing
+    /// the prompt once; with a seed, choice `i` samples with `seed + i`.
+    pub fn start_choices(&self, n: u32) -> Result<Vec<Generation>, LlmError> {
+        let streams =
+            wit::generate_choices(&self.model, &self.prompt, &self.params, &self.options, n)?;
+        Ok(streams
+            .into_iter()
+            .map(|stream| Generation {
+                stream,
+                finished: false,
+            })
+            .collect())
+    }
 }
 
 impl LlmError {

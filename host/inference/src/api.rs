@@ -169,6 +169,9 @@ impl Constraint {
     }
 }
 
+/// The most choices one `Inference::generate_choices` call may ask for.
+pub const MAX_CHOICES: u32 = 16;
+
 /// The most alternatives [`GenerationParams::logprobs`] may ask for.
 pub const MAX_TOP_LOGPROBS: u8 = 20;
 

@@ -120,7 +120,9 @@ impl Grammars {
     }
 }
 
-/// One generation's constraint, step by step.
+/// One generation's constraint, step by step (a clone goes on from the same
+/// state: several choices of one prompt each take one).
+#[derive(Clone)]
 pub(crate) struct Constrained(pub Matcher);
 
 impl Constrained {

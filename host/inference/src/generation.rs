@@ -61,6 +61,10 @@ pub(crate) struct Generation {
     logprobs: Option<u8>,
     /// An embedding: its prompt's final hidden state is the answer.
     embed: bool,
+    /// Another choice of the same prompt, submitted with this one: an
+    /// instance that prefills both forks that one's KV instead of
+    /// computing the prompt again.
+    fork_of: Option<RequestId>,
     /// Log-probabilities of tokens whose text is not handed out yet.
     unsent: Vec<TokenLogprobs>,
     detok: Detokenizer,
@@ -111,6 +115,7 @@ impl Generation {
             },
             logprobs: params.logprobs,
             embed: params.embed,
+            fork_of: None,
             unsent: Vec::new(),
             detok: Detokenizer::new(params.stop.clone()),
             constraint: None,
@@ -125,6 +130,18 @@ impl Generation {
             tpot_slo_s: slo_s.1,
             metrics,
         }
+    }
+
+    /// Another choice of the prompt of request `leader` (see `fork_of`).
+    pub fn with_fork_of(mut self, leader: Option<RequestId>) -> Self {
+        self.fork_of = leader;
+        self
+    }
+
+    /// The request whose prompt KV this one may share, while it has
+    /// generated nothing.
+    pub fn forks(&self) -> Option<RequestId> {
+        self.fork_of.filter(|_| self.generated.is_empty())
     }
 
     /// Keeps its output inside `constraint`.

@@ -377,8 +377,12 @@ impl InstanceRunner {
     /// a preempted request had generated.
     fn prefill(&mut self, gens: &[Shared], produced: &mut HashMap<RequestId, u64>) {
         let inst = self.inst.as_mut().expect("loaded");
-        let mut contexts = Vec::new();
+        let mut contexts: Vec<(RequestId, Vec<u32>)> = Vec::new();
         let mut members = Vec::new();
+        // Choices of one prompt prefilled together: the first computes it,
+        // the others fork its KV (`forks[i]`: the member they fork).
+        let mut forks: Vec<Option<usize>> = Vec::new();
+        let mut firsts: HashMap<RequestId, usize> = HashMap::new();
         for shared in gens {
             let mut g = lock(shared);
             if g.gone() {
@@ -388,24 +392,43 @@ impl InstanceRunner {
             if inst.sequence_len(id).is_some() {
                 let _ = inst.free_sequence(id);
             }
-            if let Err(e) = inst.add_sequence(id) {
-                g.end(End::Failed(InferenceError::Engine(e.to_string())));
-                continue;
+            let context = g.context();
+            let leader = g
+                .forks()
+                .and_then(|l| firsts.get(&l).copied())
+                .filter(|&j| contexts[j].1 == context);
+            if leader.is_none() {
+                if let Err(e) = inst.add_sequence(id) {
+                    g.end(End::Failed(InferenceError::Engine(e.to_string())));
+                    continue;
+                }
+                firsts.insert(id, contexts.len());
             }
             g.kv_on = Some(self.id);
-            contexts.push((id, g.context()));
+            forks.push(leader);
+            contexts.push((id, context));
             members.push(shared);
         }
         if members.is_empty() {
             return;
         }
-        let tokens: u64 = contexts.iter().map(|(_, c)| c.len() as u64).sum();
+        let tokens: u64 = contexts
+            .iter()
+            .zip(&forks)
+            .filter(|(_, f)| f.is_none())
+            .map(|((_, c), _)| c.len() as u64)
+            .sum();
         let chunk = prefill_chunk_tokens(self.device.kind);
         let t = Instant::now();
         // Steps of at most `chunk` tokens, the prompts in order; a prompt's
         // last step gives the logits it samples from.
         let embeds: Vec<bool> = members.iter().map(|g| lock(g).embeds()).collect();
-        let mut done = vec![0; contexts.len()];
+        // A fork computes nothing itself.
+        let mut done: Vec<usize> = contexts
+            .iter()
+            .zip(&forks)
+            .map(|((_, c), f)| if f.is_some() { c.len() } else { 0 })
+            .collect();
         let mut last = vec![None; contexts.len()];
         let mut hidden: Vec<Option<Result<Vec<f32>, InferenceError>>> = vec![None; contexts.len()];
         while done.iter().zip(&contexts).any(|(d, (_, c))| *d < c.len()) {
@@ -459,8 +482,18 @@ impl InstanceRunner {
             tokens,
             t.elapsed().as_secs_f64(),
         );
+        for (i, leader) in forks.iter().enumerate() {
+            let Some(j) = *leader else { continue };
+            match inst.fork_sequence(contexts[j].0, contexts[i].0) {
+                Ok(()) => last[i] = last[j].clone(),
+                Err(e) => lock(members[i]).end(End::Failed(InferenceError::Engine(e.to_string()))),
+            }
+        }
         for ((g, l), h) in members.into_iter().zip(last).zip(hidden) {
             let mut g = lock(g);
+            if g.gone() {
+                continue;
+            }
             match h {
                 Some(h) => g.embedded(h),
                 None => {

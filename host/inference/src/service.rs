@@ -15,8 +15,8 @@ use tokio::sync::mpsc;
 
 use crate::api::{
     ChatMessage, DEFAULT_TPOT_SLO_S, DEFAULT_TTFT_SLO_S, DeviceStatus, GenerateRequest,
-    InferenceError, InferenceStats, InferenceStatus, InstanceStatus, ModelInfo, ModelStatus,
-    Prompt,
+    InferenceError, InferenceStats, InferenceStatus, InstanceStatus, MAX_CHOICES, ModelInfo,
+    ModelStatus, Prompt,
 };
 use crate::catalog::{Catalog, ModelEntry};
 use crate::devices::Device;
@@ -318,6 +318,43 @@ impl Inference {
         &self,
         req: GenerateRequest,
     ) -> Result<GenerationStream, InferenceError> {
+        let mut one = self.choices_here(req, 1).await?;
+        Ok(one.pop().expect("one choice"))
+    }
+
+    /// `n` continuations of one prompt (1 to [`MAX_CHOICES`]), each its own
+    /// stream; choice `i` samples with `seed + i` when a seed is given.
+    /// Here, the prompt's KV is computed once and shared by the choices
+    /// that an instance prefills together (`LlmInstance::fork_sequence`);
+    /// a model served only by other members runs each choice there.
+    pub async fn generate_choices(
+        &self,
+        mut req: GenerateRequest,
+        n: u32,
+    ) -> Result<Vec<GenerationStream>, InferenceError> {
+        if n == 0 || n > MAX_CHOICES {
+            return Err(InferenceError::InvalidParams(format!(
+                "n must be from 1 to {MAX_CHOICES}"
+            )));
+        }
+        if n == 1 {
+            return Ok(vec![self.generate(req).await?]);
+        }
+        match self.remote.get() {
+            Some(remote) if self.model(&req.model).is_err() => {
+                req.arrived.get_or_insert_with(Instant::now);
+                let choices = (0..n).map(|i| remote.generate(choice(&req, i)));
+                futures::future::try_join_all(choices).await
+            }
+            _ => self.choices_here(req, n).await,
+        }
+    }
+
+    async fn choices_here(
+        &self,
+        req: GenerateRequest,
+        n: u32,
+    ) -> Result<Vec<GenerationStream>, InferenceError> {
         let (idx, m) = self.model(&req.model)?;
         req.params.check()?;
         req.params.check_tokens(m.vocab_size)?;
@@ -337,7 +374,7 @@ impl Inference {
         // on the blocking pool, never on an async worker.
         // So does compiling a constraint (the first one of a model builds
         // its token trie).
-        let (entry, text, params) = (m.clone(), req.prompt, req.params.clone());
+        let (entry, text, params) = (m.clone(), req.prompt.clone(), req.params.clone());
         let (prompt, constrained) = tokio::task::spawn_blocking(move || {
             let constrained = params.constraint.map(|c| entry.constrain(&c)).transpose()?;
             let text = match text {
@@ -368,57 +405,64 @@ impl Inference {
             let n = f.len() as u32;
             *f.entry(req.function.clone()).or_insert(n)
         };
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::unbounded_channel();
-        let cancelled = Arc::new(AtomicBool::new(false));
-        let generation = Generation::new(
-            id,
-            m,
-            prompt,
-            &req.params,
-            (req.arrived.unwrap_or_else(Instant::now), (ttft, tpot)),
-            tx,
-            cancelled.clone(),
-            self.metrics.clone(),
-        )
-        .with_constraint(constrained);
+        let arrived = req.arrived.unwrap_or_else(Instant::now);
         let to_driver = self.sender();
-        let mut stream = GenerationStream {
-            id,
-            rx,
-            cancelled,
-            to_driver: Some(to_driver.clone()),
-            usage: None,
-            pending: None,
-            done: false,
-        };
-        to_driver
-            .send(Msg::Submit {
-                model: idx,
-                function,
-                generation: Arc::new(Mutex::new(generation)),
-            })
-            .map_err(|_| InferenceError::Engine("the inference driver has stopped".into()))?;
-        // Wait for the first token (or the failure) so that errors such as
-        // `Overloaded` come back from here.
-        match stream.rx.recv().await {
-            Some(Event::Started) => Ok(stream),
-            Some(Event::Error(e)) => {
-                stream.done = true;
-                stream.to_driver = None;
-                Err(e)
-            }
-            Some(ev) => {
-                stream.pending = Some(ev);
-                Ok(stream)
-            }
-            None => {
-                stream.done = true;
-                Err(InferenceError::Engine(
-                    "the inference driver has stopped".into(),
-                ))
+        let mut streams = Vec::with_capacity(n as usize);
+        let mut first = None;
+        for i in 0..n {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = mpsc::unbounded_channel();
+            let cancelled = Arc::new(AtomicBool::new(false));
+            let generation = Generation::new(
+                id,
+                m.clone(),
+                prompt.clone(),
+                &choice(&req, i).params,
+                (arrived, (ttft, tpot)),
+                tx,
+                cancelled.clone(),
+                self.metrics.clone(),
+            )
+            .with_constraint(constrained.clone())
+            .with_fork_of(first);
+            first.get_or_insert(id);
+            streams.push(GenerationStream {
+                id,
+                rx,
+                cancelled,
+                to_driver: Some(to_driver.clone()),
+                usage: None,
+                pending: None,
+                done: false,
+            });
+            to_driver
+                .send(Msg::Submit {
+                    model: idx,
+                    function,
+                    generation: Arc::new(Mutex::new(generation)),
+                })
+                .map_err(|_| InferenceError::Engine("the inference driver has stopped".into()))?;
+        }
+        // Wait for the first tokens (or a failure) so that errors such as
+        // `Overloaded` come back from here; the others are cancelled then.
+        for stream in &mut streams {
+            match stream.rx.recv().await {
+                Some(Event::Started) => {}
+                Some(Event::Error(e)) => {
+                    stream.done = true;
+                    stream.to_driver = None;
+                    return Err(e);
+                }
+                Some(ev) => stream.pending = Some(ev),
+                None => {
+                    stream.done = true;
+                    return Err(InferenceError::Engine(
+                        "the inference driver has stopped".into(),
+                    ));
+                }
             }
         }
+        Ok(streams)
     }
 }
 
@@ -432,6 +476,13 @@ impl Drop for Inference {
             let _ = t.join();
         }
     }
+}
+
+/// Choice `i` of `req`: its seed, if any, moved on by `i`.
+fn choice(req: &GenerateRequest, i: u32) -> GenerateRequest {
+    let mut r = req.clone();
+    r.params.seed = r.params.seed.map(|s| s.wrapping_add(u64::from(i)));
+    r
 }
 
 fn slo(v: f64, default: f64, name: &str) -> Result<f64, InferenceError> {

@@ -314,6 +314,8 @@ struct Paced {
     /// fails as a device whose driver died would.
     fail_from: Option<usize>,
     steps: Arc<AtomicUsize>,
+    /// Tokens stepped (counted over every instance).
+    tokens: Arc<AtomicUsize>,
     meter: Option<Meter>,
 }
 
@@ -337,6 +339,7 @@ impl Paced {
             step: Duration::from_millis(step_ms),
             fail_from,
             steps: Arc::new(AtomicUsize::new(0)),
+            tokens: Arc::new(AtomicUsize::new(0)),
             meter: None,
         }
     }
@@ -369,6 +372,7 @@ impl Backend for Paced {
             step: self.step,
             fail_from: self.fail_from,
             steps: self.steps.clone(),
+            tokens: self.tokens.clone(),
             meter: self.meter.clone(),
         };
         if let Some(m) = &self.meter {
@@ -384,6 +388,7 @@ struct PacedInstance {
     step: Duration,
     fail_from: Option<usize>,
     steps: Arc<AtomicUsize>,
+    tokens: Arc<AtomicUsize>,
     meter: Option<Meter>,
 }
 
@@ -436,6 +441,9 @@ impl LlmInstance for PacedInstance {
     fn free_sequence(&mut self, seq: SeqId) -> Result<(), EngineError> {
         self.inner.free_sequence(seq)
     }
+    fn fork_sequence(&mut self, src: SeqId, dst: SeqId) -> Result<(), EngineError> {
+        self.inner.fork_sequence(src, dst)
+    }
     fn sequence_len(&self, seq: SeqId) -> Option<usize> {
         self.inner.sequence_len(seq)
     }
@@ -445,6 +453,8 @@ impl LlmInstance for PacedInstance {
     fn step(&mut self, batch: &[StepEntry]) -> Result<Vec<Vec<f32>>, EngineError> {
         std::thread::sleep(self.step);
         let n = self.steps.fetch_add(1, Ordering::Relaxed);
+        let tokens = batch.iter().map(|e| e.tokens.len()).sum();
+        self.tokens.fetch_add(tokens, Ordering::Relaxed);
         if self.fail_from.is_some_and(|f| n >= f) {
             return Err(EngineError::Device("the device fell off the bus".into()));
         }
@@ -1020,6 +1030,69 @@ async fn an_embedding_is_the_normalised_final_hidden_state_of_the_prompts_last_t
     match collect(&inf, req).await {
         Err(InferenceError::InvalidParams(m)) => assert!(m.contains("embedding"), "{m}"),
         other => panic!("{other:?}"),
+    }
+    quiet(&inf).await;
+}
+
+#[tokio::test]
+async fn choices_of_one_prompt_compute_it_once_and_each_answers_as_alone() {
+    let dir = models(&[("tiny-a", 3)]);
+    let paced = Paced::new(DeviceKind::Cpu, 0, None);
+    let tokens = paced.tokens.clone();
+    let (inf, _) = start(dir.path(), vec![cpu(Arc::new(paced))]);
+    let prompt = "a prompt of some length to share";
+    let answers = |req: GenerateRequest, n: u32| {
+        let inf = inf.clone();
+        async move {
+            let mut out = Vec::new();
+            for mut s in inf.generate_choices(req, n).await.unwrap() {
+                let mut text = String::new();
+                while let Some(c) = s.next().await {
+                    text.push_str(&c.unwrap());
+                }
+                out.push((text, s.usage()));
+            }
+            out
+        }
+    };
+    // The instance loads (and calibrates) first.
+    collect(&inf, request("tiny-a", "warm", 2)).await.unwrap();
+    quiet(&inf).await;
+    // Greedy: every choice is the model's greedy answer; the prompt's
+    // tokens went through the engine once, each choice's decode its own.
+    let before = tokens.load(Ordering::Relaxed);
+    let greedy_text = greedy(dir.path(), "tiny-a", prompt, 8);
+    let got = answers(request("tiny-a", prompt, 8), 3).await;
+    assert_eq!(got.len(), 3);
+    for (text, usage) in &got {
+        assert_eq!(text, &greedy_text);
+        assert_eq!(usage.generated_tokens, 8);
+    }
+    let prompt_tokens = got[0].1.prompt_tokens as usize;
+    assert_eq!(
+        tokens.load(Ordering::Relaxed) - before,
+        prompt_tokens + 3 * 7,
+        "one prefill of {prompt_tokens} tokens, three decodes of 7"
+    );
+    quiet(&inf).await;
+    // Sampled with a seed: choice i is what a lone request with seed + i
+    // answers.
+    let mut req = request("tiny-a", prompt, 12);
+    req.params.temperature = Some(1.5);
+    req.params.seed = Some(40);
+    let got = answers(req.clone(), 3).await;
+    for (i, (text, _)) in got.iter().enumerate() {
+        let mut alone = req.clone();
+        alone.params.seed = Some(40 + i as u64);
+        assert_eq!(text, &collect(&inf, alone).await.unwrap().0, "choice {i}");
+    }
+    assert!(got[0].0 != got[1].0 || got[1].0 != got[2].0, "{got:?}");
+    // Bounds.
+    for n in [0, 17] {
+        match inf.generate_choices(request("tiny-a", prompt, 2), n).await {
+            Err(InferenceError::InvalidParams(m)) => assert!(m.contains("n must be"), "{m}"),
+            other => panic!("{n}: {}", other.is_ok()),
+        }
     }
     quiet(&inf).await;
 }

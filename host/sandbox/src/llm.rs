@@ -22,6 +22,7 @@ mod bindings {
             "slinfer:llm/generation.generate": async | trappable,
             "slinfer:llm/generation.generate-with": async | trappable,
             "slinfer:llm/generation.embed": async | trappable,
+            "slinfer:llm/generation.generate-choices": async | trappable,
             "slinfer:llm/generation.[method]generation-stream.next": async | trappable,
             "slinfer:llm/generation.[method]generation-stream.next-chunk": async | trappable,
             default: trappable,
@@ -190,6 +191,20 @@ impl wit::Host for LlmCtxView<'_> {
         params: t::Params,
         options: t::Options,
     ) -> wasmtime::Result<Result<Resource<LlmStream>, Error>> {
+        let streams = self
+            .generate_choices(model, prompt, params, options, 1)
+            .await?;
+        Ok(streams.map(|mut s| s.pop().expect("one choice")))
+    }
+
+    async fn generate_choices(
+        &mut self,
+        model: String,
+        prompt: t::Prompt,
+        params: t::Params,
+        options: t::Options,
+        n: u32,
+    ) -> wasmtime::Result<Result<Vec<Resource<LlmStream>>, Error>> {
         let inference = match self.llm_for(&model) {
             Ok(i) => i,
             Err(e) => return Ok(Err(e)),
@@ -236,11 +251,16 @@ impl wit::Host for LlmCtxView<'_> {
             tpot_slo_s: self.ctx.config.tpot_slo_s,
             arrived: self.ctx.arrived.take(),
         };
-        match inference.generate(request).await {
-            Ok(stream) => Ok(Ok(self.table.push(LlmStream {
-                stream,
-                usage: None,
-            })?)),
+        match inference.generate_choices(request, n).await {
+            Ok(streams) => Ok(Ok(streams
+                .into_iter()
+                .map(|stream| {
+                    self.table.push(LlmStream {
+                        stream,
+                        usage: None,
+                    })
+                })
+                .collect::<Result<_, _>>()?)),
             Err(e) => Ok(Err(convert_error(e))),
         }
     }

@@ -18,7 +18,7 @@ use cudarc::driver::{
 use slinfer_engine::kv::{BatchPlan, KvManager};
 use slinfer_engine::reference::check_tokens;
 use slinfer_engine::weights::{HostData, HostTensor, LlamaWeights, WeightDType};
-use slinfer_engine::{EngineError, LlmInstance, MemoryReport, ModelConfig, StepEntry};
+use slinfer_engine::{EngineError, LlmInstance, MemoryReport, ModelConfig, SeqId, StepEntry};
 
 /// Launch a kernel with scalar and raw-address arguments.
 macro_rules! launch {
@@ -649,6 +649,17 @@ impl LlmInstance for CudaInstance {
                 Err(e)
             }
         }
+    }
+    fn fork_sequence(&mut self, src: SeqId, dst: SeqId) -> Result<(), EngineError> {
+        let mut kv = self.kv.clone();
+        if let Some((from, to)) = kv.fork(src, dst)? {
+            for cache in self.k_cache.iter().chain(&self.v_cache) {
+                self.copy_block(cache.ptr(), from as usize, cache.ptr(), to as usize, 1)?;
+            }
+            self.synchronize()?;
+        }
+        self.kv = kv;
+        Ok(())
     }
     fn last_hidden(&mut self) -> Result<Vec<Vec<f32>>, EngineError> {
         let h = self.config.hidden_size;

@@ -328,3 +328,30 @@ fn gpu_final_hidden_states_match_the_reference() {
         assert!(r < 0.05, "relative error {r}");
     }
 }
+
+#[test]
+fn gpu_forked_sequences_decode_as_the_reference_does() {
+    let Some(b) = backend("gpu_forked_sequences_decode_as_the_reference_does") else {
+        return;
+    };
+    let w = LlamaWeights::random(small_config(), 9, 0.08, WeightDType::F16);
+    let mut gpu = b.load_weights(&w, 0, &opts(64, WeightDType::F16)).unwrap();
+    let mut cpu = ReferenceInstance::new(&w, &opts(64, WeightDType::F16));
+    // A prompt of 21 tokens (a partly filled last block of 16), forked on
+    // the GPU, computed twice on the CPU: the same logits either way.
+    let prompt: Vec<u32> = (0..21).map(|i| (i * 5 + 1) % 512).collect();
+    gpu.add_sequence(1).unwrap();
+    gpu.step(&[e(1, prompt.clone())]).unwrap();
+    gpu.fork_sequence(1, 2).unwrap();
+    cpu.add_sequence(1).unwrap();
+    cpu.add_sequence(2).unwrap();
+    cpu.step(&[e(1, prompt.clone()), e(2, prompt)]).unwrap();
+    for t in [3u32, 4, 5] {
+        let batch = [e(1, vec![t]), e(2, vec![t + 10])];
+        let (g, c) = (gpu.step(&batch).unwrap(), cpu.step(&batch).unwrap());
+        for (a, b) in g.iter().zip(&c) {
+            let r = rel_err(a, b);
+            assert!(r < 0.05, "relative error {r}");
+        }
+    }
+}

@@ -138,12 +138,19 @@ impl BatchPlan {
 }
 
 /// Block tables of every sequence of one instance over one pool.
+///
+/// A sequence may be forked ([`KvManager::fork`]): the copy shares its full
+/// blocks (copy-on-write: sequences only append, so a full block is never
+/// written again) and gets its own copy of a partly filled last block. A
+/// shared block goes back to the pool when its last holder is freed.
 #[derive(Debug, Clone)]
 pub struct KvManager {
     block_size_tokens: usize,
     max_len_tokens: usize,
     alloc: BlockAllocator,
     seqs: HashMap<SeqId, SeqState>,
+    /// Holders beyond the first of each shared block.
+    shared: HashMap<u32, u32>,
 }
 
 impl KvManager {
@@ -154,6 +161,7 @@ impl KvManager {
             max_len_tokens,
             alloc: BlockAllocator::new(capacity_blocks),
             seqs: HashMap::new(),
+            shared: HashMap::new(),
         }
     }
     pub fn block_size_tokens(&self) -> usize {
@@ -191,8 +199,47 @@ impl KvManager {
             .seqs
             .remove(&seq)
             .ok_or(EngineError::UnknownSequence(seq))?;
-        self.alloc.release(&s.blocks);
+        for b in s.blocks {
+            match self.shared.get_mut(&b) {
+                Some(1) => {
+                    self.shared.remove(&b);
+                }
+                Some(n) => *n -= 1,
+                None => self.alloc.release(&[b]),
+            }
+        }
         Ok(())
+    }
+
+    /// Makes `dst` a copy of `src`'s tokens: it shares `src`'s full blocks
+    /// and takes a fresh block for a partly filled last one, whose contents
+    /// the engine must copy: the returned `(from, to)`. Needs at most one
+    /// free block; nothing changes on an error.
+    pub fn fork(&mut self, src: SeqId, dst: SeqId) -> Result<Option<(u32, u32)>, EngineError> {
+        if self.seqs.contains_key(&dst) {
+            return Err(EngineError::SequenceExists(dst));
+        }
+        let s = self
+            .seqs
+            .get(&src)
+            .ok_or(EngineError::UnknownSequence(src))?;
+        let full = s.len_tokens / self.block_size_tokens;
+        let mut blocks = s.blocks[..full].to_vec();
+        let partial = s.blocks.get(full).copied();
+        let copy = match partial {
+            Some(from) if !s.len_tokens.is_multiple_of(self.block_size_tokens) => {
+                let to = self.alloc.allocate(1)?[0];
+                blocks.push(to);
+                Some((from, to))
+            }
+            _ => None,
+        };
+        for b in &blocks[..full] {
+            *self.shared.entry(*b).or_insert(0) += 1;
+        }
+        let len_tokens = s.len_tokens;
+        self.seqs.insert(dst, SeqState { blocks, len_tokens });
+        Ok(copy)
     }
 
     /// Grow the pool; returns nothing to move.
@@ -213,6 +260,10 @@ impl KvManager {
                     }
                 }
             }
+            self.shared = std::mem::take(&mut self.shared)
+                .into_iter()
+                .map(|(b, n)| (map.get(&b).copied().unwrap_or(b), n))
+                .collect();
         }
         Ok(moves)
     }
@@ -472,6 +523,62 @@ mod tests {
             })
         ));
         assert_eq!(kv.blocks_needed(&[entry(1, 9)]).unwrap(), 3);
+    }
+
+    #[test]
+    fn a_fork_shares_full_blocks_copies_the_partial_one_and_frees_each_once() {
+        let mut kv = KvManager::new(4, 8, 100);
+        kv.add_sequence(1).unwrap();
+        let (_, r) = kv.plan(&[entry(1, 10)]).unwrap(); // blocks 0, 1 full; 2 holds 2 tokens
+        kv.commit(r);
+        assert_eq!(kv.fork(1, 2).unwrap(), Some((2, 3)));
+        assert_eq!(kv.block_table(2).unwrap(), [0, 1, 3]);
+        assert_eq!(kv.sequence_len(2), Some(10));
+        assert_eq!(kv.used_blocks(), 4);
+        // A fork at a block boundary copies nothing.
+        kv.add_sequence(5).unwrap();
+        let (_, r) = kv.plan(&[entry(5, 4)]).unwrap();
+        kv.commit(r);
+        assert_eq!(kv.fork(5, 6).unwrap(), None);
+        assert_eq!(kv.block_table(6).unwrap(), kv.block_table(5).unwrap());
+        // Appends write only the sequence's own blocks.
+        let (p, r) = kv.plan(&[entry(1, 1), entry(2, 3)]).unwrap();
+        kv.commit(r);
+        assert_eq!(p.slot_mapping, [2 * 4 + 2, 3 * 4 + 2, 3 * 4 + 3, 5 * 4]);
+        assert!(matches!(kv.fork(1, 2), Err(EngineError::SequenceExists(2))));
+        assert!(matches!(
+            kv.fork(9, 10),
+            Err(EngineError::UnknownSequence(9))
+        ));
+        // Shared blocks go back with their last holder.
+        let before = kv.used_blocks();
+        kv.free_sequence(1).unwrap();
+        assert_eq!(kv.used_blocks(), before - 1, "only block 2 was 1's alone");
+        kv.free_sequence(2).unwrap();
+        kv.free_sequence(5).unwrap();
+        assert_eq!(kv.used_blocks(), 1, "6 still holds 5's block");
+        kv.free_sequence(6).unwrap();
+        assert_eq!(kv.used_blocks(), 0);
+        assert!(kv.shared.is_empty());
+    }
+
+    #[test]
+    fn shrink_moves_shared_blocks_for_every_holder() {
+        let mut kv = KvManager::new(2, 8, 100);
+        kv.add_sequence(0).unwrap();
+        kv.add_sequence(1).unwrap();
+        let (_, r) = kv.plan(&[entry(0, 4), entry(1, 4)]).unwrap(); // 0: [0,1]; 1: [2,3]
+        kv.commit(r);
+        kv.fork(1, 2).unwrap(); // shares 2, 3
+        kv.free_sequence(0).unwrap();
+        let moves = kv.shrink(2).unwrap();
+        assert_eq!(moves, [(2, 0), (3, 1)]);
+        assert_eq!(kv.block_table(1).unwrap(), [0, 1]);
+        assert_eq!(kv.block_table(2).unwrap(), [0, 1]);
+        kv.free_sequence(1).unwrap();
+        assert_eq!(kv.used_blocks(), 2);
+        kv.free_sequence(2).unwrap();
+        assert_eq!(kv.used_blocks(), 0);
     }
 
     #[test]

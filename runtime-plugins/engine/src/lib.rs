@@ -338,8 +338,14 @@ pub trait LlmInstance: Send {
     /// [`EngineError::OutOfMemory`] and leaves the pool as it was.
     fn resize_kv(&mut self, blocks: usize) -> Result<(), EngineError>;
     fn add_sequence(&mut self, seq: SeqId) -> Result<(), EngineError>;
-    /// Free a sequence and return its blocks to the pool.
+    /// Free a sequence and return its blocks to the pool (a block it shares
+    /// with a fork goes back with its last holder).
     fn free_sequence(&mut self, seq: SeqId) -> Result<(), EngineError>;
+    /// Make `dst` a copy of sequence `src` (its tokens so far) without
+    /// recomputing them: `dst` shares `src`'s full KV blocks and gets a copy
+    /// of a partly filled last block ([`KvManager::fork`]). Several
+    /// continuations of one prompt cost its KV once.
+    fn fork_sequence(&mut self, src: SeqId, dst: SeqId) -> Result<(), EngineError>;
     /// Tokens the sequence holds in the KV cache.
     fn sequence_len(&self, seq: SeqId) -> Option<usize>;
     /// Blocks this batch would take from the pool (for admission).

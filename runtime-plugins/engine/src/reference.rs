@@ -348,6 +348,16 @@ impl LlmInstance for ReferenceInstance {
         self.kv.commit(res);
         Ok(out)
     }
+    fn fork_sequence(&mut self, src: crate::SeqId, dst: crate::SeqId) -> Result<(), EngineError> {
+        if let Some((from, to)) = self.kv.fork(src, dst)? {
+            let be = self.block_elems();
+            let (f, t) = (from as usize * be, to as usize * be);
+            for cache in self.k_cache.iter_mut().chain(self.v_cache.iter_mut()) {
+                cache.copy_within(f..f + be, t);
+            }
+        }
+        Ok(())
+    }
     fn last_hidden(&mut self) -> Result<Vec<Vec<f32>>, EngineError> {
         Ok(self.hidden.clone())
     }

@@ -6,7 +6,7 @@ use openvino::{CompiledModel, ElementType, InferRequest, Shape, Tensor};
 use slinfer_engine::package::ModelPackage;
 use slinfer_engine::reference::check_tokens;
 use slinfer_engine::{
-    EngineError, HostMemory, KvManager, LlmInstance, LoadOptions, MemoryReport, ModelConfig,
+    EngineError, HostMemory, KvManager, LlmInstance, LoadOptions, MemoryReport, ModelConfig, SeqId,
     StepEntry,
 };
 
@@ -329,6 +329,19 @@ impl OpenVinoInstance {
 }
 
 impl LlmInstance for OpenVinoInstance {
+    fn fork_sequence(&mut self, src: SeqId, dst: SeqId) -> Result<(), EngineError> {
+        let mut kv = self.kv.clone();
+        if let Some((from, to)) = kv.fork(src, dst)? {
+            for (c, t) in self.caches.iter().zip(&mut self.tensors) {
+                let data = t.get_raw_data_mut().map_err(|e| dev("cache data", e))?;
+                let (bb, f, to) = (c.block_bytes, from as usize, to as usize);
+                data.copy_within(f * bb..(f + 1) * bb, to * bb);
+            }
+        }
+        self.kv = kv;
+        Ok(())
+    }
+
     fn last_hidden(&mut self) -> Result<Vec<Vec<f32>>, EngineError> {
         if !self.sampled_rows {
             return Err(EngineError::Unsupported(

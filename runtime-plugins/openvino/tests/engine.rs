@@ -400,3 +400,55 @@ fn bf16_precision_decodes_greedily() {
         .collect();
     assert_greedy("bf16, one sequence at a time", &refs, &got);
 }
+
+#[test]
+fn forks_share_the_prompts_kv_and_decode_greedily() {
+    // One prompt prefilled once, forked twice (its full blocks shared, the
+    // partly filled last block copied), the three decoded together: each is
+    // GenAI's greedy answer up to a near-tie (a batch of three rows), all
+    // three the same, and the shared blocks are held once.
+    let r = &reference()[3];
+    let mut inst = load(64);
+    inst.add_sequence(1).unwrap();
+    let first = argmax(
+        &inst
+            .step(&[StepEntry {
+                seq: 1,
+                tokens: r.prompt_ids.clone(),
+            }])
+            .unwrap()[0],
+    );
+    let prompt_blocks = inst.kv_blocks_in_use();
+    inst.fork_sequence(1, 2).unwrap();
+    inst.fork_sequence(1, 3).unwrap();
+    let partial = !r.prompt_ids.len().is_multiple_of(inst.block_size_tokens());
+    assert_eq!(
+        inst.kv_blocks_in_use(),
+        prompt_blocks + 2 * usize::from(partial),
+        "only a partly filled last block is copied"
+    );
+    assert!(matches!(
+        inst.fork_sequence(9, 4),
+        Err(EngineError::UnknownSequence(9))
+    ));
+    let mut out = vec![vec![first]; 3];
+    while out[0].len() < NEW_TOKENS {
+        let batch: Vec<StepEntry> = (1..=3)
+            .zip(&out)
+            .map(|(seq, o)| StepEntry {
+                seq,
+                tokens: vec![*o.last().unwrap()],
+            })
+            .collect();
+        for (l, o) in inst.step(&batch).unwrap().iter().zip(&mut out) {
+            o.push(argmax(l));
+        }
+    }
+    assert!(out.iter().all(|o| *o == out[0]), "{out:?}");
+    assert_greedy("a prompt forked twice, decoded as three", &[r], &out[..1]);
+    // Freed in any order, every block goes back.
+    for seq in [1, 3, 2] {
+        inst.free_sequence(seq).unwrap();
+    }
+    assert_eq!(inst.kv_blocks_in_use(), 0);
+}
