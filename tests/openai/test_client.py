@@ -279,8 +279,12 @@ def check_errors(client, _args):
            lambda: chat(model="no-such-model", messages=msgs, max_tokens=4))
     expect(openai.NotFoundError, "model_not_found", "model",
            lambda: client.completions.create(model="no-such-model", prompt="x", max_tokens=4))
-    expect(openai.BadRequestError, "unsupported_parameter", "n",
-           lambda: chat(model=MODEL, messages=msgs, max_tokens=4, n=2))
+    expect(openai.BadRequestError, "unsupported_parameter", "best_of",
+           lambda: client.completions.create(model=MODEL, prompt="x", max_tokens=4, best_of=2))
+    expect(openai.BadRequestError, "invalid_value", "n",
+           lambda: chat(model=MODEL, messages=msgs, max_tokens=4, n=17))
+    expect(openai.BadRequestError, "invalid_value", "n",
+           lambda: chat(model=MODEL, messages=msgs, max_tokens=4, n=0))
     expect(openai.BadRequestError, "invalid_value", "top_logprobs",
            lambda: chat(model=MODEL, messages=msgs, max_tokens=4, logprobs=True, top_logprobs=21))
     expect(openai.BadRequestError, "invalid_value", "top_logprobs",
@@ -518,6 +522,33 @@ def check_embeddings(client, _args):
            lambda: emb(model=MODEL, input="hello " * 10000))
 
 
+def check_choices(client, _args):
+    # Greedy: every choice is the same answer; usage counts each.
+    one = greedy_chat(client)
+    r = greedy_chat(client, n=3)
+    assert [c.index for c in r.choices] == [0, 1, 2], r.choices
+    assert all(c.message.content == one.choices[0].message.content for c in r.choices), r.choices
+    assert r.usage.prompt_tokens == one.usage.prompt_tokens, r.usage
+    assert r.usage.completion_tokens == 3 * one.usage.completion_tokens, r.usage
+    # Sampled with a seed: the choices differ, and the same seed gives the
+    # same choices, whole or streamed.
+    story = [{"role": "user", "content": "Tell me a story."}]
+    kw = dict(model=MODEL, messages=story, max_tokens=20, temperature=1.0, seed=11, n=3)
+    whole = client.chat.completions.create(**kw)
+    texts = [c.message.content for c in whole.choices]
+    assert len(set(texts)) > 1, texts
+    streamed = ["", "", ""]
+    finished = [None, None, None]
+    for ch in client.chat.completions.create(stream=True, **kw):
+        for c in ch.choices:
+            streamed[c.index] += c.delta.content or ""
+            finished[c.index] = c.finish_reason or finished[c.index]
+    assert streamed == texts, (streamed, texts)
+    assert finished == [c.finish_reason for c in whole.choices], finished
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, n=2)
+    assert [c.index for c in r.choices] == [0, 1] and r.choices[0].text == r.choices[1].text, r
+
+
 def check_forbidden(_client, args):
     if not args.forbidden_url:
         print("  (skipped: no --forbidden-url)")
@@ -548,6 +579,7 @@ CHECKS = [
     check_tools,
     check_structured_errors,
     check_embeddings,
+    check_choices,
     check_forbidden,
 ]
 

@@ -21,8 +21,9 @@
 //! enforced token by token by the host. Tools (chat): `tools`,
 //! `tool_choice` (`none`, `auto`, `required`, a named function),
 //! `parallel_tool_calls`, assistant `tool_calls` and `tool` messages in
-//! the history (see `tools.rs`). What slinfer does not implement (`n` > 1,
-//! ...) is refused with a 400 that names the parameter. Every error is
+//! the history (see `tools.rs`). `n` choices (up to 16) share one
+//! computation of the prompt. What slinfer does not implement (`best_of`,
+//! `echo`, ...) is refused with a 400 that names the parameter. Every error is
 //! `{"error": {"message", "type", "param", "code"}}`.
 
 mod embeddings;
@@ -122,10 +123,10 @@ fn start(kind: Kind, job: Job) -> Result<Response, ApiError> {
     }
     // Errors that come before the first token (overloaded, prompt too long)
     // are still the HTTP status of the answer, streamed or not.
-    let generation = llm::Request::new(&job.model, job.prompt)
+    let generations = llm::Request::new(&job.model, job.prompt)
         .params(job.params)
         .options(job.options.clone())
-        .start()
+        .start_choices(job.n)
         .map_err(|e| {
             // A schema or grammar the host refused: the parameter that gave it.
             let param = match (&e, job.constraint_param) {
@@ -154,9 +155,9 @@ fn start(kind: Kind, job: Job) -> Result<Response, ApiError> {
         tools: job.tools,
     };
     if job.stream {
-        Ok(reply.stream(generation, job.include_usage))
+        Ok(reply.stream(generations, job.include_usage))
     } else {
-        reply.whole(generation)
+        reply.whole(generations)
     }
 }
 
@@ -262,61 +263,70 @@ impl Reply {
         }
     }
 
-    /// The whole answer, once generation has finished.
-    fn whole(self, mut generation: Generation) -> Result<Response, ApiError> {
-        let mut text = String::new();
-        let mut tokens = Vec::new();
-        while let Some(chunk) = generation.next_chunk() {
-            let chunk = chunk.map_err(|e| ApiError::from_llm(e, self.kind.prompt_param()))?;
-            text.push_str(&chunk.text);
-            tokens.extend(chunk.tokens);
-        }
-        let usage = finished_usage(&generation)?;
-        let (mut finish, mut calls) = (finish_reason_name(usage.finish_reason), Vec::new());
-        if let Some(tools) = &self.tools {
-            let mut split = Splitter::new(tools);
-            let mut pieces = split.push(&text);
-            pieces.extend(split.finish());
-            text.clear();
-            for p in pieces {
-                match p {
-                    Piece::Text(t) => text.push_str(&t),
-                    Piece::Call(c) => calls.push(c.object()),
+    /// The whole answer, once every choice has finished.
+    fn whole(self, generations: Vec<Generation>) -> Result<Response, ApiError> {
+        let mut choices = Vec::with_capacity(generations.len());
+        let mut total: Option<Usage> = None;
+        for (index, mut generation) in generations.into_iter().enumerate() {
+            let mut text = String::new();
+            let mut tokens = Vec::new();
+            while let Some(chunk) = generation.next_chunk() {
+                let chunk = chunk.map_err(|e| ApiError::from_llm(e, self.kind.prompt_param()))?;
+                text.push_str(&chunk.text);
+                tokens.extend(chunk.tokens);
+            }
+            let usage = finished_usage(&generation)?;
+            let mut finish = finish_reason_name(usage.finish_reason);
+            let mut calls = Vec::new();
+            if let Some(tools) = &self.tools {
+                let mut split = Splitter::new(tools);
+                let mut pieces = split.push(&text);
+                pieces.extend(split.finish());
+                text.clear();
+                for p in pieces {
+                    match p {
+                        Piece::Text(t) => text.push_str(&t),
+                        Piece::Call(c) => calls.push(c.object()),
+                    }
+                }
+                if !calls.is_empty() && finish == "stop" {
+                    finish = "tool_calls";
                 }
             }
-            if !calls.is_empty() && finish == "stop" {
-                finish = "tool_calls";
-            }
-        }
-        let (object, member, content) = match self.kind {
-            Kind::Chat => {
-                let mut message = json!({"role": "assistant", "content": text, "refusal": null});
-                if !calls.is_empty() {
-                    message["content"] = Value::from((!text.is_empty()).then_some(text));
-                    message["tool_calls"] = calls.into();
+            let (member, content) = match self.kind {
+                Kind::Chat => {
+                    let mut message =
+                        json!({"role": "assistant", "content": text, "refusal": null});
+                    if !calls.is_empty() {
+                        message["content"] = Value::from((!text.is_empty()).then_some(text));
+                        message["tool_calls"] = calls.into();
+                    }
+                    ("message", message)
                 }
-                ("chat.completion", "message", message)
-            }
-            Kind::Completion => ("text_completion", "text", Value::from(text)),
+                Kind::Completion => ("text", Value::from(text)),
+            };
+            let mut c = choice(index, member, content, Some(finish));
+            c["logprobs"] = self.logprobs_object(&tokens, 0);
+            choices.push(c);
+            total = Some(add_usage(total, &usage));
+        }
+        let object = match self.kind {
+            Kind::Chat => "chat.completion",
+            Kind::Completion => "text_completion",
         };
-        let mut choice = choice(member, content, Some(finish));
-        choice["logprobs"] = self.logprobs_object(&tokens, 0);
-        let mut body = self.object(object, json!([choice]));
-        body["usage"] = usage_object(&usage);
+        let mut body = self.object(object, choices.into());
+        body["usage"] = total.as_ref().map(usage_object).unwrap_or(Value::Null);
         Ok(Response::json(200, body.to_string()))
     }
 
-    /// Server-Sent Events: chunks as the text is generated, a last chunk
-    /// with the finish reason, the usage chunk if asked for, `[DONE]`.
-    fn stream(self, mut generation: Generation, include_usage: bool) -> Response {
+    /// Server-Sent Events: chunks of every choice as their text is
+    /// generated (the choices take turns), a last chunk per choice with its
+    /// finish reason, the usage chunk if asked for, `[DONE]`.
+    fn stream(self, generations: Vec<Generation>, include_usage: bool) -> Response {
         Response::stream(200, move |w| {
-            let (object, member) = match self.kind {
-                Kind::Chat => ("chat.completion.chunk", "delta"),
-                Kind::Completion => ("text_completion", "text"),
-            };
-            let content = |text: &str| match self.kind {
-                Kind::Chat => json!({"content": text}),
-                Kind::Completion => Value::from(text),
+            let object = match self.kind {
+                Kind::Chat => "chat.completion.chunk",
+                Kind::Completion => "text_completion",
             };
             let chunk = |choices: Value, usage: Option<Value>| {
                 let mut c = self.object(object, choices);
@@ -325,78 +335,84 @@ impl Reply {
                 }
                 c
             };
+            let mut choices: Vec<Streamed> = generations
+                .into_iter()
+                .enumerate()
+                .map(|(index, generation)| Streamed {
+                    index,
+                    generation,
+                    split: self.tools.as_ref().map(Splitter::new),
+                    offset: 0,
+                    calls: 0,
+                })
+                .collect();
             if self.kind == Kind::Chat {
-                let role = json!({"role": "assistant", "content": ""});
-                event(w, &chunk(json!([choice(member, role, None)]), None))?;
+                for c in &choices {
+                    let role = json!({"role": "assistant", "content": ""});
+                    event(
+                        w,
+                        &chunk(json!([choice(c.index, "delta", role, None)]), None),
+                    )?;
+                }
             }
-            let mut offset = 0;
-            let mut split = self.tools.as_ref().map(Splitter::new);
-            let mut calls = 0;
-            // One event per piece of text or call, the chunk's
-            // log-probabilities with the first.
-            let mut send = |w: &mut BodyWriter, pieces: Vec<Piece>, tokens: &[TokenLogprobs]| {
-                let mut logprobs = self.logprobs_object(tokens, offset);
-                let mut deltas: Vec<Value> = pieces
-                    .into_iter()
-                    .map(|p| match p {
-                        Piece::Text(t) => {
-                            offset += t.len();
-                            content(&t)
+            let mut total: Option<Usage> = None;
+            let mut live: Vec<usize> = (0..choices.len()).collect();
+            while !live.is_empty() {
+                let mut still = Vec::with_capacity(live.len());
+                for i in live {
+                    let c = &mut choices[i];
+                    match c.generation.next_chunk() {
+                        Some(Ok(piece)) if piece.text.is_empty() && piece.tokens.is_empty() => {
+                            still.push(i)
                         }
-                        Piece::Call(c) => {
-                            let mut call = c.object();
-                            call["index"] = calls.into();
-                            calls += 1;
-                            json!({"tool_calls": [call]})
+                        Some(Ok(piece)) => {
+                            let pieces = match &mut c.split {
+                                Some(s) => s.push(&piece.text),
+                                None => vec![Piece::Text(piece.text)],
+                            };
+                            for e in c.events(&self, pieces, &piece.tokens) {
+                                event(w, &chunk(json!([e]), None))?;
+                            }
+                            still.push(i);
                         }
-                    })
-                    .collect();
-                if deltas.is_empty() && !tokens.is_empty() {
-                    deltas.push(content(""));
-                }
-                for delta in deltas {
-                    let mut choice = choice(member, delta, None);
-                    choice["logprobs"] = std::mem::take(&mut logprobs);
-                    event(w, &chunk(json!([choice]), None))?;
-                }
-                Ok::<_, slinfer_sdk::Error>(())
-            };
-            while let Some(piece) = generation.next_chunk() {
-                match piece {
-                    Ok(piece) if piece.text.is_empty() && piece.tokens.is_empty() => {}
-                    Ok(piece) => {
-                        let pieces = match &mut split {
-                            Some(s) => s.push(&piece.text),
-                            None => vec![Piece::Text(piece.text)],
-                        };
-                        send(w, pieces, &piece.tokens)?;
+                        // The status is sent: tell the client in the
+                        // stream, as OpenAI does, and end it without
+                        // `[DONE]`.
+                        Some(Err(e)) => {
+                            return event(
+                                w,
+                                &ApiError::from_llm(e, self.kind.prompt_param()).body(),
+                            );
+                        }
+                        None => {
+                            let usage = match finished_usage(&c.generation) {
+                                Ok(u) => u,
+                                Err(e) => return event(w, &e.body()),
+                            };
+                            if let Some(s) = c.split.take() {
+                                for e in c.events(&self, s.finish(), &[]) {
+                                    event(w, &chunk(json!([e]), None))?;
+                                }
+                            }
+                            let mut finish = finish_reason_name(usage.finish_reason);
+                            if c.calls > 0 && finish == "stop" {
+                                finish = "tool_calls";
+                            }
+                            let last = match self.kind {
+                                Kind::Chat => json!({}),
+                                Kind::Completion => Value::from(""),
+                            };
+                            let member = self.kind.stream_member();
+                            let done = choice(c.index, member, last, Some(finish));
+                            event(w, &chunk(json!([done]), None))?;
+                            total = Some(add_usage(total, &usage));
+                        }
                     }
-                    // The status is sent: tell the client in the stream, as
-                    // OpenAI does, and end it without `[DONE]`.
-                    Err(e) => {
-                        return event(w, &ApiError::from_llm(e, self.kind.prompt_param()).body());
-                    }
                 }
+                live = still;
             }
-            let usage = match finished_usage(&generation) {
-                Ok(u) => u,
-                Err(e) => return event(w, &e.body()),
-            };
-            if let Some(s) = split {
-                send(w, s.finish(), &[])?;
-            }
-            let mut finish = finish_reason_name(usage.finish_reason);
-            if calls > 0 && finish == "stop" {
-                finish = "tool_calls";
-            }
-            let last = match self.kind {
-                Kind::Chat => json!({}),
-                Kind::Completion => content(""),
-            };
-            let choice = choice(member, last, Some(finish));
-            event(w, &chunk(json!([choice]), None))?;
             if include_usage {
-                event(w, &chunk(json!([]), Some(usage_object(&usage))))?;
+                event(w, &chunk(json!([]), total.as_ref().map(usage_object)))?;
             }
             w.write(b"data: [DONE]\n\n")
         })
@@ -405,10 +421,73 @@ impl Reply {
     }
 }
 
-/// One choice whose `member` (`message`, `delta` or `text`) is `content`.
-fn choice(member: &str, content: Value, finish: Option<&str>) -> Value {
+/// One choice of a streamed answer.
+struct Streamed {
+    index: usize,
+    generation: Generation,
+    /// Text and tool calls apart, when tools are offered.
+    split: Option<Splitter>,
+    /// Bytes of text sent (completions' `text_offset`).
+    offset: usize,
+    /// Tool calls sent.
+    calls: usize,
+}
+
+impl Streamed {
+    /// The choice objects for `pieces` of text and calls, the chunk's
+    /// log-probabilities with the first (an empty delta carries them when
+    /// nothing else does).
+    fn events(
+        &mut self,
+        reply: &Reply,
+        pieces: Vec<Piece>,
+        tokens: &[TokenLogprobs],
+    ) -> Vec<Value> {
+        let mut logprobs = reply.logprobs_object(tokens, self.offset);
+        let mut deltas: Vec<Value> = pieces
+            .into_iter()
+            .map(|p| match p {
+                Piece::Text(t) => {
+                    self.offset += t.len();
+                    reply.kind.stream_content(&t)
+                }
+                Piece::Call(c) => {
+                    let mut call = c.object();
+                    call["index"] = self.calls.into();
+                    self.calls += 1;
+                    json!({"tool_calls": [call]})
+                }
+            })
+            .collect();
+        if deltas.is_empty() && !tokens.is_empty() {
+            deltas.push(reply.kind.stream_content(""));
+        }
+        deltas
+            .into_iter()
+            .map(|delta| {
+                let mut c = choice(self.index, reply.kind.stream_member(), delta, None);
+                c["logprobs"] = std::mem::take(&mut logprobs);
+                c
+            })
+            .collect()
+    }
+}
+
+/// Usage summed over choices: the prompt once, the completions added.
+fn add_usage(total: Option<Usage>, u: &Usage) -> Usage {
+    match total {
+        None => *u,
+        Some(t) => Usage {
+            generated_tokens: t.generated_tokens + u.generated_tokens,
+            ..t
+        },
+    }
+}
+
+/// Choice `index` whose `member` (`message`, `delta` or `text`) is `content`.
+fn choice(index: usize, member: &str, content: Value, finish: Option<&str>) -> Value {
     let mut c = json!({
-        "index": 0,
+        "index": index,
         "logprobs": null,
         "finish_reason": finish,
     });

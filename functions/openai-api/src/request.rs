@@ -15,6 +15,22 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The member of a streamed choice that holds its text.
+    pub fn stream_member(self) -> &'static str {
+        match self {
+            Kind::Chat => "delta",
+            Kind::Completion => "text",
+        }
+    }
+
+    /// A streamed choice's `text` as that member's value.
+    pub fn stream_content(self, text: &str) -> Value {
+        match self {
+            Kind::Chat => serde_json::json!({"content": text}),
+            Kind::Completion => Value::from(text),
+        }
+    }
+
     /// The parameter that holds the prompt.
     pub fn prompt_param(self) -> &'static str {
         match self {
@@ -37,6 +53,8 @@ pub struct Job {
     pub constraint_param: Option<&'static str>,
     /// The tools the model may call (chat).
     pub tools: Option<Tools>,
+    /// Choices to generate (`n`).
+    pub n: u32,
     pub stream: bool,
     pub include_usage: bool,
 }
@@ -52,7 +70,6 @@ type Neutral = fn(&Value) -> bool;
 /// Parameters slinfer does not implement, each accepted only at the value
 /// that turns it off.
 const UNSUPPORTED: &[(&str, Neutral)] = &[
-    ("n", |v| v.as_u64() == Some(1)),
     ("best_of", |v| v.as_u64() == Some(1)),
     ("echo", |v| v.as_bool() == Some(false)),
     ("suffix", |v| v.as_str() == Some("")),
@@ -66,6 +83,9 @@ const UNSUPPORTED: &[(&str, Neutral)] = &[
     ("web_search_options", |_| false),
     ("store", |v| v.as_bool() == Some(false)),
 ];
+
+/// Most choices per request (the host's limit; OpenAI's is 128).
+const MAX_CHOICES: i64 = 16;
 
 /// Most stop sequences a request may give (OpenAI's limit).
 const MAX_STOP: usize = 4;
@@ -181,6 +201,7 @@ impl Job {
                 format!("min_tokens ({min}) must not exceed max_tokens ({max})"),
             ));
         }
+        let n = f.int("n", 1, MAX_CHOICES)?.unwrap_or(1) as u32;
         let stream = f.bool("stream")?.unwrap_or(false);
         let include_usage = match f.take("stream_options") {
             None => false,
@@ -212,6 +233,7 @@ impl Job {
             options,
             constraint_param,
             tools,
+            n,
             stream,
             include_usage,
         })

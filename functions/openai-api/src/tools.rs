@@ -156,10 +156,6 @@ impl Tools {
     pub fn json(&self) -> String {
         Value::from(self.list.clone()).to_string()
     }
-
-    fn knows(&self, name: &str) -> bool {
-        self.list.iter().any(|t| t["function"]["name"] == name)
-    }
 }
 
 fn check_tool(i: usize, t: &Value) -> Result<(), ApiError> {
@@ -228,18 +224,23 @@ pub enum Piece {
 /// out at once except what may be the start of `<tool_call>`; a call when
 /// its `</tool_call>` arrives. A call that does not parse, or names no
 /// tool, stays text.
-pub struct Splitter<'a> {
-    tools: &'a Tools,
+pub struct Splitter {
+    /// The tools' names.
+    names: Vec<String>,
     buf: String,
     in_call: bool,
     /// Blanks after a call are not text.
     after_call: bool,
 }
 
-impl<'a> Splitter<'a> {
-    pub fn new(tools: &'a Tools) -> Self {
+impl Splitter {
+    pub fn new(tools: &Tools) -> Self {
         Splitter {
-            tools,
+            names: tools
+                .list
+                .iter()
+                .filter_map(|t| t["function"]["name"].as_str().map(str::to_owned))
+                .collect(),
             buf: String::new(),
             in_call: false,
             after_call: false,
@@ -305,7 +306,9 @@ impl<'a> Splitter<'a> {
 
     fn parse(&self, inner: &str) -> Option<Call> {
         let v: Value = serde_json::from_str(inner.trim()).ok()?;
-        let name = v["name"].as_str().filter(|n| self.tools.knows(n))?;
+        let name = v["name"]
+            .as_str()
+            .filter(|n| self.names.iter().any(|k| k == n))?;
         let arguments = match &v["arguments"] {
             Value::Null => "{}".to_owned(),
             // Some models write the arguments as a JSON string.
