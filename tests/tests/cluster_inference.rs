@@ -161,6 +161,45 @@ async fn a_function_on_a_member_without_engines_generates_on_another() {
     let v: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["usage"]["completion_tokens"], 5, "{v}");
+    // A constrained generation and embeddings cross members too (the
+    // constraint compiles on c; the vector comes back as a chunk).
+    let post = |path: &'static str, body: serde_json::Value| {
+        let url = format!("{}/fn/openai-api/v1/{path}", a.url);
+        async move {
+            let resp = client().post(url).json(&body).send().await.unwrap();
+            (
+                resp.status(),
+                resp.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+    let (status, v) = post(
+        "chat/completions",
+        serde_json::json!({
+            "model": DEFAULT_MODEL,
+            "messages": [{"role": "user", "content": "Pick a colour."}],
+            "max_tokens": 10,
+            "guided_choice": ["red", "green", "blue"],
+        }),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let colour = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(["red", "green", "blue"].contains(&colour), "{v}");
+    let (status, v) = post(
+        "embeddings",
+        serde_json::json!({
+            "model": DEFAULT_MODEL,
+            "input": ["one", "two"],
+        }),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        v["data"][1]["embedding"].as_array().map(Vec::len),
+        Some(576),
+        "{v}"
+    );
 
     // A model nobody serves is still "not found", from a.
     let resp = client()
