@@ -438,6 +438,15 @@ def check_tools(client, _args):
     assert deltas[0].function.name == "get_time", deltas
     assert isinstance(json.loads(deltas[0].function.arguments)["zone"], str), deltas
     assert chunks[-1].choices[0].finish_reason == "tool_calls", chunks[-1]
+    # `required` always yields arguments that parse and validate, sampled
+    # at temperature 1 too.
+    for seed in range(5):
+        r = client.chat.completions.create(model=MODEL, messages=msgs[:1], tools=TOOLS, max_tokens=100,
+                                           tool_choice="required", temperature=1, seed=seed)
+        calls = r.choices[0].message.tool_calls
+        assert calls and r.choices[0].finish_reason == "tool_calls", r.choices[0]
+        for call in calls:
+            jsonschema.validate(json.loads(call.function.arguments), schema[call.function.name])
     # `auto`: text, or calls that parse; never both broken.
     r = client.chat.completions.create(model=MODEL, messages=msgs[:1], tools=TOOLS, max_tokens=100,
                                        temperature=0)
@@ -533,12 +542,14 @@ def check_choices(client, _args):
     # Sampled with a seed: the choices differ, and the same seed gives the
     # same choices, whole or streamed.
     story = [{"role": "user", "content": "Tell me a story."}]
-    kw = dict(model=MODEL, messages=story, max_tokens=20, temperature=1.0, seed=11, n=3)
+    kw = dict(model=MODEL, messages=story, max_tokens=20, temperature=1.0, seed=11, n=4)
     whole = client.chat.completions.create(**kw)
     texts = [c.message.content for c in whole.choices]
     assert len(set(texts)) > 1, texts
-    streamed = ["", "", ""]
-    finished = [None, None, None]
+    again = client.chat.completions.create(**kw)
+    assert [c.message.content for c in again.choices] == texts, "n=4 with a seed is reproducible"
+    streamed = ["", "", "", ""]
+    finished = [None, None, None, None]
     for ch in client.chat.completions.create(stream=True, **kw):
         for c in ch.choices:
             streamed[c.index] += c.delta.content or ""

@@ -301,3 +301,62 @@ async fn greedy_answers_from_a_function_equal_genai_alone_and_stay_greedy_four_a
         .collect();
     reference::assert_greedy(&model, "four at once through the function", &answers);
 }
+
+/// KV blocks the server's instances hold now.
+async fn kv_blocks_in_use(s: &Server) -> u64 {
+    let status = slinfer_e2e::cluster::get_json(s, "/v1/status").await;
+    status["inference"]["models"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|m| m["instances"].as_array().cloned().unwrap_or_default())
+        .filter_map(|i| i["kv_blocks_in_use"].as_u64())
+        .sum()
+}
+
+/// KV blocks in use while a streamed request of `n` choices of a long
+/// prompt runs (read after its first chunks).
+async fn blocks_while_streaming(s: &Server, n: u32) -> u64 {
+    use futures::StreamExt;
+    let resp = client()
+        .post(format!("{}/fn/openai-api/v1/completions", s.url))
+        .json(&serde_json::json!({
+            "model": MODEL,
+            "prompt": "The lighthouse keeper counted the waves. ".repeat(60),
+            "max_tokens": 400,
+            "temperature": 1,
+            "seed": 5,
+            "ignore_eos": true,
+            "n": n,
+            "stream": true,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let mut seen = 0;
+    while seen < 4 * n as usize {
+        let chunk = body.next().await.expect("more chunks").unwrap();
+        seen += String::from_utf8_lossy(&chunk).matches("data: ").count();
+    }
+    let blocks = kv_blocks_in_use(s).await;
+    drop(body);
+    blocks
+}
+
+#[tokio::test]
+async fn four_choices_hold_their_prompts_kv_once() {
+    let s = Server::with_models();
+    s.deploy(&package("openai-api"));
+    let one = blocks_while_streaming(&s, 1).await;
+    let ok = slinfer_e2e::wait_for(std::time::Duration::from_secs(20), || async {
+        kv_blocks_in_use(&s).await == 0
+    })
+    .await;
+    assert!(ok.is_some(), "the first request's KV was not freed");
+    let four = blocks_while_streaming(&s, 4).await;
+    println!("KV blocks in use: one choice {one}, four choices {four}");
+    // Unshared, four choices would hold four prompts' blocks.
+    assert!(one > 4 && four < 2 * one, "one {one}, four {four}");
+}
