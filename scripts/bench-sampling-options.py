@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
 """What the sampling options of `openai-api` cost (BENCHMARKS.md, "Sampling
 options"): the same chat completions, 128 tokens each (`ignore_eos`, so every
-answer has the same length), plain and with log-probabilities (chosen only,
+answer has the same length), plain (greedy), sampled (temperature 0.8,
+top_p 0.95), with log-probabilities (chosen only,
 and with 20 alternatives), with penalties and a logit bias, and constrained
 to a JSON schema or a regular expression (each too long to end before 128
-tokens), at 1 and 8 concurrent streams. Modes take turns round by round so the machine's drift
-touches each alike; each figure is a ratio to `plain` from the same run.
+tokens), at 1 and 8 concurrent streams. Then `n=4` choices of one prompt
+against four separate requests for it at once, and embeddings per second one
+input per request against 16 inputs per request. Modes take turns round by
+round so the machine's drift touches each alike; each figure is a ratio to
+its baseline from the same run.
 
     scripts/bench-sampling-options.py BASE_URL [--rounds N]
 
@@ -26,6 +30,7 @@ MODEL = "smollm2-135m-instruct"
 TOKENS = 128
 MODES = {
     "plain": {},
+    "sampled": {"temperature": 0.8, "top_p": 0.95, "seed": 1},
     "logprobs": {"logprobs": True},
     "logprobs+top20": {"logprobs": True, "top_logprobs": 20},
     "penalties+bias": {"presence_penalty": 0.5, "frequency_penalty": 0.5, "logit_bias": {"42": -100}},
@@ -67,6 +72,45 @@ def tokens_per_s(url, extra, streams, round_):
     return streams * TOKENS / (time.perf_counter() - t0)
 
 
+def post(url, path, body):
+    req = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        return json.load(resp)
+
+
+# A prompt of ~400 tokens: what choices share.
+LONG = "The lighthouse keeper counted the waves and wrote each number down. " * 30
+
+
+def choices_s(url, n, separate, round_):
+    """Seconds for n continuations of LONG, as one request or as n at once."""
+    body = {"model": MODEL, "prompt": LONG, "max_tokens": TOKENS, "temperature": 1,
+            "ignore_eos": True, "seed": round_ * 100}
+    t0 = time.perf_counter()
+    if separate:
+        threads = [threading.Thread(target=post, args=(url, "/completions", {**body, "seed": body["seed"] + k}))
+                   for k in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    else:
+        r = post(url, "/completions", {**body, "n": n})
+        assert r["usage"]["completion_tokens"] == n * TOKENS, r["usage"]
+    return time.perf_counter() - t0
+
+
+def embeddings_s(url, batch, total, round_):
+    """Seconds to embed `total` inputs, `batch` per request."""
+    texts = [f"Sentence number {round_}-{i} about a lighthouse and the sea." for i in range(total)]
+    t0 = time.perf_counter()
+    for k in range(0, total, batch):
+        r = post(url, "/embeddings", {"model": MODEL, "input": texts[k:k + batch], "encoding_format": "base64"})
+        assert len(r["data"]) == len(texts[k:k + batch])
+    return time.perf_counter() - t0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("url")
@@ -85,6 +129,28 @@ def main():
         for mode in MODES:
             med = statistics.median(seen[mode])
             print(f"{mode:<16} {med:>9.1f} {med / base:>8.3f}x")
+    n = 4
+    seen = {"n=4": [], "4 requests": []}
+    for r in range(args.rounds):
+        seen["4 requests"].append(choices_s(args.url, n, True, r))
+        seen["n=4"].append(choices_s(args.url, n, False, r))
+    base = statistics.median(seen["4 requests"])
+    print(f"\n{n} continuations of a ~400-token prompt, {TOKENS} tokens each, median of {args.rounds} rounds")
+    print(f"{'as':<16} {'tokens/s':>9} {'vs 4 requests':>14}")
+    for mode in seen:
+        med = statistics.median(seen[mode])
+        print(f"{mode:<16} {n * TOKENS / med:>9.1f} {base / med:>13.3f}x")
+    total = 32
+    seen = {1: [], 16: []}
+    for r in range(args.rounds):
+        for batch in seen:
+            seen[batch].append(embeddings_s(args.url, batch, total, r))
+    base = statistics.median(seen[1])
+    print(f"\nembeddings of {total} short inputs, median of {args.rounds} rounds")
+    print(f"{'inputs/request':<16} {'inputs/s':>9} {'vs 1':>9}")
+    for batch in seen:
+        med = statistics.median(seen[batch])
+        print(f"{batch:<16} {total / med:>9.1f} {base / med:>8.3f}x")
 
 
 if __name__ == "__main__":
