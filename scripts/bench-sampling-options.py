@@ -111,46 +111,45 @@ def embeddings_s(url, batch, total, round_):
     return time.perf_counter() - t0
 
 
+def report(title, column, unit, seen, base, rate):
+    """The median of each mode's figures as a rate, and its ratio to `base`'s."""
+    print(f"\n{title}")
+    print(f"{column:<16} {unit:>9} {'vs ' + str(base):>14}")
+    b = rate(statistics.median(seen[base]))
+    for mode, figures in seen.items():
+        r = rate(statistics.median(figures))
+        print(f"{str(mode):<16} {r:>9.1f} {r / b:>13.3f}x")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("url")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
+    rounds = args.rounds
     print(f"CPU: {cpu_name()}")
     one(args.url, {}, 0)  # the instance loaded first
     for streams in (1, 8):
         seen = {m: [] for m in MODES}
-        for r in range(args.rounds):
+        for r in range(rounds):
             for mode, extra in MODES.items():
                 seen[mode].append(tokens_per_s(args.url, extra, streams, r))
-        base = statistics.median(seen["plain"])
-        print(f"\n{streams} stream(s), {TOKENS} tokens each, median of {args.rounds} rounds")
-        print(f"{'mode':<16} {'tokens/s':>9} {'vs plain':>9}")
-        for mode in MODES:
-            med = statistics.median(seen[mode])
-            print(f"{mode:<16} {med:>9.1f} {med / base:>8.3f}x")
+        report(f"{streams} stream(s), {TOKENS} tokens each, median of {rounds} rounds",
+               "mode", "tokens/s", seen, "plain", lambda x: x)
     n = 4
     seen = {"n=4": [], "4 requests": []}
-    for r in range(args.rounds):
+    for r in range(rounds):
         seen["4 requests"].append(choices_s(args.url, n, True, r))
         seen["n=4"].append(choices_s(args.url, n, False, r))
-    base = statistics.median(seen["4 requests"])
-    print(f"\n{n} continuations of a ~400-token prompt, {TOKENS} tokens each, median of {args.rounds} rounds")
-    print(f"{'as':<16} {'tokens/s':>9} {'vs 4 requests':>14}")
-    for mode in seen:
-        med = statistics.median(seen[mode])
-        print(f"{mode:<16} {n * TOKENS / med:>9.1f} {base / med:>13.3f}x")
+    report(f"{n} continuations of a ~400-token prompt, {TOKENS} tokens each, median of {rounds} rounds",
+           "as", "tokens/s", seen, "4 requests", lambda s: n * TOKENS / s)
     total = 32
     seen = {1: [], 16: []}
-    for r in range(args.rounds):
+    for r in range(rounds):
         for batch in seen:
             seen[batch].append(embeddings_s(args.url, batch, total, r))
-    base = statistics.median(seen[1])
-    print(f"\nembeddings of {total} short inputs, median of {args.rounds} rounds")
-    print(f"{'inputs/request':<16} {'inputs/s':>9} {'vs 1':>9}")
-    for batch in seen:
-        med = statistics.median(seen[batch])
-        print(f"{batch:<16} {total / med:>9.1f} {base / med:>8.3f}x")
+    report(f"embeddings of {total} short inputs, median of {rounds} rounds",
+           "inputs/request", "inputs/s", seen, 1, lambda s: total / s)
 
 
 if __name__ == "__main__":

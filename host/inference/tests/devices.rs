@@ -113,6 +113,14 @@ async fn collect(inf: &Inference, req: GenerateRequest) -> Result<(String, Usage
     Ok((text, s.usage()))
 }
 
+/// Asserts that `req` is refused as invalid, with a message that says `says`.
+async fn refused(inf: &Inference, req: GenerateRequest, says: &str) {
+    match collect(inf, req).await {
+        Err(InferenceError::InvalidParams(m)) => assert!(m.contains(says), "{m}"),
+        other => panic!("{says}: {other:?}"),
+    }
+}
+
 /// The model's greedy answer, decoded directly on the reference engine one
 /// token at a time.
 fn greedy(dir: &Path, model: &str, prompt: &str, n: usize) -> String {
@@ -862,10 +870,7 @@ async fn logprobs_are_the_log_softmax_of_the_engines_logits_and_a_logit_bias_ste
     ] {
         let mut req = request("tiny-a", "hi", 2);
         req.params.logit_bias = bias;
-        match collect(&inf, req).await {
-            Err(InferenceError::InvalidParams(m)) => assert!(m.contains(says), "{m}"),
-            other => panic!("{other:?}"),
-        }
+        refused(&inf, req, says).await;
     }
     let mut req = request("tiny-a", "hi", 2);
     req.params.logprobs = Some(21);
@@ -956,18 +961,12 @@ async fn a_constraint_keeps_every_sampled_output_inside_it_and_its_end_ends_the_
     ] {
         let mut req = request("tiny-a", "x", 3);
         req.params.constraint = Some(constraint);
-        match collect(&inf, req).await {
-            Err(InferenceError::InvalidParams(m)) => assert!(m.contains(says), "{m}"),
-            other => panic!("{says}: {other:?}"),
-        }
+        refused(&inf, req, says).await;
     }
     let mut req = request("tiny-a", "x", 3);
     req.params.constraint = Some(Constraint::Regex("a+".into()));
     req.params.min_tokens = Some(2);
-    match collect(&inf, req).await {
-        Err(InferenceError::InvalidParams(m)) => assert!(m.contains("constraint"), "{m}"),
-        other => panic!("{other:?}"),
-    }
+    refused(&inf, req, "constraint").await;
     quiet(&inf).await;
 }
 
@@ -1027,10 +1026,7 @@ async fn an_embedding_is_the_normalised_final_hidden_state_of_the_prompts_last_t
     let mut req = request("tiny-a", "x", 1);
     req.params.embed = true;
     req.params.constraint = Some(Constraint::Regex("a".into()));
-    match collect(&inf, req).await {
-        Err(InferenceError::InvalidParams(m)) => assert!(m.contains("embedding"), "{m}"),
-        other => panic!("{other:?}"),
-    }
+    refused(&inf, req, "embedding").await;
     quiet(&inf).await;
 }
 
