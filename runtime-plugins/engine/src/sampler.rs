@@ -130,20 +130,34 @@ fn lane_max(logits: &[f32], map: impl Fn(f32) -> f32) -> f32 {
 /// The position where `r × total` falls in the running sum of `w` (the
 /// last positive weight if rounding leaves it past the end); `None` when
 /// every weight is 0.
+///
+/// Blocks of 256 are summed (a loop that vectorises) and skipped whole
+/// until the one holding the target; only that block is walked one by one.
 fn pick(w: &[f32], total: f64, r: f64) -> Option<u32> {
+    const BLOCK: usize = 256;
     let target = r * total;
     let mut acc = 0.0;
     let mut last = None;
-    for (i, &x) in w.iter().enumerate() {
-        if x > 0.0 {
-            acc += f64::from(x);
-            last = Some(i as u32);
-            if target < acc {
-                return last;
+    for (b, block) in w.chunks(BLOCK).enumerate() {
+        let sum = f64::from(block.iter().sum::<f32>());
+        if sum > 0.0 {
+            if target >= acc + sum {
+                acc += sum;
+                last = block.iter().rposition(|&x| x > 0.0).map(|i| b * BLOCK + i);
+                continue;
+            }
+            for (i, &x) in block.iter().enumerate() {
+                if x > 0.0 {
+                    acc += f64::from(x);
+                    last = Some(b * BLOCK + i);
+                    if target < acc {
+                        return last.map(|i| i as u32);
+                    }
+                }
             }
         }
     }
-    last
+    last.map(|i| i as u32)
 }
 
 /// The tokens of `l` that can be in the top-`top_p` nucleus, most likely
@@ -215,17 +229,18 @@ impl Sampler {
             || !self.logit_bias.is_empty()
             || !seen.banned.is_empty()
             || seen.allowed.is_some();
-        if greedy && !adjusted {
-            return argmax(logits);
+        if !adjusted {
+            return match greedy {
+                true => argmax(logits),
+                false => self.draw(logits),
+            };
         }
         let mut l = logits.to_vec();
-        if adjusted {
-            self.adjust(&mut l, seen, repetition);
+        self.adjust(&mut l, seen, repetition);
+        match greedy {
+            true => argmax(&l),
+            false => self.draw(&l),
         }
-        if greedy {
-            return argmax(&l);
-        }
-        self.draw(&l)
     }
 
     /// A token drawn from the softmax of `l / temperature`, cut to the
