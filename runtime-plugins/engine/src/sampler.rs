@@ -127,37 +127,48 @@ fn lane_max(logits: &[f32], map: impl Fn(f32) -> f32) -> f32 {
         .fold(f32::NEG_INFINITY, |m, v| if v > m { v } else { m })
 }
 
-/// The position where `r × total` falls in the running sum of `w` (the
-/// last positive weight if rounding leaves it past the end); `None` when
-/// every weight is 0.
+/// The position where `r` times the sum of `w` falls in its running sum
+/// (the last positive weight if rounding leaves it past the end); `None`
+/// when every weight is 0.
 ///
-/// Blocks of 256 are summed (a loop that vectorises) and skipped whole
-/// until the one holding the target; only that block is walked one by one.
-fn pick(w: &[f32], total: f64, r: f64) -> Option<u32> {
+/// Blocks of 256 are summed once (a loop that vectorises): their total
+/// places the target, whole blocks before it are skipped, and only the one
+/// holding it is walked one by one.
+fn pick(w: &[f32], r: f64) -> Option<u32> {
     const BLOCK: usize = 256;
-    let target = r * total;
+    let sums: Vec<f64> = w
+        .chunks(BLOCK)
+        .map(|b| f64::from(b.iter().sum::<f32>()))
+        .collect();
+    let target = r * sums.iter().sum::<f64>();
     let mut acc = 0.0;
     let mut last = None;
-    for (b, block) in w.chunks(BLOCK).enumerate() {
-        let sum = f64::from(block.iter().sum::<f32>());
-        if sum > 0.0 {
-            if target >= acc + sum {
-                acc += sum;
-                last = block.iter().rposition(|&x| x > 0.0).map(|i| b * BLOCK + i);
-                continue;
-            }
-            for (i, &x) in block.iter().enumerate() {
-                if x > 0.0 {
-                    acc += f64::from(x);
-                    last = Some(b * BLOCK + i);
-                    if target < acc {
-                        return last.map(|i| i as u32);
-                    }
+    for ((b, block), &sum) in w.chunks(BLOCK).enumerate().zip(&sums) {
+        if sum <= 0.0 {
+            continue;
+        }
+        if target >= acc + sum {
+            acc += sum;
+            last = block.iter().rposition(|&x| x > 0.0).map(|i| b * BLOCK + i);
+            continue;
+        }
+        for (i, &x) in block.iter().enumerate() {
+            if x > 0.0 {
+                acc += f64::from(x);
+                last = Some(b * BLOCK + i);
+                if target < acc {
+                    break;
                 }
             }
         }
+        break;
     }
     last.map(|i| i as u32)
+}
+
+/// `v`, or -inf for NaN and ±inf (what a softmax leaves out).
+fn finite(v: f32) -> f32 {
+    if v.is_finite() { v } else { f32::NEG_INFINITY }
 }
 
 /// The tokens of `l` that can be in the top-`top_p` nucleus, most likely
@@ -251,7 +262,6 @@ impl Sampler {
     /// ([`nucleus_head`]).
     fn draw(&mut self, l: &[f32]) -> u32 {
         let p = self.params;
-        let finite = |v: f32| if v.is_finite() { v } else { f32::NEG_INFINITY };
         let max = lane_max(l, finite);
         if max == f32::NEG_INFINITY {
             return 0;
@@ -266,11 +276,7 @@ impl Sampler {
         let nucleus = p.top_p > 0.0 && p.top_p < 1.0;
         if p.top_k == 0 && !nucleus {
             let w: Vec<f32> = l.iter().map(|&v| weight(v)).collect();
-            let total: f64 = w
-                .chunks(1024)
-                .map(|c| f64::from(c.iter().sum::<f32>()))
-                .sum();
-            return pick(&w, total, self.rng.next_f64()).unwrap_or(0);
+            return pick(&w, self.rng.next_f64()).unwrap_or(0);
         }
         // Most likely first; ties to the lower id.
         let order = |a: &u32, b: &u32| {
@@ -294,7 +300,6 @@ impl Sampler {
             nucleus_head(l, (max, inv_t), p.top_p, &order, &weight)
         };
         let mut w: Vec<f32> = idx.iter().map(|&i| weight(l[i as usize])).collect();
-        let mut kept = total;
         if nucleus {
             // The smallest head whose share of `total` reaches top_p.
             let mut acc = 0.0;
@@ -308,9 +313,8 @@ impl Sampler {
             }
             w.truncate(keep);
             idx.truncate(keep);
-            kept = w.iter().map(|&x| f64::from(x)).sum();
         }
-        let k = pick(&w, kept, self.rng.next_f64()).unwrap_or(0);
+        let k = pick(&w, self.rng.next_f64()).unwrap_or(0);
         idx[k as usize]
     }
 
@@ -408,7 +412,6 @@ pub fn logprobs(logits: &[f32], token: u32, top: usize) -> Logprobs {
 /// cost ~9% of decode throughput at 8 streams with logprobs on.
 fn log_sum_exp(logits: &[f32]) -> f64 {
     const LANES: usize = 16;
-    let finite = |v: f32| if v.is_finite() { v } else { f32::NEG_INFINITY };
     let max = lane_max(logits, finite);
     if max == f32::NEG_INFINITY {
         return f64::NEG_INFINITY;
