@@ -167,11 +167,15 @@ fn new_id(kind: Kind) -> String {
         Kind::Chat => "chatcmpl",
         Kind::Completion => "cmpl",
     };
-    let hex: String = get_random_bytes(12)
+    format!("{prefix}-{}", random_hex())
+}
+
+/// 24 random hex digits (ids of answers and tool calls).
+fn random_hex() -> String {
+    get_random_bytes(12)
         .iter()
         .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("{prefix}-{hex}")
+        .collect()
 }
 
 fn now_s() -> u64 {

@@ -9,10 +9,8 @@
 //! `parameters` as the schema of its arguments, so they always parse;
 //! `auto` finds the calls in whatever the model wrote.
 
-use serde_json::{Value, json};
-use slinfer_sdk::bindings::wasi::random::random::get_random_bytes;
-
 use crate::error::ApiError;
+use serde_json::{Value, json};
 
 const OPEN: &str = "<tool_call>";
 const CLOSE: &str = "</tool_call>";
@@ -201,12 +199,8 @@ pub struct Call {
 impl Call {
     /// `{"id", "type", "function": {"name", "arguments"}}`.
     pub fn object(&self) -> Value {
-        let hex: String = get_random_bytes(12)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
         json!({
-            "id": format!("call_{hex}"),
+            "id": format!("call_{}", crate::random_hex()),
             "type": "function",
             "function": {"name": self.name, "arguments": self.arguments},
         })
