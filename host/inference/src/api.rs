@@ -250,6 +250,15 @@ impl GenerationParams {
         }
     }
 
+    /// The parameters of choice `i` of a request for several: the seed, if
+    /// any, moved on by `i`.
+    pub fn choice(&self, i: u32) -> GenerationParams {
+        GenerationParams {
+            seed: self.seed.map(|s| s.wrapping_add(u64::from(i))),
+            ..self.clone()
+        }
+    }
+
     /// The most tokens to generate.
     pub fn max_tokens(&self) -> u32 {
         self.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS)

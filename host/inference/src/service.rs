@@ -343,7 +343,12 @@ impl Inference {
         match self.remote.get() {
             Some(remote) if self.model(&req.model).is_err() => {
                 req.arrived.get_or_insert_with(Instant::now);
-                let choices = (0..n).map(|i| remote.generate(choice(&req, i)));
+                let choices = (0..n).map(|i| {
+                    remote.generate(GenerateRequest {
+                        params: req.params.choice(i),
+                        ..req.clone()
+                    })
+                });
                 futures::future::try_join_all(choices).await
             }
             _ => self.choices_here(req, n).await,
@@ -352,13 +357,12 @@ impl Inference {
 
     async fn choices_here(
         &self,
-        req: GenerateRequest,
+        mut req: GenerateRequest,
         n: u32,
     ) -> Result<Vec<GenerationStream>, InferenceError> {
         let (idx, m) = self.model(&req.model)?;
         req.params.check()?;
         req.params.check_tokens(m.vocab_size)?;
-        let mut req = req;
         if req.params.embed {
             // One step: the prompt's (the scheduler plans a 1-token answer).
             req.params.max_tokens = Some(1);
@@ -374,7 +378,7 @@ impl Inference {
         // on the blocking pool, never on an async worker.
         // So does compiling a constraint (the first one of a model builds
         // its token trie).
-        let (entry, text, params) = (m.clone(), req.prompt.clone(), req.params.clone());
+        let (entry, text, params) = (m.clone(), req.prompt, req.params.clone());
         let (prompt, constrained) = tokio::task::spawn_blocking(move || {
             let constrained = params.constraint.map(|c| entry.constrain(&c)).transpose()?;
             let text = match text {
@@ -417,7 +421,7 @@ impl Inference {
                 id,
                 m.clone(),
                 prompt.clone(),
-                &choice(&req, i).params,
+                &req.params.choice(i),
                 (arrived, (ttft, tpot)),
                 tx,
                 cancelled.clone(),
@@ -476,13 +480,6 @@ impl Drop for Inference {
             let _ = t.join();
         }
     }
-}
-
-/// Choice `i` of `req`: its seed, if any, moved on by `i`.
-fn choice(req: &GenerateRequest, i: u32) -> GenerateRequest {
-    let mut r = req.clone();
-    r.params.seed = r.params.seed.map(|s| s.wrapping_add(u64::from(i)));
-    r
 }
 
 fn slo(v: f64, default: f64, name: &str) -> Result<f64, InferenceError> {

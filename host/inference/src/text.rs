@@ -28,10 +28,12 @@ pub(crate) fn render_chat(
     env.add_template("chat", template).map_err(bad)?;
     let template = env.get_template("chat").map_err(bad)?;
     let tools = tools.map(parse_tools).transpose()?;
-    let mut messages = messages.to_vec();
+    // Copied only when the fallback prompt goes into them.
+    let mut messages = std::borrow::Cow::Borrowed(messages);
     let tools = match tools {
         Some(t) if !template.undeclared_variables(false).contains("tools") => {
             let prompt = tools_prompt(&t);
+            let messages = messages.to_mut();
             match messages.first_mut() {
                 Some(m) if m.role == "system" => m.content = format!("{}\n\n{prompt}", m.content),
                 _ => messages.insert(
@@ -81,7 +83,7 @@ fn parse_tools(tools: &str) -> Result<Vec<serde_json::Value>, InferenceError> {
 /// The system message that describes `tools` to a model whose chat
 /// template knows nothing of tools, and asks for each call in the
 /// `<tool_call>` form most tool-trained models use.
-pub(crate) fn tools_prompt(tools: &[serde_json::Value]) -> String {
+fn tools_prompt(tools: &[serde_json::Value]) -> String {
     let mut p = String::from(
         "You can call the following tools. Each is described by one JSON object per line:\n",
     );

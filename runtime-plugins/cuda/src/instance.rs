@@ -651,15 +651,20 @@ impl LlmInstance for CudaInstance {
         }
     }
     fn fork_sequence(&mut self, src: SeqId, dst: SeqId) -> Result<(), EngineError> {
-        let mut kv = self.kv.clone();
-        if let Some((from, to)) = kv.fork(src, dst)? {
-            for cache in self.k_cache.iter().chain(&self.v_cache) {
-                self.copy_block(cache.ptr(), from as usize, cache.ptr(), to as usize, 1)?;
-            }
-            self.synchronize()?;
+        let Some((from, to)) = self.kv.fork(src, dst)? else {
+            return Ok(());
+        };
+        let copied = self
+            .k_cache
+            .iter()
+            .chain(&self.v_cache)
+            .try_for_each(|c| self.copy_block(c.ptr(), from as usize, c.ptr(), to as usize, 1))
+            .and_then(|()| self.synchronize());
+        if copied.is_err() {
+            // Undo the fork: nothing changes on an error.
+            self.kv.free_sequence(dst)?;
         }
-        self.kv = kv;
-        Ok(())
+        copied
     }
     fn last_hidden(&mut self) -> Result<Vec<Vec<f32>>, EngineError> {
         let h = self.config.hidden_size;

@@ -330,15 +330,20 @@ impl OpenVinoInstance {
 
 impl LlmInstance for OpenVinoInstance {
     fn fork_sequence(&mut self, src: SeqId, dst: SeqId) -> Result<(), EngineError> {
-        let mut kv = self.kv.clone();
-        if let Some((from, to)) = kv.fork(src, dst)? {
-            for (c, t) in self.caches.iter().zip(&mut self.tensors) {
-                let data = t.get_raw_data_mut().map_err(|e| dev("cache data", e))?;
+        let Some((from, to)) = self.kv.fork(src, dst)? else {
+            return Ok(());
+        };
+        for (c, t) in self.caches.iter().zip(&mut self.tensors) {
+            let copied = t.get_raw_data_mut().map(|data| {
                 let (bb, f, to) = (c.block_bytes, from as usize, to as usize);
                 data.copy_within(f * bb..(f + 1) * bb, to * bb);
+            });
+            if let Err(e) = copied {
+                // Undo the fork: nothing changes on an error.
+                self.kv.free_sequence(dst)?;
+                return Err(dev("cache data", e));
             }
         }
-        self.kv = kv;
         Ok(())
     }
 
