@@ -177,6 +177,9 @@ impl Server {
             .args(args)
             // Inference is opt-in per test (`--models-dir`), not inherited.
             .env_remove("SLINFER_MODELS_DIR")
+            // The CPU engine whose answers the tests check against GenAI's
+            // (tests of the llama.cpp engine and of `auto` say so).
+            .env("SLINFER_CPU_ENGINE", "openvino")
             .env("SLINFER_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())

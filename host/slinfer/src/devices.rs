@@ -4,22 +4,26 @@
 //! and a `TensorBackend`.
 //!
 //! - `cpu`: the OpenVINO CPU engine, when `libopenvino_c` loads (from the
-//!   `openvino` wheel in the virtualenv); what it may hold is set by the
-//!   host memory budget (`slinfer_inference::MemoryBudget`), which it
-//!   shares with the functions.
+//!   `openvino` wheel in the virtualenv), or the llama.cpp engine (its
+//!   prebuilt library from npm), as `--cpu-engine` says; with `auto`, both
+//!   decode on the first imported model at start and the faster serves
+//!   ([`CpuEngine`]). What it may hold is set by the host memory budget
+//!   (`slinfer_inference::MemoryBudget`), which it shares with the functions.
 //! - `cuda:N`: each GPU the CUDA engine finds (driver, cuBLAS and NVRTC
 //!   present); its capacity is its free memory at start less a margin.
 //!
 //! The default (`all`) takes whatever is found: a missing CUDA library is
 //! one log line. Naming a device that is not there is an error at start.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::bail;
-use slinfer_engine::Backend;
+use slinfer_engine::package::{PackageKind, package_dirs};
 use slinfer_engine::tensor::TensorBackend;
+use slinfer_engine::{Backend, EngineError, LoadOptions, ModelSource, StepEntry};
 use slinfer_inference::{Device, gpu_capacity_bytes};
 
 /// One device `--devices` may name.
@@ -98,6 +102,199 @@ impl DeviceSelection {
     }
 }
 
+/// Which engine serves the CPU device (`serve --cpu-engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CpuEngine {
+    /// Both measured at start on the first imported model; the faster serves.
+    Auto,
+    Openvino,
+    LlamaCpp,
+}
+
+impl CpuEngine {
+    /// As `--cpu-engine` spells it.
+    fn name(self) -> &'static str {
+        match self {
+            CpuEngine::Auto => "auto",
+            CpuEngine::Openvino => "openvino",
+            CpuEngine::LlamaCpp => "llama-cpp",
+        }
+    }
+}
+
+/// How the CPU device is set up.
+#[derive(Debug, Clone)]
+pub struct CpuOptions {
+    pub engine: CpuEngine,
+    /// What OpenVINO computes in.
+    pub precision: slinfer_openvino::Precision,
+    /// The folder of llama.cpp's library (default `$SLINFER_LLAMA_CPP_DIR`).
+    pub llama_cpp_dir: Option<PathBuf>,
+}
+
+impl Default for CpuOptions {
+    fn default() -> Self {
+        CpuOptions {
+            engine: CpuEngine::Auto,
+            precision: Default::default(),
+            llama_cpp_dir: None,
+        }
+    }
+}
+
+/// Prompt tokens and decode steps of the start-up measurement.
+const MEASURE_PROMPT: usize = 64;
+const MEASURE_STEPS: usize = 16;
+/// Sequences of the batched half of the measurement.
+const MEASURE_BATCH: usize = 8;
+
+/// Decode tok/s of one engine on one model: one sequence, and
+/// [`MEASURE_BATCH`] together.
+#[derive(Debug, Clone, Copy)]
+struct Speed {
+    one: f64,
+    batched: f64,
+}
+
+impl Speed {
+    /// What `auto` compares: single-stream speed decides how many models
+    /// a CPU keeps within their TPOT, batched speed how a busy one fares;
+    /// the geometric mean weighs the two alike.
+    fn score(&self) -> f64 {
+        (self.one * self.batched).sqrt()
+    }
+}
+
+/// Loads the package on `backend` and times greedy-free decode steps (the
+/// logits are not read): [`MEASURE_STEPS`] steps of one sequence, then of
+/// [`MEASURE_BATCH`], each after a [`MEASURE_PROMPT`]-token prompt.
+fn measure(backend: &dyn Backend, package: &Path) -> Result<Speed, EngineError> {
+    let mut inst = backend.load(
+        &ModelSource::Package(package.to_path_buf()),
+        0,
+        &LoadOptions::default(),
+    )?;
+    let per_seq = (MEASURE_PROMPT + MEASURE_STEPS + 2).div_ceil(inst.block_size_tokens());
+    inst.resize_kv(per_seq * (MEASURE_BATCH + 1))?;
+    let vocab = inst.config().vocab_size as u32;
+    let prompt: Vec<u32> = (0..MEASURE_PROMPT as u32)
+        .map(|i| (i * 7919 + 13) % vocab)
+        .collect();
+    let mut run = |seqs: u64, first: u64| -> Result<f64, EngineError> {
+        let ids: Vec<u64> = (first..first + seqs).collect();
+        for &seq in &ids {
+            inst.add_sequence(seq)?;
+            inst.step(&[StepEntry {
+                seq,
+                tokens: prompt.clone(),
+            }])?;
+        }
+        // One step outside the timing (first-call allocations).
+        let batch = |t: u32| -> Vec<StepEntry> {
+            ids.iter()
+                .map(|&seq| StepEntry {
+                    seq,
+                    tokens: vec![t % vocab],
+                })
+                .collect()
+        };
+        inst.step(&batch(1))?;
+        let t = Instant::now();
+        for k in 0..MEASURE_STEPS as u32 {
+            inst.step(&batch(k + 2))?;
+        }
+        let secs = t.elapsed().as_secs_f64();
+        for &seq in &ids {
+            inst.free_sequence(seq)?;
+        }
+        Ok((seqs as usize * MEASURE_STEPS) as f64 / secs)
+    };
+    Ok(Speed {
+        one: run(1, 0)?,
+        batched: run(MEASURE_BATCH as u64, 1)?,
+    })
+}
+
+/// `auto`: the engine that decodes faster on the first imported model that
+/// both can load; OpenVINO when there is none or a measurement fails.
+fn choose(
+    openvino: slinfer_openvino::OpenVinoBackend,
+    llama: slinfer_llama_cpp::LlamaCppBackend,
+    models_dir: &Path,
+) -> Arc<dyn Backend> {
+    let packages = package_dirs(models_dir, PackageKind::Llm).unwrap_or_default();
+    let both = packages.iter().find(|dir| {
+        slinfer_engine::ModelPackage::open(dir)
+            .is_ok_and(|p| openvino.footprint(&p).is_ok() && llama.footprint(&p).is_ok())
+    });
+    let Some(package) = both else {
+        tracing::info!(
+            models_dir = %models_dir.display(),
+            "CPU engine: OpenVINO (no imported model to measure the engines on)"
+        );
+        return Arc::new(openvino);
+    };
+    match (measure(&openvino, package), measure(&llama, package)) {
+        (Ok(o), Ok(l)) => {
+            let pick_llama = l.score() > o.score();
+            tracing::info!(
+                model = %package.display(),
+                openvino_one = format!("{:.1}", o.one),
+                openvino_batched = format!("{:.1}", o.batched),
+                llama_cpp_one = format!("{:.1}", l.one),
+                llama_cpp_batched = format!("{:.1}", l.batched),
+                batch = MEASURE_BATCH,
+                chosen = if pick_llama { "llama.cpp" } else { "openvino" },
+                "CPU engine chosen by measured decode tok/s"
+            );
+            if pick_llama {
+                Arc::new(llama)
+            } else {
+                Arc::new(openvino)
+            }
+        }
+        (o, l) => {
+            let e = o
+                .err()
+                .or(l.err())
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            tracing::warn!("CPU engine: OpenVINO (measuring the engines failed: {e})");
+            Arc::new(openvino)
+        }
+    }
+}
+
+/// The CPU device's engine, as `cpu` asks.
+fn cpu_backend(
+    cpu: &CpuOptions,
+    openvino: Result<slinfer_openvino::OpenVinoBackend, EngineError>,
+    models_dir: &Path,
+) -> Result<Arc<dyn Backend>, EngineError> {
+    let llama = || {
+        slinfer_llama_cpp::LlamaCppBackend::new(&slinfer_llama_cpp::BackendOptions {
+            dir: cpu.llama_cpp_dir.clone(),
+            threads: None,
+        })
+    };
+    Ok(match cpu.engine {
+        CpuEngine::Openvino => Arc::new(openvino?),
+        CpuEngine::LlamaCpp => Arc::new(llama()?),
+        CpuEngine::Auto => match (openvino, llama()) {
+            (Ok(o), Ok(l)) => choose(o, l, models_dir),
+            (Ok(o), Err(e)) => {
+                tracing::info!("CPU engine: OpenVINO (no llama.cpp: {e})");
+                Arc::new(o)
+            }
+            (Err(e), Ok(l)) => {
+                tracing::info!("CPU engine: llama.cpp (no OpenVINO: {e})");
+                Arc::new(l)
+            }
+            (Err(e), Err(_)) => return Err(e),
+        },
+    })
+}
+
 /// The devices and the tensor engine (for `wasi:nn`) this host has.
 pub struct Discovered {
     pub devices: Vec<Device>,
@@ -105,17 +302,18 @@ pub struct Discovered {
 }
 
 /// Finds the devices `selection` asks for. `venv` holds the `openvino`
-/// wheel (default `$SLINFER_VENV`); the CPU engine computes in
-/// `cpu_precision`.
+/// wheel (default `$SLINFER_VENV`); `cpu` says which engine serves the CPU
+/// (`auto` measures them on the first package in `models_dir`).
 pub fn discover(
     selection: &DeviceSelection,
     venv: Option<&Path>,
-    cpu_precision: slinfer_openvino::Precision,
+    cpu: &CpuOptions,
+    models_dir: &Path,
 ) -> anyhow::Result<Discovered> {
     let mut devices = Vec::new();
     let openvino = slinfer_openvino::OpenVinoBackend::new(&slinfer_openvino::BackendOptions {
         venv: venv.map(Path::to_path_buf),
-        precision: cpu_precision,
+        precision: cpu.precision,
         ..Default::default()
     });
     // wasi:nn graphs run on OpenVINO whatever devices the scheduler has.
@@ -126,18 +324,22 @@ pub fn discover(
             .ok(),
         Err(_) => None,
     };
-    match (selection.wants_cpu(), openvino) {
-        (Some(_), Ok(b)) => devices.push(Device {
-            name: "cpu:0".into(),
-            kind: b.kind(),
-            backend: Arc::new(b),
-            index: 0,
-            // The host memory budget bounds it (see `InferenceConfig`).
-            capacity_bytes: u64::MAX,
-        }),
-        (Some(true), Err(e)) => bail!("--devices cpu: {e}"),
-        (Some(false), Err(e)) => tracing::warn!("no CPU device: {e}"),
-        (None, _) => {}
+    if let Some(named) = selection.wants_cpu() {
+        match cpu_backend(cpu, openvino, models_dir) {
+            Ok(backend) => devices.push(Device {
+                name: "cpu:0".into(),
+                kind: backend.kind(),
+                backend,
+                index: 0,
+                // The host memory budget bounds it (see `InferenceConfig`).
+                capacity_bytes: u64::MAX,
+            }),
+            Err(e) if cpu.engine != CpuEngine::Auto => {
+                bail!("--cpu-engine {}: {e}", cpu.engine.name())
+            }
+            Err(e) if named => bail!("--devices cpu: {e}"),
+            Err(e) => tracing::warn!("no CPU device: {e}"),
+        }
     }
     if let Some(wanted) = selection.wanted_gpus() {
         match slinfer_cuda::CudaBackend::new() {
@@ -216,10 +418,15 @@ mod tests {
             0
         };
         let sel = DeviceSelection::Only(vec![DeviceName::Cuda(n)]);
-        let e = discover(&sel, None, Default::default())
-            .err()
-            .expect("an error")
-            .to_string();
+        let e = discover(
+            &sel,
+            None,
+            &CpuOptions::default(),
+            Path::new("/nonexistent"),
+        )
+        .err()
+        .expect("an error")
+        .to_string();
         assert!(e.starts_with(&format!("--devices cuda:{n}: ")), "{e}");
     }
 }

@@ -33,8 +33,9 @@ pub struct ServeOptions {
     pub venv: Option<PathBuf>,
     /// The devices to serve models on (`--devices`).
     pub devices: DeviceSelection,
-    /// What the CPU engine computes in (`--cpu-precision`).
-    pub cpu_precision: slinfer_openvino::Precision,
+    /// Which engine serves the CPU and how (`--cpu-engine`, `--cpu-precision`,
+    /// `--llama-cpp-dir`).
+    pub cpu: crate::devices::CpuOptions,
     /// The connection cap and timeouts (see `connections`).
     pub connections: connections::ConnectionLimits,
     /// Who may read `/metrics`.
@@ -99,7 +100,12 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         bytes = memory.usage().total_bytes,
         "memory budget for functions and models on the CPU"
     );
-    let found = discover(&opts.devices, opts.venv.as_deref(), opts.cpu_precision)?;
+    let found = discover(
+        &opts.devices,
+        opts.venv.as_deref(),
+        &opts.cpu,
+        &opts.models_dir,
+    )?;
     let inference = start_inference(
         &opts.models_dir,
         found.devices,

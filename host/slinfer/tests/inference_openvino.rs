@@ -12,7 +12,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use slinfer::devices::{DeviceName, DeviceSelection, discover};
+use slinfer::devices::{CpuEngine, CpuOptions, DeviceName, DeviceSelection, discover};
 use slinfer_inference::{
     ChatMessage, FinishReason, GenerateRequest, GenerationParams, Inference, InferenceConfig,
     InferenceError, MemoryBudget, Prompt, Usage,
@@ -29,13 +29,22 @@ const PROMPTS: &[&str] = &["The capital of France is", "def fibonacci(n):"];
 
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// `--cpu-engine openvino`: the engine these tests check against GenAI.
+fn openvino() -> CpuOptions {
+    CpuOptions {
+        engine: CpuEngine::Openvino,
+        ..Default::default()
+    }
+}
+
 /// A service on the OpenVINO CPU device as `serve --devices cpu` finds it,
 /// the host memory budget bounding it as under `serve`.
 fn start() -> Arc<Inference> {
     let found = discover(
         &DeviceSelection::Only(vec![DeviceName::Cpu]),
         Some(&venv()),
-        Default::default(),
+        &openvino(),
+        &models_dir(),
     )
     .unwrap_or_else(|e| panic!("{e:#}: run ./dev test (it installs the openvino wheel)"));
     let config = InferenceConfig {
@@ -395,7 +404,8 @@ async fn more_requests_than_memory_admits_wait_or_are_refused_and_memory_holds()
     let mut found = discover(
         &DeviceSelection::Only(vec![DeviceName::Cpu]),
         Some(&venv()),
-        Default::default(),
+        &openvino(),
+        &models_dir(),
     )
     .unwrap();
     found.devices[0].capacity_bytes = u64::MAX;

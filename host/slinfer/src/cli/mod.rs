@@ -147,6 +147,17 @@ pub struct ServeArgs {
     /// decode speed").
     #[arg(long, env = "SLINFER_CPU_PRECISION", default_value_t = slinfer_openvino::Precision::default())]
     pub cpu_precision: slinfer_openvino::Precision,
+    /// The CPU's LLM engine: `openvino`, `llama-cpp` (llama.cpp's prebuilt
+    /// library, see --llama-cpp-dir), or `auto`: both measured at start on
+    /// the first imported model, decoding one sequence and eight, and the
+    /// faster (geometric mean of the two) serves (BENCHMARKS.md, "CPU
+    /// decode speed"). `wasi:nn` tensors run on OpenVINO whatever this is.
+    #[arg(long, env = "SLINFER_CPU_ENGINE", value_enum, default_value = "auto")]
+    pub cpu_engine: crate::devices::CpuEngine,
+    /// The folder of llama.cpp's `libllama.v0.5.0.so` (the npm package
+    /// `@node-llama-cpp/linux-x64` 3.22.1, which `./dev` installs).
+    #[arg(long, env = slinfer_llama_cpp::DIR_ENV)]
+    pub llama_cpp_dir: Option<PathBuf>,
     /// Open HTTP connections at most; beyond it a new one is answered 503
     /// (default: the open-files limit, raised to its hard limit, less 512).
     #[arg(long)]
@@ -233,7 +244,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 admin_token_file: a.admin_token_file,
                 venv: a.venv,
                 devices: a.devices,
-                cpu_precision: a.cpu_precision,
+                cpu: crate::devices::CpuOptions {
+                    engine: a.cpu_engine,
+                    precision: a.cpu_precision,
+                    llama_cpp_dir: a.llama_cpp_dir,
+                },
                 connections: crate::connections::ConnectionLimits {
                     max_connections: a
                         .max_connections

@@ -1,0 +1,278 @@
+//! `serve --cpu-engine`: the llama.cpp engine serving the default model end
+//! to end (its greedy answer is llama.cpp's own), `auto` measuring both
+//! engines at start and serving with the faster, and clear refusals.
+//!
+//! Needs what `./dev test` installs: the imported model, the project
+//! virtualenv, node and the npm install of node-llama-cpp
+//! (`scripts/llama-cpp`).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use slinfer_e2e::{Server, client, models_dir, package, repo_root, venv};
+
+const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
+
+fn llama_cpp_dir() -> PathBuf {
+    std::env::var_os("SLINFER_LLAMA_CPP_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            repo_root()
+                .join("scripts/llama-cpp/node_modules/@node-llama-cpp/linux-x64/bins/linux-x64")
+        })
+}
+
+/// A server with the imported models and the CPU engine `engine` (and the
+/// folder its data lives in while the test runs).
+fn serve(engine: &str) -> (Server, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = llama_cpp_dir();
+    let s = Server::start_with(
+        &tmp.path().join("data"),
+        &[
+            ("SLINFER_VENV", venv().to_str().unwrap()),
+            ("SLINFER_CPU_ENGINE", engine),
+            ("SLINFER_LLAMA_CPP_DIR", dir.to_str().unwrap()),
+        ],
+        &["--models-dir", models_dir().to_str().unwrap()],
+    );
+    (s, tmp)
+}
+
+async fn status(s: &Server) -> serde_json::Value {
+    client()
+        .get(format!("{}/v1/status", s.url))
+        .bearer_auth(&s.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// The CPU device's engine, once the scheduler's first snapshot is out.
+async fn backend(s: &Server) -> String {
+    for _ in 0..100 {
+        let v = status(s).await;
+        if let Some(b) = v["inference"]["devices"][0]["backend"].as_str() {
+            return b.to_owned();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("no CPU device: {}", status(s).await)
+}
+
+/// The text of the `data:` events of a `chat` reply.
+fn sse_text(body: &str) -> String {
+    body.split("\n\n")
+        .filter(|e| !e.lines().any(|l| l.starts_with("event: ")))
+        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(|d| {
+            let v: serde_json::Value = serde_json::from_str(d).unwrap();
+            v["text"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+/// llama.cpp's own greedy continuation of `text` (tokenized by llama.cpp).
+fn llama_cpp_reference(text: &str, tokens: usize) -> String {
+    let out = Command::new("node")
+        .arg(repo_root().join("scripts/llama-cpp/reference.mjs"))
+        .arg(models_dir().join(DEFAULT_MODEL).join("model.gguf"))
+        .arg(tokens.to_string())
+        .args(["--text", text])
+        .output()
+        .expect("node scripts/llama-cpp/reference.mjs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["text"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn llama_cpp_serves_chat_as_llama_cpp_answers_and_every_openai_feature() {
+    let (s, _tmp) = serve("llama-cpp");
+    assert_eq!(backend(&s).await, "llama.cpp");
+    s.deploy(&package("chat"));
+    s.deploy(&package("openai-api"));
+
+    // Greedy through HTTP, `chat`, the scheduler and the engine: the text
+    // llama.cpp itself writes after the same chat prompt (the model's
+    // template with its default system message).
+    let question = "What is the capital of France?";
+    let resp = client()
+        .post(format!("{}/fn/chat/?max_tokens=24&temperature=0", s.url))
+        .body(question)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let got = sse_text(&resp.text().await.unwrap());
+    let prompt = format!(
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging \
+         Face<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    );
+    assert_eq!(got, llama_cpp_reference(&prompt, 24));
+
+    let post = |path: &'static str, body: serde_json::Value| {
+        let url = format!("{}/fn/openai-api/v1/{path}", s.url);
+        async move {
+            let resp = client().post(url).json(&body).send().await.unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    // Several choices (their prompt's KV forked), a constraint, and
+    // embeddings: every path of the engine contract.
+    let (status, v) = post(
+        "chat/completions",
+        serde_json::json!({
+            "model": DEFAULT_MODEL,
+            "messages": [{"role": "user", "content": "Name a fruit."}],
+            "max_tokens": 8,
+            "n": 3,
+            "temperature": 1.0,
+            "seed": 7,
+        }),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"].as_array().map(Vec::len), Some(3), "{v}");
+    let (status, v) = post(
+        "chat/completions",
+        serde_json::json!({
+            "model": DEFAULT_MODEL,
+            "messages": [{"role": "user", "content": "Pick a colour."}],
+            "max_tokens": 10,
+            "guided_choice": ["red", "green", "blue"],
+        }),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let colour = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(["red", "green", "blue"].contains(&colour), "{v}");
+    let (status, v) = post(
+        "embeddings",
+        serde_json::json!({"model": DEFAULT_MODEL, "input": ["one", "two", "one"]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let vecs: Vec<Vec<f64>> = (0..3)
+        .map(|i| {
+            v["data"][i]["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
+        .collect();
+    assert_eq!(vecs[0].len(), 576);
+    assert!(vecs[0].iter().all(|x| x.is_finite()));
+    let cos = |a: &[f64], b: &[f64]| {
+        let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        let n = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        dot / (n(a) * n(b))
+    };
+    assert!(cos(&vecs[0], &vecs[2]) > 0.999, "the same input twice");
+    assert!(cos(&vecs[0], &vecs[1]) < 0.999, "different inputs");
+}
+
+#[tokio::test]
+async fn auto_measures_both_engines_and_serves_with_the_faster() {
+    let (s, _tmp) = serve("auto");
+    let found = backend(&s).await;
+    let log = s.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("CPU engine chosen by measured decode tok/s"))
+        .unwrap_or_else(|| panic!("no measurement in the log:\n{log}"));
+    let figure = |key: &str| -> f64 {
+        let at = line.find(&format!("{key}=")).unwrap() + key.len() + 1;
+        line[at..]
+            .trim_start_matches('"')
+            .split('"')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let openvino = (figure("openvino_one") * figure("openvino_batched")).sqrt();
+    let llama = (figure("llama_cpp_one") * figure("llama_cpp_batched")).sqrt();
+    assert!(openvino > 0.0 && llama > 0.0, "{line}");
+    let faster = if llama > openvino {
+        "llama.cpp"
+    } else {
+        "openvino"
+    };
+    assert_eq!(found, faster, "{line}");
+    assert!(line.contains(&format!("chosen=\"{faster}\"")), "{line}");
+}
+
+#[tokio::test]
+async fn auto_without_llama_cpp_serves_with_openvino() {
+    let empty = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start_with(
+        &tmp.path().join("data"),
+        &[
+            ("SLINFER_VENV", venv().to_str().unwrap()),
+            ("SLINFER_CPU_ENGINE", "auto"),
+            ("SLINFER_LLAMA_CPP_DIR", empty.path().to_str().unwrap()),
+        ],
+        &["--models-dir", models_dir().to_str().unwrap()],
+    );
+    assert_eq!(backend(&s).await, "openvino");
+    assert!(
+        s.log().contains("CPU engine: OpenVINO (no llama.cpp:"),
+        "{}",
+        s.log()
+    );
+}
+
+/// A forced engine that cannot load, or an engine that does not exist,
+/// stops the server at start with the reason.
+#[test]
+fn an_engine_that_cannot_serve_stops_the_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(slinfer_e2e::slinfer_bin())
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .arg("--data-dir")
+            .arg(tmp.path())
+            .env("SLINFER_VENV", venv())
+            .env_remove("SLINFER_CPU_ENGINE")
+            .env_remove("SLINFER_LLAMA_CPP_DIR")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&[
+        "--cpu-engine",
+        "llama-cpp",
+        "--llama-cpp-dir",
+        "/nonexistent",
+    ]);
+    assert!(
+        err.contains(
+            "--cpu-engine llama-cpp: backend unavailable: /nonexistent has no libllama.v0.5.0.so"
+        ),
+        "{err}"
+    );
+    let err = run(&["--cpu-engine", "llama-cpp"]);
+    assert!(
+        err.contains("--cpu-engine llama-cpp") && err.contains("set SLINFER_LLAMA_CPP_DIR"),
+        "{err}"
+    );
+    let err = run(&["--cpu-engine", "ggml"]);
+    assert!(
+        err.contains("invalid value 'ggml' for '--cpu-engine"),
+        "{err}"
+    );
+}
