@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """CPU inference benchmark, interleaved in one run (BENCHMARKS.md): slinfer's
 whole path (HTTP -> the `chat` Wasm function -> slinfer:llm -> scheduler ->
-OpenVINO engine) against OpenVINO GenAI and llama.cpp on the same model,
+CPU engine) against OpenVINO GenAI and llama.cpp on the same model,
 prompts and cores.
 
-    .venv/bin/python scripts/bench-inference.py URL MODEL_DIR [--tokens N] [--rounds R]
-        [--streams 1,4,8,16] [--genai-props JSON] [--threads T]
+    .venv/bin/python scripts/bench-inference.py LABEL=URL [LABEL=URL...] MODEL_DIR [--tokens N]
+        [--rounds R] [--streams 1,4,8,16] [--genai-props JSON] [--threads T]
 
-`./dev bench-llm` sets everything up and runs it. URL is a running slinfer
-with `chat` deployed; MODEL_DIR the imported model package (its
+`./dev bench-llm` sets everything up and runs it. Each URL is a running
+slinfer with `chat` deployed, measured as the side LABEL (`./dev bench-llm`
+runs two: `slinfer/openvino` and `slinfer/llama.cpp`, one per
+`--cpu-engine`); MODEL_DIR the imported model package (its
 `model.gguf` is what llama.cpp runs, its IR what GenAI runs). The other two
 run in helper processes held loaded for the whole run:
 scripts/models/bench_genai.py (`LLMPipeline` for one stream,
@@ -40,7 +42,7 @@ from pathlib import Path
 from benchlib import chat_stream, cpu_name
 
 PROMPT = "Write a long, detailed story about a dragon who learns to cook."
-SIDES = ("slinfer", "genai", "llama.cpp")
+ANCHORS = ("genai", "llama.cpp")
 
 
 def user_prompts(k: int) -> list:
@@ -104,7 +106,7 @@ def median_range(xs: list) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("url")
+    ap.add_argument("servers", nargs="+", metavar="LABEL=URL")
     ap.add_argument("model_dir", type=Path)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
@@ -113,6 +115,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     counts = [int(k) for k in args.streams.split(",")]
+    servers = dict(s.split("=", 1) for s in args.servers)
+    ours = tuple(servers)
+    sides = ours + ANCHORS
 
     import openvino_genai as ov_genai
 
@@ -123,12 +128,13 @@ def main() -> int:
     genai = Helper([sys.executable, str(here / "models/bench_genai.py"), str(args.model_dir), args.genai_props])
     llama = Helper(["node", str(here / "llama-cpp/anchor.mjs"), str(args.model_dir / "model.gguf"),
                     str(args.threads)])
-    runners = {
-        "slinfer": lambda k: slinfer(args.url, user_prompts(k), args.tokens),
+    runners = {label: (lambda k, url=url: slinfer(url, user_prompts(k), args.tokens))
+               for label, url in servers.items()}
+    runners |= {
         "genai": lambda k: genai.ask({"op": "streams", "prompts": templated[k], "tokens": args.tokens}),
         "llama.cpp": lambda k: llama.ask({"prompts": templated[k], "tokens": args.tokens}),
     }
-    for side in SIDES:  # warm-up: loads slinfer's instance, touches every path
+    for side in sides:  # warm-up: loads slinfer's instance, touches every path
         for k in counts:
             runners[side](k)
 
@@ -136,18 +142,20 @@ def main() -> int:
     print(f"GenAI properties: {genai.hello['props']}; llama.cpp: {llama.hello['version']['release']}, "
           f"{args.threads} threads; {args.tokens} tokens per stream, {args.rounds} rounds")
     print()
-    print("| round | streams | " + " | ".join(SIDES) + " | slinfer / llama.cpp | slinfer / GenAI |")
-    print("|---:|---:|" + "---:|" * (len(SIDES) + 2))
-    results = {(side, k): [] for side in SIDES for k in counts}
+    ratios = [(o, a) for o in ours for a in ANCHORS]
+    print("| round | streams | " + " | ".join(sides) + " | "
+          + " | ".join(f"{o} / {a}" for o, a in ratios) + " |")
+    print("|---:|---:|" + "---:|" * (len(sides) + len(ratios)))
+    results = {(side, k): [] for side in sides for k in counts}
     for r in range(args.rounds):
-        order = SIDES[r % len(SIDES):] + SIDES[:r % len(SIDES)]
+        order = sides[r % len(sides):] + sides[:r % len(sides)]
         for k in counts:
             got = {side: runners[side](k) for side in order}
-            for side in SIDES:
+            for side in sides:
                 results[side, k].append(got[side])
-            h = {side: headline(got[side]) for side in SIDES}
-            print(f"| {r + 1} | {k} | " + " | ".join(f"{h[s]:.1f}" for s in SIDES)
-                  + f" | {h['slinfer'] / h['llama.cpp']:.2f}x | {h['slinfer'] / h['genai']:.2f}x |", flush=True)
+            h = {side: headline(got[side]) for side in sides}
+            print(f"| {r + 1} | {k} | " + " | ".join(f"{h[s]:.1f}" for s in sides) + " | "
+                  + " | ".join(f"{h[o] / h[a]:.2f}x" for o, a in ratios) + " |", flush=True)
     genai.close()
     llama.close()
 
@@ -155,21 +163,21 @@ def main() -> int:
     print("Headline: decode tok/s of one stream; aggregate tok/s (prefill included) of several. "
           "Medians over the rounds; ratios paired within a round.")
     print()
-    print("| streams | slinfer | GenAI | llama.cpp | slinfer / llama.cpp | slinfer / GenAI "
-          "| TPOT p50 ms (slinfer / GenAI / llama.cpp) | TTFT p50 s (slinfer / GenAI / llama.cpp) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    names = " / ".join(sides)
+    print("| streams | " + " | ".join(sides) + " | " + " | ".join(f"{o} / {a}" for o, a in ratios)
+          + f" | TPOT p50 ms ({names}) | TTFT p50 s ({names}) |")
+    print("|---:|" + "---:|" * (len(sides) + len(ratios) + 2))
     for k in counts:
-        h = {side: [headline(x) for x in results[side, k]] for side in SIDES}
-        vs_llama = [a / b for a, b in zip(h["slinfer"], h["llama.cpp"])]
-        vs_genai = [a / b for a, b in zip(h["slinfer"], h["genai"])]
+        h = {side: [headline(x) for x in results[side, k]] for side in sides}
+        paired = [median_range([a / b for a, b in zip(h[o], h[a])]) for o, a in ratios]
         tpot = {side: statistics.median(1000 / decode_tok_s(s) for x in results[side, k] for s in x["streams"])
-                for side in SIDES}
+                for side in sides}
         ttft = {side: statistics.median(s["first"] for x in results[side, k] for s in x["streams"])
-                for side in SIDES}
-        print(f"| {k} | " + " | ".join(f"{statistics.median(h[s]):.1f}" for s in SIDES)
-              + f" | {median_range(vs_llama)} | {median_range(vs_genai)} | "
-              + " / ".join(f"{tpot[s]:.1f}" for s in SIDES) + " | "
-              + " / ".join(f"{ttft[s]:.3f}" for s in SIDES) + " |")
+                for side in sides}
+        print(f"| {k} | " + " | ".join(f"{statistics.median(h[s]):.1f}" for s in sides) + " | "
+              + " | ".join(paired) + " | "
+              + " / ".join(f"{tpot[s]:.1f}" for s in sides) + " | "
+              + " / ".join(f"{ttft[s]:.3f}" for s in sides) + " |")
     return 0
 
 
