@@ -117,6 +117,21 @@ pub struct Footprint {
 }
 
 impl Footprint {
+    /// Weights as large as `file` on disk (an engine that holds the file's
+    /// contents as they are) and the given KV bytes per token.
+    pub fn of_file(
+        file: &std::path::Path,
+        kv_bytes_per_token: u64,
+    ) -> Result<Footprint, EngineError> {
+        let weights_bytes = std::fs::metadata(file)
+            .map_err(|e| EngineError::io(file, e))?
+            .len();
+        Ok(Footprint {
+            weights_bytes,
+            kv_bytes_per_token,
+        })
+    }
+
     /// Weights and KV at the given bytes per element, from the model's shape.
     pub fn of_config(config: &ModelConfig, weight_bytes: u64, kv_bytes: usize) -> Footprint {
         Footprint {
@@ -136,6 +151,21 @@ pub struct DeviceInfo {
     pub name: String,
     pub total_bytes: u64,
     pub free_bytes: u64,
+}
+
+impl DeviceInfo {
+    /// The host's CPU as a CPU engine's one device, with memory as
+    /// `/proc/meminfo` reports it now.
+    pub fn host_cpu() -> DeviceInfo {
+        let m = HostMemory::read();
+        DeviceInfo {
+            index: 0,
+            kind: DeviceKind::Cpu,
+            name: "CPU".into(),
+            total_bytes: m.total_bytes,
+            free_bytes: m.available_bytes,
+        }
+    }
 }
 
 /// Where a model's weights come from.

@@ -170,14 +170,7 @@ impl Backend for LlamaCppBackend {
         DeviceKind::Cpu
     }
     fn devices(&self) -> Result<Vec<DeviceInfo>, EngineError> {
-        let m = HostMemory::read();
-        Ok(vec![DeviceInfo {
-            index: 0,
-            kind: DeviceKind::Cpu,
-            name: "CPU".into(),
-            total_bytes: m.total_bytes,
-            free_bytes: m.available_bytes,
-        }])
+        Ok(vec![DeviceInfo::host_cpu()])
     }
     fn used_bytes(&self, device: usize) -> Option<u64> {
         (device == 0).then(HostMemory::process_bytes)
@@ -185,17 +178,8 @@ impl Backend for LlamaCppBackend {
     /// The GGUF file (llama.cpp maps it and computes in its formats) and
     /// an f16 KV cache.
     fn footprint(&self, package: &ModelPackage) -> Result<Footprint, EngineError> {
-        let gguf = gguf_file(package)?;
-        let weights_bytes = std::fs::metadata(&gguf)
-            .map_err(|e| EngineError::Io {
-                path: gguf.clone(),
-                source: e,
-            })?
-            .len();
-        Ok(Footprint {
-            weights_bytes,
-            kv_bytes_per_token: package.manifest.config.kv_bytes_per_token(2),
-        })
+        let kv = package.manifest.config.kv_bytes_per_token(2);
+        Footprint::of_file(&gguf_file(package)?, kv)
     }
     fn load(
         &self,

@@ -383,14 +383,7 @@ impl Backend for OpenVinoBackend {
         DeviceKind::Cpu
     }
     fn devices(&self) -> Result<Vec<DeviceInfo>, EngineError> {
-        let m = HostMemory::read();
-        Ok(vec![DeviceInfo {
-            index: 0,
-            kind: DeviceKind::Cpu,
-            name: "CPU".into(),
-            total_bytes: m.total_bytes,
-            free_bytes: m.available_bytes,
-        }])
+        Ok(vec![DeviceInfo::host_cpu()])
     }
     /// The IR's weights file, and the package's f16 KV figure: the compiled
     /// u8 cache with its quantisation parameters is smaller (the instance
@@ -402,17 +395,7 @@ impl Backend for OpenVinoBackend {
         (device == 0).then(HostMemory::process_bytes)
     }
     fn footprint(&self, package: &ModelPackage) -> Result<Footprint, EngineError> {
-        let bin = ir_files(package)?.1;
-        let weights_bytes = std::fs::metadata(&bin)
-            .map_err(|e| EngineError::Io {
-                path: bin.clone(),
-                source: e,
-            })?
-            .len();
-        Ok(Footprint {
-            weights_bytes,
-            kv_bytes_per_token: package.manifest.kv_bytes_per_token,
-        })
+        Footprint::of_file(&ir_files(package)?.1, package.manifest.kv_bytes_per_token)
     }
     fn load(
         &self,
