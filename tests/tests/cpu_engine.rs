@@ -22,9 +22,9 @@ fn llama_cpp_dir() -> PathBuf {
         })
 }
 
-/// A server with the imported models and the CPU engine `engine` (and the
-/// folder its data lives in while the test runs).
-fn serve(engine: &str) -> (Server, tempfile::TempDir) {
+/// A server with the imported models, the CPU engine `engine` and `args`
+/// (and the folder its data lives in while the test runs).
+fn serve(engine: &str, args: &[&str]) -> (Server, tempfile::TempDir) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = llama_cpp_dir();
     let s = Server::start_with(
@@ -34,7 +34,7 @@ fn serve(engine: &str) -> (Server, tempfile::TempDir) {
             ("SLINFER_CPU_ENGINE", engine),
             ("SLINFER_LLAMA_CPP_DIR", dir.to_str().unwrap()),
         ],
-        &["--models-dir", models_dir().to_str().unwrap()],
+        &[&["--models-dir", models_dir().to_str().unwrap()], args].concat(),
     );
     (s, tmp)
 }
@@ -95,8 +95,15 @@ fn llama_cpp_reference(text: &str, tokens: usize) -> String {
 
 #[tokio::test]
 async fn llama_cpp_serves_chat_as_llama_cpp_answers_and_every_openai_feature() {
-    let (s, _tmp) = serve("llama-cpp");
+    // One thread per step: the answer is the same, and these tests share
+    // the cores with others.
+    let (s, _tmp) = serve("llama-cpp", &["--llama-cpp-threads", "1"]);
     assert_eq!(backend(&s).await, "llama.cpp");
+    assert!(
+        s.log().contains("llama.cpp engine loaded") && s.log().contains("threads=1"),
+        "{}",
+        s.log()
+    );
     s.deploy(&package("chat"));
     s.deploy(&package("openai-api"));
 
@@ -184,7 +191,7 @@ async fn llama_cpp_serves_chat_as_llama_cpp_answers_and_every_openai_feature() {
 
 #[tokio::test]
 async fn auto_measures_both_engines_and_serves_with_the_faster() {
-    let (s, _tmp) = serve("auto");
+    let (s, _tmp) = serve("auto", &[]);
     let found = backend(&s).await;
     let log = s.log();
     let line = log
@@ -268,6 +275,11 @@ fn an_engine_that_cannot_serve_stops_the_server() {
     let err = run(&["--cpu-engine", "llama-cpp"]);
     assert!(
         err.contains("--cpu-engine llama-cpp") && err.contains("set SLINFER_LLAMA_CPP_DIR"),
+        "{err}"
+    );
+    let err = run(&["--llama-cpp-threads", "0"]);
+    assert!(
+        err.contains("invalid value '0' for '--llama-cpp-threads"),
         "{err}"
     );
     let err = run(&["--cpu-engine", "ggml"]);

@@ -130,6 +130,8 @@ pub struct CpuOptions {
     pub precision: slinfer_openvino::Precision,
     /// The folder of llama.cpp's library (default `$SLINFER_LLAMA_CPP_DIR`).
     pub llama_cpp_dir: Option<PathBuf>,
+    /// Threads of a llama.cpp step (default: one per core).
+    pub llama_cpp_threads: Option<usize>,
 }
 
 impl Default for CpuOptions {
@@ -138,6 +140,7 @@ impl Default for CpuOptions {
             engine: CpuEngine::Auto,
             precision: Default::default(),
             llama_cpp_dir: None,
+            llama_cpp_threads: None,
         }
     }
 }
@@ -274,7 +277,7 @@ fn cpu_backend(
     let llama = || {
         slinfer_llama_cpp::LlamaCppBackend::new(&slinfer_llama_cpp::BackendOptions {
             dir: cpu.llama_cpp_dir.clone(),
-            threads: None,
+            threads: cpu.llama_cpp_threads,
         })
     };
     Ok(match cpu.engine {

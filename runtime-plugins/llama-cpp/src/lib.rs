@@ -86,10 +86,12 @@ impl LlamaCppBackend {
         let threads = options.threads.unwrap_or_else(|| {
             std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
         });
+        let threads = threads.max(1);
+        tracing::info!(dir = %dir.display(), threads, "llama.cpp engine loaded");
         Ok(LlamaCppBackend {
             api: Arc::new(api),
             dir,
-            threads: threads.max(1),
+            threads,
         })
     }
 

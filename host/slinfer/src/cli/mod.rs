@@ -158,6 +158,12 @@ pub struct ServeArgs {
     /// `@node-llama-cpp/linux-x64` 3.22.1, which `./dev` installs).
     #[arg(long, env = slinfer_llama_cpp::DIR_ENV)]
     pub llama_cpp_dir: Option<PathBuf>,
+    /// Threads of each llama.cpp step (default: one per core). ggml's
+    /// threads wait for each other by spinning, so on a host whose cores
+    /// other work keeps busy, fewer threads than cores decode faster
+    /// (BENCHMARKS.md: 108.7 against 21.7 tok/s with one of two cores busy).
+    #[arg(long, env = "SLINFER_LLAMA_CPP_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub llama_cpp_threads: Option<u16>,
     /// Open HTTP connections at most; beyond it a new one is answered 503
     /// (default: the open-files limit, raised to its hard limit, less 512).
     #[arg(long)]
@@ -248,6 +254,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     engine: a.cpu_engine,
                     precision: a.cpu_precision,
                     llama_cpp_dir: a.llama_cpp_dir,
+                    llama_cpp_threads: a.llama_cpp_threads.map(usize::from),
                 },
                 connections: crate::connections::ConnectionLimits {
                     max_connections: a
