@@ -322,16 +322,13 @@ pub trait Backend: Send + Sync {
     ) -> Result<Box<dyn LlmInstance>, EngineError>;
 }
 
-/// The [`LlmInstance`] methods that only read or update the sequence
-/// bookkeeping, written once for every backend whose instance keeps a
-/// [`KvManager`] in the named field. Invoke it inside the `impl LlmInstance`
-/// block: `slinfer_engine::delegate_kv_bookkeeping!(kv);`.
-///
-/// A macro rather than provided trait methods over a `kv_mut()` accessor: the
-/// trait is what the host holds, and a public `&mut KvManager` would let a
-/// caller grow the block tables past the device caches behind them.
+/// The [`LlmInstance`] methods that only read the sequence bookkeeping,
+/// for a backend whose instance keeps a [`KvManager`] in the named field
+/// but adds and frees sequences itself (the llama.cpp engine names them in
+/// its own cache too). Invoke it inside the `impl LlmInstance` block:
+/// `slinfer_engine::delegate_kv_reads!(kv);`.
 #[macro_export]
-macro_rules! delegate_kv_bookkeeping {
+macro_rules! delegate_kv_reads {
     ($kv:ident) => {
         fn kv_capacity_blocks(&self) -> usize {
             self.$kv.capacity_blocks()
@@ -339,17 +336,33 @@ macro_rules! delegate_kv_bookkeeping {
         fn kv_blocks_in_use(&self) -> usize {
             self.$kv.used_blocks()
         }
-        fn add_sequence(&mut self, seq: $crate::SeqId) -> Result<(), $crate::EngineError> {
-            self.$kv.add_sequence(seq)
-        }
-        fn free_sequence(&mut self, seq: $crate::SeqId) -> Result<(), $crate::EngineError> {
-            self.$kv.free_sequence(seq)
-        }
         fn sequence_len(&self, seq: $crate::SeqId) -> Option<usize> {
             self.$kv.sequence_len(seq)
         }
         fn blocks_needed(&self, batch: &[$crate::StepEntry]) -> Result<usize, $crate::EngineError> {
             self.$kv.blocks_needed(batch)
+        }
+    };
+}
+
+/// The [`LlmInstance`] methods that only read or update the sequence
+/// bookkeeping, written once for every backend whose instance keeps a
+/// [`KvManager`] in the named field: [`delegate_kv_reads!`] and adding and
+/// freeing sequences. Invoke it inside the `impl LlmInstance` block:
+/// `slinfer_engine::delegate_kv_bookkeeping!(kv);`.
+///
+/// A macro rather than provided trait methods over a `kv_mut()` accessor: the
+/// trait is what the host holds, and a public `&mut KvManager` would let a
+/// caller grow the block tables past the device caches behind them.
+#[macro_export]
+macro_rules! delegate_kv_bookkeeping {
+    ($kv:ident) => {
+        $crate::delegate_kv_reads!($kv);
+        fn add_sequence(&mut self, seq: $crate::SeqId) -> Result<(), $crate::EngineError> {
+            self.$kv.add_sequence(seq)
+        }
+        fn free_sequence(&mut self, seq: $crate::SeqId) -> Result<(), $crate::EngineError> {
+            self.$kv.free_sequence(seq)
         }
     };
 }

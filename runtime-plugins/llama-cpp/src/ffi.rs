@@ -88,8 +88,10 @@ pub struct ContextParams {
     pub ctx_other: *mut c_void,
 }
 
-/// `struct llama_batch`, allocated by `llama_batch_init`.
+/// `struct llama_batch`, allocated by `llama_batch_init` (passed by value,
+/// its arrays borrowed).
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct Batch {
     pub n_tokens: i32,
     pub token: *mut Token,

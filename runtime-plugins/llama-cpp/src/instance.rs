@@ -26,13 +26,6 @@ const DECODE_TOKENS: usize = 512;
 /// llama.cpp rounds a context's cells up to a multiple of this.
 const CTX_PAD: usize = 256;
 
-/// The context parameters of every context of an instance.
-#[derive(Clone, Copy)]
-pub(crate) struct ContextSettings {
-    pub threads: i32,
-    pub flash_attention: bool,
-}
-
 /// A loaded model (freed on drop).
 pub(crate) struct ModelHandle {
     pub api: Arc<Api>,
@@ -68,20 +61,8 @@ struct BatchBuf {
 
 impl Drop for BatchBuf {
     fn drop(&mut self) {
-        let raw = std::mem::replace(
-            &mut self.raw,
-            ffi::Batch {
-                n_tokens: 0,
-                token: std::ptr::null_mut(),
-                embd: std::ptr::null_mut(),
-                pos: std::ptr::null_mut(),
-                n_seq_id: std::ptr::null_mut(),
-                seq_id: std::ptr::null_mut(),
-                logits: std::ptr::null_mut(),
-            },
-        );
         // SAFETY: `raw` came from `llama_batch_init` and is freed once.
-        unsafe { (self.api.batch_free)(raw) }
+        unsafe { (self.api.batch_free)(self.raw) }
     }
 }
 
@@ -91,7 +72,8 @@ pub struct LlamaCppInstance {
     ctx: ContextHandle,
     model: ModelHandle,
     api: Arc<Api>,
-    settings: ContextSettings,
+    /// Threads of each step.
+    threads: i32,
     config: ModelConfig,
     kv: KvManager,
     block_size: usize,
@@ -116,12 +98,12 @@ impl LlamaCppInstance {
         api: Arc<Api>,
         model: ModelHandle,
         config: ModelConfig,
-        settings: ContextSettings,
+        threads: i32,
         block_size: usize,
         initial_blocks: usize,
     ) -> Result<Self, EngineError> {
         let kv_bytes_per_token = config.kv_bytes_per_token(2);
-        let ctx = new_context(&api, &model, settings, initial_blocks * block_size)?;
+        let ctx = new_context(&api, &model, threads, initial_blocks * block_size)?;
         // SAFETY: plain allocation of the batch arrays.
         let raw = unsafe { (api.batch_init)(DECODE_TOKENS as i32, 0, 1) };
         if raw.token.is_null() {
@@ -140,7 +122,7 @@ impl LlamaCppInstance {
             ctx,
             model,
             api,
-            settings,
+            threads,
             kv: KvManager::new(block_size, initial_blocks, config.context_length_tokens),
             config,
             block_size,
@@ -185,22 +167,8 @@ impl LlamaCppInstance {
 
     /// `llama_decode` of the batch buffer as filled.
     fn decode(&mut self) -> Result<(), EngineError> {
-        let b = &self.batch.raw;
         // SAFETY: the batch is filled up to `n_tokens`; the context is live.
-        let rc = unsafe {
-            (self.api.decode)(
-                self.ctx.ptr,
-                ffi::Batch {
-                    n_tokens: b.n_tokens,
-                    token: b.token,
-                    embd: b.embd,
-                    pos: b.pos,
-                    n_seq_id: b.n_seq_id,
-                    seq_id: b.seq_id,
-                    logits: b.logits,
-                },
-            )
-        };
+        let rc = unsafe { (self.api.decode)(self.ctx.ptr, self.batch.raw) };
         if rc == 0 {
             Ok(())
         } else {
@@ -262,7 +230,7 @@ impl LlamaCppInstance {
 fn new_context(
     api: &Arc<Api>,
     model: &ModelHandle,
-    settings: ContextSettings,
+    threads: i32,
     tokens: usize,
 ) -> Result<ContextHandle, EngineError> {
     // SAFETY: returns a plain struct.
@@ -273,14 +241,11 @@ fn new_context(
     p.n_ubatch = DECODE_TOKENS as u32;
     p.n_seq_max = ffi::MAX_SEQ as u32;
     p.n_outputs_max_per_seq = DECODE_TOKENS as u32;
-    p.n_threads = settings.threads;
-    p.n_threads_batch = settings.threads;
+    p.n_threads = threads;
+    p.n_threads_batch = threads;
     p.pooling_type = ffi::POOLING_NONE;
-    p.flash_attn_type = if settings.flash_attention {
-        ffi::FLASH_ATTN_ENABLED
-    } else {
-        0
-    };
+    // Faster at every batch size measured (BENCHMARKS.md).
+    p.flash_attn_type = ffi::FLASH_ATTN_ENABLED;
     p.kv_unified = true;
     p.no_perf = true;
     // SAFETY: `model.ptr` is a loaded model; the params are this release's.
@@ -310,18 +275,7 @@ impl LlmInstance for LlamaCppInstance {
     fn weight_bytes(&self) -> u64 {
         self.weight_bytes
     }
-    fn kv_capacity_blocks(&self) -> usize {
-        self.kv.capacity_blocks()
-    }
-    fn kv_blocks_in_use(&self) -> usize {
-        self.kv.used_blocks()
-    }
-    fn sequence_len(&self, seq: SeqId) -> Option<usize> {
-        self.kv.sequence_len(seq)
-    }
-    fn blocks_needed(&self, batch: &[StepEntry]) -> Result<usize, EngineError> {
-        self.kv.blocks_needed(batch)
-    }
+    slinfer_engine::delegate_kv_reads!(kv);
 
     fn add_sequence(&mut self, seq: SeqId) -> Result<(), EngineError> {
         self.kv.add_sequence(seq)?;
@@ -378,7 +332,7 @@ impl LlmInstance for LlamaCppInstance {
             self.kv = kv;
             return Ok(());
         }
-        let fresh = new_context(&self.api, &self.model, self.settings, cells)?;
+        let fresh = new_context(&self.api, &self.model, self.threads, cells)?;
         for &slot in self.slots.values() {
             // SAFETY: both contexts are live; the buffer is as large as
             // llama.cpp says the sequence's state is.

@@ -143,10 +143,7 @@ impl LlamaCppBackend {
             self.api.clone(),
             model,
             config,
-            instance::ContextSettings {
-                threads: self.threads as i32,
-                flash_attention: true,
-            },
+            self.threads as i32,
             block_size,
             options.initial_kv_blocks,
         )
