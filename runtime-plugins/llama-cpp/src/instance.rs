@@ -59,6 +59,24 @@ struct BatchBuf {
     raw: ffi::Batch,
 }
 
+impl BatchBuf {
+    /// Token `i` of the batch: `token` at `pos` of llama.cpp sequence
+    /// `slot`, its logits (or hidden state) read after the call if `output`.
+    fn set(&mut self, i: usize, token: i32, pos: i32, slot: i32, output: bool) {
+        assert!(i < DECODE_TOKENS, "batch index {i}");
+        let b = &mut self.raw;
+        // SAFETY: `i` < DECODE_TOKENS, the capacity `llama_batch_init` gave
+        // each array (and one sequence id per token).
+        unsafe {
+            *b.token.add(i) = token;
+            *b.pos.add(i) = pos;
+            *b.n_seq_id.add(i) = 1;
+            **b.seq_id.add(i) = slot;
+            *b.logits.add(i) = output as i8;
+        }
+    }
+}
+
 impl Drop for BatchBuf {
     fn drop(&mut self) {
         // SAFETY: `raw` came from `llama_batch_init` and is freed once.
@@ -190,18 +208,15 @@ impl LlamaCppInstance {
         self.last_rows.clear();
         for start in (0..plan.num_tokens()).step_by(DECODE_TOKENS) {
             let end = (start + DECODE_TOKENS).min(plan.num_tokens());
-            let b = &mut self.batch.raw;
-            b.n_tokens = (end - start) as i32;
+            self.batch.raw.n_tokens = (end - start) as i32;
             for (i, row) in (start..end).enumerate() {
-                // SAFETY: `i` < DECODE_TOKENS, the capacity `llama_batch_init`
-                // gave each array (and one sequence id per token).
-                unsafe {
-                    *b.token.add(i) = plan.token_ids[row] as i32;
-                    *b.pos.add(i) = plan.positions[row];
-                    *b.n_seq_id.add(i) = 1;
-                    **b.seq_id.add(i) = slots[plan.token_entry[row] as usize];
-                    *b.logits.add(i) = is_last.contains_key(&row) as i8;
-                }
+                self.batch.set(
+                    i,
+                    plan.token_ids[row] as i32,
+                    plan.positions[row],
+                    slots[plan.token_entry[row] as usize],
+                    is_last.contains_key(&row),
+                );
             }
             self.decode()?;
             for (i, row) in (start..end).enumerate() {
@@ -393,19 +408,12 @@ impl LlmInstance for LlamaCppInstance {
             ));
         }
         let mem = self.memory_handle();
-        let b = &mut self.batch.raw;
-        b.n_tokens = rows.len() as i32;
+        self.batch.raw.n_tokens = rows.len() as i32;
         for (i, &(slot, pos, token)) in rows.iter().enumerate() {
-            // SAFETY: the context is live; `i` < DECODE_TOKENS. The token's
-            // cell is removed so that it is decoded again in its place.
-            unsafe {
-                (self.api.memory_seq_rm)(mem, slot, pos, -1);
-                *b.token.add(i) = token;
-                *b.pos.add(i) = pos;
-                *b.n_seq_id.add(i) = 1;
-                **b.seq_id.add(i) = slot;
-                *b.logits.add(i) = 1;
-            }
+            // SAFETY: the context is live. The token's cell is removed so
+            // that it is decoded again in its place.
+            unsafe { (self.api.memory_seq_rm)(mem, slot, pos, -1) };
+            self.batch.set(i, token, pos, slot, true);
         }
         // SAFETY: the context is live.
         unsafe { (self.api.set_embeddings)(self.ctx.ptr, true) };
