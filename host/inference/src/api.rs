@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use slinfer_engine::Footprint;
+use slinfer_engine::{Footprint, PerKind};
 
 /// TTFT SLO when the caller passes 0 (seconds; this CPU, small models).
 pub const DEFAULT_TTFT_SLO_S: f64 = 5.0;
@@ -14,6 +14,48 @@ pub const DEFAULT_MAX_TOKENS: u32 = 256;
 /// Idle time before an instance is unloaded (the CPU engine recompiles the
 /// model on every load, which takes seconds).
 pub const KEEP_ALIVE_S: f64 = 300.0;
+/// The scheduling policy of the live host (`serve --policy`) and the idle
+/// time before an instance unloads (`serve --keep-alive-s`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scheduling {
+    pub policy: slinfer_scheduler::Policy,
+    pub keep_alive_s: f64,
+}
+
+impl Default for Scheduling {
+    fn default() -> Self {
+        Scheduling {
+            policy: slinfer_scheduler::Policy::Slinfer,
+            keep_alive_s: KEEP_ALIVE_S,
+        }
+    }
+}
+
+/// KV block size the scheduler plans with, in tokens (bytes are what matter:
+/// each engine converts the granted bytes to its own blocks).
+pub const BLOCK_TOKENS: PerKind<u64> = PerKind::new(32, 16);
+/// Instances of one model a device may host at once (memory and the
+/// time-slice checks decide within this).
+pub const INSTANCE_SLOTS: PerKind<u32> = PerKind::new(8, 16);
+/// The `sllm` baselines' concurrency cap of an instance that has its
+/// device to itself (`serve --policy sllm`); half of it for each of the
+/// two instances sharing a device under `sllm+c+s`. The artifact's caps
+/// are the requests of full context its KV pool holds (e.g. 15 on a CPU,
+/// 32 on an A100 for Llama-2-7B); on the live CPU the pool is sized from
+/// the cap instead (`cpu_kv_bytes`), and 8 is about what a 2-core CPU
+/// decodes within a TPOT SLO.
+pub const SLLM_EXCLUSIVE_CAP: PerKind<u32> = PerKind::new(8, 32);
+/// The fixed KV pool of an `sllm` instance on the CPU: its cap of requests,
+/// each of the model's whole context.
+pub fn sllm_cpu_kv_bytes(context_tokens: u64, kv_bytes_per_token: u64) -> u64 {
+    u64::from(SLLM_EXCLUSIVE_CAP[slinfer_engine::DeviceKind::Cpu])
+        * context_tokens
+        * kv_bytes_per_token
+}
+
+/// Smallest KV pool of a loaded instance, in tokens (the scheduler scales
+/// it with the live requests' needs plus look-ahead, and back).
+pub const MIN_INSTANCE_TOKENS: u64 = 1024;
 /// Memory the scheduler reserves per instance beyond its weights (compiled
 /// model, workspace).
 pub const INSTANCE_OVERHEAD_BYTES: u64 = 256 << 20;
@@ -75,8 +117,13 @@ pub struct GenerateRequest {
     pub model: String,
     pub prompt: Prompt,
     pub params: GenerationParams,
-    /// 0: [`DEFAULT_TTFT_SLO_S`].
+    /// 0: [`DEFAULT_TTFT_SLO_S`]. With `ttft_prompt_tokens_per_s`, the
+    /// floor of an SLO that grows with the prompt.
     pub ttft_slo_s: f64,
+    /// When > 0, the TTFT SLO is at least the prompt's tokens at this rate
+    /// (the paper's `max(input_tokens / 512, 0.5)` s). 0: a fixed SLO.
+    #[serde(default)]
+    pub ttft_prompt_tokens_per_s: f64,
     /// 0: [`DEFAULT_TPOT_SLO_S`].
     pub tpot_slo_s: f64,
     /// When the caller's own request reached the host (an HTTP request
@@ -370,6 +417,8 @@ pub struct ModelInfo {
 /// The live scheduler's state (`GET /v1/status`, `slinfer status`).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct InferenceStatus {
+    /// The scheduling policy (`serve --policy`).
+    pub policy: slinfer_scheduler::Policy,
     pub devices: Vec<DeviceStatus>,
     pub models: Vec<ModelStatus>,
     pub live_requests: usize,

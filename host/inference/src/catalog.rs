@@ -9,16 +9,13 @@ use slinfer_engine::package::ModelPackage;
 use slinfer_engine::{DeviceKind, Footprint, PerKind};
 use slinfer_scheduler::ModelSpec;
 
-use crate::api::{ChatMessage, Constraint, InferenceError, ModelInfo, TokenLogprob, TokenLogprobs};
+use crate::api::{
+    BLOCK_TOKENS, ChatMessage, Constraint, INSTANCE_SLOTS, InferenceError, ModelInfo,
+    SLLM_EXCLUSIVE_CAP, TokenLogprob, TokenLogprobs, sllm_cpu_kv_bytes,
+};
 use crate::constraint::{Constrained, Grammars};
 use crate::devices::Device;
 
-/// KV block size the scheduler plans with, in tokens (bytes are what matter:
-/// each engine converts the granted bytes to its own blocks).
-const BLOCK_TOKENS: PerKind<u64> = PerKind::new(32, 16);
-/// Instances of one model a device may host at once (memory and the
-/// time-slice checks decide within this).
-const INSTANCE_SLOTS: PerKind<u32> = PerKind::new(8, 16);
 /// Decode iterations per grant on a GPU (see `ModelSpec::gpu_decode_quota`).
 const GPU_DECODE_QUOTA: u32 = 8;
 
@@ -157,11 +154,15 @@ impl ModelEntry {
             weights_bytes: f.map(|_, f| f.map_or(0, |f| f.weights_bytes)),
             kv_bytes_per_token: f.map(|_, f| f.map_or(1, |f| f.kv_bytes_per_token.max(1))),
             block_tokens: BLOCK_TOKENS,
-            // Unused: CPU pools scale (`cpu_kv_scales`).
-            cpu_kv_bytes: 0,
+            // The fixed pool of an sllm instance on the CPU: its cap of
+            // requests, each of the model's whole context. (slinfer's CPU
+            // pools scale: `cpu_kv_scales`.)
+            cpu_kv_bytes: f[DeviceKind::Cpu].map_or(0, |f| {
+                sllm_cpu_kv_bytes(u64::from(self.context_tokens()), f.kv_bytes_per_token)
+            }),
             slots_per_node: f.map(|k, f| f.map_or(0, |_| INSTANCE_SLOTS[k])),
-            sllm_exclusive_cap: PerKind::default(),
-            sllm_half_share_cap: PerKind::default(),
+            sllm_exclusive_cap: f.map(|k, f| f.map(|_| SLLM_EXCLUSIVE_CAP[k])),
+            sllm_half_share_cap: f.map(|k, f| f.map(|_| SLLM_EXCLUSIVE_CAP[k] / 2)),
             gpu_decode_quota: GPU_DECODE_QUOTA,
         }
     }

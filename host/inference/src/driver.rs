@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 
 use slinfer_scheduler::{
     ActionId, ActionOp, Command, DeviceKind, DropReason, InstanceId, ModelTypeId, NodeId, NodeSpec,
-    PerKind, Policy, Request, RequestId, RequestOutcome, Scheduler, SchedulerConfig,
+    PerKind, Request, RequestId, RequestOutcome, Scheduler, SchedulerConfig,
 };
 
 use crate::api::{
-    DEFAULT_TPOT_SLO_S, DEFAULT_TTFT_SLO_S, INSTANCE_OVERHEAD_BYTES, InferenceError, KEEP_ALIVE_S,
-    RETRY_AFTER_S,
+    DEFAULT_TPOT_SLO_S, DEFAULT_TTFT_SLO_S, INSTANCE_OVERHEAD_BYTES, InferenceError,
+    MIN_INSTANCE_TOKENS, RETRY_AFTER_S, Scheduling,
 };
 use crate::catalog::ModelEntry;
 use crate::cost::{Costs, LiveCost};
@@ -30,9 +30,6 @@ use crate::stats::SharedStats;
 
 /// The longest wait a refused caller is told to take.
 const MAX_RETRY_AFTER_S: f64 = 60.0;
-/// Smallest KV pool of a loaded instance, in tokens (the scheduler scales
-/// it with the live requests' needs plus look-ahead, and back).
-const MIN_INSTANCE_TOKENS: u64 = 1024;
 
 pub(crate) enum Msg {
     Submit {
@@ -70,11 +67,14 @@ pub(crate) enum Msg {
     },
 }
 
-/// The policy the live host runs, with this host's settings.
-fn scheduler_config() -> SchedulerConfig {
-    let mut cfg = SchedulerConfig::paper(Policy::Slinfer);
-    cfg.keep_alive_s = PerKind::splat(KEEP_ALIVE_S);
+/// The policy the live host runs, with this host's settings (`slinfer
+/// simulate --live-host` simulates with them too).
+pub fn live_scheduler_config(scheduling: Scheduling) -> SchedulerConfig {
+    let mut cfg = SchedulerConfig::paper(scheduling.policy);
+    cfg.keep_alive_s = PerKind::splat(scheduling.keep_alive_s);
     cfg.instance_overhead_bytes = INSTANCE_OVERHEAD_BYTES;
+    // The engines own resizable KV pools (the sllm baselines keep a fixed
+    // one on the CPU all the same, `ModelSpec::cpu_kv_bytes`).
     cfg.cpu_kv_scales = true;
     cfg.refuse_early = true;
     cfg.ttft_counts_load = true;
@@ -124,6 +124,7 @@ pub(crate) fn spawn(
     devices: Vec<Device>,
     (stats, metrics): (Arc<SharedStats>, Arc<LlmMetrics>),
     memory: Option<Arc<MemoryBudget>>,
+    scheduling: Scheduling,
 ) -> anyhow::Result<(Sender<Msg>, std::thread::JoinHandle<()>)> {
     let cost = LiveCost::default();
     let specs = models
@@ -141,7 +142,12 @@ pub(crate) fn spawn(
             capacity_bytes: d.capacity_bytes,
         })
         .collect();
-    let sched = Scheduler::new(scheduler_config(), specs, nodes, cost.clone());
+    let sched = Scheduler::new(
+        live_scheduler_config(scheduling),
+        specs,
+        nodes,
+        cost.clone(),
+    );
     let (tx, rx) = channel();
     let mut d = Driver {
         sched,

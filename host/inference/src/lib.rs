@@ -36,6 +36,7 @@ pub use api::*;
 pub use devices::{
     Device, GPU_MEMORY_MARGIN_BYTES, GPU_MEMORY_MARGIN_FRACTION, gpu_capacity_bytes,
 };
+pub use driver::live_scheduler_config;
 pub use generation::{GenerationStream, Relay};
 pub use memory::{HOST_MEMORY_MARGIN_BYTES, MemoryBudget, MemoryUse};
 pub use metrics::{

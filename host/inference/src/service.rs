@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use crate::api::{
     ChatMessage, DEFAULT_TPOT_SLO_S, DEFAULT_TTFT_SLO_S, DeviceStatus, GenerateRequest,
     InferenceError, InferenceStats, InferenceStatus, InstanceStatus, MAX_CHOICES, ModelInfo,
-    ModelStatus, Prompt,
+    ModelStatus, Prompt, Scheduling,
 };
 use crate::catalog::{Catalog, ModelEntry};
 use crate::devices::Device;
@@ -57,6 +57,7 @@ pub struct InferenceConfig {
     /// functions' Wasm memories (re-read every second); `None`: CPU devices
     /// keep their `capacity_bytes`.
     pub memory: Option<Arc<MemoryBudget>>,
+    pub scheduling: Scheduling,
 }
 
 // The binding shares `Inference` across tasks and keeps streams in them.
@@ -77,6 +78,7 @@ pub struct Inference {
     stats: Arc<SharedStats>,
     functions: Mutex<HashMap<String, u32>>,
     remote: OnceLock<Arc<dyn Remote>>,
+    policy: slinfer_scheduler::Policy,
 }
 
 impl Inference {
@@ -107,6 +109,7 @@ impl Inference {
             config.devices.clone(),
             (stats.clone(), metrics.clone()),
             config.memory,
+            config.scheduling,
         )?;
         Ok(Arc::new(Inference {
             catalog: RwLock::new(catalog),
@@ -118,6 +121,7 @@ impl Inference {
             stats,
             functions: Mutex::new(HashMap::new()),
             remote: OnceLock::new(),
+            policy: config.scheduling.policy,
         }))
     }
 
@@ -271,6 +275,7 @@ impl Inference {
             })
             .collect();
         InferenceStatus {
+            policy: self.policy,
             devices,
             models,
             live_requests: engine.live_requests,
@@ -368,6 +373,12 @@ impl Inference {
             req.params.max_tokens = Some(1);
         }
         let ttft = slo(req.ttft_slo_s, DEFAULT_TTFT_SLO_S, "ttft_slo_s")?;
+        let rate = req.ttft_prompt_tokens_per_s;
+        if !(rate.is_finite() && rate >= 0.0) {
+            return Err(InferenceError::InvalidParams(
+                "ttft_prompt_tokens_per_s must be 0 or more".into(),
+            ));
+        }
         let tpot = slo(req.tpot_slo_s, DEFAULT_TPOT_SLO_S, "tpot_slo_s")?;
         let bytes = match &req.prompt {
             Prompt::Text(t) => t.len(),
@@ -408,6 +419,10 @@ impl Inference {
             let mut f = self.functions.lock().unwrap_or_else(|e| e.into_inner());
             let n = f.len() as u32;
             *f.entry(req.function.clone()).or_insert(n)
+        };
+        let ttft = match rate > 0.0 {
+            true => ttft.max(prompt.len() as f64 / rate),
+            false => ttft,
         };
         let arrived = req.arrived.unwrap_or_else(Instant::now);
         let to_driver = self.sender();

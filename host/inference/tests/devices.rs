@@ -83,6 +83,7 @@ fn start_with(
             devices,
             metrics: Some(metrics.clone()),
             memory,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -99,6 +100,7 @@ fn request(model: &str, prompt: &str, max_tokens: u32) -> GenerateRequest {
             ..Default::default()
         },
         ttft_slo_s: 0.0,
+        ttft_prompt_tokens_per_s: 0.0,
         tpot_slo_s: 0.0,
         arrived: None,
     }

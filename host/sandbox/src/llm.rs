@@ -47,6 +47,8 @@ pub struct LlmConfig {
     pub allowed_models: Arc<[String]>,
     /// Latency targets of its requests; 0 = the inference service's default.
     pub ttft_slo_s: f64,
+    /// The TTFT SLO grows with the prompt at this rate (0: fixed).
+    pub ttft_prompt_tokens_per_s: f64,
     pub tpot_slo_s: f64,
 }
 
@@ -248,6 +250,7 @@ impl wit::Host for LlmCtxView<'_> {
                 embed: false,
             },
             ttft_slo_s: self.ctx.config.ttft_slo_s,
+            ttft_prompt_tokens_per_s: self.ctx.config.ttft_prompt_tokens_per_s,
             tpot_slo_s: self.ctx.config.tpot_slo_s,
             arrived: self.ctx.arrived.take(),
         };
@@ -293,6 +296,7 @@ impl wit::Host for LlmCtxView<'_> {
                     ..Default::default()
                 },
                 ttft_slo_s: self.ctx.config.ttft_slo_s,
+                ttft_prompt_tokens_per_s: self.ctx.config.ttft_prompt_tokens_per_s,
                 tpot_slo_s: self.ctx.config.tpot_slo_s,
                 arrived: Some(arrived),
             };

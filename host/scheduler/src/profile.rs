@@ -53,6 +53,12 @@ struct DeviceTables {
     prefill_ms: Curve,
     /// Rows by context length, each a curve over batch size.
     decode_ms: Vec<(f64, Curve)>,
+    /// Measured by `slinfer profile` (the artifact's file has none): an
+    /// instance's load (weights and first KV pool), unload, and one KV
+    /// pool resize, in seconds.
+    load_s: Option<f64>,
+    unload_s: Option<f64>,
+    kv_resize_s: Option<f64>,
 }
 
 impl DeviceTables {
@@ -98,6 +104,11 @@ pub struct PaperSettings {
     pub ttft_cap_s: f64,
     pub safety_gpu: f64,
     pub safety_cpu: f64,
+    /// The TTFT SLO as numbers, where the file gives them (a profile of
+    /// this machine scales the paper's `max(input / 512, 0.5)` s to it);
+    /// the artifact's file states it in words only.
+    pub ttft_tokens_per_s: Option<f64>,
+    pub ttft_min_s: Option<f64>,
 }
 
 fn field<'a>(v: &'a Value, path: &[&str]) -> Result<&'a Value, ProfileError> {
@@ -145,9 +156,21 @@ fn device_tables(v: &Value, what: &str) -> Result<DeviceTables, ProfileError> {
     if decode_ms.is_empty() {
         return Err(ProfileError::Field(what.to_string()));
     }
+    let seconds = |key: &str| -> Result<Option<f64>, ProfileError> {
+        match v.get(key) {
+            None => Ok(None),
+            Some(x) => match x.as_f64() {
+                Some(ms) if ms.is_finite() && ms >= 0.0 => Ok(Some(ms / 1000.0)),
+                _ => Err(ProfileError::Field(format!("{what}.{key}"))),
+            },
+        }
+    };
     Ok(DeviceTables {
         prefill_ms,
         decode_ms,
+        load_s: seconds("load_ms")?,
+        unload_s: seconds("unload_ms")?,
+        kv_resize_s: seconds("kv_resize_ms")?,
     })
 }
 
@@ -239,6 +262,8 @@ impl Profile {
             ttft_cap_s: num(&v, &["slo_in_paper", "ttft_cap_s"])?,
             safety_gpu: sf("gpu")?,
             safety_cpu: sf("cpu")?,
+            ttft_tokens_per_s: num(&v, &["slo_in_paper", "ttft_tokens_per_s"]).ok(),
+            ttft_min_s: num(&v, &["slo_in_paper", "ttft_min_s"]).ok(),
         };
         Ok(Profile {
             models,
@@ -259,6 +284,16 @@ impl Profile {
                 let known: Vec<_> = self.models.iter().map(|m| m.name.as_str()).collect();
                 ProfileError::UnknownModel(name.to_string(), known.join(", "))
             })
+    }
+
+    /// A time the profile measured for `model` on `kind`, if it did.
+    fn measured(
+        &self,
+        model: ModelTypeId,
+        kind: DeviceKind,
+        field: impl Fn(&DeviceTables) -> Option<f64>,
+    ) -> Option<f64> {
+        self.tables[model.0 as usize][kind].as_ref().and_then(field)
     }
 
     fn tables(&self, model: ModelTypeId, kind: DeviceKind) -> &DeviceTables {
@@ -285,18 +320,24 @@ impl CostModel for Profile {
             / 1000.0
     }
 
+    /// The measured load time where the profile has one, else weights over
+    /// the kind's load bandwidth (none: weights stay resident).
     fn load_s(&self, model: ModelTypeId, kind: DeviceKind) -> f64 {
-        self.load_bytes_per_s[kind].map_or(0.0, |bw| {
-            self.models[model.0 as usize].weights_bytes[kind] as f64 / bw
+        self.measured(model, kind, |t| t.load_s).unwrap_or_else(|| {
+            self.load_bytes_per_s[kind].map_or(0.0, |bw| {
+                self.models[model.0 as usize].weights_bytes[kind] as f64 / bw
+            })
         })
     }
 
-    fn kv_resize_s(&self, _model: ModelTypeId, _kind: DeviceKind) -> f64 {
-        self.kv_resize_s
+    fn kv_resize_s(&self, model: ModelTypeId, kind: DeviceKind) -> f64 {
+        self.measured(model, kind, |t| t.kv_resize_s)
+            .unwrap_or(self.kv_resize_s)
     }
 
-    fn unload_s(&self, _model: ModelTypeId, _kind: DeviceKind) -> f64 {
-        self.kv_resize_s
+    fn unload_s(&self, model: ModelTypeId, kind: DeviceKind) -> f64 {
+        self.measured(model, kind, |t| t.unload_s)
+            .unwrap_or(self.kv_resize_s)
     }
 
     fn kv_swap_s(&self, model: ModelTypeId, kind: DeviceKind, tokens: u64) -> f64 {
@@ -342,6 +383,42 @@ mod tests {
     }
 
     #[test]
+    fn measured_times_and_slo_numbers_replace_the_assumed_ones() {
+        let measured = MINI
+            .replace(
+                r#""exclusive_concurrency_cap": 7}"#,
+                r#""exclusive_concurrency_cap": 7, "load_ms": 1500, "unload_ms": 20, "kv_resize_ms": 4}"#,
+            )
+            .replace(
+                r#""ttft_cap_s": 8}"#,
+                r#""ttft_cap_s": 8, "ttft_tokens_per_s": 600, "ttft_min_s": 0.4}"#,
+            );
+        let p = Profile::parse(&measured).unwrap();
+        let m = p.model_type("tiny-3b").unwrap();
+        assert_eq!(p.load_s(m, DeviceKind::Gpu), 1.5);
+        assert_eq!(p.unload_s(m, DeviceKind::Gpu), 0.02);
+        assert_eq!(p.kv_resize_s(m, DeviceKind::Gpu), 0.004);
+        assert_eq!(p.paper.ttft_tokens_per_s, Some(600.0));
+        assert_eq!(p.paper.ttft_min_s, Some(0.4));
+        // The artifact's file has neither.
+        let p = Profile::parse(MINI).unwrap();
+        assert_eq!(
+            (p.paper.ttft_tokens_per_s, p.paper.ttft_min_s),
+            (None, None)
+        );
+        assert_eq!(p.kv_resize_s(m, DeviceKind::Gpu), p.kv_resize_s);
+        // A measured time must be a number of milliseconds, 0 or more.
+        let bad = MINI.replace(
+            r#""exclusive_concurrency_cap": 7}"#,
+            r#""exclusive_concurrency_cap": 7, "load_ms": -1}"#,
+        );
+        assert!(matches!(
+            Profile::parse(&bad),
+            Err(ProfileError::Field(f)) if f.ends_with("load_ms")
+        ));
+    }
+
+    #[test]
     fn curve_interpolates_clamps_and_scales() {
         let c = Curve(vec![(1.0, 10.0), (3.0, 30.0)]);
         assert_eq!(c.at(0.0), 10.0);
@@ -357,6 +434,9 @@ mod tests {
                 (512.0, Curve(vec![(1.0, 10.0), (2.0, 20.0)])),
                 (1024.0, Curve(vec![(1.0, 30.0), (2.0, 40.0)])),
             ],
+            load_s: None,
+            unload_s: None,
+            kv_resize_s: None,
         };
         assert_eq!(t.decode_ms(768.0, 1.0), 20.0);
         assert_eq!(t.decode_ms(768.0, 1.5), 25.0);

@@ -20,25 +20,66 @@ pub struct SweepReport {
 }
 
 /// Which slice of a trace to replay, and how to perturb it.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Replay {
+    /// Arrivals at or after this many seconds (of the replay's time, after
+    /// `start_s` and `time_scale`) are left out.
     pub duration_s: f64,
     /// Arrivals shift by up to ± this (0: the trace as is).
     pub jitter_s: f64,
     pub seed: u64,
+    /// The trace functions served (indices), instead of the first K of
+    /// each group.
+    pub functions: Option<Vec<usize>>,
+    /// The replay starts this far into the trace (earlier arrivals are left
+    /// out; later ones move back by it).
+    pub start_s: f64,
+    /// Arrivals come this many times faster (2: twice the load).
+    pub time_scale: f64,
+}
+
+impl Default for Replay {
+    fn default() -> Self {
+        Replay {
+            duration_s: f64::INFINITY,
+            jitter_s: 0.0,
+            seed: 0,
+            functions: None,
+            start_s: 0.0,
+            time_scale: 1.0,
+        }
+    }
 }
 
 impl Replay {
+    /// The requests replayed with the first `k` functions of each group
+    /// (or `functions`), in arrival order.
     pub fn requests(
         &self,
         fns: &[TraceFunction],
         k: usize,
     ) -> Result<Vec<trace::TraceRequest>, TraceError> {
-        let mut reqs = trace::select(fns, k, self.duration_s)?;
+        let mut reqs = match &self.functions {
+            Some(list) => trace::select_functions(fns, list, f64::INFINITY)?,
+            None => trace::select(fns, k, f64::INFINITY)?,
+        };
+        reqs.retain(|r| r.arrival_s >= self.start_s);
+        for r in &mut reqs {
+            r.arrival_s = (r.arrival_s - self.start_s) / self.time_scale;
+        }
         if self.jitter_s > 0.0 {
             trace::jitter(&mut reqs, self.jitter_s, self.seed);
         }
+        reqs.retain(|r| r.arrival_s < self.duration_s);
         Ok(reqs)
+    }
+
+    /// Models served: one per function.
+    pub fn models(&self, fns: &[TraceFunction], k: usize) -> usize {
+        match &self.functions {
+            Some(list) => list.len(),
+            None => trace::models_at(fns, k),
+        }
     }
 }
 
@@ -50,14 +91,14 @@ pub fn sweep(
     fns: &[TraceFunction],
     policies: &[Policy],
     ks: &[usize],
-    replay: Replay,
+    replay: &Replay,
     mut progress: impl FnMut(usize, usize, &Summary),
 ) -> Result<Vec<SimResult>, TraceError> {
     let total = policies.len() * ks.len();
     let mut out = Vec::with_capacity(total);
     for &k in ks {
         let reqs = replay.requests(fns, k)?;
-        let models = trace::models_at(fns, k);
+        let models = replay.models(fns, k);
         for &policy in policies {
             let mut setup = base.clone();
             setup.scheduler.policy = policy;
@@ -142,6 +183,46 @@ pub fn render_table(runs: &[Summary]) -> String {
 mod tests {
     use super::*;
     use crate::sim::NodeSummary;
+
+    #[test]
+    fn a_replay_of_listed_functions_starts_late_runs_faster_and_stops_on_time() {
+        // Function i arrives at 10, 20, ... 100 s.
+        let fns: Vec<TraceFunction> = (0..16)
+            .map(|_| TraceFunction {
+                hash: String::new(),
+                timestamps: (1..=10).map(|t| t as f64 * 10.0).collect(),
+                input: vec![5; 10],
+                output: vec![3; 10],
+            })
+            .collect();
+        let replay = Replay {
+            functions: Some(vec![3, 12]),
+            start_s: 25.0,
+            time_scale: 2.0,
+            duration_s: 20.0,
+            ..Replay::default()
+        };
+        let reqs = replay.requests(&fns, 8).unwrap();
+        // Arrivals 30, 40, 50, 60, 70 s become 2.5, 7.5, 12.5, 17.5 (22.5
+        // is past the duration), two functions each.
+        let times: Vec<f64> = reqs.iter().map(|r| r.arrival_s).collect();
+        assert_eq!(times, vec![2.5, 2.5, 7.5, 7.5, 12.5, 12.5, 17.5, 17.5]);
+        assert!(reqs.iter().all(|r| [3, 12].contains(&r.function)));
+        assert_eq!(replay.models(&fns, 8), 2);
+        assert_eq!(Replay::default().models(&fns, 2), 4);
+        // Listed wrong: a function the trace lacks, or one twice.
+        for (list, says) in [
+            (vec![16], "no function 16"),
+            (vec![3, 3], "3 is listed twice"),
+        ] {
+            let bad = Replay {
+                functions: Some(list),
+                ..Replay::default()
+            };
+            let e = bad.requests(&fns, 8).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
+    }
 
     fn summary(policy: Policy, models: usize, attainment: f64) -> Summary {
         Summary {

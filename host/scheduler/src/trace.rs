@@ -21,6 +21,10 @@ pub enum TraceError {
     Ragged { index: usize },
     #[error("--models-per-group must be 1..={GROUP_SIZE}, got {0}")]
     BadK(usize),
+    #[error("the trace has {len} functions: there is no function {index}")]
+    NoFunction { index: usize, len: usize },
+    #[error("list each function once: {0} is listed twice")]
+    FunctionTwice(usize),
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -34,7 +38,7 @@ pub struct TraceFunction {
 
 /// One request as the simulator replays it; only the driver side ever sees
 /// `output_tokens`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct TraceRequest {
     pub function: u32,
     pub arrival_s: f64,
@@ -71,10 +75,40 @@ pub fn select(
     if !(1..=GROUP_SIZE).contains(&k) {
         return Err(TraceError::BadK(k));
     }
+    Ok(select_where(fns, |i| i % GROUP_SIZE < k, duration_s))
+}
+
+/// The requests of the listed functions (trace indices) before
+/// `duration_s`, in arrival order.
+pub fn select_functions(
+    fns: &[TraceFunction],
+    list: &[usize],
+    duration_s: f64,
+) -> Result<Vec<TraceRequest>, TraceError> {
+    let mut seen = std::collections::HashSet::new();
+    for &index in list {
+        if index >= fns.len() {
+            return Err(TraceError::NoFunction {
+                index,
+                len: fns.len(),
+            });
+        }
+        if !seen.insert(index) {
+            return Err(TraceError::FunctionTwice(index));
+        }
+    }
+    Ok(select_where(fns, |i| seen.contains(&i), duration_s))
+}
+
+fn select_where(
+    fns: &[TraceFunction],
+    keep: impl Fn(usize) -> bool,
+    duration_s: f64,
+) -> Vec<TraceRequest> {
     let mut out: Vec<TraceRequest> = fns
         .iter()
         .enumerate()
-        .filter(|(i, _)| i % GROUP_SIZE < k)
+        .filter(|(i, _)| keep(*i))
         .flat_map(|(i, f)| {
             (0..f.timestamps.len()).map(move |j| TraceRequest {
                 function: i as u32,
@@ -90,7 +124,7 @@ pub fn select(
             .total_cmp(&b.arrival_s)
             .then(a.function.cmp(&b.function))
     });
-    Ok(out)
+    out
 }
 
 /// Shifts every arrival by a uniform offset in [-max_s, max_s] (clamped at

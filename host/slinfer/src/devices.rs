@@ -18,13 +18,14 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::bail;
 use slinfer_engine::package::{PackageKind, package_dirs};
 use slinfer_engine::tensor::TensorBackend;
-use slinfer_engine::{Backend, EngineError, LoadOptions, ModelSource, StepEntry};
+use slinfer_engine::{Backend, EngineError, LoadOptions, ModelSource};
 use slinfer_inference::{Device, gpu_capacity_bytes};
+
+use crate::timing;
 
 /// One device `--devices` may name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,8 +169,8 @@ impl Speed {
     }
 }
 
-/// Loads the package on `backend` and times greedy-free decode steps (the
-/// logits are not read): [`MEASURE_STEPS`] steps of one sequence, then of
+/// Loads the package on `backend` and times decode steps (the logits are
+/// not read): [`MEASURE_STEPS`] steps of one sequence, then of
 /// [`MEASURE_BATCH`], each after a [`MEASURE_PROMPT`]-token prompt.
 fn measure(backend: &dyn Backend, package: &Path) -> Result<Speed, EngineError> {
     let mut inst = backend.load(
@@ -179,38 +180,17 @@ fn measure(backend: &dyn Backend, package: &Path) -> Result<Speed, EngineError> 
     )?;
     let per_seq = (MEASURE_PROMPT + MEASURE_STEPS + 2).div_ceil(inst.block_size_tokens());
     inst.resize_kv(per_seq * (MEASURE_BATCH + 1))?;
-    let vocab = inst.config().vocab_size as u32;
-    let prompt: Vec<u32> = (0..MEASURE_PROMPT as u32)
-        .map(|i| (i * 7919 + 13) % vocab)
-        .collect();
     let mut run = |seqs: u64, first: u64| -> Result<f64, EngineError> {
         let ids: Vec<u64> = (first..first + seqs).collect();
         for &seq in &ids {
             inst.add_sequence(seq)?;
-            inst.step(&[StepEntry {
-                seq,
-                tokens: prompt.clone(),
-            }])?;
+            timing::extend(inst.as_mut(), seq, MEASURE_PROMPT)?;
         }
-        // One step outside the timing (first-call allocations).
-        let batch = |t: u32| -> Vec<StepEntry> {
-            ids.iter()
-                .map(|&seq| StepEntry {
-                    seq,
-                    tokens: vec![t % vocab],
-                })
-                .collect()
-        };
-        inst.step(&batch(1))?;
-        let t = Instant::now();
-        for k in 0..MEASURE_STEPS as u32 {
-            inst.step(&batch(k + 2))?;
-        }
-        let secs = t.elapsed().as_secs_f64();
+        let step_s = timing::decode_step_s(inst.as_mut(), &ids, MEASURE_STEPS)?;
         for &seq in &ids {
             inst.free_sequence(seq)?;
         }
-        Ok((seqs as usize * MEASURE_STEPS) as f64 / secs)
+        Ok(seqs as f64 / step_s)
     };
     Ok(Speed {
         one: run(1, 0)?,

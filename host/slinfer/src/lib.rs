@@ -24,4 +24,5 @@ pub mod metrics;
 pub mod models;
 pub mod routing;
 pub mod server;
+pub mod timing;
 pub mod ui;

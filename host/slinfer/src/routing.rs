@@ -398,6 +398,7 @@ async fn warm(inference: Arc<Inference>, model: String) {
             ..Default::default()
         },
         ttft_slo_s: 0.0,
+        ttft_prompt_tokens_per_s: 0.0,
         tpot_slo_s: 0.0,
         arrived: None,
     };
@@ -537,6 +538,7 @@ mod tests {
             prompt: slinfer_inference::Prompt::Text("hi".into()),
             params: Default::default(),
             ttft_slo_s: 0.0,
+            ttft_prompt_tokens_per_s: 0.0,
             tpot_slo_s: 0.0,
             arrived: Some(Instant::now()),
         };

@@ -42,6 +42,8 @@ pub struct ServeOptions {
     pub metrics_access: crate::api::MetricsAccess,
     /// The host-wide memory budget's bound (`--memory-budget`).
     pub memory_budget: Option<u64>,
+    /// The scheduling policy and keep-alive (`--policy`, `--keep-alive-s`).
+    pub scheduling: slinfer_inference::Scheduling,
     /// Join a cluster (`--cluster`); `None` serves alone, without NATS.
     pub cluster: Option<crate::cluster::ClusterOptions>,
     pub host: HostLimits,
@@ -111,6 +113,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         found.devices,
         metrics.llm.clone(),
         memory.clone(),
+        opts.scheduling,
     );
     // A cluster member without engines still generates: with a service of
     // no devices, whose every generation is routed to other members.
@@ -215,6 +218,7 @@ fn start_inference(
     devices: Vec<Device>,
     metrics: Arc<LlmMetrics>,
     memory: Arc<MemoryBudget>,
+    scheduling: slinfer_inference::Scheduling,
 ) -> Option<Arc<Inference>> {
     if devices.is_empty() {
         tracing::warn!("inference is off: no devices");
@@ -230,6 +234,7 @@ fn start_inference(
         devices,
         metrics: Some(metrics),
         memory: Some(memory),
+        scheduling,
     };
     match Inference::start(models_dir, config) {
         Ok(i) => {

@@ -72,6 +72,7 @@ fn request(prompt: Prompt, params: GenerationParams) -> GenerateRequest {
         prompt,
         params,
         ttft_slo_s: 0.0,
+        ttft_prompt_tokens_per_s: 0.0,
         tpot_slo_s: 0.0,
         arrived: None,
     }

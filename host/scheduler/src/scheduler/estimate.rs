@@ -37,7 +37,8 @@ impl<C: CostModel> Scheduler<C> {
     pub(super) fn kind_usable(&self, kind: DeviceKind, mtype: ModelTypeId) -> bool {
         let spec = &self.models[mtype.0 as usize];
         let cap_ok = !self.cfg.policy.is_sllm() || spec.sllm_exclusive_cap[kind].is_some();
-        (kind == DeviceKind::Gpu || self.cfg.policy.uses_cpu())
+        let has_gpu = || self.nodes.iter().any(|n| n.spec.kind == DeviceKind::Gpu);
+        (kind == DeviceKind::Gpu || self.cfg.policy.uses_cpu_beside_gpus() || !has_gpu())
             && cap_ok
             && spec.slots_per_node[kind] > 0
     }
@@ -70,7 +71,9 @@ impl<C: CostModel> Scheduler<C> {
         kind: DeviceKind,
         capacity_bytes: u64,
     ) -> Option<u64> {
-        if kind == DeviceKind::Cpu && !self.cfg.cpu_kv_scales {
+        // The sllm baselines keep a fixed pool on the CPU whatever the host
+        // could do, as the paper's artifact does.
+        if kind == DeviceKind::Cpu && (!self.cfg.cpu_kv_scales || self.cfg.policy.is_sllm()) {
             return Some(self.models[mtype.0 as usize].cpu_kv_bytes);
         }
         self.cfg.policy.is_sllm().then(|| {

@@ -242,6 +242,23 @@ fn placement_prefers_cpu_then_the_busiest_node_and_empty_nodes_last() {
 }
 
 #[test]
+fn sllm_without_a_gpu_gives_the_cpu_to_one_instance_at_a_time() {
+    // With a GPU, sllm leaves the CPU alone (above); without one, the CPU
+    // is its device: one exclusive instance, the other model waits.
+    let mut s = sched(Policy::Sllm, &[(DeviceKind::Cpu, 1 << 20)], FAST);
+    s.submit(req(1, 1, 100, 10.0), 0.0);
+    s.submit(req(2, 2, 100, 10.0), 0.0);
+    let cmds = settle(&mut s, 0.0);
+    assert_eq!(load_nodes(&cmds), vec![0]);
+    assert_eq!(s.snapshot().instances.len(), 1);
+    // sllm+c+s: two instances share it.
+    let mut s = sched(Policy::SllmCS, &[(DeviceKind::Cpu, 1 << 20)], FAST);
+    s.submit(req(1, 1, 100, 10.0), 0.0);
+    s.submit(req(2, 2, 100, 10.0), 0.0);
+    assert_eq!(load_nodes(&settle(&mut s, 0.0)), vec![0, 0]);
+}
+
+#[test]
 fn existing_instances_are_tried_largest_batch_first() {
     let mut s = sched(Policy::Slinfer, &[(DeviceKind::Gpu, 1 << 20)], FAST);
     s.submit(req(1, 1, 100, 1.0), 0.0);

@@ -21,8 +21,10 @@ pub struct Request {
     pub arrival_s: f64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum Policy {
+    /// Exclusive instances on the GPUs (on the CPUs of a setup without a
+    /// GPU, such as a CPU-only live host).
     #[serde(rename = "sllm")]
     Sllm,
     #[serde(rename = "sllm+c")]
@@ -30,6 +32,7 @@ pub enum Policy {
     #[serde(rename = "sllm+c+s")]
     SllmCS,
     #[serde(rename = "slinfer")]
+    #[default]
     Slinfer,
     /// `slinfer` with the predictive look-ahead (beyond the paper).
     #[serde(rename = "slinfer+p")]
@@ -59,11 +62,15 @@ impl Policy {
         Policy::ALL.into_iter().find(|p| p.name() == name)
     }
 
-    pub(super) fn is_sllm(self) -> bool {
+    /// One of the ServerlessLLM-style baselines (exclusive or half-shared
+    /// instances, a concurrency cap each).
+    pub fn is_sllm(self) -> bool {
         matches!(self, Policy::Sllm | Policy::SllmC | Policy::SllmCS)
     }
 
-    pub(super) fn uses_cpu(self) -> bool {
+    /// Whether the policy places on CPUs beside GPUs (`sllm` does not; it
+    /// still uses the CPUs of a setup that has no GPU).
+    pub(super) fn uses_cpu_beside_gpus(self) -> bool {
         self != Policy::Sllm
     }
 
@@ -95,7 +102,8 @@ pub struct SchedulerConfig {
     pub preempt_keeps_kv: bool,
     /// CPU instances scale their KV pool like GPU ones instead of keeping
     /// `ModelSpec::cpu_kv_bytes` (the paper's artifact keeps it fixed; the
-    /// live host's CPU engine owns resizable block tensors). Off by default.
+    /// live host's CPU engine owns resizable block tensors). Off by default;
+    /// the sllm baselines keep the fixed pool either way.
     pub cpu_kv_scales: bool,
     /// Refuse a waiting request as soon as the model's recent completion
     /// rate says the requests queued before it will not have drained by its

@@ -4,6 +4,7 @@
 //! runs the scheduler simulator.
 
 mod client;
+pub mod profile;
 pub mod simulate;
 
 use std::net::SocketAddr;
@@ -67,6 +68,10 @@ pub enum Command {
     Invoke(client::InvokeArgs),
     /// Run the scheduler simulator on a trace.
     Simulate(simulate::SimulateArgs),
+    /// Measure this machine's CPU engine on a model (prefill and decode
+    /// step latency, load, unload, KV resize) and write a latency profile
+    /// that `slinfer simulate --profile` reads.
+    Profile(profile::ProfileArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -141,29 +146,21 @@ pub struct ServeArgs {
     /// error.
     #[arg(long, env = "SLINFER_DEVICES", default_value = "all")]
     pub devices: DeviceSelection,
-    /// What the CPU engine computes in (OpenVINO's inference precision):
-    /// `f32`, or `bf16`, which is OpenVINO's own default on CPUs with bf16
-    /// instructions and faster only for long prompts (BENCHMARKS.md, "CPU
-    /// decode speed").
-    #[arg(long, env = "SLINFER_CPU_PRECISION", default_value_t = slinfer_openvino::Precision::default())]
-    pub cpu_precision: slinfer_openvino::Precision,
-    /// The CPU's LLM engine: `openvino`, `llama-cpp` (llama.cpp's prebuilt
-    /// library, see --llama-cpp-dir), or `auto`: both measured at start on
-    /// the first imported model, decoding one sequence and eight, and the
-    /// faster (geometric mean of the two) serves (BENCHMARKS.md, "CPU
-    /// decode speed"). `wasi:nn` tensors run on OpenVINO whatever this is.
-    #[arg(long, env = "SLINFER_CPU_ENGINE", value_enum, default_value = "auto")]
-    pub cpu_engine: crate::devices::CpuEngine,
-    /// The folder of llama.cpp's `libllama.v0.5.0.so` (the npm package
-    /// `@node-llama-cpp/linux-x64` 3.22.1, which `./dev` installs).
-    #[arg(long, env = slinfer_llama_cpp::DIR_ENV)]
-    pub llama_cpp_dir: Option<PathBuf>,
-    /// Threads of each llama.cpp step (default: one per core). ggml's
-    /// threads wait for each other by spinning, so on a host whose cores
-    /// other work keeps busy, fewer threads than cores decode faster
-    /// (BENCHMARKS.md: 108.7 against 21.7 tok/s with one of two cores busy).
-    #[arg(long, env = "SLINFER_LLAMA_CPP_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
-    pub llama_cpp_threads: Option<u16>,
+    #[command(flatten)]
+    pub cpu: CpuArgs,
+    /// The scheduling policy: `slinfer` (token-level time slices between
+    /// instances sharing a device, CPU-first placement, KV pools scaled
+    /// ahead of need), `slinfer+p` (with the output-length look-ahead), or
+    /// a baseline of the paper's experiment: `sllm` (each instance has its
+    /// device to itself, a concurrency cap, keep-alive; GPUs only when the
+    /// host has one), `sllm+c` (also the CPUs), `sllm+c+s` (two instances
+    /// per device, each throttled to half its time).
+    #[arg(long, env = "SLINFER_POLICY", default_value = "slinfer", value_parser = crate::cli::simulate::parse_policy)]
+    pub policy: slinfer_scheduler::Policy,
+    /// Idle seconds before an instance unloads (and frees its device for
+    /// another model).
+    #[arg(long, env = "SLINFER_KEEP_ALIVE_S", default_value_t = slinfer_inference::KEEP_ALIVE_S, value_parser = seconds)]
+    pub keep_alive_s: f64,
     /// Open HTTP connections at most; beyond it a new one is answered 503
     /// (default: the open-files limit, raised to its hard limit, less 512).
     #[arg(long)]
@@ -196,6 +193,53 @@ pub struct ServeArgs {
     /// when it listens on every interface).
     #[arg(long, env = "SLINFER_ADVERTISE", requires = "cluster")]
     pub advertise: Option<String>,
+}
+
+/// Which engine serves the CPU, and how (`serve`, `profile`).
+#[derive(Args, Debug)]
+pub struct CpuArgs {
+    /// What the CPU engine computes in (OpenVINO's inference precision):
+    /// `f32`, or `bf16`, which is OpenVINO's own default on CPUs with bf16
+    /// instructions and faster only for long prompts (BENCHMARKS.md, "CPU
+    /// decode speed").
+    #[arg(long, env = "SLINFER_CPU_PRECISION", default_value_t = slinfer_openvino::Precision::default())]
+    pub cpu_precision: slinfer_openvino::Precision,
+    /// The CPU's LLM engine: `openvino`, `llama-cpp` (llama.cpp's prebuilt
+    /// library, see --llama-cpp-dir), or `auto`: both measured at start on
+    /// the first imported model, decoding one sequence and eight, and the
+    /// faster (geometric mean of the two) serves (BENCHMARKS.md, "CPU
+    /// decode speed"). `wasi:nn` tensors run on OpenVINO whatever this is.
+    #[arg(long, env = "SLINFER_CPU_ENGINE", value_enum, default_value = "auto")]
+    pub cpu_engine: crate::devices::CpuEngine,
+    /// The folder of llama.cpp's `libllama.v0.5.0.so` (the npm package
+    /// `@node-llama-cpp/linux-x64` 3.22.1, which `./dev` installs).
+    #[arg(long, env = slinfer_llama_cpp::DIR_ENV)]
+    pub llama_cpp_dir: Option<PathBuf>,
+    /// Threads of each llama.cpp step (default: one per core). ggml's
+    /// threads wait for each other by spinning, so on a host whose cores
+    /// other work keeps busy, fewer threads than cores decode faster
+    /// (BENCHMARKS.md: 108.7 against 21.7 tok/s with one of two cores busy).
+    #[arg(long, env = "SLINFER_LLAMA_CPP_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub llama_cpp_threads: Option<u16>,
+}
+
+impl From<CpuArgs> for crate::devices::CpuOptions {
+    fn from(a: CpuArgs) -> Self {
+        crate::devices::CpuOptions {
+            engine: a.cpu_engine,
+            precision: a.cpu_precision,
+            llama_cpp_dir: a.llama_cpp_dir,
+            llama_cpp_threads: a.llama_cpp_threads.map(usize::from),
+        }
+    }
+}
+
+/// A duration in seconds: a finite number, not negative.
+pub(crate) fn seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err(format!("`{s}` is not a number of seconds (0 or more)")),
+    }
 }
 
 /// Where the server is and how to authenticate to it.
@@ -250,12 +294,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 admin_token_file: a.admin_token_file,
                 venv: a.venv,
                 devices: a.devices,
-                cpu: crate::devices::CpuOptions {
-                    engine: a.cpu_engine,
-                    precision: a.cpu_precision,
-                    llama_cpp_dir: a.llama_cpp_dir,
-                    llama_cpp_threads: a.llama_cpp_threads.map(usize::from),
-                },
+                cpu: a.cpu.into(),
                 connections: crate::connections::ConnectionLimits {
                     max_connections: a
                         .max_connections
@@ -264,6 +303,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 metrics_access: a.metrics,
                 memory_budget: a.memory_budget.map(|b| b.as_u64()),
+                scheduling: slinfer_inference::Scheduling {
+                    policy: a.policy,
+                    keep_alive_s: a.keep_alive_s,
+                },
                 cluster: a.cluster.map(|url| crate::cluster::ClusterOptions {
                     url,
                     node_name: a.node_name,
@@ -285,5 +328,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         } => rt()?.block_on(client::cluster_status(&client, json)),
         Command::Invoke(a) => rt()?.block_on(client::invoke(a)),
         Command::Simulate(a) => simulate::run(a),
+        Command::Profile(a) => profile::run(a),
     }
 }

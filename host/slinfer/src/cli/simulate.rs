@@ -8,12 +8,12 @@ use std::time::{Instant, SystemTime};
 
 use anyhow::Context;
 use slinfer_scheduler::{
-    ClusterSim, Policy, Profile, SimSetup, load_trace, simulate, svg, sweep, trace,
+    ClusterSim, DeviceKind, Policy, Profile, SimSetup, load_trace, simulate, svg, sweep, trace,
 };
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
-fn parse_policy(s: &str) -> Result<Policy, String> {
+pub(crate) fn parse_policy(s: &str) -> Result<Policy, String> {
     Policy::parse(s).ok_or_else(|| {
         let names: Vec<&str> = Policy::ALL.iter().map(|p| p.name()).collect();
         format!("unknown policy `{s}` (known: {})", names.join(", "))
@@ -40,6 +40,21 @@ pub struct SimulateArgs {
     /// Serve the first K functions of each group of 8 (K=2,4,8: 32,64,128 models).
     #[arg(long, default_value_t = 8)]
     pub models_per_group: usize,
+    /// Serve these trace functions (indices, such as `0,8,16,24`), one
+    /// model each, instead of --models-per-group.
+    #[arg(long, value_delimiter = ',', conflicts_with = "sweep")]
+    pub functions: Vec<usize>,
+    /// Start this many seconds into the trace.
+    #[arg(long, default_value_t = 0.0, value_parser = super::seconds)]
+    pub start_s: f64,
+    /// Replay arrivals this many times faster (2: twice the load).
+    #[arg(long, default_value_t = 1.0, value_parser = positive)]
+    pub time_scale: f64,
+    /// Write the requests replayed (after --functions, --start-s,
+    /// --time-scale, --duration-s, --jitter-s) and the SLOs to this JSON
+    /// file, for `scripts/replay.py` to send to a live server.
+    #[arg(long, conflicts_with = "sweep")]
+    pub requests_out: Option<PathBuf>,
     #[arg(long, default_value_t = 4)]
     pub gpus: usize,
     #[arg(long, default_value_t = 0)]
@@ -56,20 +71,35 @@ pub struct SimulateArgs {
     pub jitter_s: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// TTFT SLO: max(input_tokens / this, --ttft-min-s) plus load delay.
-    #[arg(long, default_value_t = 512.0)]
-    pub ttft_tokens_per_s: f64,
-    #[arg(long, default_value_t = 0.5)]
-    pub ttft_min_s: f64,
-    #[arg(long, default_value_t = 0.25)]
-    pub tpot_s: f64,
+    /// TTFT SLO: max(input_tokens / this, --ttft-min-s) plus load delay
+    /// (default: the profile's, else 512 and 0.5 s, the paper's).
+    #[arg(long)]
+    pub ttft_tokens_per_s: Option<f64>,
+    #[arg(long)]
+    pub ttft_min_s: Option<f64>,
+    /// TPOT SLO (default: the profile's, 0.25 s in the paper's).
+    #[arg(long)]
+    pub tpot_s: Option<f64>,
     /// Fixed KV look-ahead per request.
     #[arg(long, default_value_t = 512)]
     pub lookahead_tokens: u64,
     #[arg(long, default_value_t = 0.25)]
     pub kv_watermark: f64,
-    #[arg(long, default_value_t = 1.0)]
-    pub keep_alive_gpu_s: f64,
+    /// Idle seconds before a GPU instance unloads (default: 1, the paper's;
+    /// with --live-host, the live host's).
+    #[arg(long, value_parser = super::seconds)]
+    pub keep_alive_gpu_s: Option<f64>,
+    /// Idle seconds before a CPU instance unloads (default: 0, the paper's:
+    /// at once; with --live-host, the live host's).
+    #[arg(long, value_parser = super::seconds)]
+    pub keep_alive_cpu_s: Option<f64>,
+    /// Schedule with the live host's settings (`serve`'s: KV pools that
+    /// scale on CPUs too, early refusal, the load counted in the TTFT SLO,
+    /// its instance overhead and keep-alive) instead of the paper's: to
+    /// predict a live run, with a profile of its machine (`slinfer
+    /// profile`). The flags below still apply on top.
+    #[arg(long)]
+    pub live_host: bool,
     /// Weights load bandwidth onto a GPU, GiB/s (cold start = weights / this).
     #[arg(long, default_value_t = 8.0)]
     pub gpu_load_gib_per_s: f64,
@@ -95,6 +125,11 @@ pub struct SimulateArgs {
     /// rate says it would miss its deadline (the live host's setting).
     #[arg(long)]
     pub refuse_early: bool,
+    /// The TTFT SLO counts a cold start's load (the live host's setting):
+    /// the scheduler plans with it, and a request met its SLO only if its
+    /// TTFT, load included, is within it.
+    #[arg(long)]
+    pub ttft_counts_load: bool,
     /// Simulate a cluster of one member per device, each with its own
     /// scheduler, routed on state published every --publish-ms, one
     /// --hop-ms network hop per try (the default: one machine, one
@@ -131,10 +166,8 @@ pub struct SimulateArgs {
 
 pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     let mut profile = Profile::load(&args.profile)?;
-    profile.load_bytes_per_s[slinfer_scheduler::DeviceKind::Gpu] =
-        Some(args.gpu_load_gib_per_s * GIB);
-    profile.load_bytes_per_s[slinfer_scheduler::DeviceKind::Cpu] =
-        args.cpu_load_gib_per_s.map(|g| g * GIB);
+    profile.load_bytes_per_s[DeviceKind::Gpu] = Some(args.gpu_load_gib_per_s * GIB);
+    profile.load_bytes_per_s[DeviceKind::Cpu] = args.cpu_load_gib_per_s.map(|g| g * GIB);
     if let Some(q) = args.gpu_decode_quota {
         for m in &mut profile.models {
             m.gpu_decode_quota = q.max(1);
@@ -143,17 +176,27 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     let fns = load_trace(&args.trace)?;
     let model_type = profile.model_type(&args.model)?;
     let mut setup = SimSetup::paper(&profile, args.policy, model_type, args.gpus, args.cpus);
-    setup.slo.ttft_tokens_per_s = args.ttft_tokens_per_s;
-    setup.slo.ttft_min_s = args.ttft_min_s;
-    setup.slo.tpot_s = args.tpot_s;
+    let slo = &mut setup.slo;
+    slo.ttft_tokens_per_s = args.ttft_tokens_per_s.unwrap_or(slo.ttft_tokens_per_s);
+    slo.ttft_min_s = args.ttft_min_s.unwrap_or(slo.ttft_min_s);
+    slo.tpot_s = args.tpot_s.unwrap_or(slo.tpot_s);
+    if args.live_host {
+        setup.scheduler = slinfer_inference::live_scheduler_config(slinfer_inference::Scheduling {
+            policy: args.policy,
+            keep_alive_s: slinfer_inference::KEEP_ALIVE_S,
+        });
+    }
     let sc = &mut setup.scheduler;
     sc.lookahead_tokens = args.lookahead_tokens;
     sc.kv_watermark = args.kv_watermark;
-    sc.keep_alive_s[slinfer_scheduler::DeviceKind::Gpu] = args.keep_alive_gpu_s;
+    let keep_alive = &mut sc.keep_alive_s;
+    keep_alive[DeviceKind::Gpu] = args.keep_alive_gpu_s.unwrap_or(keep_alive[DeviceKind::Gpu]);
+    keep_alive[DeviceKind::Cpu] = args.keep_alive_cpu_s.unwrap_or(keep_alive[DeviceKind::Cpu]);
+    sc.ttft_counts_load |= args.ttft_counts_load;
     sc.predictor.quantile = args.predict_quantile;
     sc.predictor.min_history = args.predict_min_history;
     sc.preempt_keeps_kv = args.preempt_keeps_kv;
-    sc.refuse_early = args.refuse_early;
+    sc.refuse_early |= args.refuse_early;
     if args.cluster {
         anyhow::ensure!(
             args.publish_ms > 0.0 && args.hop_ms >= 0.0,
@@ -168,6 +211,9 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         duration_s: args.duration_s.unwrap_or(f64::INFINITY),
         jitter_s: args.jitter_s,
         seed: args.seed,
+        functions: (!args.functions.is_empty()).then(|| args.functions.clone()),
+        start_s: args.start_s,
+        time_scale: args.time_scale,
     };
 
     // A page that cannot be written is refused now, not after a run that
@@ -202,7 +248,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
             &fns,
             policies,
             ks,
-            replay,
+            &replay,
             |done, total, s| {
                 eprintln!(
                     "[{done}/{total}] {} at {} models: {} of {} requests met SLO ({:.1}%), {:.1} s elapsed",
@@ -232,13 +278,20 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         results
     } else {
         let reqs = replay.requests(&fns, args.models_per_group)?;
+        let models = replay.models(&fns, args.models_per_group);
+        if let Some(file) = &args.requests_out {
+            let out = RequestsFile {
+                policy: setup.scheduler.policy,
+                model: &profile.models[model_type.0 as usize].name,
+                models,
+                slo: &setup.slo,
+                requests: &reqs,
+            };
+            std::fs::write(file, serde_json::to_vec(&out)?).with_context(|| writing(file))?;
+            eprintln!("wrote {} requests to {}", reqs.len(), file.display());
+        }
         let started = Instant::now();
-        let result = simulate(
-            &profile,
-            &setup,
-            &reqs,
-            trace::models_at(&fns, args.models_per_group),
-        );
+        let result = simulate(&profile, &setup, &reqs, models);
         eprintln!("simulated in {:.2} s", started.elapsed().as_secs_f64());
         if args.json {
             println!("{}", serde_json::to_string(&result.summary)?);
@@ -267,6 +320,23 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--requests-out`: what `scripts/replay.py` sends to a live server.
+#[derive(serde::Serialize)]
+struct RequestsFile<'a> {
+    policy: Policy,
+    model: &'a str,
+    models: usize,
+    slo: &'a slinfer_scheduler::Slo,
+    requests: &'a [trace::TraceRequest],
+}
+
+fn positive(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        _ => Err(format!("`{s}` is not a number greater than 0")),
+    }
 }
 
 /// The runs of a `--sweep`: every policy at every load.

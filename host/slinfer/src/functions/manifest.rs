@@ -85,7 +85,12 @@ pub struct ModelsSpec {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SloSpec {
+    /// Time to first token; with `ttft_prompt_tokens_per_s`, its floor.
     pub ttft_ms: Option<u64>,
+    /// The TTFT SLO grows with the prompt: at least its tokens at this rate
+    /// (the paper's SLO is `max(prompt / 512, 0.5)` s: `ttft_ms = 500`,
+    /// `ttft_prompt_tokens_per_s = 512`).
+    pub ttft_prompt_tokens_per_s: Option<f64>,
     pub tpot_ms: Option<u64>,
 }
 
@@ -182,6 +187,13 @@ impl Manifest {
         }
         if self.slo.tpot_ms == Some(0) {
             return Err(ManifestError::Slo("tpot_ms"));
+        }
+        if self
+            .slo
+            .ttft_prompt_tokens_per_s
+            .is_some_and(|r| !(r.is_finite() && r > 0.0))
+        {
+            return Err(ManifestError::Slo("ttft_prompt_tokens_per_s"));
         }
         if self.invoke_key.as_deref() == Some("") {
             return Err(ManifestError::InvokeKey);
@@ -350,6 +362,18 @@ mod tests {
         assert!(matches!(e, ManifestError::OutboundHost(_)));
         let e = parse("name = \"x\"\ncomponent = \"a.wasm\"\n[slo]\ntpot_ms = 0\n").unwrap_err();
         assert_eq!(e, ManifestError::Slo("tpot_ms"));
+        for rate in ["0.0", "-512.0", "nan"] {
+            let e = parse(&format!(
+                "name = \"x\"\ncomponent = \"a.wasm\"\n[slo]\nttft_prompt_tokens_per_s = {rate}\n"
+            ))
+            .unwrap_err();
+            assert_eq!(e, ManifestError::Slo("ttft_prompt_tokens_per_s"), "{rate}");
+        }
+        let m = parse(
+            "name = \"x\"\ncomponent = \"a.wasm\"\n[slo]\nttft_ms = 500\nttft_prompt_tokens_per_s = 512.0\n",
+        )
+        .unwrap();
+        assert_eq!(m.slo.ttft_prompt_tokens_per_s, Some(512.0));
     }
 
     #[test]

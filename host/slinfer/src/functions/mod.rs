@@ -235,6 +235,7 @@ impl Functions {
             llm: LlmConfig {
                 allowed_models: models.clone(),
                 ttft_slo_s: manifest.slo.ttft_ms.map_or(0.0, |ms| ms as f64 / 1000.0),
+                ttft_prompt_tokens_per_s: manifest.slo.ttft_prompt_tokens_per_s.unwrap_or(0.0),
                 tpot_slo_s: manifest.slo.tpot_ms.map_or(0.0, |ms| ms as f64 / 1000.0),
             },
             nn: NnConfig {

@@ -1,0 +1,56 @@
+//! Timing an engine's steps through the engine contract: `serve
+//! --cpu-engine auto` compares two engines with it, `slinfer profile`
+//! measures this machine's latency tables with it.
+
+use std::time::Instant;
+
+use slinfer_engine::{EngineError, LlmInstance, SeqId, StepEntry};
+
+/// `n` prompt tokens valid in any vocabulary of `vocab` tokens (their
+/// values do not matter to a step's time).
+pub fn tokens(n: usize, vocab: u32) -> Vec<u32> {
+    (0..n as u32).map(|i| (i * 7919 + 13) % vocab).collect()
+}
+
+/// Appends `n` tokens to `seq` in one step (a prefill, or the extension of
+/// a sequence's context); the step's seconds.
+pub fn extend(inst: &mut dyn LlmInstance, seq: SeqId, n: usize) -> Result<f64, EngineError> {
+    let vocab = inst.config().vocab_size as u32;
+    let t = Instant::now();
+    inst.step(&[StepEntry {
+        seq,
+        tokens: tokens(n, vocab),
+    }])?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// Seconds per decode step of `seqs` together, over `steps` steps after one
+/// untimed step (first-call allocations). Each step appends a token to
+/// every sequence.
+pub fn decode_step_s(
+    inst: &mut dyn LlmInstance,
+    seqs: &[SeqId],
+    steps: usize,
+) -> Result<f64, EngineError> {
+    let vocab = inst.config().vocab_size as u32;
+    let batch = |t: u32| -> Vec<StepEntry> {
+        seqs.iter()
+            .map(|&seq| StepEntry {
+                seq,
+                tokens: vec![t % vocab],
+            })
+            .collect()
+    };
+    inst.step(&batch(1))?;
+    let t = Instant::now();
+    for k in 0..steps as u32 {
+        inst.step(&batch(k + 2))?;
+    }
+    Ok(t.elapsed().as_secs_f64() / steps.max(1) as f64)
+}
+
+/// The median of `xs` (not empty).
+pub fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
