@@ -1,0 +1,378 @@
+//! The paper's experiment on the live host: `serve --policy`, `slinfer
+//! profile` (a latency profile of this machine that `simulate` reads) and
+//! `scripts/replay.py` (a trace slice sent to a live server, measured as
+//! `simulate --json` reports a run). Real server, real OpenVINO engine,
+//! real HTTP.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use slinfer_e2e::{
+    Server, client, models_dir, package_variant, repo_root, shared_data, slinfer_bin, venv,
+};
+
+const MODEL: &str = "smollm2-135m-instruct";
+
+/// The tests that load models take turns: each times or schedules real
+/// work on the machine's few cores, which another test's loads would
+/// distort (a cold start twice as slow misses a deadline).
+static CPU: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn cpu_turn() -> std::sync::MutexGuard<'static, ()> {
+    CPU.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn slinfer(args: &[&str]) -> Output {
+    Command::new(slinfer_bin())
+        .args(args)
+        .env("SLINFER_VENV", venv())
+        .env("SLINFER_CPU_ENGINE", "openvino")
+        .output()
+        .expect("run slinfer")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn json_file(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).expect("read")).expect("JSON")
+}
+
+/// `simulate` on the shared trace with `profile`, a CPU-only machine and
+/// the live host's settings; its `--json` summary.
+fn simulate_with(profile: &Path, extra: &[&str]) -> Value {
+    let trace = shared_data().join("traces/azure-functions-128fn-30min.json");
+    let mut args = vec![
+        "simulate",
+        "--trace",
+        trace.to_str().unwrap(),
+        "--profile",
+        profile.to_str().unwrap(),
+        "--model",
+        MODEL,
+        "--gpus",
+        "0",
+        "--cpus",
+        "1",
+        "--live-host",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let out = slinfer(&args);
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).expect("simulate --json")
+}
+
+/// A fresh models folder holding a copy of the imported default model (so
+/// that what a test imports stays out of the project's `.data/models`).
+fn models_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = models_dir().join(MODEL);
+    let dst = dir.path().join(MODEL);
+    std::fs::create_dir(&dst).expect("mkdir");
+    for entry in std::fs::read_dir(&src).expect("default model imported (./dev setup)") {
+        let entry = entry.expect("entry");
+        if entry.file_type().expect("type").is_file() {
+            std::fs::copy(entry.path(), dst.join(entry.file_name())).expect("copy");
+        }
+    }
+    dir
+}
+
+#[test]
+fn profile_writes_a_profile_that_simulate_predicts_a_run_with() {
+    let _turn = cpu_turn();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("profile.json");
+    let models = models_dir();
+    let reference = shared_data().join("profiles/slinfer-artifact-latency-ms.json");
+    let reference = reference.to_str().unwrap();
+    let out = slinfer(&[
+        "profile",
+        "--models-dir",
+        models.to_str().unwrap(),
+        "--reference",
+        reference,
+        "--quick",
+        "--out",
+        file.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let p = json_file(&file);
+    let cpu = &p["latency"][MODEL]["cpu"]["cpu"];
+    for key in ["load_ms", "unload_ms", "kv_resize_ms"] {
+        assert!(
+            cpu[key].as_f64().is_some_and(|ms| ms >= 0.0),
+            "{key}: {cpu}"
+        );
+    }
+    assert!(
+        cpu["load_ms"].as_f64().unwrap() > 0.0,
+        "a load takes time: {cpu}"
+    );
+    let decode = cpu["decode_ms_by_context_then_batch"].as_array().unwrap();
+    assert!(!decode.is_empty(), "{cpu}");
+    let slo = &p["slo_in_paper"];
+    for key in ["tpot_s", "ttft_tokens_per_s", "ttft_min_s"] {
+        assert!(slo[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {slo}");
+    }
+    assert!(p["machine"]["cpu"].is_string(), "{}", p["machine"]);
+    assert_eq!(p["cluster_in_paper"]["cpu_nodes"], 1);
+
+    // simulate reads it: the model, its SLOs, its CPU node.
+    let s = simulate_with(&file, &["--functions", "8,16", "--duration-s", "120"]);
+    assert_eq!(s["model"], MODEL);
+    assert_eq!(
+        (s["models"].as_u64(), s["cpus"].as_u64()),
+        (Some(2), Some(1))
+    );
+    assert!(s["requests"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["completed"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["cold_starts"].as_u64().unwrap() > 0, "{s}");
+
+    // A model that is not there, and a reference model the reference
+    // profile lacks: clear errors, no file.
+    let none = dir.path().join("none.json");
+    let out = slinfer(&[
+        "profile",
+        "--models-dir",
+        models.to_str().unwrap(),
+        "--model",
+        "no-such-model",
+        "--reference",
+        reference,
+        "--quick",
+        "--out",
+        none.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("no model `no-such-model`"),
+        "{}",
+        text(&out)
+    );
+    let out = slinfer(&[
+        "profile",
+        "--models-dir",
+        models.to_str().unwrap(),
+        "--reference",
+        reference,
+        "--reference-model",
+        "gpt-17",
+        "--quick",
+        "--out",
+        none.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("gpt-17"), "{}", text(&out));
+    assert!(!none.exists());
+}
+
+#[test]
+fn replay_of_a_trace_slice_accounts_for_every_request_in_the_simulators_contract() {
+    let _turn = cpu_turn();
+    let models = models_copy();
+    let tmp = tempfile::tempdir().unwrap();
+    let venv = venv();
+    let server = Server::start_with(
+        &tmp.path().join("data"),
+        &[("SLINFER_VENV", venv.to_str().unwrap())],
+        &["--models-dir", models.path().to_str().unwrap()],
+    );
+    // 30 seconds of four functions' arrivals (the trace at twice its rate),
+    // with the artifact's SLOs.
+    let requests = tmp.path().join("requests.json");
+    let sim = slinfer_e2e::simulate(&[
+        "--functions",
+        "8,16,24,32",
+        "--time-scale",
+        "2",
+        "--duration-s",
+        "30",
+        "--gpus",
+        "0",
+        "--cpus",
+        "1",
+        "--requests-out",
+        requests.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(sim.status.success(), "{}", text(&sim));
+    let simulated: Value = serde_json::from_slice(&sim.stdout).unwrap();
+    let file = json_file(&requests);
+    let sent = file["requests"].as_array().unwrap().len();
+    assert!(sent >= 4, "{file}");
+    assert!(
+        file["requests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["arrival_s"].as_f64().unwrap() < 30.0)
+    );
+
+    let out_file = tmp.path().join("live.json");
+    let out = Command::new(venv.join("bin/python"))
+        .arg(repo_root().join("scripts/replay.py"))
+        .args(["--server", &server.url])
+        .args(["--data-dir", server.data_dir.to_str().unwrap()])
+        .args(["--models-dir", models.path().to_str().unwrap()])
+        .args(["--requests", requests.to_str().unwrap()])
+        .args(["--out", out_file.to_str().unwrap()])
+        .args(["--slinfer", slinfer_bin().to_str().unwrap()])
+        .args(["--timeout-s", "240"])
+        .arg("--per-request")
+        .output()
+        .expect("run replay.py");
+    assert!(out.status.success(), "{}\n{}", text(&out), server.log());
+    let live = json_file(&out_file);
+
+    // Every field of the simulator's contract, and the run's own.
+    for key in simulated.as_object().unwrap().keys() {
+        assert!(live.get(key).is_some(), "live result lacks `{key}`: {live}");
+    }
+    assert_eq!(live["live"], true);
+    assert_eq!(live["policy"], "slinfer");
+    assert_eq!(live["models"], 4);
+    let n = |k: &str| live[k].as_u64().unwrap_or_else(|| panic!("{k}: {live}")) as usize;
+    assert_eq!(n("sent"), sent);
+    assert_eq!(n("requests"), sent);
+    assert_eq!(
+        n("slo_met") + n("missed") + n("dropped") + n("errored"),
+        sent,
+        "{live}"
+    );
+    assert_eq!(n("completed"), n("slo_met") + n("missed"));
+    assert_eq!(n("errored"), 0, "nothing failed: {live}");
+    assert!(n("completed") > 0, "{live}");
+    assert!(n("cold_starts") >= 1, "{live}");
+    assert_eq!(live["prompt_length_mismatches"], 0, "{live}");
+    assert_eq!(live["per_request"].as_array().unwrap().len(), sent);
+}
+
+/// Two models' requests at once on a server with `--policy`; the most
+/// instances the CPU held together while both ran, as the status showed.
+async fn most_instances_at_once(policy: &str) -> usize {
+    let models = models_copy();
+    let tmp = tempfile::tempdir().unwrap();
+    let venv = venv();
+    let server = Server::start_with(
+        &tmp.path().join("data"),
+        &[("SLINFER_VENV", venv.to_str().unwrap())],
+        &[
+            "--models-dir",
+            models.path().to_str().unwrap(),
+            "--policy",
+            policy,
+            "--keep-alive-s",
+            "1",
+        ],
+    );
+    let gguf = models.path().join(MODEL).join("model.gguf");
+    let (ok, _, err) = server.cli(&["models", "import", gguf.to_str().unwrap(), "--name", "twin"]);
+    assert!(ok, "{err}");
+    let api = package_variant("openai-api", |m| {
+        m.replace(
+            "MODELS = \"smollm2-135m-instruct\"",
+            "MODELS = \"smollm2-135m-instruct,twin\"",
+        )
+        .replace(
+            "allowed = [\"smollm2-135m-instruct\"]",
+            "allowed = [\"smollm2-135m-instruct\", \"twin\"]",
+        )
+        .replace("ttft_ms = 5000", "ttft_ms = 60000")
+    });
+    server.deploy(api.path());
+    let status = {
+        let (url, token) = (server.url.clone(), server.token.clone());
+        move || {
+            let (url, token) = (url.clone(), token.clone());
+            async move {
+                let v: Value = client()
+                    .get(format!("{url}/v1/status"))
+                    .bearer_auth(token)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                v
+            }
+        }
+    };
+    assert_eq!(status().await["inference"]["policy"], policy);
+    let url = format!("{}/fn/openai-api/v1/completions", server.url);
+    let generate = move |model: &'static str| {
+        let url = url.clone();
+        async move {
+            client()
+                .post(url)
+                .json(&serde_json::json!({
+                    "model": model, "prompt": "Once upon a time", "max_tokens": 24,
+                    "min_tokens": 24, "ignore_eos": true, "temperature": 0
+                }))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let both = tokio::spawn(async move { tokio::join!(generate(MODEL), generate("twin")) });
+    let mut most = 0;
+    let started = Instant::now();
+    while !both.is_finished() && started.elapsed() < Duration::from_secs(120) {
+        let s = status().await;
+        let on_cpu: usize = s["inference"]["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["instances"].as_array().map_or(0, Vec::len))
+            .sum();
+        most = most.max(on_cpu);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (a, b) = both.await.unwrap();
+    for r in [a, b] {
+        let code = r.status();
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["usage"]["completion_tokens"], 24, "{body}");
+    }
+    most
+}
+
+#[test]
+fn sllm_gives_the_cpu_to_one_model_at_a_time_and_slinfer_shares_it() {
+    let _turn = cpu_turn();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // sllm: the second model waits for the first's instance to go (its
+    // keep-alive) and then has the CPU to itself; both are served.
+    assert_eq!(rt.block_on(most_instances_at_once("sllm")), 1);
+    // slinfer: both instances share the CPU at once.
+    assert_eq!(rt.block_on(most_instances_at_once("slinfer")), 2);
+}
+
+#[test]
+fn an_unknown_policy_or_a_bad_keep_alive_is_refused_at_start() {
+    for (flag, value, says) in [
+        ("--policy", "fifo", "unknown policy `fifo`"),
+        ("--keep-alive-s", "-1", "not a number of seconds"),
+        ("--keep-alive-s", "soon", "not a number of seconds"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = Command::new(slinfer_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(tmp.path())
+            .arg(format!("{flag}={value}"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(text(&out).contains(says), "{}", text(&out));
+    }
+}
