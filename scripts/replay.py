@@ -738,6 +738,23 @@ def percentile(sorted_xs: list[float], q: float) -> float | None:
     return sorted_xs[int(math.floor((len(sorted_xs) - 1) * q + 0.5))]
 
 
+def by_kind(devices: list, done: list, met: int, cold_by_device: dict | None) -> dict:
+    """The simulator's `by_kind` as far as a live run shows it."""
+    kinds = sorted({d.get("kind") for d in devices if d.get("kind")})
+    out = {}
+    for k in kinds:
+        names = {d.get("name") for d in devices if d.get("kind") == k}
+        alone = len(kinds) == 1
+        out[k] = {
+            "served": len(done) if alone else None,
+            "slo_met": met if alone else None,
+            "cold_starts": None if cold_by_device is None else
+            sum(v for dev, v in cold_by_device.items() if dev in names),
+            "busy_fraction": None,
+        }
+    return out
+
+
 def summarize(doc: dict, recs: list, makespan: float, status_after: dict,
               peaks: dict, m0: dict, m1: dict, models: set[str], calib: dict,
               loaded_at_start: list[str], per_request: bool) -> dict:
@@ -820,6 +837,11 @@ def summarize(doc: dict, recs: list, makespan: float, status_after: dict,
             "peak_committed_bytes": d.get("peak_committed_bytes",
                                           peaks.get(d.get("name"), d.get("committed_bytes", 0))),
         } for d in devices],
+        # Per kind of device. A live request does not say which device
+        # served it: with devices of one kind, that kind served them all;
+        # with both, the split is unknown (null). Busy time is not observable.
+        "by_kind": by_kind(devices, done, count["met"], by_label("slinfer_llm_cold_starts_total",
+                                                                 "device")),
         # One server; a cluster member's forwarding is not visible from here.
         "cluster": None,
         "routing_retries": 0,

@@ -108,6 +108,7 @@ mod tests {
                 held_bytes_at_end: 0,
                 makespan_s: 1.0,
                 nodes: Vec::new(),
+                by_kind: Default::default(),
                 cluster: None,
                 routing_retries: 0,
             },

@@ -138,6 +138,19 @@ pub struct NodeSummary {
     pub peak_committed_bytes: u64,
 }
 
+/// One kind of device's share of a run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct KindSummary {
+    /// Completed requests whose last token came from a device of this kind.
+    pub served: usize,
+    pub slo_met: usize,
+    /// Instances loaded on devices of this kind.
+    pub cold_starts: usize,
+    /// The devices' time spent in iterations, over the makespan and the
+    /// devices of the kind (`None` where it cannot be measured).
+    pub busy_fraction: Option<f64>,
+}
+
 /// The machine-readable result of one run (the `--json` contract).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Summary {
@@ -172,6 +185,9 @@ pub struct Summary {
     pub held_bytes_at_end: u64,
     pub makespan_s: f64,
     pub nodes: Vec<NodeSummary>,
+    /// Per kind of device (`cpu`, `gpu`): what it served, so a reader sees
+    /// what the CPUs add on top of sharing the GPUs.
+    pub by_kind: BTreeMap<String, KindSummary>,
     /// The cluster simulated, if one was.
     pub cluster: Option<ClusterSim>,
     /// Tries beyond each request's first member (refused, sent on).
@@ -226,6 +242,8 @@ struct SimReq {
     /// the SLO forgives it, as the paper's evaluation does.
     load_delay_s: f64,
     ended: u32,
+    /// The kind of device its last iteration ran on.
+    kind: Option<DeviceKind>,
 }
 
 /// A `Run`'s requests: (id, context tokens) to prefill, restore, decode.
@@ -246,6 +264,9 @@ struct NodeState {
     spec: NodeSpec,
     used_bytes: u64,
     peak_bytes: u64,
+    /// Seconds spent in iterations.
+    busy_s: f64,
+    cold_starts: usize,
     run: Option<Pending>,
 }
 
@@ -304,6 +325,7 @@ impl World<'_> {
                             kv_bytes,
                         } => {
                             self.cold_starts += 1;
+                            self.nodes[node].cold_starts += 1;
                             self.held.insert((m, instance), (weights_bytes, kv_bytes));
                             self.bump_used(node, weights_bytes + kv_bytes);
                             self.profile.load_s(model_type, kind)
@@ -442,6 +464,10 @@ impl World<'_> {
             }
             self.decode_tokens += outcomes.iter().map(|o| o.1).sum::<u64>();
         }
+        for o in &outcomes {
+            self.state[o.0 as usize].kind = Some(kind);
+        }
+        self.nodes[node].busy_s += t - now;
         let held_kv = self.held.get(&instance).map_or(0, |h| h.1);
         if kv_tokens_blocks * spec.block_bytes(kind) > held_kv {
             self.memory_violations += 1;
@@ -562,6 +588,7 @@ pub fn simulate(
                 finish_s: None,
                 load_delay_s: 0.0,
                 ended: 0,
+                kind: None,
             };
             reqs.len()
         ],
@@ -571,6 +598,8 @@ pub fn simulate(
                 spec,
                 used_bytes: 0,
                 peak_bytes: 0,
+                busy_s: 0.0,
+                cold_starts: 0,
                 run: None,
             })
             .collect(),
@@ -733,6 +762,23 @@ fn summarize(
     let mut tpots = Vec::new();
     let mut slo_met = 0;
     let mut end_violations = 0;
+    let mut by_kind: BTreeMap<String, KindSummary> = BTreeMap::new();
+    for kind in DeviceKind::ALL {
+        let nodes: Vec<&NodeState> = w.nodes.iter().filter(|n| n.spec.kind == kind).collect();
+        if nodes.is_empty() {
+            continue;
+        }
+        let busy_s: f64 = nodes.iter().map(|n| n.busy_s).sum();
+        by_kind.insert(
+            kind.name().to_string(),
+            KindSummary {
+                cold_starts: nodes.iter().map(|n| n.cold_starts).sum(),
+                busy_fraction: (makespan_s > 0.0)
+                    .then(|| busy_s / (makespan_s * nodes.len() as f64)),
+                ..KindSummary::default()
+            },
+        );
+    }
     for (i, s) in w.state.iter().enumerate() {
         if s.ended != 1 {
             end_violations += 1;
@@ -749,14 +795,21 @@ fn summarize(
         };
         ttfts.push(ttft);
         tpots.push(tpot);
+        let kind = s
+            .kind
+            .map(|k| by_kind.entry(k.name().to_string()).or_default());
         // The paper's SLO allows the load delay; where the scheduler counts
         // the load against the TTFT SLO (the live host), so does the tally.
         let load_allowance_s = match setup.scheduler.ttft_counts_load {
             true => 0.0,
             false => s.load_delay_s,
         };
-        if ttft <= setup.slo.ttft_s(r.input_tokens) + load_allowance_s && tpot <= setup.slo.tpot_s {
-            slo_met += 1;
+        let met =
+            ttft <= setup.slo.ttft_s(r.input_tokens) + load_allowance_s && tpot <= setup.slo.tpot_s;
+        slo_met += usize::from(met);
+        if let Some(k) = kind {
+            k.served += 1;
+            k.slo_met += usize::from(met);
         }
     }
     ttfts.sort_by(f64::total_cmp);
@@ -801,6 +854,7 @@ fn summarize(
         end_violations,
         held_bytes_at_end: w.nodes.iter().map(|n| n.used_bytes).sum(),
         makespan_s,
+        by_kind,
         cluster: setup.cluster,
         routing_retries: 0,
         nodes: w

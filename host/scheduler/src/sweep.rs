@@ -258,6 +258,7 @@ mod tests {
                 capacity_bytes: 1,
                 peak_committed_bytes: 0,
             }],
+            by_kind: Default::default(),
         }
     }
 

@@ -40,3 +40,21 @@ fn policies_keep_the_papers_order_on_a_slice_of_the_real_trace() {
         sllm.slo_met
     );
 }
+
+#[test]
+fn the_summary_splits_what_was_served_by_kind_of_device() {
+    let s = run(Policy::Slinfer, 2, 240.0, 4);
+    let (cpu, gpu) = (&s.by_kind["cpu"], &s.by_kind["gpu"]);
+    assert_eq!(cpu.served + gpu.served, s.completed, "{s:?}");
+    assert_eq!(cpu.slo_met + gpu.slo_met, s.slo_met);
+    assert_eq!(cpu.cold_starts + gpu.cold_starts, s.cold_starts);
+    assert!(cpu.served > 0 && gpu.served > 0, "{s:?}");
+    for k in [cpu, gpu] {
+        let busy = k.busy_fraction.unwrap();
+        assert!((0.0..=1.0).contains(&busy), "{busy}");
+    }
+    // sllm leaves the CPUs alone when there are GPUs.
+    let s = run(Policy::Sllm, 2, 240.0, 4);
+    assert_eq!(s.by_kind["cpu"].served, 0);
+    assert_eq!(s.by_kind["cpu"].busy_fraction, Some(0.0));
+}

@@ -1,5 +1,5 @@
 //! The per-node arbiter (the device goes to the runnable instance with the
-//! least headroom) and `pump`, which retires idle instances, retries
+//! least headroom; a CPU waits out a load) and `pump`, which retires idle instances, retries
 //! waiting requests and starts actions and runs.
 
 use super::*;
@@ -25,6 +25,17 @@ impl<C: CostModel> Scheduler<C> {
             return;
         }
         let kind = self.nodes[node].spec.kind;
+        // A load on a CPU (reading and compiling the model) takes the same
+        // cores as iterations: the device waits for it rather than run both
+        // at half speed, which the cost model would not see.
+        if kind == DeviceKind::Cpu
+            && self.nodes[node]
+                .instances
+                .iter()
+                .any(|i| matches!(self.instances[i].running, Some((_, Op::Load { .. }, _))))
+        {
+            return;
+        }
         let mut best: Option<(f64, InstanceId)> = None;
         for i in &self.nodes[node].instances {
             let inst = &self.instances[i];

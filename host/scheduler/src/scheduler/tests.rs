@@ -259,6 +259,39 @@ fn sllm_without_a_gpu_gives_the_cpu_to_one_instance_at_a_time() {
 }
 
 #[test]
+fn a_cpu_grants_no_iteration_while_an_instance_loads_on_it() {
+    let mut s = sched(Policy::Slinfer, &[(DeviceKind::Cpu, 1 << 20)], FAST);
+    s.submit(req(1, 1, 100, 10.0), 0.0);
+    let first = runs(&settle(&mut s, 0.0))[0];
+    // Another model arrives: its instance starts loading on the same CPU.
+    s.submit(req(2, 2, 100, 10.0), 0.0);
+    let load = s
+        .drain_commands()
+        .into_iter()
+        .find_map(|c| match c {
+            Command::Action {
+                node,
+                action,
+                op: ActionOp::Load { .. },
+                ..
+            } => Some((node, action)),
+            _ => None,
+        })
+        .expect("a load");
+    // The first instance's iteration ends; none follows while the load
+    // takes the cores.
+    let one = [RequestOutcome {
+        request: 1,
+        tokens: 1,
+        finished: false,
+    }];
+    s.iteration_done(0, first, &one, 0.01);
+    assert!(runs(&s.drain_commands()).is_empty());
+    s.action_done(load.0, load.1, 0.5);
+    assert!(!runs(&s.drain_commands()).is_empty());
+}
+
+#[test]
 fn existing_instances_are_tried_largest_batch_first() {
     let mut s = sched(Policy::Slinfer, &[(DeviceKind::Gpu, 1 << 20)], FAST);
     s.submit(req(1, 1, 100, 1.0), 0.0);

@@ -1,0 +1,282 @@
+#!/usr/bin/env python3
+"""The paper's experiment on this machine (`./dev experiment`): each policy
+live beside its simulated prediction, on one trace slice.
+
+    .venv/bin/python scripts/experiment.py --out DIR [--profile FILE]
+        [--functions 8,16,...] [--duration-s 600] [--time-scale 1]
+        [--policies sllm,sllm+c+s,slinfer] [--engine openvino]
+
+1. `slinfer profile` measures this machine's CPU engine on the default
+   model (skipped with --profile) and scales the paper's SLOs to it.
+2. `slinfer simulate --live-host --requests-out` picks the slice and
+   predicts each policy's run with that profile (`DIR/sim-POLICY.json`).
+3. A server is set up once (`scripts/replay.py --setup-only`: the models
+   and functions of the slice, the prompt calibration), then for each
+   policy started afresh with `serve --policy POLICY` (nothing loaded) and
+   replayed (`DIR/live-POLICY.json`).
+4. `DIR/results.json` holds both sides; `DIR/goodput.svg` plots them; the
+   table goes to stdout (the rows of BENCHMARKS.md).
+5. `--curve 0.25,0.5,...`: SLO attainment as load grows (arrivals that many
+   times faster), simulated at each scale for each policy, with the live
+   points of this run and of earlier ones (`--curve-with DIR,...`, their
+   results.json) on top: `DIR/curve.svg` and `DIR/curve.json`. With
+   `--curve-only`, nothing is run live.
+
+Standard library only. The server's files go to DIR/server (its models to
+DIR/server/models: one copy of the default model per trace function).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = "smollm2-135m-instruct"
+TRACE = os.path.join(ROOT, "../shared/data/traces/azure-functions-128fn-30min.json")
+REFERENCE = os.path.join(ROOT, "../shared/data/profiles/slinfer-artifact-latency-ms.json")
+
+
+def log(msg):
+    print(f"experiment: {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd, **kw):
+    log(" ".join(cmd))
+    return subprocess.run(cmd, check=True, **kw)
+
+
+class Server:
+    """`slinfer serve` on DIR/server, started and stopped per policy."""
+
+    def __init__(self, args, data_dir, models_dir, port):
+        self.args, self.data_dir, self.models_dir = args, data_dir, models_dir
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = None
+
+    def start(self, policy):
+        env = dict(os.environ, SLINFER_VENV=os.path.join(ROOT, ".venv"),
+                   SLINFER_LOG="info", NO_COLOR="1")
+        logf = open(os.path.join(self.data_dir, f"serve-{policy}.log"), "w")
+        self.proc = subprocess.Popen(
+            [self.args.slinfer, "serve", "--listen", self.url.removeprefix("http://"),
+             "--data-dir", self.data_dir, "--models-dir", self.models_dir,
+             "--cpu-engine", self.args.engine, "--policy", policy],
+            env=env, stdout=subprocess.DEVNULL, stderr=logf)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=2):
+                    return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise SystemExit(f"slinfer serve exited: see {logf.name}")
+                time.sleep(0.5)
+        raise SystemExit("slinfer serve did not answer /healthz in 120 s")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+def replay(args, server, requests, out, *extra):
+    run([os.path.join(ROOT, ".venv/bin/python"), os.path.join(ROOT, "scripts/replay.py"),
+         "--server", server.url, "--data-dir", server.data_dir,
+         "--models-dir", server.models_dir, "--requests", requests,
+         "--slinfer", args.slinfer, *(["--out", out] if out else []), *extra])
+
+
+def simulate(args, profile, policy, requests_out=None, time_scale=None):
+    cmd = [args.slinfer, "simulate", "--trace", TRACE, "--profile", profile,
+           "--model", MODEL, "--gpus", "0", "--cpus", "1", "--live-host",
+           "--functions", args.functions, "--duration-s", str(args.duration_s),
+           "--time-scale", str(time_scale or args.time_scale), "--policy", policy, "--json"]
+    if requests_out:
+        cmd += ["--requests-out", requests_out]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def svg(rows, path):
+    """Bars of SLO goodput (requests that met their SLO) per policy:
+    simulated and live side by side."""
+    w, h, pad, bar = 560, 300, 50, 40
+    top = max(max(r["sim"]["slo_met"], r["live"]["slo_met"]) for r in rows) or 1
+    scale = (h - 2 * pad) / top
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+           f'font-family="sans-serif" font-size="12">',
+           f'<text x="{pad}" y="20">Requests that met their SLO: simulated vs live</text>']
+    for i, r in enumerate(rows):
+        x = pad + i * (2 * bar + 40)
+        for j, (side, colour) in enumerate([("sim", "#9ab"), ("live", "#347")]):
+            v = r[side]["slo_met"]
+            y = h - pad - v * scale
+            out.append(f'<rect x="{x + j * bar}" y="{y:.1f}" width="{bar - 4}" '
+                       f'height="{v * scale:.1f}" fill="{colour}"/>')
+            out.append(f'<text x="{x + j * bar}" y="{y - 4:.1f}">{v}</text>')
+        out.append(f'<text x="{x}" y="{h - pad + 16}">{r["policy"]}</text>')
+    out.append(f'<rect x="{w - 150}" y="30" width="12" height="12" fill="#9ab"/>'
+               f'<text x="{w - 132}" y="40">simulated</text>'
+               f'<rect x="{w - 150}" y="48" width="12" height="12" fill="#347"/>'
+               f'<text x="{w - 132}" y="58">live</text></svg>')
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n")
+
+
+def curve(args, profile, out):
+    """Simulated SLO attainment of each policy at each time scale, and the
+    live points measured so far; writes curve.json and curve.svg."""
+    scales = [float(x) for x in args.curve.split(",")]
+    policies = args.policies.split(",")
+    sim = {p: [] for p in policies}
+    for scale in scales:
+        for p in policies:
+            s = simulate(args, profile, p, time_scale=scale)
+            sim[p].append((scale, s["slo_attainment"]))
+    live = {p: [] for p in policies}
+    dirs = [out] + [d for d in (args.curve_with or "").split(",") if d]
+    for d in dirs:
+        path = os.path.join(d, "results.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            res = json.load(f)
+        for r in res["rows"]:
+            if r["policy"] in live:
+                live[r["policy"]].append((res["time_scale"], r["live"]["slo_attainment"]))
+    with open(os.path.join(out, "curve.json"), "w") as f:
+        json.dump({"functions": args.functions, "duration_s": args.duration_s,
+                   "simulated": sim, "live": live}, f, indent=1)
+    w, h, pad = 560, 320, 50
+    xmax = max(scales + [x for pts in live.values() for x, _ in pts])
+    px = lambda x: pad + (w - 2 * pad) * x / xmax  # noqa: E731
+    py = lambda y: h - pad - (h - 2 * pad) * y  # noqa: E731
+    colours = ["#c33", "#d90", "#347", "#393", "#939"]
+    svg_out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+               f'font-family="sans-serif" font-size="12">',
+               f'<text x="{pad}" y="20">SLO attainment as load grows '
+               f'(lines: simulated; dots: live)</text>',
+               f'<line x1="{pad}" y1="{py(0)}" x2="{w - pad}" y2="{py(0)}" stroke="#888"/>',
+               f'<line x1="{pad}" y1="{py(0)}" x2="{pad}" y2="{py(1)}" stroke="#888"/>',
+               f'<text x="{w / 2 - 60}" y="{h - 12}">arrival rate (x the trace)</text>']
+    for y in (0.25, 0.5, 0.75, 1.0):
+        svg_out.append(f'<text x="{pad - 34}" y="{py(y) + 4:.1f}">{y:.2f}</text>')
+    for x in scales:
+        svg_out.append(f'<text x="{px(x) - 8:.1f}" y="{py(0) + 16}">{x:g}</text>')
+    for i, p in enumerate(policies):
+        c = colours[i % len(colours)]
+        pts = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in sim[p])
+        svg_out.append(f'<polyline points="{pts}" fill="none" stroke="{c}" stroke-width="2"/>')
+        for x, y in live[p]:
+            svg_out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="5" fill="{c}"/>')
+        svg_out.append(f'<text x="{w - pad - 60}" y="{40 + 16 * i}" fill="{c}">{p}</text>')
+    svg_out.append("</svg>")
+    with open(os.path.join(out, "curve.svg"), "w") as f:
+        f.write("\n".join(svg_out) + "\n")
+    print("| policy | " + " | ".join(f"x{x:g}" for x in scales) + " |")
+    print("|---|" + "---|" * len(scales))
+    for p in policies:
+        print(f"| {p} (simulated) | " + " | ".join(f"{y:.2f}" for _, y in sim[p]) + " |")
+        for x, y in sorted(live[p]):
+            print(f"| {p} (live at x{x:g}) | {y:.2f} |")
+
+
+def fmt(x, digits=2):
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="folder for every file of the run")
+    ap.add_argument("--profile", help="a profile of this machine (default: measure one)")
+    ap.add_argument("--functions", default="8,16,24,32,40,48,56,64")
+    ap.add_argument("--duration-s", type=float, default=600.0)
+    ap.add_argument("--time-scale", type=float, default=1.0)
+    ap.add_argument("--policies", default="sllm,sllm+c+s,slinfer")
+    ap.add_argument("--engine", default="openvino", help="serve --cpu-engine (and profile's)")
+    ap.add_argument("--port", type=int, default=18111)
+    ap.add_argument("--slinfer", default=os.path.join(ROOT, "target/debug/slinfer"))
+    ap.add_argument("--curve", help="time scales for the attainment curve, such as 0.5,1,2")
+    ap.add_argument("--curve-with", help="earlier experiment folders whose live points to plot")
+    ap.add_argument("--curve-only", action="store_true", help="only the curve (needs --profile)")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    out = os.path.abspath(args.out)
+    data_dir = os.path.join(out, "server")
+    models_dir = os.path.join(data_dir, "models")
+    os.makedirs(models_dir, exist_ok=True)
+    base = os.path.join(models_dir, MODEL)
+    if not os.path.isdir(base):
+        shutil.copytree(os.path.join(ROOT, ".data/models", MODEL), base)
+
+    profile = args.profile
+    if not profile:
+        profile = os.path.join(out, "profile.json")
+        run([args.slinfer, "profile", "--models-dir", models_dir, "--model", MODEL,
+             "--cpu-engine", args.engine, "--reference", REFERENCE, "--out", profile],
+            env=dict(os.environ, SLINFER_VENV=os.path.join(ROOT, ".venv")))
+    if args.curve_only:
+        if not (args.curve and args.profile):
+            raise SystemExit("--curve-only needs --curve and --profile")
+        curve(args, profile, out)
+        return
+    policies = args.policies.split(",")
+    requests = os.path.join(out, "requests.json")
+    sims = {}
+    for p in policies:
+        sims[p] = simulate(args, profile, p, requests_out=requests if p == policies[0] else None)
+        with open(os.path.join(out, f"sim-{p}.json"), "w") as f:
+            json.dump(sims[p], f, indent=1)
+
+    server = Server(args, data_dir, models_dir, args.port)
+    try:
+        server.start("slinfer")
+        replay(args, server, requests, None, "--setup-only")
+        server.stop()
+        for p in policies:
+            server.start(p)
+            replay(args, server, requests, os.path.join(out, f"live-{p}.json"), "--skip-setup",
+                   "--per-request")
+            server.stop()
+    finally:
+        server.stop()
+
+    rows = []
+    for p in policies:
+        with open(os.path.join(out, f"live-{p}.json")) as f:
+            rows.append({"policy": p, "sim": sims[p], "live": json.load(f)})
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"functions": args.functions, "duration_s": args.duration_s,
+                   "time_scale": args.time_scale, "profile": profile, "rows": rows}, f, indent=1)
+    svg(rows, os.path.join(out, "goodput.svg"))
+    print("| policy | requests | SLO met sim | SLO met live | live / sim | TTFT p50 sim / live (s) "
+          "| TTFT p99 sim / live (s) | TPOT p50 sim / live (ms) | TPOT p99 sim / live (ms) "
+          "| cold starts sim / live | dropped sim / live |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    ms = lambda x: None if x is None else 1e3 * x  # noqa: E731
+    for r in rows:
+        s, l = r["sim"], r["live"]
+        ratio = l["slo_met"] / s["slo_met"] if s["slo_met"] else None
+        print(f"| {r['policy']} | {s['requests']} | {s['slo_met']} | {l['slo_met']} | {fmt(ratio)} "
+              f"| {fmt(s['ttft_p50_s'])} / {fmt(l['ttft_p50_s'])} "
+              f"| {fmt(s['ttft_p99_s'])} / {fmt(l['ttft_p99_s'])} "
+              f"| {fmt(ms(s['tpot_p50_s']), 0)} / {fmt(ms(l['tpot_p50_s']), 0)} "
+              f"| {fmt(ms(s['tpot_p99_s']), 0)} / {fmt(ms(l['tpot_p99_s']), 0)} "
+              f"| {s['cold_starts']} / {l['cold_starts']} | {s['dropped']} / {l['dropped']} |")
+    if args.curve:
+        curve(args, profile, out)
+
+
+if __name__ == "__main__":
+    main()
