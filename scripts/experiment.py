@@ -4,7 +4,7 @@ live beside its simulated prediction, on one trace slice.
 
     .venv/bin/python scripts/experiment.py --out DIR [--profile FILE]
         [--functions 8,16,...] [--duration-s 600] [--time-scale 1]
-        [--policies sllm,sllm+c+s,slinfer] [--engine openvino]
+        [--policies sllm,sllm+c+s,slinfer] [--engine openvino] [--no-whole-path]
 
 1. `slinfer profile` measures this machine's CPU engine on the default
    model (skipped with --profile) and scales the paper's SLOs to it.
@@ -14,9 +14,21 @@ live beside its simulated prediction, on one trace slice.
    and functions of the slice, the prompt calibration), then for each
    policy started afresh with `serve --policy POLICY` (nothing loaded) and
    replayed (`DIR/live-POLICY.json`).
-4. `DIR/results.json` holds both sides; `DIR/goodput.svg` plots them; the
+4. Whole-path calibration (unless --no-whole-path): the profile times the
+   engine alone; the live host adds its own work to every iteration (the
+   grant's round trip, sampling, detokenizing, the Wasm function, its HTTP
+   stream). Probes on a fresh `serve --policy slinfer` measure it: one
+   stream (warm-up: its load is discarded), one stream, then four at once,
+   each a 96-token prompt and 64 tokens out on one replay model. The live
+   TPOT less the profile's decode step (its first context row, 128 tokens,
+   at batch 1 and 4) is the host's time per iteration of 1 and 4
+   sequences; a line through the two gives `host_ms_per_iteration` and
+   `host_ms_per_token`, written into a copy of the profile
+   (`DIR/profile-whole-path.json`) that predicts each policy again
+   (`DIR/sim-whole-path-POLICY.json`).
+5. `DIR/results.json` holds every side; `DIR/goodput.svg` plots them; the
    table goes to stdout (the rows of BENCHMARKS.md).
-5. `--curve 0.25,0.5,...`: SLO attainment as load grows (arrivals that many
+6. `--curve 0.25,0.5,...`: SLO attainment as load grows (arrivals that many
    times faster), simulated at each scale for each policy, with the live
    points of this run and of earlier ones (`--curve-with DIR,...`, their
    results.json) on top: `DIR/curve.svg` and `DIR/curve.json`. With
@@ -110,28 +122,113 @@ def simulate(args, profile, policy, requests_out=None, time_scale=None):
 
 def svg(rows, path):
     """Bars of SLO goodput (requests that met their SLO) per policy:
-    simulated and live side by side."""
-    w, h, pad, bar = 560, 300, 50, 40
-    top = max(max(r["sim"]["slo_met"], r["live"]["slo_met"]) for r in rows) or 1
+    simulated (engine profile, and whole path where measured) and live
+    side by side."""
+    sides = [("sim", "#9ab", "simulated: engine profile"),
+             ("sim_whole_path", "#6a8", "simulated: whole path"),
+             ("live", "#347", "live")]
+    sides = [s for s in sides if all(r.get(s[0]) for r in rows)]
+    bar = 40
+    group = len(sides) * bar + 40
+    w, h, pad = max(560, 100 + len(rows) * group + 200), 300, 50
+    top = max(r[s[0]]["slo_met"] for r in rows for s in sides) or 1
     scale = (h - 2 * pad) / top
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
            f'font-family="sans-serif" font-size="12">',
            f'<text x="{pad}" y="20">Requests that met their SLO: simulated vs live</text>']
     for i, r in enumerate(rows):
-        x = pad + i * (2 * bar + 40)
-        for j, (side, colour) in enumerate([("sim", "#9ab"), ("live", "#347")]):
+        x = pad + i * group
+        for j, (side, colour, _) in enumerate(sides):
             v = r[side]["slo_met"]
             y = h - pad - v * scale
             out.append(f'<rect x="{x + j * bar}" y="{y:.1f}" width="{bar - 4}" '
                        f'height="{v * scale:.1f}" fill="{colour}"/>')
             out.append(f'<text x="{x + j * bar}" y="{y - 4:.1f}">{v}</text>')
         out.append(f'<text x="{x}" y="{h - pad + 16}">{r["policy"]}</text>')
-    out.append(f'<rect x="{w - 150}" y="30" width="12" height="12" fill="#9ab"/>'
-               f'<text x="{w - 132}" y="40">simulated</text>'
-               f'<rect x="{w - 150}" y="48" width="12" height="12" fill="#347"/>'
-               f'<text x="{w - 132}" y="58">live</text></svg>')
+    for j, (_, colour, label) in enumerate(sides):
+        y = 30 + 18 * j
+        out.append(f'<rect x="{w - 200}" y="{y}" width="12" height="12" fill="{colour}"/>'
+                   f'<text x="{w - 182}" y="{y + 10}">{label}</text>')
+    out.append("</svg>")
     with open(path, "w") as f:
         f.write("\n".join(out) + "\n")
+
+
+PROBE_PROMPT, PROBE_OUTPUT = 96, 64
+
+
+def curve_at(pts, x):
+    """A profile curve `[[x, ms], ...]` at x, as host/scheduler/src/profile.rs
+    reads one: clamped below, linear inside, proportional beyond."""
+    if x <= pts[0][0]:
+        return pts[0][1]
+    for (xa, ya), (xb, yb) in zip(pts, pts[1:]):
+        if x <= xb:
+            return ya + (yb - ya) * (x - xa) / (xb - xa)
+    return pts[-1][1] * x / pts[-1][0]
+
+
+def engine_ms(profile):
+    """MODEL's CPU tables in `profile`: (prefill ms of the probe's prompt,
+    decode step ms at a batch on the first (shortest) context row)."""
+    with open(profile) as f:
+        t = json.load(f)["latency"][MODEL]["cpu"]["cpu"]
+    prefill = curve_at(t["prefill_ms_by_input_tokens"], PROBE_PROMPT)
+    return prefill, lambda batch: curve_at(t["decode_ms_by_context_then_batch"][0][1], batch)
+
+
+def whole_path(args, server, requests, profile, out):
+    """Measures what the live host adds to each iteration (step 4 of the
+    module's doc) and writes the profile that carries it; returns
+    (path, the figures)."""
+    with open(requests) as f:
+        slice_ = json.load(f)
+    function = slice_["requests"][0]["function"]
+    tpots, ttfts = {}, {}
+    server.start("slinfer")
+    try:
+        for name, streams in (("warm-up", 1), ("1", 1), ("4", 4)):
+            probe = os.path.join(out, f"probe-{name}-requests.json")
+            with open(probe, "w") as f:
+                json.dump({"requests": [{"function": function, "arrival_s": 0.0,
+                                         "input_tokens": PROBE_PROMPT,
+                                         "output_tokens": PROBE_OUTPUT}] * streams,
+                           "slo": slice_["slo"], "policy": "slinfer", "model": MODEL,
+                           "models": 1}, f)
+            result = os.path.join(out, f"probe-{name}.json")
+            replay(args, server, probe, result, "--skip-setup", "--per-request")
+            with open(result) as f:
+                done = [r for r in json.load(f)["per_request"]
+                        if r["outcome"] in ("met", "missed")]
+            if len(done) != streams:
+                raise SystemExit(f"probe {name}: {len(done)} of {streams} streams completed "
+                                 f"(see {result})")
+            tpots[streams] = sum(r["tpot_s"] for r in done) / streams * 1e3
+            ttfts[streams] = sum(r["ttft_s"] for r in done) / streams * 1e3
+    finally:
+        server.stop()
+    prefill_ms, step_ms = engine_ms(profile)
+    over = {b: tpots[b] - step_ms(b) for b in (1, 4)}
+    per_token = max(0.0, (over[4] - over[1]) / 3)
+    per_iteration = max(0.0, over[1] - per_token)
+    with open(profile) as f:
+        doc = json.load(f)
+    tables = doc["latency"][MODEL]["cpu"]["cpu"]
+    tables["host_ms_per_iteration"] = round(per_iteration, 3)
+    tables["host_ms_per_token"] = round(per_token, 3)
+    path = os.path.join(out, "profile-whole-path.json")
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+    # TTFT is reported beside the prediction's (prefill plus the host's
+    # time for one iteration of one sequence), not fitted.
+    figures = {"live_tpot_ms": {str(b): round(t, 3) for b, t in tpots.items()},
+               "profile_step_ms": {str(b): round(step_ms(b), 3) for b in (1, 4)},
+               "live_ttft_ms_1_stream": round(ttfts[1], 3),
+               "predicted_ttft_ms_1_stream": round(prefill_ms + per_iteration + per_token, 3),
+               "host_ms_per_iteration": tables["host_ms_per_iteration"],
+               "host_ms_per_token": tables["host_ms_per_token"]}
+    log(f"whole path: {figures}")
+    return path, figures
 
 
 def curve(args, profile, out):
@@ -210,6 +307,8 @@ def main():
     ap.add_argument("--curve", help="time scales for the attainment curve, such as 0.5,1,2")
     ap.add_argument("--curve-with", help="earlier experiment folders whose live points to plot")
     ap.add_argument("--curve-only", action="store_true", help="only the curve (needs --profile)")
+    ap.add_argument("--no-whole-path", action="store_true",
+                    help="skip the whole-path calibration (step 4)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     out = os.path.abspath(args.out)
@@ -244,6 +343,7 @@ def main():
         server.start("slinfer")
         replay(args, server, requests, None, "--setup-only")
         server.stop()
+        whole = None if args.no_whole_path else whole_path(args, server, requests, profile, out)
         for p in policies:
             server.start(p)
             replay(args, server, requests, os.path.join(out, f"live-{p}.json"), "--skip-setup",
@@ -255,20 +355,31 @@ def main():
     rows = []
     for p in policies:
         with open(os.path.join(out, f"live-{p}.json")) as f:
-            rows.append({"policy": p, "sim": sims[p], "live": json.load(f)})
+            row = {"policy": p, "sim": sims[p], "live": json.load(f), "sim_whole_path": None}
+        if whole:
+            row["sim_whole_path"] = simulate(args, whole[0], p)
+            with open(os.path.join(out, f"sim-whole-path-{p}.json"), "w") as f:
+                json.dump(row["sim_whole_path"], f, indent=1)
+        rows.append(row)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"functions": args.functions, "duration_s": args.duration_s,
-                   "time_scale": args.time_scale, "profile": profile, "rows": rows}, f, indent=1)
+                   "time_scale": args.time_scale, "profile": profile,
+                   "profile_whole_path": whole and whole[0], "whole_path": whole and whole[1],
+                   "rows": rows}, f, indent=1)
     svg(rows, os.path.join(out, "goodput.svg"))
-    print("| policy | requests | SLO met sim | SLO met live | live / sim | TTFT p50 sim / live (s) "
+    print("| policy | requests | SLO met sim | SLO met whole-path sim | SLO met live | live / sim "
+          "| live / whole-path sim | TTFT p50 sim / live (s) "
           "| TTFT p99 sim / live (s) | TPOT p50 sim / live (ms) | TPOT p99 sim / live (ms) "
           "| cold starts sim / live | dropped sim / live |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     ms = lambda x: None if x is None else 1e3 * x  # noqa: E731
     for r in rows:
-        s, l = r["sim"], r["live"]
+        s, l, wp = r["sim"], r["live"], r["sim_whole_path"]
         ratio = l["slo_met"] / s["slo_met"] if s["slo_met"] else None
-        print(f"| {r['policy']} | {s['requests']} | {s['slo_met']} | {l['slo_met']} | {fmt(ratio)} "
+        wp_met = wp["slo_met"] if wp else None
+        wp_ratio = l["slo_met"] / wp_met if wp_met else None
+        print(f"| {r['policy']} | {s['requests']} | {s['slo_met']} | {fmt(wp_met, 0)} "
+              f"| {l['slo_met']} | {fmt(ratio)} | {fmt(wp_ratio)} "
               f"| {fmt(s['ttft_p50_s'])} / {fmt(l['ttft_p50_s'])} "
               f"| {fmt(s['ttft_p99_s'])} / {fmt(l['ttft_p99_s'])} "
               f"| {fmt(ms(s['tpot_p50_s']), 0)} / {fmt(ms(l['tpot_p50_s']), 0)} "

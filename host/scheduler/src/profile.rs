@@ -59,6 +59,13 @@ struct DeviceTables {
     load_s: Option<f64>,
     unload_s: Option<f64>,
     kv_resize_s: Option<f64>,
+    /// What the live host adds to each engine iteration beyond the engine's
+    /// own step (the grant's round trip, sampling, detokenizing, the Wasm
+    /// function and its HTTP stream), measured end to end by
+    /// `scripts/experiment.py`: a fixed part per iteration and a part per
+    /// sequence in the batch. Zero where the profile does not say.
+    host_s_per_iteration: f64,
+    host_s_per_token: f64,
 }
 
 impl DeviceTables {
@@ -171,6 +178,8 @@ fn device_tables(v: &Value, what: &str) -> Result<DeviceTables, ProfileError> {
         load_s: seconds("load_ms")?,
         unload_s: seconds("unload_ms")?,
         kv_resize_s: seconds("kv_resize_ms")?,
+        host_s_per_iteration: seconds("host_ms_per_iteration")?.unwrap_or(0.0),
+        host_s_per_token: seconds("host_ms_per_token")?.unwrap_or(0.0),
     })
 }
 
@@ -296,6 +305,18 @@ impl Profile {
         self.tables[model.0 as usize][kind].as_ref().and_then(field)
     }
 
+    /// The host's own work around one engine iteration of `sequences`
+    /// sequences of `model` on `kind`: it keeps the device busy, but the
+    /// scheduler plans with the engine's step alone, as the live scheduler
+    /// does.
+    pub fn host_s(&self, model: ModelTypeId, kind: DeviceKind, sequences: u64) -> f64 {
+        self.tables[model.0 as usize][kind]
+            .as_ref()
+            .map_or(0.0, |t| {
+                t.host_s_per_iteration + t.host_s_per_token * sequences as f64
+            })
+    }
+
     fn tables(&self, model: ModelTypeId, kind: DeviceKind) -> &DeviceTables {
         self.tables[model.0 as usize][kind]
             .as_ref()
@@ -387,7 +408,8 @@ mod tests {
         let measured = MINI
             .replace(
                 r#""exclusive_concurrency_cap": 7}"#,
-                r#""exclusive_concurrency_cap": 7, "load_ms": 1500, "unload_ms": 20, "kv_resize_ms": 4}"#,
+                r#""exclusive_concurrency_cap": 7, "load_ms": 1500, "unload_ms": 20, "kv_resize_ms": 4,
+                   "host_ms_per_iteration": 3, "host_ms_per_token": 0.5}"#,
             )
             .replace(
                 r#""ttft_cap_s": 8}"#,
@@ -398,6 +420,8 @@ mod tests {
         assert_eq!(p.load_s(m, DeviceKind::Gpu), 1.5);
         assert_eq!(p.unload_s(m, DeviceKind::Gpu), 0.02);
         assert_eq!(p.kv_resize_s(m, DeviceKind::Gpu), 0.004);
+        assert!((p.host_s(m, DeviceKind::Gpu, 4) - 0.005).abs() < 1e-12);
+        assert_eq!(p.host_s(m, DeviceKind::Cpu, 4), 0.0);
         assert_eq!(p.paper.ttft_tokens_per_s, Some(600.0));
         assert_eq!(p.paper.ttft_min_s, Some(0.4));
         // The artifact's file has neither.
@@ -407,6 +431,7 @@ mod tests {
             (None, None)
         );
         assert_eq!(p.kv_resize_s(m, DeviceKind::Gpu), p.kv_resize_s);
+        assert_eq!(p.host_s(m, DeviceKind::Gpu, 4), 0.0);
         // A measured time must be a number of milliseconds, 0 or more.
         let bad = MINI.replace(
             r#""exclusive_concurrency_cap": 7}"#,
@@ -415,6 +440,14 @@ mod tests {
         assert!(matches!(
             Profile::parse(&bad),
             Err(ProfileError::Field(f)) if f.ends_with("load_ms")
+        ));
+        let bad = MINI.replace(
+            r#""exclusive_concurrency_cap": 7}"#,
+            r#""exclusive_concurrency_cap": 7, "host_ms_per_token": "x"}"#,
+        );
+        assert!(matches!(
+            Profile::parse(&bad),
+            Err(ProfileError::Field(f)) if f.ends_with("host_ms_per_token")
         ));
     }
 
@@ -437,6 +470,8 @@ mod tests {
             load_s: None,
             unload_s: None,
             kv_resize_s: None,
+            host_s_per_iteration: 0.0,
+            host_s_per_token: 0.0,
         };
         assert_eq!(t.decode_ms(768.0, 1.0), 20.0);
         assert_eq!(t.decode_ms(768.0, 1.5), 25.0);

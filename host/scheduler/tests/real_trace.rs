@@ -8,8 +8,22 @@ fn data() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data")
 }
 
+fn artifact_profile() -> String {
+    std::fs::read_to_string(data().join("profiles/slinfer-artifact-latency-ms.json")).unwrap()
+}
+
 fn run(policy: Policy, k: usize, duration_s: f64, cpus: usize) -> slinfer_scheduler::Summary {
-    let profile = Profile::load(&data().join("profiles/slinfer-artifact-latency-ms.json")).unwrap();
+    run_on(&artifact_profile(), policy, k, duration_s, cpus)
+}
+
+fn run_on(
+    profile: &str,
+    policy: Policy,
+    k: usize,
+    duration_s: f64,
+    cpus: usize,
+) -> slinfer_scheduler::Summary {
+    let profile = Profile::parse(profile).unwrap();
     let fns = load_trace(&data().join("traces/azure-functions-128fn-30min.json")).unwrap();
     let reqs = select(&fns, k, duration_s).unwrap();
     let mtype = profile.model_type("llama-2-7b").unwrap();
@@ -57,4 +71,20 @@ fn the_summary_splits_what_was_served_by_kind_of_device() {
     let s = run(Policy::Sllm, 2, 240.0, 4);
     assert_eq!(s.by_kind["cpu"].served, 0);
     assert_eq!(s.by_kind["cpu"].busy_fraction, Some(0.0));
+}
+
+#[test]
+fn the_hosts_work_per_iteration_lengthens_every_token() {
+    let bare = run(Policy::Slinfer, 2, 240.0, 0);
+    let mut v: serde_json::Value = serde_json::from_str(&artifact_profile()).unwrap();
+    v["latency"]["llama-2-7b"]["gpu"]["gpu"]["host_ms_per_iteration"] = 20.into();
+    let host = run_on(&v.to_string(), Policy::Slinfer, 2, 240.0, 0);
+    let (b, h) = (bare.tpot_p50_s.unwrap(), host.tpot_p50_s.unwrap());
+    // Every decode iteration carries the 20 ms, so the median token does.
+    assert!(
+        h - b >= 0.019,
+        "tpot p50 {b} s bare, {h} s with the host's work"
+    );
+    assert_eq!(host.completed + host.dropped, host.requests);
+    assert_eq!(host.memory_violations, 0);
 }
