@@ -12,8 +12,11 @@ live beside its simulated prediction, on one trace slice.
    predicts each policy's run with that profile (`DIR/sim-POLICY.json`).
 3. A server is set up once (`scripts/replay.py --setup-only`: the models
    and functions of the slice, the prompt calibration), then for each
-   policy started afresh with `serve --policy POLICY` (nothing loaded) and
-   replayed (`DIR/live-POLICY.json`).
+   policy started afresh with `serve --policy POLICY --profile PROFILE
+   --profile-model smollm2-135m-instruct` (nothing loaded; its scheduler
+   plans every replay model, a copy of the default model, with the
+   profile's tables, as the simulator does; PROFILE is step 4's whole-path
+   profile unless --no-whole-path) and replayed (`DIR/live-POLICY.json`).
 4. Whole-path calibration (unless --no-whole-path): the profile times the
    engine alone; the live host adds its own work to every iteration (the
    grant's round trip, sampling, detokenizing, the Wasm function, its HTTP
@@ -24,7 +27,8 @@ live beside its simulated prediction, on one trace slice.
    at batch 1 and 4) is the host's time per iteration of 1 and 4
    sequences; a line through the two gives `host_ms_per_iteration` and
    `host_ms_per_token`, written into a copy of the profile
-   (`DIR/profile-whole-path.json`) that predicts each policy again
+   (`DIR/profile-whole-path.json`) that the policies' servers plan with
+   (`serve --profile`) and that predicts each policy again
    (`DIR/sim-whole-path-POLICY.json`).
 5. `DIR/results.json` holds every side; `DIR/goodput.svg` plots them; the
    table goes to stdout (the rows of BENCHMARKS.md).
@@ -66,8 +70,9 @@ def run(cmd, **kw):
 class Server:
     """`slinfer serve` on DIR/server, started and stopped per policy."""
 
-    def __init__(self, args, data_dir, models_dir, port):
+    def __init__(self, args, data_dir, models_dir, port, profile):
         self.args, self.data_dir, self.models_dir = args, data_dir, models_dir
+        self.profile = profile
         self.url = f"http://127.0.0.1:{port}"
         self.proc = None
 
@@ -78,7 +83,8 @@ class Server:
         self.proc = subprocess.Popen(
             [self.args.slinfer, "serve", "--listen", self.url.removeprefix("http://"),
              "--data-dir", self.data_dir, "--models-dir", self.models_dir,
-             "--cpu-engine", self.args.engine, "--policy", policy],
+             "--cpu-engine", self.args.engine, "--policy", policy,
+             "--profile", self.profile, "--profile-model", MODEL],
             env=env, stdout=subprocess.DEVNULL, stderr=logf)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -338,12 +344,14 @@ def main():
         with open(os.path.join(out, f"sim-{p}.json"), "w") as f:
             json.dump(sims[p], f, indent=1)
 
-    server = Server(args, data_dir, models_dir, args.port)
+    server = Server(args, data_dir, models_dir, args.port, profile)
     try:
         server.start("slinfer")
         replay(args, server, requests, None, "--setup-only")
         server.stop()
         whole = None if args.no_whole_path else whole_path(args, server, requests, profile, out)
+        if whole:
+            server.profile = whole[0]
         for p in policies:
             server.start(p)
             replay(args, server, requests, os.path.join(out, f"live-{p}.json"), "--skip-setup",

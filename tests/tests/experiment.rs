@@ -359,17 +359,28 @@ fn sllm_gives_the_cpu_to_one_model_at_a_time_and_slinfer_shares_it() {
 }
 
 #[test]
-fn an_unknown_policy_or_a_bad_keep_alive_is_refused_at_start() {
-    for (flag, value, says) in [
-        ("--policy", "fifo", "unknown policy `fifo`"),
-        ("--keep-alive-s", "-1", "not a number of seconds"),
-        ("--keep-alive-s", "soon", "not a number of seconds"),
+fn an_unknown_policy_a_bad_keep_alive_or_a_bad_profile_is_refused_at_start() {
+    let artifact = shared_data().join("profiles/slinfer-artifact-latency-ms.json");
+    let artifact = format!("--profile={}", artifact.display());
+    for (flags, says) in [
+        (vec!["--policy=fifo"], "unknown policy `fifo`"),
+        (vec!["--keep-alive-s=-1"], "not a number of seconds"),
+        (vec!["--keep-alive-s=soon"], "not a number of seconds"),
+        (
+            vec!["--profile=/no/such/profile.json"],
+            "reading profile /no/such/profile.json",
+        ),
+        (
+            vec![&artifact, "--profile-model=gpt-17"],
+            "model `gpt-17` is not in the profile",
+        ),
+        (vec!["--profile-model=gpt-17"], "--profile <PROFILE>"),
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let out = Command::new(slinfer_bin())
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(tmp.path())
-            .arg(format!("{flag}={value}"))
+            .args(&flags)
             .output()
             .unwrap();
         assert!(!out.status.success());

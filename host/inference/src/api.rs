@@ -14,12 +14,14 @@ pub const DEFAULT_MAX_TOKENS: u32 = 256;
 /// Idle time before an instance is unloaded (the CPU engine recompiles the
 /// model on every load, which takes seconds).
 pub const KEEP_ALIVE_S: f64 = 300.0;
-/// The scheduling policy of the live host (`serve --policy`) and the idle
-/// time before an instance unloads (`serve --keep-alive-s`).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// The scheduling policy of the live host (`serve --policy`), the idle
+/// time before an instance unloads (`serve --keep-alive-s`) and the measured
+/// profile it plans with, if any (`serve --profile`).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Scheduling {
     pub policy: slinfer_scheduler::Policy,
     pub keep_alive_s: f64,
+    pub profile: Option<crate::cost::PlanProfile>,
 }
 
 impl Default for Scheduling {
@@ -27,6 +29,7 @@ impl Default for Scheduling {
         Scheduling {
             policy: slinfer_scheduler::Policy::Slinfer,
             keep_alive_s: KEEP_ALIVE_S,
+            profile: None,
         }
     }
 }

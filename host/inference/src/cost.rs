@@ -5,10 +5,18 @@
 //! on every observed iteration corrects it through an exponentially weighted
 //! moving average of observed/predicted time (separately for prefill and
 //! decode). The scheduler applies its own safety factors on top.
+//!
+//! With a measured profile (`serve --profile`, written by `slinfer
+//! profile`), a model the profile covers is planned with its tables instead
+//! (prefill by prompt tokens, decode by context and batch, load, unload and
+//! resize times), as measured: no calibration at load and no correction,
+//! the costs `slinfer simulate` predicts with. (The correction is a single
+//! factor: folding in a 1-token prefill the table clamps would move the
+//! plan of a 4,000-token one.)
 
 use std::sync::{Arc, RwLock};
 
-use slinfer_scheduler::{CostModel, DeviceKind, ModelTypeId, PerKind};
+use slinfer_scheduler::{CostModel, DeviceKind, ModelTypeId, PerKind, Profile};
 
 /// Weight of a new observation in the moving average.
 const EWMA_ALPHA: f64 = 0.2;
@@ -68,34 +76,90 @@ impl Costs {
     }
 }
 
+/// A measured profile the live scheduler plans with (`serve --profile`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlanProfile {
+    pub profile: Arc<Profile>,
+    /// The profile's model that plans a model it does not name (`serve
+    /// --profile-model`): copies and fine-tunes of one base cost the same.
+    pub default_model: Option<String>,
+}
+
+impl PlanProfile {
+    /// The profile's entry for the model `name`, if any.
+    fn model_for(&self, name: &str) -> Option<ModelTypeId> {
+        let p = &self.profile;
+        p.model_type(name)
+            .ok()
+            .or_else(|| p.model_type(self.default_model.as_deref()?).ok())
+    }
+}
+
+struct Entry {
+    costs: PerKind<Costs>,
+    /// The profile's model for this one, where the profile has it.
+    profiled: Option<ModelTypeId>,
+}
+
 /// Shared between the scheduler (reads) and the instance runners (updates).
 #[derive(Clone, Default)]
-pub(crate) struct LiveCost(Arc<RwLock<Vec<PerKind<Costs>>>>);
+pub(crate) struct LiveCost {
+    entries: Arc<RwLock<Vec<Entry>>>,
+    profile: Option<PlanProfile>,
+}
 
 impl LiveCost {
-    fn get(&self, model: ModelTypeId, kind: DeviceKind) -> Costs {
-        let v = self.0.read().unwrap_or_else(|e| e.into_inner());
-        v.get(model.0 as usize)
-            .map(|c| c[kind])
-            .unwrap_or_else(|| Costs::estimate(kind, 1 << 30))
-    }
-
-    /// Adds the estimates of a model type (its id is the next index).
-    pub fn push(&self, costs: PerKind<Costs>) {
-        self.0
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(costs);
-    }
-
-    pub fn update(&self, model: ModelTypeId, kind: DeviceKind, f: impl FnOnce(&mut Costs)) {
-        let mut v = self.0.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = v.get_mut(model.0 as usize) {
-            f(&mut c[kind]);
+    pub fn new(profile: Option<PlanProfile>) -> Self {
+        LiveCost {
+            entries: Arc::default(),
+            profile,
         }
     }
 
-    /// Folds one observed prefill iteration into the correction.
+    /// The model's costs on `kind`, and its profile entry where the profile
+    /// covers that kind.
+    fn get(
+        &self,
+        model: ModelTypeId,
+        kind: DeviceKind,
+    ) -> (Costs, Option<(&Profile, ModelTypeId)>) {
+        let v = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        let Some(e) = v.get(model.0 as usize) else {
+            return (Costs::estimate(kind, 1 << 30), None);
+        };
+        let profiled = self
+            .profile
+            .as_ref()
+            .zip(e.profiled)
+            .map(|(p, m)| (p.profile.as_ref(), m))
+            .filter(|(p, m)| p.covers(*m, kind));
+        (e.costs[kind], profiled)
+    }
+
+    /// Whether the profile plans `model` on `kind` (its runners then skip
+    /// the calibration at load).
+    pub fn profiled(&self, model: ModelTypeId, kind: DeviceKind) -> bool {
+        self.get(model, kind).1.is_some()
+    }
+
+    /// Adds the estimates of a model type (its id is the next index).
+    pub fn push(&self, name: &str, costs: PerKind<Costs>) {
+        let profiled = self.profile.as_ref().and_then(|p| p.model_for(name));
+        self.entries
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Entry { costs, profiled });
+    }
+
+    pub fn update(&self, model: ModelTypeId, kind: DeviceKind, f: impl FnOnce(&mut Costs)) {
+        let mut v = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = v.get_mut(model.0 as usize) {
+            f(&mut e.costs[kind]);
+        }
+    }
+
+    /// Folds one observed prefill iteration into the correction (none for
+    /// a profiled model).
     pub fn observe_prefill(
         &self,
         model: ModelTypeId,
@@ -103,13 +167,17 @@ impl LiveCost {
         tokens: u64,
         observed_s: f64,
     ) {
+        if self.profiled(model, kind) {
+            return;
+        }
         self.update(model, kind, |c| {
             let r = (observed_s / c.prefill_raw_s(tokens).max(1e-6)).clamp(0.25, 4.0);
             c.prefill_factor = (1.0 - EWMA_ALPHA) * c.prefill_factor + EWMA_ALPHA * r;
         });
     }
 
-    /// Folds one observed decode iteration into the correction.
+    /// Folds one observed decode iteration into the correction (none for a
+    /// profiled model).
     pub fn observe_decode(
         &self,
         model: ModelTypeId,
@@ -117,32 +185,135 @@ impl LiveCost {
         batch: u64,
         observed_s: f64,
     ) {
+        if self.profiled(model, kind) {
+            return;
+        }
         self.update(model, kind, |c| {
             let r = (observed_s / c.decode_raw_s(batch).max(1e-6)).clamp(0.25, 4.0);
             c.decode_factor = (1.0 - EWMA_ALPHA) * c.decode_factor + EWMA_ALPHA * r;
         });
     }
+
+    /// A time the profile measured for `model` on `kind`, else `fallback`.
+    fn profiled_or(
+        &self,
+        model: ModelTypeId,
+        kind: DeviceKind,
+        measured: impl Fn(&Profile, ModelTypeId) -> f64,
+        fallback: impl Fn(&Costs) -> f64,
+    ) -> f64 {
+        let (c, profiled) = self.get(model, kind);
+        profiled.map_or_else(|| fallback(&c), |(p, m)| measured(p, m))
+    }
 }
 
 impl CostModel for LiveCost {
     fn prefill_s(&self, model: ModelTypeId, kind: DeviceKind, tokens: u64) -> f64 {
-        let c = self.get(model, kind);
-        c.prefill_raw_s(tokens) * c.prefill_factor
+        self.profiled_or(
+            model,
+            kind,
+            |p, m| p.prefill_s(m, kind, tokens),
+            |c| c.prefill_raw_s(tokens) * c.prefill_factor,
+        )
     }
-    fn decode_s(&self, model: ModelTypeId, kind: DeviceKind, _context: u64, batch: u64) -> f64 {
-        let c = self.get(model, kind);
-        c.decode_raw_s(batch) * c.decode_factor
+    fn decode_s(&self, model: ModelTypeId, kind: DeviceKind, context: u64, batch: u64) -> f64 {
+        self.profiled_or(
+            model,
+            kind,
+            |p, m| p.decode_s(m, kind, context, batch),
+            |c| c.decode_raw_s(batch) * c.decode_factor,
+        )
     }
     fn load_s(&self, model: ModelTypeId, kind: DeviceKind) -> f64 {
-        self.get(model, kind).load_s
+        self.profiled_or(model, kind, |p, m| p.load_s(m, kind), |c| c.load_s)
     }
-    fn kv_resize_s(&self, _model: ModelTypeId, _kind: DeviceKind) -> f64 {
-        0.01
+    fn kv_resize_s(&self, model: ModelTypeId, kind: DeviceKind) -> f64 {
+        self.profiled_or(model, kind, |p, m| p.kv_resize_s(m, kind), |_| 0.01)
     }
-    fn unload_s(&self, _model: ModelTypeId, _kind: DeviceKind) -> f64 {
-        0.05
+    fn unload_s(&self, model: ModelTypeId, kind: DeviceKind) -> f64 {
+        self.profiled_or(model, kind, |p, m| p.unload_s(m, kind), |_| 0.05)
     }
-    fn kv_swap_s(&self, _model: ModelTypeId, _kind: DeviceKind, tokens: u64) -> f64 {
-        tokens as f64 * 2e-6
+    fn kv_swap_s(&self, model: ModelTypeId, kind: DeviceKind, tokens: u64) -> f64 {
+        self.profiled_or(
+            model,
+            kind,
+            |p, m| p.kv_swap_s(m, kind, tokens),
+            |_| tokens as f64 * 2e-6,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PROFILE: &str = r#"{
+      "safety_factors_used_by_artifact_scheduler": {"gpu": 1.05, "cpu": 1.1},
+      "models": {"base": {"weights_gb": 0.3, "kv_kb_per_token": 90,
+                 "block_tokens": {"cpu": 32, "gpu": 16}, "cpu_kv_gb": 1}},
+      "cluster_in_paper": {"gpu_node_memory_gb": 10, "cpu_node_memory_gb": 20,
+        "instance_slots_per_cpu": {"base": 4}, "per_instance_overhead_gb": 0.5},
+      "slo_in_paper": {"tpot_s": 0.05, "scheduler_margin": 0.95, "ttft_cap_s": 8},
+      "latency": {"base": {"cpu": {"cpu": {
+        "prefill_ms_by_input_tokens": [[16, 10], [512, 250]],
+        "decode_ms_by_context_then_batch": [[128, [[1, 8], [16, 24]]], [1024, [[1, 16], [16, 48]]]],
+        "load_ms": 1300, "unload_ms": 30, "kv_resize_ms": 7}}}}
+    }"#;
+
+    fn live(default_model: Option<&str>) -> LiveCost {
+        let cost = LiveCost::new(Some(PlanProfile {
+            profile: Arc::new(Profile::parse(PROFILE).unwrap()),
+            default_model: default_model.map(str::to_string),
+        }));
+        for name in ["base", "a-copy"] {
+            cost.push(name, Costs::estimates(PerKind::splat(300 << 20)));
+        }
+        cost
+    }
+
+    const BASE: ModelTypeId = ModelTypeId(0);
+    const COPY: ModelTypeId = ModelTypeId(1);
+    const CPU: DeviceKind = DeviceKind::Cpu;
+
+    #[test]
+    fn a_profiled_model_is_planned_with_the_profiles_tables() {
+        let cost = live(None);
+        assert!(cost.profiled(BASE, CPU));
+        assert_eq!(cost.decode_s(BASE, CPU, 128, 16), 0.024);
+        assert_eq!(cost.decode_s(BASE, CPU, 1024, 1), 0.016);
+        assert_eq!(cost.prefill_s(BASE, CPU, 512), 0.25);
+        assert_eq!(cost.load_s(BASE, CPU), 1.3);
+        assert_eq!(cost.kv_resize_s(BASE, CPU), 0.007);
+        // Not on a kind the profile has no table for, nor a model it does
+        // not name: those keep the estimate (and the calibration at load).
+        assert!(!cost.profiled(BASE, DeviceKind::Gpu));
+        assert!(!cost.profiled(COPY, CPU));
+        let estimate = Costs::estimate(CPU, 300 << 20);
+        assert_eq!(cost.decode_s(COPY, CPU, 128, 16), estimate.decode_raw_s(16));
+    }
+
+    #[test]
+    fn the_default_model_plans_the_models_the_profile_does_not_name() {
+        let cost = live(Some("base"));
+        assert!(cost.profiled(COPY, CPU));
+        assert_eq!(cost.decode_s(COPY, CPU, 128, 16), 0.024);
+    }
+
+    #[test]
+    fn observed_steps_correct_the_estimate_but_not_the_profile() {
+        let cost = live(None);
+        let estimate = cost.decode_s(COPY, CPU, 128, 4);
+        for _ in 0..40 {
+            cost.observe_decode(BASE, CPU, 4, 0.2);
+            cost.observe_decode(COPY, CPU, 4, 2.0 * estimate);
+            cost.observe_prefill(BASE, CPU, 1, 0.2);
+        }
+        assert_eq!(cost.decode_s(BASE, CPU, 128, 16), 0.024);
+        assert_eq!(cost.prefill_s(BASE, CPU, 512), 0.25);
+        let corrected = cost.decode_s(COPY, CPU, 128, 4);
+        assert!(
+            (corrected / estimate - 2.0).abs() < 0.01,
+            "{corrected} vs {estimate}"
+        );
     }
 }

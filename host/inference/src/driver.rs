@@ -69,7 +69,7 @@ pub(crate) enum Msg {
 
 /// The policy the live host runs, with this host's settings (`slinfer
 /// simulate --live-host` simulates with them too).
-pub fn live_scheduler_config(scheduling: Scheduling) -> SchedulerConfig {
+pub fn live_scheduler_config(scheduling: &Scheduling) -> SchedulerConfig {
     let mut cfg = SchedulerConfig::paper(scheduling.policy);
     cfg.keep_alive_s = PerKind::splat(scheduling.keep_alive_s);
     cfg.instance_overhead_bytes = INSTANCE_OVERHEAD_BYTES;
@@ -126,12 +126,12 @@ pub(crate) fn spawn(
     memory: Option<Arc<MemoryBudget>>,
     scheduling: Scheduling,
 ) -> anyhow::Result<(Sender<Msg>, std::thread::JoinHandle<()>)> {
-    let cost = LiveCost::default();
+    let cost = LiveCost::new(scheduling.profile.clone());
     let specs = models
         .iter()
         .map(|m| {
             let spec = m.spec();
-            cost.push(Costs::estimates(spec.weights_bytes));
+            cost.push(&m.name, Costs::estimates(spec.weights_bytes));
             spec
         })
         .collect();
@@ -143,7 +143,7 @@ pub(crate) fn spawn(
         })
         .collect();
     let sched = Scheduler::new(
-        live_scheduler_config(scheduling),
+        live_scheduler_config(&scheduling),
         specs,
         nodes,
         cost.clone(),
@@ -325,7 +325,8 @@ impl Driver {
             } => self.sched.instance_measured(instance, static_bytes, now),
             Msg::AddModel(entry) => {
                 let spec = entry.spec();
-                self.cost.push(Costs::estimates(spec.weights_bytes));
+                self.cost
+                    .push(&entry.name, Costs::estimates(spec.weights_bytes));
                 let t = self.sched.add_model_type(spec);
                 debug_assert_eq!(t.0 as usize, self.models.len());
                 self.models.push(entry);

@@ -33,6 +33,7 @@ mod stats;
 mod text;
 
 pub use api::*;
+pub use cost::PlanProfile;
 pub use devices::{
     Device, GPU_MEMORY_MARGIN_BYTES, GPU_MEMORY_MARGIN_FRACTION, gpu_capacity_bytes,
 };

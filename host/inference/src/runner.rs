@@ -307,6 +307,11 @@ impl InstanceRunner {
     /// Measures prefill and decode on the fresh instance (see `cost`).
     fn calibrate(&self, inst: &mut dyn LlmInstance, load_s: f64) {
         let (mtype, kind) = (self.mtype, self.device.kind);
+        if self.cost.profiled(mtype, kind) {
+            // The measured profile plans this model.
+            self.cost.update(mtype, kind, |c| c.load_s = load_s);
+            return;
+        }
         let a = CALIBRATION_SEQ;
         let b = CALIBRATION_SEQ + 1;
         let tok = self.model.package.manifest.config.bos_token_id.unwrap_or(1);

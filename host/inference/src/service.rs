@@ -104,6 +104,7 @@ impl Inference {
         }
         let stats = Arc::new(SharedStats::default());
         let metrics = config.metrics.unwrap_or_default();
+        let policy = config.scheduling.policy;
         let (tx, driver) = driver::spawn(
             catalog.all.clone(),
             config.devices.clone(),
@@ -121,7 +122,7 @@ impl Inference {
             stats,
             functions: Mutex::new(HashMap::new()),
             remote: OnceLock::new(),
-            policy: config.scheduling.policy,
+            policy,
         }))
     }
 

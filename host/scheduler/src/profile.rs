@@ -61,9 +61,11 @@ struct DeviceTables {
     kv_resize_s: Option<f64>,
     /// What the live host adds to each engine iteration beyond the engine's
     /// own step (the grant's round trip, sampling, detokenizing, the Wasm
-    /// function and its HTTP stream), measured end to end by
-    /// `scripts/experiment.py`: a fixed part per iteration and a part per
-    /// sequence in the batch. Zero where the profile does not say.
+    /// function and its HTTP stream, all on the cores a CPU engine uses),
+    /// measured end to end by `scripts/experiment.py`: a fixed part per
+    /// iteration and a part per sequence in the batch. Part of every
+    /// prefill and decode time the profile gives; zero where it does not
+    /// say.
     host_s_per_iteration: f64,
     host_s_per_token: f64,
 }
@@ -305,16 +307,19 @@ impl Profile {
         self.tables[model.0 as usize][kind].as_ref().and_then(field)
     }
 
+    /// Whether the profile has tables for `model` on `kind` (its costs are
+    /// only asked there).
+    pub fn covers(&self, model: ModelTypeId, kind: DeviceKind) -> bool {
+        self.tables
+            .get(model.0 as usize)
+            .is_some_and(|t| t[kind].is_some())
+    }
+
     /// The host's own work around one engine iteration of `sequences`
-    /// sequences of `model` on `kind`: it keeps the device busy, but the
-    /// scheduler plans with the engine's step alone, as the live scheduler
-    /// does.
-    pub fn host_s(&self, model: ModelTypeId, kind: DeviceKind, sequences: u64) -> f64 {
-        self.tables[model.0 as usize][kind]
-            .as_ref()
-            .map_or(0.0, |t| {
-                t.host_s_per_iteration + t.host_s_per_token * sequences as f64
-            })
+    /// sequences of `model` on `kind`.
+    fn host_s(&self, model: ModelTypeId, kind: DeviceKind, sequences: u64) -> f64 {
+        let t = self.tables(model, kind);
+        t.host_s_per_iteration + t.host_s_per_token * sequences as f64
     }
 
     fn tables(&self, model: ModelTypeId, kind: DeviceKind) -> &DeviceTables {
@@ -326,7 +331,7 @@ impl Profile {
 
 impl CostModel for Profile {
     fn prefill_s(&self, model: ModelTypeId, kind: DeviceKind, tokens: u64) -> f64 {
-        self.tables(model, kind).prefill_ms.at(tokens as f64) / 1000.0
+        self.tables(model, kind).prefill_ms.at(tokens as f64) / 1000.0 + self.host_s(model, kind, 1)
     }
 
     fn decode_s(
@@ -339,6 +344,7 @@ impl CostModel for Profile {
         self.tables(model, kind)
             .decode_ms(context_tokens as f64, batch as f64)
             / 1000.0
+            + self.host_s(model, kind, batch)
     }
 
     /// The measured load time where the profile has one, else weights over
@@ -390,6 +396,8 @@ mod tests {
         let m = p.model_type("tiny-3b").unwrap();
         let spec = &p.models[m.0 as usize];
         assert_eq!(spec.slots_per_node, PerKind::new(0, 3));
+        assert!(p.covers(m, DeviceKind::Gpu) && !p.covers(m, DeviceKind::Cpu));
+        assert!(!p.covers(ModelTypeId(7), DeviceKind::Gpu));
         assert_eq!(spec.sllm_exclusive_cap, PerKind::new(None, Some(7)));
         assert_eq!(spec.gpu_decode_quota, 4);
         assert_eq!(spec.block_bytes(DeviceKind::Gpu), 16 * 2048);
@@ -420,8 +428,13 @@ mod tests {
         assert_eq!(p.load_s(m, DeviceKind::Gpu), 1.5);
         assert_eq!(p.unload_s(m, DeviceKind::Gpu), 0.02);
         assert_eq!(p.kv_resize_s(m, DeviceKind::Gpu), 0.004);
-        assert!((p.host_s(m, DeviceKind::Gpu, 4) - 0.005).abs() < 1e-12);
-        assert_eq!(p.host_s(m, DeviceKind::Cpu, 4), 0.0);
+        // The host's work is part of every step: 3 ms + 0.5 ms a sequence.
+        let bare = Profile::parse(MINI).unwrap();
+        let extra =
+            p.decode_s(m, DeviceKind::Gpu, 512, 4) - bare.decode_s(m, DeviceKind::Gpu, 512, 4);
+        assert!((extra - 0.005).abs() < 1e-12, "{extra}");
+        let extra = p.prefill_s(m, DeviceKind::Gpu, 50) - bare.prefill_s(m, DeviceKind::Gpu, 50);
+        assert!((extra - 0.0035).abs() < 1e-12, "{extra}");
         assert_eq!(p.paper.ttft_tokens_per_s, Some(600.0));
         assert_eq!(p.paper.ttft_min_s, Some(0.4));
         // The artifact's file has neither.

@@ -418,8 +418,7 @@ impl World<'_> {
         if !prefill.is_empty() || !restore.is_empty() {
             if !prefill.is_empty() {
                 let tokens: u64 = prefill.iter().map(|p| p.1).sum();
-                t += self.profile.prefill_s(mtype, kind, tokens)
-                    + self.profile.host_s(mtype, kind, prefill.len() as u64);
+                t += self.profile.prefill_s(mtype, kind, tokens);
             }
             let restored: u64 = restore.iter().map(|p| p.1).sum();
             t += self.profile.kv_swap_s(mtype, kind, restored);
@@ -447,9 +446,7 @@ impl World<'_> {
                     break;
                 }
                 let avg = live.iter().map(|l| l.1).sum::<u64>() / live.len() as u64;
-                let n = live.len() as u64;
-                t += self.profile.decode_s(mtype, kind, avg, n)
-                    + self.profile.host_s(mtype, kind, n);
+                t += self.profile.decode_s(mtype, kind, avg, live.len() as u64);
                 for l in &mut live {
                     l.1 += 1;
                     l.2 -= 1;

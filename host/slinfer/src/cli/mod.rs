@@ -10,6 +10,7 @@ pub mod simulate;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use crate::devices::DeviceSelection;
@@ -161,6 +162,16 @@ pub struct ServeArgs {
     /// another model).
     #[arg(long, env = "SLINFER_KEEP_ALIVE_S", default_value_t = slinfer_inference::KEEP_ALIVE_S, value_parser = seconds)]
     pub keep_alive_s: f64,
+    /// A profile of this machine (`slinfer profile --out FILE`): the
+    /// scheduler plans the models it covers with its measured tables (the
+    /// costs `simulate --profile FILE` predicts with) instead of a
+    /// calibration at each load.
+    #[arg(long, env = "SLINFER_PROFILE")]
+    pub profile: Option<std::path::PathBuf>,
+    /// The profile's model that plans a model it does not name (copies and
+    /// fine-tunes of one base model cost the same).
+    #[arg(long, requires = "profile")]
+    pub profile_model: Option<String>,
     /// Open HTTP connections at most; beyond it a new one is answered 503
     /// (default: the open-files limit, raised to its hard limit, less 512).
     #[arg(long)]
@@ -274,6 +285,24 @@ pub fn default_data_dir() -> PathBuf {
         .join("slinfer")
 }
 
+/// `serve --profile FILE [--profile-model NAME]`, read and checked.
+fn plan_profile(
+    path: Option<&std::path::Path>,
+    default_model: Option<String>,
+) -> anyhow::Result<Option<slinfer_inference::PlanProfile>> {
+    let Some(path) = path else { return Ok(None) };
+    let profile = slinfer_scheduler::Profile::load(path)?;
+    if let Some(name) = &default_model {
+        profile
+            .model_type(name)
+            .with_context(|| format!("--profile-model: {}", path.display()))?;
+    }
+    Ok(Some(slinfer_inference::PlanProfile {
+        profile: std::sync::Arc::new(profile),
+        default_model,
+    }))
+}
+
 /// Run a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let rt_with = |threads: Option<usize>| {
@@ -306,6 +335,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 scheduling: slinfer_inference::Scheduling {
                     policy: a.policy,
                     keep_alive_s: a.keep_alive_s,
+                    profile: plan_profile(a.profile.as_deref(), a.profile_model)?,
                 },
                 cluster: a.cluster.map(|url| crate::cluster::ClusterOptions {
                     url,

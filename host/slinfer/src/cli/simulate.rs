@@ -181,10 +181,11 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     slo.ttft_min_s = args.ttft_min_s.unwrap_or(slo.ttft_min_s);
     slo.tpot_s = args.tpot_s.unwrap_or(slo.tpot_s);
     if args.live_host {
-        setup.scheduler = slinfer_inference::live_scheduler_config(slinfer_inference::Scheduling {
-            policy: args.policy,
-            keep_alive_s: slinfer_inference::KEEP_ALIVE_S,
-        });
+        setup.scheduler =
+            slinfer_inference::live_scheduler_config(&slinfer_inference::Scheduling {
+                policy: args.policy,
+                ..Default::default()
+            });
     }
     let sc = &mut setup.scheduler;
     sc.lookahead_tokens = args.lookahead_tokens;
