@@ -174,11 +174,9 @@ def curve_at(pts, x):
     return pts[-1][1] * x / pts[-1][0]
 
 
-def engine_ms(profile):
-    """MODEL's CPU tables in `profile`: (prefill ms of the probe's prompt,
-    decode step ms at a batch on the first (shortest) context row)."""
-    with open(profile) as f:
-        t = json.load(f)["latency"][MODEL]["cpu"]["cpu"]
+def engine_ms(t):
+    """From MODEL's CPU tables `t` of a profile: (prefill ms of the probe's
+    prompt, decode step ms at a batch on the first (shortest) context row)."""
     prefill = curve_at(t["prefill_ms_by_input_tokens"], PROBE_PROMPT)
     return prefill, lambda batch: curve_at(t["decode_ms_by_context_then_batch"][0][1], batch)
 
@@ -213,13 +211,13 @@ def whole_path(args, server, requests, profile, out):
             ttfts[streams] = sum(r["ttft_s"] for r in done) / streams * 1e3
     finally:
         server.stop()
-    prefill_ms, step_ms = engine_ms(profile)
-    over = {b: tpots[b] - step_ms(b) for b in (1, 4)}
-    per_token = max(0.0, (over[4] - over[1]) / 3)
-    per_iteration = max(0.0, over[1] - per_token)
     with open(profile) as f:
         doc = json.load(f)
     tables = doc["latency"][MODEL]["cpu"]["cpu"]
+    prefill_ms, step_ms = engine_ms(tables)
+    over = {b: tpots[b] - step_ms(b) for b in (1, 4)}
+    per_token = max(0.0, (over[4] - over[1]) / 3)
+    per_iteration = max(0.0, over[1] - per_token)
     tables["host_ms_per_iteration"] = round(per_iteration, 3)
     tables["host_ms_per_token"] = round(per_token, 3)
     path = os.path.join(out, "profile-whole-path.json")

@@ -97,8 +97,9 @@ impl PlanProfile {
 
 struct Entry {
     costs: PerKind<Costs>,
-    /// The profile's model for this one, where the profile has it.
-    profiled: Option<ModelTypeId>,
+    /// The profile's model for this one on each kind, where the profile
+    /// has tables for it there.
+    profiled: PerKind<Option<ModelTypeId>>,
 }
 
 /// Shared between the scheduler (reads) and the instance runners (updates).
@@ -130,9 +131,8 @@ impl LiveCost {
         let profiled = self
             .profile
             .as_ref()
-            .zip(e.profiled)
-            .map(|(p, m)| (p.profile.as_ref(), m))
-            .filter(|(p, m)| p.covers(*m, kind));
+            .zip(e.profiled[kind])
+            .map(|(p, m)| (p.profile.as_ref(), m));
         (e.costs[kind], profiled)
     }
 
@@ -144,7 +144,10 @@ impl LiveCost {
 
     /// Adds the estimates of a model type (its id is the next index).
     pub fn push(&self, name: &str, costs: PerKind<Costs>) {
-        let profiled = self.profile.as_ref().and_then(|p| p.model_for(name));
+        let profiled = PerKind::splat(()).map(|kind, ()| {
+            let p = self.profile.as_ref()?;
+            p.model_for(name).filter(|&m| p.profile.covers(m, kind))
+        });
         self.entries
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -158,6 +161,17 @@ impl LiveCost {
         }
     }
 
+    /// Folds an observation into the correction of a model the profile
+    /// does not plan on `kind` (one lock: it runs after every step).
+    fn correct(&self, model: ModelTypeId, kind: DeviceKind, f: impl FnOnce(&mut Costs)) {
+        let mut v = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = v.get_mut(model.0 as usize)
+            && e.profiled[kind].is_none()
+        {
+            f(&mut e.costs[kind]);
+        }
+    }
+
     /// Folds one observed prefill iteration into the correction (none for
     /// a profiled model).
     pub fn observe_prefill(
@@ -167,10 +181,7 @@ impl LiveCost {
         tokens: u64,
         observed_s: f64,
     ) {
-        if self.profiled(model, kind) {
-            return;
-        }
-        self.update(model, kind, |c| {
+        self.correct(model, kind, |c| {
             let r = (observed_s / c.prefill_raw_s(tokens).max(1e-6)).clamp(0.25, 4.0);
             c.prefill_factor = (1.0 - EWMA_ALPHA) * c.prefill_factor + EWMA_ALPHA * r;
         });
@@ -185,10 +196,7 @@ impl LiveCost {
         batch: u64,
         observed_s: f64,
     ) {
-        if self.profiled(model, kind) {
-            return;
-        }
-        self.update(model, kind, |c| {
+        self.correct(model, kind, |c| {
             let r = (observed_s / c.decode_raw_s(batch).max(1e-6)).clamp(0.25, 4.0);
             c.decode_factor = (1.0 - EWMA_ALPHA) * c.decode_factor + EWMA_ALPHA * r;
         });
