@@ -316,6 +316,32 @@ fn exhaustion_is_an_error_and_freeing_returns_blocks() {
     ));
 }
 
+/// The load runs the compiled model once (its first inference sets the CPU
+/// plugin up) and leaves nothing of it: no sequence, no block in use, the
+/// pool as asked; the instance's footprint already has its workspace.
+#[test]
+fn a_load_warms_the_instance_up_and_leaves_nothing_of_it() {
+    for blocks in [0, 3] {
+        let mut inst = load(blocks);
+        assert_eq!(inst.kv_capacity_blocks(), blocks);
+        assert_eq!(inst.kv_blocks_in_use(), 0);
+        assert_eq!(inst.sequence_len(u64::MAX), None);
+        let m = inst.memory();
+        assert_eq!(m.workspace_bytes, 4 * inst.config().vocab_size as u64);
+        assert_eq!(m.kv_blocks_capacity, blocks);
+        if blocks > 0 {
+            // Every block is free for callers' sequences.
+            inst.add_sequence(1).unwrap();
+            inst.step(&[StepEntry {
+                seq: 1,
+                tokens: vec![1; blocks * inst.block_size_tokens()],
+            }])
+            .unwrap();
+            assert_eq!(inst.kv_blocks_in_use(), blocks);
+        }
+    }
+}
+
 #[test]
 fn backend_trait_loads_packages_on_the_cpu() {
     use slinfer_engine::{Backend, DeviceKind, ModelSource};

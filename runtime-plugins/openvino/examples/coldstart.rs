@@ -1,0 +1,78 @@
+//! Cold-start benchmark (BENCHMARKS.md, "Cold starts"): how long a load
+//! takes, and a prompt's prefill right after it against the same prefill
+//! once more (the engine warms each instance up at load, so the two should
+//! match; before it did, the first took ~250 ms more).
+//!
+//!     cargo run -p slinfer-openvino --example coldstart -- [LOADS] [PROMPT_TOKENS]
+//!
+//! Env: SLINFER_VENV (default <repo>/.venv), SLINFER_MODELS_DIR (default
+//! <repo>/.data/models).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use slinfer_engine::{LlmInstance, LoadOptions, StepEntry};
+use slinfer_openvino::{BackendOptions, OpenVinoBackend};
+
+fn main() {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().expect("LOADS and PROMPT_TOKENS are counts"))
+        .collect();
+    let loads = *args.first().unwrap_or(&4);
+    let prompt = *args.get(1).unwrap_or(&400);
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let venv = std::env::var_os("SLINFER_VENV")
+        .map(PathBuf::from)
+        .unwrap_or(repo.join(".venv"));
+    let models = std::env::var_os("SLINFER_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or(repo.join(".data/models"));
+    let dir = models.join("smollm2-135m-instruct");
+    let backend = OpenVinoBackend::new(&BackendOptions {
+        venv: Some(venv),
+        ..Default::default()
+    })
+    .expect("OpenVINO");
+    let blocks = 2 * prompt.div_ceil(16) + 2;
+    let mut seq = 0;
+    let mut prefill_ms = |inst: &mut dyn LlmInstance| {
+        seq += 1;
+        inst.add_sequence(seq).expect("a sequence");
+        let t = Instant::now();
+        inst.step(&[StepEntry {
+            seq,
+            tokens: vec![504; prompt],
+        }])
+        .expect("a prefill");
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        inst.free_sequence(seq).expect("freed");
+        ms
+    };
+    let (mut load, mut first, mut second) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..loads {
+        let t = Instant::now();
+        let mut inst = backend
+            .load_package(
+                &dir,
+                &LoadOptions {
+                    initial_kv_blocks: blocks,
+                    ..Default::default()
+                },
+            )
+            .expect("a load");
+        load.push(t.elapsed().as_secs_f64() * 1e3);
+        first.push(prefill_ms(&mut inst));
+        second.push(prefill_ms(&mut inst));
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (l, a, b) = (median(&mut load), median(&mut first), median(&mut second));
+    println!(
+        "{loads} loads: load {l:.0} ms; {prompt}-token prefill right after it {a:.0} ms, \
+         once more {b:.0} ms ({:.2}x) (medians)",
+        a / b
+    );
+}
