@@ -243,20 +243,16 @@ impl<C: CostModel> Scheduler<C> {
             }
             Target::New(..) => 0.0,
         };
+        let loaded_at = self.loaded_at_s(views, now_s);
         let mut prefills: Vec<(f64, f64, f64, bool, f64)> = views
             .iter()
-            .filter(|v| v.prefill_tokens + v.restore_tokens > 0)
-            .map(|v| {
+            .zip(loaded_at)
+            .filter(|(v, _)| v.prefill_tokens + v.restore_tokens > 0)
+            .map(|(v, ready_s)| {
                 let tgt = is_target(v);
                 let dur = first_step(v);
                 let without = if tgt { target_without_s } else { dur };
-                (
-                    v.deadline_s,
-                    dur,
-                    without,
-                    tgt,
-                    now_s + self.load_left_s(v, now_s),
-                )
+                (v.deadline_s, dur, without, tgt, ready_s)
             })
             .collect();
         prefills.sort_by(|a, b| a.0.total_cmp(&b.0).then(b.3.cmp(&a.3)));

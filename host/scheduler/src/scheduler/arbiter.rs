@@ -18,6 +18,14 @@ impl<C: CostModel> Scheduler<C> {
         }
     }
 
+    /// Whether an instance on `node` is loading now.
+    pub(super) fn loading_on(&self, node: NodeId) -> bool {
+        self.nodes[node]
+            .instances
+            .iter()
+            .any(|i| matches!(self.instances[i].running, Some((_, Op::Load { .. }, _))))
+    }
+
     /// Grants the free device to the runnable instance with the least
     /// headroom (earliest next-token deadline).
     pub(super) fn arbitrate(&mut self, node: NodeId, now_s: f64) {
@@ -28,12 +36,7 @@ impl<C: CostModel> Scheduler<C> {
         // A load on a CPU (reading and compiling the model) takes the same
         // cores as iterations: the device waits for it rather than run both
         // at half speed, which the cost model would not see.
-        if kind == DeviceKind::Cpu
-            && self.nodes[node]
-                .instances
-                .iter()
-                .any(|i| matches!(self.instances[i].running, Some((_, Op::Load { .. }, _))))
-        {
+        if kind == DeviceKind::Cpu && self.loading_on(node) {
             return;
         }
         let mut best: Option<(f64, InstanceId)> = None;

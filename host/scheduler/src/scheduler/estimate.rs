@@ -96,6 +96,38 @@ impl<C: CostModel> Scheduler<C> {
         }
     }
 
+    /// When each of a node's views will have loaded: now for one loaded,
+    /// after what is left of its load otherwise; on a CPU also after the
+    /// loads before it, which the node runs one at a time (the running one,
+    /// then in queue order, a new instance last).
+    pub(super) fn loaded_at_s(&self, views: &[View], now_s: f64) -> Vec<f64> {
+        let mut at: Vec<f64> = views
+            .iter()
+            .map(|v| now_s + self.load_left_s(v, now_s))
+            .collect();
+        let mut cpu_loads: Vec<((u8, ActionId), usize)> = views
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.loading && v.kind == DeviceKind::Cpu)
+            .map(|(i, v)| {
+                let inst = v.id.map(|id| &self.instances[&id]);
+                let order = match inst {
+                    Some(inst) if matches!(inst.running, Some((_, Op::Load { .. }, _))) => (0, 0),
+                    Some(inst) => (1, inst.queue.front().map_or(ActionId::MAX, |(a, _)| *a)),
+                    None => (2, ActionId::MAX),
+                };
+                (order, i)
+            })
+            .collect();
+        cpu_loads.sort();
+        let mut t = now_s;
+        for (_, i) in cpu_loads {
+            t += self.load_left_s(&views[i], now_s);
+            at[i] = t;
+        }
+        at
+    }
+
     pub(super) fn estimate_first_step_s(&self, v: &View) -> f64 {
         let prefill = if v.prefill_tokens > 0 {
             self.cost.prefill_s(v.mtype, v.kind, v.prefill_tokens)

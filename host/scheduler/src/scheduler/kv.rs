@@ -109,8 +109,13 @@ impl<C: CostModel> Scheduler<C> {
 
     /// Starts queued actions. Decreases always start (their memory returns
     /// when they finish); increases start in queue order, each only if the
-    /// committed footprint plus its increase fits the node.
+    /// committed footprint plus its increase fits the node. A CPU loads one
+    /// instance at a time, and not beside an iteration: a load (reading and
+    /// compiling the model) takes the same cores, so two at once would each
+    /// take about twice the time planned (see [`Self::cpu_load_ready_s`]).
     pub(super) fn start_actions(&mut self, node: NodeId, now_s: f64) {
+        let mut cpu_taken = self.nodes[node].spec.kind == DeviceKind::Cpu
+            && (self.nodes[node].busy.is_some() || self.loading_on(node));
         let mut heads: Vec<(ActionId, InstanceId)> = self.nodes[node]
             .instances
             .iter()
@@ -140,6 +145,10 @@ impl<C: CostModel> Scheduler<C> {
                 blocked = true;
                 continue;
             }
+            if matches!(op, Op::Load { .. }) && cpu_taken {
+                continue;
+            }
+            cpu_taken |= matches!(op, Op::Load { .. }) && kind == DeviceKind::Cpu;
             let inst = self.instances.get_mut(&id).expect("live");
             inst.queue.pop_front();
             let (model, mtype) = (inst.model, inst.mtype);

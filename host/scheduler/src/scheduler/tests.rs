@@ -213,7 +213,8 @@ fn prefill_check_spreads_prefills_that_would_miss_their_deadlines() {
 }
 
 /// Two GPUs then a CPU; requests 1..=`models` each for its own model,
-/// all at once. The nodes their instances load on, in load order.
+/// all at once. The nodes their instances are placed on, in placement
+/// order (a CPU loads them one at a time, so load order differs).
 pub(super) fn load_nodes_for_distinct_models(policy: Policy, models: ModelId) -> Vec<NodeId> {
     let mut s = sched(
         policy,
@@ -227,7 +228,8 @@ pub(super) fn load_nodes_for_distinct_models(policy: Policy, models: ModelId) ->
     for m in 1..=models {
         s.submit(req(m as RequestId, m, 100, 1.0), 0.0);
     }
-    load_nodes(&settle(&mut s, 0.0))
+    settle(&mut s, 0.0);
+    s.snapshot().instances.iter().map(|i| i.node).collect()
 }
 
 #[test]
@@ -258,37 +260,72 @@ fn sllm_without_a_gpu_gives_the_cpu_to_one_instance_at_a_time() {
     assert_eq!(load_nodes(&settle(&mut s, 0.0)), vec![0, 0]);
 }
 
-#[test]
-fn a_cpu_grants_no_iteration_while_an_instance_loads_on_it() {
-    let mut s = sched(Policy::Slinfer, &[(DeviceKind::Cpu, 1 << 20)], FAST);
-    s.submit(req(1, 1, 100, 10.0), 0.0);
-    let first = runs(&settle(&mut s, 0.0))[0];
-    // Another model arrives: its instance starts loading on the same CPU.
-    s.submit(req(2, 2, 100, 10.0), 0.0);
-    let load = s
-        .drain_commands()
-        .into_iter()
-        .find_map(|c| match c {
+fn load_actions(cmds: &[Command]) -> Vec<(NodeId, ActionId)> {
+    cmds.iter()
+        .filter_map(|c| match c {
             Command::Action {
                 node,
                 action,
                 op: ActionOp::Load { .. },
                 ..
-            } => Some((node, action)),
+            } => Some((*node, *action)),
             _ => None,
         })
-        .expect("a load");
-    // The first instance's iteration ends; none follows while the load
-    // takes the cores.
+        .collect()
+}
+
+#[test]
+fn a_cpu_loads_between_iterations_and_grants_none_while_it_loads() {
+    let mut s = sched(Policy::Slinfer, &[(DeviceKind::Cpu, 1 << 20)], FAST);
+    s.submit(req(1, 1, 100, 10.0), 0.0);
+    let first = runs(&settle(&mut s, 0.0))[0];
+    // Another model arrives: its load waits for the iteration in flight,
+    // which takes the same cores.
+    s.submit(req(2, 2, 100, 10.0), 0.0);
+    assert!(load_actions(&s.drain_commands()).is_empty());
     let one = [RequestOutcome {
         request: 1,
         tokens: 1,
         finished: false,
     }];
     s.iteration_done(0, first, &one, 0.01);
-    assert!(runs(&s.drain_commands()).is_empty());
-    s.action_done(load.0, load.1, 0.5);
+    // The iteration ends: the load starts, and no iteration follows while
+    // it takes the cores.
+    let cmds = s.drain_commands();
+    let load = load_actions(&cmds);
+    assert_eq!(load.len(), 1);
+    assert!(runs(&cmds).is_empty());
+    s.action_done(load[0].0, load[0].1, 0.5);
     assert!(!runs(&s.drain_commands()).is_empty());
+}
+
+#[test]
+fn a_cpu_loads_one_instance_at_a_time_and_plans_the_second_behind_the_first() {
+    let slow = Flat {
+        load_s: 1.0,
+        ..FAST
+    };
+    let mut s = sched(Policy::Slinfer, &[(DeviceKind::Cpu, 1 << 20)], slow);
+    s.cfg.ttft_counts_load = true;
+    // Model 1 has an instance (so its cold starts count), loading.
+    s.submit(req(1, 1, 100, 10.0), 0.0);
+    let first = load_actions(&s.drain_commands());
+    assert_eq!(first.len(), 1);
+    // Model 2 arrives: its instance is placed, but its load waits.
+    s.submit(req(2, 2, 100, 10.0), 0.0);
+    assert!(load_actions(&s.drain_commands()).is_empty());
+    // Another request of model 2 with 1.5 s to its first token: that
+    // instance is ready only after both loads (2 s), so it is not placed
+    // there (nor on a new instance, later still).
+    s.submit(req(3, 2, 100, 1.5), 0.0);
+    assert_eq!(s.requests[&3].instance, None);
+    s.action_done(first[0].0, first[0].1, 1.0);
+    let cmds = s.drain_commands();
+    assert_eq!(
+        load_actions(&cmds).len(),
+        1,
+        "the second load starts once the first is done"
+    );
 }
 
 #[test]
