@@ -31,7 +31,11 @@ live beside its simulated prediction, on one trace slice.
    (`serve --profile`) and that predicts each policy again
    (`DIR/sim-whole-path-POLICY.json`).
 5. `DIR/results.json` holds every side; `DIR/goodput.svg` plots them; the
-   table goes to stdout (the rows of BENCHMARKS.md).
+   table goes to stdout (the rows of BENCHMARKS.md). A second table
+   compares each live run with the prediction its server planned with,
+   request by request (`compare` in results.json): how many requests had
+   each (predicted, live) outcome, and how much later the live first token
+   and tokens came, for cold starts and the rest.
 6. `--curve 0.25,0.5,...`: SLO attainment as load grows (arrivals that many
    times faster), simulated at each scale for each policy, with the live
    points of this run and of earlier ones (`--curve-with DIR,...`, their
@@ -116,10 +120,14 @@ def replay(args, server, requests, out, *extra):
 
 
 def simulate(args, profile, policy, requests_out=None, time_scale=None):
+    """`slinfer simulate --json`; at the run's own scale with every
+    request's record (`per_request`), to compare with the live run."""
     cmd = [args.slinfer, "simulate", "--trace", TRACE, "--profile", profile,
            "--model", MODEL, "--gpus", "0", "--cpus", "1", "--live-host",
            "--functions", args.functions, "--duration-s", str(args.duration_s),
            "--time-scale", str(time_scale or args.time_scale), "--policy", policy, "--json"]
+    if time_scale is None:
+        cmd.append("--per-request")
     if requests_out:
         cmd += ["--requests-out", requests_out]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -293,6 +301,40 @@ def curve(args, profile, out):
             print(f"| {p} (live at x{x:g}) | {y:.2f} |")
 
 
+def quantile(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
+
+
+def compare(sim, live):
+    """Request by request, the live run against its prediction: how many
+    requests had each (predicted, live) outcome, and for those completed
+    on both sides the live TTFT and TPOT less the predicted ones (median
+    and 90th percentile), apart for the cold starts the simulator saw
+    (a load before their first token) and the rest."""
+    pairs = list(zip(sim["per_request"], live["per_request"]))
+    assert all(s["index"] == l["index"] for s, l in pairs), "requests out of order"
+    outcomes = {}
+    for s, l in pairs:
+        key = f"{s['outcome']}/{l['outcome']}"
+        outcomes[key] = outcomes.get(key, 0) + 1
+    done = ("met", "missed")
+    both = [(s, l) for s, l in pairs if s["outcome"] in done and l["outcome"] in done]
+    diffs = {}
+    for name, group in (("cold", [p for p in both if p[0]["load_delay_s"] > 0]),
+                        ("warm", [p for p in both if p[0]["load_delay_s"] == 0])):
+        ttft = [l["ttft_s"] - s["ttft_s"] for s, l in group]
+        tpot = [l["tpot_s"] - s["tpot_s"] for s, l in group if s["output_tokens"] > 1]
+        diffs[name] = {"requests": len(group),
+                       "ttft_live_less_sim_p50_s": quantile(ttft, 0.5),
+                       "ttft_live_less_sim_p90_s": quantile(ttft, 0.9),
+                       "tpot_live_less_sim_p50_s": quantile(tpot, 0.5),
+                       "tpot_live_less_sim_p90_s": quantile(tpot, 0.9)}
+    same = sum(n for k, n in outcomes.items() if k.split("/")[0] == k.split("/")[1])
+    return {"requests": len(pairs), "same_outcome": same,
+            "outcomes_sim_live": dict(sorted(outcomes.items())), "completed_both": diffs}
+
+
 def fmt(x, digits=2):
     return "–" if x is None else f"{x:.{digits}f}"
 
@@ -366,6 +408,8 @@ def main():
             row["sim_whole_path"] = simulate(args, whole[0], p)
             with open(os.path.join(out, f"sim-whole-path-{p}.json"), "w") as f:
                 json.dump(row["sim_whole_path"], f, indent=1)
+        # The prediction the live server planned with.
+        row["compare"] = compare(row["sim_whole_path"] or row["sim"], row["live"])
         rows.append(row)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"functions": args.functions, "duration_s": args.duration_s,
@@ -391,6 +435,20 @@ def main():
               f"| {fmt(ms(s['tpot_p50_s']), 0)} / {fmt(ms(l['tpot_p50_s']), 0)} "
               f"| {fmt(ms(s['tpot_p99_s']), 0)} / {fmt(ms(l['tpot_p99_s']), 0)} "
               f"| {s['cold_starts']} / {l['cold_starts']} | {s['dropped']} / {l['dropped']} |")
+    print()
+    print("| policy | same outcome | outcomes (sim/live: count) | completed on both, cold / warm "
+          "| TTFT live - sim p50, p90 (s): cold; warm | TPOT live - sim p50, p90 (ms): warm |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        c = r["compare"]
+        cold, warm = c["completed_both"]["cold"], c["completed_both"]["warm"]
+        print(f"| {r['policy']} | {c['same_outcome']} / {c['requests']} "
+              f"| {', '.join(f'{k}: {n}' for k, n in c['outcomes_sim_live'].items())} "
+              f"| {cold['requests']} / {warm['requests']} "
+              f"| {fmt(cold['ttft_live_less_sim_p50_s'])}, {fmt(cold['ttft_live_less_sim_p90_s'])}; "
+              f"{fmt(warm['ttft_live_less_sim_p50_s'])}, {fmt(warm['ttft_live_less_sim_p90_s'])} "
+              f"| {fmt(ms(warm['tpot_live_less_sim_p50_s']), 0)}, "
+              f"{fmt(ms(warm['tpot_live_less_sim_p90_s']), 0)} |")
     if args.curve:
         curve(args, profile, out)
 

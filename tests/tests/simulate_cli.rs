@@ -250,3 +250,50 @@ fn a_cluster_run_keeps_the_contract_and_bad_cluster_flags_are_refused() {
     // The cluster's knobs without --cluster would be silently ignored.
     refused(&["--hop-ms", "5"], "--cluster");
 }
+
+#[test]
+fn per_request_records_account_for_every_request_in_trace_order() {
+    let run = json(&[
+        "--models-per-group",
+        "4",
+        "--gpus",
+        "1",
+        "--cpus",
+        "1",
+        "--duration-s",
+        "120",
+        "--json",
+        "--per-request",
+    ]);
+    check_run_contract(&run);
+    let records = run["per_request"].as_array().expect("per_request");
+    assert_eq!(records.len() as u64, run["requests"].as_u64().unwrap());
+    let count = |outcome: &str| records.iter().filter(|r| r["outcome"] == outcome).count() as u64;
+    assert_eq!(count("met"), run["slo_met"].as_u64().unwrap());
+    assert_eq!(count("dropped"), run["dropped"].as_u64().unwrap());
+    assert_eq!(
+        count("met") + count("missed"),
+        run["completed"].as_u64().unwrap()
+    );
+    assert_eq!(count("unfinished"), 0);
+    let mut last = f64::NEG_INFINITY;
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(r["index"].as_u64(), Some(i as u64), "{r}");
+        let arrival = r["arrival_s"].as_f64().unwrap();
+        assert!(arrival >= last, "out of trace order: {r}");
+        last = arrival;
+        let completed = matches!(r["outcome"].as_str(), Some("met" | "missed"));
+        assert_eq!(r.get("ttft_s").is_some(), completed, "{r}");
+        assert_eq!(r.get("tpot_s").is_some(), completed, "{r}");
+        assert_eq!(r.get("reason").is_some(), r["outcome"] == "dropped", "{r}");
+        assert!(r["load_delay_s"].as_f64().unwrap() >= 0.0, "{r}");
+    }
+    // Without --json there is nothing to add the records to.
+    let out = simulate(&["--per-request"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--json"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -25,5 +25,7 @@ pub use scheduler::{
     NodeSnapshot, Policy, Probe, Request, RequestId, RequestOutcome, Scheduler, SchedulerConfig,
     Snapshot, bin_packing_order,
 };
-pub use sim::{ClusterSim, KindSummary, SimResult, SimSetup, Slo, Summary, simulate};
+pub use sim::{
+    ClusterSim, KindSummary, RequestRecord, SimResult, SimSetup, Slo, Summary, simulate,
+};
 pub use trace::{TraceError, TraceFunction, TraceRequest, load_trace, select};

@@ -77,7 +77,7 @@ pub fn html(
 mod tests {
     use super::*;
     use crate::Policy;
-    use crate::sim::Summary;
+    use crate::sim::{RequestRecord, Summary};
 
     fn result(policy: Policy, models: usize) -> SimResult {
         SimResult {
@@ -112,7 +112,23 @@ mod tests {
                 cluster: None,
                 routing_retries: 0,
             },
-            ttfts_s: vec![0.1, 0.2, 0.5],
+            per_request: [0.1, 0.2, 0.5]
+                .into_iter()
+                .enumerate()
+                .map(|(index, ttft)| RequestRecord {
+                    index,
+                    function: 0,
+                    arrival_s: index as f64,
+                    input_tokens: 100,
+                    output_tokens: 10,
+                    outcome: "met",
+                    reason: None,
+                    ttft_s: Some(ttft),
+                    tpot_s: Some(0.05),
+                    load_delay_s: 0.0,
+                    device: Some("gpu"),
+                })
+                .collect(),
         }
     }
 

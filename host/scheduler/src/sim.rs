@@ -194,12 +194,48 @@ pub struct Summary {
     pub routing_retries: usize,
 }
 
-/// A summary plus the per-request samples plots need.
+/// What became of one request of the trace: the fields of `scripts/replay.py`'s
+/// `per_request` records, so that a live run and its prediction compare
+/// request by request.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RequestRecord {
+    /// Its place in the trace (the requests' order).
+    pub index: usize,
+    pub function: u32,
+    pub arrival_s: f64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// `met`, `missed` (completed, SLO not met) or `dropped`.
+    pub outcome: &'static str,
+    /// Why it was dropped (a `dropped_by_reason` key).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttft_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tpot_s: Option<f64>,
+    /// The load it waited through (a cold start), as the scheduler says.
+    pub load_delay_s: f64,
+    /// The kind of device its last iteration ran on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<&'static str>,
+}
+
+/// A summary plus every request's record.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SimResult {
     pub summary: Summary,
+    /// In the trace's order.
+    pub per_request: Vec<RequestRecord>,
+}
+
+impl SimResult {
     /// TTFT of every completed request, sorted.
-    pub ttfts_s: Vec<f64>,
+    pub fn ttfts_s(&self) -> Vec<f64> {
+        let mut t: Vec<f64> = self.per_request.iter().filter_map(|r| r.ttft_s).collect();
+        t.sort_by(f64::total_cmp);
+        t
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -244,6 +280,8 @@ struct SimReq {
     ended: u32,
     /// The kind of device its last iteration ran on.
     kind: Option<DeviceKind>,
+    /// Why it was dropped, if it was.
+    dropped: Option<&'static str>,
 }
 
 /// A `Run`'s requests: (id, context tokens) to prefill, restore, decode.
@@ -387,7 +425,9 @@ impl World<'_> {
                 Command::Dropped {
                     request, reason, ..
                 } => {
-                    self.state[request as usize].ended += 1;
+                    let s = &mut self.state[request as usize];
+                    s.ended += 1;
+                    s.dropped = Some(reason.name());
                     *self
                         .dropped_by_reason
                         .entry(reason.name().to_string())
@@ -589,6 +629,7 @@ pub fn simulate(
                 load_delay_s: 0.0,
                 ended: 0,
                 kind: None,
+                dropped: None,
             };
             reqs.len()
         ],
@@ -779,14 +820,33 @@ fn summarize(
             },
         );
     }
+    let mut per_request = Vec::with_capacity(w.reqs.len());
     for (i, s) in w.state.iter().enumerate() {
         if s.ended != 1 {
             end_violations += 1;
         }
+        let r = &w.reqs[i];
+        let mut record = RequestRecord {
+            index: i,
+            function: r.function,
+            arrival_s: r.arrival_s,
+            input_tokens: r.input_tokens,
+            output_tokens: r.output_tokens,
+            outcome: if s.dropped.is_some() {
+                "dropped"
+            } else {
+                "unfinished"
+            },
+            reason: s.dropped,
+            ttft_s: None,
+            tpot_s: None,
+            load_delay_s: s.load_delay_s,
+            device: s.kind.map(DeviceKind::name),
+        };
         let (Some(first), Some(finish)) = (s.first_token_s, s.finish_s) else {
+            per_request.push(record);
             continue;
         };
-        let r = &w.reqs[i];
         let ttft = first - r.arrival_s;
         let tpot = if r.output_tokens > 1 {
             (finish - first) / (r.output_tokens - 1) as f64
@@ -811,6 +871,9 @@ fn summarize(
             k.served += 1;
             k.slo_met += usize::from(met);
         }
+        record.outcome = if met { "met" } else { "missed" };
+        (record.ttft_s, record.tpot_s) = (Some(ttft), Some(tpot));
+        per_request.push(record);
     }
     ttfts.sort_by(f64::total_cmp);
     tpots.sort_by(f64::total_cmp);
@@ -869,6 +932,6 @@ fn summarize(
     };
     SimResult {
         summary,
-        ttfts_s: ttfts,
+        per_request,
     }
 }

@@ -203,17 +203,18 @@ pub fn ttft_cdf_chart(results: &[&SimResult]) -> String {
         .iter()
         .map(|r| {
             let n = r.summary.requests.max(1) as f64;
-            let step = (r.ttfts_s.len() / 200).max(1);
+            let ttfts = r.ttfts_s();
+            let step = (ttfts.len() / 200).max(1);
             let mut points: Vec<(f64, f64)> = vec![(0.0, 0.0)];
             points.extend(
-                r.ttfts_s
+                ttfts
                     .iter()
                     .enumerate()
                     .step_by(step)
                     .map(|(i, t)| (*t, (i + 1) as f64 / n)),
             );
-            if let Some(last) = r.ttfts_s.last() {
-                points.push((*last, r.ttfts_s.len() as f64 / n));
+            if let Some(last) = ttfts.last() {
+                points.push((*last, ttfts.len() as f64 / n));
             }
             Series {
                 name: format!("{} ({} models)", r.summary.policy.name(), r.summary.models),

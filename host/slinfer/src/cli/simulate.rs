@@ -155,6 +155,11 @@ pub struct SimulateArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+    /// With --json: every request's record too (`per_request`, the fields
+    /// `scripts/replay.py --per-request` writes), to compare a live run
+    /// with its prediction request by request.
+    #[arg(long, requires = "json", conflicts_with = "sweep")]
+    pub per_request: bool,
     /// Write SVG figures into this directory.
     #[arg(long)]
     pub svg: Option<PathBuf>,
@@ -294,7 +299,13 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         let started = Instant::now();
         let result = simulate(&profile, &setup, &reqs, models);
         eprintln!("simulated in {:.2} s", started.elapsed().as_secs_f64());
-        if args.json {
+        if args.per_request {
+            let out = WithRequests {
+                summary: &result.summary,
+                per_request: &result.per_request,
+            };
+            println!("{}", serde_json::to_string(&out)?);
+        } else if args.json {
             println!("{}", serde_json::to_string(&result.summary)?);
         } else {
             print!(
@@ -331,6 +342,14 @@ struct RequestsFile<'a> {
     models: usize,
     slo: &'a slinfer_scheduler::Slo,
     requests: &'a [trace::TraceRequest],
+}
+
+/// `--json --per-request`: the summary's fields and every request's record.
+#[derive(serde::Serialize)]
+struct WithRequests<'a> {
+    #[serde(flatten)]
+    summary: &'a slinfer_scheduler::Summary,
+    per_request: &'a [slinfer_scheduler::RequestRecord],
 }
 
 fn positive(s: &str) -> Result<f64, String> {
