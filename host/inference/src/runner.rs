@@ -220,7 +220,11 @@ impl InstanceRunner {
                 prefill,
                 decode,
             } => {
+                let started = Instant::now();
                 let outcomes = self.run(iterations, &prefill, &decode);
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    self.log_run(started, &prefill, &decode);
+                }
                 let _ = self.to_driver.send(Msg::RunDone {
                     node: self.node,
                     instance: self.id,
@@ -228,6 +232,29 @@ impl InstanceRunner {
                 });
             }
         }
+    }
+
+    /// What a run did and how long it took (`RUST_LOG=slinfer_inference=debug`),
+    /// to set beside the cost model's figures: the tokens it prefilled, the
+    /// sequences it decoded and their context after it.
+    fn log_run(&self, started: Instant, prefill: &[Shared], decode: &[Shared]) {
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        let len = |g: &Shared| {
+            let id = lock(g).id;
+            self.inst
+                .as_deref()
+                .and_then(|i| i.sequence_len(id))
+                .unwrap_or(0)
+        };
+        tracing::debug!(
+            instance = self.id,
+            model = %self.model.name,
+            ms,
+            prefill_tokens = prefill.iter().map(len).sum::<usize>(),
+            decode_batch = decode.len(),
+            decode_context = decode.iter().map(len).sum::<usize>(),
+            "run"
+        );
     }
 
     fn action_done(&self, action: ActionId) {
