@@ -39,8 +39,8 @@ const LOAD_BLOCK_TOKENS: u64 = 32;
 /// prefill runs as several steps (chunked prefill). An engine keeps its
 /// activation buffers sized for the largest step it has run, so this bounds
 /// them; calibration runs one full chunk, so the load's measurement
-/// includes them.
-fn prefill_chunk_tokens(kind: DeviceKind) -> usize {
+/// includes them. `slinfer profile` times prefills in the same steps.
+pub fn prefill_chunk_tokens(kind: DeviceKind) -> usize {
     match kind {
         DeviceKind::Cpu => 512,
         DeviceKind::Gpu => 2048,

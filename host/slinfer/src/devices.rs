@@ -178,13 +178,14 @@ fn measure(backend: &dyn Backend, package: &Path) -> Result<Speed, EngineError> 
         0,
         &LoadOptions::default(),
     )?;
+    let chunk = slinfer_inference::prefill_chunk_tokens(backend.kind());
     let per_seq = (MEASURE_PROMPT + MEASURE_STEPS + 2).div_ceil(inst.block_size_tokens());
     inst.resize_kv(per_seq * (MEASURE_BATCH + 1))?;
     let mut run = |seqs: u64, first: u64| -> Result<f64, EngineError> {
         let ids: Vec<u64> = (first..first + seqs).collect();
         for &seq in &ids {
             inst.add_sequence(seq)?;
-            timing::extend(inst.as_mut(), seq, MEASURE_PROMPT)?;
+            timing::extend(inst.as_mut(), seq, MEASURE_PROMPT, chunk)?;
         }
         let step_s = timing::decode_step_s(inst.as_mut(), &ids, MEASURE_STEPS)?;
         for &seq in &ids {

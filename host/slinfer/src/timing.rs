@@ -12,15 +12,25 @@ pub fn tokens(n: usize, vocab: u32) -> Vec<u32> {
     (0..n as u32).map(|i| (i * 7919 + 13) % vocab).collect()
 }
 
-/// Appends `n` tokens to `seq` in one step (a prefill, or the extension of
-/// a sequence's context); the step's seconds.
-pub fn extend(inst: &mut dyn LlmInstance, seq: SeqId, n: usize) -> Result<f64, EngineError> {
+/// Appends `n` tokens to `seq` (a prefill, or the extension of a
+/// sequence's context) in steps of at most `chunk` tokens, as the live
+/// runner prefills on a device of the instance's kind
+/// ([`slinfer_inference::prefill_chunk_tokens`]); the steps' seconds.
+pub fn extend(
+    inst: &mut dyn LlmInstance,
+    seq: SeqId,
+    n: usize,
+    chunk: usize,
+) -> Result<f64, EngineError> {
     let vocab = inst.config().vocab_size as u32;
+    let all = tokens(n, vocab);
     let t = Instant::now();
-    inst.step(&[StepEntry {
-        seq,
-        tokens: tokens(n, vocab),
-    }])?;
+    for part in all.chunks(chunk.max(1)) {
+        inst.step(&[StepEntry {
+            seq,
+            tokens: part.to_vec(),
+        }])?;
+    }
     Ok(t.elapsed().as_secs_f64())
 }
 

@@ -220,6 +220,7 @@ struct Measured {
 /// context and batch size.
 fn measure(backend: &dyn Backend, package: &Path, grid: &Grid) -> Result<Measured, EngineError> {
     let source = ModelSource::Package(package.to_path_buf());
+    let chunk = slinfer_inference::prefill_chunk_tokens(backend.kind());
     let ms = |s: f64| s * 1e3;
     let (mut loads, mut unloads) = (Vec::new(), Vec::new());
     let mut first_pool = 0;
@@ -263,9 +264,10 @@ fn measure(backend: &dyn Backend, package: &Path, grid: &Grid) -> Result<Measure
     // engine that does not take them at load).
     let mut next_seq: SeqId = 0;
     inst.add_sequence(next_seq)?;
-    timing::extend(inst.as_mut(), next_seq, 1)?;
+    timing::extend(inst.as_mut(), next_seq, 1, chunk)?;
     inst.free_sequence(next_seq)?;
-    // Each timed prefill has a length no earlier step had, as a live
+    // Each timed prefill runs in the live runner's steps (chunks of at most
+    // `chunk` tokens) and has a length no earlier step had, as a live
     // host's prompts seldom repeat one: OpenVINO's CPU plugin prepares its
     // kernels for every new input shape, ~12% of a 1,000-token prefill on
     // an Intel Xeon (2 cores) that a repeated length would not show.
@@ -275,7 +277,7 @@ fn measure(backend: &dyn Backend, package: &Path, grid: &Grid) -> Result<Measure
         for r in 0..grid.repeats {
             next_seq += 1;
             inst.add_sequence(next_seq)?;
-            times.push(timing::extend(inst.as_mut(), next_seq, n + r)?);
+            times.push(timing::extend(inst.as_mut(), next_seq, n + r, chunk)?);
             inst.free_sequence(next_seq)?;
         }
         prefill_ms.push((n, ms(timing::median(times))));
@@ -290,7 +292,7 @@ fn measure(backend: &dyn Backend, package: &Path, grid: &Grid) -> Result<Measure
         for &seq in &seqs {
             let len = inst.sequence_len(seq).unwrap_or(0);
             if context > len {
-                timing::extend(inst.as_mut(), seq, context - len)?;
+                timing::extend(inst.as_mut(), seq, context - len, chunk)?;
             }
         }
         let mut row = Vec::new();
