@@ -34,9 +34,10 @@ pub fn extend(
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// Seconds per decode step of `seqs` together, over `steps` steps after one
-/// untimed step (first-call allocations). Each step appends a token to
-/// every sequence.
+/// Seconds per decode step of `seqs` together: the median of `steps` steps
+/// after one untimed step (first-call allocations), so that a burst of
+/// other work on a shared machine moves it less than a mean. Each step
+/// appends a token to every sequence.
 pub fn decode_step_s(
     inst: &mut dyn LlmInstance,
     seqs: &[SeqId],
@@ -52,11 +53,13 @@ pub fn decode_step_s(
             .collect()
     };
     inst.step(&batch(1))?;
-    let t = Instant::now();
-    for k in 0..steps as u32 {
+    let mut times = Vec::with_capacity(steps.max(1));
+    for k in 0..steps.max(1) as u32 {
+        let t = Instant::now();
         inst.step(&batch(k + 2))?;
+        times.push(t.elapsed().as_secs_f64());
     }
-    Ok(t.elapsed().as_secs_f64() / steps.max(1) as f64)
+    Ok(median(times))
 }
 
 /// The median of `xs` (not empty).

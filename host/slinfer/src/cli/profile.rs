@@ -186,8 +186,8 @@ impl Grid {
                 vec![16, 64, 128, 256, 512, 1024, 2048, 4096],
                 vec![128, 512, 1024, 2048, 4096],
                 vec![1, 2, 4, 8, 16],
-                8,
-                3,
+                16,
+                5,
             ),
         };
         // Room for the decode steps of every batch within the context.
