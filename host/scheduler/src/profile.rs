@@ -68,6 +68,13 @@ struct DeviceTables {
     /// say.
     host_s_per_iteration: f64,
     host_s_per_token: f64,
+    /// How the live host's steps vary around the times above: the ratio
+    /// of a live run's time to the profile's, as quantiles at evenly
+    /// spaced probabilities from lowest to highest (measured from a
+    /// server's run log by `scripts/experiment.py`). The simulator draws
+    /// each run's ratio from it; planning keeps the profile's times. None:
+    /// every run takes exactly the profile's time.
+    step_time_spread: Option<Vec<f64>>,
 }
 
 impl DeviceTables {
@@ -182,7 +189,26 @@ fn device_tables(v: &Value, what: &str) -> Result<DeviceTables, ProfileError> {
         kv_resize_s: seconds("kv_resize_ms")?,
         host_s_per_iteration: seconds("host_ms_per_iteration")?.unwrap_or(0.0),
         host_s_per_token: seconds("host_ms_per_token")?.unwrap_or(0.0),
+        step_time_spread: match v.get("step_time_spread") {
+            None => None,
+            Some(x) => Some(
+                spread(x).ok_or_else(|| ProfileError::Field(format!("{what}.step_time_spread")))?,
+            ),
+        },
     })
+}
+
+/// At least two positive ratios, in order.
+fn spread(v: &Value) -> Option<Vec<f64>> {
+    let q: Vec<f64> = v
+        .as_array()?
+        .iter()
+        .map(Value::as_f64)
+        .collect::<Option<_>>()?;
+    let ok = q.len() >= 2
+        && q.iter().all(|r| r.is_finite() && *r > 0.0)
+        && q.windows(2).all(|w| w[0] <= w[1]);
+    ok.then_some(q)
 }
 
 fn gib(x: f64) -> u64 {
@@ -322,6 +348,21 @@ impl Profile {
         t.host_s_per_iteration + t.host_s_per_token * sequences as f64
     }
 
+    /// The ratio of a live run's time to the profile's at probability `u`
+    /// (in [0, 1]) of the profile's `step_time_spread` for `model` on
+    /// `kind`, interpolated between its quantiles; 1 where it has none.
+    pub fn step_time_ratio(&self, model: ModelTypeId, kind: DeviceKind, u: f64) -> f64 {
+        let Some(q) = self.tables[model.0 as usize][kind]
+            .as_ref()
+            .and_then(|t| t.step_time_spread.as_deref())
+        else {
+            return 1.0;
+        };
+        let x = u.clamp(0.0, 1.0) * (q.len() - 1) as f64;
+        let i = (x.floor() as usize).min(q.len() - 2);
+        q[i] + (q[i + 1] - q[i]) * (x - i as f64)
+    }
+
     fn tables(&self, model: ModelTypeId, kind: DeviceKind) -> &DeviceTables {
         self.tables[model.0 as usize][kind]
             .as_ref()
@@ -439,6 +480,7 @@ mod tests {
         assert_eq!(p.paper.ttft_min_s, Some(0.4));
         // The artifact's file has neither.
         let p = Profile::parse(MINI).unwrap();
+        assert_eq!(p.step_time_ratio(m, DeviceKind::Gpu, 0.9), 1.0);
         assert_eq!(
             (p.paper.ttft_tokens_per_s, p.paper.ttft_min_s),
             (None, None)
@@ -465,6 +507,33 @@ mod tests {
     }
 
     #[test]
+    fn step_time_spread_is_quantiles_drawn_by_probability_and_checked() {
+        let with = |spread: &str| {
+            MINI.replace(
+                r#""exclusive_concurrency_cap": 7}"#,
+                &format!(r#""exclusive_concurrency_cap": 7, "step_time_spread": {spread}}}"#),
+            )
+        };
+        let p = Profile::parse(&with("[0.8, 1.0, 1.6]")).unwrap();
+        let m = p.model_type("tiny-3b").unwrap();
+        let r = |u| p.step_time_ratio(m, DeviceKind::Gpu, u);
+        assert_eq!((r(0.0), r(0.5), r(1.0)), (0.8, 1.0, 1.6));
+        assert!((r(0.25) - 0.9).abs() < 1e-12 && (r(0.75) - 1.3).abs() < 1e-12);
+        // Probabilities outside [0, 1] clamp.
+        assert_eq!((r(-1.0), r(2.0)), (0.8, 1.6));
+        // Not a spread: too short, not positive, out of order, not numbers.
+        for bad in ["[1.0]", "[0.0, 1.0]", "[1.2, 1.0]", r#"["x", 1]"#, "1.0"] {
+            assert!(
+                matches!(
+                    Profile::parse(&with(bad)),
+                    Err(ProfileError::Field(f)) if f.ends_with("step_time_spread")
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn curve_interpolates_clamps_and_scales() {
         let c = Curve(vec![(1.0, 10.0), (3.0, 30.0)]);
         assert_eq!(c.at(0.0), 10.0);
@@ -485,6 +554,7 @@ mod tests {
             kv_resize_s: None,
             host_s_per_iteration: 0.0,
             host_s_per_token: 0.0,
+            step_time_spread: None,
         };
         assert_eq!(t.decode_ms(768.0, 1.0), 20.0);
         assert_eq!(t.decode_ms(768.0, 1.5), 25.0);

@@ -24,7 +24,7 @@ use crate::scheduler::{
     ActionId, ActionOp, Command, InstanceId, NodeId, Policy, Probe, Request, RequestId,
     RequestOutcome, Scheduler, SchedulerConfig, bin_packing_order,
 };
-use crate::trace::TraceRequest;
+use crate::trace::{SplitMix64, TraceRequest};
 
 /// The evaluation's SLOs: TTFT ≤ max(input / tokens_per_s, min) + load
 /// delay; TPOT (mean over the output) ≤ tpot.
@@ -325,6 +325,8 @@ struct World<'a> {
     memory_violations: usize,
     dropped_by_reason: BTreeMap<String, usize>,
     decode_tokens: u64,
+    /// Draws each run's step-time ratio (`Profile::step_time_ratio`).
+    rng: SplitMix64,
 }
 
 impl World<'_> {
@@ -455,13 +457,18 @@ impl World<'_> {
         let mut outcomes = Vec::new();
         let mut t = now;
         let mut kv_tokens_blocks = 0;
+        // How much longer or shorter than the profile's time this run takes
+        // (1 unless the profile says how live steps vary).
+        let ratio = self
+            .profile
+            .step_time_ratio(mtype, kind, self.rng.next_f64());
         if !prefill.is_empty() || !restore.is_empty() {
             if !prefill.is_empty() {
                 let tokens: u64 = prefill.iter().map(|p| p.1).sum();
-                t += self.profile.prefill_s(mtype, kind, tokens);
+                t += ratio * self.profile.prefill_s(mtype, kind, tokens);
             }
             let restored: u64 = restore.iter().map(|p| p.1).sum();
-            t += self.profile.kv_swap_s(mtype, kind, restored);
+            t += ratio * self.profile.kv_swap_s(mtype, kind, restored);
             for &(rid, ctx) in prefill.iter().chain(restore) {
                 let s = &self.state[rid as usize];
                 let done = s.generated + 1 >= self.reqs[rid as usize].output_tokens;
@@ -486,7 +493,7 @@ impl World<'_> {
                     break;
                 }
                 let avg = live.iter().map(|l| l.1).sum::<u64>() / live.len() as u64;
-                t += self.profile.decode_s(mtype, kind, avg, live.len() as u64);
+                t += ratio * self.profile.decode_s(mtype, kind, avg, live.len() as u64);
                 for l in &mut live {
                     l.1 += 1;
                     l.2 -= 1;
@@ -653,6 +660,7 @@ pub fn simulate(
         preempted_requests: 0,
         memory_violations: 0,
         dropped_by_reason: BTreeMap::new(),
+        rng: SplitMix64(0),
         decode_tokens: 0,
     };
     for (i, r) in reqs.iter().enumerate() {

@@ -127,21 +127,29 @@ fn select_where(
     out
 }
 
+/// SplitMix64: tiny, seedable, and plenty for perturbing timestamps and
+/// step times in a simulation.
+#[derive(Clone, Debug)]
+pub(crate) struct SplitMix64(pub(crate) u64);
+
+impl SplitMix64 {
+    /// Uniform in [0, 1].
+    pub(crate) fn next_f64(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) as f64 / u64::MAX as f64
+    }
+}
+
 /// Shifts every arrival by a uniform offset in [-max_s, max_s] (clamped at
 /// 0) drawn from a seeded generator, then restores arrival order: replicas
 /// of one trace for measuring how sensitive a result is to timing alone.
 pub fn jitter(reqs: &mut [TraceRequest], max_s: f64, seed: u64) {
-    let mut state = seed;
-    // SplitMix64: tiny, seedable, and plenty for perturbing timestamps.
-    let mut next = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        (z ^ (z >> 31)) as f64 / u64::MAX as f64
-    };
+    let mut rng = SplitMix64(seed);
     for r in reqs.iter_mut() {
-        r.arrival_s = (r.arrival_s + (2.0 * next() - 1.0) * max_s).max(0.0);
+        r.arrival_s = (r.arrival_s + (2.0 * rng.next_f64() - 1.0) * max_s).max(0.0);
     }
     reqs.sort_by(|a, b| {
         a.arrival_s

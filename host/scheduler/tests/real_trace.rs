@@ -88,3 +88,27 @@ fn the_hosts_work_per_iteration_lengthens_every_token() {
     assert_eq!(host.completed + host.dropped, host.requests);
     assert_eq!(host.memory_violations, 0);
 }
+
+#[test]
+fn live_step_time_spread_costs_requests_planned_at_the_edge() {
+    let with = |spread: serde_json::Value| {
+        let mut v: serde_json::Value = serde_json::from_str(&artifact_profile()).unwrap();
+        v["latency"]["llama-2-7b"]["gpu"]["gpu"]["step_time_spread"] = spread;
+        run_on(&v.to_string(), Policy::Slinfer, 4, 240.0, 0)
+    };
+    let exact = run(Policy::Slinfer, 4, 240.0, 0);
+    // A spread of exactly 1 is the profile's own times.
+    assert_eq!(with(serde_json::json!([1.0, 1.0])), exact);
+    // Steps from 0.9x to 1.5x the planned time: the scheduler still plans
+    // with the profile, so batches it filled to the SLO miss it.
+    let noisy = with(serde_json::json!([0.9, 1.0, 1.1, 1.5]));
+    assert!(
+        noisy.slo_met < exact.slo_met,
+        "met {} with the spread, {} without",
+        noisy.slo_met,
+        exact.slo_met
+    );
+    assert!(noisy.tpot_p99_s.unwrap() > exact.tpot_p99_s.unwrap());
+    assert_eq!(noisy.completed + noisy.dropped, noisy.requests);
+    assert_eq!(noisy.memory_violations, 0);
+}
