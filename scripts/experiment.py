@@ -26,7 +26,10 @@ live beside its simulated prediction, on one trace slice.
    TPOT less the profile's decode step (its first context row, 128 tokens,
    at batch 1 and 4) is the host's time per iteration of 1 and 4
    sequences; a line through the two gives `host_ms_per_iteration` and
-   `host_ms_per_token`, written into a copy of the profile
+   `host_ms_per_token`, and the probe server's run log how the runs
+   varied around the times that makes (`step_time_spread`, quantiles of
+   live / profile time, scripts/run_log.py), all written into a copy of
+   the profile
    (`DIR/profile-whole-path.json`) that the policies' servers plan with
    (`serve --profile`) and that predicts each policy again
    (`DIR/sim-whole-path-POLICY.json`).
@@ -56,6 +59,8 @@ import sys
 import time
 import urllib.request
 
+import run_log
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "smollm2-135m-instruct"
 TRACE = os.path.join(ROOT, "../shared/data/traces/azure-functions-128fn-30min.json")
@@ -80,10 +85,15 @@ class Server:
         self.url = f"http://127.0.0.1:{port}"
         self.proc = None
 
-    def start(self, policy):
+    def log_path(self, policy):
+        return os.path.join(self.data_dir, f"serve-{policy}.log")
+
+    def start(self, policy, log_runs=False):
+        """`log_runs`: the runner logs every run (scripts/run_log.py)."""
         env = dict(os.environ, SLINFER_VENV=os.path.join(ROOT, ".venv"),
-                   SLINFER_LOG="info", NO_COLOR="1")
-        logf = open(os.path.join(self.data_dir, f"serve-{policy}.log"), "w")
+                   SLINFER_LOG="info,slinfer_inference=debug" if log_runs else "info",
+                   NO_COLOR="1")
+        logf = open(self.log_path(policy), "w")
         self.proc = subprocess.Popen(
             [self.args.slinfer, "serve", "--listen", self.url.removeprefix("http://"),
              "--data-dir", self.data_dir, "--models-dir", self.models_dir,
@@ -171,22 +181,12 @@ def svg(rows, path):
 PROBE_PROMPT, PROBE_OUTPUT = 96, 64
 
 
-def curve_at(pts, x):
-    """A profile curve `[[x, ms], ...]` at x, as host/scheduler/src/profile.rs
-    reads one: clamped below, linear inside, proportional beyond."""
-    if x <= pts[0][0]:
-        return pts[0][1]
-    for (xa, ya), (xb, yb) in zip(pts, pts[1:]):
-        if x <= xb:
-            return ya + (yb - ya) * (x - xa) / (xb - xa)
-    return pts[-1][1] * x / pts[-1][0]
-
-
 def engine_ms(t):
     """From MODEL's CPU tables `t` of a profile: (prefill ms of the probe's
     prompt, decode step ms at a batch on the first (shortest) context row)."""
-    prefill = curve_at(t["prefill_ms_by_input_tokens"], PROBE_PROMPT)
-    return prefill, lambda batch: curve_at(t["decode_ms_by_context_then_batch"][0][1], batch)
+    prefill = run_log.curve_at(t["prefill_ms_by_input_tokens"], PROBE_PROMPT)
+    return prefill, lambda batch: run_log.curve_at(
+        t["decode_ms_by_context_then_batch"][0][1], batch)
 
 
 def whole_path(args, server, requests, profile, out):
@@ -197,7 +197,7 @@ def whole_path(args, server, requests, profile, out):
         slice_ = json.load(f)
     function = slice_["requests"][0]["function"]
     tpots, ttfts = {}, {}
-    server.start("slinfer")
+    server.start("slinfer", log_runs=True)
     try:
         for name, streams in (("warm-up", 1), ("1", 1), ("4", 4)):
             probe = os.path.join(out, f"probe-{name}-requests.json")
@@ -228,6 +228,11 @@ def whole_path(args, server, requests, profile, out):
     per_iteration = max(0.0, over[1] - per_token)
     tables["host_ms_per_iteration"] = round(per_iteration, 3)
     tables["host_ms_per_token"] = round(per_token, 3)
+    # How the probes' runs varied around those times (run_log.py).
+    with open(server.log_path("slinfer")) as f:
+        spread = run_log.spread(f, tables)
+    if spread:
+        tables["step_time_spread"] = spread
     path = os.path.join(out, "profile-whole-path.json")
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
@@ -238,7 +243,8 @@ def whole_path(args, server, requests, profile, out):
                "live_ttft_ms_1_stream": round(ttfts[1], 3),
                "predicted_ttft_ms_1_stream": round(prefill_ms + per_iteration + per_token, 3),
                "host_ms_per_iteration": tables["host_ms_per_iteration"],
-               "host_ms_per_token": tables["host_ms_per_token"]}
+               "host_ms_per_token": tables["host_ms_per_token"],
+               "step_time_spread": spread}
     log(f"whole path: {figures}")
     return path, figures
 

@@ -183,7 +183,11 @@ fn replay_of_a_trace_slice_accounts_for_every_request_in_the_simulators_contract
     let venv = venv();
     let server = Server::start_with(
         &tmp.path().join("data"),
-        &[("SLINFER_VENV", venv.to_str().unwrap())],
+        &[
+            ("SLINFER_VENV", venv.to_str().unwrap()),
+            // Every engine run logged, for scripts/run_log.py below.
+            ("SLINFER_LOG", "info,slinfer_inference=debug"),
+        ],
         &["--models-dir", models.path().to_str().unwrap()],
     );
     // 30 seconds of four functions' arrivals (the trace at twice its rate),
@@ -254,6 +258,58 @@ fn replay_of_a_trace_slice_accounts_for_every_request_in_the_simulators_contract
     assert!(n("cold_starts") >= 1, "{live}");
     assert_eq!(live["prompt_length_mismatches"], 0, "{live}");
     assert_eq!(live["per_request"].as_array().unwrap().len(), sent);
+    run_log_spreads_the_servers_runs_around_a_profile(&server.log(), tmp.path());
+}
+
+/// `scripts/run_log.py` on the log of a replay: the spread of live run
+/// time over a profile's (quantiles, written into the profile with
+/// `--write`); a log without runs is refused, naming the setting that logs
+/// them.
+fn run_log_spreads_the_servers_runs_around_a_profile(log: &str, dir: &Path) {
+    let log_file = dir.join("serve.log");
+    std::fs::write(&log_file, log).unwrap();
+    // Flat tables: 100 ms a prefill, 20 ms a decode step (a test's figures,
+    // not this machine's).
+    let profile = dir.join("flat-profile.json");
+    let tables = serde_json::json!({
+        "prefill_ms_by_input_tokens": [[16, 100.0], [4096, 100.0]],
+        "decode_ms_by_context_then_batch": [[128, [[1, 20.0], [16, 20.0]]]],
+    });
+    std::fs::write(
+        &profile,
+        serde_json::json!({"latency": {MODEL: {"cpu": {"cpu": tables}}}}).to_string(),
+    )
+    .unwrap();
+    let run_log = |log: &Path, write: bool| {
+        Command::new(venv().join("bin/python"))
+            .arg(repo_root().join("scripts/run_log.py"))
+            .args(["--log", log.to_str().unwrap()])
+            .args(["--profile", profile.to_str().unwrap()])
+            .args(write.then_some("--write"))
+            .output()
+            .expect("run run_log.py")
+    };
+    let out = run_log(&log_file, true);
+    assert!(out.status.success(), "{}", text(&out));
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let q: Vec<f64> = printed["step_time_spread"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(q.len(), 21, "{q:?}");
+    assert!(q[0] > 0.0 && q.windows(2).all(|w| w[0] <= w[1]), "{q:?}");
+    assert_eq!(
+        json_file(&profile)["latency"][MODEL]["cpu"]["cpu"]["step_time_spread"],
+        printed["step_time_spread"]
+    );
+    // A log with no runs in it.
+    let quiet = dir.join("quiet.log");
+    std::fs::write(&quiet, "INFO slinfer::server: listening\n").unwrap();
+    let out = run_log(&quiet, false);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("SLINFER_LOG"), "{}", text(&out));
 }
 
 /// Two models' requests at once on a server with `--policy`; the most
