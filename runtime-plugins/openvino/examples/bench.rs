@@ -9,7 +9,8 @@
 //! <repo>/.data/models), SLINFER_CPU_PRECISION (f32 or bf16; default
 //! f32; GenAI is given the same `INFERENCE_PRECISION_HINT`).
 
-use std::path::PathBuf;
+mod common;
+
 use std::process::Command;
 use std::time::Instant;
 
@@ -25,14 +26,7 @@ fn main() {
         .collect();
     let n = *args.first().unwrap_or(&128);
     let batch = *args.get(1).unwrap_or(&8);
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let venv = std::env::var_os("SLINFER_VENV")
-        .map(PathBuf::from)
-        .unwrap_or(repo.join(".venv"));
-    let models = std::env::var_os("SLINFER_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or(repo.join(".data/models"));
-    let dir = models.join("smollm2-135m-instruct");
+    let (repo, venv, dir) = (common::repo(), common::venv(), common::default_model());
     let precision: Precision = std::env::var("SLINFER_CPU_PRECISION")
         .map(|p| p.parse().unwrap())
         .unwrap_or_default();

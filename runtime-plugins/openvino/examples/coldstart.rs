@@ -10,7 +10,8 @@
 //! Env: SLINFER_VENV (default <repo>/.venv), SLINFER_MODELS_DIR (default
 //! <repo>/.data/models).
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::Instant;
 
 use slinfer_engine::{LlmInstance, LoadOptions, StepEntry};
@@ -23,14 +24,7 @@ fn main() {
         .collect();
     let loads = *args.first().unwrap_or(&4);
     let prompt = *args.get(1).unwrap_or(&400);
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let venv = std::env::var_os("SLINFER_VENV")
-        .map(PathBuf::from)
-        .unwrap_or(repo.join(".venv"));
-    let models = std::env::var_os("SLINFER_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or(repo.join(".data/models"));
-    let dir = models.join("smollm2-135m-instruct");
+    let (venv, dir) = (common::venv(), common::default_model());
     let backend = OpenVinoBackend::new(&BackendOptions {
         venv: Some(venv),
         ..Default::default()
