@@ -217,7 +217,16 @@ async fn the_dashboard_state_counts_invocations_and_errors_and_follows_metrics_a
             .await
             .unwrap();
     }
-    let state = get_json(&s, "/ui/api/state").await;
+    // An invocation is counted once its instance has finished, which may
+    // come just after the caller has the whole response.
+    let mut state = get_json(&s, "/ui/api/state").await;
+    for _ in 0..50 {
+        if state["functions"][0]["invocations"] == 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        state = get_json(&s, "/ui/api/state").await;
+    }
     // This server's own node comes first (with whatever devices it found).
     assert_eq!(state["nodes"][0]["here"], true, "{state}");
     assert!(state["nodes"][0]["status"]["devices"].is_array(), "{state}");
