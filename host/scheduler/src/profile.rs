@@ -71,7 +71,7 @@ struct DeviceTables {
     /// How the live host's steps vary around the times above: the ratio
     /// of a live run's time to the profile's, as quantiles at evenly
     /// spaced probabilities from lowest to highest (measured from a
-    /// server's run log by `scripts/experiment.py`). The simulator draws
+    /// server's run log by `scripts/run_log.py`). The simulator draws
     /// each run's ratio from it; planning keeps the profile's times. None:
     /// every run takes exactly the profile's time.
     step_time_spread: Option<Vec<f64>>,

@@ -205,7 +205,9 @@ pub struct RequestRecord {
     pub arrival_s: f64,
     pub input_tokens: u64,
     pub output_tokens: u64,
-    /// `met`, `missed` (completed, SLO not met) or `dropped`.
+    /// `met`, `missed` (completed, SLO not met), `dropped`, or `unfinished`
+    /// (never ended: an end violation, which the policy promises never
+    /// happens).
     pub outcome: &'static str,
     /// Why it was dropped (a `dropped_by_reason` key).
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -101,10 +101,8 @@ impl<C: CostModel> Scheduler<C> {
     /// loads before it, which the node runs one at a time (the running one,
     /// then in queue order, a new instance last).
     pub(super) fn loaded_at_s(&self, views: &[View], now_s: f64) -> Vec<f64> {
-        let mut at: Vec<f64> = views
-            .iter()
-            .map(|v| now_s + self.load_left_s(v, now_s))
-            .collect();
+        let left: Vec<f64> = views.iter().map(|v| self.load_left_s(v, now_s)).collect();
+        let mut at: Vec<f64> = left.iter().map(|l| now_s + l).collect();
         let mut cpu_loads: Vec<((u8, ActionId), usize)> = views
             .iter()
             .enumerate()
@@ -122,7 +120,7 @@ impl<C: CostModel> Scheduler<C> {
         cpu_loads.sort();
         let mut t = now_s;
         for (_, i) in cpu_loads {
-            t += self.load_left_s(&views[i], now_s);
+            t += left[i];
             at[i] = t;
         }
         at

@@ -112,7 +112,7 @@ impl<C: CostModel> Scheduler<C> {
     /// committed footprint plus its increase fits the node. A CPU loads one
     /// instance at a time, and not beside an iteration: a load (reading and
     /// compiling the model) takes the same cores, so two at once would each
-    /// take about twice the time planned (see [`Self::cpu_load_ready_s`]).
+    /// take about twice the time planned (see [`Self::loaded_at_s`]).
     pub(super) fn start_actions(&mut self, node: NodeId, now_s: f64) {
         let mut cpu_taken = self.nodes[node].spec.kind == DeviceKind::Cpu
             && (self.nodes[node].busy.is_some() || self.loading_on(node));
