@@ -26,10 +26,16 @@ live beside its simulated prediction, on one trace slice.
    TPOT less the profile's decode step (its first context row, 128 tokens,
    at batch 1 and 4) is the host's time per iteration of 1 and 4
    sequences; a line through the two gives `host_ms_per_iteration` and
-   `host_ms_per_token`, and the probe server's run log how the runs
-   varied around the times that makes (`step_time_spread`, quantiles of
-   live / profile time, scripts/run_log.py), all written into a copy of
-   the profile
+   `host_ms_per_token`. How runs vary around the times that makes
+   (`step_time_spread`, quantiles of live / profile time,
+   scripts/run_log.py) is measured under load, but not on the slice the
+   policies are judged on: a calibration replay of a later window of the
+   same trace and functions (`--calibration-start-s`, default 1200 s into
+   the trace, for `--calibration-s`, default 120 s, scaled as the slice;
+   it must start after the slice ends) under `serve --policy slinfer` with every run
+   logged (`DIR/calibration-requests.json`, `DIR/calibration.json`). With
+   `--calibration-s 0`, or when that window has fewer than 20 runs, the
+   probes' runs give it. All of it goes into a copy of the profile
    (`DIR/profile-whole-path.json`) that the policies' servers plan with
    (`serve --profile`) and that predicts each policy again
    (`DIR/sim-whole-path-POLICY.json`).
@@ -85,15 +91,16 @@ class Server:
         self.url = f"http://127.0.0.1:{port}"
         self.proc = None
 
-    def log_path(self, policy):
-        return os.path.join(self.data_dir, f"serve-{policy}.log")
+    def log_path(self, name):
+        return os.path.join(self.data_dir, f"serve-{name}.log")
 
-    def start(self, policy, log_runs=False):
-        """`log_runs`: the runner logs every run (scripts/run_log.py)."""
+    def start(self, policy, log_runs=False, log_name=None):
+        """`log_runs`: the runner logs every run (scripts/run_log.py), to
+        the log `log_name` (default: the policy's)."""
         env = dict(os.environ, SLINFER_VENV=os.path.join(ROOT, ".venv"),
                    SLINFER_LOG="info,slinfer_inference=debug" if log_runs else "info",
                    NO_COLOR="1")
-        logf = open(self.log_path(policy), "w")
+        logf = open(self.log_path(log_name or policy), "w")
         self.proc = subprocess.Popen(
             [self.args.slinfer, "serve", "--listen", self.url.removeprefix("http://"),
              "--data-dir", self.data_dir, "--models-dir", self.models_dir,
@@ -129,12 +136,15 @@ def replay(args, server, requests, out, *extra):
          "--slinfer", args.slinfer, *(["--out", out] if out else []), *extra])
 
 
-def simulate(args, profile, policy, requests_out=None, time_scale=None):
+def simulate(args, profile, policy, requests_out=None, time_scale=None, window=None):
     """`slinfer simulate --json`; at the run's own scale with every
-    request's record (`per_request`), to compare with the live run."""
+    request's record (`per_request`), to compare with the live run.
+    `window`: (start, duration) in the trace's seconds, default the slice."""
+    start, duration = window or (0.0, args.duration_s)
     cmd = [args.slinfer, "simulate", "--trace", TRACE, "--profile", profile,
            "--model", MODEL, "--gpus", "0", "--cpus", "1", "--live-host",
-           "--functions", args.functions, "--duration-s", str(args.duration_s),
+           "--functions", args.functions, "--start-s", str(start),
+           "--duration-s", str(duration),
            "--time-scale", str(time_scale or args.time_scale), "--policy", policy, "--json"]
     if time_scale is None:
         cmd.append("--per-request")
@@ -197,7 +207,7 @@ def whole_path(args, server, requests, profile, out):
         slice_ = json.load(f)
     function = slice_["requests"][0]["function"]
     tpots, ttfts = {}, {}
-    server.start("slinfer", log_runs=True)
+    server.start("slinfer", log_runs=True, log_name="probes")
     try:
         for name, streams in (("warm-up", 1), ("1", 1), ("4", 4)):
             probe = os.path.join(out, f"probe-{name}-requests.json")
@@ -228,12 +238,22 @@ def whole_path(args, server, requests, profile, out):
     per_iteration = max(0.0, over[1] - per_token)
     tables["host_ms_per_iteration"] = round(per_iteration, 3)
     tables["host_ms_per_token"] = round(per_token, 3)
-    # How the probes' runs varied around those times (run_log.py).
-    with open(server.log_path("slinfer")) as f:
-        spread = run_log.spread(f, tables)
+    path = os.path.join(out, "profile-whole-path.json")
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+    # How runs vary around those times (run_log.py): under load on the
+    # calibration window, else on the probes.
+    spread, source = None, None
+    if args.calibration_s > 0:
+        spread = calibration_spread(args, server, path, tables, out)
+        source = (f"calibration replay, trace {args.calibration_start_s:g}-"
+                  f"{args.calibration_start_s + args.calibration_s * args.time_scale:g} s")
+    if spread is None:
+        with open(server.log_path("probes")) as f:
+            spread = run_log.spread(f, tables)
+        source = "probes"
     if spread:
         tables["step_time_spread"] = spread
-    path = os.path.join(out, "profile-whole-path.json")
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
     # TTFT is reported beside the prediction's (prefill plus the host's
@@ -244,9 +264,32 @@ def whole_path(args, server, requests, profile, out):
                "predicted_ttft_ms_1_stream": round(prefill_ms + per_iteration + per_token, 3),
                "host_ms_per_iteration": tables["host_ms_per_iteration"],
                "host_ms_per_token": tables["host_ms_per_token"],
-               "step_time_spread": spread}
+               "step_time_spread": spread,
+               "step_time_spread_from": source if spread else None}
     log(f"whole path: {figures}")
     return path, figures
+
+
+def calibration_spread(args, server, profile, tables, out):
+    """Replays the calibration window under `slinfer` (planning with
+    `profile`) with every run logged; the spread of its runs against
+    `tables`, or None with fewer than 20 runs."""
+    window = (args.calibration_start_s, args.calibration_s)
+    # Both windows in the trace's own seconds (a duration is after scaling).
+    if args.calibration_start_s < args.duration_s * args.time_scale:
+        raise SystemExit(f"--calibration-start-s {args.calibration_start_s:g} overlaps the "
+                         f"slice (trace 0-{args.duration_s * args.time_scale:g} s)")
+    requests = os.path.join(out, "calibration-requests.json")
+    simulate(args, profile, "slinfer", requests_out=requests, window=window)
+    saved, server.profile = server.profile, profile
+    server.start("slinfer", log_runs=True, log_name="calibration")
+    try:
+        replay(args, server, requests, os.path.join(out, "calibration.json"), "--skip-setup")
+    finally:
+        server.stop()
+        server.profile = saved
+    with open(server.log_path("calibration")) as f:
+        return run_log.spread(f, tables)
 
 
 def curve(args, profile, out):
@@ -359,6 +402,10 @@ def main():
     ap.add_argument("--curve", help="time scales for the attainment curve, such as 0.5,1,2")
     ap.add_argument("--curve-with", help="earlier experiment folders whose live points to plot")
     ap.add_argument("--curve-only", action="store_true", help="only the curve (needs --profile)")
+    ap.add_argument("--calibration-start-s", type=float, default=1200.0,
+                    help="where in the trace the calibration window starts (step 4)")
+    ap.add_argument("--calibration-s", type=float, default=120.0,
+                    help="the calibration window's length; 0: spread from the probes")
     ap.add_argument("--no-whole-path", action="store_true",
                     help="skip the whole-path calibration (step 4)")
     args = ap.parse_args()
