@@ -65,6 +65,12 @@ in host/scheduler/src/sim.rs), measured:
                                models (the latter counts requests preempted,
                                so it is also `preempted_requests`)
     makespan_s                 replay start to the last request's end
+    by_kind                    per device kind: served and SLO met (with one
+                               kind), cold starts, and busy_fraction: the
+                               seconds the replay models' instances ran on
+                               the kind's devices (delta of
+                               slinfer_llm_busy_seconds_total) over makespan
+                               x devices
     the rest                   what a live run cannot observe: see `summarize`
 
 plus live-only fields: `live: true`, `sent`, `missed`, `errored`,
@@ -738,8 +744,11 @@ def percentile(sorted_xs: list[float], q: float) -> float | None:
     return sorted_xs[int(math.floor((len(sorted_xs) - 1) * q + 0.5))]
 
 
-def by_kind(devices: list, done: list, met: int, cold_by_device: dict | None) -> dict:
-    """The simulator's `by_kind` as far as a live run shows it."""
+def by_kind(devices: list, done: list, met: int, cold_by_device: dict | None,
+            busy_by_device: dict | None, makespan: float) -> dict:
+    """The simulator's `by_kind` as far as a live run shows it; the busy
+    fraction from the seconds the replay models' instances ran on each
+    device (`slinfer_llm_busy_seconds_total`), over the makespan."""
     kinds = sorted({d.get("kind") for d in devices if d.get("kind")})
     out = {}
     for k in kinds:
@@ -750,7 +759,9 @@ def by_kind(devices: list, done: list, met: int, cold_by_device: dict | None) ->
             "slo_met": met if alone else None,
             "cold_starts": None if cold_by_device is None else
             sum(v for dev, v in cold_by_device.items() if dev in names),
-            "busy_fraction": None,
+            "busy_fraction": None if busy_by_device is None or makespan <= 0 else
+            sum(v for dev, v in busy_by_device.items() if dev in names)
+            / (makespan * len(names)),
         }
     return out
 
@@ -785,12 +796,13 @@ def summarize(doc: dict, recs: list, makespan: float, status_after: dict,
             return None
         return int(round(metric_sum(m1, name, models) - metric_sum(m0, name, models)))
 
-    def by_label(name: str, label: str) -> dict | None:
+    def by_label(name: str, label: str, count: bool = True) -> dict | None:
+        """The replay's share of `name` per `label`: whole for a count."""
         if m1 is None:
             return None
         old = metric_by(m0, name, label, models)
-        return {k: int(round(v - old.get(k, 0))) for k, v in
-                sorted(metric_by(m1, name, label, models).items()) if v - old.get(k, 0) > 0}
+        grown = {k: v - old.get(k, 0) for k, v in sorted(metric_by(m1, name, label, models).items())}
+        return {k: int(round(d)) if count else d for k, d in grown.items() if d > 0}
 
     preempted = delta("slinfer_llm_preemptions_total")
     server_policy = inf.get("policy")
@@ -840,8 +852,10 @@ def summarize(doc: dict, recs: list, makespan: float, status_after: dict,
         # Per kind of device. A live request does not say which device
         # served it: with devices of one kind, that kind served them all;
         # with both, the split is unknown (null). Busy time is not observable.
-        "by_kind": by_kind(devices, done, count["met"], by_label("slinfer_llm_cold_starts_total",
-                                                                 "device")),
+        "by_kind": by_kind(devices, done, count["met"],
+                           by_label("slinfer_llm_cold_starts_total", "device"),
+                           by_label("slinfer_llm_busy_seconds_total", "device", count=False),
+                           makespan),
         # One server; a cluster member's forwarding is not visible from here.
         "cluster": None,
         "routing_retries": 0,

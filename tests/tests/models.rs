@@ -217,6 +217,11 @@ async fn import_serve_share_and_remove_models_while_running() {
     assert_eq!(metric(&m, "slinfer_llm_tpot_seconds_count", &[&copy]), 2.0);
     assert_eq!(metric(&m, "slinfer_llm_slo_total", &[&def]), 3.0);
     assert_eq!(metric(&m, "slinfer_llm_preemptions_total", &[&def]), 0.0);
+    // Each model's instance ran on the CPU for its requests' iterations.
+    for model in [&def, &copy] {
+        let busy = metric(&m, "slinfer_llm_busy_seconds_total", &[model, "cpu:0"]);
+        assert!(busy > 0.0 && busy < 600.0, "{model}: {busy}\n{m}");
+    }
     assert!(m.contains("slinfer_llm_kv_blocks_committed{"), "{m}");
     assert!(m.contains("slinfer_llm_kv_blocks_planned{"), "{m}");
     assert!(m.contains("slinfer_llm_batch_size{"), "{m}");

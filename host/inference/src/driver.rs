@@ -53,6 +53,8 @@ pub(crate) enum Msg {
         node: NodeId,
         instance: InstanceId,
         outcomes: Vec<RequestOutcome>,
+        /// Seconds the engine ran (0 for a run that never reached it).
+        busy_s: f64,
     },
     /// What a runner measured its freshly loaded instance holds besides its
     /// KV pool (sent before the load's `ActionDone`).
@@ -337,7 +339,11 @@ impl Driver {
                 node,
                 instance,
                 outcomes,
+                busy_s,
             } => {
+                if let Some(r) = self.runners.get(&instance) {
+                    self.metrics.ran(&r.labels, busy_s);
+                }
                 for o in outcomes.iter().filter(|o| o.finished) {
                     self.generations.remove(&o.request);
                 }
@@ -550,6 +556,7 @@ impl Driver {
             node,
             instance,
             outcomes,
+            busy_s: 0.0,
         });
     }
 }

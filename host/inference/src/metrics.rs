@@ -10,6 +10,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
 
 use crate::api::InferenceStatus;
 use crate::recent::{Recent, Samples};
@@ -75,6 +76,8 @@ pub struct LlmMetrics {
     pub slo: Family<SloLabels, Counter>,
     pub cold_starts: Family<DeviceLabels, Counter>,
     pub preemptions: Family<DeviceLabels, Counter>,
+    /// Seconds the model's instances spent in engine runs, per device.
+    pub busy: Family<DeviceLabels, Counter<f64, AtomicU64>>,
     pub instances: Family<DeviceLabels, Gauge>,
     pub batch: Family<DeviceLabels, Gauge>,
     pub kv_blocks_committed: Family<DeviceLabels, Gauge>,
@@ -103,6 +106,7 @@ impl Default for LlmMetrics {
             slo: Family::default(),
             cold_starts: Family::default(),
             preemptions: Family::default(),
+            busy: Family::default(),
             instances: Family::default(),
             batch: Family::default(),
             kv_blocks_committed: Family::default(),
@@ -156,6 +160,11 @@ impl LlmMetrics {
             "preemptions",
             "Requests preempted off an instance, per model and device",
             self.preemptions.clone(),
+        );
+        r.register(
+            "busy_seconds",
+            "Seconds the model's instances spent in engine runs (iterations), per device",
+            self.busy.clone(),
         );
         r.register(
             "instances",
@@ -288,6 +297,11 @@ impl LlmMetrics {
     pub(crate) fn preempted(&self, labels: &DeviceLabels, n: usize) {
         self.preemptions.get_or_create(labels).inc_by(n as u64);
         self.tally(&labels.model, |t| t.preemptions += n as u32);
+    }
+
+    /// An instance of `labels.model` ran on its device for `seconds`.
+    pub(crate) fn ran(&self, labels: &DeviceLabels, seconds: f64) {
+        self.busy.get_or_create(labels).inc_by(seconds);
     }
 
     /// Sets the scheduler-state gauges from the service's status.

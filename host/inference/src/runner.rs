@@ -222,6 +222,7 @@ impl InstanceRunner {
             } => {
                 let started = Instant::now();
                 let outcomes = self.run(iterations, &prefill, &decode);
+                let busy_s = started.elapsed().as_secs_f64();
                 if tracing::enabled!(tracing::Level::DEBUG) {
                     self.log_run(started, &prefill, &decode);
                 }
@@ -229,6 +230,7 @@ impl InstanceRunner {
                     node: self.node,
                     instance: self.id,
                     outcomes,
+                    busy_s,
                 });
             }
         }
