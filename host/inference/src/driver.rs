@@ -80,6 +80,9 @@ pub fn live_scheduler_config(scheduling: &Scheduling) -> SchedulerConfig {
     cfg.cpu_kv_scales = true;
     cfg.refuse_early = true;
     cfg.ttft_counts_load = true;
+    // A function's manifest states its TTFT SLO; the paper's planning cap
+    // (8 s, whatever the SLO) would refuse a caller who allowed longer.
+    cfg.ttft_cap_s = f64::INFINITY;
     cfg.min_instance_tokens = MIN_INSTANCE_TOKENS;
     cfg
 }
