@@ -31,8 +31,11 @@ live beside its simulated prediction, on one trace slice.
    scripts/run_log.py) is measured under load, but not on the slice the
    policies are judged on: a calibration replay of a later window of the
    same trace and functions (`--calibration-start-s`, default 1200 s into
-   the trace, for `--calibration-s`, default 120 s, scaled as the slice;
-   it must start after the slice ends) under `serve --policy slinfer` with every run
+   the trace, for `--calibration-s`, default 120 s, arrivals
+   `--calibration-time-scale` times faster, default 2.5: the trace's
+   1200-1500 s, about as busy as the slice's busiest minutes, since the
+   rest of the trace is calmer than its start; it must start after the
+   slice ends) under `serve --policy slinfer` with every run
    logged (`DIR/calibration-requests.json`, `DIR/calibration.json`). With
    `--calibration-s 0`, or when that window has fewer than 20 runs, the
    probes' runs give it. All of it goes into a copy of the profile
@@ -139,13 +142,15 @@ def replay(args, server, requests, out, *extra):
 def simulate(args, profile, policy, requests_out=None, time_scale=None, window=None):
     """`slinfer simulate --json`; at the run's own scale with every
     request's record (`per_request`), to compare with the live run.
-    `window`: (start, duration) in the trace's seconds, default the slice."""
-    start, duration = window or (0.0, args.duration_s)
+    `window`: (start in the trace's seconds, duration after scaling, time
+    scale), default the slice."""
+    start, duration, scale = window or (0.0, args.duration_s, None)
     cmd = [args.slinfer, "simulate", "--trace", TRACE, "--profile", profile,
            "--model", MODEL, "--gpus", "0", "--cpus", "1", "--live-host",
            "--functions", args.functions, "--start-s", str(start),
            "--duration-s", str(duration),
-           "--time-scale", str(time_scale or args.time_scale), "--policy", policy, "--json"]
+           "--time-scale", str(scale or time_scale or args.time_scale), "--policy", policy,
+           "--json"]
     if time_scale is None:
         cmd.append("--per-request")
     if requests_out:
@@ -247,7 +252,8 @@ def whole_path(args, server, requests, profile, out):
     if args.calibration_s > 0:
         spread = calibration_spread(args, server, path, tables, out)
         source = (f"calibration replay, trace {args.calibration_start_s:g}-"
-                  f"{args.calibration_start_s + args.calibration_s * args.time_scale:g} s")
+                  f"{args.calibration_start_s + args.calibration_s * args.calibration_time_scale:g}"
+                  f" s at x{args.calibration_time_scale:g}")
     if spread is None:
         with open(server.log_path("probes")) as f:
             spread = run_log.spread(f, tables)
@@ -274,7 +280,7 @@ def calibration_spread(args, server, profile, tables, out):
     """Replays the calibration window under `slinfer` (planning with
     `profile`) with every run logged; the spread of its runs against
     `tables`, or None with fewer than 20 runs."""
-    window = (args.calibration_start_s, args.calibration_s)
+    window = (args.calibration_start_s, args.calibration_s, args.calibration_time_scale)
     # Both windows in the trace's own seconds (a duration is after scaling).
     if args.calibration_start_s < args.duration_s * args.time_scale:
         raise SystemExit(f"--calibration-start-s {args.calibration_start_s:g} overlaps the "
@@ -405,7 +411,9 @@ def main():
     ap.add_argument("--calibration-start-s", type=float, default=1200.0,
                     help="where in the trace the calibration window starts (step 4)")
     ap.add_argument("--calibration-s", type=float, default=120.0,
-                    help="the calibration window's length; 0: spread from the probes")
+                    help="the calibration replay's length; 0: spread from the probes")
+    ap.add_argument("--calibration-time-scale", type=float, default=2.5,
+                    help="arrivals of the calibration window this many times faster")
     ap.add_argument("--no-whole-path", action="store_true",
                     help="skip the whole-path calibration (step 4)")
     args = ap.parse_args()
