@@ -27,7 +27,8 @@ live beside its simulated prediction, on one trace slice.
    at batch 1 and 4) is the host's time per iteration of 1 and 4
    sequences; a line through the two gives `host_ms_per_iteration` and
    `host_ms_per_token`. How runs vary around the times that makes
-   (`step_time_spread`, quantiles of live / profile time,
+   (`step_time_spread` of decode runs and `prefill_time_spread` of
+   prefill runs, quantiles of live / profile time,
    scripts/run_log.py) is measured under load, but not on the slice the
    policies are judged on: a calibration replay of a later window of the
    same trace and functions (`--calibration-start-s`, default 1200 s into
@@ -248,18 +249,17 @@ def whole_path(args, server, requests, profile, out):
         json.dump(doc, f, indent=1)
     # How runs vary around those times (run_log.py): under load on the
     # calibration window, else on the probes.
-    spread, source = None, None
+    spread, source = {}, None
     if args.calibration_s > 0:
         spread = calibration_spread(args, server, path, tables, out)
         source = (f"calibration replay, trace {args.calibration_start_s:g}-"
                   f"{args.calibration_start_s + args.calibration_s * args.calibration_time_scale:g}"
                   f" s at x{args.calibration_time_scale:g}")
-    if spread is None:
+    if "step_time_spread" not in spread:
         with open(server.log_path("probes")) as f:
-            spread = run_log.spread(f, tables)
+            spread = run_log.spreads(f, tables)
         source = "probes"
-    if spread:
-        tables["step_time_spread"] = spread
+    tables.update(spread)
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
     # TTFT is reported beside the prediction's (prefill plus the host's
@@ -270,16 +270,16 @@ def whole_path(args, server, requests, profile, out):
                "predicted_ttft_ms_1_stream": round(prefill_ms + per_iteration + per_token, 3),
                "host_ms_per_iteration": tables["host_ms_per_iteration"],
                "host_ms_per_token": tables["host_ms_per_token"],
-               "step_time_spread": spread,
-               "step_time_spread_from": source if spread else None}
+               **spread,
+               "spread_from": source if spread else None}
     log(f"whole path: {figures}")
     return path, figures
 
 
 def calibration_spread(args, server, profile, tables, out):
     """Replays the calibration window under `slinfer` (planning with
-    `profile`) with every run logged; the spread of its runs against
-    `tables`, or None with fewer than 20 runs."""
+    `profile`) with every run logged; the spreads of its runs against
+    `tables` (run_log.spreads: a kind with fewer than 20 runs left out)."""
     window = (args.calibration_start_s, args.calibration_s, args.calibration_time_scale)
     # Both windows in the trace's own seconds (a duration is after scaling).
     if args.calibration_start_s < args.duration_s * args.time_scale:
@@ -295,7 +295,7 @@ def calibration_spread(args, server, profile, tables, out):
         server.stop()
         server.profile = saved
     with open(server.log_path("calibration")) as f:
-        return run_log.spread(f, tables)
+        return run_log.spreads(f, tables)
 
 
 def curve(args, profile, out):

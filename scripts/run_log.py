@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """How a live server's runs compare with a profile: each run the log holds
-against the time the profile gives it, as quantiles of the ratio (a
-profile's `step_time_spread`, which the simulator draws each run's time
-from).
+against the time the profile gives it, as quantiles of the ratio: over
+decode runs a profile's `step_time_spread`, over runs that prefill its
+`prefill_time_spread` (the simulator draws each run's time from the one of
+its kind; prefill runs from `step_time_spread` where there is no other).
 
     .venv/bin/python scripts/run_log.py --log SERVE_LOG --profile FILE [--model NAME] [--write]
 
@@ -11,8 +12,9 @@ SERVE_LOG is `slinfer serve`'s stderr with the runner's runs logged
 run, with the tokens it prefilled, the sequences it decoded and their
 context, and its ms. The profile's tables for the model on the CPU give
 each run's time (prefill by tokens, decode by mean context and batch,
-plus `host_ms_per_iteration` and `host_ms_per_token`). Prints the spread
-as JSON; `--write` also stores it in the profile as `step_time_spread`.
+plus `host_ms_per_iteration` and `host_ms_per_token`). Prints the spreads
+as JSON; `--write` also stores them in the profile. A spread needs 20 runs
+of its kind; the prefill one is left out with fewer.
 
 Standard library only.
 """
@@ -73,11 +75,23 @@ def runs(lines):
             continue
 
 
-def spread(lines, tables):
-    """Quantiles of live run time / profile time over the runs in `lines`,
-    or None with fewer than 20 runs."""
-    ratios = sorted(r["ms"] / p for r in runs(lines)
-                    if (p := planned_ms(tables, r)) is not None and p > 0)
+def spreads(lines, tables):
+    """{"step_time_spread": decode runs' quantiles, "prefill_time_spread":
+    prefill runs'}, each of live run time / profile time, a kind with fewer
+    than 20 runs left out."""
+    ratios = {"step_time_spread": [], "prefill_time_spread": []}
+    for r in runs(lines):
+        p = planned_ms(tables, r)
+        if p is not None and p > 0:
+            key = "prefill_time_spread" if r["prefill_tokens"] > 0 else "step_time_spread"
+            ratios[key].append(r["ms"] / p)
+    return {k: q for k, rs in ratios.items() if (q := quantiles(rs)) is not None}
+
+
+def quantiles(ratios):
+    """QUANTILES quantiles of `ratios` (the extremes trimmed), or None with
+    fewer than 20."""
+    ratios = sorted(ratios)
     if len(ratios) < 20:
         return None
     cut = int(len(ratios) * TRIM)
@@ -97,13 +111,14 @@ def main():
         doc = json.load(f)
     tables = doc["latency"][args.model]["cpu"]["cpu"]
     with open(args.log) as f:
-        q = spread(f, tables)
-    if q is None:
-        sys.exit(f"{args.log}: fewer than 20 runs logged (serve with "
+        q = spreads(f, tables)
+    if "step_time_spread" not in q:
+        sys.exit(f"{args.log}: fewer than 20 decode runs logged (serve with "
                  "SLINFER_LOG=info,slinfer_inference=debug)")
-    print(json.dumps({"step_time_spread": q}))
+    print(json.dumps(q))
     if args.write:
-        tables["step_time_spread"] = q
+        tables.pop("prefill_time_spread", None)
+        tables.update(q)
         with open(args.profile, "w") as f:
             json.dump(doc, f, indent=1)
 

@@ -303,10 +303,31 @@ fn run_log_spreads_the_servers_runs_around_a_profile(log: &str, dir: &Path) {
         .collect();
     assert_eq!(q.len(), 21, "{q:?}");
     assert!(q[0] > 0.0 && q.windows(2).all(|w| w[0] <= w[1]), "{q:?}");
+    let written = &json_file(&profile)["latency"][MODEL]["cpu"]["cpu"];
+    assert_eq!(written["step_time_spread"], printed["step_time_spread"]);
     assert_eq!(
-        json_file(&profile)["latency"][MODEL]["cpu"]["cpu"]["step_time_spread"],
-        printed["step_time_spread"]
+        written["prefill_time_spread"],
+        printed["prefill_time_spread"]
     );
+    // Prefill and decode runs apart: 25 prefills 1.2 times the flat
+    // profile's 100 ms and 25 decode steps at its 20 ms.
+    let mixed = dir.join("mixed.log");
+    let line = |ms: f64, prefill: u32, batch: u32| {
+        format!(
+            "DEBUG slinfer_inference::runner: run instance=0 model={MODEL} ms={ms} \
+             prefill_tokens={prefill} decode_batch={batch} decode_context={}\n",
+            batch * 64
+        )
+    };
+    let text_log: String = (0..25)
+        .map(|_| line(120.0, 64, 0) + &line(20.0, 0, 2))
+        .collect();
+    std::fs::write(&mixed, text_log).unwrap();
+    let out = run_log(&mixed, false);
+    assert!(out.status.success(), "{}", text(&out));
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(printed["step_time_spread"], Value::from(vec![1.0; 21]));
+    assert_eq!(printed["prefill_time_spread"], Value::from(vec![1.2; 21]));
     // A log with no runs in it.
     let quiet = dir.join("quiet.log");
     std::fs::write(&quiet, "INFO slinfer::server: listening\n").unwrap();

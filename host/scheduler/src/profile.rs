@@ -75,6 +75,10 @@ struct DeviceTables {
     /// each run's ratio from it; planning keeps the profile's times. None:
     /// every run takes exactly the profile's time.
     step_time_spread: Option<Vec<f64>>,
+    /// The same for runs that prefill (their ratio differs from decode
+    /// steps': the CPU plugin prepares kernels for each new prompt length).
+    /// None: prefill runs draw from `step_time_spread`.
+    prefill_time_spread: Option<Vec<f64>>,
 }
 
 impl DeviceTables {
@@ -189,13 +193,16 @@ fn device_tables(v: &Value, what: &str) -> Result<DeviceTables, ProfileError> {
         kv_resize_s: seconds("kv_resize_ms")?,
         host_s_per_iteration: seconds("host_ms_per_iteration")?.unwrap_or(0.0),
         host_s_per_token: seconds("host_ms_per_token")?.unwrap_or(0.0),
-        step_time_spread: match v.get("step_time_spread") {
-            None => None,
-            Some(x) => Some(
-                spread(x).ok_or_else(|| ProfileError::Field(format!("{what}.step_time_spread")))?,
-            ),
-        },
+        step_time_spread: spread_field(v, what, "step_time_spread")?,
+        prefill_time_spread: spread_field(v, what, "prefill_time_spread")?,
     })
+}
+
+/// The optional spread `key` of `v` (refused when present and not one).
+fn spread_field(v: &Value, what: &str, key: &str) -> Result<Option<Vec<f64>>, ProfileError> {
+    v.get(key)
+        .map(|x| spread(x).ok_or_else(|| ProfileError::Field(format!("{what}.{key}"))))
+        .transpose()
 }
 
 /// At least two positive ratios, in order.
@@ -350,12 +357,19 @@ impl Profile {
 
     /// The ratio of a live run's time to the profile's at probability `u`
     /// (in [0, 1]) of the profile's `step_time_spread` for `model` on
-    /// `kind`, interpolated between its quantiles; 1 where it has none.
-    pub fn step_time_ratio(&self, model: ModelTypeId, kind: DeviceKind, u: f64) -> f64 {
-        let Some(q) = self.tables[model.0 as usize][kind]
-            .as_ref()
-            .and_then(|t| t.step_time_spread.as_deref())
-        else {
+    /// `kind` (its `prefill_time_spread`, where it has one, for a run that
+    /// `prefills`), interpolated between its quantiles; 1 where it has none.
+    pub fn step_time_ratio(
+        &self,
+        model: ModelTypeId,
+        kind: DeviceKind,
+        prefills: bool,
+        u: f64,
+    ) -> f64 {
+        let Some(q) = self.tables[model.0 as usize][kind].as_ref().and_then(|t| {
+            let prefill = t.prefill_time_spread.as_deref().filter(|_| prefills);
+            prefill.or(t.step_time_spread.as_deref())
+        }) else {
             return 1.0;
         };
         let x = u.clamp(0.0, 1.0) * (q.len() - 1) as f64;
@@ -480,7 +494,8 @@ mod tests {
         assert_eq!(p.paper.ttft_min_s, Some(0.4));
         // The artifact's file has neither.
         let p = Profile::parse(MINI).unwrap();
-        assert_eq!(p.step_time_ratio(m, DeviceKind::Gpu, 0.9), 1.0);
+        assert_eq!(p.step_time_ratio(m, DeviceKind::Gpu, false, 0.9), 1.0);
+        assert_eq!(p.step_time_ratio(m, DeviceKind::Gpu, true, 0.9), 1.0);
         assert_eq!(
             (p.paper.ttft_tokens_per_s, p.paper.ttft_min_s),
             (None, None)
@@ -516,17 +531,31 @@ mod tests {
         };
         let p = Profile::parse(&with("[0.8, 1.0, 1.6]")).unwrap();
         let m = p.model_type("tiny-3b").unwrap();
-        let r = |u| p.step_time_ratio(m, DeviceKind::Gpu, u);
+        let r = |u| p.step_time_ratio(m, DeviceKind::Gpu, false, u);
         assert_eq!((r(0.0), r(0.5), r(1.0)), (0.8, 1.0, 1.6));
         assert!((r(0.25) - 0.9).abs() < 1e-12 && (r(0.75) - 1.3).abs() < 1e-12);
         // Probabilities outside [0, 1] clamp.
         assert_eq!((r(-1.0), r(2.0)), (0.8, 1.6));
+        // Prefill runs draw from the same spread unless they have their own.
+        assert_eq!(p.step_time_ratio(m, DeviceKind::Gpu, true, 1.0), 1.6);
+        let both = with(r#"[0.8, 1.0, 1.6], "prefill_time_spread": [1.1, 1.3]"#);
+        let p = Profile::parse(&both).unwrap();
+        let r = |prefills, u| p.step_time_ratio(m, DeviceKind::Gpu, prefills, u);
+        assert_eq!((r(false, 0.5), r(true, 0.0), r(true, 1.0)), (1.0, 1.1, 1.3));
         // Not a spread: too short, not positive, out of order, not numbers.
         for bad in ["[1.0]", "[0.0, 1.0]", "[1.2, 1.0]", r#"["x", 1]"#, "1.0"] {
             assert!(
                 matches!(
                     Profile::parse(&with(bad)),
                     Err(ProfileError::Field(f)) if f.ends_with("step_time_spread")
+                ),
+                "{bad}"
+            );
+            let prefill_bad = with(&format!(r#"[1.0, 1.1], "prefill_time_spread": {bad}"#));
+            assert!(
+                matches!(
+                    Profile::parse(&prefill_bad),
+                    Err(ProfileError::Field(f)) if f.ends_with("prefill_time_spread")
                 ),
                 "{bad}"
             );
@@ -555,6 +584,7 @@ mod tests {
             host_s_per_iteration: 0.0,
             host_s_per_token: 0.0,
             step_time_spread: None,
+            prefill_time_spread: None,
         };
         assert_eq!(t.decode_ms(768.0, 1.0), 20.0);
         assert_eq!(t.decode_ms(768.0, 1.5), 25.0);

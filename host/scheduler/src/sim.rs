@@ -461,10 +461,11 @@ impl World<'_> {
         let mut kv_tokens_blocks = 0;
         // How much longer or shorter than the profile's time this run takes
         // (1 unless the profile says how live steps vary).
+        let prefills = !prefill.is_empty() || !restore.is_empty();
         let ratio = self
             .profile
-            .step_time_ratio(mtype, kind, self.rng.next_f64());
-        if !prefill.is_empty() || !restore.is_empty() {
+            .step_time_ratio(mtype, kind, prefills, self.rng.next_f64());
+        if prefills {
             if !prefill.is_empty() {
                 let tokens: u64 = prefill.iter().map(|p| p.1).sum();
                 t += ratio * self.profile.prefill_s(mtype, kind, tokens);
