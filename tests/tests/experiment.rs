@@ -107,7 +107,12 @@ fn profile_writes_a_profile_that_simulate_predicts_a_run_with() {
     assert!(out.status.success(), "{}", text(&out));
     let p = json_file(&file);
     let cpu = &p["latency"][MODEL]["cpu"]["cpu"];
-    for key in ["load_ms", "unload_ms", "kv_resize_ms"] {
+    for key in [
+        "load_ms",
+        "unload_ms",
+        "kv_resize_ms",
+        "kv_write_ms_per_gib",
+    ] {
         assert!(
             cpu[key].as_f64().is_some_and(|ms| ms >= 0.0),
             "{key}: {cpu}"

@@ -232,11 +232,21 @@ impl CostModel for LiveCost {
             |c| c.decode_raw_s(batch) * c.decode_factor,
         )
     }
-    fn load_s(&self, model: ModelTypeId, kind: DeviceKind) -> f64 {
-        self.profiled_or(model, kind, |p, m| p.load_s(m, kind), |c| c.load_s)
+    fn load_s(&self, model: ModelTypeId, kind: DeviceKind, fresh_bytes: u64) -> f64 {
+        self.profiled_or(
+            model,
+            kind,
+            |p, m| p.load_s(m, kind, fresh_bytes),
+            |c| c.load_s,
+        )
     }
-    fn kv_resize_s(&self, model: ModelTypeId, kind: DeviceKind) -> f64 {
-        self.profiled_or(model, kind, |p, m| p.kv_resize_s(m, kind), |_| 0.01)
+    fn kv_resize_s(&self, model: ModelTypeId, kind: DeviceKind, fresh_bytes: u64) -> f64 {
+        self.profiled_or(
+            model,
+            kind,
+            |p, m| p.kv_resize_s(m, kind, fresh_bytes),
+            |_| 0.01,
+        )
     }
     fn unload_s(&self, model: ModelTypeId, kind: DeviceKind) -> f64 {
         self.profiled_or(model, kind, |p, m| p.unload_s(m, kind), |_| 0.05)
@@ -290,8 +300,8 @@ mod tests {
         assert_eq!(cost.decode_s(BASE, CPU, 128, 16), 0.024);
         assert_eq!(cost.decode_s(BASE, CPU, 1024, 1), 0.016);
         assert_eq!(cost.prefill_s(BASE, CPU, 512), 0.25);
-        assert_eq!(cost.load_s(BASE, CPU), 1.3);
-        assert_eq!(cost.kv_resize_s(BASE, CPU), 0.007);
+        assert_eq!(cost.load_s(BASE, CPU, 0), 1.3);
+        assert_eq!(cost.kv_resize_s(BASE, CPU, 0), 0.007);
         // Not on a kind the profile has no table for, nor a model it does
         // not name: those keep the estimate (and the calibration at load).
         assert!(!cost.profiled(BASE, DeviceKind::Gpu));

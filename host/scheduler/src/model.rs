@@ -64,10 +64,14 @@ pub trait CostModel {
         context_tokens: u64,
         batch: u64,
     ) -> f64;
-    /// Bringing the weights onto the device (cold start).
-    fn load_s(&self, model: ModelTypeId, kind: DeviceKind) -> f64;
-    /// Resizing the KV pool, and unloading (both short bookkeeping on a device).
-    fn kv_resize_s(&self, model: ModelTypeId, kind: DeviceKind) -> f64;
+    /// Bringing the weights onto the device with a first KV pool (cold
+    /// start), of which `fresh_bytes` lie above the most the device's pools
+    /// have held at once: memory the process has not written, which costs
+    /// more than memory a freed pool leaves (see the profile's
+    /// `kv_write_ms_per_gib`).
+    fn load_s(&self, model: ModelTypeId, kind: DeviceKind, fresh_bytes: u64) -> f64;
+    /// Resizing the KV pool (`fresh_bytes` as for a load), and unloading.
+    fn kv_resize_s(&self, model: ModelTypeId, kind: DeviceKind, fresh_bytes: u64) -> f64;
     fn unload_s(&self, model: ModelTypeId, kind: DeviceKind) -> f64;
     /// Moving `tokens` of one request's KV out to host memory and back.
     fn kv_swap_s(&self, model: ModelTypeId, kind: DeviceKind, tokens: u64) -> f64;
@@ -87,11 +91,11 @@ impl<C: CostModel + ?Sized> CostModel for &C {
     ) -> f64 {
         (**self).decode_s(model, kind, context_tokens, batch)
     }
-    fn load_s(&self, model: ModelTypeId, kind: DeviceKind) -> f64 {
-        (**self).load_s(model, kind)
+    fn load_s(&self, model: ModelTypeId, kind: DeviceKind, fresh_bytes: u64) -> f64 {
+        (**self).load_s(model, kind, fresh_bytes)
     }
-    fn kv_resize_s(&self, model: ModelTypeId, kind: DeviceKind) -> f64 {
-        (**self).kv_resize_s(model, kind)
+    fn kv_resize_s(&self, model: ModelTypeId, kind: DeviceKind, fresh_bytes: u64) -> f64 {
+        (**self).kv_resize_s(model, kind, fresh_bytes)
     }
     fn unload_s(&self, model: ModelTypeId, kind: DeviceKind) -> f64 {
         (**self).unload_s(model, kind)

@@ -59,6 +59,16 @@ struct DeviceTables {
     load_s: Option<f64>,
     unload_s: Option<f64>,
     kv_resize_s: Option<f64>,
+    /// Measured by `slinfer profile`: seconds per byte to write KV pool
+    /// memory the process has not written before, which a load or resize
+    /// pays for what it adds above the high-water mark of the device's
+    /// pools, beyond `load_s` and `kv_resize_s` (both timed on reused
+    /// memory). On a virtual
+    /// machine whose host takes freed memory back this is the host's
+    /// first-touch cost: ~2.5-2.8 s per GiB on the AMD EPYC machines here,
+    /// against ~0.4 for memory just freed. Zero where the profile does not
+    /// say.
+    kv_write_s_per_byte: f64,
     /// What the live host adds to each engine iteration beyond the engine's
     /// own step (the grant's round trip, sampling, detokenizing, the Wasm
     /// function and its HTTP stream, all on the cores a CPU engine uses),
@@ -191,6 +201,7 @@ fn device_tables(v: &Value, what: &str) -> Result<DeviceTables, ProfileError> {
         load_s: seconds("load_ms")?,
         unload_s: seconds("unload_ms")?,
         kv_resize_s: seconds("kv_resize_ms")?,
+        kv_write_s_per_byte: seconds("kv_write_ms_per_gib")?.unwrap_or(0.0) / GIB,
         host_s_per_iteration: seconds("host_ms_per_iteration")?.unwrap_or(0.0),
         host_s_per_token: seconds("host_ms_per_token")?.unwrap_or(0.0),
         step_time_spread: spread_field(v, what, "step_time_spread")?,
@@ -377,6 +388,12 @@ impl Profile {
         q[i] + (q[i + 1] - q[i]) * (x - i as f64)
     }
 
+    /// Writing `bytes` of fresh memory (see `DeviceTables::kv_write_s_per_byte`).
+    fn fresh_write_s(&self, model: ModelTypeId, kind: DeviceKind, bytes: u64) -> f64 {
+        self.measured(model, kind, |t| Some(t.kv_write_s_per_byte))
+            .map_or(0.0, |s| s * bytes as f64)
+    }
+
     fn tables(&self, model: ModelTypeId, kind: DeviceKind) -> &DeviceTables {
         self.tables[model.0 as usize][kind]
             .as_ref()
@@ -404,17 +421,21 @@ impl CostModel for Profile {
 
     /// The measured load time where the profile has one, else weights over
     /// the kind's load bandwidth (none: weights stay resident).
-    fn load_s(&self, model: ModelTypeId, kind: DeviceKind) -> f64 {
-        self.measured(model, kind, |t| t.load_s).unwrap_or_else(|| {
+    /// the kind's load bandwidth (none: weights stay resident); plus
+    /// writing the fresh memory.
+    fn load_s(&self, model: ModelTypeId, kind: DeviceKind, fresh_bytes: u64) -> f64 {
+        let weights_s = self.measured(model, kind, |t| t.load_s).unwrap_or_else(|| {
             self.load_bytes_per_s[kind].map_or(0.0, |bw| {
                 self.models[model.0 as usize].weights_bytes[kind] as f64 / bw
             })
-        })
+        });
+        weights_s + self.fresh_write_s(model, kind, fresh_bytes)
     }
 
-    fn kv_resize_s(&self, model: ModelTypeId, kind: DeviceKind) -> f64 {
+    fn kv_resize_s(&self, model: ModelTypeId, kind: DeviceKind, fresh_bytes: u64) -> f64 {
         self.measured(model, kind, |t| t.kv_resize_s)
             .unwrap_or(self.kv_resize_s)
+            + self.fresh_write_s(model, kind, fresh_bytes)
     }
 
     fn unload_s(&self, model: ModelTypeId, kind: DeviceKind) -> f64 {
@@ -457,8 +478,10 @@ mod tests {
         assert_eq!(spec.gpu_decode_quota, 4);
         assert_eq!(spec.block_bytes(DeviceKind::Gpu), 16 * 2048);
         assert!((p.prefill_s(m, DeviceKind::Gpu, 50) - 0.014_949_49).abs() < 1e-6);
-        assert!((p.load_s(m, DeviceKind::Gpu) - 0.125).abs() < 1e-9);
-        assert_eq!(p.load_s(m, DeviceKind::Cpu), 0.0);
+        assert!((p.load_s(m, DeviceKind::Gpu, 0) - 0.125).abs() < 1e-9);
+        assert_eq!(p.load_s(m, DeviceKind::Cpu, 0), 0.0);
+        // The artifact's file says nothing of writing a pool: free.
+        assert!((p.load_s(m, DeviceKind::Gpu, 1 << 30) - 0.125).abs() < 1e-9);
         assert!(matches!(
             p.model_type("nope"),
             Err(ProfileError::UnknownModel(..))
@@ -472,7 +495,7 @@ mod tests {
             .replace(
                 r#""exclusive_concurrency_cap": 7}"#,
                 r#""exclusive_concurrency_cap": 7, "load_ms": 1500, "unload_ms": 20, "kv_resize_ms": 4,
-                   "host_ms_per_iteration": 3, "host_ms_per_token": 0.5}"#,
+                   "kv_write_ms_per_gib": 2000, "host_ms_per_iteration": 3, "host_ms_per_token": 0.5}"#,
             )
             .replace(
                 r#""ttft_cap_s": 8}"#,
@@ -480,9 +503,13 @@ mod tests {
             );
         let p = Profile::parse(&measured).unwrap();
         let m = p.model_type("tiny-3b").unwrap();
-        assert_eq!(p.load_s(m, DeviceKind::Gpu), 1.5);
+        assert_eq!(p.load_s(m, DeviceKind::Gpu, 0), 1.5);
         assert_eq!(p.unload_s(m, DeviceKind::Gpu), 0.02);
-        assert_eq!(p.kv_resize_s(m, DeviceKind::Gpu), 0.004);
+        assert_eq!(p.kv_resize_s(m, DeviceKind::Gpu, 0), 0.004);
+        // A pool costs its writing, 2 s per GiB: a load with a 768 MiB
+        // pool takes 1.5 s more, a resize to 256 MiB 0.5 s more.
+        assert!((p.load_s(m, DeviceKind::Gpu, 768 << 20) - 3.0).abs() < 1e-9);
+        assert!((p.kv_resize_s(m, DeviceKind::Gpu, 256 << 20) - 0.504).abs() < 1e-9);
         // The host's work is part of every step: 3 ms + 0.5 ms a sequence.
         let bare = Profile::parse(MINI).unwrap();
         let extra =
@@ -500,7 +527,7 @@ mod tests {
             (p.paper.ttft_tokens_per_s, p.paper.ttft_min_s),
             (None, None)
         );
-        assert_eq!(p.kv_resize_s(m, DeviceKind::Gpu), p.kv_resize_s);
+        assert_eq!(p.kv_resize_s(m, DeviceKind::Gpu, 1 << 30), p.kv_resize_s);
         assert_eq!(p.host_s(m, DeviceKind::Gpu, 4), 0.0);
         // A measured time must be a number of milliseconds, 0 or more.
         let bad = MINI.replace(
@@ -518,6 +545,14 @@ mod tests {
         assert!(matches!(
             Profile::parse(&bad),
             Err(ProfileError::Field(f)) if f.ends_with("host_ms_per_token")
+        ));
+        let bad = MINI.replace(
+            r#""exclusive_concurrency_cap": 7}"#,
+            r#""exclusive_concurrency_cap": 7, "kv_write_ms_per_gib": -5}"#,
+        );
+        assert!(matches!(
+            Profile::parse(&bad),
+            Err(ProfileError::Field(f)) if f.ends_with("kv_write_ms_per_gib")
         ));
     }
 
@@ -581,6 +616,7 @@ mod tests {
             load_s: None,
             unload_s: None,
             kv_resize_s: None,
+            kv_write_s_per_byte: 0.0,
             host_s_per_iteration: 0.0,
             host_s_per_token: 0.0,
             step_time_spread: None,

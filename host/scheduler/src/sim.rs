@@ -304,6 +304,9 @@ struct NodeState {
     spec: NodeSpec,
     used_bytes: u64,
     peak_bytes: u64,
+    /// What its KV pools hold, and the most they have held at once.
+    kv_bytes: u64,
+    peak_kv_bytes: u64,
     /// Seconds spent in iterations.
     busy_s: f64,
     cold_starts: usize,
@@ -337,13 +340,20 @@ impl World<'_> {
         self.heap.push(Reverse((Time(t), self.seq, ev)));
     }
 
-    fn bump_used(&mut self, node: NodeId, add: u64) {
+    /// Adds `add` bytes, `kv_add` of them KV pool, to what `node` holds;
+    /// returns how far that raised its pools' high-water mark (memory
+    /// written fresh: see `CostModel::load_s`).
+    fn bump_used(&mut self, node: NodeId, add: u64, kv_add: u64) -> u64 {
         let n = &mut self.nodes[node];
         n.used_bytes += add;
+        n.kv_bytes += kv_add;
+        let fresh = n.kv_bytes.saturating_sub(n.peak_kv_bytes);
+        n.peak_kv_bytes = n.peak_kv_bytes.max(n.kv_bytes);
         n.peak_bytes = n.peak_bytes.max(n.used_bytes);
         if n.used_bytes > n.spec.capacity_bytes {
             self.memory_violations += 1;
         }
+        fresh
     }
 
     /// Carry out member `m`'s commands; its node ids start at global
@@ -369,20 +379,21 @@ impl World<'_> {
                             self.cold_starts += 1;
                             self.nodes[node].cold_starts += 1;
                             self.held.insert((m, instance), (weights_bytes, kv_bytes));
-                            self.bump_used(node, weights_bytes + kv_bytes);
-                            self.profile.load_s(model_type, kind)
+                            let fresh = self.bump_used(node, weights_bytes + kv_bytes, kv_bytes);
+                            self.profile.load_s(model_type, kind, fresh)
                         }
                         ActionOp::ResizeKv { kv_bytes } => {
                             let held = self
                                 .held
                                 .get_mut(&(m, instance))
                                 .expect("resize after load");
+                            let mut fresh = 0;
                             if kv_bytes > held.1 {
                                 let add = kv_bytes - held.1;
                                 held.1 = kv_bytes;
-                                self.bump_used(node, add);
+                                fresh = self.bump_used(node, add, add);
                             }
-                            self.profile.kv_resize_s(model_type, kind)
+                            self.profile.kv_resize_s(model_type, kind, fresh)
                         }
                         ActionOp::Unload => self.profile.unload_s(model_type, kind),
                     };
@@ -649,6 +660,8 @@ pub fn simulate(
                 spec,
                 used_bytes: 0,
                 peak_bytes: 0,
+                kv_bytes: 0,
+                peak_kv_bytes: 0,
                 busy_s: 0.0,
                 cold_starts: 0,
                 run: None,
@@ -763,19 +776,20 @@ pub fn simulate(
                 let (node, instance, op) =
                     w.actions.remove(&(m, action)).expect("actions end once");
                 let held = w.held.get_mut(&(m, instance)).expect("held since load");
-                let freed = match op {
+                let (freed, kv_freed) = match op {
                     ActionOp::ResizeKv { kv_bytes } if kv_bytes < held.1 => {
                         let f = held.1 - kv_bytes;
                         held.1 = kv_bytes;
-                        f
+                        (f, f)
                     }
                     ActionOp::Unload => {
                         let (wb, kb) = w.held.remove(&(m, instance)).expect("held");
-                        wb + kb
+                        (wb + kb, kb)
                     }
-                    _ => 0,
+                    _ => (0, 0),
                 };
                 w.nodes[node].used_bytes -= freed;
+                w.nodes[node].kv_bytes -= kv_freed;
                 members[m].sched.action_done(owner[node].1, action, now);
                 m
             }

@@ -30,7 +30,9 @@ fn main() {
         ..Default::default()
     })
     .expect("OpenVINO");
-    let blocks = 2 * (prompt + 1).div_ceil(16) + 2;
+    let blocks: usize = std::env::var("BLOCKS")
+        .ok()
+        .map_or(2 * (prompt + 1).div_ceil(16) + 2, |b| b.parse().unwrap());
     let mut seq = 0;
     let mut prefill_ms = |inst: &mut dyn LlmInstance, tokens: usize| {
         seq += 1;
@@ -65,6 +67,7 @@ fn main() {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
+    eprintln!("loads ms: {load:.0?}; first prefills ms: {first:.0?}");
     let (l, a, b) = (median(&mut load), median(&mut first), median(&mut second));
     println!(
         "{loads} loads: load {l:.0} ms; {prompt}-token prefill right after it {a:.0} ms, \

@@ -63,7 +63,8 @@ impl<C: CostModel> Scheduler<C> {
                 v.static_bytes = self.static_bytes(mtype, kind);
                 v.planned_blocks = fixed_blocks;
                 v.fixed_kv = fixed_blocks > 0;
-                v.loading = self.cost.load_s(mtype, kind) > 0.0;
+                let kv_bytes = fixed_blocks * self.models[mtype.0 as usize].block_bytes(kind);
+                v.loading = self.cost.load_s(mtype, kind, kv_bytes) > 0.0;
             }
             (None, None) => unreachable!("a view is of an instance or a new one"),
         }
@@ -179,7 +180,7 @@ impl<C: CostModel> Scheduler<C> {
                 .get(&self.requests[&extra].req.model)
                 .is_some_and(|i| !i.is_empty());
         let prefill = if counts_load {
-            self.prefills_fit_counting_loads(&views, is_target, target, extra, now_s)
+            self.prefills_fit_counting_loads(&views, is_target, (node, target), extra, now_s)
         } else {
             self.prefills_fit(&views, is_target, now_s)
         };
@@ -223,7 +224,7 @@ impl<C: CostModel> Scheduler<C> {
         &self,
         views: &[View],
         is_target: impl Fn(&View) -> bool,
-        target: Target,
+        (node, target): (NodeId, Target),
         extra: RequestId,
         now_s: f64,
     ) -> bool {
@@ -243,7 +244,7 @@ impl<C: CostModel> Scheduler<C> {
             }
             Target::New(..) => 0.0,
         };
-        let loaded_at = self.loaded_at_s(views, now_s);
+        let loaded_at = self.loaded_at_s(views, node, now_s);
         let mut prefills: Vec<(f64, f64, f64, bool, f64)> = views
             .iter()
             .zip(loaded_at)

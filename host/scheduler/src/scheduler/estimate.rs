@@ -82,26 +82,42 @@ impl<C: CostModel> Scheduler<C> {
         })
     }
 
-    /// The iteration that prefills new requests and restores swapped ones.
-    /// How long until `v`'s instance has loaded: its load's estimate, less
-    /// what has run of it.
-    pub(super) fn load_left_s(&self, v: &View, now_s: f64) -> f64 {
+    /// How long until `v`'s instance has loaded: its load's estimate (with
+    /// the memory it writes fresh), less what has run of it. `node` is
+    /// where a new instance would go.
+    pub(super) fn load_left_s(&self, v: &View, node: NodeId, now_s: f64) -> f64 {
         if !v.loading {
             return 0.0;
         }
-        let load_s = self.cost.load_s(v.mtype, v.kind);
-        match v.id.and_then(|id| self.instances[&id].running.as_ref()) {
-            Some((_, Op::Load { .. }, started_s)) => (started_s + load_s - now_s).max(0.0),
-            _ => load_s,
+        let inst = v.id.map(|id| &self.instances[&id]);
+        if let Some((inst, Some((_, Op::Load { .. }, started_s)))) =
+            inst.map(|i| (i, i.running.as_ref()))
+        {
+            let load_s = self.cost.load_s(v.mtype, v.kind, inst.load_fresh_bytes);
+            return (started_s + load_s - now_s).max(0.0);
         }
+        let blocks = inst
+            .and_then(|i| {
+                i.queue.iter().find_map(|(_, op)| match op {
+                    Op::Load { blocks } => Some(*blocks),
+                    _ => None,
+                })
+            })
+            .unwrap_or(v.planned_blocks);
+        let pool = blocks * self.models[v.mtype.0 as usize].block_bytes(v.kind);
+        self.cost
+            .load_s(v.mtype, v.kind, self.fresh_bytes(node, pool))
     }
 
     /// When each of a node's views will have loaded: now for one loaded,
     /// after what is left of its load otherwise; on a CPU also after the
     /// loads before it, which the node runs one at a time (the running one,
     /// then in queue order, a new instance last).
-    pub(super) fn loaded_at_s(&self, views: &[View], now_s: f64) -> Vec<f64> {
-        let left: Vec<f64> = views.iter().map(|v| self.load_left_s(v, now_s)).collect();
+    pub(super) fn loaded_at_s(&self, views: &[View], node: NodeId, now_s: f64) -> Vec<f64> {
+        let left: Vec<f64> = views
+            .iter()
+            .map(|v| self.load_left_s(v, node, now_s))
+            .collect();
         let mut at: Vec<f64> = left.iter().map(|l| now_s + l).collect();
         let mut cpu_loads: Vec<((u8, ActionId), usize)> = views
             .iter()

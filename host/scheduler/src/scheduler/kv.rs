@@ -107,6 +107,21 @@ impl<C: CostModel> Scheduler<C> {
         inst.queue.push_back((aid, op));
     }
 
+    /// Of `increase` more bytes of KV pool on `node`, those above its
+    /// pools' high-water mark.
+    pub(super) fn fresh_bytes(&self, node: NodeId, increase: u64) -> u64 {
+        let kind = self.nodes[node].spec.kind;
+        let pools: u64 = self.nodes[node]
+            .instances
+            .iter()
+            .map(|i| {
+                let inst = &self.instances[i];
+                inst.committed_blocks * self.models[inst.mtype.0 as usize].block_bytes(kind)
+            })
+            .sum();
+        (pools + increase).saturating_sub(self.nodes[node].peak_kv_bytes)
+    }
+
     /// Starts queued actions. Decreases always start (their memory returns
     /// when they finish); increases start in queue order, each only if the
     /// committed footprint plus its increase fits the node. A CPU loads one
@@ -136,10 +151,14 @@ impl<C: CostModel> Scheduler<C> {
             let spec = &self.models[inst.mtype.0 as usize];
             let kind = self.nodes[node].spec.kind;
             let bb = spec.block_bytes(kind);
-            let increase = match op {
-                Op::Load { blocks } => inst.static_bytes + blocks * bb,
+            let kv_increase = match op {
+                Op::Load { blocks } => blocks * bb,
                 Op::Resize { blocks } => blocks.saturating_sub(inst.committed_blocks) * bb,
                 Op::Unload => 0,
+            };
+            let increase = match op {
+                Op::Load { .. } => inst.static_bytes + kv_increase,
+                _ => kv_increase,
             };
             if increase > 0 && (blocked || self.committed_bytes(node) + increase > capacity) {
                 blocked = true;
@@ -149,6 +168,8 @@ impl<C: CostModel> Scheduler<C> {
                 continue;
             }
             cpu_taken |= matches!(op, Op::Load { .. }) && kind == DeviceKind::Cpu;
+            let fresh = self.fresh_bytes(node, kv_increase);
+            self.nodes[node].peak_kv_bytes += fresh;
             let inst = self.instances.get_mut(&id).expect("live");
             inst.queue.pop_front();
             let (model, mtype) = (inst.model, inst.mtype);
@@ -156,6 +177,7 @@ impl<C: CostModel> Scheduler<C> {
                 Op::Load { blocks } => {
                     inst.committed_loaded = true;
                     inst.committed_blocks = blocks;
+                    inst.load_fresh_bytes = fresh;
                     ActionOp::Load {
                         weights_bytes: inst.static_bytes,
                         kv_bytes: blocks * bb,

@@ -85,6 +85,10 @@ struct Instance {
     bill_start_s: f64,
     busy_total_s: f64,
     run_started_s: f64,
+    /// Of its load's first pool, the bytes above the node's pools'
+    /// high-water mark when the load started (what the load writes fresh;
+    /// see [`CostModel::load_s`]).
+    load_fresh_bytes: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -99,6 +103,9 @@ struct Node {
     instances: Vec<InstanceId>,
     /// Left placement for good (`fail_node`).
     failed: bool,
+    /// The most its instances' KV pools have held at once: a new pool
+    /// reuses memory below it and writes what lies above it fresh.
+    peak_kv_bytes: u64,
 }
 
 /// A node's state as admission sees one instance of it: the shadow copy
@@ -186,6 +193,7 @@ impl<C: CostModel> Scheduler<C> {
                     busy: None,
                     instances: Vec::new(),
                     failed: false,
+                    peak_kv_bytes: 0,
                 })
                 .collect(),
             instances: HashMap::new(),

@@ -250,6 +250,7 @@ impl<C: CostModel> Scheduler<C> {
                 bill_start_s: now_s,
                 busy_total_s: 0.0,
                 run_started_s: now_s,
+                load_fresh_bytes: 0,
             },
         );
         self.enqueue(id, Op::Load { blocks });

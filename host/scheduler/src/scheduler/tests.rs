@@ -8,6 +8,8 @@ pub(super) struct Flat {
     pub(super) decode_s: f64,
     pub(super) decode_per_request_s: f64,
     pub(super) load_s: f64,
+    /// Seconds per byte of fresh memory a load writes.
+    pub(super) fresh_write_s_per_byte: f64,
 }
 
 impl CostModel for Flat {
@@ -17,10 +19,10 @@ impl CostModel for Flat {
     fn decode_s(&self, _: ModelTypeId, _: DeviceKind, _: u64, batch: u64) -> f64 {
         self.decode_s + self.decode_per_request_s * batch as f64
     }
-    fn load_s(&self, _: ModelTypeId, _: DeviceKind) -> f64 {
-        self.load_s
+    fn load_s(&self, _: ModelTypeId, _: DeviceKind, fresh_bytes: u64) -> f64 {
+        self.load_s + self.fresh_write_s_per_byte * fresh_bytes as f64
     }
-    fn kv_resize_s(&self, _: ModelTypeId, _: DeviceKind) -> f64 {
+    fn kv_resize_s(&self, _: ModelTypeId, _: DeviceKind, _: u64) -> f64 {
         0.0
     }
     fn unload_s(&self, _: ModelTypeId, _: DeviceKind) -> f64 {
@@ -37,6 +39,7 @@ pub(super) const FAST: Flat = Flat {
     decode_s: 0.01,
     decode_per_request_s: 0.0,
     load_s: 0.0,
+    fresh_write_s_per_byte: 0.0,
 };
 
 pub(super) fn spec() -> ModelSpec {

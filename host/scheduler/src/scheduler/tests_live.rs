@@ -222,6 +222,81 @@ fn with_cold_starts_counted_a_request_joins_no_load_it_cannot_wait_for() {
 }
 
 #[test]
+fn a_load_is_planned_with_the_memory_it_writes_fresh() {
+    // Weights load in 1 s. An instance on the CPU gets a fixed pool (4,096
+    // bytes: the paper's CPU instances do not scale); pool memory the node
+    // never held costs 0 or 1 s per 4,096 bytes.
+    let joins_second_request = |s: &mut Scheduler<Flat>, model: ModelId, t: f64| {
+        let id = 10 * RequestId::from(model);
+        s.submit(req(id, model, 100, 60.0), t);
+        let load = s.drain_commands();
+        assert_eq!(load_nodes(&load), [0], "{load:?}");
+        // Half a second in, a request with a 1.2 s SLO (1.14 s planned)
+        // can join a load that ends at 1 s, not one that ends at 2 s.
+        let second = Request {
+            model,
+            function: model,
+            ..arriving(id + 1, 100, 1.2, t + 0.5)
+        };
+        s.submit(second, t + 0.5);
+        let c = s.drain_commands();
+        let inst = s.by_model[&model][0];
+        let batch = s
+            .snapshot()
+            .instances
+            .iter()
+            .find(|i| i.instance == inst)
+            .map(|i| i.batch);
+        assert!(drops(&c).is_empty(), "{c:?}");
+        // The load ends (at once: only the plan matters here).
+        for c in load.iter().chain(&c) {
+            if let Command::Action { node, action, .. } = c {
+                s.action_done(*node, *action, t + 0.5);
+            }
+        }
+        batch == Some(2)
+    };
+    for (write_s_per_byte, joins) in [(0.0, true), (1.0 / 4096.0, false)] {
+        let cost = Flat {
+            load_s: 1.0,
+            fresh_write_s_per_byte: write_s_per_byte,
+            ..FAST
+        };
+        let mut s = sched(Policy::Slinfer, &[(DeviceKind::Cpu, 1 << 20)], cost);
+        assert!(!s.cfg.cpu_kv_scales);
+        s.cfg.ttft_counts_load = true;
+        assert_eq!(
+            joins_second_request(&mut s, 1, 0.0),
+            joins,
+            "{write_s_per_byte}"
+        );
+        // Once model 1 has left, model 2's instance reuses its memory: no
+        // fresh memory to write, whatever it costs.
+        let done = |request| RequestOutcome {
+            request,
+            tokens: 1,
+            finished: true,
+        };
+        let mut t = 1.0;
+        while s.live_requests() > 0 {
+            for inst in runs(&settle(&mut s, t)) {
+                s.iteration_done(0, inst, &[done(10), done(11)], t + 0.1);
+            }
+            t += 0.2;
+            s.tick(t);
+        }
+        s.retire_model(1, t);
+        s.tick(t);
+        settle(&mut s, t);
+        assert!(s.by_model.get(&1).is_none_or(|v| v.is_empty()));
+        assert!(
+            joins_second_request(&mut s, 2, t + 1.0),
+            "{write_s_per_byte}"
+        );
+    }
+}
+
+#[test]
 fn a_request_whose_next_try_comes_after_its_deadline_is_refused_at_once() {
     // KV room for one 400-token request, not two; no completions yet, so
     // no rate to go by.

@@ -2,7 +2,8 @@
 //! through the engine contract, as the live host runs it, and writes a
 //! latency profile in the format of `slinfer-artifact-latency-ms.json`:
 //! prefill by prompt tokens, decode by context and batch, plus the load,
-//! unload and KV resize times that file lacks, this host's memory, and the
+//! unload and KV resize times that file lacks, what writing fresh pool
+//! memory costs per GiB, this host's memory, and the
 //! paper's SLOs scaled to this machine. `slinfer simulate --profile FILE
 //! --model NAME --gpus 0 --cpus 1 --live-host` then predicts a live run
 //! here.
@@ -176,6 +177,8 @@ struct Grid {
     steps: usize,
     /// Repeats of each prefill, load and resize (their median is kept).
     repeats: usize,
+    /// The pool each `kv_write_ms_per_gib` probe writes.
+    write_probe_bytes: u64,
 }
 
 impl Grid {
@@ -199,6 +202,7 @@ impl Grid {
             batches,
             steps,
             repeats,
+            write_probe_bytes: if quick { 16 << 20 } else { 256 << 20 },
         }
     }
 }
@@ -210,6 +214,7 @@ struct Measured {
     load_ms: f64,
     unload_ms: f64,
     kv_resize_ms: f64,
+    kv_write_ms_per_gib: f64,
 }
 
 /// Times the package on `backend` as the live runner drives it: loads (the
@@ -258,6 +263,8 @@ fn measure(backend: &dyn Backend, package: &Path, grid: &Grid) -> Result<Measure
             resizes.push(t.elapsed().as_secs_f64());
         }
     }
+    let kv_resize_s = timing::median(resizes);
+    let kv_write_s_per_gib = write_s_per_gib(backend, &source, grid, first_pool, kv_resize_s)?;
     inst.resize_kv(pool)?;
 
     // One untimed one-token step first (first-call allocations, for an
@@ -307,8 +314,40 @@ fn measure(backend: &dyn Backend, package: &Path, grid: &Grid) -> Result<Measure
         decode_ms,
         load_ms: ms(timing::median(loads)),
         unload_ms: ms(timing::median(unloads)),
-        kv_resize_ms: ms(timing::median(resizes)),
+        kv_resize_ms: ms(kv_resize_s),
+        kv_write_ms_per_gib: ms(kv_write_s_per_gib),
     })
+}
+
+/// Seconds per GiB to write a KV pool into memory the process has not
+/// touched lately, as a load after a quiet while does, beyond a small
+/// resize's `kv_resize_s`. Each probe grows a fresh instance's pool to
+/// `grid.write_probe_bytes` while the earlier probes' instances are still
+/// held, so no probe reuses memory another just freed. On a virtual
+/// machine whose host takes freed memory back, that first touch costs
+/// several times a write into memory just freed (on the AMD EPYC machines
+/// here ~2.8 s per GiB against ~0.4).
+fn write_s_per_gib(
+    backend: &dyn Backend,
+    source: &ModelSource,
+    grid: &Grid,
+    first_pool: usize,
+    kv_resize_s: f64,
+) -> Result<f64, EngineError> {
+    let mut held = Vec::new();
+    let mut per_gib = Vec::new();
+    for _ in 0..grid.repeats.max(2) {
+        let mut inst = backend.load(source, 0, &LoadOptions::default())?;
+        inst.resize_kv(first_pool)?;
+        let blocks = (grid.write_probe_bytes / inst.kv_bytes_per_block().max(1)) as usize;
+        let blocks = blocks.max(2 * first_pool);
+        let t = Instant::now();
+        inst.resize_kv(blocks)?;
+        let s = (t.elapsed().as_secs_f64() - kv_resize_s).max(0.0);
+        per_gib.push(s * GIB / (blocks as u64 * inst.kv_bytes_per_block()) as f64);
+        held.push(inst);
+    }
+    Ok(timing::median(per_gib))
 }
 
 /// The profile file, in the artifact's format, for one model on this CPU.
@@ -335,7 +374,8 @@ fn document(
             "latency": "ms per iteration",
             "prefill key": "input tokens",
             "decode key": "context length, then batch size",
-            "load_ms, unload_ms, kv_resize_ms": "ms: an instance's load (weights and its first KV pool), unload, one KV pool resize"
+            "load_ms, unload_ms, kv_resize_ms": "ms: an instance's load (weights and its first KV pool), unload, one KV pool resize",
+            "kv_write_ms_per_gib": "ms per GiB of KV pool a load or resize writes into memory not touched lately, beyond load_ms and kv_resize_ms"
         },
         "interpolation": "piecewise linear; beyond the last point scale proportionally (y_last * x / x_last)",
         "machine": machine,
@@ -372,7 +412,8 @@ fn document(
                         "half_share_concurrency_cap": SLLM_EXCLUSIVE_CAP[cpu] / 2,
                         "load_ms": m.load_ms,
                         "unload_ms": m.unload_ms,
-                        "kv_resize_ms": m.kv_resize_ms
+                        "kv_resize_ms": m.kv_resize_ms,
+                        "kv_write_ms_per_gib": m.kv_write_ms_per_gib
                     }
                 }
             }
