@@ -530,30 +530,20 @@ mod tests {
         assert_eq!(p.kv_resize_s(m, DeviceKind::Gpu, 1 << 30), p.kv_resize_s);
         assert_eq!(p.host_s(m, DeviceKind::Gpu, 4), 0.0);
         // A measured time must be a number of milliseconds, 0 or more.
-        let bad = MINI.replace(
-            r#""exclusive_concurrency_cap": 7}"#,
-            r#""exclusive_concurrency_cap": 7, "load_ms": -1}"#,
-        );
-        assert!(matches!(
-            Profile::parse(&bad),
-            Err(ProfileError::Field(f)) if f.ends_with("load_ms")
-        ));
-        let bad = MINI.replace(
-            r#""exclusive_concurrency_cap": 7}"#,
-            r#""exclusive_concurrency_cap": 7, "host_ms_per_token": "x"}"#,
-        );
-        assert!(matches!(
-            Profile::parse(&bad),
-            Err(ProfileError::Field(f)) if f.ends_with("host_ms_per_token")
-        ));
-        let bad = MINI.replace(
-            r#""exclusive_concurrency_cap": 7}"#,
-            r#""exclusive_concurrency_cap": 7, "kv_write_ms_per_gib": -5}"#,
-        );
-        assert!(matches!(
-            Profile::parse(&bad),
-            Err(ProfileError::Field(f)) if f.ends_with("kv_write_ms_per_gib")
-        ));
+        for (key, value) in [
+            ("load_ms", "-1"),
+            ("host_ms_per_token", r#""x""#),
+            ("kv_write_ms_per_gib", "-5"),
+        ] {
+            let bad = MINI.replace(
+                r#""exclusive_concurrency_cap": 7}"#,
+                &format!(r#""exclusive_concurrency_cap": 7, "{key}": {value}}}"#),
+            );
+            assert!(
+                matches!(Profile::parse(&bad), Err(ProfileError::Field(ref f)) if f.ends_with(key)),
+                "{key}"
+            );
+        }
     }
 
     #[test]

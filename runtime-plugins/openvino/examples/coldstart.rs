@@ -5,7 +5,12 @@
 //! load, so the two should match; before it did, the first took ~250 ms
 //! more).
 //!
-//!     cargo run -p slinfer-openvino --example coldstart -- [LOADS] [PROMPT_TOKENS]
+//!     cargo run -p slinfer-openvino --example coldstart -- [LOADS] [PROMPT_TOKENS] [POOL_BLOCKS]
+//!
+//! POOL_BLOCKS: the first KV pool each load writes (default: room for the
+//! two prompts). A large one shows what writing memory the process never
+//! wrote costs: each load's time is printed in order, the first in a fresh
+//! process apart from the rest (BENCHMARKS.md, the paper's experiment).
 //!
 //! Env: SLINFER_VENV (default <repo>/.venv), SLINFER_MODELS_DIR (default
 //! <repo>/.data/models).
@@ -20,7 +25,10 @@ use slinfer_openvino::{BackendOptions, OpenVinoBackend};
 fn main() {
     let args: Vec<usize> = std::env::args()
         .skip(1)
-        .map(|a| a.parse().expect("LOADS and PROMPT_TOKENS are counts"))
+        .map(|a| {
+            a.parse()
+                .expect("LOADS, PROMPT_TOKENS and POOL_BLOCKS are counts")
+        })
         .collect();
     let loads = *args.first().unwrap_or(&4);
     let prompt = *args.get(1).unwrap_or(&400);
@@ -30,9 +38,10 @@ fn main() {
         ..Default::default()
     })
     .expect("OpenVINO");
-    let blocks: usize = std::env::var("BLOCKS")
-        .ok()
-        .map_or(2 * (prompt + 1).div_ceil(16) + 2, |b| b.parse().unwrap());
+    let blocks = args
+        .get(2)
+        .copied()
+        .unwrap_or(2 * (prompt + 1).div_ceil(16) + 2);
     let mut seq = 0;
     let mut prefill_ms = |inst: &mut dyn LlmInstance, tokens: usize| {
         seq += 1;
@@ -67,7 +76,7 @@ fn main() {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    eprintln!("loads ms: {load:.0?}; first prefills ms: {first:.0?}");
+    println!("each load in order (ms): {load:.0?}");
     let (l, a, b) = (median(&mut load), median(&mut first), median(&mut second));
     println!(
         "{loads} loads: load {l:.0} ms; {prompt}-token prefill right after it {a:.0} ms, \
