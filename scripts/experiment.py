@@ -5,6 +5,7 @@ live beside its simulated prediction, on one trace slice.
     .venv/bin/python scripts/experiment.py --out DIR [--profile FILE]
         [--functions 8,16,...] [--duration-s 600] [--time-scale 1]
         [--policies sllm,sllm+c+s,slinfer] [--engine openvino] [--no-whole-path]
+        [--cluster-policies slinfer]
 
 1. `slinfer profile` measures this machine's CPU engine on the default
    model (skipped with --profile) and scales the paper's SLOs to it.
@@ -54,6 +55,12 @@ live beside its simulated prediction, on one trace slice.
    points of this run and of earlier ones (`--curve-with DIR,...`, their
    results.json) on top: `DIR/curve.svg` and `DIR/curve.json`. With
    `--curve-only`, nothing is run live.
+7. `--cluster-policies P,...`: each such policy is run once more through a
+   cluster of three `serve --cluster` members and a NATS server on
+   loopback (`Cluster`: member a serves the models on the CPU, b and c
+   only run functions and route generations; requests go to b, c and a in
+   turn), beside its prediction: the row `P (3 members)`
+   (`DIR/live-P-cluster.json`, members' logs in `DIR/cluster-P`).
 
 Standard library only. The server's files go to DIR/server (its models to
 DIR/server/models: one copy of the default model per trace function).
@@ -62,6 +69,7 @@ DIR/server/models: one copy of the default model per trace function).
 import argparse
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -111,26 +119,124 @@ class Server:
              "--cpu-engine", self.args.engine, "--policy", policy,
              "--profile", self.profile, "--profile-model", MODEL],
             env=env, stdout=subprocess.DEVNULL, stderr=logf)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=2):
-                    return
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise SystemExit(f"slinfer serve exited: see {logf.name}")
-                time.sleep(0.5)
-        raise SystemExit("slinfer serve did not answer /healthz in 120 s")
+        wait_healthy(self.url, self.proc, logf.name, "slinfer serve")
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.proc = None
+
+
+def stop_process(proc):
+    if proc and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_healthy(url, proc, log_path, what):
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2):
+                return
+        except OSError:
+            if proc.poll() is not None:
+                raise SystemExit(f"{what} exited: see {log_path}")
+            time.sleep(0.5)
+    raise SystemExit(f"{what} did not answer /healthz in 120 s")
+
+
+class Cluster:
+    """Three `serve --cluster` members and a NATS server on loopback, in
+    DIR/cluster-POLICY. Member `a` serves every replay model on the CPU
+    (the machine's one device, as in the single-server runs) from the
+    setup server's models folder, under POLICY and the same profile; `b`
+    and `c` have no devices (`--devices none`): they run the functions of
+    the requests sent to them and route each generation to `a`. The
+    replay sends its requests to b, c and a in turn, so two thirds of the
+    generations cross the cluster (ARCHITECTURE.md: Wasm runs where the
+    HTTP request arrived)."""
+
+    def __init__(self, args, out, models_dir, profile, policy):
+        self.args, self.models_dir, self.profile, self.policy = args, models_dir, profile, policy
+        self.work = os.path.join(out, f"cluster-{policy}")
+        shutil.rmtree(self.work, ignore_errors=True)
+        os.makedirs(self.work)
+        self.token = secrets.token_hex(16)
+        self.token_file = os.path.join(self.work, "admin-token")
+        with open(self.token_file, "w") as f:
+            f.write(self.token + "\n")
+        self.nats = None
+        self.members = {}
+        # The replay's view of member a (replay()'s `server`).
+        self.url = f"http://127.0.0.1:{args.port + 1}"
+        self.data_dir = os.path.join(self.work, "a")
+
+    def start_nats(self):
+        port = self.args.port + 4
+        self.nats = subprocess.Popen(
+            [os.path.join(ROOT, ".venv/bin/nats-server"), "-js", "-sd",
+             os.path.join(self.work, "nats"), "-a", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return f"nats://127.0.0.1:{port}"
+
+    def start_member(self, name, nats):
+        port = self.args.port + 1 + "abc".index(name)
+        cmd = [self.args.slinfer, "serve", "--listen", f"127.0.0.1:{port}",
+               "--data-dir", os.path.join(self.work, name), "--cluster", nats,
+               "--node-name", name, "--admin-token-file", self.token_file]
+        if name == "a":
+            cmd += ["--models-dir", self.models_dir, "--cpu-engine", self.args.engine,
+                    "--policy", self.policy, "--profile", self.profile, "--profile-model", MODEL]
+        else:
+            cmd += ["--devices", "none"]
+        log_path = os.path.join(self.work, f"serve-{name}.log")
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log_path, "a"),
+                                env=dict(os.environ, SLINFER_VENV=os.path.join(ROOT, ".venv"),
+                                         SLINFER_LOG="info", NO_COLOR="1"))
+        self.members[name] = proc
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc, log_path, f"cluster member {name}")
+        return url
+
+    def start(self):
+        nats = self.start_nats()
+        return [self.start_member(n, nats) for n in "abc"], nats
+
+    def restart_a(self, nats):
+        """A fresh member a (nothing loaded), as each single-server run
+        starts."""
+        stop_process(self.members.pop("a"))
+        self.start_member("a", nats)
+
+    def stop(self):
+        for proc in self.members.values():
+            stop_process(proc)
+        self.members = {}
+        stop_process(self.nats)
+
+
+def cluster_run(args, out, models_dir, profile, policy, requests):
+    """The replay through three members (see `Cluster`): set up through
+    member a (the functions; the models it serves already), a fresh a,
+    then the run. Writes DIR/live-POLICY-cluster.json."""
+    cluster = Cluster(args, out, models_dir, profile, policy)
+    try:
+        urls, nats = cluster.start()
+        cal = os.path.join(cluster.work, "replay-calibration.json")
+        replay(args, cluster, requests, None, "--token", cluster.token, "--setup-only",
+               "--calibration", cal)
+        cluster.restart_a(nats)
+        live = os.path.join(out, f"live-{policy}-cluster.json")
+        replay(args, cluster, requests, live, "--token", cluster.token, "--skip-setup",
+               "--calibration", cal, "--send-to", ",".join(urls[1:] + urls[:1]),
+               "--per-request")
+    finally:
+        cluster.stop()
+    return live
 
 
 def replay(args, server, requests, out, *extra):
@@ -414,6 +520,8 @@ def main():
                     help="the calibration replay's length; 0: spread from the probes")
     ap.add_argument("--calibration-time-scale", type=float, default=2.5,
                     help="arrivals of the calibration window this many times faster")
+    ap.add_argument("--cluster-policies", default="",
+                    help="these policies also through three cluster members (DIR/cluster-POLICY)")
     ap.add_argument("--no-whole-path", action="store_true",
                     help="skip the whole-path calibration (step 4)")
     args = ap.parse_args()
@@ -438,9 +546,10 @@ def main():
         curve(args, profile, out)
         return
     policies = args.policies.split(",")
+    clustered = [p for p in args.cluster_policies.split(",") if p]
     requests = os.path.join(out, "requests.json")
     sims = {}
-    for p in policies:
+    for p in policies + [p for p in clustered if p not in policies]:
         sims[p] = simulate(args, profile, p, requests_out=requests if p == policies[0] else None)
         with open(os.path.join(out, f"sim-{p}.json"), "w") as f:
             json.dump(sims[p], f, indent=1)
@@ -460,11 +569,15 @@ def main():
             server.stop()
     finally:
         server.stop()
+    runs = [(p, p, os.path.join(out, f"live-{p}.json")) for p in policies]
+    for p in clustered:
+        live = cluster_run(args, out, models_dir, server.profile, p, requests)
+        runs.append((f"{p} (3 members)", p, live))
 
     rows = []
-    for p in policies:
-        with open(os.path.join(out, f"live-{p}.json")) as f:
-            row = {"policy": p, "sim": sims[p], "live": json.load(f), "sim_whole_path": None}
+    for label, p, live in runs:
+        with open(live) as f:
+            row = {"policy": label, "sim": sims[p], "live": json.load(f), "sim_whole_path": None}
         if whole:
             row["sim_whole_path"] = simulate(args, whole[0], p)
             with open(os.path.join(out, f"sim-whole-path-{p}.json"), "w") as f:

@@ -37,7 +37,9 @@ Standard library only. Steps:
    is already scaled) as `POST /fn/replay-f{i}/v1/completions`, streamed,
    greedy, exactly `output_tokens` tokens (`min_tokens` = `max_tokens`,
    `ignore_eos`). One connection per request; nothing is retried; each is
-   bounded by `--timeout-s`. `GET /v1/status` is polled every 0.5 s for the
+   bounded by `--timeout-s`. With `--send-to URL,...` (cluster members)
+   request n goes to the n-th URL in turn; setup, status and metrics stay
+   with `--server`. `GET /v1/status` is polled every 0.5 s for the
    devices' committed memory; `/metrics` is read before and after.
 
 Input (`slinfer simulate --requests-out FILE`), one JSON object:
@@ -77,7 +79,8 @@ plus live-only fields: `live: true`, `sent`, `missed`, `errored`,
 `errored_by_reason`, `slo`, `server_policy`, `server_counters` (the
 server's own request outcomes and SLO verdicts for the replay models),
 `prompt_calibration`, `prompt_length_mismatches`, `max_send_lag_s`,
-`loaded_at_start`, and with `--per-request` `per_request` (each request's
+`loaded_at_start`, `sent_to` (the URLs the requests went to), and with
+`--per-request` `per_request` (each request's
 outcome, reason and timings, seconds since the replay start).
 
 Outcomes, each request exactly one:
@@ -498,6 +501,27 @@ def check_deployed(server: Server, fns: list[int]) -> None:
         raise ReplayError(f"not on the server: {', '.join(gone)} (run without --skip-setup)")
 
 
+def wait_members(targets: list[Server], fns: list[int], limit_s: float = 60.0) -> None:
+    """Until each member the requests go to has every replay function and,
+    in a cluster, sees a member serving every replay model (a deploy, and a
+    member's models, reach the others a moment later)."""
+    deadline = time.monotonic() + limit_s
+    for t in targets:
+        while True:
+            names = {f["name"] for f in t.get_json("/v1/functions")}
+            gone = [function_name(i) for i in fns if function_name(i) not in names]
+            status, body = t.request("GET", "/v1/cluster")
+            if status == 200:
+                served = {m["name"] for m in json.loads(body).get("models") or []
+                          if m.get("served_by")}
+                gone += [model_name(i) for i in fns if model_name(i) not in served]
+            if not gone:
+                break
+            if time.monotonic() > deadline:
+                raise ReplayError(f"{t.url} still lacks {', '.join(gone)} after {limit_s:g}s")
+            time.sleep(0.25)
+
+
 # --------------------------------------------------------------------------- prompts
 
 
@@ -706,7 +730,9 @@ async def poll_status(server: Server, peaks: dict, stop: asyncio.Event) -> None:
             pass
 
 
-async def replay(server: Server, doc: dict, timeout_s: float, offset: int) -> tuple[list, float, dict]:
+async def replay(server: Server, targets: list[Server], doc: dict, timeout_s: float,
+                 offset: int) -> tuple[list, float, dict]:
+    """Sends request n to `targets[n % len(targets)]`; polls `server`."""
     reqs = doc["requests"]
     recs = [{"index": n, "function": r["function"], "arrival_s": r["arrival_s"],
              "input_tokens": r["input_tokens"], "output_tokens": r["output_tokens"]}
@@ -726,7 +752,8 @@ async def replay(server: Server, doc: dict, timeout_s: float, offset: int) -> tu
         if wait > 0:
             await asyncio.sleep(wait)
         rec["send_lag_s"] = max(0.0, clock() - r["arrival_s"])
-        tasks.append(asyncio.create_task(run_one(server, r, rec, clock, timeout_s, offset)))
+        target = targets[rec["index"] % len(targets)]
+        tasks.append(asyncio.create_task(run_one(target, r, rec, clock, timeout_s, offset)))
     await asyncio.gather(*tasks)
     stop.set()
     await poller
@@ -927,6 +954,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--server", default=os.environ.get("SLINFER_URL", "http://127.0.0.1:8080"))
+    ap.add_argument("--send-to", help="comma-separated member URLs the requests go to in turn "
+                    "(a cluster: default --server)")
     ap.add_argument("--data-dir", default=os.environ.get("SLINFER_DATA_DIR"),
                     help="the server's data dir, for its admin token (default $SLINFER_DATA_DIR, "
                          "else .data)")
@@ -977,9 +1006,12 @@ def main() -> int:
     if not fns:
         raise ReplayError(f"{args.requests} has no requests")
     server = Server(args.server, token)
-    status, _ = server.request("GET", "/healthz", admin=False, timeout=10)
-    if status != 200:
-        raise ReplayError(f"{server.url}/healthz answered {status}")
+    # Cluster members share the admin token.
+    targets = [Server(u, token) for u in args.send_to.split(",")] if args.send_to else [server]
+    for s in [server, *targets]:
+        status, _ = s.request("GET", "/healthz", admin=False, timeout=10)
+        if status != 200:
+            raise ReplayError(f"{s.url}/healthz answered {status}")
     log(f"{len(doc['requests'])} requests over {len(fns)} functions, "
         f"{doc['requests'][-1]['arrival_s']:.1f}s of arrivals")
     if not args.skip_setup:
@@ -990,6 +1022,7 @@ def main() -> int:
             args.slinfer = found
         setup(args, server, doc, fns)
     check_deployed(server, fns)
+    wait_members(targets, fns)
     models = {model_name(i) for i in fns}
     context = min((m.get("context_length_tokens") or 0 for m in server.get_json("/v1/models")
                    if m["name"] in models), default=0) or None
@@ -1033,7 +1066,9 @@ def main() -> int:
     raise_fd_limit()
     t = time.monotonic()
     log("replaying")
-    recs, makespan, peaks = asyncio.run(replay(server, doc, args.timeout_s,
+    if args.send_to:
+        log(f"sending to {', '.join(t.url for t in targets)} in turn")
+    recs, makespan, peaks = asyncio.run(replay(server, targets, doc, args.timeout_s,
                                                calib["offset_tokens"]))
     log(f"replayed in {time.monotonic() - t:.1f}s")
     time.sleep(0.5)  # counters of the last ends settle
@@ -1046,6 +1081,7 @@ def main() -> int:
         m1, after = None, before
     summary = summarize(doc, recs, makespan, after, peaks, m0, m1, models, calib,
                         loaded, args.per_request)
+    summary["sent_to"] = [t.url for t in targets]
     text = json.dumps(summary, indent=1)
     if args.out:
         try:

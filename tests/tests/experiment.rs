@@ -269,6 +269,93 @@ fn replay_of_a_trace_slice_accounts_for_every_request_in_the_simulators_contract
     run_log_spreads_the_servers_runs_around_a_profile(&server.log(), tmp.path());
 }
 
+#[test]
+fn a_replay_through_cluster_members_routes_to_the_engine_member_and_accounts_for_every_request() {
+    let _turn = cpu_turn();
+    // Member c serves the models on the CPU; a and b only run functions
+    // and route their generations to c (as `experiment.py
+    // --cluster-policies` runs the experiment).
+    let nats = slinfer_e2e::Nats::start();
+    let setup = slinfer_e2e::cluster::Setup::new();
+    let c = setup.engine_member_with_model(&nats, "c");
+    let a = setup.member(&nats, "a");
+    let b = setup.member(&nats, "b");
+    let tmp = tempfile::tempdir().unwrap();
+    let requests = tmp.path().join("requests.json");
+    let sim = slinfer_e2e::simulate(&[
+        "--functions",
+        "8,16",
+        "--time-scale",
+        "2",
+        "--duration-s",
+        "30",
+        "--gpus",
+        "0",
+        "--cpus",
+        "1",
+        "--requests-out",
+        requests.to_str().unwrap(),
+    ]);
+    assert!(sim.status.success(), "{}", text(&sim));
+    let sent = json_file(&requests)["requests"].as_array().unwrap().len();
+    assert!(sent >= 3, "{sent} requests");
+
+    let out_file = tmp.path().join("live.json");
+    let members = format!("{},{},{}", a.url, b.url, c.url);
+    let out = Command::new(venv().join("bin/python"))
+        .arg(repo_root().join("scripts/replay.py"))
+        .args(["--server", &c.url, "--token", &c.token])
+        .args(["--data-dir", c.data_dir.to_str().unwrap()])
+        .args([
+            "--models-dir",
+            setup.tmp.path().join("c/models").to_str().unwrap(),
+        ])
+        .args(["--requests", requests.to_str().unwrap()])
+        .args(["--out", out_file.to_str().unwrap()])
+        .args(["--slinfer", slinfer_bin().to_str().unwrap()])
+        .args(["--send-to", &members])
+        .args(["--timeout-s", "240"])
+        .output()
+        .expect("run replay.py");
+    assert!(
+        out.status.success(),
+        "{}\n{}\n{}",
+        text(&out),
+        c.log(),
+        a.log()
+    );
+    let live = json_file(&out_file);
+    let n = |k: &str| live[k].as_u64().unwrap_or_else(|| panic!("{k}: {live}")) as usize;
+    assert_eq!(n("sent"), sent);
+    assert_eq!(
+        n("slo_met") + n("missed") + n("dropped") + n("errored"),
+        sent,
+        "{live}"
+    );
+    assert_eq!(n("errored"), 0, "nothing failed: {live}\n{}", a.log());
+    assert!(n("completed") > 0, "{live}");
+    let sent_to: Vec<&str> = live["sent_to"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u.as_str().unwrap())
+        .collect();
+    assert_eq!(sent_to, [&a.url, &b.url, &c.url]);
+    // The requests a and b took were generated on c.
+    let answered = slinfer_e2e::metric(
+        &tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(c.metrics()),
+        "slinfer_answered_generations_total",
+        &[],
+    );
+    let routed_to_c = sent.div_ceil(3) + (sent + 1) / 3;
+    assert!(
+        answered > 0.0 && answered <= routed_to_c as f64,
+        "c answered {answered} generations; a and b were sent {routed_to_c} requests"
+    );
+}
+
 /// `scripts/run_log.py` on the log of a replay: the spread of live run
 /// time over a profile's (quantiles, written into the profile with
 /// `--write`); a log without runs is refused, naming the setting that logs
