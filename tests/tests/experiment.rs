@@ -180,6 +180,30 @@ fn profile_writes_a_profile_that_simulate_predicts_a_run_with() {
     assert!(!none.exists());
 }
 
+/// 30 seconds of `functions`' arrivals (the trace at twice its rate) with
+/// the artifact's SLOs, written to `dir/requests.json` by `simulate
+/// --requests-out`; the file and simulate's `--json` output.
+fn slice_requests(dir: &Path, functions: &str) -> (std::path::PathBuf, Output) {
+    let requests = dir.join("requests.json");
+    let sim = slinfer_e2e::simulate(&[
+        "--functions",
+        functions,
+        "--time-scale",
+        "2",
+        "--duration-s",
+        "30",
+        "--gpus",
+        "0",
+        "--cpus",
+        "1",
+        "--requests-out",
+        requests.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(sim.status.success(), "{}", text(&sim));
+    (requests, sim)
+}
+
 #[test]
 fn replay_of_a_trace_slice_accounts_for_every_request_in_the_simulators_contract() {
     let _turn = cpu_turn();
@@ -195,25 +219,8 @@ fn replay_of_a_trace_slice_accounts_for_every_request_in_the_simulators_contract
         ],
         &["--models-dir", models.path().to_str().unwrap()],
     );
-    // 30 seconds of four functions' arrivals (the trace at twice its rate),
-    // with the artifact's SLOs.
-    let requests = tmp.path().join("requests.json");
-    let sim = slinfer_e2e::simulate(&[
-        "--functions",
-        "8,16,24,32",
-        "--time-scale",
-        "2",
-        "--duration-s",
-        "30",
-        "--gpus",
-        "0",
-        "--cpus",
-        "1",
-        "--requests-out",
-        requests.to_str().unwrap(),
-        "--json",
-    ]);
-    assert!(sim.status.success(), "{}", text(&sim));
+    // Four functions' slice.
+    let (requests, sim) = slice_requests(tmp.path(), "8,16,24,32");
     let simulated: Value = serde_json::from_slice(&sim.stdout).unwrap();
     let file = json_file(&requests);
     let sent = file["requests"].as_array().unwrap().len();
@@ -281,22 +288,7 @@ fn a_replay_through_cluster_members_routes_to_the_engine_member_and_accounts_for
     let a = setup.member(&nats, "a");
     let b = setup.member(&nats, "b");
     let tmp = tempfile::tempdir().unwrap();
-    let requests = tmp.path().join("requests.json");
-    let sim = slinfer_e2e::simulate(&[
-        "--functions",
-        "8,16",
-        "--time-scale",
-        "2",
-        "--duration-s",
-        "30",
-        "--gpus",
-        "0",
-        "--cpus",
-        "1",
-        "--requests-out",
-        requests.to_str().unwrap(),
-    ]);
-    assert!(sim.status.success(), "{}", text(&sim));
+    let (requests, _) = slice_requests(tmp.path(), "8,16");
     let sent = json_file(&requests)["requests"].as_array().unwrap().len();
     assert!(sent >= 3, "{sent} requests");
 
