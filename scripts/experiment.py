@@ -574,14 +574,19 @@ def main():
         live = cluster_run(args, out, models_dir, server.profile, p, requests)
         runs.append((f"{p} (3 members)", p, live))
 
+    # Each policy predicted once with the whole path, for its one-server
+    # and its cluster row alike.
+    sims_whole = {}
+    if whole:
+        for p in dict.fromkeys(p for _, p, _ in runs):
+            sims_whole[p] = simulate(args, whole[0], p)
+            with open(os.path.join(out, f"sim-whole-path-{p}.json"), "w") as f:
+                json.dump(sims_whole[p], f, indent=1)
     rows = []
     for label, p, live in runs:
         with open(live) as f:
-            row = {"policy": label, "sim": sims[p], "live": json.load(f), "sim_whole_path": None}
-        if whole:
-            row["sim_whole_path"] = simulate(args, whole[0], p)
-            with open(os.path.join(out, f"sim-whole-path-{p}.json"), "w") as f:
-                json.dump(row["sim_whole_path"], f, indent=1)
+            row = {"policy": label, "sim": sims[p], "live": json.load(f),
+                   "sim_whole_path": sims_whole.get(p)}
         # The prediction the live server planned with.
         row["compare"] = compare(row["sim_whole_path"] or row["sim"], row["live"])
         rows.append(row)

@@ -1008,7 +1008,7 @@ def main() -> int:
     server = Server(args.server, token)
     # Cluster members share the admin token.
     targets = [Server(u, token) for u in args.send_to.split(",")] if args.send_to else [server]
-    for s in [server, *targets]:
+    for s in [server] + [t for t in targets if t is not server]:
         status, _ = s.request("GET", "/healthz", admin=False, timeout=10)
         if status != 200:
             raise ReplayError(f"{s.url}/healthz answered {status}")
@@ -1022,7 +1022,8 @@ def main() -> int:
             args.slinfer = found
         setup(args, server, doc, fns)
     check_deployed(server, fns)
-    wait_members(targets, fns)
+    if args.send_to:
+        wait_members(targets, fns)
     models = {model_name(i) for i in fns}
     context = min((m.get("context_length_tokens") or 0 for m in server.get_json("/v1/models")
                    if m["name"] in models), default=0) or None

@@ -63,11 +63,10 @@ struct DeviceTables {
     /// memory the process has not written before, which a load or resize
     /// pays for what it adds above the high-water mark of the device's
     /// pools, beyond `load_s` and `kv_resize_s` (both timed on reused
-    /// memory). On a virtual
-    /// machine whose host takes freed memory back this is the host's
-    /// first-touch cost: ~2.5-2.8 s per GiB on the AMD EPYC machines here,
-    /// against ~0.4 for memory just freed. Zero where the profile does not
-    /// say.
+    /// memory). On a virtual machine whose host takes freed memory back
+    /// this is the host's first-touch cost: ~2.5-2.8 s per GiB on the AMD
+    /// EPYC machines here, against ~0.4 for memory just freed. Zero where
+    /// the profile does not say.
     kv_write_s_per_byte: f64,
     /// What the live host adds to each engine iteration beyond the engine's
     /// own step (the grant's round trip, sampling, detokenizing, the Wasm
@@ -420,7 +419,6 @@ impl CostModel for Profile {
     }
 
     /// The measured load time where the profile has one, else weights over
-    /// the kind's load bandwidth (none: weights stay resident).
     /// the kind's load bandwidth (none: weights stay resident); plus
     /// writing the fresh memory.
     fn load_s(&self, model: ModelTypeId, kind: DeviceKind, fresh_bytes: u64) -> f64 {
