@@ -370,12 +370,46 @@ impl Member {
         Ok(())
     }
 
-    async fn apply_function(&self, change: Change<FunctionRecord>) {
+    /// Make this member serve `change`. A package that cannot be fetched
+    /// is usually one a newer record replaced (its package is dropped once
+    /// no record names it): the record there is now is applied in its place,
+    /// without waiting for the watch to deliver it.
+    async fn apply_function(&self, mut change: Change<FunctionRecord>) {
+        while let Some(failed) = self.try_apply_function(change).await {
+            match self.superseding(&self.cluster.functions, &failed).await {
+                Some(newer) => change = newer,
+                None => break,
+            }
+        }
+        self.cluster.state_changed();
+    }
+
+    /// What the cluster has now for `failed`'s name when it replaced or
+    /// removed `failed`; `None` when `failed` still stands (or the record
+    /// cannot be read).
+    async fn superseding<T: Record>(&self, records: &Records<T>, failed: &T) -> Option<Change<T>> {
+        match records.get(failed.name()).await {
+            Ok(Some(Change::Put { record, .. })) if record.digest() == failed.digest() => None,
+            Ok(current) => {
+                let current = current?;
+                tracing::info!(name = %failed.name(), "cluster: the record was replaced meanwhile; applying the current one");
+                Some(current)
+            }
+            Err(e) => {
+                tracing::warn!(name = %failed.name(), "cluster: cannot read the record back: {e}");
+                None
+            }
+        }
+    }
+
+    /// Apply one function change; the record whose package could not be
+    /// fetched, if that is why it was not applied.
+    async fn try_apply_function(&self, change: Change<FunctionRecord>) -> Option<FunctionRecord> {
         match change {
             Change::Put { record, .. } => {
                 let serving = self.functions.get(&record.name).map(|d| d.version.clone());
                 if serving.as_deref() == Some(record.version.as_str()) {
-                    return;
+                    return None;
                 }
                 let archive = match self
                     .cluster
@@ -385,7 +419,7 @@ impl Member {
                     Ok(a) => a,
                     Err(e) => {
                         tracing::error!(function = %record.name, "cluster: cannot fetch the package: {e}");
-                        return;
+                        return Some(record);
                     }
                 };
                 match self
@@ -417,7 +451,7 @@ impl Member {
                 }
             }
         }
-        self.cluster.state_changed();
+        None
     }
 
     /// Where this member keeps the digest of each model it installed from
@@ -426,10 +460,25 @@ impl Member {
         self.model_digests.join(name)
     }
 
-    async fn apply_model(&self, change: Change<ModelRecord>) {
+    /// Install or remove a model as `change` says; like functions, a
+    /// package that cannot be installed gives way to the record that
+    /// replaced it, if one did.
+    async fn apply_model(&self, mut change: Change<ModelRecord>) {
         if self.models.inference().is_none() {
             return;
         }
+        while let Some(failed) = self.try_apply_model(change).await {
+            match self.superseding(&self.cluster.models, &failed).await {
+                Some(newer) => change = newer,
+                None => break,
+            }
+        }
+        self.cluster.state_changed();
+    }
+
+    /// Apply one model change; the record that could not be installed, if
+    /// any.
+    async fn try_apply_model(&self, change: Change<ModelRecord>) -> Option<ModelRecord> {
         match change {
             Change::Put { record, .. } => {
                 let marker = self.model_digest_path(&record.name);
@@ -437,7 +486,7 @@ impl Member {
                 if have.as_deref() == Some(record.digest.as_str())
                     && self.models.get(&record.name).is_ok()
                 {
-                    return;
+                    return None;
                 }
                 tracing::info!(model = %record.name, bytes = record.bytes, from = %record.origin, "cluster: fetching the model package");
                 match self.install_model(&record).await {
@@ -446,7 +495,8 @@ impl Member {
                         tracing::info!(model = %record.name, from = %record.origin, "cluster: model installed");
                     }
                     Err(e) => {
-                        tracing::error!(model = %record.name, "cluster: cannot install the model: {e}")
+                        tracing::error!(model = %record.name, "cluster: cannot install the model: {e}");
+                        return Some(record);
                     }
                 }
             }
@@ -462,7 +512,7 @@ impl Member {
                 }
             }
         }
-        self.cluster.state_changed();
+        None
     }
 
     async fn install_model(&self, record: &ModelRecord) -> anyhow::Result<()> {
