@@ -422,61 +422,87 @@ fn run_log_spreads_the_servers_runs_around_a_profile(log: &str, dir: &Path) {
 
 /// Two models' requests at once on a server with `--policy`; the most
 /// instances the CPU held together while both ran, as the status showed.
-async fn most_instances_at_once(policy: &str) -> usize {
-    let models = models_copy();
-    let tmp = tempfile::tempdir().unwrap();
-    let venv = venv();
-    let server = Server::start_with(
-        &tmp.path().join("data"),
-        &[("SLINFER_VENV", venv.to_str().unwrap())],
-        &[
+/// A server under `policy` (and `extra` flags) with the default model and
+/// a copy named `twin`, and `openai-api` allowed both (60 s TTFT SLO).
+struct Twins {
+    server: Server,
+    _models: tempfile::TempDir,
+    _data: tempfile::TempDir,
+}
+
+impl Twins {
+    fn start(policy: &str, keep_alive_s: &str, extra: &[&str]) -> Twins {
+        let models = models_copy();
+        let tmp = tempfile::tempdir().unwrap();
+        let venv = venv();
+        let mut args = vec![
             "--models-dir",
             models.path().to_str().unwrap(),
             "--policy",
             policy,
             "--keep-alive-s",
-            "1",
-        ],
-    );
-    let gguf = models.path().join(MODEL).join("model.gguf");
-    let (ok, _, err) = server.cli(&["models", "import", gguf.to_str().unwrap(), "--name", "twin"]);
-    assert!(ok, "{err}");
-    let api = package_variant("openai-api", |m| {
-        m.replace(
-            "MODELS = \"smollm2-135m-instruct\"",
-            "MODELS = \"smollm2-135m-instruct,twin\"",
-        )
-        .replace(
-            "allowed = [\"smollm2-135m-instruct\"]",
-            "allowed = [\"smollm2-135m-instruct\", \"twin\"]",
-        )
-        .replace("ttft_ms = 5000", "ttft_ms = 60000")
-    });
-    server.deploy(api.path());
-    let status = {
-        let (url, token) = (server.url.clone(), server.token.clone());
-        move || {
-            let (url, token) = (url.clone(), token.clone());
-            async move {
-                let v: Value = client()
-                    .get(format!("{url}/v1/status"))
-                    .bearer_auth(token)
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
-                v
-            }
+            keep_alive_s,
+        ];
+        args.extend_from_slice(extra);
+        let server = Server::start_with(
+            &tmp.path().join("data"),
+            &[("SLINFER_VENV", venv.to_str().unwrap())],
+            &args,
+        );
+        let gguf = models.path().join(MODEL).join("model.gguf");
+        let (ok, _, err) =
+            server.cli(&["models", "import", gguf.to_str().unwrap(), "--name", "twin"]);
+        assert!(ok, "{err}");
+        let api = package_variant("openai-api", |m| {
+            m.replace(
+                "MODELS = \"smollm2-135m-instruct\"",
+                "MODELS = \"smollm2-135m-instruct,twin\"",
+            )
+            .replace(
+                "allowed = [\"smollm2-135m-instruct\"]",
+                "allowed = [\"smollm2-135m-instruct\", \"twin\"]",
+            )
+            .replace("ttft_ms = 5000", "ttft_ms = 60000")
+        });
+        server.deploy(api.path());
+        Twins {
+            server,
+            _models: models,
+            _data: tmp,
         }
-    };
-    assert_eq!(status().await["inference"]["policy"], policy);
-    let url = format!("{}/fn/openai-api/v1/completions", server.url);
-    let generate = move |model: &'static str| {
-        let url = url.clone();
+    }
+
+    async fn status(&self) -> Value {
+        client()
+            .get(format!("{}/v1/status", self.server.url))
+            .bearer_auth(&self.server.token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Instances of each model, by name.
+    async fn instances(&self) -> Vec<(String, usize)> {
+        self.status().await["inference"]["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                let n = m["instances"].as_array().map_or(0, Vec::len);
+                (m["name"].as_str().unwrap_or_default().to_owned(), n)
+            })
+            .collect()
+    }
+
+    /// 24 greedy tokens of `model`, checked.
+    fn generate(&self, model: &'static str) -> impl std::future::Future<Output = ()> + use<> {
+        let url = format!("{}/fn/openai-api/v1/completions", self.server.url);
+        let log = slinfer_e2e::log_path(&self.server.data_dir);
         async move {
-            client()
+            let r = client()
                 .post(url)
                 .json(&serde_json::json!({
                     "model": model, "prompt": "Once upon a time", "max_tokens": 24,
@@ -484,30 +510,35 @@ async fn most_instances_at_once(policy: &str) -> usize {
                 }))
                 .send()
                 .await
-                .unwrap()
+                .unwrap();
+            let code = r.status();
+            let body: Value = r.json().await.unwrap();
+            assert_eq!(
+                code,
+                200,
+                "{model}: {body}\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+            assert_eq!(body["usage"]["completion_tokens"], 24, "{model}: {body}");
         }
-    };
-    let both = tokio::spawn(async move { tokio::join!(generate(MODEL), generate("twin")) });
+    }
+}
+
+async fn most_instances_at_once(policy: &str) -> usize {
+    let t = Twins::start(policy, "1", &[]);
+    assert_eq!(t.status().await["inference"]["policy"], policy);
+    let both = tokio::spawn({
+        let (a, b) = (t.generate(MODEL), t.generate("twin"));
+        async move { tokio::join!(a, b) }
+    });
     let mut most = 0;
     let started = Instant::now();
     while !both.is_finished() && started.elapsed() < Duration::from_secs(120) {
-        let s = status().await;
-        let on_cpu: usize = s["inference"]["models"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["instances"].as_array().map_or(0, Vec::len))
-            .sum();
+        let on_cpu: usize = t.instances().await.iter().map(|m| m.1).sum();
         most = most.max(on_cpu);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (a, b) = both.await.unwrap();
-    for r in [a, b] {
-        let code = r.status();
-        let body: Value = r.json().await.unwrap();
-        assert_eq!(code, 200, "{policy}: {body}\n{}", server.log());
-        assert_eq!(body["usage"]["completion_tokens"], 24, "{policy}: {body}");
-    }
+    both.await.unwrap();
     most
 }
 
@@ -520,6 +551,49 @@ fn sllm_gives_the_cpu_to_one_model_at_a_time_and_slinfer_shares_it() {
     assert_eq!(rt.block_on(most_instances_at_once("sllm")), 1);
     // slinfer: both instances share the CPU at once.
     assert_eq!(rt.block_on(most_instances_at_once("slinfer")), 2);
+}
+
+#[test]
+fn an_idle_instance_held_by_its_keep_alive_gives_way_to_another_model() {
+    let _turn = cpu_turn();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // The memory budget holds one instance, not two; the first
+        // model's stays loaded for 300 s after its request, far past the
+        // second's 60 s deadline, so it unloads for the second rather than
+        // keep it waiting.
+        let t = Twins::start("slinfer", "300", &["--memory-budget", "600MiB"]);
+        t.generate(MODEL).await;
+        // The probes (every 250 ms) see the first model's instance idle.
+        let admission = |status: &Value, model: &str| {
+            status["inference"]["models"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["name"] == model)
+                .map(|m| m["admission"].clone())
+        };
+        let mut idle = t.status().await;
+        let since = Instant::now();
+        while admission(&idle, "twin") != Some("new_after_unload".into())
+            && since.elapsed() < Duration::from_secs(5)
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            idle = t.status().await;
+        }
+        assert_eq!(
+            admission(&idle, "twin"),
+            Some("new_after_unload".into()),
+            "{idle}"
+        );
+        assert_eq!(admission(&idle, MODEL), Some("existing".into()), "{idle}");
+        let took = Instant::now();
+        t.generate("twin").await;
+        assert!(took.elapsed() < Duration::from_secs(60));
+        let now = t.instances().await;
+        assert!(now.contains(&(MODEL.to_owned(), 0)), "{now:?}");
+        assert!(now.contains(&("twin".to_owned(), 1)), "{now:?}");
+    });
 }
 
 #[test]

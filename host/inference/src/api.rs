@@ -447,7 +447,8 @@ pub struct ModelStatus {
     pub queued_requests: usize,
     /// Where a new request (a 256-token prompt, the default SLOs) would go
     /// now by the scheduler's own placement: `existing` (an instance has
-    /// room), `new` (an instance would start), `no` (it would wait).
+    /// room), `new` (an instance would start), `new_after_unload` (one
+    /// would start once idle instances unload), `no` (it would wait).
     /// Probed every 250 ms; a cluster's routers order members by it.
     pub admission: Option<slinfer_scheduler::Probe>,
     pub instances: Vec<InstanceStatus>,

@@ -23,7 +23,7 @@ pub use profile::{Profile, ProfileError};
 pub use scheduler::{
     ActionId, ActionOp, Command, DropReason, InstanceId, InstanceSnapshot, ModelId, NodeId,
     NodeSnapshot, Policy, Probe, Request, RequestId, RequestOutcome, Scheduler, SchedulerConfig,
-    Snapshot, bin_packing_order,
+    Snapshot, bin_packing_order, routing_order,
 };
 pub use sim::{
     ClusterSim, KindSummary, RequestRecord, SimResult, SimSetup, Slo, Summary, simulate,

@@ -9,7 +9,7 @@
 //! machine: every device is a member with a scheduler of its own, and a
 //! router sends each request to the members in the order their last
 //! published state suggests (a dry run of each member's own placement on a
-//! copy as old as the last publish, then [`bin_packing_order`]), one
+//! copy as old as the last publish, in [`routing_order`]), one
 //! network hop per try; a member that cannot place it now refuses and the
 //! next is tried; the last one keeps it waiting.
 
@@ -21,8 +21,8 @@ use serde::Serialize;
 use crate::model::{CostModel, DeviceKind, ModelTypeId, NodeSpec, PerKind};
 use crate::profile::Profile;
 use crate::scheduler::{
-    ActionId, ActionOp, Command, InstanceId, NodeId, Policy, Probe, Request, RequestId,
-    RequestOutcome, Scheduler, SchedulerConfig, bin_packing_order,
+    ActionId, ActionOp, Command, InstanceId, NodeId, Policy, Request, RequestId, RequestOutcome,
+    Scheduler, SchedulerConfig, routing_order,
 };
 use crate::trace::{SplitMix64, TraceRequest};
 
@@ -576,22 +576,14 @@ impl Member<'_> {
     }
 }
 
-/// The members to try for `req`, best first, on their published state:
-/// those that would place it on an instance they have, then those that
-/// would start one, then the rest; each group in bin-packing order.
+/// The members to try for `req`, best first, on their published state
+/// ([`routing_order`]).
 fn route(members: &[Member], req: &Request, now: f64) -> Vec<usize> {
-    let mut groups: [Vec<(usize, crate::DeviceKind, Option<f64>)>; 3] = Default::default();
-    for (m, member) in members.iter().enumerate() {
+    routing_order(members.iter().enumerate().map(|(m, member)| {
         let published = member.published.as_ref().unwrap_or(&member.sched);
         let (kind, load) = published.node_load(0);
-        let group = match published.probe(req, now) {
-            Probe::Existing => 0,
-            Probe::New => 1,
-            Probe::No => 2,
-        };
-        groups[group].push((m, kind, load));
-    }
-    groups.into_iter().flat_map(bin_packing_order).collect()
+        (m, published.probe(req, now), kind, load)
+    }))
 }
 
 /// Replays `reqs` (ids are their positions) through the policy in `setup`.

@@ -9,11 +9,11 @@
 //! - candidates are the live members that serve the model, ordered on
 //!   their last published state (every 250 ms): by where each member's own
 //!   scheduler, probing a typical request, said a new one would go (onto
-//!   an instance it has, onto a new one, nowhere now), then within each
-//!   group in the scheduler's bin-packing order
-//!   (`slinfer_scheduler::bin_packing_order` over each member's first
-//!   device: CPU first, busiest first, idle last), as one machine orders
-//!   its devices and the simulator's `--cluster` orders members;
+//!   an instance it has, onto a new one in free room, onto a new one once
+//!   idle instances unload, nowhere now), then within each group in the
+//!   scheduler's bin-packing order over each member's first device (CPU
+//!   first, busiest first, idle last): `slinfer_scheduler::routing_order`,
+//!   which the simulator's `--cluster` orders members with too;
 //! - each candidate makes the final admission with its own scheduler; a
 //!   refusal (`Overloaded`, `Unavailable`, a model it no longer serves)
 //!   tries the next, and with none left the answer is their
@@ -38,7 +38,7 @@ use slinfer_inference::{
     Chunk, GenerateRequest, GenerationStream, Inference, InferenceError, RETRY_AFTER_S, Relay,
     Remote, Usage,
 };
-use slinfer_scheduler::{DeviceKind, Probe, bin_packing_order};
+use slinfer_scheduler::{DeviceKind, Probe, routing_order};
 
 /// How long a candidate has to say it got the request before the next one
 /// is tried (a lost message or a member that just stopped).
@@ -109,9 +109,8 @@ impl Router {
 
     /// Live members other than this one that serve `model`, best first:
     /// by where their own scheduler last said a new request of it would go
-    /// (onto an instance it has, onto a new one, nowhere now), each group
-    /// in the scheduler's bin-packing order of their published devices
-    /// (CPU first, busiest first, idle last).
+    /// and their published devices
+    /// ([`slinfer_scheduler::routing_order`]).
     fn candidates(&self, model: &str) -> Vec<String> {
         let me = &self.cluster.identity().node;
         let members: Vec<(String, Standing)> = self
@@ -122,19 +121,15 @@ impl Router {
             .filter(|m| m.state.report.models.iter().any(|n| n == model))
             .map(|m| (m.state.node, Standing::of(&m.state.report.inference, model)))
             .collect();
-        [Probe::Existing, Probe::New, Probe::No]
-            .into_iter()
-            .flat_map(|admission| {
-                bin_packing_order(
-                    members
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, (_, s))| s.admission == admission)
-                        .map(|(i, (_, s))| (i, s.kind, s.load)),
-                )
-            })
-            .map(|i| members[i].0.clone())
-            .collect()
+        routing_order(
+            members
+                .iter()
+                .enumerate()
+                .map(|(i, (_, s))| (i, s.admission, s.kind, s.load)),
+        )
+        .into_iter()
+        .map(|i| members[i].0.clone())
+        .collect()
     }
 
     /// One candidate: its stream once the first token exists, or why not.

@@ -13,8 +13,38 @@ pub enum Probe {
     Existing,
     /// On a new instance.
     New,
+    /// On a new instance, once idle instances are unloaded to make room.
+    NewAfterUnload,
     /// Not now.
     No,
+}
+
+/// The order a cluster tries its members in for a request (an id, the
+/// member's probe of it, its kind of device and its load): those that
+/// would place it on an instance they have, then on a new one in free
+/// room, then in room that idle instances give up, then the rest; each
+/// group in [`bin_packing_order`]. A live router and the simulator's
+/// `--cluster` both order members with it.
+pub fn routing_order<T: Ord + Copy>(
+    candidates: impl IntoIterator<Item = (T, Probe, DeviceKind, Option<f64>)>,
+) -> Vec<T> {
+    let candidates: Vec<_> = candidates.into_iter().collect();
+    [
+        Probe::Existing,
+        Probe::New,
+        Probe::NewAfterUnload,
+        Probe::No,
+    ]
+    .into_iter()
+    .flat_map(|probe| {
+        bin_packing_order(
+            candidates
+                .iter()
+                .filter(|c| c.1 == probe)
+                .map(|&(id, _, kind, load)| (id, kind, load)),
+        )
+    })
+    .collect()
 }
 
 impl<C: CostModel + Clone> Scheduler<C> {
@@ -29,8 +59,10 @@ impl<C: CostModel + Clone> Scheduler<C> {
         if !shadow.try_place(req.id, now_s) {
             return Probe::No;
         }
+        let retiring = |s: &Self| s.instances.values().filter(|i| i.retiring).count();
         match shadow.requests[&req.id].instance {
             Some(i) if self.instances.contains_key(&i) => Probe::Existing,
+            _ if retiring(&shadow) > retiring(self) => Probe::NewAfterUnload,
             _ => Probe::New,
         }
     }

@@ -25,7 +25,7 @@ mod tests;
 mod tests_live;
 mod types;
 
-pub use cluster::Probe;
+pub use cluster::{Probe, routing_order};
 pub use placement::bin_packing_order;
 pub use snapshot::{InstanceSnapshot, NodeSnapshot, Snapshot};
 pub use types::{ActionOp, Command, DropReason, Policy, Request, RequestOutcome, SchedulerConfig};

@@ -1,5 +1,6 @@
 //! Placement: existing instances first, then proactive preemption, then a
-//! new instance on a node in CPU-first, bin-packing order; and the
+//! new instance on a node in CPU-first, bin-packing order (on a node with
+//! room, else on one where unloading idle instances makes room); and the
 //! bookkeeping of attaching, detaching, evicting and retiring.
 
 use super::*;
@@ -41,7 +42,8 @@ impl<C: CostModel> Scheduler<C> {
                 }
             }
         }
-        for node in self.placement_order(mtype) {
+        let order = self.placement_order(mtype);
+        for &node in &order {
             if !self.node_has_slot(node, mtype) {
                 continue;
             }
@@ -51,7 +53,77 @@ impl<C: CostModel> Scheduler<C> {
                 return true;
             }
         }
+        // No node takes a new instance as it stands: an instance kept
+        // loaded only for its keep-alive never keeps a request waiting.
+        // The first node (same order) where unloading its longest-idle
+        // instances makes room unloads them, and the new one loads after.
+        // The sllm baselines keep the paper's artifact's behaviour: an
+        // instance unloads only when its keep-alive ends.
+        let unload_idle = !self.cfg.policy.is_sllm();
+        for &node in order.iter().filter(|_| unload_idle) {
+            if let Some(idle) = self.idle_to_unload(node, mtype, rid, now_s) {
+                for i in idle {
+                    self.retire(i);
+                }
+                let id = self.create_instance(node, model, mtype, now_s);
+                self.attach(rid, id, now_s);
+                return true;
+            }
+        }
         false
+    }
+
+    /// The fewest of `node`'s idle instances (no request, nothing running
+    /// or queued), longest idle first, whose unloading would let a new
+    /// instance of `mtype` take `rid`; `None` when unloading every idle
+    /// one would not. Only instances whose keep-alive would hold them past
+    /// `rid`'s deadline count: one that unloads sooner by itself is waited
+    /// for, as its model may be asked for again meanwhile (with the
+    /// paper's keep-alive of a second or less, that is every one).
+    fn idle_to_unload(
+        &mut self,
+        node: NodeId,
+        mtype: ModelTypeId,
+        rid: RequestId,
+        now_s: f64,
+    ) -> Option<Vec<InstanceId>> {
+        let kind = self.nodes[node].spec.kind;
+        let deadline_s = self.next_token_deadline_s(&self.requests[&rid]);
+        let mut idle: Vec<(f64, InstanceId)> = self.nodes[node]
+            .instances
+            .iter()
+            .filter_map(|i| {
+                let inst = &self.instances[i];
+                let idle = !inst.retiring
+                    && inst.requests.is_empty()
+                    && inst.running.is_none()
+                    && inst.queue.is_empty()
+                    && self.nodes[node].busy != Some(*i);
+                let since = inst.idle_since_s.filter(|_| idle)?;
+                (since + self.keep_alive_s(inst, kind) > deadline_s).then_some((since, *i))
+            })
+            .collect();
+        if idle.is_empty() {
+            return None;
+        }
+        idle.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        // Try on the node's list with the idle ones left out, then put the
+        // list back: admission reads the node's instances from it.
+        let all = self.nodes[node].instances.clone();
+        let mut unloaded = Vec::new();
+        let mut fits = false;
+        for (_, i) in idle {
+            self.nodes[node].instances.retain(|&x| x != i);
+            unloaded.push(i);
+            if self.node_has_slot(node, mtype)
+                && self.validate(node, Target::New(mtype), rid, now_s).all()
+            {
+                fits = true;
+                break;
+            }
+        }
+        self.nodes[node].instances = all;
+        fits.then_some(unloaded)
     }
 
     /// Nodes for a new instance: CPU pool first, then GPU; within a pool the

@@ -683,3 +683,121 @@ fn cancel_ends_a_request_once_and_frees_its_instance() {
     // Keep-alive (1 s on GPU) then unload.
     assert_eq!(s.next_wakeup_s(), Some(1.05));
 }
+
+fn unloads(cmds: &[Command]) -> Vec<InstanceId> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::Action {
+                instance,
+                op: ActionOp::Unload,
+                ..
+            } => Some(*instance),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Serves one request of `model` at `now` on `s` and leaves its instance
+/// idle (the keep-alive is long).
+fn serve_and_idle(s: &mut Scheduler<Flat>, id: RequestId, model: ModelId, now: f64) -> InstanceId {
+    let mut r = req(id, model, 100, 1.0);
+    r.arrival_s = now;
+    s.submit(r, now);
+    let i = *s.by_model[&model].last().expect("placed");
+    settle(s, now);
+    let done = RequestOutcome {
+        request: id,
+        tokens: 1,
+        finished: true,
+    };
+    s.iteration_done(s.instances[&i].node, i, &[done], now + 0.1);
+    s.tick(now + 0.1);
+    settle(s, now + 0.1);
+    assert!(s.instances[&i].requests.is_empty());
+    i
+}
+
+#[test]
+fn an_idle_instance_unloads_to_make_room_for_another_model() {
+    // Room for one instance, not two; instances idle for 300 s.
+    let mut s = sched(Policy::Slinfer, &[(DeviceKind::Gpu, 1800)], FAST);
+    s.cfg.keep_alive_s = PerKind::splat(300.0);
+    let idle = serve_and_idle(&mut s, 1, 1, 0.0);
+    assert_eq!(s.probe(&req(2, 2, 100, 5.0), 1.0), Probe::NewAfterUnload);
+    assert!(s.drain_commands().is_empty(), "a probe changes nothing");
+    s.submit(req(2, 2, 100, 5.0), 1.0);
+    let cmds = settle(&mut s, 1.0);
+    assert_eq!(unloads(&cmds), vec![idle], "{cmds:?}");
+    let new = s.by_model[&2][0];
+    assert_eq!(loads(&cmds), vec![(0, new)]);
+    // The unload is started before the load it makes room for.
+    let pos = |want: &dyn Fn(&ActionOp) -> bool| {
+        cmds.iter()
+            .position(|c| matches!(c, Command::Action { op, .. } if want(op)))
+            .expect("issued")
+    };
+    assert!(pos(&|o| matches!(o, ActionOp::Unload)) < pos(&|o| matches!(o, ActionOp::Load { .. })));
+    assert!(s.snapshot().queued.is_empty());
+}
+
+#[test]
+fn the_sllm_baselines_wait_for_an_idle_instance_s_keep_alive() {
+    let mut s = sched(Policy::Sllm, &[(DeviceKind::Gpu, 1800)], FAST);
+    s.cfg.keep_alive_s = PerKind::splat(300.0);
+    let idle = serve_and_idle(&mut s, 1, 1, 0.0);
+    assert_eq!(s.probe(&req(2, 2, 100, 5.0), 1.0), Probe::No);
+    s.submit(req(2, 2, 100, 5.0), 1.0);
+    let cmds = settle(&mut s, 1.0);
+    assert!(
+        unloads(&cmds).is_empty() && loads(&cmds).is_empty(),
+        "{cmds:?}"
+    );
+    assert!(!s.instances[&idle].retiring);
+}
+
+#[test]
+fn free_room_elsewhere_is_taken_before_an_idle_instance_is_unloaded() {
+    // Node 0 holds an idle instance and has no room for a second; node 1
+    // is empty. Bin-packing tries node 0 first, but nothing is unloaded.
+    let mut s = sched(
+        Policy::Slinfer,
+        &[(DeviceKind::Gpu, 1800), (DeviceKind::Gpu, 1800)],
+        FAST,
+    );
+    s.cfg.keep_alive_s = PerKind::splat(300.0);
+    let idle = serve_and_idle(&mut s, 1, 1, 0.0);
+    assert_eq!(s.instances[&idle].node, 0);
+    assert_eq!(s.probe(&req(2, 2, 100, 5.0), 1.0), Probe::New);
+    s.submit(req(2, 2, 100, 5.0), 1.0);
+    let cmds = settle(&mut s, 1.0);
+    assert!(unloads(&cmds).is_empty(), "{cmds:?}");
+    assert_eq!(load_nodes(&cmds), vec![1]);
+}
+
+#[test]
+fn only_the_longest_idle_instances_that_make_room_unload_and_busy_ones_never() {
+    // Room for two instances.
+    let mut s = sched(Policy::Slinfer, &[(DeviceKind::Gpu, 2600)], FAST);
+    s.cfg.keep_alive_s = PerKind::splat(300.0);
+    let older = serve_and_idle(&mut s, 1, 1, 0.0);
+    let newer = serve_and_idle(&mut s, 2, 2, 1.0);
+    s.submit(req(3, 3, 100, 5.0), 2.0);
+    let cmds = settle(&mut s, 2.0);
+    assert_eq!(unloads(&cmds), vec![older], "{cmds:?}");
+    assert!(s.instances.contains_key(&newer) && !s.instances[&newer].retiring);
+    // Now models 2 (idle) and 3 (busy) fill the device: model 4 takes the
+    // idle one's room, and model 5 waits, since model 3 and 4 are busy.
+    let busy = s.by_model[&3][0];
+    s.submit(req(4, 4, 100, 5.0), 3.0);
+    let cmds = settle(&mut s, 3.0);
+    assert_eq!(unloads(&cmds), vec![newer], "{cmds:?}");
+    assert_eq!(s.probe(&req(5, 5, 100, 5.0), 3.0), Probe::No);
+    s.submit(req(5, 5, 100, 5.0), 3.0);
+    let cmds = settle(&mut s, 3.0);
+    assert!(
+        unloads(&cmds).is_empty() && loads(&cmds).is_empty(),
+        "{cmds:?}"
+    );
+    assert!(!s.instances[&busy].retiring);
+    assert_eq!(s.snapshot().queued.get(&5), Some(&1));
+}
