@@ -189,9 +189,19 @@ impl InstanceRunner {
             }
             Job::Resize { action, kv_bytes } => {
                 if let Some(i) = self.inst.as_mut() {
+                    let started = Instant::now();
                     let blocks = (kv_bytes / i.kv_bytes_per_block().max(1)) as usize;
-                    let shrinks = blocks < i.kv_capacity_blocks();
-                    if let Err(e) = i.resize_kv(blocks.max(i.kv_blocks_in_use())) {
+                    let from = i.kv_capacity_blocks();
+                    let shrinks = blocks < from;
+                    let resized = i.resize_kv(blocks.max(i.kv_blocks_in_use()));
+                    tracing::debug!(
+                        instance = self.id,
+                        from,
+                        to = blocks,
+                        ms = started.elapsed().as_secs_f64() * 1e3,
+                        "resize"
+                    );
+                    if let Err(e) = resized {
                         tracing::warn!(device = %self.device.name, "resizing the KV pool: {e}");
                         self.report(&e);
                     }

@@ -216,10 +216,13 @@ impl<C: CostModel> Scheduler<C> {
 
     /// The prefill check when cold starts count
     /// (`SchedulerConfig::ttft_counts_load`): prefills in deadline order,
-    /// each starting once its instance has loaded. The new request must
+    /// each starting once its instance has loaded, and on a CPU once every
+    /// load there has ended (a CPU starts a queued load as soon as it is
+    /// free and grants no iteration while it runs). The new request must
     /// meet its own deadline, and no prefill may turn late that would be on
     /// time without it (those late anyway, behind a load, do not refuse
-    /// it).
+    /// it): on a CPU, a new instance's load turns the waiting prefills of
+    /// the instances there late.
     fn prefills_fit_counting_loads(
         &self,
         views: &[View],
@@ -245,23 +248,36 @@ impl<C: CostModel> Scheduler<C> {
             Target::New(..) => 0.0,
         };
         let loaded_at = self.loaded_at_s(views, node, now_s);
-        let mut prefills: Vec<(f64, f64, f64, bool, f64)> = views
+        // On a CPU, when its loads will all have ended, with the new
+        // instance's (loaded last) and without.
+        let cpu = self.nodes[node].spec.kind == DeviceKind::Cpu;
+        let loads_end = |with_new: bool| {
+            views
+                .iter()
+                .zip(&loaded_at)
+                .filter(|(v, _)| cpu && v.loading && (with_new || v.id.is_some()))
+                .map(|(_, &at)| at)
+                .fold(now_s, f64::max)
+        };
+        let (end_with, end_without) = (loads_end(true), loads_end(false));
+        let mut prefills: Vec<(f64, f64, f64, bool, f64, f64)> = views
             .iter()
-            .zip(loaded_at)
+            .zip(&loaded_at)
             .filter(|(v, _)| v.prefill_tokens + v.restore_tokens > 0)
-            .map(|(v, ready_s)| {
+            .map(|(v, &ready_s)| {
                 let tgt = is_target(v);
                 let dur = first_step(v);
                 let without = if tgt { target_without_s } else { dur };
-                (v.deadline_s, dur, without, tgt, ready_s)
+                let ready = (ready_s.max(end_with), ready_s.max(end_without));
+                (v.deadline_s, dur, without, tgt, ready.0, ready.1)
             })
             .collect();
         prefills.sort_by(|a, b| a.0.total_cmp(&b.0).then(b.3.cmp(&a.3)));
         let (mut t, mut t_without) = (now_s, now_s);
-        for (deadline, dur, without, tgt, ready_s) in prefills {
+        for (deadline, dur, without, tgt, ready_s, ready_without_s) in prefills {
             t = t.max(ready_s) + dur;
             if without > 0.0 {
-                t_without = t_without.max(ready_s) + without;
+                t_without = t_without.max(ready_without_s) + without;
             }
             let turned_late = t > deadline && t_without <= deadline;
             if turned_late || (tgt && t > own_deadline_s) {

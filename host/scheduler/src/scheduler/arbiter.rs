@@ -119,8 +119,10 @@ impl<C: CostModel> Scheduler<C> {
             .copied()
             .filter(|r| self.requests[r].next_retry_s <= now_s)
             .collect();
+        let mut left: Vec<ModelId> = Vec::new();
         for rid in due {
             let r = &self.requests[&rid];
+            left.push(r.req.model);
             if now_s > self.next_token_deadline_s(r) {
                 let reason = if r.preempted {
                     DropReason::DeadlinePassedAfterPreemption
@@ -146,6 +148,31 @@ impl<C: CostModel> Scheduler<C> {
             } else {
                 self.requests.get_mut(&rid).expect("live").next_retry_s =
                     now_s + self.cfg.retry_interval_s;
+            }
+        }
+        // A pool whose shrink delay is over, or kept for requests that
+        // waited (and were then placed or refused), shrinks now.
+        let due: Vec<InstanceId> = self
+            .instances
+            .values()
+            .filter(|i| i.shrink_due_s.is_some_and(|t| t <= now_s))
+            .map(|i| i.id)
+            .collect();
+        for i in due {
+            self.rescale(i, now_s);
+        }
+        left.dedup();
+        for model in left {
+            let idle: Vec<InstanceId> = self
+                .by_model
+                .get(&model)
+                .into_iter()
+                .flatten()
+                .copied()
+                .filter(|i| self.instances[i].requests.is_empty())
+                .collect();
+            for i in idle {
+                self.rescale(i, now_s);
             }
         }
         for n in 0..self.nodes.len() {

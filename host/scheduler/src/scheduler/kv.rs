@@ -6,7 +6,10 @@ use super::*;
 impl<C: CostModel> Scheduler<C> {
     /// Forward-looking KV scaling with hysteresis: grow to the target when
     /// the minimum exceeds the allocation; shrink only when the target falls
-    /// below allocation / (1 + watermark).
+    /// below allocation / (1 + watermark), no request of the model waits to
+    /// be placed (it would grow the pool straight back: on a CPU a grow
+    /// reallocates the pool, hundreds of ms for a GiB, while the instance
+    /// runs nothing), and it has stayed so for the kind's shrink delay.
     pub(super) fn rescale(&mut self, id: InstanceId, now_s: f64) {
         let inst = &self.instances[&id];
         if inst.retiring {
@@ -24,6 +27,14 @@ impl<C: CostModel> Scheduler<C> {
         let w = self.cfg.kv_watermark;
         let min = view.need_blocks;
         let target = self.min_blocks(spec, kind, ((min as f64) * (1.0 + w)).ceil() as u64);
+        let shrinks = (target as f64) < planned as f64 / (1.0 + w) && !self.model_waits(inst.model);
+        let delay = self.cfg.kv_shrink_delay_s[kind];
+        let due = match inst.shrink_due_s {
+            _ if !shrinks || delay <= 0.0 => None,
+            None => Some(now_s + delay),
+            Some(t) if now_s < t => Some(t),
+            Some(_) => None,
+        };
         if min > planned {
             let own = self.instance_bytes(inst, true);
             let others = self.planned_bytes(node) - own;
@@ -35,9 +46,17 @@ impl<C: CostModel> Scheduler<C> {
                 self.enqueue(id, Op::Resize { blocks: new });
             }
             self.evict_overflow(id, new, now_s);
-        } else if (target as f64) < planned as f64 / (1.0 + w) {
+        } else if shrinks && due.is_none() {
             self.enqueue(id, Op::Resize { blocks: target });
         }
+        self.instances.get_mut(&id).expect("live").shrink_due_s = due;
+    }
+
+    /// Whether a request of `model` waits to be placed.
+    fn model_waits(&self, model: ModelId) -> bool {
+        self.pending
+            .iter()
+            .any(|r| self.requests[r].req.model == model && self.requests[r].instance.is_none())
     }
 
     /// The engine must never run out of KV: if even the next grant's tokens

@@ -85,6 +85,9 @@ struct Instance {
     bill_start_s: f64,
     busy_total_s: f64,
     run_started_s: f64,
+    /// When the pool, found oversized, may shrink
+    /// (`SchedulerConfig::kv_shrink_delay_s`); `None` while it is needed.
+    shrink_due_s: Option<f64>,
     /// Of its load's first pool, the bytes above the node's pools'
     /// high-water mark when the load started (what the load writes fresh;
     /// see [`CostModel::load_s`]).
@@ -414,7 +417,12 @@ impl<C: CostModel> Scheduler<C> {
                         .then(|| self.throttle_until(inst))
                 })
             });
-        retry.chain(idle).chain(throttle).min_by(f64::total_cmp)
+        let shrink = self.instances.values().filter_map(|i| i.shrink_due_s);
+        retry
+            .chain(idle)
+            .chain(throttle)
+            .chain(shrink)
+            .min_by(f64::total_cmp)
     }
 
     /// Adds a model type at run time (a model imported into a live host);

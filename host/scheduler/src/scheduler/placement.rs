@@ -322,6 +322,7 @@ impl<C: CostModel> Scheduler<C> {
                 bill_start_s: now_s,
                 busy_total_s: 0.0,
                 run_started_s: now_s,
+                shrink_due_s: None,
                 load_fresh_bytes: 0,
             },
         );

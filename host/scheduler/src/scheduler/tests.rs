@@ -801,3 +801,105 @@ fn only_the_longest_idle_instances_that_make_room_unload_and_busy_ones_never() {
     assert!(!s.instances[&busy].retiring);
     assert_eq!(s.snapshot().queued.get(&5), Some(&1));
 }
+
+#[test]
+fn a_pool_is_not_shrunk_while_a_request_of_its_model_waits() {
+    // Room for 40 blocks of KV beside the weights.
+    let mut s = sched(
+        Policy::Slinfer,
+        &[(DeviceKind::Gpu, WEIGHTS + 40 * 16)],
+        FAST,
+    );
+    s.submit(req(1, 1, 300, 5.0), 0.0);
+    let i = s.by_model[&1][0];
+    settle(&mut s, 0.0);
+    let grown = s.instances[&i].planned_blocks;
+    // Request 2 does not fit beside request 1: it waits.
+    s.submit(req(2, 1, 400, 5.0), 0.1);
+    settle(&mut s, 0.1);
+    assert!(s.waiting(2));
+    // Request 1 ends: the pool keeps its size for request 2, which then
+    // only grows it.
+    let done = RequestOutcome {
+        request: 1,
+        tokens: 1,
+        finished: true,
+    };
+    s.iteration_done(0, i, &[done], 0.2);
+    let mut cmds = settle(&mut s, 0.2);
+    s.tick(0.4);
+    cmds.extend(settle(&mut s, 0.4));
+    assert!(!s.waiting(2));
+    let sizes: Vec<u64> = cmds
+        .iter()
+        .filter_map(|c| match c {
+            Command::Action {
+                op: ActionOp::ResizeKv { kv_bytes },
+                ..
+            } => Some(kv_bytes / 16),
+            _ => None,
+        })
+        .collect();
+    assert!(sizes.iter().all(|&b| b >= grown), "{sizes:?} from {grown}");
+    // With nothing waiting, an idle pool shrinks.
+    let done = RequestOutcome {
+        request: 2,
+        tokens: 1,
+        finished: true,
+    };
+    s.iteration_done(0, i, &[done], 0.5);
+    settle(&mut s, 0.5);
+    assert!(s.instances[&i].planned_blocks < grown);
+}
+
+#[test]
+fn a_cpu_pool_a_burst_left_waits_out_the_shrink_delay() {
+    let mut s = sched(Policy::Slinfer, &[(DeviceKind::Cpu, 1 << 20)], FAST);
+    s.cfg.cpu_kv_scales = true;
+    s.cfg.keep_alive_s = PerKind::splat(300.0);
+    s.cfg.kv_shrink_delay_s = PerKind::new(2.0, 0.0);
+    let resizes = |cmds: &[Command]| {
+        cmds.iter()
+            .filter(|c| {
+                matches!(
+                    c,
+                    Command::Action {
+                        op: ActionOp::ResizeKv { .. },
+                        ..
+                    }
+                )
+            })
+            .count()
+    };
+    let end = |s: &mut Scheduler<Flat>, id, t| {
+        let i = s.requests[&id].instance.expect("placed");
+        let done = RequestOutcome {
+            request: id,
+            tokens: 1,
+            finished: true,
+        };
+        s.iteration_done(0, i, &[done], t);
+        settle(s, t)
+    };
+    s.submit(req(1, 1, 300, 5.0), 0.0);
+    let i = s.by_model[&1][0];
+    settle(&mut s, 0.0);
+    let grown = s.instances[&i].planned_blocks;
+    // The burst ends: the pool stays for 2 s.
+    assert_eq!(resizes(&end(&mut s, 1, 0.5)), 0);
+    assert_eq!(s.next_wakeup_s(), Some(2.5));
+    // The next burst within the delay finds it as it was: no resize.
+    let mut r = req(2, 1, 300, 5.0);
+    r.arrival_s = 1.0;
+    s.submit(r, 1.0);
+    let mut cmds = settle(&mut s, 1.0);
+    cmds.extend(end(&mut s, 2, 1.5));
+    assert_eq!(resizes(&cmds), 0, "{cmds:?}");
+    assert_eq!(s.instances[&i].planned_blocks, grown);
+    // Left alone for the delay, it shrinks.
+    s.tick(3.0);
+    assert_eq!(resizes(&settle(&mut s, 3.0)), 0, "not before 3.5 s");
+    s.tick(3.5);
+    assert_eq!(resizes(&settle(&mut s, 3.5)), 1);
+    assert!(s.instances[&i].planned_blocks < grown);
+}

@@ -320,3 +320,48 @@ fn a_request_whose_next_try_comes_after_its_deadline_is_refused_at_once() {
     let d = drops(&s.drain_commands());
     assert_eq!(d, [(3, DropReason::WouldMissDeadline, None)]);
 }
+
+#[test]
+fn a_new_instance_whose_load_would_stall_a_cpu_past_waiting_prefills_waits() {
+    // Loads take 2 s and a CPU grants no iteration while one runs; an
+    // instance's fixed CPU pool holds 4,096 tokens.
+    let cost = Flat {
+        load_s: 2.0,
+        ..FAST
+    };
+    let mut s = sched(Policy::Slinfer, &[(DeviceKind::Cpu, 1 << 20)], cost);
+    s.cfg.ttft_counts_load = true;
+    // Request 1 loads model 1 and fills most of its pool; its prefill then
+    // holds the CPU.
+    s.submit(arriving(1, 3000, 10.0, 0.0), 0.0);
+    assert_eq!(runs(&settle(&mut s, 0.0)).len(), 1);
+    let first = s.by_model[&1][0];
+    // Request 2 (1 s SLO) joins that instance and waits for the CPU.
+    s.submit(arriving(2, 100, 1.0, 0.1), 0.1);
+    settle(&mut s, 0.1);
+    assert_eq!(s.requests[&2].instance, Some(first));
+    // Request 3 needs a second instance, whose load would run before
+    // request 2's prefill and make it late: it waits (its 10 s SLO leaves
+    // room to).
+    s.submit(arriving(3, 3000, 10.0, 0.1), 0.1);
+    settle(&mut s, 0.1);
+    assert!(s.waiting(3));
+    assert_eq!(s.by_model[&1], [first]);
+    // Once request 2 has its first token, the second instance is placed
+    // and loads when the CPU is next free.
+    let token = |request| RequestOutcome {
+        request,
+        tokens: 1,
+        finished: false,
+    };
+    s.iteration_done(0, first, &[token(1)], 0.2);
+    assert_eq!(runs(&settle(&mut s, 0.2)), [first], "request 2's prefill");
+    s.iteration_done(0, first, &[token(2)], 0.3);
+    s.tick(0.35);
+    settle(&mut s, 0.35);
+    assert!(!s.waiting(3));
+    assert_eq!(s.by_model[&1].len(), 2);
+    s.iteration_done(0, first, &[token(1), token(2)], 0.4);
+    let cmds = settle(&mut s, 0.4);
+    assert_eq!(loads(&cmds).len(), 1, "{cmds:?}");
+}

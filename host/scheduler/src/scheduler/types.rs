@@ -121,6 +121,12 @@ pub struct SchedulerConfig {
     /// start cannot be avoided. The paper excludes load delay (TTFT ≤ … +
     /// load delay); off by default.
     pub ttft_counts_load: bool,
+    /// How long a KV pool stays oversized before it shrinks, per kind of
+    /// device: a pool that would grow straight back (the next burst of a
+    /// bursty model) is kept. 0 in the paper; the live host's CPU engine
+    /// reallocates and copies a pool to grow it, which holds the device for
+    /// hundreds of ms per GiB.
+    pub kv_shrink_delay_s: PerKind<f64>,
 }
 
 impl SchedulerConfig {
@@ -141,6 +147,7 @@ impl SchedulerConfig {
             cpu_kv_scales: false,
             refuse_early: false,
             ttft_counts_load: false,
+            kv_shrink_delay_s: PerKind::splat(0.0),
         }
     }
 }
