@@ -32,10 +32,11 @@ use crate::stats::SharedStats;
 const MAX_RETRY_AFTER_S: f64 = 60.0;
 
 pub(crate) enum Msg {
+    /// Generations that arrived together (the choices of one prompt).
     Submit {
         model: usize,
         function: u32,
-        generation: Shared,
+        generations: Vec<Shared>,
     },
     /// The caller hung up.
     Cancel(RequestId),
@@ -300,27 +301,31 @@ impl Driver {
             Msg::Submit {
                 model,
                 function,
-                generation,
+                generations,
             } => {
-                let request = {
-                    let g = lock(&generation);
-                    if g.cancelled() {
-                        return;
-                    }
-                    Request {
-                        id: g.id,
-                        model: model as u32,
-                        model_type: ModelTypeId(model as u16),
-                        function,
-                        input_tokens: g.prompt.len() as u64,
-                        ttft_slo_s: g.ttft_slo_s,
-                        tpot_slo_s: g.tpot_slo_s,
-                        // Deadlines count from the caller's arrival.
-                        arrival_s: now - g.age_s(),
-                    }
-                };
-                self.generations.insert(request.id, generation);
-                self.sched.submit(request, now);
+                let mut requests = Vec::with_capacity(generations.len());
+                for generation in generations {
+                    let request = {
+                        let g = lock(&generation);
+                        if g.cancelled() {
+                            continue;
+                        }
+                        Request {
+                            id: g.id,
+                            model: model as u32,
+                            model_type: ModelTypeId(model as u16),
+                            function,
+                            input_tokens: g.prompt.len() as u64,
+                            ttft_slo_s: g.ttft_slo_s,
+                            tpot_slo_s: g.tpot_slo_s,
+                            // Deadlines count from the caller's arrival.
+                            arrival_s: now - g.age_s(),
+                        }
+                    };
+                    self.generations.insert(request.id, generation);
+                    requests.push(request);
+                }
+                self.sched.submit_together(requests, now);
             }
             Msg::Cancel(id) => {
                 if let Some(g) = self.generations.remove(&id) {

@@ -429,6 +429,7 @@ impl Inference {
         let to_driver = self.sender();
         let mut streams = Vec::with_capacity(n as usize);
         let mut first = None;
+        let mut generations = Vec::with_capacity(n as usize);
         for i in 0..n {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = mpsc::unbounded_channel();
@@ -455,14 +456,16 @@ impl Inference {
                 pending: None,
                 done: false,
             });
-            to_driver
-                .send(Msg::Submit {
-                    model: idx,
-                    function,
-                    generation: Arc::new(Mutex::new(generation)),
-                })
-                .map_err(|_| InferenceError::Engine("the inference driver has stopped".into()))?;
+            generations.push(Arc::new(Mutex::new(generation)));
         }
+        // All at once: the driver queues every choice before it grants any.
+        to_driver
+            .send(Msg::Submit {
+                model: idx,
+                function,
+                generations,
+            })
+            .map_err(|_| InferenceError::Engine("the inference driver has stopped".into()))?;
         // Wait for the first tokens (or a failure) so that errors such as
         // `Overloaded` come back from here; the others are cancelled then.
         for stream in &mut streams {

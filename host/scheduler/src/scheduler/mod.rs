@@ -220,16 +220,24 @@ impl<C: CostModel> Scheduler<C> {
     }
 
     pub fn submit(&mut self, req: Request, now_s: f64) {
-        let id = req.id;
-        if !self.servable(&req) {
-            self.out.push(Command::Dropped {
-                request: id,
-                reason: DropReason::Unservable,
-                retry_after_s: None,
-            });
-            return;
+        self.submit_together([req], now_s);
+    }
+
+    /// Requests that arrived together (the choices of one prompt): all are
+    /// queued before any is placed or granted, so that one instance can
+    /// prefill them in one iteration.
+    pub fn submit_together(&mut self, reqs: impl IntoIterator<Item = Request>, now_s: f64) {
+        for req in reqs {
+            if !self.servable(&req) {
+                self.out.push(Command::Dropped {
+                    request: req.id,
+                    reason: DropReason::Unservable,
+                    retry_after_s: None,
+                });
+                continue;
+            }
+            self.enqueue_request(req, now_s);
         }
-        self.enqueue_request(req, now_s);
         self.pump(now_s);
     }
 

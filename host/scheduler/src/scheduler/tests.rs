@@ -903,3 +903,41 @@ fn a_cpu_pool_a_burst_left_waits_out_the_shrink_delay() {
     assert_eq!(resizes(&settle(&mut s, 3.5)), 1);
     assert!(s.instances[&i].planned_blocks < grown);
 }
+
+#[test]
+fn requests_submitted_together_are_prefilled_in_one_iteration() {
+    let prefills = |cmds: &[Command]| -> Vec<Vec<RequestId>> {
+        cmds.iter()
+            .filter_map(|c| match c {
+                Command::Run { prefill, .. } if !prefill.is_empty() => {
+                    Some(prefill.iter().map(|p| p.0).collect())
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let mut s = sched(Policy::Slinfer, &[(DeviceKind::Cpu, 1 << 20)], FAST);
+    // The instance and its pool outlive each request, as live on a CPU.
+    s.cfg.keep_alive_s = PerKind::splat(300.0);
+    s.cfg.kv_shrink_delay_s = PerKind::new(5.0, 0.0);
+    s.submit(req(1, 1, 100, 10.0), 0.0);
+    let i = runs(&settle(&mut s, 0.0))[0];
+    let done = |request| RequestOutcome {
+        request,
+        tokens: 1,
+        finished: true,
+    };
+    s.iteration_done(0, i, &[done(1)], 0.1);
+    settle(&mut s, 0.1);
+    // Submitted one by one to an idle instance, the first is granted alone.
+    s.submit(req(2, 1, 100, 10.0), 0.2);
+    s.submit(req(3, 1, 100, 10.0), 0.2);
+    assert_eq!(prefills(&settle(&mut s, 0.2)), vec![vec![2]]);
+    s.iteration_done(0, i, &[done(2)], 0.3);
+    assert_eq!(prefills(&settle(&mut s, 0.3)), vec![vec![3]]);
+    s.iteration_done(0, i, &[done(3)], 0.4);
+    settle(&mut s, 0.4);
+    // Submitted together, one iteration prefills them all.
+    s.submit_together((4..8).map(|id| req(id, 1, 100, 10.0)), 0.5);
+    assert_eq!(prefills(&settle(&mut s, 0.5)), vec![vec![4, 5, 6, 7]]);
+}
