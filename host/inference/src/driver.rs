@@ -16,8 +16,8 @@ use slinfer_scheduler::{
 };
 
 use crate::api::{
-    DEFAULT_TPOT_SLO_S, DEFAULT_TTFT_SLO_S, INSTANCE_OVERHEAD_BYTES, InferenceError,
-    MIN_INSTANCE_TOKENS, RETRY_AFTER_S, Scheduling,
+    DEFAULT_MAX_TOKENS, DEFAULT_TPOT_SLO_S, DEFAULT_TTFT_SLO_S, INSTANCE_OVERHEAD_BYTES,
+    InferenceError, MIN_INSTANCE_TOKENS, RETRY_AFTER_S, Scheduling,
 };
 use crate::catalog::ModelEntry;
 use crate::cost::{Costs, LiveCost};
@@ -89,8 +89,14 @@ pub fn live_scheduler_config(scheduling: &Scheduling) -> SchedulerConfig {
     // s per GiB measured under load, the device idle meanwhile): a pool a
     // burst just left is kept that long in case the next one needs it.
     cfg.kv_shrink_delay_s = PerKind::new(KV_SHRINK_DELAY_CPU_S, 0.0);
+    // For the same reason a CPU pool that must grow doubles: a burst then
+    // grows it a few times, not at each arrival.
+    cfg.kv_grow_factor = PerKind::new(KV_GROW_FACTOR_CPU, 1.0);
     cfg
 }
+
+/// How much at least a live CPU KV pool grows when it must.
+const KV_GROW_FACTOR_CPU: f64 = 2.0;
 
 /// How long the live host keeps an oversized CPU KV pool before shrinking it.
 const KV_SHRINK_DELAY_CPU_S: f64 = 2.0;
@@ -247,6 +253,7 @@ impl Driver {
                     model_type: ModelTypeId(model as u16),
                     function: u32::MAX,
                     input_tokens: PROBE_PROMPT_TOKENS,
+                    max_output_tokens: Some(DEFAULT_MAX_TOKENS.into()),
                     ttft_slo_s: DEFAULT_TTFT_SLO_S,
                     tpot_slo_s: DEFAULT_TPOT_SLO_S,
                     arrival_s: now,
@@ -316,6 +323,7 @@ impl Driver {
                             model_type: ModelTypeId(model as u16),
                             function,
                             input_tokens: g.prompt.len() as u64,
+                            max_output_tokens: Some(g.max_output_tokens()),
                             ttft_slo_s: g.ttft_slo_s,
                             tpot_slo_s: g.tpot_slo_s,
                             // Deadlines count from the caller's arrival.

@@ -138,6 +138,16 @@ impl Generation {
         self
     }
 
+    /// The most tokens it may generate: its `max_tokens`, within the
+    /// model's context.
+    pub fn max_output_tokens(&self) -> u64 {
+        let room = self
+            .model
+            .context_tokens()
+            .saturating_sub(self.prompt.len() as u32);
+        self.max_tokens.min(room).into()
+    }
+
     /// The request whose prompt KV this one may share, while it has
     /// generated nothing.
     pub fn forks(&self) -> Option<RequestId> {

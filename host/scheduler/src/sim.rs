@@ -685,6 +685,7 @@ pub fn simulate(
             model_type: setup.model_type,
             function: r.function,
             input_tokens: r.input_tokens,
+            max_output_tokens: None,
             ttft_slo_s: setup.slo.ttft_s(r.input_tokens),
             tpot_slo_s: setup.slo.tpot_s,
             arrival_s: r.arrival_s,

@@ -24,6 +24,8 @@ impl<C: CostModel> Scheduler<C> {
             + self.tpot_plan_s(&r.req) * r.generated as f64
     }
 
+    /// The tokens a request's KV is planned ahead of its context: the
+    /// look-ahead (or the predictor's), never past its `max_output_tokens`.
     pub(super) fn lookahead_tokens(&self, r: &ReqState) -> u64 {
         let predicted = (self.cfg.policy == Policy::SlinferPredictive)
             .then(|| {
@@ -31,7 +33,10 @@ impl<C: CostModel> Scheduler<C> {
                     .lookahead_tokens(&self.cfg.predictor, r.req.function, r.generated)
             })
             .flatten();
-        predicted.unwrap_or(self.cfg.lookahead_tokens)
+        let lookahead = predicted.unwrap_or(self.cfg.lookahead_tokens);
+        r.req
+            .max_output_tokens
+            .map_or(lookahead, |m| lookahead.min(m.saturating_sub(r.generated)))
     }
 
     pub(super) fn kind_usable(&self, kind: DeviceKind, mtype: ModelTypeId) -> bool {
@@ -45,8 +50,13 @@ impl<C: CostModel> Scheduler<C> {
 
     pub(super) fn fits_alone(&self, req: &Request, kind: DeviceKind, capacity_bytes: u64) -> bool {
         let spec = &self.models[req.model_type.0 as usize];
-        let need = spec.blocks_for_tokens(kind, req.input_tokens + self.cfg.lookahead_tokens)
-            * spec.block_bytes(kind);
+        let lookahead = req
+            .max_output_tokens
+            .map_or(self.cfg.lookahead_tokens, |m| {
+                m.min(self.cfg.lookahead_tokens)
+            });
+        let need =
+            spec.blocks_for_tokens(kind, req.input_tokens + lookahead) * spec.block_bytes(kind);
         let kv = self
             .fixed_kv_bytes(req.model_type, kind, capacity_bytes)
             .unwrap_or(need);

@@ -4,9 +4,10 @@
 use super::*;
 
 impl<C: CostModel> Scheduler<C> {
-    /// Forward-looking KV scaling with hysteresis: grow to the target when
-    /// the minimum exceeds the allocation; shrink only when the target falls
-    /// below allocation / (1 + watermark), no request of the model waits to
+    /// Forward-looking KV scaling with hysteresis: grow to the target (or
+    /// by the kind's grow factor, within half the room the target leaves)
+    /// when the minimum exceeds the allocation; shrink only when the target falls
+    /// below allocation / (grow factor × (1 + watermark)), no request of the model waits to
     /// be placed (it would grow the pool straight back: on a CPU a grow
     /// reallocates the pool, hundreds of ms for a GiB, while the instance
     /// runs nothing), and it has stayed so for the kind's shrink delay.
@@ -27,7 +28,11 @@ impl<C: CostModel> Scheduler<C> {
         let w = self.cfg.kv_watermark;
         let min = view.need_blocks;
         let target = self.min_blocks(spec, kind, ((min as f64) * (1.0 + w)).ceil() as u64);
-        let shrinks = (target as f64) < planned as f64 / (1.0 + w) && !self.model_waits(inst.model);
+        // A pool grown ahead by the grow factor shrinks only once its need
+        // falls as far below that.
+        let grow = self.cfg.kv_grow_factor[kind];
+        let shrinks =
+            (target as f64) * grow < planned as f64 / (1.0 + w) && !self.model_waits(inst.model);
         let delay = self.cfg.kv_shrink_delay_s[kind];
         let due = match inst.shrink_due_s {
             _ if !shrinks || delay <= 0.0 => None,
@@ -41,7 +46,9 @@ impl<C: CostModel> Scheduler<C> {
             let statics = own - planned * view.block_bytes;
             let room =
                 self.nodes[node].room_bytes.saturating_sub(others + statics) / view.block_bytes;
-            let new = target.min(room).max(planned);
+            let ahead = (planned as f64 * grow).ceil() as u64;
+            let spare = room.saturating_sub(target) / 2;
+            let new = target.max(ahead.min(target + spare)).min(room).max(planned);
             if new > planned {
                 self.enqueue(id, Op::Resize { blocks: new });
             }

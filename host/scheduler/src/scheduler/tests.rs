@@ -78,6 +78,7 @@ pub(super) fn req(id: RequestId, model: ModelId, input_tokens: u64, ttft_slo_s: 
         model_type: ModelTypeId(0),
         function: model,
         input_tokens,
+        max_output_tokens: None,
         ttft_slo_s,
         tpot_slo_s: 0.25,
         arrival_s: 0.0,
@@ -940,4 +941,62 @@ fn requests_submitted_together_are_prefilled_in_one_iteration() {
     // Submitted together, one iteration prefills them all.
     s.submit_together((4..8).map(|id| req(id, 1, 100, 10.0)), 0.5);
     assert_eq!(prefills(&settle(&mut s, 0.5)), vec![vec![4, 5, 6, 7]]);
+}
+
+#[test]
+fn a_grow_factor_grows_a_pool_ahead_of_a_burst_within_half_the_spare_room() {
+    // Requests of 300 tokens (10 CPU blocks of 32 with the quota) arrive
+    // one at a time; returns the pool's sizes (the load's, then each grow).
+    let sizes = |factor: f64, room_blocks: u64, n: u64| {
+        let mut s = sched(
+            Policy::Slinfer,
+            &[(DeviceKind::Cpu, WEIGHTS + room_blocks * 32)],
+            FAST,
+        );
+        s.cfg.kv_grow_factor = PerKind::new(factor, 1.0);
+        s.cfg.cpu_kv_scales = true;
+        let mut sizes = Vec::new();
+        for id in 1..=n {
+            s.submit(req(id, 1, 300, 60.0), 0.0);
+            let i = s.by_model[&1][0];
+            let blocks = s.instances[&i].planned_blocks;
+            if sizes.last() != Some(&blocks) {
+                sizes.push(blocks);
+            }
+        }
+        sizes
+    };
+    let one = sizes(1.0, 1 << 15, 40);
+    let two = sizes(2.0, 1 << 15, 40);
+    // Half as many grows (each size after the first is one).
+    let grows = |s: &[u64]| s.len() - 1;
+    assert!(grows(&two) * 2 <= grows(&one), "{one:?} {two:?}");
+    assert!(two.windows(2).all(|w| w[1] >= 2 * w[0]), "{two:?}");
+    // With room for 120 blocks, six requests need 60 (target 75): doubling
+    // 52 would take 104, but the pool grows past its target by at most
+    // half the 45 blocks left beside it.
+    assert_eq!(sizes(1.0, 120, 6).last(), Some(&75));
+    assert_eq!(sizes(2.0, 120, 6), vec![13, 26, 52, 97]);
+}
+
+#[test]
+fn a_request_s_max_output_bounds_its_planned_kv() {
+    let planned = |max_output_tokens| {
+        let mut s = sched(Policy::Slinfer, &[(DeviceKind::Gpu, 1 << 20)], FAST);
+        s.cfg.lookahead_tokens = 512;
+        s.submit(
+            Request {
+                max_output_tokens,
+                ..req(1, 1, 300, 1.0)
+            },
+            0.0,
+        );
+        s.instances[&s.by_model[&1][0]].planned_blocks
+    };
+    // ceil(812 / 16) = 51 blocks, target 64.
+    assert_eq!(planned(None), 64);
+    // At most 20 more tokens: ceil(320 / 16) = 20 blocks, target 25.
+    assert_eq!(planned(Some(20)), 25);
+    // A bound past the look-ahead changes nothing.
+    assert_eq!(planned(Some(4096)), 64);
 }

@@ -15,6 +15,10 @@ pub struct Request {
     pub model_type: ModelTypeId,
     pub function: u32,
     pub input_tokens: u64,
+    /// The most tokens it may generate, where the caller said so: its KV
+    /// look-ahead never plans past them. `None` in the paper's setup, where
+    /// the scheduler knows nothing of output lengths.
+    pub max_output_tokens: Option<u64>,
     /// The evaluation's SLOs; the scheduler plans against a margin of them.
     pub ttft_slo_s: f64,
     pub tpot_slo_s: f64,
@@ -127,6 +131,12 @@ pub struct SchedulerConfig {
     /// reallocates and copies a pool to grow it, which holds the device for
     /// hundreds of ms per GiB.
     pub kv_shrink_delay_s: PerKind<f64>,
+    /// A pool that must grow grows to at least this many times its size
+    /// (within half the room its target leaves on the node), so that a
+    /// burst arriving one request at a time grows it a few times rather
+    /// than at every arrival. 1 in the paper; the live host's CPU engines
+    /// hold the device for each resize (100-500 ms measured on llama.cpp).
+    pub kv_grow_factor: PerKind<f64>,
 }
 
 impl SchedulerConfig {
@@ -148,6 +158,7 @@ impl SchedulerConfig {
             refuse_early: false,
             ttft_counts_load: false,
             kv_shrink_delay_s: PerKind::splat(0.0),
+            kv_grow_factor: PerKind::splat(1.0),
         }
     }
 }
