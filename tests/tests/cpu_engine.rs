@@ -40,15 +40,7 @@ fn serve(engine: &str, args: &[&str]) -> (Server, tempfile::TempDir) {
 }
 
 async fn status(s: &Server) -> serde_json::Value {
-    client()
-        .get(format!("{}/v1/status", s.url))
-        .bearer_auth(&s.token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    slinfer_e2e::cluster::get_json(s, "/v1/status").await
 }
 
 /// The CPU device's engine, once the scheduler's first snapshot is out.

@@ -473,15 +473,7 @@ impl Twins {
     }
 
     async fn status(&self) -> Value {
-        client()
-            .get(format!("{}/v1/status", self.server.url))
-            .bearer_auth(&self.server.token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        slinfer_e2e::cluster::get_json(&self.server, "/v1/status").await
     }
 
     /// Instances of each model, by name.
