@@ -515,21 +515,22 @@ def overload():
         finished = s.metric(f"{ttft}_count") - finished_before
         late = finished - (s.metric(f"{ttft}_bucket", 'le="5.0"') - within_before)
         admitted = [d[1] for d in first if d[0] == "ok"]
+        retried = [d[1] for d in second if d[0] == "ok"]
         refused = [d for d in first if d[0] == "refused"]
         errors = [d for d in first + second if d[0] == "error"]
-        ok = (pct(admitted, 99) <= 1.2 * slo and all(d[1] <= slo and d[2] is not None for d in refused)
-              and not errors)
-        trusted = sum(1 for d in second if d[0] == "ok")
+        # Every admitted request counts, first tries and retries alike.
+        ok = (pct(admitted + retried, 99) <= 1.2 * slo
+              and all(d[1] <= slo and d[2] is not None for d in refused) and not errors)
         row("overload", f"{offered:.2f} req/s for 30 s (3x the {rate:.2f} req/s a closed loop of 8 "
             f"served within the {slo:.0f} s TTFT SLO), {tokens} tokens each",
             f"{len(first)} requests: {len(admitted)} admitted (TTFT p50 {pct(admitted, 50):.2f} s, "
             f"p99 {pct(admitted, 99):.2f} s); {len(refused)} refused in p99 "
             f"{ms(pct([d[1] for d in refused], 99))} with Retry-After "
             f"{min((d[2] or 0 for d in refused), default=0):.0f}-{max((d[2] or 0 for d in refused), default=0):.0f} s; "
-            f"retried after it: {trusted} of {len(second)} admitted; "
+            f"retried after it: {len(retried)} of {len(second)} admitted (TTFT p99 {pct(retried, 99):.2f} s); "
             f"by the server's clock {late:.0f} of {finished:.0f} finished over {slo:.0f} s to the first token",
-            "admitted TTFT p99 <= 1.2 x SLO; refused within the SLO with Retry-After", ok,
-            f"{len(errors)} errors")
+            "admitted TTFT p99 (first tries and retries) <= 1.2 x SLO; refused within the SLO with "
+            "Retry-After", ok, f"{len(errors)} errors")
     finally:
         s.stop()
 

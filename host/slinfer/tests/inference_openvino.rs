@@ -85,6 +85,16 @@ fn greedy(max_tokens: u32) -> GenerationParams {
     }
 }
 
+/// Greedy, allowed 512 tokens but ending at the first space (a few tokens
+/// in): the scheduler plans its KV for prompt + 512 tokens, its whole
+/// look-ahead.
+fn planned_long() -> GenerationParams {
+    GenerationParams {
+        stop: vec![" ".into()],
+        ..greedy(512)
+    }
+}
+
 async fn collect(inf: &Inference, req: GenerateRequest) -> Result<(String, Usage), InferenceError> {
     let mut s = inf.generate(req).await?;
     let mut text = String::new();
@@ -330,7 +340,7 @@ async fn kv_pool_grows_with_load_and_shrinks_after() {
         let inf = inf.clone();
         async move {
             let prompt = format!("{} {i}", PROMPTS[i % 2]);
-            collect(&inf, request(Prompt::Text(prompt), greedy(24))).await
+            collect(&inf, request(Prompt::Text(prompt), planned_long())).await
         }
     });
     // The shrink is an action the instance's runner does after the last run.
@@ -443,7 +453,8 @@ async fn more_requests_than_memory_admits_wait_or_are_refused_and_memory_holds()
     let runs = (0..8).map(|i| {
         let own = own.clone();
         async move {
-            let mut req = request(Prompt::Text(format!("{} {i}", PROMPTS[i % 2])), greedy(16));
+            let prompt = format!("{} {i}", PROMPTS[i % 2]);
+            let mut req = request(Prompt::Text(prompt), planned_long());
             // Long enough to wait for memory, not forever.
             req.ttft_slo_s = 20.0;
             collect(&own, req).await
