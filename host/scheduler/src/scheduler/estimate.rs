@@ -33,10 +33,8 @@ impl<C: CostModel> Scheduler<C> {
                     .lookahead_tokens(&self.cfg.predictor, r.req.function, r.generated)
             })
             .flatten();
-        let lookahead = predicted.unwrap_or(self.cfg.lookahead_tokens);
         r.req
-            .max_output_tokens
-            .map_or(lookahead, |m| lookahead.min(m.saturating_sub(r.generated)))
+            .bounded_lookahead(predicted.unwrap_or(self.cfg.lookahead_tokens), r.generated)
     }
 
     pub(super) fn kind_usable(&self, kind: DeviceKind, mtype: ModelTypeId) -> bool {
@@ -50,11 +48,7 @@ impl<C: CostModel> Scheduler<C> {
 
     pub(super) fn fits_alone(&self, req: &Request, kind: DeviceKind, capacity_bytes: u64) -> bool {
         let spec = &self.models[req.model_type.0 as usize];
-        let lookahead = req
-            .max_output_tokens
-            .map_or(self.cfg.lookahead_tokens, |m| {
-                m.min(self.cfg.lookahead_tokens)
-            });
+        let lookahead = req.bounded_lookahead(self.cfg.lookahead_tokens, 0);
         let need =
             spec.blocks_for_tokens(kind, req.input_tokens + lookahead) * spec.block_bytes(kind);
         let kv = self

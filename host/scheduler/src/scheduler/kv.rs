@@ -6,11 +6,12 @@ use super::*;
 impl<C: CostModel> Scheduler<C> {
     /// Forward-looking KV scaling with hysteresis: grow to the target (or
     /// by the kind's grow factor, within half the room the target leaves)
-    /// when the minimum exceeds the allocation; shrink only when the target falls
-    /// below allocation / (grow factor × (1 + watermark)), no request of the model waits to
-    /// be placed (it would grow the pool straight back: on a CPU a grow
-    /// reallocates the pool, hundreds of ms for a GiB, while the instance
-    /// runs nothing), and it has stayed so for the kind's shrink delay.
+    /// when the minimum exceeds the allocation; shrink only when the target
+    /// falls below allocation / (grow factor × (1 + watermark)), no request
+    /// of the model waits to be placed (it would grow the pool straight
+    /// back: on a CPU a grow reallocates the pool, hundreds of ms for a GiB,
+    /// while the instance runs nothing), and it has stayed so for the
+    /// kind's shrink delay.
     pub(super) fn rescale(&mut self, id: InstanceId, now_s: f64) {
         let inst = &self.instances[&id];
         if inst.retiring {

@@ -25,6 +25,15 @@ pub struct Request {
     pub arrival_s: f64,
 }
 
+impl Request {
+    /// `lookahead` tokens, once it has generated `generated`, within what
+    /// it may still generate (`max_output_tokens`).
+    pub(super) fn bounded_lookahead(&self, lookahead: u64, generated: u64) -> u64 {
+        self.max_output_tokens
+            .map_or(lookahead, |m| lookahead.min(m.saturating_sub(generated)))
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum Policy {
     /// Exclusive instances on the GPUs (on the CPUs of a setup without a
@@ -135,7 +144,7 @@ pub struct SchedulerConfig {
     /// (within half the room its target leaves on the node), so that a
     /// burst arriving one request at a time grows it a few times rather
     /// than at every arrival. 1 in the paper; the live host's CPU engines
-    /// hold the device for each resize (100-500 ms measured on llama.cpp).
+    /// hold the device for each resize (100-750 ms measured on llama.cpp).
     pub kv_grow_factor: PerKind<f64>,
 }
 
