@@ -393,6 +393,19 @@ async fn instances_on(via: &Server, node: &str) -> Vec<String> {
         .collect()
 }
 
+/// The members the controller's books say it placed a new instance of
+/// `model` on, for `reason`.
+async fn placed_by_controller(via: &Server, model: &str, reason: &str) -> Vec<String> {
+    let v = get_json(via, "/v1/cluster").await;
+    v["books"]["placements"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["model"] == model && p["reason"] == reason)
+        .filter_map(|p| p["node"].as_str().map(str::to_owned))
+        .collect()
+}
+
 #[tokio::test]
 async fn two_models_through_a_router_pack_onto_one_member() {
     const TWIN: &str = "smollm2-twin";
@@ -442,11 +455,19 @@ async fn two_models_through_a_router_pack_onto_one_member() {
     let packed = wait_for(BOUND, || async { instances_on(&a, "b").await.len() == 2 }).await;
     assert!(packed.is_some(), "{}", get_json(&a, "/v1/cluster").await);
     assert!(instances_on(&a, "c").await.is_empty());
-    // `slinfer cluster status` shows it.
+    // The controller placed both, and `slinfer cluster status` shows it.
+    for model in [DEFAULT_MODEL, TWIN] {
+        let placed = wait_for(BOUND, || async {
+            placed_by_controller(&a, model, "request").await == ["b"]
+        })
+        .await;
+        assert!(placed.is_some(), "{}", get_json(&a, "/v1/cluster").await);
+    }
     let (ok, out, err) = a.cli(&["cluster", "status"]);
     assert!(ok, "{err}");
     println!("{out}");
     assert!(out.contains(TWIN), "{out}");
+    assert!(out.contains("PLACED BY THE CONTROLLER"), "{out}");
 
     // b lost: the controller (b itself before, a or c now) starts both
     // models on c before any request asks for them.
@@ -457,6 +478,13 @@ async fn two_models_through_a_router_pack_onto_one_member() {
     })
     .await;
     assert!(replaced.is_some(), "{}", get_json(&a, "/v1/cluster").await);
+    for model in [DEFAULT_MODEL, TWIN] {
+        let placed = wait_for(BOUND, || async {
+            placed_by_controller(&a, model, "lost member").await == ["c"]
+        })
+        .await;
+        assert!(placed.is_some(), "{}", get_json(&a, "/v1/cluster").await);
+    }
     println!(
         "kill -9 of b: both its models loaded on c {:?} later",
         lost.elapsed()

@@ -13,13 +13,21 @@
 //! are never compared across machines.
 //!
 //! The controller keeps the cluster's books under the key `books`: the
-//! members it counts alive and dead and what each serves.
+//! members it counts alive and dead, what each serves, and its latest
+//! placement decisions. Members ask it questions on core NATS
+//! ([`Cluster::ask_controller`]); only the lease holder answers
+//! ([`Cluster::answer_as_controller`]). What the questions mean is the
+//! binary's business.
 
-use std::sync::{Mutex, Weak};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv::Operation;
 use serde::{Deserialize, Serialize};
+
+use bytes::Bytes;
+use futures::StreamExt;
 
 use crate::members::now_ms;
 use crate::{Cluster, ClusterError, DEAD_AFTER, HEARTBEAT};
@@ -28,6 +36,10 @@ const LEADER_KEY: &str = "leader";
 const BOOKS_KEY: &str = "books";
 /// The SHA-256 of the cluster's admin token.
 const TOKEN_KEY: &str = "admin-token-sha256";
+/// Where members ask the controller.
+const QUESTIONS: &str = "slinfer.control";
+/// How many of its latest placement decisions the books keep.
+const PLACEMENTS_KEPT: usize = 32;
 
 /// The holder of the controller lease.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,11 +73,27 @@ pub struct Books {
     pub dead: Vec<String>,
     /// Per live member: the models it serves.
     pub serving: Vec<(String, Vec<String>)>,
+    /// The controller's latest placement decisions, oldest first.
+    #[serde(default)]
+    pub placements: Vec<Placed>,
+}
+
+/// One placement decision of the controller: a new instance of `model`
+/// sent to `node`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Placed {
+    pub model: String,
+    pub node: String,
+    /// What asked for it (a request no instance could take, a lost member).
+    pub reason: String,
+    pub at_unix_ms: u64,
 }
 
 #[derive(Default)]
 pub(crate) struct Lease {
     state: Mutex<LeaseState>,
+    /// This member's latest placement decisions as the controller.
+    placements: Mutex<VecDeque<Placed>>,
 }
 
 impl Cluster {
@@ -112,6 +140,72 @@ impl Cluster {
         } else {
             Err(ClusterError::TokenMismatch)
         }
+    }
+
+    /// Note a placement decision this member made as the controller; the
+    /// books show the latest [`PLACEMENTS_KEPT`].
+    pub fn record_placement(&self, model: &str, node: &str, reason: &str) {
+        let mut p = self
+            .lease
+            .placements
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if p.len() == PLACEMENTS_KEPT {
+            p.pop_front();
+        }
+        p.push_back(Placed {
+            model: model.to_owned(),
+            node: node.to_owned(),
+            reason: reason.to_owned(),
+            at_unix_ms: now_ms(),
+        });
+    }
+
+    /// Ask the controller `question` and wait `within` for its answer. No
+    /// answer (no lease holder, one just lost, NATS down) is an error: the
+    /// caller decides without it.
+    pub async fn ask_controller(
+        &self,
+        question: Vec<u8>,
+        within: Duration,
+    ) -> Result<Bytes, ClusterError> {
+        self.ensure_connected()?;
+        match tokio::time::timeout(within, self.client.request(QUESTIONS, question.into())).await {
+            Ok(Ok(m)) => Ok(m.payload),
+            Ok(Err(e)) => Err(ClusterError::store(e)),
+            Err(_) => Err(ClusterError::Store(format!(
+                "the controller did not answer within {} ms",
+                within.as_millis()
+            ))),
+        }
+    }
+
+    /// Answer the questions members ask the controller with `answer`,
+    /// while this member holds the lease (the others stay silent), for the
+    /// life of the cluster handle.
+    pub async fn answer_as_controller<F>(self: &Arc<Self>, answer: F) -> Result<(), ClusterError>
+    where
+        F: Fn(&[u8]) -> Vec<u8> + Send + Sync + 'static,
+    {
+        let mut questions = self
+            .client
+            .subscribe(QUESTIONS)
+            .await
+            .map_err(ClusterError::store)?;
+        let cluster = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(m) = questions.next().await {
+                let Some(c) = cluster.upgrade() else { return };
+                let Some(reply) = m.reply else { continue };
+                if !c.lease_state().held {
+                    continue;
+                }
+                if let Err(e) = c.client.publish(reply, answer(&m.payload).into()).await {
+                    tracing::debug!("controller: cannot answer: {e}");
+                }
+            }
+        });
+        Ok(())
     }
 
     fn set_lease(&self, f: impl FnOnce(&mut LeaseState)) {
@@ -251,6 +345,14 @@ async fn keep_books(c: &Cluster, dead_before: &mut Vec<String>) {
         serving: alive
             .iter()
             .map(|m| (m.state.node.clone(), m.state.report.models.clone()))
+            .collect(),
+        placements: c
+            .lease
+            .placements
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
             .collect(),
     };
     let value = serde_json::to_vec(&books).expect("books serialize");

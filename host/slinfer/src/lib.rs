@@ -4,7 +4,8 @@
 //! their on-disk store and registry (`functions`), the WebAssembly sandbox
 //! (`sandbox`), the live inference path (`inference`), model packages
 //! (`models`), cluster membership (`cluster`, on `slinfer-cluster`),
-//! generations across the cluster (`routing`), metrics,
+//! generations across the cluster (`routing`) and the controller's
+//! placement of new instances (`placement`), metrics,
 //! and the command-line clients (`cli`). It turns an
 //! HTTP request for `/fn/{name}/...` into a fresh, limited instance of that
 //! function's component.
@@ -22,6 +23,7 @@ pub mod devices;
 pub mod functions;
 pub mod metrics;
 pub mod models;
+pub mod placement;
 pub mod routing;
 pub mod server;
 pub mod timing;

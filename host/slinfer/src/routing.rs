@@ -14,6 +14,10 @@
 //!   scheduler's bin-packing order over each member's first device (CPU
 //!   first, busiest first, idle last): `slinfer_scheduler::routing_order`,
 //!   which the simulator's `--cluster` orders members with too;
+//! - members with an instance that would take it are tried first; when
+//!   none does, the controller says where a new instance goes
+//!   ([`crate::placement`]), and with no answer from it within 500 ms this
+//!   member's own order of the rest stands;
 //! - each candidate makes the final admission with its own scheduler; a
 //!   refusal (`Overloaded`, `Unavailable`, a model it no longer serves)
 //!   tries the next, and with none left the answer is their
@@ -34,6 +38,7 @@ use slinfer_cluster::Cluster;
 use slinfer_cluster::streams::{Incoming, Outgoing};
 
 use crate::metrics::Metrics;
+use crate::placement;
 use slinfer_inference::{
     Chunk, GenerateRequest, GenerationStream, Inference, InferenceError, RETRY_AFTER_S, Relay,
     Remote, Usage,
@@ -107,11 +112,10 @@ impl Router {
         Metrics::route(&self.metrics.routed, node, outcome);
     }
 
-    /// Live members other than this one that serve `model`, best first:
-    /// by where their own scheduler last said a new request of it would go
-    /// and their published devices
-    /// ([`slinfer_scheduler::routing_order`]).
-    fn candidates(&self, model: &str) -> Vec<String> {
+    /// Live members other than this one that serve `model`, best first,
+    /// with where each one's scheduler last said a new request of it would
+    /// go: [`slinfer_scheduler::routing_order`] over their published state.
+    fn candidates(&self, model: &str) -> Vec<(String, Probe)> {
         let me = &self.cluster.identity().node;
         let members: Vec<(String, Standing)> = self
             .cluster
@@ -128,8 +132,68 @@ impl Router {
                 .map(|(i, (_, s))| (i, s.admission, s.kind, s.load)),
         )
         .into_iter()
-        .map(|i| members[i].0.clone())
+        .map(|i| (members[i].0.clone(), members[i].1.admission))
         .collect()
+    }
+
+    /// Send `req` to each of `nodes` in turn until one starts it. `None`
+    /// when all refused (the refusal to answer with is in `refusal`); an
+    /// error other than a refusal ends the search.
+    async fn try_in_turn(
+        &self,
+        req: &GenerateRequest,
+        nodes: impl IntoIterator<Item = String>,
+        refusal: &mut Option<InferenceError>,
+    ) -> Option<Result<GenerationStream, InferenceError>> {
+        let arrived = req.arrived.unwrap_or_else(Instant::now);
+        for node in nodes {
+            let body = serde_json::to_vec(&Routed {
+                request: req.clone(),
+                age_ms: arrived.elapsed().as_secs_f64() * 1e3,
+            })
+            .expect("a request serializes");
+            match self.try_node(&node, body).await {
+                Ok(out) => {
+                    tracing::debug!(model = %req.model, %node, "generation routed");
+                    self.count(&node, "started");
+                    let (relay, stream) = GenerationStream::relayed();
+                    let lost = (self.metrics.clone(), node.clone());
+                    tokio::spawn(forward(out, node, relay, lost));
+                    return Some(Ok(stream));
+                }
+                Err(e) => {
+                    self.count(&node, outcome(&e));
+                    match e {
+                        InferenceError::Overloaded { .. }
+                        | InferenceError::Unavailable { .. }
+                        | InferenceError::ModelNotFound(_) => {
+                            tracing::debug!(model = %req.model, %node, "candidate refused: {e}");
+                            *refusal = Some(match refusal.take() {
+                                None => e,
+                                Some(first) => first.first_refusal(e),
+                            });
+                        }
+                        e => return Some(Err(e)),
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// `req` on the first of `nodes` that admits it (the controller's own
+    /// placements).
+    pub(crate) async fn generate_on(
+        &self,
+        mut req: GenerateRequest,
+        nodes: Vec<String>,
+    ) -> Result<GenerationStream, InferenceError> {
+        req.arrived.get_or_insert_with(Instant::now);
+        let mut refusal = None;
+        match self.try_in_turn(&req, nodes, &mut refusal).await {
+            Some(r) => r,
+            None => Err(refusal.unwrap_or(InferenceError::ModelNotFound(req.model))),
+        }
     }
 
     /// One candidate: its stream once the first token exists, or why not.
@@ -166,13 +230,13 @@ impl Router {
 
 /// Where a member stands for one model, from its published status.
 #[derive(Debug, PartialEq)]
-struct Standing {
+pub(crate) struct Standing {
     /// Where its scheduler said a new request of the model would go.
-    admission: Probe,
+    pub admission: Probe,
     /// Its first working device in placement order (a CPU if it has one).
-    kind: DeviceKind,
+    pub kind: DeviceKind,
     /// That device's bin-packing load; none when idle.
-    load: Option<f64>,
+    pub load: Option<f64>,
 }
 
 /// The parts of a member's published inference status that rank it.
@@ -201,7 +265,7 @@ struct PublishedModel {
 }
 
 impl Standing {
-    fn of(inference: &serde_json::Value, model: &str) -> Standing {
+    pub(crate) fn of(inference: &serde_json::Value, model: &str) -> Standing {
         let p = Published::deserialize(inference).unwrap_or_default();
         let device = p
             .devices
@@ -226,46 +290,36 @@ impl Standing {
 impl Remote for Router {
     fn generate(
         &self,
-        req: GenerateRequest,
+        mut req: GenerateRequest,
     ) -> std::pin::Pin<
         Box<dyn std::future::Future<Output = Result<GenerationStream, InferenceError>> + Send + '_>,
     > {
         Box::pin(async move {
-            let arrived = req.arrived.unwrap_or_else(Instant::now);
-            let mut refusal: Option<InferenceError> = None;
-            for node in self.candidates(&req.model) {
-                let body = serde_json::to_vec(&Routed {
-                    request: req.clone(),
-                    age_ms: arrived.elapsed().as_secs_f64() * 1e3,
-                })
-                .expect("a request serializes");
-                match self.try_node(&node, body).await {
-                    Ok(out) => {
-                        tracing::debug!(model = %req.model, %node, "generation routed");
-                        self.count(&node, "started");
-                        let (relay, stream) = GenerationStream::relayed();
-                        let lost = (self.metrics.clone(), node.clone());
-                        tokio::spawn(forward(out, node, relay, lost));
-                        return Ok(stream);
-                    }
-                    Err(e) => {
-                        self.count(&node, outcome(&e));
-                        match e {
-                            InferenceError::Overloaded { .. }
-                            | InferenceError::Unavailable { .. }
-                            | InferenceError::ModelNotFound(_) => {
-                                tracing::debug!(model = %req.model, %node, "candidate refused: {e}");
-                                refusal = Some(match refusal {
-                                    None => e,
-                                    Some(first) => first.first_refusal(e),
-                                });
-                            }
-                            e => return Err(e),
-                        }
-                    }
+            req.arrived.get_or_insert_with(Instant::now);
+            let (existing, others): (Vec<_>, Vec<_>) = self
+                .candidates(&req.model)
+                .into_iter()
+                .partition(|(_, probe)| *probe == Probe::Existing);
+            let mut tried = vec![self.cluster.identity().node.clone()];
+            let mut refusal = None;
+            // Instances that would take it first, without asking anyone.
+            for (node, _) in existing {
+                if let Some(r) = self.try_in_turn(&req, [node.clone()], &mut refusal).await {
+                    return r;
                 }
+                tried.push(node);
             }
-            Err(refusal.unwrap_or(InferenceError::ModelNotFound(req.model)))
+            // A new instance: where the controller places it, or (no
+            // answer) where this member's view of the same state says.
+            let nodes = match placement::ask(&self.cluster, &req.model, tried.clone()).await {
+                Some(nodes) => nodes,
+                None => others.into_iter().map(|(node, _)| node).collect(),
+            };
+            let nodes = nodes.into_iter().filter(|n| !tried.contains(n));
+            match self.try_in_turn(&req, nodes, &mut refusal).await {
+                Some(r) => r,
+                None => Err(refusal.unwrap_or(InferenceError::ModelNotFound(req.model))),
+            }
         })
     }
 
@@ -329,13 +383,8 @@ async fn forward(
     }
 }
 
-/// How often the controller looks for models a lost member was serving.
-const REPLACE_EVERY: Duration = Duration::from_millis(500);
-/// How long before the controller tries a model again.
-const REPLACE_RETRY: Duration = Duration::from_secs(10);
-
 /// The models with an instance loaded, in a member's published status.
-fn loaded_models(inference: &serde_json::Value) -> Vec<String> {
+pub(crate) fn loaded_models(inference: &serde_json::Value) -> Vec<String> {
     Published::deserialize(inference)
         .unwrap_or_default()
         .models
@@ -343,67 +392,6 @@ fn loaded_models(inference: &serde_json::Value) -> Vec<String> {
         .filter(|m| !m.instances.is_empty())
         .map(|m| m.name)
         .collect()
-}
-
-/// While this member holds the controller lease: when a member is lost
-/// with instances of models that no live member has loaded, start one of
-/// each on the survivors at once, before a request has to wait for it.
-/// Where it starts is the ordinary placement of a generation (this
-/// member's devices if it serves the model, else the routing order): a
-/// one-token generation through `inference` loads the instance, which then
-/// stays for its keep-alive.
-pub async fn replace_lost(cluster: Arc<Cluster>, inference: Arc<Inference>) {
-    let mut tried: std::collections::HashMap<String, Instant> = Default::default();
-    loop {
-        tokio::time::sleep(REPLACE_EVERY).await;
-        if !cluster.lease_state().held {
-            continue;
-        }
-        let members = cluster.members();
-        let (alive, lost): (Vec<_>, Vec<_>) = members.iter().partition(|m| m.alive);
-        let loaded: std::collections::HashSet<String> = alive
-            .iter()
-            .flat_map(|m| loaded_models(&m.state.report.inference))
-            .collect();
-        for m in lost {
-            for model in loaded_models(&m.state.report.inference) {
-                let served = alive.iter().any(|a| a.state.report.models.contains(&model));
-                let recent = tried
-                    .get(&model)
-                    .is_some_and(|t| t.elapsed() < REPLACE_RETRY);
-                if loaded.contains(&model) || !served || recent {
-                    continue;
-                }
-                tried.insert(model.clone(), Instant::now());
-                tracing::info!(%model, lost = %m.state.node, "controller: re-placing a lost member's model");
-                tokio::spawn(warm(inference.clone(), model));
-            }
-        }
-    }
-}
-
-/// Load an instance of `model` where a generation of it would go.
-async fn warm(inference: Arc<Inference>, model: String) {
-    let request = GenerateRequest {
-        function: "slinfer-controller".into(),
-        model: model.clone(),
-        prompt: slinfer_inference::Prompt::Text("warm-up".into()),
-        params: slinfer_inference::GenerationParams {
-            max_tokens: Some(1),
-            ..Default::default()
-        },
-        ttft_slo_s: 0.0,
-        ttft_prompt_tokens_per_s: 0.0,
-        tpot_slo_s: 0.0,
-        arrived: None,
-    };
-    match inference.generate(request).await {
-        Ok(mut stream) => {
-            while let Some(Ok(_)) = stream.next().await {}
-            tracing::info!(%model, "controller: model re-placed");
-        }
-        Err(e) => tracing::warn!(%model, "controller: cannot re-place the model: {e}"),
-    }
 }
 
 /// Answer the generations other members send here, on this member's own

@@ -19,6 +19,7 @@ use crate::devices::{DeviceSelection, discover};
 use crate::functions::Functions;
 use crate::metrics::Metrics;
 use crate::models::Models;
+use crate::placement::{self, Placer};
 use crate::routing::{self, Router};
 
 /// Settings of a running server.
@@ -167,8 +168,14 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     };
     if let Some(m) = &member {
         if let Some(g) = &generations {
-            g.set_remote(Arc::new(Router::new(m.cluster.clone(), metrics.clone())));
-            tokio::spawn(routing::replace_lost(m.cluster.clone(), g.clone()));
+            let router = Arc::new(Router::new(m.cluster.clone(), metrics.clone()));
+            g.set_remote(router.clone());
+            let placer = Placer::new(m.cluster.clone());
+            placer
+                .answer()
+                .await
+                .context("answering as the cluster's controller")?;
+            tokio::spawn(placement::replace_lost(placer, router, g.clone()));
         }
         if let Some(i) = &inference {
             routing::answer(&m.cluster, i.clone(), metrics.clone())

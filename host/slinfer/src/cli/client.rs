@@ -379,6 +379,24 @@ fn cluster_table(v: &serde_json::Value) -> String {
             },
         );
     }
+    let placed = v["books"]["placements"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if !placed.is_empty() {
+        out += &format!(
+            "\nPLACED BY THE CONTROLLER (latest last)\n{:<32} {:<16} {}\n",
+            "MODEL", "ON", "WHY"
+        );
+    }
+    for p in &placed {
+        out += &format!(
+            "{:<32} {:<16} {}\n",
+            p["model"].as_str().unwrap_or("?"),
+            p["node"].as_str().unwrap_or("?"),
+            p["reason"].as_str().unwrap_or("?"),
+        );
+    }
     out
 }
 
@@ -482,5 +500,21 @@ mod tests {
             lines[7].starts_with("n ") && lines[7].ends_with(" -"),
             "{text}"
         );
+
+        // The controller's placement decisions, when it made any.
+        v["books"] = serde_json::json!({"placements": [
+            {"model": "m", "node": "b", "reason": "request", "at_unix_ms": 1},
+            {"model": "n", "node": "a", "reason": "lost member", "at_unix_ms": 2},
+        ]});
+        let text = cluster_table(&v);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 13, "{text}");
+        assert!(lines[9].starts_with("PLACED BY THE CONTROLLER"), "{text}");
+        assert!(
+            lines[11].starts_with("m ")
+                && lines[11].contains(" b ")
+                && lines[11].ends_with("request")
+        );
+        assert!(lines[12].starts_with("n ") && lines[12].ends_with("lost member"));
     }
 }
