@@ -458,7 +458,9 @@ fn strs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
 
-/// Run `slinfer serve` expecting it to stop with an error; its log.
+/// Run `slinfer serve` expecting it to stop with an error; its log. The
+/// cases give `--devices none`: choosing a CPU engine measures both engines
+/// before the cluster is joined, 20 s on a loaded 2-core machine.
 fn serve_fails(data: &Path, args: &[&str]) -> String {
     std::fs::create_dir_all(data).unwrap();
     let mut child = Command::new(slinfer_bin())
@@ -495,7 +497,14 @@ async fn a_bad_cluster_setup_gets_a_clear_error() {
     let nowhere = format!("nats://127.0.0.1:{}", slinfer_e2e::free_port());
     let err = serve_fails(
         &setup.data("x1"),
-        &["--cluster", &nowhere, "--admin-token-file", token],
+        &[
+            "--cluster",
+            &nowhere,
+            "--admin-token-file",
+            token,
+            "--devices",
+            "none",
+        ],
     );
     assert!(err.contains("cannot reach the NATS server at"), "{err}");
 
@@ -503,7 +512,14 @@ async fn a_bad_cluster_setup_gets_a_clear_error() {
     let plain = Nats::start_with(false);
     let err = serve_fails(
         &setup.data("x2"),
-        &["--cluster", &plain.url, "--admin-token-file", token],
+        &[
+            "--cluster",
+            &plain.url,
+            "--admin-token-file",
+            token,
+            "--devices",
+            "none",
+        ],
     );
     assert!(
         err.contains("no usable JetStream") && err.contains("-js"),
@@ -531,7 +547,14 @@ async fn a_bad_cluster_setup_gets_a_clear_error() {
     // A URL that is not one.
     let err = serve_fails(
         &setup.data("x5"),
-        &["--cluster", "nats://[::1", "--admin-token-file", token],
+        &[
+            "--cluster",
+            "nats://[::1",
+            "--admin-token-file",
+            token,
+            "--devices",
+            "none",
+        ],
     );
     assert!(err.contains("invalid cluster URL"), "{err}");
 
@@ -542,7 +565,14 @@ async fn a_bad_cluster_setup_gets_a_clear_error() {
     let wrong = format!("nats://slinfer:nope@127.0.0.1:{port}");
     let err = serve_fails(
         &setup.data("x6"),
-        &["--cluster", &wrong, "--admin-token-file", token],
+        &[
+            "--cluster",
+            &wrong,
+            "--admin-token-file",
+            token,
+            "--devices",
+            "none",
+        ],
     );
     assert!(
         err.contains("authorization violation") && !err.contains("nope"),

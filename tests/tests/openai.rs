@@ -357,6 +357,9 @@ async fn four_choices_hold_their_prompts_kv_once() {
     assert!(ok.is_some(), "the first request's KV was not freed");
     let four = blocks_while_streaming(&s, 4).await;
     println!("KV blocks in use: one choice {one}, four choices {four}");
-    // Unshared, four choices would hold four prompts' blocks.
-    assert!(one > 4 && four < 2 * one, "one {one}, four {four}");
+    // Unshared, four choices would hold four prompts' blocks (about
+    // 4 × one); shared, one prompt and each choice's own last block and
+    // tokens, which grow while the status is read (30 against 14 on a slow
+    // 2-core AMD EPYC).
+    assert!(one > 4 && four < 3 * one, "one {one}, four {four}");
 }
