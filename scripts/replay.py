@@ -20,7 +20,8 @@ Standard library only. Steps:
    A function already deployed with that manifest is left alone; one with a
    different manifest is redeployed. A function `replay-calib` over the base
    model (when the server serves it) is deployed for step 2, so that
-   calibrating does not load a replay model before the run.
+   calibrating does not load a replay model before the run; its SLO is lax
+   (`CALIB_SLO`), as its probes are setup, not measured requests.
 2. Prompt calibration: prompts are the word " hello" repeated, which the
    SmolLM2 tokenizer makes one token per word. Probes (max_tokens 1) measure
    the tokens a prompt of n words counts (`usage.prompt_tokens`; a completion
