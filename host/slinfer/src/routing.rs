@@ -310,10 +310,14 @@ impl Remote for Router {
                 tried.push(node);
             }
             // A new instance: where the controller places it, or (no
-            // answer) where this member's view of the same state says.
-            let nodes = match placement::ask(&self.cluster, &req.model, tried.clone()).await {
-                Some(nodes) => nodes,
-                None => others.into_iter().map(|(node, _)| node).collect(),
+            // answer) where this member's view of the same state says. No
+            // other member serving the model: nothing to ask.
+            let nodes = match others.is_empty() {
+                true => Vec::new(),
+                false => match placement::ask(&self.cluster, &req.model, tried.clone()).await {
+                    Some(nodes) => nodes,
+                    None => others.into_iter().map(|(node, _)| node).collect(),
+                },
             };
             let nodes = nodes.into_iter().filter(|n| !tried.contains(n));
             match self.try_in_turn(&req, nodes, &mut refusal).await {
