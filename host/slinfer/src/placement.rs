@@ -30,9 +30,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use slinfer_cluster::Cluster;
 use slinfer_inference::{GenerateRequest, Inference};
-use slinfer_scheduler::{Probe, routing_order};
+use slinfer_scheduler::Probe;
 
-use crate::routing::{Router, Standing, loaded_models};
+use crate::routing::{Router, Standing, loaded_models, ranked_members};
 
 /// How long a router waits for the controller's answer.
 pub const ASK_WITHIN: Duration = Duration::from_millis(500);
@@ -48,30 +48,22 @@ const REPLACE_RETRY: Duration = Duration::from_secs(10);
 /// A router's question: where should a new instance of `model` go?
 #[derive(Serialize, Deserialize)]
 struct Question {
-    pub model: String,
+    model: String,
     /// Members not to name: the asker and those it already tried.
-    pub skip: Vec<String>,
+    skip: Vec<String>,
 }
 
 /// The controller's answer: the members to try, in order.
 #[derive(Serialize, Deserialize)]
 struct Answer {
-    pub nodes: Vec<String>,
+    nodes: Vec<String>,
 }
 
-/// Order `members` (node, standing) for a new instance of a model: the
-/// scheduler's routing order, with the member the controller last sent a
-/// new instance of it (still loading there) first.
-fn order_for_new(members: &[(String, Standing)], loading: Option<&str>) -> Vec<String> {
-    let mut order: Vec<String> = routing_order(
-        members
-            .iter()
-            .enumerate()
-            .map(|(i, (_, s))| (i, s.admission, s.kind, s.load)),
-    )
-    .into_iter()
-    .map(|i| members[i].0.clone())
-    .collect();
+/// The members to try for a new instance of a model, from `ranked` (the
+/// routing order): the member the controller last sent a new instance of
+/// it (still loading there) first, the rest in order.
+fn order_for_new(ranked: &[(String, Standing)], loading: Option<&str>) -> Vec<String> {
+    let mut order: Vec<String> = ranked.iter().map(|(node, _)| node.clone()).collect();
     if let Some(at) = loading.and_then(|n| order.iter().position(|m| m == n)) {
         let node = order.remove(at);
         order.insert(0, node);
@@ -98,14 +90,7 @@ impl Placer {
     /// order), leaving out `skip`; the first, when its scheduler said it
     /// would start one, is recorded in the books with `reason`.
     pub fn place(&self, model: &str, skip: &[String], reason: &str) -> Vec<String> {
-        let members: Vec<(String, Standing)> = self
-            .cluster
-            .members()
-            .into_iter()
-            .filter(|m| m.alive && !skip.contains(&m.state.node))
-            .filter(|m| m.state.report.models.iter().any(|n| n == model))
-            .map(|m| (m.state.node, Standing::of(&m.state.report.inference, model)))
-            .collect();
+        let members = ranked_members(&self.cluster, model, skip);
         let mut loading = self.loading.lock().unwrap_or_else(|e| e.into_inner());
         // An instance its member publishes, or one that never came, is no
         // longer loading.
@@ -291,6 +276,7 @@ mod tests {
                 standing(Probe::NewAfterUnload, DeviceKind::Cpu, Some(0.2)),
             ),
         ];
+        let members = crate::routing::rank(members);
         // CPU first, busiest first, idle last; after unloading; nowhere now last.
         assert_eq!(
             order_for_new(&members, None),

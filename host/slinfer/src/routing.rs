@@ -114,26 +114,13 @@ impl Router {
 
     /// Live members other than this one that serve `model`, best first,
     /// with where each one's scheduler last said a new request of it would
-    /// go: [`slinfer_scheduler::routing_order`] over their published state.
+    /// go.
     fn candidates(&self, model: &str) -> Vec<(String, Probe)> {
-        let me = &self.cluster.identity().node;
-        let members: Vec<(String, Standing)> = self
-            .cluster
-            .members()
+        let me = self.cluster.identity().node.clone();
+        ranked_members(&self.cluster, model, &[me])
             .into_iter()
-            .filter(|m| m.alive && &m.state.node != me)
-            .filter(|m| m.state.report.models.iter().any(|n| n == model))
-            .map(|m| (m.state.node, Standing::of(&m.state.report.inference, model)))
-            .collect();
-        routing_order(
-            members
-                .iter()
-                .enumerate()
-                .map(|(i, (_, s))| (i, s.admission, s.kind, s.load)),
-        )
-        .into_iter()
-        .map(|i| (members[i].0.clone(), members[i].1.admission))
-        .collect()
+            .map(|(node, s)| (node, s.admission))
+            .collect()
     }
 
     /// Send `req` to each of `nodes` in turn until one starts it. `None`
@@ -228,8 +215,41 @@ impl Router {
     }
 }
 
+/// The live members serving `model`, except `skip`, best first: by where
+/// their own scheduler last said a new request of it would go, then their
+/// published devices ([`rank`]).
+pub(crate) fn ranked_members(
+    cluster: &Cluster,
+    model: &str,
+    skip: &[String],
+) -> Vec<(String, Standing)> {
+    rank(
+        cluster
+            .members()
+            .into_iter()
+            .filter(|m| m.alive && !skip.contains(&m.state.node))
+            .filter(|m| m.state.report.models.iter().any(|n| n == model))
+            .map(|m| (m.state.node, Standing::of(&m.state.report.inference, model)))
+            .collect(),
+    )
+}
+
+/// `members` in [`slinfer_scheduler::routing_order`], the order the
+/// simulator's `--cluster` ranks members in too.
+pub(crate) fn rank(members: Vec<(String, Standing)>) -> Vec<(String, Standing)> {
+    routing_order(
+        members
+            .iter()
+            .enumerate()
+            .map(|(i, (_, s))| (i, s.admission, s.kind, s.load)),
+    )
+    .into_iter()
+    .map(|i| members[i].clone())
+    .collect()
+}
+
 /// Where a member stands for one model, from its published status.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Standing {
     /// Where its scheduler said a new request of the model would go.
     pub admission: Probe,
@@ -300,15 +320,14 @@ impl Remote for Router {
                 .candidates(&req.model)
                 .into_iter()
                 .partition(|(_, probe)| *probe == Probe::Existing);
-            let mut tried = vec![self.cluster.identity().node.clone()];
+            let existing: Vec<String> = existing.into_iter().map(|(node, _)| node).collect();
             let mut refusal = None;
             // Instances that would take it first, without asking anyone.
-            for (node, _) in existing {
-                if let Some(r) = self.try_in_turn(&req, [node.clone()], &mut refusal).await {
-                    return r;
-                }
-                tried.push(node);
+            if let Some(r) = self.try_in_turn(&req, existing.clone(), &mut refusal).await {
+                return r;
             }
+            let mut tried = existing;
+            tried.push(self.cluster.identity().node.clone());
             // A new instance: where the controller places it, or (no
             // answer) where this member's view of the same state says. No
             // other member serving the model: nothing to ask.
