@@ -9,8 +9,8 @@ prompts and cores.
 
 `./dev bench-llm` sets everything up and runs it. Each URL is a running
 slinfer with `chat` deployed, measured as the side LABEL (`./dev bench-llm`
-runs two: `slinfer/openvino` and `slinfer/llama.cpp`, one per
-`--cpu-engine`); MODEL_DIR the imported model package (its
+runs three: `slinfer/openvino`, `slinfer/llama.cpp` and `slinfer/paired`,
+one per `--cpu-engine`); MODEL_DIR the imported model package (its
 `model.gguf` is what llama.cpp runs, its IR what GenAI runs). The other two
 run in helper processes held loaded for the whole run:
 scripts/models/bench_genai.py (`LLMPipeline` for one stream,

@@ -1,6 +1,7 @@
 //! `serve --cpu-engine`: the llama.cpp engine serving the default model end
-//! to end (its greedy answer is llama.cpp's own), `auto` measuring both
-//! engines at start and serving with the faster, and clear refusals.
+//! to end (its greedy answer is llama.cpp's own), the two engines paired,
+//! `auto` measuring both engines at start and serving with the faster (or
+//! the pair), and clear refusals.
 //!
 //! Needs what `./dev test` installs: the imported model, the project
 //! virtualenv, node and the npm install of node-llama-cpp
@@ -181,6 +182,63 @@ async fn llama_cpp_serves_chat_as_llama_cpp_answers_and_every_openai_feature() {
     assert!(cos(&vecs[0], &vecs[1]) < 0.999, "different inputs");
 }
 
+/// `--cpu-engine paired`: one request decodes on llama.cpp (fewer than 8
+/// sequences), so its greedy answer is llama.cpp's; eight at once move the
+/// instance to OpenVINO and every one of them is answered in full.
+#[tokio::test]
+async fn paired_serves_one_stream_on_llama_cpp_and_eight_on_openvino() {
+    let (s, _tmp) = serve("paired", &["--llama-cpp-threads", "1"]);
+    assert_eq!(backend(&s).await, "llama.cpp+openvino");
+    s.deploy(&package("chat"));
+    let ask = |question: String, tokens: usize| {
+        let url = format!("{}/fn/chat/?max_tokens={tokens}&temperature=0", s.url);
+        async move {
+            let resp = client().post(url).body(question).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            sse_text(&resp.text().await.unwrap())
+        }
+    };
+    let question = "What is the capital of France?";
+    let got = ask(question.into(), 24).await;
+    let prompt = format!(
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging \
+         Face<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let reference = llama_cpp_reference(&prompt, 24);
+    assert_eq!(got, reference);
+
+    let answers =
+        futures::future::join_all((0..8).map(|i| ask(format!("Name a city ({i})."), 32))).await;
+    for (i, a) in answers.iter().enumerate() {
+        assert!(!a.trim().is_empty(), "answer {i} is empty");
+    }
+    assert!(
+        s.log().contains("paired instance: steps move to openvino"),
+        "{}",
+        s.log()
+    );
+    // Every sequence's KV is given back, on whichever engine it ended.
+    let mut freed = serde_json::Value::Null;
+    for _ in 0..100 {
+        freed = status(&s).await;
+        let instance = &freed["inference"]["models"][0]["instances"][0];
+        if instance["kv_blocks_in_use"] == 0 && instance["batch"] == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let instance = &freed["inference"]["models"][0]["instances"][0];
+    assert_eq!(instance["kv_blocks_in_use"], 0, "KV still held: {freed}");
+
+    // Alone again: back on llama.cpp, with llama.cpp's answer.
+    assert_eq!(ask(question.into(), 24).await, reference);
+    assert!(
+        s.log().contains("paired instance: steps move to llama.cpp"),
+        "{}",
+        s.log()
+    );
+}
+
 #[tokio::test]
 async fn auto_measures_both_engines_and_serves_with_the_faster() {
     let (s, _tmp) = serve("auto", &[]);
@@ -200,13 +258,16 @@ async fn auto_measures_both_engines_and_serves_with_the_faster() {
             .parse()
             .unwrap()
     };
-    let openvino = (figure("openvino_one") * figure("openvino_batched")).sqrt();
-    let llama = (figure("llama_cpp_one") * figure("llama_cpp_batched")).sqrt();
-    assert!(openvino > 0.0 && llama > 0.0, "{line}");
-    let faster = if llama > openvino {
-        "llama.cpp"
-    } else {
-        "openvino"
+    let (o1, o8) = (figure("openvino_one"), figure("openvino_batched"));
+    let (l1, l8) = (figure("llama_cpp_one"), figure("llama_cpp_batched"));
+    assert!(o1 > 0.0 && o8 > 0.0 && l1 > 0.0 && l8 > 0.0, "{line}");
+    // Faster at both: that one; each faster at one: the two paired, the
+    // one faster at one sequence first.
+    let faster = match (l1 > o1, l8 > o8) {
+        (true, false) => "llama.cpp+openvino",
+        (false, true) => "openvino+llama.cpp",
+        _ if (l1 * l8).sqrt() > (o1 * o8).sqrt() => "llama.cpp",
+        _ => "openvino",
     };
     assert_eq!(found, faster, "{line}");
     assert!(line.contains(&format!("chosen=\"{faster}\"")), "{line}");

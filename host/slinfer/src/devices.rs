@@ -5,9 +5,11 @@
 //!
 //! - `cpu`: the OpenVINO CPU engine, when `libopenvino_c` loads (from the
 //!   `openvino` wheel in the virtualenv), or the llama.cpp engine (its
-//!   prebuilt library from npm), as `--cpu-engine` says; with `auto`, both
-//!   decode on the first imported model at start and the faster serves
-//!   ([`CpuEngine`]). What it may hold is set by the host memory budget
+//!   prebuilt library from npm), or the two paired (llama.cpp while an
+//!   instance holds few sequences, OpenVINO from [`PAIR_SWITCH_UP`]), as
+//!   `--cpu-engine` says; with `auto`, both decode on the first imported
+//!   model at start and the faster serves, or the pair when each is faster
+//!   at one of the two batch sizes measured ([`CpuEngine`]). What it may hold is set by the host memory budget
 //!   (`slinfer_inference::MemoryBudget`), which it shares with the functions.
 //! - `cuda:N`: each GPU the CUDA engine finds (driver, cuBLAS and NVRTC
 //!   present); its capacity is its free memory at start less a margin.
@@ -21,6 +23,7 @@ use std::sync::Arc;
 
 use anyhow::bail;
 use slinfer_engine::package::{PackageKind, package_dirs};
+use slinfer_engine::paired::PairedBackend;
 use slinfer_engine::tensor::TensorBackend;
 use slinfer_engine::{Backend, EngineError, LoadOptions, ModelSource};
 use slinfer_inference::{Device, gpu_capacity_bytes};
@@ -106,10 +109,15 @@ impl DeviceSelection {
 /// Which engine serves the CPU device (`serve --cpu-engine`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum CpuEngine {
-    /// Both measured at start on the first imported model; the faster serves.
+    /// Both measured at start on the first imported model; the faster
+    /// serves, or the pair when each is faster at one batch size.
     Auto,
     Openvino,
     LlamaCpp,
+    /// Both, each model loaded on each: llama.cpp while an instance holds
+    /// fewer than [`PAIR_SWITCH_UP`] sequences, OpenVINO from then on
+    /// ([`slinfer_engine::paired`]).
+    Paired,
 }
 
 impl CpuEngine {
@@ -119,6 +127,7 @@ impl CpuEngine {
             CpuEngine::Auto => "auto",
             CpuEngine::Openvino => "openvino",
             CpuEngine::LlamaCpp => "llama-cpp",
+            CpuEngine::Paired => "paired",
         }
     }
 }
@@ -146,11 +155,18 @@ impl Default for CpuOptions {
     }
 }
 
-/// Prompt tokens and decode steps of the start-up measurement.
-const MEASURE_PROMPT: usize = 64;
+/// Prompt tokens and decode steps of the start-up measurement. 160 tokens
+/// of context is a chat answer half-way (a ~45-token templated question,
+/// ~115 tokens of answer): the engines' attention costs part there, where
+/// 64 tokens measured a tie at eight sequences on the Intel Xeon that
+/// the whole path at eight streams does not show (BENCHMARKS.md).
+const MEASURE_PROMPT: usize = 160;
 const MEASURE_STEPS: usize = 16;
 /// Sequences of the batched half of the measurement.
 const MEASURE_BATCH: usize = 8;
+/// Sequences from which a paired instance runs on its engine of many: the
+/// batch at which `auto` measured that engine faster.
+pub const PAIR_SWITCH_UP: usize = MEASURE_BATCH;
 
 /// Decode tok/s of one engine on one model: one sequence, and
 /// [`MEASURE_BATCH`] together.
@@ -200,7 +216,9 @@ fn measure(backend: &dyn Backend, package: &Path) -> Result<Speed, EngineError> 
 }
 
 /// `auto`: the engine that decodes faster on the first imported model that
-/// both can load; OpenVINO when there is none or a measurement fails.
+/// both can load, at one sequence and at [`MEASURE_BATCH`]; the two paired
+/// when each is faster at one of them; OpenVINO when there is no such model
+/// or a measurement fails.
 fn choose(
     openvino: slinfer_openvino::OpenVinoBackend,
     llama: slinfer_llama_cpp::LlamaCppBackend,
@@ -220,7 +238,21 @@ fn choose(
     };
     match (measure(&openvino, package), measure(&llama, package)) {
         (Ok(o), Ok(l)) => {
-            let pick_llama = l.score() > o.score();
+            let (openvino, llama): (Arc<dyn Backend>, Arc<dyn Backend>) =
+                (Arc::new(openvino), Arc::new(llama));
+            let chosen: Arc<dyn Backend> = if (l.one > o.one) != (l.batched > o.batched) {
+                // Each is faster at one batch size: the pair serves.
+                let (few, many) = if l.one > o.one {
+                    (llama, openvino)
+                } else {
+                    (openvino, llama)
+                };
+                Arc::new(PairedBackend::new(few, many, PAIR_SWITCH_UP).expect("two CPU engines"))
+            } else if l.score() > o.score() {
+                llama
+            } else {
+                openvino
+            };
             tracing::info!(
                 model = %package.display(),
                 openvino_one = format!("{:.1}", o.one),
@@ -228,14 +260,10 @@ fn choose(
                 llama_cpp_one = format!("{:.1}", l.one),
                 llama_cpp_batched = format!("{:.1}", l.batched),
                 batch = MEASURE_BATCH,
-                chosen = if pick_llama { "llama.cpp" } else { "openvino" },
+                chosen = chosen.name(),
                 "CPU engine chosen by measured decode tok/s"
             );
-            if pick_llama {
-                Arc::new(llama)
-            } else {
-                Arc::new(openvino)
-            }
+            chosen
         }
         (o, l) => {
             let e = o
@@ -264,6 +292,11 @@ fn cpu_backend(
     Ok(match cpu.engine {
         CpuEngine::Openvino => Arc::new(openvino?),
         CpuEngine::LlamaCpp => Arc::new(llama()?),
+        CpuEngine::Paired => Arc::new(PairedBackend::new(
+            Arc::new(llama()?),
+            Arc::new(openvino?),
+            PAIR_SWITCH_UP,
+        )?),
         CpuEngine::Auto => match (openvino, llama()) {
             (Ok(o), Ok(l)) => choose(o, l, models_dir),
             (Ok(o), Err(e)) => {

@@ -40,6 +40,7 @@ pub mod config;
 pub mod gguf;
 pub mod kv;
 pub mod package;
+pub mod paired;
 pub mod quant;
 pub mod reference;
 pub mod safetensors;

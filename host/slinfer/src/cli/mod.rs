@@ -216,10 +216,13 @@ pub struct CpuArgs {
     #[arg(long, env = "SLINFER_CPU_PRECISION", default_value_t = slinfer_openvino::Precision::default())]
     pub cpu_precision: slinfer_openvino::Precision,
     /// The CPU's LLM engine: `openvino`, `llama-cpp` (llama.cpp's prebuilt
-    /// library, see --llama-cpp-dir), or `auto`: both measured at start on
-    /// the first imported model, decoding one sequence and eight, and the
-    /// faster (geometric mean of the two) serves (BENCHMARKS.md, "CPU
-    /// decode speed"). `wasi:nn` tensors run on OpenVINO whatever this is.
+    /// library, see --llama-cpp-dir), `paired` (each model on both:
+    /// llama.cpp while an instance holds fewer than 8 sequences, OpenVINO
+    /// from 8; twice the memory), or `auto`: both measured at start on the
+    /// first imported model, decoding one sequence and eight; the faster at
+    /// both serves, the pair when each is faster at one (BENCHMARKS.md,
+    /// "CPU decode speed"). `wasi:nn` tensors
+    /// run on OpenVINO whatever this is.
     #[arg(long, env = "SLINFER_CPU_ENGINE", value_enum, default_value = "auto")]
     pub cpu_engine: crate::devices::CpuEngine,
     /// The folder of llama.cpp's `libllama.v0.5.0.so` (the npm package

@@ -1,0 +1,603 @@
+//! Two engines for one device, each serving the batches it is faster at.
+//!
+//! A [`PairedBackend`] loads every model twice, on a `few` engine (fast
+//! with one or a few sequences: llama.cpp on most CPUs) and a `many` engine
+//! (fast with many: OpenVINO's paged attention), and its
+//! [`PairedInstance`] runs each step on one of them: on `many` once the
+//! instance holds [`PairedInstance::switch_up`] sequences or more, back on
+//! `few` when it holds half as many or fewer (so that a count hovering at the
+//! threshold does not move sequences back and forth).
+//!
+//! A sequence lives on one engine at a time. When a step runs on the other
+//! one, the sequence moves there in that step: its tokens so far (the pair
+//! keeps them) are prefilled on the new engine ahead of the step's own
+//! tokens, and after the step its KV on the old engine is freed. If the step
+//! fails, nothing moved. So a sequence's greedy tokens are the `few`
+//! engine's up to its move and the `many` engine's (on that prefix) after.
+//!
+//! KV accounting: both engines keep a pool of the same number of blocks of
+//! the same size, so that either can hold every sequence; the pair reports
+//! that number as its capacity, the blocks its sequences hold on both as in
+//! use, and the sum of both engines' bytes per block as the cost of a block.
+//! Resizing resizes both.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::package::ModelPackage;
+use crate::{
+    Backend, DeviceInfo, DeviceKind, EngineError, Footprint, LlmInstance, LoadOptions,
+    MemoryReport, ModelConfig, ModelSource, SeqId, StepEntry,
+};
+
+/// The engine of few sequences (index 0) and of many (index 1).
+const FEW: usize = 0;
+const MANY: usize = 1;
+
+/// A backend that loads each model on two engines of the same device.
+pub struct PairedBackend {
+    engines: [Arc<dyn Backend>; 2],
+    switch_up: usize,
+    name: String,
+}
+
+impl PairedBackend {
+    /// `few` serves while an instance holds fewer than `switch_up`
+    /// sequences, `many` from then on. Both must drive the same kind of
+    /// device.
+    pub fn new(
+        few: Arc<dyn Backend>,
+        many: Arc<dyn Backend>,
+        switch_up: usize,
+    ) -> Result<Self, EngineError> {
+        if few.kind() != many.kind() {
+            return Err(EngineError::Unsupported(format!(
+                "pairing a {:?} engine ({}) with a {:?} one ({})",
+                few.kind(),
+                few.name(),
+                many.kind(),
+                many.name()
+            )));
+        }
+        let name = format!("{}+{}", few.name(), many.name());
+        Ok(PairedBackend {
+            engines: [few, many],
+            switch_up: switch_up.max(2),
+            name,
+        })
+    }
+
+    /// Sequences at which an instance moves to the `many` engine.
+    pub fn switch_up(&self) -> usize {
+        self.switch_up
+    }
+}
+
+impl Backend for PairedBackend {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn kind(&self) -> DeviceKind {
+        self.engines[FEW].kind()
+    }
+    fn devices(&self) -> Result<Vec<DeviceInfo>, EngineError> {
+        self.engines[FEW].devices()
+    }
+    /// Both engines' weights and KV bytes.
+    fn footprint(&self, package: &ModelPackage) -> Result<Footprint, EngineError> {
+        let [a, b] = [
+            self.engines[FEW].footprint(package)?,
+            self.engines[MANY].footprint(package)?,
+        ];
+        Ok(Footprint {
+            weights_bytes: a.weights_bytes + b.weights_bytes,
+            kv_bytes_per_token: a.kv_bytes_per_token + b.kv_bytes_per_token,
+        })
+    }
+    fn used_bytes(&self, device: usize) -> Option<u64> {
+        self.engines[FEW].used_bytes(device)
+    }
+    /// Loads on `many` first, then on `few` with `many`'s block size.
+    fn load(
+        &self,
+        source: &ModelSource,
+        device: usize,
+        options: &LoadOptions,
+    ) -> Result<Box<dyn LlmInstance>, EngineError> {
+        let many = self.engines[MANY].load(source, device, options)?;
+        let few = self.engines[FEW].load(
+            source,
+            device,
+            &LoadOptions {
+                block_size_tokens: Some(many.block_size_tokens()),
+                initial_kv_blocks: many.kv_capacity_blocks(),
+                ..options.clone()
+            },
+        )?;
+        let names = [self.engines[FEW].name(), self.engines[MANY].name()];
+        Ok(Box::new(
+            PairedInstance::new(few, many, self.switch_up)?.named(names),
+        ))
+    }
+}
+
+/// One model on two engines; see the module docs.
+pub struct PairedInstance {
+    engines: [Box<dyn LlmInstance>; 2],
+    /// The engines' names, for the log.
+    names: [String; 2],
+    switch_up: usize,
+    /// The engine the next step runs on.
+    active: usize,
+    /// The engine of the last successful step (what `last_hidden` asks).
+    last: usize,
+    /// Where each sequence lives, and every token it holds.
+    home: HashMap<SeqId, usize>,
+    tokens: HashMap<SeqId, Vec<u32>>,
+}
+
+impl PairedInstance {
+    /// Pairs two instances of one model with the same block size and pool.
+    pub fn new(
+        few: Box<dyn LlmInstance>,
+        many: Box<dyn LlmInstance>,
+        switch_up: usize,
+    ) -> Result<Self, EngineError> {
+        let (a, b) = (few.config(), many.config());
+        if (a.vocab_size, a.num_layers, a.hidden_size)
+            != (b.vocab_size, b.num_layers, b.hidden_size)
+        {
+            return Err(EngineError::Model(
+                "the two engines loaded different models".into(),
+            ));
+        }
+        if few.block_size_tokens() != many.block_size_tokens() {
+            return Err(EngineError::Unsupported(format!(
+                "KV blocks of {} and {} tokens",
+                few.block_size_tokens(),
+                many.block_size_tokens()
+            )));
+        }
+        let mut pair = PairedInstance {
+            engines: [few, many],
+            names: ["few".into(), "many".into()],
+            switch_up: switch_up.max(2),
+            active: FEW,
+            last: FEW,
+            home: HashMap::new(),
+            tokens: HashMap::new(),
+        };
+        let blocks = pair.engines[MANY].kv_capacity_blocks();
+        if pair.engines[FEW].kv_capacity_blocks() != blocks {
+            pair.engines[FEW].resize_kv(blocks)?;
+        }
+        Ok(pair)
+    }
+
+    /// Sequences at which steps move to the `many` engine.
+    pub fn switch_up(&self) -> usize {
+        self.switch_up
+    }
+
+    /// Names the two engines in the log line of each switch.
+    pub fn named(mut self, [few, many]: [&str; 2]) -> Self {
+        self.names = [few.into(), many.into()];
+        self
+    }
+
+    /// The engine a step runs on while the instance holds `held`
+    /// sequences: `many` from `switch_up`, `few` again at half as many.
+    fn engine_for(&self, held: usize) -> usize {
+        match self.active {
+            FEW if held >= self.switch_up => MANY,
+            MANY if held <= self.switch_up / 2 => FEW,
+            e => e,
+        }
+    }
+
+    fn home_of(&self, seq: SeqId) -> Result<usize, EngineError> {
+        self.home
+            .get(&seq)
+            .copied()
+            .ok_or(EngineError::UnknownSequence(seq))
+    }
+
+    /// The batch as `engine` runs it: a sequence that lives on the other
+    /// engine brings its tokens so far ahead of the step's.
+    fn batch_on(&self, engine: usize, batch: &[StepEntry]) -> Result<Vec<StepEntry>, EngineError> {
+        batch
+            .iter()
+            .map(|e| {
+                if self.home_of(e.seq)? == engine {
+                    return Ok(e.clone());
+                }
+                let mut tokens = self.tokens[&e.seq].clone();
+                tokens.extend_from_slice(&e.tokens);
+                Ok(StepEntry { seq: e.seq, tokens })
+            })
+            .collect()
+    }
+
+    /// Blocks the moving sequences free on the engine they leave: all it
+    /// holds when every sequence there moves, else their own blocks (a
+    /// block shared with a fork that stays is not freed; counting it errs
+    /// toward admitting the step).
+    fn blocks_left_behind(&self, engine: usize, batch: &[StepEntry]) -> usize {
+        let other = 1 - engine;
+        let there = self.home.values().filter(|&&e| e == other).count();
+        let moving: Vec<&StepEntry> = batch
+            .iter()
+            .filter(|e| self.home.get(&e.seq) == Some(&other))
+            .collect();
+        let held = self.engines[other].kv_blocks_in_use();
+        if moving.len() == there {
+            return held;
+        }
+        let bs = self.block_size_tokens();
+        let own: usize = moving
+            .iter()
+            .map(|e| self.tokens[&e.seq].len().div_ceil(bs))
+            .sum();
+        own.min(held)
+    }
+
+    /// Blocks a step on `engine` takes: what it needs there (moving
+    /// sequences as new ones) less what the moving ones free behind them.
+    fn blocks_needed_on(&self, engine: usize, batch: &[StepEntry]) -> Result<usize, EngineError> {
+        let bs = self.block_size_tokens();
+        let (staying, moving): (Vec<StepEntry>, Vec<StepEntry>) = self
+            .batch_on(engine, batch)?
+            .into_iter()
+            .partition(|e| self.home.get(&e.seq) == Some(&engine));
+        let here = if staying.is_empty() {
+            0
+        } else {
+            self.engines[engine].blocks_needed(&staying)?
+        };
+        let moved: usize = moving.iter().map(|e| e.tokens.len().div_ceil(bs)).sum();
+        Ok((here + moved).saturating_sub(self.blocks_left_behind(engine, batch)))
+    }
+}
+
+impl LlmInstance for PairedInstance {
+    fn config(&self) -> &ModelConfig {
+        self.engines[FEW].config()
+    }
+    fn block_size_tokens(&self) -> usize {
+        self.engines[FEW].block_size_tokens()
+    }
+    /// A block of the pool exists on both engines.
+    fn kv_bytes_per_block(&self) -> u64 {
+        self.engines.iter().map(|e| e.kv_bytes_per_block()).sum()
+    }
+    fn weight_bytes(&self) -> u64 {
+        self.engines.iter().map(|e| e.weight_bytes()).sum()
+    }
+    fn kv_capacity_blocks(&self) -> usize {
+        self.engines[FEW]
+            .kv_capacity_blocks()
+            .min(self.engines[MANY].kv_capacity_blocks())
+    }
+    /// A sequence holds blocks on one engine only.
+    fn kv_blocks_in_use(&self) -> usize {
+        self.engines.iter().map(|e| e.kv_blocks_in_use()).sum()
+    }
+
+    fn resize_kv(&mut self, blocks: usize) -> Result<(), EngineError> {
+        let before = self.engines[FEW].kv_capacity_blocks();
+        self.engines[FEW].resize_kv(blocks)?;
+        if let Err(e) = self.engines[MANY].resize_kv(blocks) {
+            // Leave the pair as it was; growing back what was just shrunk
+            // (or shrinking what was just grown) fits.
+            let _ = self.engines[FEW].resize_kv(before);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn add_sequence(&mut self, seq: SeqId) -> Result<(), EngineError> {
+        if self.home.contains_key(&seq) {
+            return Err(EngineError::SequenceExists(seq));
+        }
+        // Where the next step will run with this sequence held.
+        let engine = self.engine_for(self.home.len() + 1);
+        self.engines[engine].add_sequence(seq)?;
+        self.home.insert(seq, engine);
+        self.tokens.insert(seq, Vec::new());
+        Ok(())
+    }
+
+    fn free_sequence(&mut self, seq: SeqId) -> Result<(), EngineError> {
+        let engine = self.home_of(seq)?;
+        self.engines[engine].free_sequence(seq)?;
+        self.home.remove(&seq);
+        self.tokens.remove(&seq);
+        Ok(())
+    }
+
+    /// The copy lives where `src` does.
+    fn fork_sequence(&mut self, src: SeqId, dst: SeqId) -> Result<(), EngineError> {
+        let engine = self.home_of(src)?;
+        if self.home.contains_key(&dst) {
+            return Err(EngineError::SequenceExists(dst));
+        }
+        self.engines[engine].fork_sequence(src, dst)?;
+        self.home.insert(dst, engine);
+        let tokens = self.tokens[&src].clone();
+        self.tokens.insert(dst, tokens);
+        Ok(())
+    }
+
+    fn sequence_len(&self, seq: SeqId) -> Option<usize> {
+        self.engines[*self.home.get(&seq)?].sequence_len(seq)
+    }
+
+    fn blocks_needed(&self, batch: &[StepEntry]) -> Result<usize, EngineError> {
+        self.blocks_needed_on(self.engine_for(self.home.len()), batch)
+    }
+
+    fn step(&mut self, batch: &[StepEntry]) -> Result<Vec<Vec<f32>>, EngineError> {
+        let engine = self.engine_for(self.home.len());
+        let needed = self.blocks_needed_on(engine, batch)?;
+        let free = self
+            .kv_capacity_blocks()
+            .saturating_sub(self.kv_blocks_in_use());
+        if needed > free {
+            return Err(EngineError::KvExhausted { needed, free });
+        }
+        let run = self.batch_on(engine, batch)?;
+        let moving: Vec<SeqId> = batch
+            .iter()
+            .filter(|e| self.home[&e.seq] != engine)
+            .map(|e| e.seq)
+            .collect();
+        let undo = |pair: &mut Self, added: &[SeqId]| {
+            for &seq in added {
+                // Freeing a sequence just added (and not advanced) cannot fail.
+                let _ = pair.engines[engine].free_sequence(seq);
+            }
+        };
+        for (i, &seq) in moving.iter().enumerate() {
+            if let Err(e) = self.engines[engine].add_sequence(seq) {
+                undo(self, &moving[..i]);
+                return Err(e);
+            }
+        }
+        let logits = match self.engines[engine].step(&run) {
+            Ok(l) => l,
+            Err(e) => {
+                undo(self, &moving);
+                return Err(e);
+            }
+        };
+        for &seq in &moving {
+            self.engines[1 - engine].free_sequence(seq)?;
+            self.home.insert(seq, engine);
+        }
+        for e in batch {
+            self.tokens
+                .get_mut(&e.seq)
+                .expect("checked by batch_on")
+                .extend_from_slice(&e.tokens);
+        }
+        if engine != self.active {
+            tracing::info!(
+                sequences = self.home.len(),
+                moved = moving.len(),
+                "paired instance: steps move to {}",
+                self.names[engine]
+            );
+            self.active = engine;
+        }
+        self.last = engine;
+        Ok(logits)
+    }
+
+    fn last_hidden(&mut self) -> Result<Vec<Vec<f32>>, EngineError> {
+        self.engines[self.last].last_hidden()
+    }
+
+    /// Both engines' memory; the pool as the pair counts it.
+    fn memory(&self) -> MemoryReport {
+        let [a, b] = [self.engines[FEW].memory(), self.engines[MANY].memory()];
+        MemoryReport {
+            weight_bytes: a.weight_bytes + b.weight_bytes,
+            kv_bytes: a.kv_bytes + b.kv_bytes,
+            workspace_bytes: a.workspace_bytes + b.workspace_bytes,
+            kv_blocks_capacity: self.kv_capacity_blocks(),
+            kv_blocks_in_use: self.kv_blocks_in_use(),
+            ..a
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reference::ReferenceBackend;
+
+    fn load(seed: u64, blocks: usize) -> Box<dyn LlmInstance> {
+        ReferenceBackend::default()
+            .load(
+                &ModelSource::Random {
+                    config: ModelConfig::tiny_for_tests(),
+                    seed,
+                    scale: 0.5,
+                },
+                0,
+                &LoadOptions {
+                    initial_kv_blocks: blocks,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+    }
+
+    /// `few` and `many` have different weights, so each step's logits say
+    /// which one computed them.
+    fn pair(switch_up: usize) -> PairedInstance {
+        PairedInstance::new(load(1, 32), load(2, 32), switch_up).unwrap()
+    }
+
+    fn entry(seq: SeqId, tokens: &[u32]) -> StepEntry {
+        StepEntry {
+            seq,
+            tokens: tokens.to_vec(),
+        }
+    }
+
+    /// The logits of `seq` after `tokens` on a fresh instance of `seed`.
+    fn alone(seed: u64, tokens: &[u32]) -> Vec<f32> {
+        let mut inst = load(seed, 32);
+        inst.add_sequence(0).unwrap();
+        inst.step(&[entry(0, tokens)]).unwrap().remove(0)
+    }
+
+    fn close(a: &[f32], b: &[f32]) -> bool {
+        a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-4)
+    }
+
+    #[test]
+    fn few_sequences_run_on_few_and_many_move_with_their_tokens() {
+        let mut p = pair(3);
+        p.add_sequence(10).unwrap();
+        p.add_sequence(11).unwrap();
+        let out = p
+            .step(&[entry(10, &[1, 2, 3]), entry(11, &[4, 5])])
+            .unwrap();
+        assert!(
+            close(&out[0], &alone(1, &[1, 2, 3])),
+            "below switch_up: few"
+        );
+        assert!(close(&out[1], &alone(1, &[4, 5])));
+        assert_eq!(p.engines[FEW].kv_blocks_in_use(), 2);
+
+        // The third sequence takes the pair to `many`: the two held move
+        // there with their tokens, in the same step.
+        p.add_sequence(12).unwrap();
+        let out = p
+            .step(&[entry(10, &[6]), entry(11, &[7]), entry(12, &[8, 9])])
+            .unwrap();
+        assert!(close(&out[0], &alone(2, &[1, 2, 3, 6])), "moved to many");
+        assert!(close(&out[1], &alone(2, &[4, 5, 7])));
+        assert!(close(&out[2], &alone(2, &[8, 9])));
+        assert_eq!(p.engines[FEW].kv_blocks_in_use(), 0, "freed behind");
+        assert_eq!(p.kv_blocks_in_use(), 3);
+        assert_eq!(p.sequence_len(10), Some(4));
+
+        // Down to one (half of three, rounded down): back to `few`.
+        p.free_sequence(11).unwrap();
+        p.free_sequence(12).unwrap();
+        let out = p.step(&[entry(10, &[5])]).unwrap();
+        assert!(close(&out[0], &alone(1, &[1, 2, 3, 6, 5])), "back on few");
+        assert_eq!(p.engines[MANY].kv_blocks_in_use(), 0);
+        assert_eq!(p.sequence_len(10), Some(5));
+    }
+
+    #[test]
+    fn a_refused_step_moves_nothing() {
+        let mut p = pair(2);
+        p.add_sequence(1).unwrap();
+        p.step(&[entry(1, &[1, 2])]).unwrap();
+        p.add_sequence(2).unwrap();
+        let vocab = p.config().vocab_size as u32;
+        // The step would move sequence 1 to `many`; a bad token fails it there.
+        let err = p.step(&[entry(1, &[3]), entry(2, &[vocab])]).unwrap_err();
+        assert!(matches!(err, EngineError::TokenOutOfRange { .. }), "{err}");
+        assert_eq!(p.home[&1], FEW);
+        assert_eq!(p.engines[MANY].kv_blocks_in_use(), 0);
+        assert_eq!(p.sequence_len(1), Some(2));
+        assert!(matches!(
+            p.step(&[entry(9, &[1])]),
+            Err(EngineError::UnknownSequence(9))
+        ));
+        // And the same step with a good token goes through.
+        let out = p.step(&[entry(1, &[3]), entry(2, &[4])]).unwrap();
+        assert!(close(&out[0], &alone(2, &[1, 2, 3])));
+    }
+
+    #[test]
+    fn the_pool_is_counted_once_and_resized_on_both() {
+        let mut p = pair(2);
+        let bs = p.block_size_tokens();
+        assert_eq!(p.kv_capacity_blocks(), 32);
+        assert_eq!(
+            p.kv_bytes_per_block(),
+            2 * load(1, 1).kv_bytes_per_block(),
+            "a block exists on both engines"
+        );
+        p.add_sequence(1).unwrap();
+        p.step(&[entry(1, &vec![1; 3 * bs])]).unwrap();
+        p.add_sequence(2).unwrap();
+        // Moving sequence 1 frees its 3 blocks behind: the step takes 1 + 1.
+        let step = [entry(1, &[1]), entry(2, &[2])];
+        assert_eq!(p.blocks_needed(&step).unwrap(), 2);
+        p.resize_kv(8).unwrap();
+        assert_eq!(p.engines[FEW].kv_capacity_blocks(), 8);
+        assert_eq!(p.engines[MANY].kv_capacity_blocks(), 8);
+        assert!(matches!(
+            p.resize_kv(2),
+            Err(EngineError::ShrinkBelowUsage { .. })
+        ));
+        assert_eq!(
+            p.kv_capacity_blocks(),
+            8,
+            "a refused shrink changes nothing"
+        );
+        p.step(&step).unwrap();
+        assert_eq!(p.kv_blocks_in_use(), 5);
+        assert_eq!(p.memory().kv_blocks_in_use, 5);
+        // More than the pool holds is refused before either engine runs.
+        p.add_sequence(3).unwrap();
+        assert!(matches!(
+            p.step(&[entry(3, &vec![1; 4 * bs])]),
+            Err(EngineError::KvExhausted { needed: 4, free: 3 })
+        ));
+    }
+
+    #[test]
+    fn a_fork_lives_with_its_source_and_moves_with_its_own_tokens() {
+        let mut p = pair(3);
+        p.add_sequence(1).unwrap();
+        p.step(&[entry(1, &[1, 2, 3])]).unwrap();
+        p.fork_sequence(1, 2).unwrap();
+        assert_eq!(p.home[&2], FEW);
+        p.add_sequence(3).unwrap();
+        let out = p
+            .step(&[entry(1, &[4]), entry(2, &[5]), entry(3, &[6])])
+            .unwrap();
+        assert!(close(&out[0], &alone(2, &[1, 2, 3, 4])));
+        assert!(close(&out[1], &alone(2, &[1, 2, 3, 5])));
+        assert!(matches!(
+            p.fork_sequence(1, 3),
+            Err(EngineError::SequenceExists(3))
+        ));
+    }
+
+    #[test]
+    fn engines_of_different_models_or_blocks_are_not_paired() {
+        let mut other = ModelConfig::tiny_for_tests();
+        other.num_layers += 1;
+        let odd = ReferenceBackend::default()
+            .load(
+                &ModelSource::Random {
+                    config: other,
+                    seed: 3,
+                    scale: 0.5,
+                },
+                0,
+                &LoadOptions::default(),
+            )
+            .unwrap();
+        assert!(matches!(
+            PairedInstance::new(load(1, 4), odd, 4),
+            Err(EngineError::Model(_))
+        ));
+        let gpu: Arc<dyn Backend> = Arc::new(ReferenceBackend::with_devices(DeviceKind::Gpu, &[0]));
+        let cpu: Arc<dyn Backend> = Arc::new(ReferenceBackend::default());
+        assert!(matches!(
+            PairedBackend::new(cpu, gpu, 4),
+            Err(EngineError::Unsupported(_))
+        ));
+    }
+}
