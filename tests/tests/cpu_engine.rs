@@ -182,12 +182,15 @@ async fn llama_cpp_serves_chat_as_llama_cpp_answers_and_every_openai_feature() {
     assert!(cos(&vecs[0], &vecs[1]) < 0.999, "different inputs");
 }
 
-/// `--cpu-engine paired`: one request decodes on llama.cpp (fewer than 8
-/// sequences), so its greedy answer is llama.cpp's; eight at once move the
-/// instance to OpenVINO and every one of them is answered in full.
+/// `--cpu-engine paired --paired-from 2`: one request decodes on llama.cpp,
+/// so its greedy answer is llama.cpp's; several at once move the instance
+/// to OpenVINO and every one of them is answered; alone again, llama.cpp.
 #[tokio::test]
-async fn paired_serves_one_stream_on_llama_cpp_and_eight_on_openvino() {
-    let (s, _tmp) = serve("paired", &["--llama-cpp-threads", "1"]);
+async fn paired_serves_one_stream_on_llama_cpp_and_several_on_openvino() {
+    let (s, _tmp) = serve(
+        "paired",
+        &["--llama-cpp-threads", "1", "--paired-from", "2"],
+    );
     assert_eq!(backend(&s).await, "llama.cpp+openvino");
     s.deploy(&package("chat"));
     let ask = |question: String, tokens: usize| {
@@ -208,7 +211,7 @@ async fn paired_serves_one_stream_on_llama_cpp_and_eight_on_openvino() {
     assert_eq!(got, reference);
 
     let answers =
-        futures::future::join_all((0..8).map(|i| ask(format!("Name a city ({i})."), 32))).await;
+        futures::future::join_all((0..4).map(|i| ask(format!("Name a city ({i})."), 32))).await;
     for (i, a) in answers.iter().enumerate() {
         assert!(!a.trim().is_empty(), "answer {i} is empty");
     }
@@ -338,6 +341,17 @@ fn an_engine_that_cannot_serve_stops_the_server() {
     let err = run(&["--cpu-engine", "ggml"]);
     assert!(
         err.contains("invalid value 'ggml' for '--cpu-engine"),
+        "{err}"
+    );
+    // A pair needs both engines, and at least two sequences to move at.
+    let err = run(&["--cpu-engine", "paired", "--llama-cpp-dir", "/nonexistent"]);
+    assert!(
+        err.contains("--cpu-engine paired: backend unavailable: /nonexistent has no libllama"),
+        "{err}"
+    );
+    let err = run(&["--cpu-engine", "paired", "--paired-from", "1"]);
+    assert!(
+        err.contains("invalid value '1' for '--paired-from"),
         "{err}"
     );
 }

@@ -6,7 +6,7 @@
 //! - `cpu`: the OpenVINO CPU engine, when `libopenvino_c` loads (from the
 //!   `openvino` wheel in the virtualenv), or the llama.cpp engine (its
 //!   prebuilt library from npm), or the two paired (llama.cpp while an
-//!   instance holds few sequences, OpenVINO from [`PAIR_SWITCH_UP`]), as
+//!   instance holds few sequences, OpenVINO from `--paired-from`), as
 //!   `--cpu-engine` says; with `auto`, both decode on the first imported
 //!   model at start and the faster serves, or the pair when each is faster
 //!   at one of the two batch sizes measured ([`CpuEngine`]). What it may hold is set by the host memory budget
@@ -115,8 +115,8 @@ pub enum CpuEngine {
     Openvino,
     LlamaCpp,
     /// Both, each model loaded on each: llama.cpp while an instance holds
-    /// fewer than [`PAIR_SWITCH_UP`] sequences, OpenVINO from then on
-    /// ([`slinfer_engine::paired`]).
+    /// fewer than [`CpuOptions::paired_from`] sequences, OpenVINO from then
+    /// on ([`slinfer_engine::paired`]).
     Paired,
 }
 
@@ -142,6 +142,9 @@ pub struct CpuOptions {
     pub llama_cpp_dir: Option<PathBuf>,
     /// Threads of a llama.cpp step (default: one per core).
     pub llama_cpp_threads: Option<usize>,
+    /// Sequences from which a paired instance runs on OpenVINO (default
+    /// [`PAIRED_FROM`]).
+    pub paired_from: usize,
 }
 
 impl Default for CpuOptions {
@@ -151,6 +154,7 @@ impl Default for CpuOptions {
             precision: Default::default(),
             llama_cpp_dir: None,
             llama_cpp_threads: None,
+            paired_from: PAIRED_FROM,
         }
     }
 }
@@ -164,9 +168,9 @@ const MEASURE_PROMPT: usize = 160;
 const MEASURE_STEPS: usize = 16;
 /// Sequences of the batched half of the measurement.
 const MEASURE_BATCH: usize = 8;
-/// Sequences from which a paired instance runs on its engine of many: the
-/// batch at which `auto` measured that engine faster.
-pub const PAIR_SWITCH_UP: usize = MEASURE_BATCH;
+/// Sequences from which a paired instance runs on its engine of many, by
+/// default: the batch at which `auto` measures that engine faster.
+pub const PAIRED_FROM: usize = MEASURE_BATCH;
 
 /// Decode tok/s of one engine on one model: one sequence, and
 /// [`MEASURE_BATCH`] together.
@@ -223,6 +227,7 @@ fn choose(
     openvino: slinfer_openvino::OpenVinoBackend,
     llama: slinfer_llama_cpp::LlamaCppBackend,
     models_dir: &Path,
+    paired_from: usize,
 ) -> Arc<dyn Backend> {
     let packages = package_dirs(models_dir, PackageKind::Llm).unwrap_or_default();
     let both = packages.iter().find(|dir| {
@@ -247,7 +252,7 @@ fn choose(
                 } else {
                     (openvino, llama)
                 };
-                Arc::new(PairedBackend::new(few, many, PAIR_SWITCH_UP).expect("two CPU engines"))
+                Arc::new(PairedBackend::new(few, many, paired_from).expect("two CPU engines"))
             } else if l.score() > o.score() {
                 llama
             } else {
@@ -295,10 +300,10 @@ fn cpu_backend(
         CpuEngine::Paired => Arc::new(PairedBackend::new(
             Arc::new(llama()?),
             Arc::new(openvino?),
-            PAIR_SWITCH_UP,
+            cpu.paired_from,
         )?),
         CpuEngine::Auto => match (openvino, llama()) {
-            (Ok(o), Ok(l)) => choose(o, l, models_dir),
+            (Ok(o), Ok(l)) => choose(o, l, models_dir, cpu.paired_from),
             (Ok(o), Err(e)) => {
                 tracing::info!("CPU engine: OpenVINO (no llama.cpp: {e})");
                 Arc::new(o)

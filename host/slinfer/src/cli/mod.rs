@@ -235,6 +235,12 @@ pub struct CpuArgs {
     /// (BENCHMARKS.md: 108.7 against 21.7 tok/s with one of two cores busy).
     #[arg(long, env = "SLINFER_LLAMA_CPP_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub llama_cpp_threads: Option<u16>,
+    /// Sequences from which an instance of the paired engines runs on
+    /// OpenVINO (llama.cpp below; back on llama.cpp at half as many). The
+    /// default is the batch `auto` measures, 8; the Intel Xeon's crossover
+    /// lies between 4 and 8 sequences (BENCHMARKS.md).
+    #[arg(long, env = "SLINFER_PAIRED_FROM", default_value_t = crate::devices::PAIRED_FROM as u16, value_parser = clap::value_parser!(u16).range(2..))]
+    pub paired_from: u16,
 }
 
 impl From<CpuArgs> for crate::devices::CpuOptions {
@@ -244,6 +250,7 @@ impl From<CpuArgs> for crate::devices::CpuOptions {
             precision: a.cpu_precision,
             llama_cpp_dir: a.llama_cpp_dir,
             llama_cpp_threads: a.llama_cpp_threads.map(usize::from),
+            paired_from: usize::from(a.paired_from),
         }
     }
 }
