@@ -236,7 +236,7 @@ pub struct CpuArgs {
     #[arg(long, env = "SLINFER_LLAMA_CPP_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub llama_cpp_threads: Option<u16>,
     /// Sequences from which an instance of the paired engines runs on
-    /// OpenVINO (llama.cpp below; back on llama.cpp at half as many). The
+    /// OpenVINO (llama.cpp below; back on llama.cpp at one or none). The
     /// default is the batch `auto` measures, 8; the Intel Xeon's crossover
     /// lies between 4 and 8 sequences (BENCHMARKS.md).
     #[arg(long, env = "SLINFER_PAIRED_FROM", default_value_t = crate::devices::PAIRED_FROM as u16, value_parser = clap::value_parser!(u16).range(2..))]
