@@ -9,7 +9,8 @@
 //!   instance holds few sequences, OpenVINO from `--paired-from`), as
 //!   `--cpu-engine` says; with `auto`, both decode on the first imported
 //!   model at start and the faster serves, or the pair when each is faster
-//!   at one of the two batch sizes measured ([`CpuEngine`]). What it may hold is set by the host memory budget
+//!   at one of the two batch sizes measured ([`CpuEngine`]). What it may
+//!   hold is set by the host memory budget
 //!   (`slinfer_inference::MemoryBudget`), which it shares with the functions.
 //! - `cuda:N`: each GPU the CUDA engine finds (driver, cuBLAS and NVRTC
 //!   present); its capacity is its free memory at start less a margin.

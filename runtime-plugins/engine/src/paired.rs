@@ -4,7 +4,7 @@
 //! with one or a few sequences: llama.cpp on most CPUs) and a `many` engine
 //! (fast with many: OpenVINO's paged attention), and its
 //! [`PairedInstance`] runs each step on one of them: on `many` once the
-//! instance holds [`PairedInstance::switch_up`] sequences or more, back on
+//! instance holds `switch_up` sequences or more, back on
 //! `few` when it holds one or none. Moving costs a prefill of every
 //! sequence moved: a count hovering at the threshold must not move them
 //! back and forth, and back on `few` only a lone sequence's faster steps
@@ -69,11 +69,6 @@ impl PairedBackend {
             name,
         })
     }
-
-    /// Sequences at which an instance moves to the `many` engine.
-    pub fn switch_up(&self) -> usize {
-        self.switch_up
-    }
 }
 
 impl Backend for PairedBackend {
@@ -134,9 +129,25 @@ pub struct PairedInstance {
     active: usize,
     /// The engine of the last successful step (what `last_hidden` asks).
     last: usize,
-    /// Where each sequence lives, and every token it holds.
-    home: HashMap<SeqId, usize>,
-    tokens: HashMap<SeqId, Vec<u32>>,
+    held: HashMap<SeqId, Held>,
+}
+
+/// A sequence of the pair: the engine it lives on and every token it holds.
+#[derive(Clone)]
+struct Held {
+    engine: usize,
+    tokens: Vec<u32>,
+}
+
+/// One step as the pair runs it (see [`PairedInstance::plan`]).
+struct Plan {
+    engine: usize,
+    /// The batch as `engine` runs it.
+    run: Vec<StepEntry>,
+    /// The sequences that move to `engine` in this step.
+    moving: Vec<SeqId>,
+    /// Blocks the step takes from the pool, net of those freed behind.
+    needed: usize,
 }
 
 impl PairedInstance {
@@ -167,19 +178,13 @@ impl PairedInstance {
             switch_up: switch_up.max(2),
             active: FEW,
             last: FEW,
-            home: HashMap::new(),
-            tokens: HashMap::new(),
+            held: HashMap::new(),
         };
         let blocks = pair.engines[MANY].kv_capacity_blocks();
         if pair.engines[FEW].kv_capacity_blocks() != blocks {
             pair.engines[FEW].resize_kv(blocks)?;
         }
         Ok(pair)
-    }
-
-    /// Sequences at which steps move to the `many` engine.
-    pub fn switch_up(&self) -> usize {
-        self.switch_up
     }
 
     /// Names the two engines in the log line of each switch.
@@ -198,67 +203,54 @@ impl PairedInstance {
         }
     }
 
-    fn home_of(&self, seq: SeqId) -> Result<usize, EngineError> {
-        self.home
-            .get(&seq)
-            .copied()
-            .ok_or(EngineError::UnknownSequence(seq))
+    fn held(&self, seq: SeqId) -> Result<&Held, EngineError> {
+        self.held.get(&seq).ok_or(EngineError::UnknownSequence(seq))
     }
 
-    /// The batch as `engine` runs it: a sequence that lives on the other
-    /// engine brings its tokens so far ahead of the step's.
-    fn batch_on(&self, engine: usize, batch: &[StepEntry]) -> Result<Vec<StepEntry>, EngineError> {
-        batch
-            .iter()
-            .map(|e| {
-                if self.home_of(e.seq)? == engine {
-                    return Ok(e.clone());
-                }
-                let mut tokens = self.tokens[&e.seq].clone();
-                tokens.extend_from_slice(&e.tokens);
-                Ok(StepEntry { seq: e.seq, tokens })
-            })
-            .collect()
-    }
-
-    /// Blocks the moving sequences free on the engine they leave: all it
-    /// holds when every sequence there moves, else their own blocks (a
-    /// block shared with a fork that stays is not freed; counting it errs
-    /// toward admitting the step).
-    fn blocks_left_behind(&self, engine: usize, batch: &[StepEntry]) -> usize {
-        let other = 1 - engine;
-        let there = self.home.values().filter(|&&e| e == other).count();
-        let moving: Vec<&StepEntry> = batch
-            .iter()
-            .filter(|e| self.home.get(&e.seq) == Some(&other))
-            .collect();
-        let held = self.engines[other].kv_blocks_in_use();
-        if moving.len() == there {
-            return held;
+    /// How a step of `batch` runs: on the engine the held count says; a
+    /// sequence that lives on the other engine brings its tokens so far
+    /// ahead of the step's, and is counted as a new sequence there less
+    /// the blocks it frees behind (all the other engine holds when every
+    /// sequence there moves, else its own: a block shared with a fork that
+    /// stays is not freed, and counting it errs toward admitting the step).
+    fn plan(&self, batch: &[StepEntry]) -> Result<Plan, EngineError> {
+        let engine = self.engine_for(self.held.len());
+        let bs = self.block_size_tokens();
+        let (mut run, mut staying, mut moving) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut moved_blocks, mut own_behind) = (0, 0);
+        for e in batch {
+            let h = self.held(e.seq)?;
+            if h.engine == engine {
+                staying.push(e.clone());
+                run.push(e.clone());
+                continue;
+            }
+            let mut tokens = h.tokens.clone();
+            tokens.extend_from_slice(&e.tokens);
+            moved_blocks += tokens.len().div_ceil(bs);
+            own_behind += h.tokens.len().div_ceil(bs);
+            moving.push(e.seq);
+            run.push(StepEntry { seq: e.seq, tokens });
         }
-        let bs = self.block_size_tokens();
-        let own: usize = moving
-            .iter()
-            .map(|e| self.tokens[&e.seq].len().div_ceil(bs))
-            .sum();
-        own.min(held)
-    }
-
-    /// Blocks a step on `engine` takes: what it needs there (moving
-    /// sequences as new ones) less what the moving ones free behind them.
-    fn blocks_needed_on(&self, engine: usize, batch: &[StepEntry]) -> Result<usize, EngineError> {
-        let bs = self.block_size_tokens();
-        let (staying, moving): (Vec<StepEntry>, Vec<StepEntry>) = self
-            .batch_on(engine, batch)?
-            .into_iter()
-            .partition(|e| self.home.get(&e.seq) == Some(&engine));
         let here = if staying.is_empty() {
             0
         } else {
             self.engines[engine].blocks_needed(&staying)?
         };
-        let moved: usize = moving.iter().map(|e| e.tokens.len().div_ceil(bs)).sum();
-        Ok((here + moved).saturating_sub(self.blocks_left_behind(engine, batch)))
+        let other = 1 - engine;
+        let there = self.held.values().filter(|h| h.engine == other).count();
+        let held_there = self.engines[other].kv_blocks_in_use();
+        let behind = if moving.len() == there {
+            held_there
+        } else {
+            own_behind.min(held_there)
+        };
+        Ok(Plan {
+            engine,
+            run,
+            moving,
+            needed: (here + moved_blocks).saturating_sub(behind),
+        })
     }
 }
 
@@ -299,61 +291,61 @@ impl LlmInstance for PairedInstance {
     }
 
     fn add_sequence(&mut self, seq: SeqId) -> Result<(), EngineError> {
-        if self.home.contains_key(&seq) {
+        if self.held.contains_key(&seq) {
             return Err(EngineError::SequenceExists(seq));
         }
         // Where the next step will run with this sequence held.
-        let engine = self.engine_for(self.home.len() + 1);
+        let engine = self.engine_for(self.held.len() + 1);
         self.engines[engine].add_sequence(seq)?;
-        self.home.insert(seq, engine);
-        self.tokens.insert(seq, Vec::new());
+        self.held.insert(
+            seq,
+            Held {
+                engine,
+                tokens: Vec::new(),
+            },
+        );
         Ok(())
     }
 
     fn free_sequence(&mut self, seq: SeqId) -> Result<(), EngineError> {
-        let engine = self.home_of(seq)?;
+        let engine = self.held(seq)?.engine;
         self.engines[engine].free_sequence(seq)?;
-        self.home.remove(&seq);
-        self.tokens.remove(&seq);
+        self.held.remove(&seq);
         Ok(())
     }
 
     /// The copy lives where `src` does.
     fn fork_sequence(&mut self, src: SeqId, dst: SeqId) -> Result<(), EngineError> {
-        let engine = self.home_of(src)?;
-        if self.home.contains_key(&dst) {
+        let copy = self.held(src)?.clone();
+        if self.held.contains_key(&dst) {
             return Err(EngineError::SequenceExists(dst));
         }
-        self.engines[engine].fork_sequence(src, dst)?;
-        self.home.insert(dst, engine);
-        let tokens = self.tokens[&src].clone();
-        self.tokens.insert(dst, tokens);
+        self.engines[copy.engine].fork_sequence(src, dst)?;
+        self.held.insert(dst, copy);
         Ok(())
     }
 
     fn sequence_len(&self, seq: SeqId) -> Option<usize> {
-        self.engines[*self.home.get(&seq)?].sequence_len(seq)
+        self.engines[self.held.get(&seq)?.engine].sequence_len(seq)
     }
 
     fn blocks_needed(&self, batch: &[StepEntry]) -> Result<usize, EngineError> {
-        self.blocks_needed_on(self.engine_for(self.home.len()), batch)
+        Ok(self.plan(batch)?.needed)
     }
 
     fn step(&mut self, batch: &[StepEntry]) -> Result<Vec<Vec<f32>>, EngineError> {
-        let engine = self.engine_for(self.home.len());
-        let needed = self.blocks_needed_on(engine, batch)?;
+        let Plan {
+            engine,
+            run,
+            moving,
+            needed,
+        } = self.plan(batch)?;
         let free = self
             .kv_capacity_blocks()
             .saturating_sub(self.kv_blocks_in_use());
         if needed > free {
             return Err(EngineError::KvExhausted { needed, free });
         }
-        let run = self.batch_on(engine, batch)?;
-        let moving: Vec<SeqId> = batch
-            .iter()
-            .filter(|e| self.home[&e.seq] != engine)
-            .map(|e| e.seq)
-            .collect();
         let undo = |pair: &mut Self, added: &[SeqId]| {
             for &seq in added {
                 // Freeing a sequence just added (and not advanced) cannot fail.
@@ -375,17 +367,15 @@ impl LlmInstance for PairedInstance {
         };
         for &seq in &moving {
             self.engines[1 - engine].free_sequence(seq)?;
-            self.home.insert(seq, engine);
         }
         for e in batch {
-            self.tokens
-                .get_mut(&e.seq)
-                .expect("checked by batch_on")
-                .extend_from_slice(&e.tokens);
+            let h = self.held.get_mut(&e.seq).expect("checked by plan");
+            h.engine = engine;
+            h.tokens.extend_from_slice(&e.tokens);
         }
         if engine != self.active {
             tracing::info!(
-                sequences = self.home.len(),
+                sequences = self.held.len(),
                 moved = moving.len(),
                 "paired instance: steps move to {}",
                 self.names[engine]
@@ -513,7 +503,7 @@ mod tests {
         // The step would move sequence 1 to `many`; a bad token fails it there.
         let err = p.step(&[entry(1, &[3]), entry(2, &[vocab])]).unwrap_err();
         assert!(matches!(err, EngineError::TokenOutOfRange { .. }), "{err}");
-        assert_eq!(p.home[&1], FEW);
+        assert_eq!(p.held[&1].engine, FEW);
         assert_eq!(p.engines[MANY].kv_blocks_in_use(), 0);
         assert_eq!(p.sequence_len(1), Some(2));
         assert!(matches!(
@@ -570,7 +560,7 @@ mod tests {
         p.add_sequence(1).unwrap();
         p.step(&[entry(1, &[1, 2, 3])]).unwrap();
         p.fork_sequence(1, 2).unwrap();
-        assert_eq!(p.home[&2], FEW);
+        assert_eq!(p.held[&2].engine, FEW);
         p.add_sequence(3).unwrap();
         let out = p
             .step(&[entry(1, &[4]), entry(2, &[5]), entry(3, &[6])])

@@ -221,8 +221,8 @@ pub struct CpuArgs {
     /// from 8; twice the memory), or `auto`: both measured at start on the
     /// first imported model, decoding one sequence and eight; the faster at
     /// both serves, the pair when each is faster at one (BENCHMARKS.md,
-    /// "CPU decode speed"). `wasi:nn` tensors
-    /// run on OpenVINO whatever this is.
+    /// "CPU decode speed"). `wasi:nn` tensors run on OpenVINO whatever this
+    /// is.
     #[arg(long, env = "SLINFER_CPU_ENGINE", value_enum, default_value = "auto")]
     pub cpu_engine: crate::devices::CpuEngine,
     /// The folder of llama.cpp's `libllama.v0.5.0.so` (the npm package
