@@ -18,11 +18,15 @@
 //! fails, nothing moved. So a sequence's greedy tokens are the `few`
 //! engine's up to its move and the `many` engine's (on that prefix) after.
 //!
-//! KV accounting: both engines keep a pool of the same number of blocks of
-//! the same size, so that either can hold every sequence; the pair reports
-//! that number as its capacity, the blocks its sequences hold on both as in
-//! use, and the sum of both engines' bytes per block as the cost of a block.
-//! Resizing resizes both.
+//! KV accounting: both engines have pools of blocks of the same size, and
+//! the pair's pool is a number of blocks either engine can hold at once, so
+//! that either can hold every sequence; the pair reports that number as its
+//! capacity, the blocks its sequences hold on both as in use, and the sum of
+//! both engines' bytes per block as the cost of a block (what the scheduler
+//! reserves). A shrink applies to both engines at once (the memory goes back
+//! then); a grow applies to each engine before its next step, so a burst
+//! after idle grows only the engine it runs on, once, however many grows the
+//! scheduler asked for on the way.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -130,6 +134,9 @@ pub struct PairedInstance {
     /// The engine of the last successful step (what `last_hidden` asks).
     last: usize,
     held: HashMap<SeqId, Held>,
+    /// The pool, in blocks: each engine holds at most this many, and grows
+    /// to it before its next step.
+    pool: usize,
 }
 
 /// A sequence of the pair: the engine it lives on and every token it holds.
@@ -179,10 +186,11 @@ impl PairedInstance {
             active: FEW,
             last: FEW,
             held: HashMap::new(),
+            pool: 0,
         };
-        let blocks = pair.engines[MANY].kv_capacity_blocks();
-        if pair.engines[FEW].kv_capacity_blocks() != blocks {
-            pair.engines[FEW].resize_kv(blocks)?;
+        pair.pool = pair.engines[MANY].kv_capacity_blocks();
+        if pair.engines[FEW].kv_capacity_blocks() != pair.pool {
+            pair.engines[FEW].resize_kv(pair.pool)?;
         }
         Ok(pair)
     }
@@ -201,6 +209,14 @@ impl PairedInstance {
             MANY if held <= 1 => FEW,
             e => e,
         }
+    }
+
+    /// Grows `engine` to the pool, if a grow is pending for it.
+    fn fit(&mut self, engine: usize) -> Result<(), EngineError> {
+        if self.engines[engine].kv_capacity_blocks() < self.pool {
+            self.engines[engine].resize_kv(self.pool)?;
+        }
+        Ok(())
     }
 
     fn held(&self, seq: SeqId) -> Result<&Held, EngineError> {
@@ -269,24 +285,36 @@ impl LlmInstance for PairedInstance {
         self.engines.iter().map(|e| e.weight_bytes()).sum()
     }
     fn kv_capacity_blocks(&self) -> usize {
-        self.engines[FEW]
-            .kv_capacity_blocks()
-            .min(self.engines[MANY].kv_capacity_blocks())
+        self.pool
     }
     /// A sequence holds blocks on one engine only.
     fn kv_blocks_in_use(&self) -> usize {
         self.engines.iter().map(|e| e.kv_blocks_in_use()).sum()
     }
 
+    /// Shrinks the engines holding more than `blocks` now; a grow waits for
+    /// each engine's next step (see the module docs).
     fn resize_kv(&mut self, blocks: usize) -> Result<(), EngineError> {
+        // Every sequence may move to one engine: all of them must fit.
+        let in_use = self.kv_blocks_in_use();
+        if blocks < in_use {
+            return Err(EngineError::ShrinkBelowUsage {
+                requested: blocks,
+                in_use,
+            });
+        }
         let before = self.engines[FEW].kv_capacity_blocks();
-        self.engines[FEW].resize_kv(blocks)?;
-        if let Err(e) = self.engines[MANY].resize_kv(blocks) {
-            // Leave the pair as it was; growing back what was just shrunk
-            // (or shrinking what was just grown) fits.
+        if before > blocks {
+            self.engines[FEW].resize_kv(blocks)?;
+        }
+        if self.engines[MANY].kv_capacity_blocks() > blocks
+            && let Err(e) = self.engines[MANY].resize_kv(blocks)
+        {
+            // Leave the pair as it was; growing back what was just shrunk fits.
             let _ = self.engines[FEW].resize_kv(before);
             return Err(e);
         }
+        self.pool = blocks;
         Ok(())
     }
 
@@ -346,6 +374,7 @@ impl LlmInstance for PairedInstance {
         if needed > free {
             return Err(EngineError::KvExhausted { needed, free });
         }
+        self.fit(engine)?;
         let undo = |pair: &mut Self, added: &[SeqId]| {
             for &seq in added {
                 // Freeing a sequence just added (and not advanced) cannot fail.
@@ -552,6 +581,68 @@ mod tests {
             p.step(&[entry(3, &vec![1; 4 * bs])]),
             Err(EngineError::KvExhausted { needed: 4, free: 3 })
         ));
+    }
+
+    #[test]
+    fn a_grow_waits_for_each_engines_next_step_and_a_shrink_does_not() {
+        let mut p = pair(2);
+        let caps = |p: &PairedInstance| {
+            [
+                p.engines[FEW].kv_capacity_blocks(),
+                p.engines[MANY].kv_capacity_blocks(),
+            ]
+        };
+        // Two grows in a row (a burst's first request, then the rest).
+        p.resize_kv(48).unwrap();
+        p.resize_kv(64).unwrap();
+        assert_eq!(p.kv_capacity_blocks(), 64);
+        assert_eq!(caps(&p), [32, 32], "nothing allocated yet");
+        assert_eq!(p.memory().kv_blocks_capacity, 64);
+        assert_eq!(
+            p.memory().kv_bytes,
+            64 * load(1, 1).kv_bytes_per_block(),
+            "the engines' memory as it is: 32 blocks on each"
+        );
+        p.add_sequence(1).unwrap();
+        p.step(&[entry(1, &[1, 2])]).unwrap();
+        assert_eq!(caps(&p), [64, 32], "few grew for its step, many did not");
+        // A step that needs more than the lagging engine has now, but no
+        // more than the pool: `many` grows first and takes it.
+        let bs = p.block_size_tokens();
+        let mut step = vec![entry(1, &[3])];
+        for seq in 2..7 {
+            p.add_sequence(seq).unwrap();
+            step.push(entry(seq, &vec![4; 7 * bs]));
+        }
+        let out = p.step(&step).unwrap();
+        assert!(close(&out[0], &alone(2, &[1, 2, 3])));
+        assert_eq!(caps(&p), [64, 64]);
+        assert_eq!(p.kv_blocks_in_use(), 36);
+        // A shrink applies to both at once, and not below what is held.
+        for seq in 2..7 {
+            p.free_sequence(seq).unwrap();
+        }
+        p.resize_kv(16).unwrap();
+        assert_eq!(caps(&p), [16, 16]);
+        p.resize_kv(40).unwrap();
+        p.free_sequence(1).unwrap();
+        p.add_sequence(3).unwrap();
+        p.step(&[entry(3, &[5])]).unwrap();
+        assert_eq!(caps(&p), [40, 16], "back on few: only few grew");
+        p.resize_kv(24).unwrap();
+        assert_eq!(
+            caps(&p),
+            [24, 16],
+            "a shrink leaves a smaller engine as it is"
+        );
+        assert!(matches!(
+            p.resize_kv(0),
+            Err(EngineError::ShrinkBelowUsage {
+                requested: 0,
+                in_use: 1
+            })
+        ));
+        assert_eq!(caps(&p), [24, 16], "a refused shrink changes nothing");
     }
 
     #[test]
