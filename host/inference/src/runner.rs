@@ -293,7 +293,10 @@ impl InstanceRunner {
         self.load_and_calibrate(kv_bytes);
         let after = backend.used_bytes(self.device.index);
         if let (Some(inst), Some(before), Some(after)) = (self.inst.as_deref(), before, after) {
-            let kv = inst.kv_capacity_blocks() as u64 * inst.kv_bytes_per_block();
+            // The KV the engine holds now, which a pair of engines that
+            // grows each one before its first step may hold less of than
+            // its pool counts.
+            let kv = inst.memory().kv_bytes;
             let static_bytes = after.saturating_sub(before).saturating_sub(kv);
             tracing::info!(
                 model = %self.model.name,
