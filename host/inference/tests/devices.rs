@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use slinfer_engine::package::ModelPackage;
+use slinfer_engine::paired::PairedBackend;
 use slinfer_engine::reference::ReferenceBackend;
 use slinfer_engine::sampler::argmax;
 use slinfer_engine::{
@@ -739,6 +740,31 @@ async fn an_instance_counts_what_its_engine_measured_it_holds() {
     let i = &s.models[0].instances[0].scheduler;
     let kv = i.kv_blocks_committed * i.block_bytes;
     assert_eq!(s.devices[0].scheduler.committed_bytes, extra + kv, "{s:?}");
+}
+
+/// A pair of engines grows each engine's pool only before that engine's
+/// first step, so after load it holds less KV than its pool counts: what
+/// it measured it holds beyond its KV is still both engines' `extra`.
+#[tokio::test]
+async fn a_paired_instance_counts_the_kv_its_engines_hold_not_its_pool() {
+    let dir = models(&[("tiny", 40)]);
+    let extra = 300 * MIB;
+    let used = Arc::new(AtomicU64::new(0));
+    let metered = || -> Arc<dyn Backend> {
+        Arc::new(Paced {
+            meter: Some(Meter {
+                extra,
+                used: used.clone(),
+            }),
+            ..Paced::new(DeviceKind::Cpu, 0, None)
+        })
+    };
+    let pair = PairedBackend::new(metered(), metered(), 8).unwrap();
+    let (inf, _) = start(dir.path(), vec![cpu(Arc::new(pair))]);
+    collect(&inf, request("tiny", "measure me", 4))
+        .await
+        .unwrap();
+    assert_eq!(static_bytes(&inf), [2 * extra]);
 }
 
 #[tokio::test]
