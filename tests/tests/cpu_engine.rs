@@ -249,7 +249,7 @@ async fn auto_measures_both_engines_and_serves_with_the_faster() {
     let log = s.log();
     let line = log
         .lines()
-        .find(|l| l.contains("CPU engine chosen by measured decode tok/s"))
+        .find(|l| l.contains("CPU engine chosen by measured tok/s"))
         .unwrap_or_else(|| panic!("no measurement in the log:\n{log}"));
     let figure = |key: &str| -> f64 {
         let at = line.find(&format!("{key}=")).unwrap() + key.len() + 1;

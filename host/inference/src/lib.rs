@@ -43,7 +43,7 @@ pub use memory::{HOST_MEMORY_MARGIN_BYTES, MemoryBudget, MemoryUse};
 pub use metrics::{
     DeviceLabel, DeviceLabels, LlmMetrics, ModelLabel, ModelTally, OutcomeLabels, SloLabels,
 };
-pub use runner::prefill_chunk_tokens;
+pub use runner::{next_prefill_step, prefill_chunk_tokens};
 pub use service::{Inference, InferenceConfig, Remote};
 /// The neutral tensor types `wasi:nn` carries (from the engine contract).
 pub use slinfer_engine::tensor;

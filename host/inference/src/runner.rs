@@ -12,6 +12,7 @@
 //! scheduler plans with it from then on.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -45,6 +46,35 @@ pub fn prefill_chunk_tokens(kind: DeviceKind) -> usize {
         DeviceKind::Cpu => 512,
         DeviceKind::Gpu => 2048,
     }
+}
+
+/// The next step of a chunked prefill of several prompts: at most `chunk`
+/// tokens, taken from the prompts in order, so that one step finishes some
+/// prompts and starts the next. `done[i]` of `lens[i]` tokens of prompt `i`
+/// are computed already; they advance by what the step takes. Each entry is
+/// a prompt's index and the range of its tokens the step computes; none
+/// when every prompt is done. The runner prefills this way, and `slinfer`
+/// times engines in the same steps.
+pub fn next_prefill_step(
+    lens: &[usize],
+    done: &mut [usize],
+    chunk: usize,
+) -> Vec<(usize, Range<usize>)> {
+    let mut room = chunk.max(1);
+    let mut step = Vec::new();
+    for (i, (&len, d)) in lens.iter().zip(done.iter_mut()).enumerate() {
+        let take = len.saturating_sub(*d).min(room);
+        if take == 0 {
+            continue;
+        }
+        step.push((i, *d..*d + take));
+        *d += take;
+        room -= take;
+        if room == 0 {
+            break;
+        }
+    }
+    step
 }
 
 /// Held through a load and its calibration, so that what the device has in
@@ -478,21 +508,20 @@ impl InstanceRunner {
             .collect();
         let mut last = vec![None; contexts.len()];
         let mut hidden: Vec<Option<Result<Vec<f32>, InferenceError>>> = vec![None; contexts.len()];
-        while done.iter().zip(&contexts).any(|(d, (_, c))| *d < c.len()) {
-            let (mut batch, mut who, mut room) = (Vec::new(), Vec::new(), chunk);
-            for (i, (seq, context)) in contexts.iter().enumerate() {
-                let take = (context.len() - done[i]).min(room);
-                if take == 0 {
-                    continue;
-                }
-                batch.push(StepEntry {
-                    seq: *seq,
-                    tokens: context[done[i]..done[i] + take].to_vec(),
-                });
-                who.push(i);
-                done[i] += take;
-                room -= take;
+        let lens: Vec<usize> = contexts.iter().map(|(_, c)| c.len()).collect();
+        loop {
+            let parts = next_prefill_step(&lens, &mut done, chunk);
+            if parts.is_empty() {
+                break;
             }
+            let batch: Vec<StepEntry> = parts
+                .iter()
+                .map(|(i, r)| StepEntry {
+                    seq: contexts[*i].0,
+                    tokens: contexts[*i].1[r.clone()].to_vec(),
+                })
+                .collect();
+            let who: Vec<usize> = parts.into_iter().map(|(i, _)| i).collect();
             match inst.step(&batch) {
                 Ok(logits) => {
                     let ended = |i: &usize| done[*i] == contexts[*i].1.len();
@@ -679,5 +708,46 @@ fn return_freed_memory() {
     // SAFETY: malloc_trim only walks the allocator's own free lists.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_prefill_step;
+
+    #[test]
+    fn a_chunked_prefill_fills_each_step_with_the_prompts_in_order() {
+        // The third prompt is a fork (computed already), the fourth empty.
+        let lens = [300, 400, 50, 0, 100];
+        let mut done = [0, 0, 50, 0, 0];
+        assert_eq!(
+            next_prefill_step(&lens, &mut done, 512),
+            vec![(0, 0..300), (1, 0..212)]
+        );
+        assert_eq!(
+            next_prefill_step(&lens, &mut done, 512),
+            vec![(1, 212..400), (4, 0..100)]
+        );
+        assert!(next_prefill_step(&lens, &mut done, 512).is_empty());
+        assert_eq!(done, [300, 400, 50, 0, 100]);
+    }
+
+    #[test]
+    fn a_prompt_longer_than_a_chunk_takes_several_steps() {
+        let mut done = [0];
+        let steps: Vec<_> = std::iter::from_fn(|| {
+            Some(next_prefill_step(&[1100], &mut done, 512)).filter(|s| !s.is_empty())
+        })
+        .collect();
+        assert_eq!(
+            steps,
+            vec![
+                vec![(0, 0..512)],
+                vec![(0, 512..1024)],
+                vec![(0, 1024..1100)]
+            ]
+        );
+        // A chunk of nothing still advances, one token a step.
+        assert_eq!(next_prefill_step(&[3], &mut [0], 0), vec![(0, 0..1)]);
     }
 }

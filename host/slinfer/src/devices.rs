@@ -7,9 +7,10 @@
 //!   `openvino` wheel in the virtualenv), or the llama.cpp engine (its
 //!   prebuilt library from npm), or the two paired (llama.cpp while an
 //!   instance holds few sequences, OpenVINO from `--paired-from`), as
-//!   `--cpu-engine` says; with `auto`, both decode on the first imported
-//!   model at start and the faster serves, or the pair when each is faster
-//!   at one of the two batch sizes measured ([`CpuEngine`]). What it may
+//!   `--cpu-engine` says; with `auto`, both are timed on the first
+//!   imported model at start (decode of one sequence; eight requests
+//!   served, prefill included) and the faster serves, or the pair when
+//!   each is faster at one of the two ([`CpuEngine`]). What it may
 //!   hold is set by the host memory budget
 //!   (`slinfer_inference::MemoryBudget`), which it shares with the functions.
 //! - `cuda:N`: each GPU the CUDA engine finds (driver, cuBLAS and NVRTC
@@ -169,30 +170,50 @@ const MEASURE_PROMPT: usize = 160;
 const MEASURE_STEPS: usize = 16;
 /// Sequences of the batched half of the measurement.
 const MEASURE_BATCH: usize = 8;
+/// Tokens of answer per request in the batched figure: a chat answer (the
+/// benchmark's 128; the traces' mean is ~220 after ~870 tokens of prompt,
+/// which would weigh prefill more still).
+const MEASURE_ANSWER: usize = 128;
 /// Sequences from which a paired instance runs on its engine of many, by
 /// default: the batch at which `auto` measures that engine faster.
 pub const PAIRED_FROM: usize = MEASURE_BATCH;
 
-/// Decode tok/s of one engine on one model: one sequence, and
-/// [`MEASURE_BATCH`] together.
+/// What `auto` measures of one engine on one model.
 #[derive(Debug, Clone, Copy)]
 struct Speed {
+    /// Decode tok/s of one sequence: what keeps a model within its TPOT
+    /// when it has one request, the usual case of a serverless model.
     one: f64,
+    /// Tok/s of [`MEASURE_BATCH`] requests served together
+    /// ([`served_tok_s`]): their prompts prefilled as the runner does, then
+    /// [`MEASURE_ANSWER`] decode steps of them all. Prefill counts: on an
+    /// AVX2-only AMD EPYC, llama.cpp decoded eight sequences as fast as
+    /// OpenVINO but prefilled them 2-3x slower, and served eight streams
+    /// at 0.65x OpenVINO (BENCHMARKS.md).
     batched: f64,
+    /// Prompt tok/s of that prefill (logged).
+    prefill: f64,
 }
 
 impl Speed {
-    /// What `auto` compares: single-stream speed decides how many models
-    /// a CPU keeps within their TPOT, batched speed how a busy one fares;
-    /// the geometric mean weighs the two alike.
+    /// Which is better when neither engine is faster at both: single-stream
+    /// speed decides how many models a CPU keeps within their TPOT, batched
+    /// speed how a busy one fares; the geometric mean weighs the two alike.
     fn score(&self) -> f64 {
         (self.one * self.batched).sqrt()
     }
 }
 
-/// Loads the package on `backend` and times decode steps (the logits are
-/// not read): [`MEASURE_STEPS`] steps of one sequence, then of
-/// [`MEASURE_BATCH`], each after a [`MEASURE_PROMPT`]-token prompt.
+/// Tok/s of `requests` served together: a prefill of their prompts taking
+/// `prefill_s`, then `answer` decode steps of `step_s` each.
+fn served_tok_s(requests: usize, answer: usize, prefill_s: f64, step_s: f64) -> f64 {
+    (requests * answer) as f64 / (prefill_s + answer as f64 * step_s)
+}
+
+/// Loads the package on `backend` and times it: [`MEASURE_STEPS`] decode
+/// steps of one sequence after a [`MEASURE_PROMPT`]-token prompt, then the
+/// prefill of [`MEASURE_BATCH`] such prompts together and decode steps of
+/// them all.
 fn measure(backend: &dyn Backend, package: &Path) -> Result<Speed, EngineError> {
     let mut inst = backend.load(
         &ModelSource::Package(package.to_path_buf()),
@@ -202,28 +223,56 @@ fn measure(backend: &dyn Backend, package: &Path) -> Result<Speed, EngineError> 
     let chunk = slinfer_inference::prefill_chunk_tokens(backend.kind());
     let per_seq = (MEASURE_PROMPT + MEASURE_STEPS + 2).div_ceil(inst.block_size_tokens());
     inst.resize_kv(per_seq * (MEASURE_BATCH + 1))?;
-    let mut run = |seqs: u64, first: u64| -> Result<f64, EngineError> {
+    // Each run's prefill seconds and decode seconds a step.
+    let mut run = |seqs: u64, first: u64| -> Result<(f64, f64), EngineError> {
         let ids: Vec<u64> = (first..first + seqs).collect();
         for &seq in &ids {
             inst.add_sequence(seq)?;
-            timing::extend(inst.as_mut(), seq, MEASURE_PROMPT, chunk)?;
         }
+        let prefill_s = timing::extend(inst.as_mut(), &ids, MEASURE_PROMPT, chunk)?;
         let step_s = timing::decode_step_s(inst.as_mut(), &ids, MEASURE_STEPS)?;
         for &seq in &ids {
             inst.free_sequence(seq)?;
         }
-        Ok(seqs as f64 / step_s)
+        Ok((prefill_s, step_s))
     };
+    let (_, one_step_s) = run(1, 0)?;
+    let (prefill_s, step_s) = run(MEASURE_BATCH as u64, 1)?;
     Ok(Speed {
-        one: run(1, 0)?,
-        batched: run(MEASURE_BATCH as u64, 1)?,
+        one: 1.0 / one_step_s,
+        batched: served_tok_s(MEASURE_BATCH, MEASURE_ANSWER, prefill_s, step_s),
+        prefill: (MEASURE_BATCH * MEASURE_PROMPT) as f64 / prefill_s,
     })
 }
 
-/// `auto`: the engine that decodes faster on the first imported model that
-/// both can load, at one sequence and at [`MEASURE_BATCH`]; the two paired
-/// when each is faster at one of them; OpenVINO when there is no such model
-/// or a measurement fails.
+/// What `auto` serves with, from the two engines' speeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pick {
+    Openvino,
+    LlamaCpp,
+    /// Both: `llama_cpp_few` says whether llama.cpp is the engine of few
+    /// sequences (faster at one), OpenVINO the engine of many.
+    Paired {
+        llama_cpp_few: bool,
+    },
+}
+
+/// The engine faster at both one sequence and a batch; the two paired
+/// when each is faster at one of them (the one faster at one sequence
+/// serves few); the better [`Speed::score`] on a tie.
+fn pick(openvino: Speed, llama: Speed) -> Pick {
+    let one = llama.one > openvino.one;
+    if one != (llama.batched > openvino.batched) {
+        Pick::Paired { llama_cpp_few: one }
+    } else if llama.score() > openvino.score() {
+        Pick::LlamaCpp
+    } else {
+        Pick::Openvino
+    }
+}
+
+/// `auto`: [`pick`] on the first imported model that both engines can
+/// load; OpenVINO when there is no such model or a measurement fails.
 fn choose(
     openvino: slinfer_openvino::OpenVinoBackend,
     llama: slinfer_llama_cpp::LlamaCppBackend,
@@ -244,30 +293,33 @@ fn choose(
     };
     match (measure(&openvino, package), measure(&llama, package)) {
         (Ok(o), Ok(l)) => {
+            let pair = |few: Arc<dyn Backend>, many: Arc<dyn Backend>| -> Arc<dyn Backend> {
+                Arc::new(PairedBackend::new(few, many, paired_from).expect("two CPU engines"))
+            };
             let (openvino, llama): (Arc<dyn Backend>, Arc<dyn Backend>) =
                 (Arc::new(openvino), Arc::new(llama));
-            let chosen: Arc<dyn Backend> = if (l.one > o.one) != (l.batched > o.batched) {
-                // Each is faster at one batch size: the pair serves.
-                let (few, many) = if l.one > o.one {
-                    (llama, openvino)
-                } else {
-                    (openvino, llama)
-                };
-                Arc::new(PairedBackend::new(few, many, paired_from).expect("two CPU engines"))
-            } else if l.score() > o.score() {
-                llama
-            } else {
-                openvino
+            let chosen = match pick(o, l) {
+                Pick::Openvino => openvino,
+                Pick::LlamaCpp => llama,
+                Pick::Paired {
+                    llama_cpp_few: true,
+                } => pair(llama, openvino),
+                Pick::Paired {
+                    llama_cpp_few: false,
+                } => pair(openvino, llama),
             };
             tracing::info!(
                 model = %package.display(),
                 openvino_one = format!("{:.1}", o.one),
                 openvino_batched = format!("{:.1}", o.batched),
+                openvino_prefill = format!("{:.1}", o.prefill),
                 llama_cpp_one = format!("{:.1}", l.one),
                 llama_cpp_batched = format!("{:.1}", l.batched),
+                llama_cpp_prefill = format!("{:.1}", l.prefill),
                 batch = MEASURE_BATCH,
+                answer = MEASURE_ANSWER,
                 chosen = chosen.name(),
-                "CPU engine chosen by measured decode tok/s"
+                "CPU engine chosen by measured tok/s"
             );
             chosen
         }
@@ -429,6 +481,80 @@ mod tests {
         assert_eq!(only(vec![DeviceName::Cpu]).wanted_gpus(), None);
         assert_eq!(only(vec![DeviceName::Cuda(2)]).wanted_gpus(), Some(vec![2]));
         assert_eq!(only(vec![DeviceName::Cuda(2)]).wants_cpu(), None);
+    }
+
+    fn speed(one: f64, prefill_s: f64, step_s: f64) -> Speed {
+        Speed {
+            one,
+            batched: served_tok_s(MEASURE_BATCH, MEASURE_ANSWER, prefill_s, step_s),
+            prefill: (MEASURE_BATCH * MEASURE_PROMPT) as f64 / prefill_s,
+        }
+    }
+
+    #[test]
+    fn a_batch_is_served_at_its_tokens_over_prefill_and_decode() {
+        // 8 x 128 tokens in 1 s of prefill and 128 steps of 20 ms.
+        let t = served_tok_s(8, 128, 1.0, 0.020);
+        assert!((t - 1024.0 / 3.56).abs() < 1e-9, "{t}");
+        // No prefill: the decode rate of the batch.
+        assert!((served_tok_s(8, 128, 0.0, 0.020) - 400.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn auto_pairs_the_engines_when_each_is_faster_at_one_batch_size() {
+        // Figures of the CPU types measured (BENCHMARKS.md), in decode tok/s
+        // at one sequence, prefill seconds of 8 x 160 tokens, seconds a step
+        // of eight.
+        // Intel Xeon with AMX: llama.cpp at one, OpenVINO at eight.
+        let (ov, ll) = (
+            speed(64.3, 0.65, 1.0 / 402.8 * 8.0),
+            speed(167.2, 0.9, 1.0 / 346.7 * 8.0),
+        );
+        assert_eq!(
+            pick(ov, ll),
+            Pick::Paired {
+                llama_cpp_few: true
+            }
+        );
+        // AMD EPYC Zen 3 (AVX2): llama.cpp decodes eight as fast as
+        // OpenVINO (184 against 173 tok/s) but prefills at a third of its
+        // speed; served, OpenVINO is faster at eight.
+        let (ov, ll) = (
+            speed(46.3, 1.7, 8.0 / 172.9),
+            speed(110.9, 6.1, 8.0 / 183.8),
+        );
+        assert!(ll.batched < ov.batched, "{ll:?} {ov:?}");
+        assert_eq!(
+            pick(ov, ll),
+            Pick::Paired {
+                llama_cpp_few: true
+            }
+        );
+        // With prefill as fast, llama.cpp alone (faster at both).
+        let ll = speed(110.9, 1.7, 8.0 / 183.8);
+        assert_eq!(pick(ov, ll), Pick::LlamaCpp);
+        // AMD EPYC Zen 5: llama.cpp 1.14x at one, OpenVINO 2.5x at eight.
+        let (ov, ll) = (
+            speed(157.0, 0.4, 8.0 / 735.7),
+            speed(178.9, 0.8, 8.0 / 294.5),
+        );
+        assert_eq!(
+            pick(ov, ll),
+            Pick::Paired {
+                llama_cpp_few: true
+            }
+        );
+        // OpenVINO faster at both: OpenVINO alone.
+        let ll = speed(150.0, 0.8, 8.0 / 294.5);
+        assert_eq!(pick(ov, ll), Pick::Openvino);
+        // OpenVINO faster at one, llama.cpp at eight: paired the other way.
+        let (ov, ll) = (speed(150.0, 2.0, 0.04), speed(100.0, 0.5, 0.02));
+        assert_eq!(
+            pick(ov, ll),
+            Pick::Paired {
+                llama_cpp_few: false
+            }
+        );
     }
 
     #[test]

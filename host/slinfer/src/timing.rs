@@ -12,24 +12,35 @@ pub fn tokens(n: usize, vocab: u32) -> Vec<u32> {
     (0..n as u32).map(|i| (i * 7919 + 13) % vocab).collect()
 }
 
-/// Appends `n` tokens to `seq` (a prefill, or the extension of a
-/// sequence's context) in steps of at most `chunk` tokens, as the live
-/// runner prefills on a device of the instance's kind
-/// ([`slinfer_inference::prefill_chunk_tokens`]); the steps' seconds.
+/// Appends `n` tokens to each of `seqs` (prefills, or the extension of
+/// sequences' contexts) in the steps the live runner prefills them in on a
+/// device of the instance's kind: at most `chunk` tokens a step
+/// ([`slinfer_inference::prefill_chunk_tokens`]), the sequences in order
+/// ([`slinfer_inference::next_prefill_step`]); the steps' seconds.
 pub fn extend(
     inst: &mut dyn LlmInstance,
-    seq: SeqId,
+    seqs: &[SeqId],
     n: usize,
     chunk: usize,
 ) -> Result<f64, EngineError> {
     let vocab = inst.config().vocab_size as u32;
     let all = tokens(n, vocab);
+    let lens = vec![n; seqs.len()];
+    let mut done = vec![0; seqs.len()];
     let t = Instant::now();
-    for part in all.chunks(chunk.max(1)) {
-        inst.step(&[StepEntry {
-            seq,
-            tokens: part.to_vec(),
-        }])?;
+    loop {
+        let step = slinfer_inference::next_prefill_step(&lens, &mut done, chunk);
+        if step.is_empty() {
+            break;
+        }
+        let batch: Vec<StepEntry> = step
+            .into_iter()
+            .map(|(i, r)| StepEntry {
+                seq: seqs[i],
+                tokens: all[r].to_vec(),
+            })
+            .collect();
+        inst.step(&batch)?;
     }
     Ok(t.elapsed().as_secs_f64())
 }

@@ -271,7 +271,7 @@ fn measure(backend: &dyn Backend, package: &Path, grid: &Grid) -> Result<Measure
     // engine that does not take them at load).
     let mut next_seq: SeqId = 0;
     inst.add_sequence(next_seq)?;
-    timing::extend(inst.as_mut(), next_seq, 1, chunk)?;
+    timing::extend(inst.as_mut(), &[next_seq], 1, chunk)?;
     inst.free_sequence(next_seq)?;
     // Each timed prefill runs in the live runner's steps (chunks of at most
     // `chunk` tokens) and has a length no earlier step had, as a live
@@ -284,7 +284,7 @@ fn measure(backend: &dyn Backend, package: &Path, grid: &Grid) -> Result<Measure
         for r in 0..grid.repeats {
             next_seq += 1;
             inst.add_sequence(next_seq)?;
-            times.push(timing::extend(inst.as_mut(), next_seq, n + r, chunk)?);
+            times.push(timing::extend(inst.as_mut(), &[next_seq], n + r, chunk)?);
             inst.free_sequence(next_seq)?;
         }
         prefill_ms.push((n, ms(timing::median(times))));
@@ -299,7 +299,7 @@ fn measure(backend: &dyn Backend, package: &Path, grid: &Grid) -> Result<Measure
         for &seq in &seqs {
             let len = inst.sequence_len(seq).unwrap_or(0);
             if context > len {
-                timing::extend(inst.as_mut(), seq, context - len, chunk)?;
+                timing::extend(inst.as_mut(), &[seq], context - len, chunk)?;
             }
         }
         let mut row = Vec::new();
