@@ -9,8 +9,13 @@
 //! blocks × block size, so a step the manager admits always finds its cells.
 //! Resizing the pool makes a new context of the new size and moves every
 //! sequence's KV into it (`llama_state_seq_get_data` / `_set_data`).
+//!
+//! A context has room for a number of sequences ([`MIN_SEQ_ROOM`] to begin
+//! with); a sequence that needs more makes a new context with twice the
+//! room, of the same size, and a resize fits the room to the sequences
+//! held.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use slinfer_engine::reference::check_tokens;
@@ -25,6 +30,13 @@ use crate::ffi::{self, Api};
 const DECODE_TOKENS: usize = 512;
 /// llama.cpp rounds a context's cells up to a multiple of this.
 const CTX_PAD: usize = 256;
+/// Sequences a new context has room for, at least. llama.cpp keeps a row
+/// of logits for each sequence a context has room for and clears them
+/// when it makes the context (at every resize of the pool): for this
+/// project's default model (49,152 tokens) room for its most, 256, is
+/// 50 MB and 26 ms of each resize on the Intel Xeon measured; for 16,
+/// 3 MB and 6 ms (BENCHMARKS.md).
+const MIN_SEQ_ROOM: usize = 16;
 
 /// A loaded model (freed on drop).
 pub(crate) struct ModelHandle {
@@ -97,9 +109,12 @@ pub struct LlamaCppInstance {
     block_size: usize,
     kv_bytes_per_token: u64,
     weight_bytes: u64,
-    /// llama.cpp's sequence id of each of ours, and the ids not in use.
+    /// llama.cpp's sequence id of each of ours, and the ids not in use
+    /// (the lowest is taken first, so that ids stay below the room).
     slots: HashMap<SeqId, i32>,
-    free_slots: Vec<i32>,
+    free_slots: BTreeSet<i32>,
+    /// Sequences the context has room for: its ids are below this.
+    seq_room: usize,
     /// Each entry of the last step: its llama.cpp sequence, and the
     /// position and id of its last token (what [`LlmInstance::last_hidden`]
     /// decodes again).
@@ -121,7 +136,13 @@ impl LlamaCppInstance {
         initial_blocks: usize,
     ) -> Result<Self, EngineError> {
         let kv_bytes_per_token = config.kv_bytes_per_token(2);
-        let ctx = new_context(&api, &model, threads, initial_blocks * block_size)?;
+        let ctx = new_context(
+            &api,
+            &model,
+            threads,
+            initial_blocks * block_size,
+            MIN_SEQ_ROOM,
+        )?;
         // SAFETY: plain allocation of the batch arrays.
         let raw = unsafe { (api.batch_init)(DECODE_TOKENS as i32, 0, 1) };
         if raw.token.is_null() {
@@ -147,7 +168,8 @@ impl LlamaCppInstance {
             kv_bytes_per_token,
             weight_bytes,
             slots: HashMap::new(),
-            free_slots: (0..ffi::MAX_SEQ as i32).rev().collect(),
+            free_slots: (0..ffi::MAX_SEQ as i32).collect(),
+            seq_room: MIN_SEQ_ROOM,
             last_rows: Vec::new(),
         })
     }
@@ -164,22 +186,73 @@ impl LlamaCppInstance {
             .ok_or(EngineError::UnknownSequence(seq))
     }
 
+    /// The lowest free llama.cpp sequence id, for `seq`; a context with
+    /// twice the room first if the id is beyond the room.
     fn take_slot(&mut self, seq: SeqId) -> Result<i32, EngineError> {
-        let slot = self.free_slots.pop().ok_or_else(|| {
+        let slot = *self.free_slots.first().ok_or_else(|| {
             EngineError::Unsupported(format!(
                 "more than {} sequences in one llama.cpp instance",
                 ffi::MAX_SEQ
             ))
         })?;
+        if slot as usize >= self.seq_room {
+            // SAFETY: the context is live.
+            let now = unsafe { (self.api.n_ctx)(self.ctx.ptr) } as usize;
+            self.rebuild(self.cells_for(&self.kv).max(now), room_for(slot))?;
+        }
+        self.free_slots.remove(&slot);
         self.slots.insert(seq, slot);
         Ok(slot)
+    }
+
+    /// Cells a new context needs for the pool of `kv`: forked sequences
+    /// share cells in a context but not after a move into a new one, which
+    /// holds every sequence's tokens on its own, so it gets the cells the
+    /// manager counts as shared on top of the pool's.
+    fn cells_for(&self, kv: &KvManager) -> usize {
+        let held: usize = self
+            .slots
+            .keys()
+            .filter_map(|&s| self.kv.sequence_len(s))
+            .sum();
+        let shared = held.saturating_sub(kv.used_blocks() * self.block_size);
+        kv.capacity_blocks() * self.block_size + shared
+    }
+
+    /// Makes a new context of `cells` cells with room for `room` sequences
+    /// and moves every sequence's KV into it; on an error the old one stays.
+    fn rebuild(&mut self, cells: usize, room: usize) -> Result<(), EngineError> {
+        let fresh = new_context(&self.api, &self.model, self.threads, cells, room)?;
+        for &slot in self.slots.values() {
+            // SAFETY: both contexts are live; the buffer is as large as
+            // llama.cpp says the sequence's state is; `slot` is below both
+            // contexts' room.
+            let moved = unsafe {
+                let size = (self.api.state_seq_get_size)(self.ctx.ptr, slot);
+                let mut buf = vec![0u8; size];
+                let got = (self.api.state_seq_get_data)(self.ctx.ptr, buf.as_mut_ptr(), size, slot);
+                got == size
+                    && (self.api.state_seq_set_data)(fresh.ptr, buf.as_ptr(), size, slot) == size
+            };
+            if !moved {
+                return Err(EngineError::OutOfMemory {
+                    requested_bytes: cells as u64 * self.kv_bytes_per_token,
+                    detail: format!(
+                        "moving sequence {slot}'s KV into a context of {cells} tokens for {room} sequences"
+                    ),
+                });
+            }
+        }
+        self.ctx = fresh;
+        self.seq_room = room;
+        Ok(())
     }
 
     fn release_slot(&mut self, seq: SeqId) {
         if let Some(slot) = self.slots.remove(&seq) {
             // SAFETY: the context is live; removing a whole sequence never fails.
             unsafe { (self.api.memory_seq_rm)(self.memory_handle(), slot, -1, -1) };
-            self.free_slots.push(slot);
+            self.free_slots.insert(slot);
         }
     }
 
@@ -242,11 +315,21 @@ impl LlamaCppInstance {
 }
 
 /// A context of at least `tokens` cells (llama.cpp rounds up to 256).
+/// The room a context needs for sequence ids up to `slot`: a power of two,
+/// at least [`MIN_SEQ_ROOM`], at most llama.cpp's maximum.
+fn room_for(slot: i32) -> usize {
+    (slot.max(0) as usize + 1)
+        .next_power_of_two()
+        .clamp(MIN_SEQ_ROOM, ffi::MAX_SEQ)
+}
+
+/// A context of `tokens` cells (rounded up) with room for `seqs` sequences.
 fn new_context(
     api: &Arc<Api>,
     model: &ModelHandle,
     threads: i32,
     tokens: usize,
+    seqs: usize,
 ) -> Result<ContextHandle, EngineError> {
     // SAFETY: returns a plain struct.
     let mut p = unsafe { (api.context_default_params)() };
@@ -254,7 +337,7 @@ fn new_context(
     p.n_ctx = tokens.max(1).next_multiple_of(CTX_PAD) as u32;
     p.n_batch = DECODE_TOKENS as u32;
     p.n_ubatch = DECODE_TOKENS as u32;
-    p.n_seq_max = ffi::MAX_SEQ as u32;
+    p.n_seq_max = seqs as u32;
     p.n_outputs_max_per_seq = DECODE_TOKENS as u32;
     p.n_threads = threads;
     p.n_threads_batch = threads;
@@ -268,7 +351,10 @@ fn new_context(
     if ptr.is_null() {
         return Err(EngineError::OutOfMemory {
             requested_bytes: 0,
-            detail: format!("llama.cpp could not make a context of {} tokens", p.n_ctx),
+            detail: format!(
+                "llama.cpp could not make a context of {} tokens for {seqs} sequences",
+                p.n_ctx
+            ),
         });
     }
     Ok(ContextHandle {
@@ -319,7 +405,7 @@ impl LlmInstance for LlamaCppInstance {
                 return Err(e);
             }
         };
-        // SAFETY: the context is live; both ids are below MAX_SEQ.
+        // SAFETY: the context is live; both ids are below its room.
         unsafe { (self.api.memory_seq_cp)(self.memory_handle(), from, to, -1, -1) };
         Ok(())
     }
@@ -331,41 +417,14 @@ impl LlmInstance for LlamaCppInstance {
         } else {
             kv.shrink(blocks)?;
         }
-        // Forked sequences share cells here but not after a move: the new
-        // context holds every sequence's tokens on its own, so it gets the
-        // cells the manager counts as shared on top of the pool's.
-        let held: usize = self
-            .slots
-            .keys()
-            .filter_map(|&s| self.kv.sequence_len(s))
-            .sum();
-        let shared = held.saturating_sub(kv.used_blocks() * self.block_size);
-        let cells = blocks * self.block_size + shared;
+        let cells = self.cells_for(&kv);
         // SAFETY: the context is live.
         let now = unsafe { (self.api.n_ctx)(self.ctx.ptr) } as usize;
-        if cells.max(1).next_multiple_of(CTX_PAD) == now {
-            self.kv = kv;
-            return Ok(());
+        if cells.max(1).next_multiple_of(CTX_PAD) != now {
+            // The new context's room fits the sequences held.
+            let top = self.slots.values().copied().max().unwrap_or(0);
+            self.rebuild(cells, room_for(top))?;
         }
-        let fresh = new_context(&self.api, &self.model, self.threads, cells)?;
-        for &slot in self.slots.values() {
-            // SAFETY: both contexts are live; the buffer is as large as
-            // llama.cpp says the sequence's state is.
-            let moved = unsafe {
-                let size = (self.api.state_seq_get_size)(self.ctx.ptr, slot);
-                let mut buf = vec![0u8; size];
-                let got = (self.api.state_seq_get_data)(self.ctx.ptr, buf.as_mut_ptr(), size, slot);
-                got == size
-                    && (self.api.state_seq_set_data)(fresh.ptr, buf.as_ptr(), size, slot) == size
-            };
-            if !moved {
-                return Err(EngineError::OutOfMemory {
-                    requested_bytes: cells as u64 * self.kv_bytes_per_token,
-                    detail: format!("moving sequence {slot}'s KV into a context of {cells} tokens"),
-                });
-            }
-        }
-        self.ctx = fresh;
         self.kv = kv;
         Ok(())
     }
@@ -444,7 +503,8 @@ impl LlmInstance for LlamaCppInstance {
         MemoryReport {
             weight_bytes: self.weight_bytes,
             kv_bytes: cells * self.kv_bytes_per_token,
-            workspace_bytes: 0,
+            // The rows of logits llama.cpp keeps, one per sequence of room.
+            workspace_bytes: (self.seq_room * self.config.vocab_size * 4) as u64,
             kv_blocks_capacity: self.kv.capacity_blocks(),
             kv_blocks_in_use: self.kv.used_blocks(),
             device_free_bytes: host.available_bytes,

@@ -233,6 +233,62 @@ fn kv_grow_and_shrink_move_every_sequence() {
 }
 
 #[test]
+fn more_sequences_than_a_context_has_room_for_make_room_and_move_every_sequence() {
+    let _serial = serial();
+    let mut inst = load(64);
+    let row = 4 * inst.config().vocab_size as u64;
+    let rows = |inst: &LlamaCppInstance| inst.memory().workspace_bytes / row;
+    assert_eq!(rows(&inst), 16, "a new context has room for 16 sequences");
+    let all: Vec<usize> = (0..PROMPTS.len()).collect();
+    let mut seen = Vec::new();
+    let got = generate(&mut inst, &all, &[0, 1, 2], |step, inst| {
+        if step == 2 {
+            // A fork sharing its cells, then more sequences than the room:
+            // the context is made again with room for 64, every sequence's
+            // KV moved into it (the fork's on its own cells).
+            inst.fork_sequence(100, 999).unwrap();
+            for s in 0..40 {
+                inst.add_sequence(1000 + s).unwrap();
+            }
+            inst.step(&[StepEntry {
+                seq: 1039,
+                tokens: prompt_ids()[0].clone(),
+            }])
+            .unwrap();
+        }
+        if step == 6 {
+            for s in 0..40 {
+                inst.free_sequence(1000 + s).unwrap();
+            }
+            inst.free_sequence(999).unwrap();
+            // A resize fits the room to the sequences held (ids 0-2).
+            inst.resize_kv(inst.kv_blocks_in_use() + 8).unwrap();
+        }
+        seen.push(rows(inst));
+    });
+    for &p in &all {
+        assert_greedy("with the room grown and shrunk", p, &got[p]);
+    }
+    assert_eq!(seen.iter().max(), Some(&64), "{seen:?}");
+    assert_eq!(seen.last(), Some(&16), "{seen:?}");
+
+    // llama.cpp's most: 256 sequences; one more is refused, nothing kept.
+    for s in 0..256 {
+        inst.add_sequence(2000 + s).unwrap();
+    }
+    assert_eq!(rows(&inst), 256);
+    let e = inst.add_sequence(5000).unwrap_err();
+    assert!(
+        matches!(&e, EngineError::Unsupported(m) if m.contains("more than 256 sequences")),
+        "{e}"
+    );
+    assert_eq!(inst.sequence_len(5000), None);
+    inst.free_sequence(2000).unwrap();
+    inst.add_sequence(5000).unwrap();
+    assert_eq!(inst.sequence_len(5000), Some(0));
+}
+
+#[test]
 fn forks_continue_like_the_original() {
     let _serial = serial();
     let mut inst = load(64);
