@@ -314,7 +314,6 @@ impl LlamaCppInstance {
     }
 }
 
-/// A context of at least `tokens` cells (llama.cpp rounds up to 256).
 /// The room a context needs for sequence ids up to `slot`: a power of two,
 /// at least [`MIN_SEQ_ROOM`], at most llama.cpp's maximum.
 fn room_for(slot: i32) -> usize {
