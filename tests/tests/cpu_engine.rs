@@ -242,6 +242,49 @@ async fn paired_serves_one_stream_on_llama_cpp_and_several_on_openvino() {
     );
 }
 
+/// The value of `key` in a log line of `key=value` fields (quotes dropped).
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    let at = line
+        .find(&format!(" {key}="))
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+        + key.len()
+        + 2;
+    let rest = &line[at..];
+    match rest.strip_prefix('"') {
+        Some(quoted) => quoted.split('"').next().unwrap(),
+        None => rest.split(' ').next().unwrap(),
+    }
+}
+
+/// The served tok/s at one to eight sequences a start-up line gives for
+/// `engine`.
+fn served(line: &str, engine: &str) -> Vec<f64> {
+    let v: Vec<f64> = field(line, &format!("{engine}_served"))
+        .split(' ')
+        .map(|x| x.parse().unwrap())
+        .collect();
+    assert_eq!(v.len(), 8, "{line}");
+    assert!(v.iter().all(|&x| x > 0.0), "{line}");
+    v
+}
+
+/// `paired_from` of a start-up line is where the engine of `many` serves
+/// every larger batch at least as fast as that of `few` and the batch
+/// before it slower (to the 0.1 tok/s the log rounds to), or 8.
+fn check_switch(line: &str, few: &str, many: &str) {
+    let from: usize = field(line, "paired_from").parse().unwrap();
+    assert!((2..=8).contains(&from), "{line}");
+    let (f, m) = (served(line, few), served(line, many));
+    let faster = |k: usize| m[k - 1] >= f[k - 1] - 0.1;
+    if from < 8 {
+        assert!((from..=8).all(faster), "{line}");
+    }
+    assert!(
+        from == 2 || m[from - 2] < f[from - 2] + 0.1 || from == 8,
+        "{line}"
+    );
+}
+
 #[tokio::test]
 async fn auto_measures_both_engines_and_serves_with_the_faster() {
     let (s, _tmp) = serve("auto", &[]);
@@ -251,21 +294,15 @@ async fn auto_measures_both_engines_and_serves_with_the_faster() {
         .lines()
         .find(|l| l.contains("CPU engine chosen by measured tok/s"))
         .unwrap_or_else(|| panic!("no measurement in the log:\n{log}"));
-    let figure = |key: &str| -> f64 {
-        let at = line.find(&format!("{key}=")).unwrap() + key.len() + 1;
-        line[at..]
-            .trim_start_matches('"')
-            .split('"')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let figure = |key: &str| -> f64 { field(line, key).parse().unwrap() };
     let (o1, o8) = (figure("openvino_one"), figure("openvino_batched"));
     let (l1, l8) = (figure("llama_cpp_one"), figure("llama_cpp_batched"));
     assert!(o1 > 0.0 && o8 > 0.0 && l1 > 0.0 && l8 > 0.0, "{line}");
+    // The batched figure is the served one at eight.
+    assert_eq!(served(line, "openvino")[7], o8, "{line}");
+    assert_eq!(served(line, "llama_cpp")[7], l8, "{line}");
     // Faster at both: that one; each faster at one: the two paired, the
-    // one faster at one sequence first.
+    // one faster at one sequence first, switching where measured.
     let faster = match (l1 > o1, l8 > o8) {
         (true, false) => "llama.cpp+openvino",
         (false, true) => "openvino+llama.cpp",
@@ -274,6 +311,25 @@ async fn auto_measures_both_engines_and_serves_with_the_faster() {
     };
     assert_eq!(found, faster, "{line}");
     assert!(line.contains(&format!("chosen=\"{faster}\"")), "{line}");
+    match faster {
+        "llama.cpp+openvino" => check_switch(line, "llama_cpp", "openvino"),
+        "openvino+llama.cpp" => check_switch(line, "openvino", "llama_cpp"),
+        _ => assert_eq!(field(line, "paired_from"), "-", "{line}"),
+    }
+}
+
+/// `--cpu-engine paired` without `--paired-from` measures both engines at
+/// start and switches where OpenVINO serves faster.
+#[tokio::test]
+async fn paired_switches_where_the_engines_measure() {
+    let (s, _tmp) = serve("paired", &[]);
+    assert_eq!(backend(&s).await, "llama.cpp+openvino");
+    let log = s.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("paired CPU engines switch where measured"))
+        .unwrap_or_else(|| panic!("no measurement in the log:\n{log}"));
+    check_switch(line, "llama_cpp", "openvino");
 }
 
 #[tokio::test]

@@ -6,13 +6,15 @@
 //! - `cpu`: the OpenVINO CPU engine, when `libopenvino_c` loads (from the
 //!   `openvino` wheel in the virtualenv), or the llama.cpp engine (its
 //!   prebuilt library from npm), or the two paired (llama.cpp while an
-//!   instance holds few sequences, OpenVINO from `--paired-from`), as
-//!   `--cpu-engine` says; with `auto`, both are timed on the first
-//!   imported model at start (decode of one sequence; eight requests
-//!   served, prefill included) and the faster serves, or the pair when
-//!   each is faster at one of the two ([`CpuEngine`]). What it may
-//!   hold is set by the host memory budget
-//!   (`slinfer_inference::MemoryBudget`), which it shares with the functions.
+//!   instance holds few sequences, OpenVINO from then on), as
+//!   `--cpu-engine` says. `auto` and `paired` time both engines on the
+//!   first imported model at start (decode at one to eight sequences,
+//!   prefill included): `auto` serves with the faster, or the pair when
+//!   each is faster at one end ([`CpuEngine`]); a pair moves to its engine
+//!   of many at the fewest sequences from which that one measured faster
+//!   ([`switch_point`]), or at `--paired-from`. What it may hold is set by
+//!   the host memory budget (`slinfer_inference::MemoryBudget`), which it
+//!   shares with the functions.
 //! - `cuda:N`: each GPU the CUDA engine finds (driver, cuBLAS and NVRTC
 //!   present); its capacity is its free memory at start less a margin.
 //!
@@ -144,9 +146,10 @@ pub struct CpuOptions {
     pub llama_cpp_dir: Option<PathBuf>,
     /// Threads of a llama.cpp step (default: one per core).
     pub llama_cpp_threads: Option<usize>,
-    /// Sequences from which a paired instance runs on OpenVINO (default
-    /// [`PAIRED_FROM`]).
-    pub paired_from: usize,
+    /// Sequences from which a paired instance runs on its engine of many;
+    /// by default where the engines' measurement at start puts it
+    /// ([`switch_point`]).
+    pub paired_from: Option<usize>,
 }
 
 impl Default for CpuOptions {
@@ -156,7 +159,7 @@ impl Default for CpuOptions {
             precision: Default::default(),
             llama_cpp_dir: None,
             llama_cpp_threads: None,
-            paired_from: PAIRED_FROM,
+            paired_from: None,
         }
     }
 }
@@ -168,39 +171,55 @@ impl Default for CpuOptions {
 /// the whole path at eight streams does not show (BENCHMARKS.md).
 const MEASURE_PROMPT: usize = 160;
 const MEASURE_STEPS: usize = 16;
-/// Sequences of the batched half of the measurement.
+/// The largest batch measured: `auto` compares the engines there.
 const MEASURE_BATCH: usize = 8;
 /// Tokens of answer per request in the batched figure: a chat answer (the
 /// benchmark's 128; the traces' mean is ~220 after ~870 tokens of prompt,
 /// which would weigh prefill more still).
 const MEASURE_ANSWER: usize = 128;
-/// Sequences from which a paired instance runs on its engine of many, by
-/// default: the batch at which `auto` measures that engine faster.
-pub const PAIRED_FROM: usize = MEASURE_BATCH;
+/// Sequences from which a paired instance runs on its engine of many when
+/// no `--paired-from` is given and the engines could not be measured: the
+/// largest batch measured.
+const PAIRED_FROM: usize = MEASURE_BATCH;
 
-/// What `auto` measures of one engine on one model.
+/// What `auto` and `paired` measure of one engine on one model.
 #[derive(Debug, Clone, Copy)]
 struct Speed {
-    /// Decode tok/s of one sequence: what keeps a model within its TPOT
-    /// when it has one request, the usual case of a serverless model.
-    one: f64,
-    /// Tok/s of [`MEASURE_BATCH`] requests served together
-    /// ([`served_tok_s`]): their prompts prefilled as the runner does, then
-    /// [`MEASURE_ANSWER`] decode steps of them all. Prefill counts: on an
-    /// AVX2-only AMD EPYC, llama.cpp decoded eight sequences as fast as
-    /// OpenVINO but prefilled them 2-3x slower, and served eight streams
-    /// at 0.65x OpenVINO (BENCHMARKS.md).
-    batched: f64,
-    /// Prompt tok/s of that prefill (logged).
+    /// Seconds of a decode step of `k` sequences of about
+    /// [`MEASURE_PROMPT`] tokens each, at index `k - 1`.
+    step_s: [f64; MEASURE_BATCH],
+    /// Prompt tok/s of the prefill of a prompt of [`MEASURE_PROMPT`]
+    /// tokens. Prefill counts: on an AVX2-only AMD EPYC, llama.cpp
+    /// decoded eight sequences as fast as OpenVINO but prefilled them 2-3x
+    /// slower, and served eight streams at 0.65x OpenVINO (BENCHMARKS.md).
     prefill: f64,
 }
 
 impl Speed {
+    /// Decode tok/s of one sequence: what keeps a model within its TPOT
+    /// when it has one request, the usual case of a serverless model.
+    fn one(&self) -> f64 {
+        1.0 / self.step_s[0]
+    }
+
+    /// Tok/s of `k` requests (1 to [`MEASURE_BATCH`]) served together
+    /// ([`served_tok_s`]): their prompts prefilled at the measured rate,
+    /// then [`MEASURE_ANSWER`] decode steps of them all.
+    fn served(&self, k: usize) -> f64 {
+        let prefill_s = (k * MEASURE_PROMPT) as f64 / self.prefill;
+        served_tok_s(k, MEASURE_ANSWER, prefill_s, self.step_s[k - 1])
+    }
+
+    /// [`Self::served`] at [`MEASURE_BATCH`]: how a busy model fares.
+    fn batched(&self) -> f64 {
+        self.served(MEASURE_BATCH)
+    }
+
     /// Which is better when neither engine is faster at both: single-stream
     /// speed decides how many models a CPU keeps within their TPOT, batched
     /// speed how a busy one fares; the geometric mean weighs the two alike.
     fn score(&self) -> f64 {
-        (self.one * self.batched).sqrt()
+        (self.one() * self.batched()).sqrt()
     }
 }
 
@@ -210,10 +229,24 @@ fn served_tok_s(requests: usize, answer: usize, prefill_s: f64, step_s: f64) -> 
     (requests * answer) as f64 / (prefill_s + answer as f64 * step_s)
 }
 
-/// Loads the package on `backend` and times it: [`MEASURE_STEPS`] decode
-/// steps of one sequence after a [`MEASURE_PROMPT`]-token prompt, then the
-/// prefill of [`MEASURE_BATCH`] such prompts together and decode steps of
-/// them all.
+/// Sequences from which a pair runs on its engine of `many`: the fewest
+/// from which `many` serves every batch up to [`MEASURE_BATCH`] at least
+/// as fast as `few` ([`Speed::served`]); [`MEASURE_BATCH`] when it is
+/// faster only there (or not even there).
+fn switch_point(few: &Speed, many: &Speed) -> usize {
+    (2..=MEASURE_BATCH)
+        .rev()
+        .take_while(|&k| many.served(k) >= few.served(k))
+        .last()
+        .unwrap_or(MEASURE_BATCH)
+}
+
+/// Loads the package on `backend` and times it at each batch size from
+/// one to [`MEASURE_BATCH`]: a sequence joins with a prompt of
+/// [`MEASURE_PROMPT`] tokens (timed), then decode steps of all held
+/// ([`MEASURE_STEPS`] at one and at the batch, half as many between). Sequences only join, as a burst's do, so that the KV of
+/// those held lies together (llama.cpp attends over the span of its
+/// context that holds sequences, freed cells within it too).
 fn measure(backend: &dyn Backend, package: &Path) -> Result<Speed, EngineError> {
     let mut inst = backend.load(
         &ModelSource::Package(package.to_path_buf()),
@@ -221,26 +254,27 @@ fn measure(backend: &dyn Backend, package: &Path) -> Result<Speed, EngineError> 
         &LoadOptions::default(),
     )?;
     let chunk = slinfer_inference::prefill_chunk_tokens(backend.kind());
-    let per_seq = (MEASURE_PROMPT + MEASURE_STEPS + 2).div_ceil(inst.block_size_tokens());
-    inst.resize_kv(per_seq * (MEASURE_BATCH + 1))?;
-    // Each run's prefill seconds and decode seconds a step.
-    let mut run = |seqs: u64, first: u64| -> Result<(f64, f64), EngineError> {
-        let ids: Vec<u64> = (first..first + seqs).collect();
-        for &seq in &ids {
-            inst.add_sequence(seq)?;
-        }
-        let prefill_s = timing::extend(inst.as_mut(), &ids, MEASURE_PROMPT, chunk)?;
-        let step_s = timing::decode_step_s(inst.as_mut(), &ids, MEASURE_STEPS)?;
-        for &seq in &ids {
-            inst.free_sequence(seq)?;
-        }
-        Ok((prefill_s, step_s))
-    };
-    let (_, one_step_s) = run(1, 0)?;
-    let (prefill_s, step_s) = run(MEASURE_BATCH as u64, 1)?;
+    // A prompt, and a token for every step of every batch (each batch has
+    // an untimed first step).
+    let per_seq = MEASURE_PROMPT + (MEASURE_STEPS + 1) * MEASURE_BATCH;
+    inst.resize_kv(per_seq.div_ceil(inst.block_size_tokens()) * MEASURE_BATCH)?;
+    let ids: Vec<u64> = (0..MEASURE_BATCH as u64).collect();
+    let mut prefill_s = 0.0;
+    let mut step_s = [0.0; MEASURE_BATCH];
+    for k in 1..=MEASURE_BATCH {
+        inst.add_sequence(ids[k - 1])?;
+        prefill_s += timing::extend(inst.as_mut(), &ids[k - 1..k], MEASURE_PROMPT, chunk)?;
+        // Half the steps between one and the batch, which only place the
+        // switch of a pair.
+        let steps = if k == 1 || k == MEASURE_BATCH {
+            MEASURE_STEPS
+        } else {
+            MEASURE_STEPS / 2
+        };
+        step_s[k - 1] = timing::decode_step_s(inst.as_mut(), &ids[..k], steps)?;
+    }
     Ok(Speed {
-        one: 1.0 / one_step_s,
-        batched: served_tok_s(MEASURE_BATCH, MEASURE_ANSWER, prefill_s, step_s),
+        step_s,
         prefill: (MEASURE_BATCH * MEASURE_PROMPT) as f64 / prefill_s,
     })
 }
@@ -260,9 +294,9 @@ enum Pick {
 /// The engine faster at both one sequence and a batch; the two paired
 /// when each is faster at one of them (the one faster at one sequence
 /// serves few); the better [`Speed::score`] on a tie.
-fn pick(openvino: Speed, llama: Speed) -> Pick {
-    let one = llama.one > openvino.one;
-    if one != (llama.batched > openvino.batched) {
+fn pick(openvino: &Speed, llama: &Speed) -> Pick {
+    let one = llama.one() > openvino.one();
+    if one != (llama.batched() > openvino.batched()) {
         Pick::Paired { llama_cpp_few: one }
     } else if llama.score() > openvino.score() {
         Pick::LlamaCpp
@@ -271,68 +305,121 @@ fn pick(openvino: Speed, llama: Speed) -> Pick {
     }
 }
 
+/// Both engines' [`Speed`]s on the first imported model that both can
+/// load, or why there are none.
+fn measure_both(
+    openvino: &slinfer_openvino::OpenVinoBackend,
+    llama: &slinfer_llama_cpp::LlamaCppBackend,
+    models_dir: &Path,
+) -> Result<(PathBuf, Speed, Speed), String> {
+    let packages = package_dirs(models_dir, PackageKind::Llm).unwrap_or_default();
+    let package = packages
+        .iter()
+        .find(|dir| {
+            slinfer_engine::ModelPackage::open(dir)
+                .is_ok_and(|p| openvino.footprint(&p).is_ok() && llama.footprint(&p).is_ok())
+        })
+        .ok_or_else(|| {
+            format!(
+                "no imported model in {} to measure the engines on",
+                models_dir.display()
+            )
+        })?;
+    let failed = |e: EngineError| format!("measuring the engines failed: {e}");
+    let o = measure(openvino, package).map_err(failed)?;
+    let l = measure(llama, package).map_err(failed)?;
+    Ok((package.clone(), o, l))
+}
+
+/// A [`Speed`]'s served tok/s at each batch size from one (logged).
+fn served_figures(s: &Speed) -> String {
+    let each = (1..=MEASURE_BATCH).map(|k| format!("{:.1}", s.served(k)));
+    each.collect::<Vec<_>>().join(" ")
+}
+
 /// `auto`: [`pick`] on the first imported model that both engines can
-/// load; OpenVINO when there is no such model or a measurement fails.
+/// load; OpenVINO when there is no such model or a measurement fails. A
+/// pair switches at `paired_from`, or where [`switch_point`] says.
 fn choose(
     openvino: slinfer_openvino::OpenVinoBackend,
     llama: slinfer_llama_cpp::LlamaCppBackend,
     models_dir: &Path,
-    paired_from: usize,
+    paired_from: Option<usize>,
 ) -> Arc<dyn Backend> {
-    let packages = package_dirs(models_dir, PackageKind::Llm).unwrap_or_default();
-    let both = packages.iter().find(|dir| {
-        slinfer_engine::ModelPackage::open(dir)
-            .is_ok_and(|p| openvino.footprint(&p).is_ok() && llama.footprint(&p).is_ok())
-    });
-    let Some(package) = both else {
-        tracing::info!(
-            models_dir = %models_dir.display(),
-            "CPU engine: OpenVINO (no imported model to measure the engines on)"
-        );
-        return Arc::new(openvino);
+    let (package, o, l) = match measure_both(&openvino, &llama, models_dir) {
+        Ok(measured) => measured,
+        Err(why) => {
+            tracing::info!("CPU engine: OpenVINO ({why})");
+            return Arc::new(openvino);
+        }
     };
-    match (measure(&openvino, package), measure(&llama, package)) {
-        (Ok(o), Ok(l)) => {
-            let pair = |few: Arc<dyn Backend>, many: Arc<dyn Backend>| -> Arc<dyn Backend> {
-                Arc::new(PairedBackend::new(few, many, paired_from).expect("two CPU engines"))
-            };
-            let (openvino, llama): (Arc<dyn Backend>, Arc<dyn Backend>) =
-                (Arc::new(openvino), Arc::new(llama));
-            let chosen = match pick(o, l) {
-                Pick::Openvino => openvino,
-                Pick::LlamaCpp => llama,
-                Pick::Paired {
-                    llama_cpp_few: true,
-                } => pair(llama, openvino),
-                Pick::Paired {
-                    llama_cpp_few: false,
-                } => pair(openvino, llama),
-            };
-            tracing::info!(
-                model = %package.display(),
-                openvino_one = format!("{:.1}", o.one),
-                openvino_batched = format!("{:.1}", o.batched),
-                openvino_prefill = format!("{:.1}", o.prefill),
-                llama_cpp_one = format!("{:.1}", l.one),
-                llama_cpp_batched = format!("{:.1}", l.batched),
-                llama_cpp_prefill = format!("{:.1}", l.prefill),
-                batch = MEASURE_BATCH,
-                answer = MEASURE_ANSWER,
-                chosen = chosen.name(),
-                "CPU engine chosen by measured tok/s"
-            );
-            chosen
-        }
-        (o, l) => {
-            let e = o
-                .err()
-                .or(l.err())
-                .map(|e| e.to_string())
-                .unwrap_or_default();
-            tracing::warn!("CPU engine: OpenVINO (measuring the engines failed: {e})");
-            Arc::new(openvino)
-        }
-    }
+    let mut switch = None;
+    let mut pair = |few: (Arc<dyn Backend>, &Speed), many: (Arc<dyn Backend>, &Speed)| {
+        let from = paired_from.unwrap_or_else(|| switch_point(few.1, many.1));
+        switch = Some(from);
+        Arc::new(PairedBackend::new(few.0, many.0, from).expect("two CPU engines"))
+            as Arc<dyn Backend>
+    };
+    let (ov, ll): (Arc<dyn Backend>, Arc<dyn Backend>) = (Arc::new(openvino), Arc::new(llama));
+    let chosen = match pick(&o, &l) {
+        Pick::Openvino => ov,
+        Pick::LlamaCpp => ll,
+        Pick::Paired {
+            llama_cpp_few: true,
+        } => pair((ll, &l), (ov, &o)),
+        Pick::Paired {
+            llama_cpp_few: false,
+        } => pair((ov, &o), (ll, &l)),
+    };
+    tracing::info!(
+        model = %package.display(),
+        openvino_one = format!("{:.1}", o.one()),
+        openvino_batched = format!("{:.1}", o.batched()),
+        openvino_prefill = format!("{:.1}", o.prefill),
+        openvino_served = served_figures(&o),
+        llama_cpp_one = format!("{:.1}", l.one()),
+        llama_cpp_batched = format!("{:.1}", l.batched()),
+        llama_cpp_prefill = format!("{:.1}", l.prefill),
+        llama_cpp_served = served_figures(&l),
+        batch = MEASURE_BATCH,
+        answer = MEASURE_ANSWER,
+        chosen = chosen.name(),
+        paired_from = switch.map_or_else(|| "-".into(), |f| f.to_string()),
+        "CPU engine chosen by measured tok/s"
+    );
+    chosen
+}
+
+/// `paired`: llama.cpp for few sequences, OpenVINO for many, switching at
+/// `paired_from`, or where [`switch_point`] puts it on the first imported
+/// model both load ([`PAIRED_FROM`] when there is none).
+fn pair_up(
+    openvino: slinfer_openvino::OpenVinoBackend,
+    llama: slinfer_llama_cpp::LlamaCppBackend,
+    models_dir: &Path,
+    paired_from: Option<usize>,
+) -> Result<PairedBackend, EngineError> {
+    let from = match paired_from {
+        Some(from) => from,
+        None => match measure_both(&openvino, &llama, models_dir) {
+            Ok((package, o, l)) => {
+                let from = switch_point(&l, &o);
+                tracing::info!(
+                    model = %package.display(),
+                    openvino_served = served_figures(&o),
+                    llama_cpp_served = served_figures(&l),
+                    paired_from = from,
+                    "paired CPU engines switch where measured"
+                );
+                from
+            }
+            Err(why) => {
+                tracing::info!(paired_from = PAIRED_FROM, "paired CPU engines ({why})");
+                PAIRED_FROM
+            }
+        },
+    };
+    PairedBackend::new(Arc::new(llama), Arc::new(openvino), from)
 }
 
 /// The CPU device's engine, as `cpu` asks.
@@ -350,11 +437,7 @@ fn cpu_backend(
     Ok(match cpu.engine {
         CpuEngine::Openvino => Arc::new(openvino?),
         CpuEngine::LlamaCpp => Arc::new(llama()?),
-        CpuEngine::Paired => Arc::new(PairedBackend::new(
-            Arc::new(llama()?),
-            Arc::new(openvino?),
-            cpu.paired_from,
-        )?),
+        CpuEngine::Paired => Arc::new(pair_up(openvino?, llama()?, models_dir, cpu.paired_from)?),
         CpuEngine::Auto => match (openvino, llama()) {
             (Ok(o), Ok(l)) => choose(o, l, models_dir, cpu.paired_from),
             (Ok(o), Err(e)) => {
@@ -483,10 +566,17 @@ mod tests {
         assert_eq!(only(vec![DeviceName::Cuda(2)]).wants_cpu(), None);
     }
 
+    /// Test double of a measurement: decode tok/s at one sequence, prefill
+    /// seconds of the batch's prompts, seconds a step of the batch; the
+    /// steps between straight from one to the batch.
     fn speed(one: f64, prefill_s: f64, step_s: f64) -> Speed {
+        let n = MEASURE_BATCH as f64 - 1.0;
+        let mut steps = [0.0; MEASURE_BATCH];
+        for (i, s) in steps.iter_mut().enumerate() {
+            *s = (1.0 / one) + (step_s - 1.0 / one) * i as f64 / n;
+        }
         Speed {
-            one,
-            batched: served_tok_s(MEASURE_BATCH, MEASURE_ANSWER, prefill_s, step_s),
+            step_s: steps,
             prefill: (MEASURE_BATCH * MEASURE_PROMPT) as f64 / prefill_s,
         }
     }
@@ -511,7 +601,7 @@ mod tests {
             speed(167.2, 0.9, 1.0 / 346.7 * 8.0),
         );
         assert_eq!(
-            pick(ov, ll),
+            pick(&ov, &ll),
             Pick::Paired {
                 llama_cpp_few: true
             }
@@ -523,38 +613,82 @@ mod tests {
             speed(46.3, 1.7, 8.0 / 172.9),
             speed(110.9, 6.1, 8.0 / 183.8),
         );
-        assert!(ll.batched < ov.batched, "{ll:?} {ov:?}");
+        assert!(ll.batched() < ov.batched(), "{ll:?} {ov:?}");
         assert_eq!(
-            pick(ov, ll),
+            pick(&ov, &ll),
             Pick::Paired {
                 llama_cpp_few: true
             }
         );
         // With prefill as fast, llama.cpp alone (faster at both).
         let ll = speed(110.9, 1.7, 8.0 / 183.8);
-        assert_eq!(pick(ov, ll), Pick::LlamaCpp);
+        assert_eq!(pick(&ov, &ll), Pick::LlamaCpp);
         // AMD EPYC Zen 5: llama.cpp 1.14x at one, OpenVINO 2.5x at eight.
         let (ov, ll) = (
             speed(157.0, 0.4, 8.0 / 735.7),
             speed(178.9, 0.8, 8.0 / 294.5),
         );
         assert_eq!(
-            pick(ov, ll),
+            pick(&ov, &ll),
             Pick::Paired {
                 llama_cpp_few: true
             }
         );
         // OpenVINO faster at both: OpenVINO alone.
         let ll = speed(150.0, 0.8, 8.0 / 294.5);
-        assert_eq!(pick(ov, ll), Pick::Openvino);
+        assert_eq!(pick(&ov, &ll), Pick::Openvino);
         // OpenVINO faster at one, llama.cpp at eight: paired the other way.
         let (ov, ll) = (speed(150.0, 2.0, 0.04), speed(100.0, 0.5, 0.02));
         assert_eq!(
-            pick(ov, ll),
+            pick(&ov, &ll),
             Pick::Paired {
                 llama_cpp_few: false
             }
         );
+    }
+
+    /// Test double of a measurement from served tok/s at each batch size
+    /// (no prefill, so that served is the decode rate).
+    fn served_at(tok_s: [f64; MEASURE_BATCH]) -> Speed {
+        let mut step_s = [0.0; MEASURE_BATCH];
+        for (k, (s, t)) in step_s.iter_mut().zip(tok_s).enumerate() {
+            *s = (k + 1) as f64 / t;
+        }
+        Speed {
+            step_s,
+            prefill: f64::INFINITY,
+        }
+    }
+
+    #[test]
+    fn a_pair_switches_where_its_engine_of_many_serves_every_larger_batch_faster() {
+        // Measured at start on the Intel Xeon (this change's BENCHMARKS
+        // section): llama.cpp first, OpenVINO from 5.
+        let ll = served_at([137.2, 150.5, 184.7, 189.3, 197.7, 201.6, 194.8, 193.1]);
+        let ov = served_at([73.1, 119.9, 156.0, 183.7, 209.5, 223.9, 242.5, 244.0]);
+        assert_eq!(switch_point(&ll, &ov), 5);
+        // Faster at 3 but not at 4: from where it stays faster.
+        let ov = served_at([73.1, 119.9, 190.0, 180.0, 209.5, 223.9, 242.5, 244.0]);
+        assert_eq!(switch_point(&ll, &ov), 5);
+        // Faster from two on.
+        let ov = served_at([73.1, 160.0, 190.0, 200.0, 209.5, 223.9, 242.5, 244.0]);
+        assert_eq!(switch_point(&ll, &ov), 2);
+        // Faster only at the batch, or not even there: at the batch.
+        let ov = served_at([73.1, 119.9, 156.0, 183.7, 190.0, 200.0, 190.0, 244.0]);
+        assert_eq!(switch_point(&ll, &ov), MEASURE_BATCH);
+        assert_eq!(switch_point(&ov, &ll), MEASURE_BATCH);
+        // Prefill counts: an engine decoding faster at every batch but
+        // prefilling at a third of the speed gives way from four.
+        let slow = Speed {
+            prefill: 500.0,
+            ..served_at([100.0, 180.0, 240.0, 280.0, 300.0, 320.0, 330.0, 340.0])
+        };
+        let fast = Speed {
+            prefill: 1500.0,
+            ..served_at([60.0, 110.0, 160.0, 200.0, 240.0, 270.0, 300.0, 330.0])
+        };
+        assert!(fast.served(4) > slow.served(4) && fast.served(3) < slow.served(3));
+        assert_eq!(switch_point(&slow, &fast), 4);
     }
 
     #[test]

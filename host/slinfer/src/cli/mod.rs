@@ -217,12 +217,12 @@ pub struct CpuArgs {
     pub cpu_precision: slinfer_openvino::Precision,
     /// The CPU's LLM engine: `openvino`, `llama-cpp` (llama.cpp's prebuilt
     /// library, see --llama-cpp-dir), `paired` (each model on both:
-    /// llama.cpp while an instance holds fewer than 8 sequences, OpenVINO
-    /// from 8; twice the memory), or `auto`: both measured at start on the
-    /// first imported model, decoding one sequence and eight; the faster at
-    /// both serves, the pair when each is faster at one (BENCHMARKS.md,
-    /// "CPU decode speed"). `wasi:nn` tensors run on OpenVINO whatever this
-    /// is.
+    /// llama.cpp while an instance holds few sequences, OpenVINO from
+    /// --paired-from; twice the memory), or `auto`: both measured at start
+    /// on the first imported model, serving one to eight requests; the
+    /// faster at one and at eight serves, the pair when each is faster at
+    /// one (BENCHMARKS.md, "CPU decode speed"). `wasi:nn` tensors run on
+    /// OpenVINO whatever this is.
     #[arg(long, env = "SLINFER_CPU_ENGINE", value_enum, default_value = "auto")]
     pub cpu_engine: crate::devices::CpuEngine,
     /// The folder of llama.cpp's `libllama.v0.5.0.so` (the npm package
@@ -235,12 +235,12 @@ pub struct CpuArgs {
     /// (BENCHMARKS.md: 108.7 against 21.7 tok/s with one of two cores busy).
     #[arg(long, env = "SLINFER_LLAMA_CPP_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub llama_cpp_threads: Option<u16>,
-    /// Sequences from which an instance of the paired engines runs on
-    /// OpenVINO (llama.cpp below; back on llama.cpp at one or none). The
-    /// default is the batch `auto` measures, 8; the Intel Xeon's crossover
-    /// lies between 4 and 8 sequences (BENCHMARKS.md).
-    #[arg(long, env = "SLINFER_PAIRED_FROM", default_value_t = crate::devices::PAIRED_FROM as u16, value_parser = clap::value_parser!(u16).range(2..))]
-    pub paired_from: u16,
+    /// Sequences from which an instance of the paired engines runs on its
+    /// engine of many (OpenVINO; back on the other at one or none). By
+    /// default `auto` and `paired` set it at start: the fewest (2 to 8)
+    /// from which they measure that engine serving batches faster.
+    #[arg(long, env = "SLINFER_PAIRED_FROM", value_parser = clap::value_parser!(u16).range(2..))]
+    pub paired_from: Option<u16>,
 }
 
 impl From<CpuArgs> for crate::devices::CpuOptions {
@@ -250,7 +250,7 @@ impl From<CpuArgs> for crate::devices::CpuOptions {
             precision: a.cpu_precision,
             llama_cpp_dir: a.llama_cpp_dir,
             llama_cpp_threads: a.llama_cpp_threads.map(usize::from),
-            paired_from: usize::from(a.paired_from),
+            paired_from: a.paired_from.map(usize::from),
         }
     }
 }
