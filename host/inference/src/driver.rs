@@ -92,8 +92,19 @@ pub fn live_scheduler_config(scheduling: &Scheduling) -> SchedulerConfig {
     // For the same reason a CPU pool that must grow doubles: a burst then
     // grows it a few times, not at each arrival.
     cfg.kv_grow_factor = PerKind::new(KV_GROW_FACTOR_CPU, 1.0);
+    // A burst's requests come through HTTP and their functions to the
+    // scheduler about a millisecond apart: an idle instance waits for the
+    // rest, so that one prefill takes them all (and a pair of CPU engines
+    // chooses its engine for all of them at once).
+    cfg.prefill_gather_s = PerKind::splat(PREFILL_GATHER_S);
     cfg
 }
+
+/// How long an idle instance's first prefill waits for another request to
+/// join it (at most four times this in all): three times the widest gap
+/// measured between the requests of an eight-stream burst (1.05 ms, Intel
+/// Xeon, BENCHMARKS.md).
+const PREFILL_GATHER_S: f64 = 0.003;
 
 /// How much at least a live CPU KV pool grows when it must.
 const KV_GROW_FACTOR_CPU: f64 = 2.0;

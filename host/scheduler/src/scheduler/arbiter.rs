@@ -9,13 +9,26 @@ impl<C: CostModel> Scheduler<C> {
         inst.committed_loaded && inst.running.is_none() && inst.queue.is_empty() && !inst.retiring
     }
 
-    pub(super) fn throttle_until(&self, inst: &Instance) -> f64 {
+    /// When `inst` (with requests, on a device of `kind`) may run next: an
+    /// `sllm` share's throttle, and, while it has nothing to decode, the
+    /// end of its requests' gathering window
+    /// ([`SchedulerConfig::prefill_gather_s`]).
+    pub(super) fn not_before_s(&self, inst: &Instance, kind: DeviceKind) -> f64 {
         let shares = self.cfg.policy.sllm_shares();
-        if shares > 1 {
+        let throttle = if shares > 1 {
             inst.bill_start_s + inst.busy_total_s * shares as f64
         } else {
             f64::NEG_INFINITY
+        };
+        let gap = self.cfg.prefill_gather_s[kind];
+        let joined = inst.requests.iter().map(|r| &self.requests[r]);
+        if gap <= 0.0 || joined.clone().any(|r| r.prefilled) {
+            return throttle;
         }
+        let (first, last) = joined.fold((f64::INFINITY, f64::NEG_INFINITY), |(f, l), r| {
+            (f.min(r.attached_s), l.max(r.attached_s))
+        });
+        throttle.max((last + gap).min(first + gap * GATHER_MAX_GAPS))
     }
 
     /// Whether an instance on `node` is loading now.
@@ -42,7 +55,9 @@ impl<C: CostModel> Scheduler<C> {
         let mut best: Option<(f64, InstanceId)> = None;
         for i in &self.nodes[node].instances {
             let inst = &self.instances[i];
-            if inst.requests.is_empty() || !self.runnable(inst) || self.throttle_until(inst) > now_s
+            if inst.requests.is_empty()
+                || !self.runnable(inst)
+                || self.not_before_s(inst, kind) > now_s
             {
                 continue;
             }

@@ -28,6 +28,7 @@ mod types;
 pub use cluster::{Probe, routing_order};
 pub use placement::bin_packing_order;
 pub use snapshot::{InstanceSnapshot, NodeSnapshot, Snapshot};
+use types::GATHER_MAX_GAPS;
 pub use types::{ActionOp, Command, DropReason, Policy, Request, RequestOutcome, SchedulerConfig};
 
 pub type RequestId = u64;
@@ -414,7 +415,7 @@ impl<C: CostModel> Scheduler<C> {
                 inst.idle_since_s.filter(|_| !inst.retiring).map(|t| t + ka)
             })
         });
-        let throttle = self
+        let not_before = self
             .nodes
             .iter()
             .filter(|n| n.busy.is_none())
@@ -422,13 +423,13 @@ impl<C: CostModel> Scheduler<C> {
                 n.instances.iter().filter_map(|i| {
                     let inst = &self.instances[i];
                     (self.runnable(inst) && !inst.requests.is_empty())
-                        .then(|| self.throttle_until(inst))
+                        .then(|| self.not_before_s(inst, n.spec.kind))
                 })
             });
         let shrink = self.instances.values().filter_map(|i| i.shrink_due_s);
         retry
             .chain(idle)
-            .chain(throttle)
+            .chain(not_before)
             .chain(shrink)
             .min_by(f64::total_cmp)
     }

@@ -365,3 +365,74 @@ fn a_new_instance_whose_load_would_stall_a_cpu_past_waiting_prefills_waits() {
     let cmds = settle(&mut s, 0.4);
     assert_eq!(loads(&cmds).len(), 1, "{cmds:?}");
 }
+
+/// The requests each run in `cmds` prefills.
+fn prefilled(cmds: &[Command]) -> Vec<Vec<RequestId>> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::Run { prefill, .. } => Some(prefill.iter().map(|&(r, _)| r).collect()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// With a gathering gap, an idle instance's first prefill waits until no
+/// request has joined it for the gap, at most four gaps after the first,
+/// and then takes all that joined; an instance that decodes is not held.
+#[test]
+fn an_idle_instance_gathers_a_burst_into_one_prefill() {
+    let gap = 0.003;
+    let mut s = sched(Policy::Slinfer, &[(DeviceKind::Gpu, 1 << 20)], FAST);
+    s.cfg.prefill_gather_s = crate::PerKind::splat(gap);
+    let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-9);
+    // A burst a millisecond apart: one prefill, a gap after the last.
+    s.submit(req(1, 1, 100, 5.0), 0.0);
+    assert!(runs(&settle(&mut s, 0.0)).is_empty());
+    assert!(close(s.next_wakeup_s(), gap), "{:?}", s.next_wakeup_s());
+    s.submit(req(2, 1, 100, 5.0), 0.001);
+    s.submit(req(3, 1, 100, 5.0), 0.002);
+    assert!(runs(&settle(&mut s, 0.002)).is_empty());
+    assert!(close(s.next_wakeup_s(), 0.002 + gap));
+    s.tick(0.004);
+    assert!(runs(&settle(&mut s, 0.004)).is_empty());
+    s.tick(0.002 + gap);
+    let c = settle(&mut s, 0.002 + gap);
+    assert_eq!(prefilled(&c), [vec![1, 2, 3]], "{c:?}");
+    let inst = runs(&c)[0];
+    let first = |id| RequestOutcome {
+        request: id,
+        tokens: 1,
+        finished: false,
+    };
+    s.iteration_done(0, inst, &[first(1), first(2), first(3)], 0.1);
+    assert_eq!(
+        prefilled(&settle(&mut s, 0.1)),
+        [Vec::<RequestId>::new()],
+        "a decode run"
+    );
+    // Joining an instance that decodes: the next run takes it at once.
+    s.submit(req(4, 1, 100, 5.0), 0.11);
+    s.iteration_done(0, inst, &[first(1), first(2), first(3)], 0.12);
+    assert_eq!(prefilled(&settle(&mut s, 0.12)), [vec![4]]);
+
+    // Arrivals that keep coming: at most four gaps after the first.
+    let mut s = sched(Policy::Slinfer, &[(DeviceKind::Gpu, 1 << 20)], FAST);
+    s.cfg.prefill_gather_s = crate::PerKind::splat(gap);
+    for (i, t) in [0.0, 0.002, 0.004, 0.006, 0.008, 0.010, 0.0115]
+        .into_iter()
+        .enumerate()
+    {
+        s.submit(req(10 + i as u64, 1, 10, 5.0), t);
+        s.tick(t);
+        assert!(runs(&settle(&mut s, t)).is_empty(), "at {t}");
+    }
+    assert!(close(s.next_wakeup_s(), 4.0 * gap));
+    s.tick(4.0 * gap);
+    let c = settle(&mut s, 4.0 * gap);
+    assert_eq!(prefilled(&c), [(10..17).collect::<Vec<_>>()], "{c:?}");
+
+    // Without the gap (the paper's setting) the first request runs alone.
+    let mut s = sched(Policy::Slinfer, &[(DeviceKind::Gpu, 1 << 20)], FAST);
+    s.submit(req(1, 1, 100, 5.0), 0.0);
+    assert_eq!(prefilled(&settle(&mut s, 0.0)), [vec![1]]);
+}

@@ -146,7 +146,19 @@ pub struct SchedulerConfig {
     /// than at every arrival. 1 in the paper; the live host's CPU engines
     /// hold the device for each resize (100-750 ms measured on llama.cpp).
     pub kv_grow_factor: PerKind<f64>,
+    /// An instance with nothing to decode starts its first prefill only
+    /// once no request has joined it for this long (at most
+    /// `GATHER_MAX_GAPS` (4) times this after the first joined), per kind of
+    /// device: the requests of a burst reach the scheduler a millisecond
+    /// or so apart, and a run granted at the first would leave the rest
+    /// to wait out its whole prefill, then prefill them in a second. 0 in
+    /// the paper.
+    pub prefill_gather_s: PerKind<f64>,
 }
+
+/// How many [`SchedulerConfig::prefill_gather_s`] gaps a first prefill
+/// waits at most for a burst to gather.
+pub(super) const GATHER_MAX_GAPS: f64 = 4.0;
 
 impl SchedulerConfig {
     pub fn paper(policy: Policy) -> Self {
@@ -168,6 +180,7 @@ impl SchedulerConfig {
             ttft_counts_load: false,
             kv_shrink_delay_s: PerKind::splat(0.0),
             kv_grow_factor: PerKind::splat(1.0),
+            prefill_gather_s: PerKind::splat(0.0),
         }
     }
 }
