@@ -1,6 +1,8 @@
 //! The instance runner: one thread per instance the scheduler places on a
 //! device. It loads the instance on its device's engine (and calibrates the
-//! cost model there), resizes its KV pool, runs the iterations the scheduler
+//! cost model there), resizes its KV pool (a shrink at once, a grow just
+//! before the next run, so that a burst's grows cost one reallocation),
+//! runs the iterations the scheduler
 //! grants (each generation samples and streams its own token), frees the
 //! sequences of ended requests, and unloads. An engine error that means the
 //! device itself failed (out of memory, a driver or kernel error) is
@@ -122,6 +124,10 @@ pub(crate) struct InstanceRunner {
     /// is retried by a later run, at most every [`LOAD_RETRY_S`]).
     kv_bytes: u64,
     last_load: Option<Instant>,
+    /// A grow granted since the last run, made just before the next one:
+    /// the grows of a burst arriving request by request then cost one
+    /// reallocation of the pool, not one each.
+    grow_to: Option<usize>,
     cost: LiveCost,
     to_driver: Sender<Msg>,
     stats: Arc<SharedStats>,
@@ -152,6 +158,7 @@ impl InstanceRunner {
             load_error: None,
             kv_bytes: 0,
             last_load: None,
+            grow_to: None,
             cost: links.cost,
             to_driver: links.to_driver,
             stats: links.stats,
@@ -218,31 +225,23 @@ impl InstanceRunner {
                 self.action_done(action);
             }
             Job::Resize { action, kv_bytes } => {
-                if let Some(i) = self.inst.as_mut() {
-                    let started = Instant::now();
+                if let Some(i) = self.inst.as_ref() {
                     let blocks = (kv_bytes / i.kv_bytes_per_block().max(1)) as usize;
-                    let from = i.kv_capacity_blocks();
-                    let shrinks = blocks < from;
-                    let resized = i.resize_kv(blocks.max(i.kv_blocks_in_use()));
-                    tracing::debug!(
-                        instance = self.id,
-                        from,
-                        to = blocks,
-                        ms = started.elapsed().as_secs_f64() * 1e3,
-                        "resize"
-                    );
-                    if let Err(e) = resized {
-                        tracing::warn!(device = %self.device.name, "resizing the KV pool: {e}");
-                        self.report(&e);
-                    }
-                    if shrinks {
-                        return_freed_memory();
+                    if blocks > i.kv_capacity_blocks() {
+                        self.grow_to = Some(blocks);
+                    } else {
+                        self.grow_to = None;
+                        if let Err(e) = self.resize(blocks) {
+                            tracing::warn!(device = %self.device.name, "resizing the KV pool: {e}");
+                            self.report(&e);
+                        }
                     }
                 }
                 self.action_done(action);
             }
             Job::Unload { action } => {
                 self.inst = None;
+                self.grow_to = None;
                 return_freed_memory();
                 self.action_done(action);
             }
@@ -299,6 +298,28 @@ impl InstanceRunner {
         );
     }
 
+    /// Resizes the instance's KV pool to `blocks` (never below the blocks
+    /// in use), returning freed memory to the system after a shrink.
+    fn resize(&mut self, blocks: usize) -> Result<(), EngineError> {
+        let Some(i) = self.inst.as_mut() else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let from = i.kv_capacity_blocks();
+        let resized = i.resize_kv(blocks.max(i.kv_blocks_in_use()));
+        tracing::debug!(
+            instance = self.id,
+            from,
+            to = blocks,
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "resize"
+        );
+        if blocks < from {
+            return_freed_memory();
+        }
+        resized
+    }
+
     fn action_done(&self, action: ActionId) {
         let _ = self.to_driver.send(Msg::ActionDone {
             node: self.node,
@@ -344,6 +365,7 @@ impl InstanceRunner {
 
     fn load_and_calibrate(&mut self, kv_bytes: u64) {
         self.kv_bytes = kv_bytes;
+        self.grow_to = None;
         self.last_load = Some(Instant::now());
         let t = Instant::now();
         let per_token =
@@ -437,6 +459,14 @@ impl InstanceRunner {
             for g in prefill.iter().chain(decode) {
                 lock(g).end(End::Failed(e.clone()));
             }
+            return self.finish_run(prefill, decode, &produced);
+        }
+        if let Some(blocks) = self.grow_to.take()
+            && let Err(e) = self.resize(blocks)
+        {
+            tracing::warn!(device = %self.device.name, "growing the KV pool: {e}");
+            let members: Vec<&Shared> = prefill.iter().chain(decode).collect();
+            self.step_failed(&members, &e);
             return self.finish_run(prefill, decode, &produced);
         }
         if !prefill.is_empty() {

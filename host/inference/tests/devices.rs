@@ -10,8 +10,8 @@
 //! equal the model's own greedy decode, token for token.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use slinfer_engine::package::ModelPackage;
@@ -317,6 +317,45 @@ async fn kv_pools_grow_with_load_and_shrink_after() {
     );
 }
 
+/// After idle a CPU pool shrinks to nothing; a burst of requests arriving
+/// together then grows it once, just before their first step, however
+/// many grows the scheduler granted as they joined (one reallocation of
+/// the pool, not one a grant).
+#[tokio::test]
+async fn a_burst_after_idle_grows_the_pool_once_before_its_first_step() {
+    let dir = models(&[("tiny", 5)]);
+    let paced = Paced::new(DeviceKind::Cpu, 1, None);
+    let events = paced.events.clone();
+    let (inf, _) = start(dir.path(), vec![cpu(Arc::new(paced))]);
+    collect(&inf, request("tiny", "warm", 2)).await.unwrap();
+    // The CPU pool shrinks 2 s after its last request (KV_SHRINK_DELAY_CPU_S).
+    let capacity = |inf: &Inference| -> usize {
+        inf.stats()
+            .instances
+            .iter()
+            .map(|i| i.kv_blocks_capacity)
+            .sum()
+    };
+    for _ in 0..100 {
+        if capacity(&inf) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(capacity(&inf), 0, "the idle pool did not shrink to nothing");
+    let from = events.lock().unwrap().len();
+    let runs = (0..8).map(|i| {
+        let inf = inf.clone();
+        async move { collect(&inf, request("tiny", &format!("prompt {i}"), 200)).await }
+    });
+    for o in futures::future::join_all(runs).await {
+        assert_eq!(o.unwrap().1.generated_tokens, 200);
+    }
+    let burst = events.lock().unwrap()[from..].to_vec();
+    let first_step = burst.iter().position(|e| *e == Event::Step).unwrap();
+    assert_eq!(burst[..first_step], [Event::Grow], "{burst:?}");
+}
+
 /// A test double: the reference engine at a real device's pace (each step
 /// sleeps), so that requests overlap long enough to contend.
 struct Paced {
@@ -329,6 +368,16 @@ struct Paced {
     /// Tokens stepped (counted over every instance).
     tokens: Arc<AtomicUsize>,
     meter: Option<Meter>,
+    /// What the engine was asked to do, in order (every instance).
+    events: Arc<Mutex<Vec<Event>>>,
+}
+
+/// A call the double records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Event {
+    Grow,
+    Shrink,
+    Step,
 }
 
 /// Makes the double report memory in use, as a real engine's
@@ -353,6 +402,7 @@ impl Paced {
             steps: Arc::new(AtomicUsize::new(0)),
             tokens: Arc::new(AtomicUsize::new(0)),
             meter: None,
+            events: Arc::default(),
         }
     }
 }
@@ -386,6 +436,7 @@ impl Backend for Paced {
             steps: self.steps.clone(),
             tokens: self.tokens.clone(),
             meter: self.meter.clone(),
+            events: self.events.clone(),
         };
         if let Some(m) = &self.meter {
             m.used
@@ -402,6 +453,7 @@ struct PacedInstance {
     steps: Arc<AtomicUsize>,
     tokens: Arc<AtomicUsize>,
     meter: Option<Meter>,
+    events: Arc<Mutex<Vec<Event>>>,
 }
 
 impl PacedInstance {
@@ -439,6 +491,9 @@ impl LlmInstance for PacedInstance {
         self.inner.kv_blocks_in_use()
     }
     fn resize_kv(&mut self, blocks: usize) -> Result<(), EngineError> {
+        let grow = blocks > self.inner.kv_capacity_blocks();
+        let event = if grow { Event::Grow } else { Event::Shrink };
+        self.events.lock().unwrap().push(event);
         let before = self.kv_bytes();
         self.inner.resize_kv(blocks)?;
         if let Some(m) = &self.meter {
@@ -463,6 +518,7 @@ impl LlmInstance for PacedInstance {
         self.inner.blocks_needed(batch)
     }
     fn step(&mut self, batch: &[StepEntry]) -> Result<Vec<Vec<f32>>, EngineError> {
+        self.events.lock().unwrap().push(Event::Step);
         std::thread::sleep(self.step);
         let n = self.steps.fetch_add(1, Ordering::Relaxed);
         let tokens = batch.iter().map(|e| e.tokens.len()).sum();
