@@ -243,10 +243,12 @@ fn switch_point(few: &Speed, many: &Speed) -> usize {
 
 /// Loads the package on `backend` and times it at each batch size from
 /// one to [`MEASURE_BATCH`]: a sequence joins with a prompt of
-/// [`MEASURE_PROMPT`] tokens (timed), then decode steps of all held
-/// ([`MEASURE_STEPS`] at one and at the batch, half as many between). Sequences only join, as a burst's do, so that the KV of
+/// [`MEASURE_PROMPT`] tokens (timed), then [`MEASURE_STEPS`] decode steps
+/// of all held. Sequences only join, as a burst's do, so that the KV of
 /// those held lies together (llama.cpp attends over the span of its
-/// context that holds sequences, freed cells within it too).
+/// context that holds sequences, freed cells within it too). A noisy
+/// batch can only move a pair's switch up, toward [`MEASURE_BATCH`]
+/// ([`switch_point`] wants every larger batch faster).
 fn measure(backend: &dyn Backend, package: &Path) -> Result<Speed, EngineError> {
     let mut inst = backend.load(
         &ModelSource::Package(package.to_path_buf()),
@@ -264,14 +266,7 @@ fn measure(backend: &dyn Backend, package: &Path) -> Result<Speed, EngineError> 
     for k in 1..=MEASURE_BATCH {
         inst.add_sequence(ids[k - 1])?;
         prefill_s += timing::extend(inst.as_mut(), &ids[k - 1..k], MEASURE_PROMPT, chunk)?;
-        // Half the steps between one and the batch, which only place the
-        // switch of a pair.
-        let steps = if k == 1 || k == MEASURE_BATCH {
-            MEASURE_STEPS
-        } else {
-            MEASURE_STEPS / 2
-        };
-        step_s[k - 1] = timing::decode_step_s(inst.as_mut(), &ids[..k], steps)?;
+        step_s[k - 1] = timing::decode_step_s(inst.as_mut(), &ids[..k], MEASURE_STEPS)?;
     }
     Ok(Speed {
         step_s,
