@@ -278,27 +278,29 @@ async fn models_go_to_the_cpu_first_then_the_gpu_and_answer_exactly() {
     assert_eq!((cold("tiny-a", "cpu:0"), cold("tiny-b", "gpu:0")), (1, 1));
 }
 
+/// KV blocks the instances have room for, all together.
+fn kv_capacity(inf: &Inference) -> usize {
+    inf.stats()
+        .instances
+        .iter()
+        .map(|i| i.kv_blocks_capacity)
+        .sum()
+}
+
 #[tokio::test]
 async fn kv_pools_grow_with_load_and_shrink_after() {
     let dir = models(&[("tiny", 3)]);
     let (inf, _) = start(dir.path(), vec![cpu(reference(DeviceKind::Cpu, 0))]);
-    let capacity = |inf: &Inference| -> usize {
-        inf.stats()
-            .instances
-            .iter()
-            .map(|i| i.kv_blocks_capacity)
-            .sum()
-    };
     collect(&inf, request("tiny", "warm", 2)).await.unwrap();
     quiet(&inf).await;
-    let idle = capacity(&inf);
+    let idle = kv_capacity(&inf);
     let runs = (0..8).map(|i| {
         let inf = inf.clone();
         async move { collect(&inf, request("tiny", &format!("prompt {i}"), 200)).await }
     });
     let (outs, peak, after) = peak_then_fall(
         futures::future::join_all(runs),
-        || capacity(&inf),
+        || kv_capacity(&inf),
         Duration::from_millis(1),
         // The CPU pool shrinks 2 s after its last request (KV_SHRINK_DELAY_CPU_S).
         Duration::from_secs(5),
@@ -329,20 +331,17 @@ async fn a_burst_after_idle_grows_the_pool_once_before_its_first_step() {
     let (inf, _) = start(dir.path(), vec![cpu(Arc::new(paced))]);
     collect(&inf, request("tiny", "warm", 2)).await.unwrap();
     // The CPU pool shrinks 2 s after its last request (KV_SHRINK_DELAY_CPU_S).
-    let capacity = |inf: &Inference| -> usize {
-        inf.stats()
-            .instances
-            .iter()
-            .map(|i| i.kv_blocks_capacity)
-            .sum()
-    };
     for _ in 0..100 {
-        if capacity(&inf) == 0 {
+        if kv_capacity(&inf) == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(capacity(&inf), 0, "the idle pool did not shrink to nothing");
+    assert_eq!(
+        kv_capacity(&inf),
+        0,
+        "the idle pool did not shrink to nothing"
+    );
     let from = events.lock().unwrap().len();
     let runs = (0..8).map(|i| {
         let inf = inf.clone();
