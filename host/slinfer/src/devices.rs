@@ -348,23 +348,21 @@ fn choose(
             return Arc::new(openvino);
         }
     };
-    let mut switch = None;
-    let mut pair = |few: (Arc<dyn Backend>, &Speed), many: (Arc<dyn Backend>, &Speed)| {
-        let from = paired_from.unwrap_or_else(|| switch_point(few.1, many.1));
-        switch = Some(from);
-        Arc::new(PairedBackend::new(few.0, many.0, from).expect("two CPU engines"))
-            as Arc<dyn Backend>
-    };
-    let (ov, ll): (Arc<dyn Backend>, Arc<dyn Backend>) = (Arc::new(openvino), Arc::new(llama));
-    let chosen = match pick(&o, &l) {
-        Pick::Openvino => ov,
-        Pick::LlamaCpp => ll,
-        Pick::Paired {
-            llama_cpp_few: true,
-        } => pair((ll, &l), (ov, &o)),
-        Pick::Paired {
-            llama_cpp_few: false,
-        } => pair((ov, &o), (ll, &l)),
+    let (chosen, switch): (Arc<dyn Backend>, Option<usize>) = match pick(&o, &l) {
+        Pick::Openvino => (Arc::new(openvino), None),
+        Pick::LlamaCpp => (Arc::new(llama), None),
+        Pick::Paired { llama_cpp_few } => {
+            let (ov, ll): (Arc<dyn Backend>, Arc<dyn Backend>) =
+                (Arc::new(openvino), Arc::new(llama));
+            let ((few, few_speed), (many, many_speed)) = if llama_cpp_few {
+                ((ll, &l), (ov, &o))
+            } else {
+                ((ov, &o), (ll, &l))
+            };
+            let from = paired_from.unwrap_or_else(|| switch_point(few_speed, many_speed));
+            let pair = PairedBackend::new(few, many, from).expect("two CPU engines");
+            (Arc::new(pair), Some(from))
+        }
     };
     tracing::info!(
         model = %package.display(),
