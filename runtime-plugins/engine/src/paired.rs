@@ -153,8 +153,6 @@ struct Plan {
     run: Vec<StepEntry>,
     /// The sequences that move to `engine` in this step.
     moving: Vec<SeqId>,
-    /// The tokens they held, computed again on `engine`.
-    recomputed: usize,
     /// Blocks the step takes from the pool, net of those freed behind.
     needed: usize,
 }
@@ -235,7 +233,7 @@ impl PairedInstance {
         let engine = self.engine_for(self.held.len());
         let bs = self.block_size_tokens();
         let (mut run, mut staying, mut moving) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut moved_blocks, mut own_behind, mut recomputed) = (0, 0, 0);
+        let (mut moved_blocks, mut own_behind) = (0, 0);
         for e in batch {
             let h = self.held(e.seq)?;
             if h.engine == engine {
@@ -247,7 +245,6 @@ impl PairedInstance {
             tokens.extend_from_slice(&e.tokens);
             moved_blocks += tokens.len().div_ceil(bs);
             own_behind += h.tokens.len().div_ceil(bs);
-            recomputed += h.tokens.len();
             moving.push(e.seq);
             run.push(StepEntry { seq: e.seq, tokens });
         }
@@ -268,7 +265,6 @@ impl PairedInstance {
             engine,
             run,
             moving,
-            recomputed,
             needed: (here + moved_blocks).saturating_sub(behind),
         })
     }
@@ -370,9 +366,10 @@ impl LlmInstance for PairedInstance {
             engine,
             run,
             moving,
-            recomputed,
             needed,
         } = self.plan(batch)?;
+        // The tokens the moving sequences held, computed again on `engine`.
+        let recomputed: usize = moving.iter().map(|s| self.held[s].tokens.len()).sum();
         let free = self
             .kv_capacity_blocks()
             .saturating_sub(self.kv_blocks_in_use());
