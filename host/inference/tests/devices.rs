@@ -10,7 +10,7 @@
 //! equal the model's own greedy decode, token for token.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,8 +24,8 @@ use slinfer_engine::{
 };
 use slinfer_inference::{
     Constraint, DeviceLabels, FinishReason, GenerateRequest, GenerationParams,
-    INSTANCE_OVERHEAD_BYTES, Inference, InferenceConfig, InferenceError, LlmMetrics, MemoryBudget,
-    OutcomeLabels, Prompt, TokenLogprobs, Usage,
+    INSTANCE_OVERHEAD_BYTES, Inference, InferenceConfig, InferenceError, InferenceStatus,
+    LlmMetrics, MemoryBudget, OutcomeLabels, Prompt, TokenLogprobs, Usage,
 };
 use slinfer_test_support::{peak_then_fall, tiny};
 
@@ -330,18 +330,7 @@ async fn a_burst_after_idle_grows_the_pool_once_before_its_first_step() {
     let events = paced.events.clone();
     let (inf, _) = start(dir.path(), vec![cpu(Arc::new(paced))]);
     collect(&inf, request("tiny", "warm", 2)).await.unwrap();
-    // The CPU pool shrinks 2 s after its last request (KV_SHRINK_DELAY_CPU_S).
-    for _ in 0..100 {
-        if kv_capacity(&inf) == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(
-        kv_capacity(&inf),
-        0,
-        "the idle pool did not shrink to nothing"
-    );
+    pools_shrunk(&inf).await;
     let from = events.lock().unwrap().len();
     let runs = (0..8).map(|i| {
         let inf = inf.clone();
@@ -353,6 +342,80 @@ async fn a_burst_after_idle_grows_the_pool_once_before_its_first_step() {
     let burst = events.lock().unwrap()[from..].to_vec();
     let first_step = burst.iter().position(|e| *e == Event::Step).unwrap();
     assert_eq!(burst[..first_step], [Event::Grow], "{burst:?}");
+}
+
+/// Waits for the idle pools to shrink to nothing (2 s after the last
+/// request, KV_SHRINK_DELAY_CPU_S).
+async fn pools_shrunk(inf: &Inference) {
+    for _ in 0..100 {
+        if kv_capacity(inf) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        kv_capacity(inf),
+        0,
+        "the idle pool did not shrink to nothing"
+    );
+}
+
+/// The status once the first device is out of placement, or after a
+/// second: the driver hears of a failure just after the failed request
+/// ends.
+async fn first_device_failed(inf: &Inference) -> InferenceStatus {
+    let mut status = inf.status();
+    for _ in 0..200 {
+        if status.devices[0].scheduler.failed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        status = inf.status();
+    }
+    status
+}
+
+/// A grow made just before a run that fails (no memory for the pool) ends
+/// that run's request as the device failing, takes the device out of
+/// placement, and the retry is answered on the other device.
+#[tokio::test]
+async fn a_grow_that_fails_before_a_run_fails_its_request_and_the_device() {
+    let dir = models(&[("tiny", 6)]);
+    let paced = Paced::new(DeviceKind::Cpu, 0, None);
+    let fail_grows = paced.fail_grows.clone();
+    let (inf, _) = start(
+        dir.path(),
+        vec![
+            device("cpu:0", DeviceKind::Cpu, Arc::new(paced), 1 << 30),
+            gpu(reference(DeviceKind::Gpu, 0)),
+        ],
+    );
+    collect(&inf, request("tiny", "warm", 2)).await.unwrap();
+    pools_shrunk(&inf).await;
+    fail_grows.store(true, Ordering::SeqCst);
+    let e = collect(&inf, request("tiny", "after idle", 20))
+        .await
+        .unwrap_err();
+    match &e {
+        InferenceError::Unavailable { message, .. } => {
+            assert!(message.contains("device cpu:0 failed"), "{message}");
+            assert!(
+                message.contains("no memory for the grown pool"),
+                "{message}"
+            );
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    let status = first_device_failed(&inf).await;
+    assert!(
+        status.devices[0].scheduler.failed,
+        "{:?}",
+        status.devices[0]
+    );
+    let (text, _) = collect(&inf, request("tiny", "after idle", 20))
+        .await
+        .unwrap();
+    assert_eq!(text, greedy(dir.path(), "tiny", "after idle", 20));
 }
 
 /// A test double: the reference engine at a real device's pace (each step
@@ -369,6 +432,8 @@ struct Paced {
     meter: Option<Meter>,
     /// What the engine was asked to do, in order (every instance).
     events: Arc<Mutex<Vec<Event>>>,
+    /// While set, every grow of a pool fails as memory that cannot be had.
+    fail_grows: Arc<AtomicBool>,
 }
 
 /// A call the double records.
@@ -402,6 +467,7 @@ impl Paced {
             tokens: Arc::new(AtomicUsize::new(0)),
             meter: None,
             events: Arc::default(),
+            fail_grows: Arc::default(),
         }
     }
 }
@@ -436,6 +502,7 @@ impl Backend for Paced {
             tokens: self.tokens.clone(),
             meter: self.meter.clone(),
             events: self.events.clone(),
+            fail_grows: self.fail_grows.clone(),
         };
         if let Some(m) = &self.meter {
             m.used
@@ -453,6 +520,7 @@ struct PacedInstance {
     tokens: Arc<AtomicUsize>,
     meter: Option<Meter>,
     events: Arc<Mutex<Vec<Event>>>,
+    fail_grows: Arc<AtomicBool>,
 }
 
 impl PacedInstance {
@@ -493,6 +561,12 @@ impl LlmInstance for PacedInstance {
         let grow = blocks > self.inner.kv_capacity_blocks();
         let event = if grow { Event::Grow } else { Event::Shrink };
         self.events.lock().unwrap().push(event);
+        if grow && self.fail_grows.load(Ordering::SeqCst) {
+            return Err(EngineError::OutOfMemory {
+                requested_bytes: blocks as u64 * self.inner.kv_bytes_per_block(),
+                detail: "no memory for the grown pool".into(),
+            });
+        }
         let before = self.kv_bytes();
         self.inner.resize_kv(blocks)?;
         if let Some(m) = &self.meter {
@@ -656,15 +730,7 @@ async fn a_device_that_fails_leaves_placement_and_the_others_carry_on() {
         }
         other => panic!("expected Unavailable, got {other:?}"),
     }
-    // The driver hears of the failure just after the request's end.
-    let mut status = inf.status();
-    for _ in 0..200 {
-        if status.devices[0].scheduler.failed {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        status = inf.status();
-    }
+    let status = first_device_failed(&inf).await;
     let cpu = &status.devices[0];
     assert!(cpu.scheduler.failed, "{cpu:?}");
     assert!(cpu.failed.as_deref().unwrap().contains("fell off the bus"));
