@@ -229,17 +229,14 @@ impl OpenVinoInstance {
                 let mut dims = vec![phys as i64];
                 dims.extend(&c.block_dims);
                 let shape = Shape::new(&dims).map_err(|e| dev("shape", e))?;
-                let mut t = Tensor::new(c.ty, &shape).map_err(|e| EngineError::OutOfMemory {
+                // The crate writes zeros into a new tensor, so the pool is
+                // resident from the start: the process holds what the
+                // scheduler counted, and a short host shows here rather than
+                // at some later first touch.
+                Tensor::new(c.ty, &shape).map_err(|e| EngineError::OutOfMemory {
                     requested_bytes: (phys * c.block_bytes) as u64,
                     detail: format!("{}: {e}", c.name),
-                })?;
-                // Written now, so the pool is resident from the start: the
-                // process holds what the scheduler counted, and a short host
-                // shows here rather than at some later first touch.
-                t.get_raw_data_mut()
-                    .map_err(|e| dev("cache data", e))?
-                    .fill(0);
-                Ok(t)
+                })
             })
             .collect()
     }
