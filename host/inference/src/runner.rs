@@ -79,6 +79,27 @@ pub fn next_prefill_step(
     step
 }
 
+/// Hands a prompt whose prefill has ended its first token, sampled from
+/// `logits`, or an embedding request its embedding.
+fn first_output(
+    shared: &Shared,
+    logits: &[f32],
+    hidden: Option<Result<Vec<f32>, InferenceError>>,
+    produced: &mut HashMap<RequestId, u64>,
+) {
+    let mut g = lock(shared);
+    if g.gone() {
+        return;
+    }
+    match hidden {
+        Some(h) => g.embedded(h),
+        None => {
+            g.accept(logits);
+        }
+    }
+    produced.insert(g.id, 1);
+}
+
 /// Held through a load and its calibration, so that what the device has in
 /// use grows by one instance at a time.
 static LOADING: Mutex<()> = Mutex::new(());
@@ -490,6 +511,12 @@ impl InstanceRunner {
         // the others fork its KV (`forks[i]`: the member they fork).
         let mut forks: Vec<Option<usize>> = Vec::new();
         let mut firsts: HashMap<RequestId, usize> = HashMap::new();
+        // Shortest first: a prompt's first token goes out when its last step
+        // ends, so this order makes the prompts wait least in all, and the
+        // run ends when it would in any order. The sort is stable: a fork
+        // stays after the choice it forks.
+        let mut gens: Vec<&Shared> = gens.iter().collect();
+        gens.sort_by_cached_key(|g| lock(g).context().len());
         for shared in gens {
             let mut g = lock(shared);
             if g.gone() {
@@ -526,9 +553,6 @@ impl InstanceRunner {
             .map(|((_, c), _)| c.len() as u64)
             .sum();
         let chunk = prefill_chunk_tokens(self.device.kind);
-        let t = Instant::now();
-        // Steps of at most `chunk` tokens, the prompts in order; a prompt's
-        // last step gives the logits it samples from.
         let embeds: Vec<bool> = members.iter().map(|g| lock(g).embeds()).collect();
         // A fork computes nothing itself.
         let mut done: Vec<usize> = contexts
@@ -536,9 +560,13 @@ impl InstanceRunner {
             .zip(&forks)
             .map(|((_, c), f)| if f.is_some() { c.len() } else { 0 })
             .collect();
-        let mut last = vec![None; contexts.len()];
-        let mut hidden: Vec<Option<Result<Vec<f32>, InferenceError>>> = vec![None; contexts.len()];
         let lens: Vec<usize> = contexts.iter().map(|(_, c)| c.len()).collect();
+        // The engine's seconds, for the cost model (not the sampling between steps).
+        let mut engine_s = 0.0;
+        // Steps of at most `chunk` tokens, the prompts in order. A prompt's
+        // last step gives the logits it samples from, and its first token
+        // goes out then: in a burst longer than one step the first prompts
+        // need not wait for the last.
         loop {
             let parts = next_prefill_step(&lens, &mut done, chunk);
             if parts.is_empty() {
@@ -551,63 +579,48 @@ impl InstanceRunner {
                     tokens: contexts[*i].1[r.clone()].to_vec(),
                 })
                 .collect();
-            let who: Vec<usize> = parts.into_iter().map(|(i, _)| i).collect();
-            match inst.step(&batch) {
-                Ok(logits) => {
-                    let ended = |i: &usize| done[*i] == contexts[*i].1.len();
-                    // The final hidden states, when an embedding's prompt
-                    // ended in this step.
-                    let rows = match who.iter().any(|i| ended(i) && embeds[*i]) {
-                        true => Some(
-                            inst.last_hidden()
-                                .map_err(|e| InferenceError::Engine(e.to_string())),
-                        ),
-                        false => None,
-                    };
-                    for (k, (l, i)) in logits.into_iter().zip(who).enumerate() {
-                        if !ended(&i) {
-                            continue;
-                        }
-                        last[i] = Some(l);
-                        if let Some(rows) = &rows {
-                            hidden[i] = Some(match rows {
-                                Ok(r) => r.get(k).cloned().ok_or_else(|| {
-                                    InferenceError::Engine("a hidden state is missing".into())
-                                }),
-                                Err(e) => Err(e.clone()),
-                            });
+            let t = Instant::now();
+            let logits = match inst.step(&batch) {
+                Ok(logits) => logits,
+                Err(e) => return self.step_failed(&members, &e),
+            };
+            // (row in the step, prompt) of the prompts this step ended.
+            let ended: Vec<(usize, usize)> = parts
+                .iter()
+                .enumerate()
+                .filter(|(_, (i, _))| done[*i] == lens[*i])
+                .map(|(k, (i, _))| (k, *i))
+                .collect();
+            // The final hidden states, when an embedding's prompt ended here.
+            let rows = match ended.iter().any(|&(_, i)| embeds[i]) {
+                true => Some(
+                    inst.last_hidden()
+                        .map_err(|e| InferenceError::Engine(e.to_string())),
+                ),
+                false => None,
+            };
+            engine_s += t.elapsed().as_secs_f64();
+            for (k, i) in ended {
+                let hidden = rows.as_ref().filter(|_| embeds[i]).map(|rows| match rows {
+                    Ok(r) => r
+                        .get(k)
+                        .cloned()
+                        .ok_or_else(|| InferenceError::Engine("a hidden state is missing".into())),
+                    Err(e) => Err(e.clone()),
+                });
+                first_output(members[i], &logits[k], hidden, produced);
+                for f in (0..forks.len()).filter(|&f| forks[f] == Some(i)) {
+                    match inst.fork_sequence(contexts[i].0, contexts[f].0) {
+                        Ok(()) => first_output(members[f], &logits[k], None, produced),
+                        Err(e) => {
+                            lock(members[f]).end(End::Failed(InferenceError::Engine(e.to_string())))
                         }
                     }
                 }
-                Err(e) => return self.step_failed(&members, &e),
             }
         }
-        self.cost.observe_prefill(
-            self.mtype,
-            self.device.kind,
-            tokens,
-            t.elapsed().as_secs_f64(),
-        );
-        for (i, leader) in forks.iter().enumerate() {
-            let Some(j) = *leader else { continue };
-            match inst.fork_sequence(contexts[j].0, contexts[i].0) {
-                Ok(()) => last[i] = last[j].clone(),
-                Err(e) => lock(members[i]).end(End::Failed(InferenceError::Engine(e.to_string()))),
-            }
-        }
-        for ((g, l), h) in members.into_iter().zip(last).zip(hidden) {
-            let mut g = lock(g);
-            if g.gone() {
-                continue;
-            }
-            match h {
-                Some(h) => g.embedded(h),
-                None => {
-                    g.accept(&l.expect("every prompt ends in a step"));
-                }
-            }
-            produced.insert(g.id, 1);
-        }
+        self.cost
+            .observe_prefill(self.mtype, self.device.kind, tokens, engine_s);
     }
 
     /// One decode step over the live sequences; false when none is left or

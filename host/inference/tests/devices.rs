@@ -434,6 +434,9 @@ struct Paced {
     events: Arc<Mutex<Vec<Event>>>,
     /// While set, every grow of a pool fails as memory that cannot be had.
     fail_grows: Arc<AtomicBool>,
+    /// While set, a step that goes on with a prompt begun in an earlier
+    /// step (chunked prefill) waits.
+    hold_continued: Arc<AtomicBool>,
 }
 
 /// A call the double records.
@@ -468,6 +471,7 @@ impl Paced {
             meter: None,
             events: Arc::default(),
             fail_grows: Arc::default(),
+            hold_continued: Arc::default(),
         }
     }
 }
@@ -503,6 +507,7 @@ impl Backend for Paced {
             meter: self.meter.clone(),
             events: self.events.clone(),
             fail_grows: self.fail_grows.clone(),
+            hold_continued: self.hold_continued.clone(),
         };
         if let Some(m) = &self.meter {
             m.used
@@ -521,6 +526,7 @@ struct PacedInstance {
     meter: Option<Meter>,
     events: Arc<Mutex<Vec<Event>>>,
     fail_grows: Arc<AtomicBool>,
+    hold_continued: Arc<AtomicBool>,
 }
 
 impl PacedInstance {
@@ -591,6 +597,12 @@ impl LlmInstance for PacedInstance {
         self.inner.blocks_needed(batch)
     }
     fn step(&mut self, batch: &[StepEntry]) -> Result<Vec<Vec<f32>>, EngineError> {
+        let continues = batch
+            .iter()
+            .any(|e| e.tokens.len() > 1 && self.inner.sequence_len(e.seq).is_some_and(|l| l > 0));
+        while continues && self.hold_continued.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         self.events.lock().unwrap().push(Event::Step);
         std::thread::sleep(self.step);
         let n = self.steps.fetch_add(1, Ordering::Relaxed);
@@ -952,6 +964,64 @@ async fn long_prompts_are_prefilled_in_chunks_to_the_same_answers() {
         assert!(usage.prompt_tokens > 600, "{usage:?}");
         assert_eq!(text, greedy(dir.path(), "tiny", p, 8));
     }
+}
+
+#[tokio::test]
+async fn a_prompt_gets_its_first_token_when_its_own_prefill_step_ends() {
+    let dir = models(&[("tiny", 11)]);
+    let paced = Paced::new(DeviceKind::Cpu, 1, None);
+    let hold = paced.hold_continued.clone();
+    hold.store(true, Ordering::SeqCst);
+    let (inf, _) = start(dir.path(), vec![cpu(Arc::new(paced))]);
+    // A long prompt and a short one arrive together (the model loads
+    // first): one prefill of two steps, shortest first: the short prompt
+    // and the long one's first tokens up to the 512-token chunk, then the
+    // rest of the long one.
+    let short = "a short question";
+    let long = format!(
+        "a long one: {}",
+        "the quick brown fox jumps over a lazy dog; ".repeat(16)
+    );
+    // With log-probabilities every token is a chunk of its own, text or not.
+    let with_logprobs = |prompt: &str| {
+        let mut r = request("tiny", prompt, 6);
+        r.params.logprobs = Some(1);
+        r
+    };
+    // Each `generate` returns once its request has its first token.
+    let spawn = |prompt: String| {
+        let inf = inf.clone();
+        tokio::spawn(async move { inf.generate(with_logprobs(&prompt)).await })
+    };
+    let second = spawn(long.clone());
+    let first = spawn(short.to_string());
+    // The second step is held: the short prompt's first token must come
+    // out of the first.
+    let got = tokio::time::timeout(Duration::from_secs(20), first).await;
+    let held = !second.is_finished();
+    hold.store(false, Ordering::SeqCst);
+    let mut first = got
+        .expect("the short prompt's first token waited for the long prompt's prefill")
+        .unwrap()
+        .unwrap();
+    assert!(
+        held,
+        "the long prompt was answered before its last step ran"
+    );
+    let chunk = first.next_chunk().await.unwrap().unwrap();
+    assert_eq!(chunk.tokens.len(), 1, "{chunk:?}");
+    let mut text = chunk.text;
+    while let Some(c) = first.next_chunk().await {
+        text.push_str(&c.unwrap().text);
+    }
+    assert_eq!(text, greedy(dir.path(), "tiny", short, 6));
+    let mut second = second.await.unwrap().unwrap();
+    text.clear();
+    while let Some(c) = second.next_chunk().await {
+        text.push_str(&c.unwrap().text);
+    }
+    assert!(second.usage().prompt_tokens > 512, "{:?}", second.usage());
+    assert_eq!(text, greedy(dir.path(), "tiny", &long, 6));
 }
 
 /// The chosen tokens and their log-probabilities of a whole generation.
