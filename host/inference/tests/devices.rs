@@ -1221,9 +1221,17 @@ async fn an_embedding_is_the_normalised_final_hidden_state_of_the_prompts_last_t
         let norm = h.iter().map(|x| x * x).sum::<f32>().sqrt();
         h.into_iter().map(|x| x / norm).collect::<Vec<f32>>()
     };
-    // Several at once (batched in one prefill), each its own answer.
+    // Several at once (batched in one prefill), each its own answer, and a
+    // generation in the same prefill is answered as one.
     let prompts = ["hello there", "a longer sentence to embed", "x"];
-    let answers = futures::future::join_all(prompts.iter().map(|p| embed(p))).await;
+    let (answers, generated) = tokio::join!(
+        futures::future::join_all(prompts.iter().map(|p| embed(p))),
+        collect(&inf, request("tiny-a", "hello there", 4))
+    );
+    assert_eq!(
+        generated.unwrap().0,
+        greedy(dir.path(), "tiny-a", "hello there", 4)
+    );
     for (p, answer) in prompts.iter().zip(answers) {
         let (chunks, usage) = answer.unwrap();
         assert_eq!(chunks.len(), 1, "{chunks:?}");
