@@ -174,10 +174,15 @@ impl Generation {
         self.ended || self.cancelled()
     }
 
+    /// How many tokens [`Self::context`] holds.
+    pub fn context_len(&self) -> usize {
+        self.prompt.len() + self.generated.len()
+    }
+
     /// The tokens its KV must hold to continue: the prompt and what it has
     /// generated (a preempted request recomputes them).
     pub fn context(&self) -> Vec<u32> {
-        let mut t = Vec::with_capacity(self.prompt.len() + self.generated.len());
+        let mut t = Vec::with_capacity(self.context_len());
         t.extend_from_slice(&self.prompt);
         t.extend_from_slice(&self.generated);
         t
@@ -250,7 +255,7 @@ impl Generation {
             }
             Step::Text(t) => {
                 self.text(t);
-                let len = (self.prompt.len() + self.generated.len()) as u32;
+                let len = self.context_len() as u32;
                 if self.generated.len() as u32 >= self.max_tokens
                     || len >= self.model.context_tokens()
                 {

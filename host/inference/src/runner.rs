@@ -516,7 +516,7 @@ impl InstanceRunner {
         // run ends when it would in any order. The sort is stable: a fork
         // stays after the choice it forks.
         let mut gens: Vec<&Shared> = gens.iter().collect();
-        gens.sort_by_cached_key(|g| lock(g).context().len());
+        gens.sort_by_key(|g| lock(g).context_len());
         for shared in gens {
             let mut g = lock(shared);
             if g.gone() {
