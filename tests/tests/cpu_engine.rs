@@ -68,6 +68,38 @@ fn sse_text(body: &str) -> String {
         .collect()
 }
 
+/// The text `chat` gives the model for `question` (the chat template).
+fn chat_prompt(question: &str) -> String {
+    format!(
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging \
+         Face<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    )
+}
+
+/// OpenVINO GenAI's greedy continuation of `text` (scripts/models/reference.py).
+fn openvino_reference(text: &str, tokens: usize) -> String {
+    let mut child = Command::new(venv().join("bin/python"))
+        .arg(repo_root().join("scripts/models/reference.py"))
+        .arg("generate")
+        .arg(models_dir().join(DEFAULT_MODEL))
+        .arg(tokens.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("scripts/models/reference.py");
+    let prompts = serde_json::to_vec(&[text]).unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), &prompts).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v[0]["text"].as_str().unwrap().to_owned()
+}
+
 /// llama.cpp's own greedy continuation of `text` (tokenized by llama.cpp).
 fn llama_cpp_reference(text: &str, tokens: usize) -> String {
     let out = Command::new("node")
@@ -203,11 +235,7 @@ async fn paired_serves_one_stream_on_llama_cpp_and_several_on_openvino() {
     };
     let question = "What is the capital of France?";
     let got = ask(question.into(), 24).await;
-    let prompt = format!(
-        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging \
-         Face<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
-    );
-    let reference = llama_cpp_reference(&prompt, 24);
+    let reference = llama_cpp_reference(&chat_prompt(question), 24);
     assert_eq!(got, reference);
 
     let answers =
@@ -319,7 +347,9 @@ async fn auto_measures_both_engines_and_serves_with_the_faster() {
 }
 
 /// `--cpu-engine paired` without `--paired-from` measures both engines at
-/// start and switches where OpenVINO serves faster.
+/// start and switches where OpenVINO serves faster; a lone request with a
+/// long prompt is answered by the engine on which its prefill and a chat
+/// answer (128 steps) cost least by those figures.
 #[tokio::test]
 async fn paired_switches_where_the_engines_measure() {
     let (s, _tmp) = serve("paired", &[]);
@@ -328,8 +358,52 @@ async fn paired_switches_where_the_engines_measure() {
     let line = log
         .lines()
         .find(|l| l.contains("paired CPU engines switch where measured"))
-        .unwrap_or_else(|| panic!("no measurement in the log:\n{log}"));
-    check_switch(line, "llama_cpp", "openvino");
+        .unwrap_or_else(|| panic!("no measurement in the log:\n{log}"))
+        .to_owned();
+    check_switch(&line, "llama_cpp", "openvino");
+
+    s.deploy(&package("chat"));
+    let question = format!(
+        "Summarise this in one line: {}",
+        "The river runs past the old mill and under the stone bridge. ".repeat(30)
+    );
+    let url = format!("{}/fn/chat/?max_tokens=16&temperature=0", s.url);
+    let resp = client()
+        .post(url)
+        .body(question.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.text().await.unwrap();
+    let usage = body
+        .split("\n\n")
+        .find(|e| e.contains("event: usage"))
+        .and_then(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+        .unwrap_or_else(|| panic!("no usage event: {body}"));
+    let usage: serde_json::Value = serde_json::from_str(usage).unwrap();
+    let prompt_tokens = usage["prompt_tokens"].as_f64().unwrap();
+    assert!(prompt_tokens > 400.0, "{usage}");
+    let figure = |key: &str| -> f64 { field(&line, key).parse().unwrap() };
+    let cost = |engine: &str| {
+        prompt_tokens / figure(&format!("{engine}_prefill"))
+            + 128.0 / figure(&format!("{engine}_one"))
+    };
+    let (on_openvino, on_llama_cpp) = (cost("openvino"), cost("llama_cpp"));
+    let prompt = chat_prompt(&question);
+    let got = sse_text(&body);
+    let (openvino, llama_cpp) = (
+        openvino_reference(&prompt, 16),
+        llama_cpp_reference(&prompt, 16),
+    );
+    // The log rounds the figures: a near tie may go either way.
+    if (on_openvino / on_llama_cpp - 1.0).abs() < 0.02 {
+        assert!(got == openvino || got == llama_cpp, "{got:?} {line}");
+    } else if on_openvino < on_llama_cpp {
+        assert_eq!(got, openvino, "{line}");
+    } else {
+        assert_eq!(got, llama_cpp, "{line}");
+    }
 }
 
 #[tokio::test]

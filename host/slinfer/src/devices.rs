@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use anyhow::bail;
 use slinfer_engine::package::{PackageKind, package_dirs};
-use slinfer_engine::paired::PairedBackend;
+use slinfer_engine::paired::{EngineCosts, PairedBackend};
 use slinfer_engine::tensor::TensorBackend;
 use slinfer_engine::{Backend, EngineError, LoadOptions, ModelSource};
 use slinfer_inference::{Device, gpu_capacity_bytes};
@@ -175,8 +175,9 @@ const MEASURE_STEPS: usize = 16;
 const MEASURE_BATCH: usize = 8;
 /// Tokens of answer per request in the batched figure: a chat answer (the
 /// benchmark's 128; the traces' mean is ~220 after ~870 tokens of prompt,
-/// which would weigh prefill more still).
-const MEASURE_ANSWER: usize = 128;
+/// which would weigh prefill more still), what a pair weighs a lone
+/// sequence's engine by as well.
+const MEASURE_ANSWER: usize = slinfer_engine::paired::LONE_ANSWER_STEPS;
 /// Sequences from which a paired instance runs on its engine of many when
 /// no `--paired-from` is given and the engines could not be measured: the
 /// largest batch measured.
@@ -208,6 +209,14 @@ impl Speed {
     fn served(&self, k: usize) -> f64 {
         let prefill_s = (k * MEASURE_PROMPT) as f64 / self.prefill;
         served_tok_s(k, MEASURE_ANSWER, prefill_s, self.step_s[k - 1])
+    }
+
+    /// What a pair weighs to place a lone sequence on this engine.
+    fn costs(&self) -> EngineCosts {
+        EngineCosts {
+            prompt_token_s: 1.0 / self.prefill,
+            step_s: self.step_s[0],
+        }
     }
 
     /// [`Self::served`] at [`MEASURE_BATCH`]: how a busy model fares.
@@ -360,7 +369,9 @@ fn choose(
                 ((ov, &o), (ll, &l))
             };
             let from = paired_from.unwrap_or_else(|| switch_point(few_speed, many_speed));
-            let pair = PairedBackend::new(few, many, from).expect("two CPU engines");
+            let pair = PairedBackend::new(few, many, from)
+                .expect("two CPU engines")
+                .with_costs(few_speed.costs(), many_speed.costs());
             (Arc::new(pair), Some(from))
         }
     };
@@ -385,34 +396,41 @@ fn choose(
 
 /// `paired`: llama.cpp for few sequences, OpenVINO for many, switching at
 /// `paired_from`, or where [`switch_point`] puts it on the first imported
-/// model both load ([`PAIRED_FROM`] when there is none).
+/// model both load ([`PAIRED_FROM`] when there is none); measured, a lone
+/// sequence goes where the measured costs say.
 fn pair_up(
     openvino: slinfer_openvino::OpenVinoBackend,
     llama: slinfer_llama_cpp::LlamaCppBackend,
     models_dir: &Path,
     paired_from: Option<usize>,
 ) -> Result<PairedBackend, EngineError> {
-    let from = match paired_from {
-        Some(from) => from,
-        None => match measure_both(&openvino, &llama, models_dir) {
-            Ok((package, o, l)) => {
-                let from = switch_point(&l, &o);
-                tracing::info!(
-                    model = %package.display(),
-                    openvino_served = served_figures(&o),
-                    llama_cpp_served = served_figures(&l),
-                    paired_from = from,
-                    "paired CPU engines switch where measured"
-                );
-                from
-            }
-            Err(why) => {
-                tracing::info!(paired_from = PAIRED_FROM, "paired CPU engines ({why})");
-                PAIRED_FROM
-            }
-        },
-    };
-    PairedBackend::new(Arc::new(llama), Arc::new(openvino), from)
+    if let Some(from) = paired_from {
+        return PairedBackend::new(Arc::new(llama), Arc::new(openvino), from);
+    }
+    match measure_both(&openvino, &llama, models_dir) {
+        Ok((package, o, l)) => {
+            let from = switch_point(&l, &o);
+            tracing::info!(
+                model = %package.display(),
+                openvino_served = served_figures(&o),
+                llama_cpp_served = served_figures(&l),
+                openvino_one = format!("{:.1}", o.one()),
+                llama_cpp_one = format!("{:.1}", l.one()),
+                openvino_prefill = format!("{:.1}", o.prefill),
+                llama_cpp_prefill = format!("{:.1}", l.prefill),
+                paired_from = from,
+                "paired CPU engines switch where measured"
+            );
+            Ok(
+                PairedBackend::new(Arc::new(llama), Arc::new(openvino), from)?
+                    .with_costs(l.costs(), o.costs()),
+            )
+        }
+        Err(why) => {
+            tracing::info!(paired_from = PAIRED_FROM, "paired CPU engines ({why})");
+            PairedBackend::new(Arc::new(llama), Arc::new(openvino), PAIRED_FROM)
+        }
+    }
 }
 
 /// The CPU device's engine, as `cpu` asks.

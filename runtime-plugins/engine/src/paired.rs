@@ -11,6 +11,18 @@
 //! repay it soon (on the Intel Xeon measured, 4.9 against 10.3 ms a token
 //! at one sequence, 12.8 against 14.6 ms a step at four).
 //!
+//! A lone sequence (the instance holds no other) runs where it costs least
+//! when the engines' costs are known ([`EngineCosts`], measured at start):
+//! the tokens that engine must prefill (the step's, and the ones it holds
+//! elsewhere when it would move) at that engine's prompt rate, plus
+//! [`LONE_ANSWER_STEPS`] decode steps at its one-sequence step. `few`
+//! decodes a lone sequence faster, but may prefill much slower (llama.cpp
+//! on the default model's Q4_1 on an AMD EPYC Zen 4: 306 against OpenVINO's
+//! 1,383 prompt tok/s), so a long prompt of its own goes to `many`, and
+//! stays there while moving back would cost more than its faster steps
+//! repay. Two or more sequences follow the count above. Without costs a
+//! lone sequence runs on `few`.
+//!
 //! A sequence lives on one engine at a time. When a step runs on the other
 //! one, the sequence moves there in that step: its tokens so far (the pair
 //! keeps them) are prefilled on the new engine ahead of the step's own
@@ -41,10 +53,24 @@ use crate::{
 const FEW: usize = 0;
 const MANY: usize = 1;
 
+/// Decode steps a lone sequence's engine is chosen for: a chat answer, as
+/// `serve` measures the engines.
+pub const LONE_ANSWER_STEPS: usize = 128;
+
+/// What one engine of a pair costs, as measured at start.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EngineCosts {
+    /// Seconds per prompt token of a prefill.
+    pub prompt_token_s: f64,
+    /// Seconds of a decode step of one sequence.
+    pub step_s: f64,
+}
+
 /// A backend that loads each model on two engines of the same device.
 pub struct PairedBackend {
     engines: [Arc<dyn Backend>; 2],
     switch_up: usize,
+    costs: Option<[EngineCosts; 2]>,
     name: String,
 }
 
@@ -70,8 +96,16 @@ impl PairedBackend {
         Ok(PairedBackend {
             engines: [few, many],
             switch_up: switch_up.max(2),
+            costs: None,
             name,
         })
+    }
+
+    /// Places each instance's lone sequences by the engines' costs (see
+    /// the module docs).
+    pub fn with_costs(mut self, few: EngineCosts, many: EngineCosts) -> Self {
+        self.costs = Some([few, many]);
+        self
     }
 }
 
@@ -117,9 +151,11 @@ impl Backend for PairedBackend {
             },
         )?;
         let names = [self.engines[FEW].name(), self.engines[MANY].name()];
-        Ok(Box::new(
-            PairedInstance::new(few, many, self.switch_up)?.named(names),
-        ))
+        let mut pair = PairedInstance::new(few, many, self.switch_up)?.named(names);
+        if let Some([few, many]) = self.costs {
+            pair = pair.with_costs(few, many);
+        }
+        Ok(Box::new(pair))
     }
 }
 
@@ -129,6 +165,8 @@ pub struct PairedInstance {
     /// The engines' names, for the log.
     names: [String; 2],
     switch_up: usize,
+    /// The engines' costs, to place a lone sequence.
+    costs: Option<[EngineCosts; 2]>,
     /// The engine the next step runs on.
     active: usize,
     /// The engine of the last successful step (what `last_hidden` asks).
@@ -183,6 +221,7 @@ impl PairedInstance {
             engines: [few, many],
             names: ["few".into(), "many".into()],
             switch_up: switch_up.max(2),
+            costs: None,
             active: FEW,
             last: FEW,
             held: HashMap::new(),
@@ -201,14 +240,46 @@ impl PairedInstance {
         self
     }
 
+    /// Places lone sequences by the engines' costs (see the module docs).
+    pub fn with_costs(mut self, few: EngineCosts, many: EngineCosts) -> Self {
+        self.costs = Some([few, many]);
+        self
+    }
+
     /// The engine a step runs on while the instance holds `held`
     /// sequences: `many` from `switch_up`, `few` again at one or none.
-    fn engine_for(&self, held: usize) -> usize {
+    fn engine_by_count(&self, held: usize) -> usize {
         match self.active {
             FEW if held >= self.switch_up => MANY,
             MANY if held <= 1 => FEW,
             e => e,
         }
+    }
+
+    /// The engine `batch` runs on: a lone sequence's where it costs least,
+    /// when the costs are known; else as the count of sequences says.
+    fn engine_for(&self, batch: &[StepEntry]) -> usize {
+        if let (1, [e], Some(costs)) = (self.held.len(), batch, self.costs)
+            && let Some(h) = self.held.get(&e.seq)
+        {
+            let cost = |engine: usize| {
+                let moved = if engine == h.engine {
+                    0
+                } else {
+                    h.tokens.len()
+                };
+                let c = costs[engine];
+                (moved + e.tokens.len()) as f64 * c.prompt_token_s
+                    + LONE_ANSWER_STEPS as f64 * c.step_s
+            };
+            let other = 1 - h.engine;
+            return if cost(other) < cost(h.engine) {
+                other
+            } else {
+                h.engine
+            };
+        }
+        self.engine_by_count(self.held.len())
     }
 
     /// Grows `engine` to the pool, if a grow is pending for it.
@@ -230,7 +301,7 @@ impl PairedInstance {
     /// sequence there moves, else its own: a block shared with a fork that
     /// stays is not freed, and counting it errs toward admitting the step).
     fn plan(&self, batch: &[StepEntry]) -> Result<Plan, EngineError> {
-        let engine = self.engine_for(self.held.len());
+        let engine = self.engine_for(batch);
         let bs = self.block_size_tokens();
         let (mut run, mut staying, mut moving) = (Vec::new(), Vec::new(), Vec::new());
         let (mut moved_blocks, mut own_behind) = (0, 0);
@@ -323,7 +394,7 @@ impl LlmInstance for PairedInstance {
             return Err(EngineError::SequenceExists(seq));
         }
         // Where the next step will run with this sequence held.
-        let engine = self.engine_for(self.held.len() + 1);
+        let engine = self.engine_by_count(self.held.len() + 1);
         self.engines[engine].add_sequence(seq)?;
         self.held.insert(
             seq,
@@ -523,6 +594,89 @@ mod tests {
         );
         assert_eq!(p.engines[MANY].kv_blocks_in_use(), 0);
         assert_eq!(p.sequence_len(10), Some(6));
+    }
+
+    /// Costs under which `few` decodes 2 ms a step faster and prefills
+    /// 3 ms a token slower: over [`LONE_ANSWER_STEPS`] (0.256 s) a new
+    /// prompt of more than 85 tokens is cheaper on `many`, and a lone
+    /// sequence there moves back to `few` only with at most 63 tokens held.
+    fn costed(switch_up: usize) -> PairedInstance {
+        pair(switch_up).with_costs(
+            EngineCosts {
+                prompt_token_s: 0.004,
+                step_s: 0.009,
+            },
+            EngineCosts {
+                prompt_token_s: 0.001,
+                step_s: 0.011,
+            },
+        )
+    }
+
+    fn prompt(n: usize) -> Vec<u32> {
+        (0..n as u32).map(|i| 3 + i % 50).collect()
+    }
+
+    #[test]
+    fn a_lone_sequence_runs_where_its_prompt_and_answer_cost_least() {
+        let mut p = costed(8);
+        // A short prompt of its own: `few`, as without costs.
+        p.add_sequence(1).unwrap();
+        let out = p.step(&[entry(1, &prompt(40))]).unwrap();
+        assert!(close(&out[0], &alone(1, &prompt(40))), "short: few");
+        p.free_sequence(1).unwrap();
+
+        // A long one: `many` prefills it, and decodes it after, since
+        // prefilling its 90 tokens again on `few` costs more than `few`'s
+        // faster steps repay.
+        p.add_sequence(2).unwrap();
+        let out = p.step(&[entry(2, &prompt(90))]).unwrap();
+        assert!(close(&out[0], &alone(2, &prompt(90))), "long: many");
+        assert_eq!(p.engines[FEW].kv_blocks_in_use(), 0);
+        let out = p.step(&[entry(2, &[7])]).unwrap();
+        let mut held = prompt(90);
+        held.push(7);
+        assert!(close(&out[0], &alone(2, &held)), "stays on many");
+        assert_eq!(p.held[&2].engine, MANY);
+
+        // A second sequence below `switch_up` joins it there (the count
+        // rule holds for two or more), and a new lone short prompt after
+        // both end goes back to `few`.
+        p.add_sequence(3).unwrap();
+        let out = p.step(&[entry(2, &[8]), entry(3, &[4, 5])]).unwrap();
+        assert!(close(&out[1], &alone(2, &[4, 5])), "joins many");
+        p.free_sequence(2).unwrap();
+        p.free_sequence(3).unwrap();
+        p.add_sequence(4).unwrap();
+        let out = p.step(&[entry(4, &[4, 5])]).unwrap();
+        assert!(close(&out[0], &alone(1, &[4, 5])), "back on few");
+    }
+
+    #[test]
+    fn a_lone_sequence_moves_back_to_few_only_when_that_repays() {
+        let mut p = costed(2);
+        // Two short sequences take the pair to `many`; when one ends, the
+        // other (4 tokens held) moves back: recomputing them costs less.
+        p.add_sequence(1).unwrap();
+        p.add_sequence(2).unwrap();
+        p.step(&[entry(1, &[3, 4, 5]), entry(2, &[6])]).unwrap();
+        assert_eq!(p.held[&1].engine, MANY);
+        p.free_sequence(2).unwrap();
+        let out = p.step(&[entry(1, &[7])]).unwrap();
+        assert!(close(&out[0], &alone(1, &[3, 4, 5, 7])), "moved back");
+        assert_eq!(p.engines[MANY].kv_blocks_in_use(), 0);
+        p.free_sequence(1).unwrap();
+
+        // The same with 70 tokens held stays on `many`.
+        p.add_sequence(3).unwrap();
+        p.add_sequence(4).unwrap();
+        p.step(&[entry(3, &prompt(70)), entry(4, &[6])]).unwrap();
+        p.free_sequence(4).unwrap();
+        let out = p.step(&[entry(3, &[7])]).unwrap();
+        let mut held = prompt(70);
+        held.push(7);
+        assert!(close(&out[0], &alone(2, &held)), "stays on many");
+        assert_eq!(p.held[&3].engine, MANY);
     }
 
     #[test]
