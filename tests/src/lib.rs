@@ -355,6 +355,27 @@ pub fn log_path(data_dir: &Path) -> PathBuf {
     data_dir.with_extension("log")
 }
 
+/// The text of each `data:` event of a `chat` reply's SSE body, and its
+/// `usage` event; any other event panics.
+pub fn parse_sse(body: &str) -> (Vec<String>, Option<serde_json::Value>) {
+    let mut texts = Vec::new();
+    let mut usage = None;
+    for event in body.split("\n\n").filter(|e| !e.trim().is_empty()) {
+        let name = event.lines().find_map(|l| l.strip_prefix("event: "));
+        let data = event
+            .lines()
+            .find_map(|l| l.strip_prefix("data: "))
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(data).unwrap();
+        match name {
+            None => texts.push(v["text"].as_str().unwrap().to_owned()),
+            Some("usage") => usage = Some(v),
+            Some(other) => panic!("unexpected event {other}: {data}"),
+        }
+    }
+    (texts, usage)
+}
+
 /// A client with a generous timeout (debug builds on a loaded 2-core box).
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()

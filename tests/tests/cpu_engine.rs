@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use slinfer_e2e::{Server, client, models_dir, package, repo_root, venv};
+use slinfer_e2e::{Server, client, models_dir, package, parse_sse, repo_root, venv};
 
 const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
 
@@ -58,14 +58,7 @@ async fn backend(s: &Server) -> String {
 
 /// The text of the `data:` events of a `chat` reply.
 fn sse_text(body: &str) -> String {
-    body.split("\n\n")
-        .filter(|e| !e.lines().any(|l| l.starts_with("event: ")))
-        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
-        .map(|d| {
-            let v: serde_json::Value = serde_json::from_str(d).unwrap();
-            v["text"].as_str().unwrap().to_owned()
-        })
-        .collect()
+    parse_sse(body).0.concat()
 }
 
 /// The text `chat` gives the model for `question` (the chat template).
@@ -144,11 +137,7 @@ async fn llama_cpp_serves_chat_as_llama_cpp_answers_and_every_openai_feature() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     let got = sse_text(&resp.text().await.unwrap());
-    let prompt = format!(
-        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging \
-         Face<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
-    );
-    assert_eq!(got, llama_cpp_reference(&prompt, 24));
+    assert_eq!(got, llama_cpp_reference(&chat_prompt(question), 24));
 
     let post = |path: &'static str, body: serde_json::Value| {
         let url = format!("{}/fn/openai-api/v1/{path}", s.url);
@@ -375,13 +364,8 @@ async fn paired_switches_where_the_engines_measure() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let body = resp.text().await.unwrap();
-    let usage = body
-        .split("\n\n")
-        .find(|e| e.contains("event: usage"))
-        .and_then(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
-        .unwrap_or_else(|| panic!("no usage event: {body}"));
-    let usage: serde_json::Value = serde_json::from_str(usage).unwrap();
+    let (texts, usage) = parse_sse(&resp.text().await.unwrap());
+    let usage = usage.expect("no usage event");
     let prompt_tokens = usage["prompt_tokens"].as_f64().unwrap();
     assert!(prompt_tokens > 400.0, "{usage}");
     let figure = |key: &str| -> f64 { field(&line, key).parse().unwrap() };
@@ -391,7 +375,7 @@ async fn paired_switches_where_the_engines_measure() {
     };
     let (on_openvino, on_llama_cpp) = (cost("openvino"), cost("llama_cpp"));
     let prompt = chat_prompt(&question);
-    let got = sse_text(&body);
+    let got = texts.concat();
     let (openvino, llama_cpp) = (
         openvino_reference(&prompt, 16),
         llama_cpp_reference(&prompt, 16),

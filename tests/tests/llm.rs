@@ -1,7 +1,7 @@
 //! Text generation from a Wasm function (`slinfer:llm`) on the real default
 //! model, over real HTTP: the `chat` example streams Server-Sent Events.
 
-use slinfer_e2e::{Server, client, metric, package, package_variant};
+use slinfer_e2e::{Server, client, metric, package, package_variant, parse_sse};
 
 /// Status and `error` of a chat request that the function refuses.
 async fn chat_error(s: &Server) -> (u16, String) {
@@ -14,26 +14,6 @@ async fn chat_error(s: &Server) -> (u16, String) {
     let status = resp.status().as_u16();
     let v: serde_json::Value = resp.json().await.unwrap();
     (status, v["error"].as_str().unwrap_or_default().to_owned())
-}
-
-/// `data:` payloads and the `usage` event of an SSE body.
-fn parse_sse(body: &str) -> (Vec<String>, Option<serde_json::Value>) {
-    let mut texts = Vec::new();
-    let mut usage = None;
-    for event in body.split("\n\n").filter(|e| !e.trim().is_empty()) {
-        let name = event.lines().find_map(|l| l.strip_prefix("event: "));
-        let data = event
-            .lines()
-            .find_map(|l| l.strip_prefix("data: "))
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_str(data).unwrap();
-        match name {
-            None => texts.push(v["text"].as_str().unwrap().to_owned()),
-            Some("usage") => usage = Some(v),
-            Some(other) => panic!("unexpected event {other}: {data}"),
-        }
-    }
-    (texts, usage)
 }
 
 #[tokio::test]
