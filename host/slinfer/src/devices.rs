@@ -404,33 +404,35 @@ fn pair_up(
     models_dir: &Path,
     paired_from: Option<usize>,
 ) -> Result<PairedBackend, EngineError> {
-    if let Some(from) = paired_from {
-        return PairedBackend::new(Arc::new(llama), Arc::new(openvino), from);
-    }
-    match measure_both(&openvino, &llama, models_dir) {
-        Ok((package, o, l)) => {
-            let from = switch_point(&l, &o);
-            tracing::info!(
-                model = %package.display(),
-                openvino_served = served_figures(&o),
-                llama_cpp_served = served_figures(&l),
-                openvino_one = format!("{:.1}", o.one()),
-                llama_cpp_one = format!("{:.1}", l.one()),
-                openvino_prefill = format!("{:.1}", o.prefill),
-                llama_cpp_prefill = format!("{:.1}", l.prefill),
-                paired_from = from,
-                "paired CPU engines switch where measured"
-            );
-            Ok(
-                PairedBackend::new(Arc::new(llama), Arc::new(openvino), from)?
-                    .with_costs(l.costs(), o.costs()),
-            )
-        }
-        Err(why) => {
-            tracing::info!(paired_from = PAIRED_FROM, "paired CPU engines ({why})");
-            PairedBackend::new(Arc::new(llama), Arc::new(openvino), PAIRED_FROM)
-        }
-    }
+    let (from, costs) = match paired_from {
+        Some(from) => (from, None),
+        None => match measure_both(&openvino, &llama, models_dir) {
+            Ok((package, o, l)) => {
+                let from = switch_point(&l, &o);
+                tracing::info!(
+                    model = %package.display(),
+                    openvino_served = served_figures(&o),
+                    llama_cpp_served = served_figures(&l),
+                    openvino_one = format!("{:.1}", o.one()),
+                    llama_cpp_one = format!("{:.1}", l.one()),
+                    openvino_prefill = format!("{:.1}", o.prefill),
+                    llama_cpp_prefill = format!("{:.1}", l.prefill),
+                    paired_from = from,
+                    "paired CPU engines switch where measured"
+                );
+                (from, Some((l.costs(), o.costs())))
+            }
+            Err(why) => {
+                tracing::info!(paired_from = PAIRED_FROM, "paired CPU engines ({why})");
+                (PAIRED_FROM, None)
+            }
+        },
+    };
+    let pair = PairedBackend::new(Arc::new(llama), Arc::new(openvino), from)?;
+    Ok(match costs {
+        Some((few, many)) => pair.with_costs(few, many),
+        None => pair,
+    })
 }
 
 /// The CPU device's engine, as `cpu` asks.

@@ -152,9 +152,7 @@ impl Backend for PairedBackend {
         )?;
         let names = [self.engines[FEW].name(), self.engines[MANY].name()];
         let mut pair = PairedInstance::new(few, many, self.switch_up)?.named(names);
-        if let Some([few, many]) = self.costs {
-            pair = pair.with_costs(few, many);
-        }
+        pair.costs = self.costs;
         Ok(Box::new(pair))
     }
 }
@@ -237,12 +235,6 @@ impl PairedInstance {
     /// Names the two engines in the log line of each switch.
     pub fn named(mut self, [few, many]: [&str; 2]) -> Self {
         self.names = [few.into(), many.into()];
-        self
-    }
-
-    /// Places lone sequences by the engines' costs (see the module docs).
-    pub fn with_costs(mut self, few: EngineCosts, many: EngineCosts) -> Self {
-        self.costs = Some([few, many]);
         self
     }
 
@@ -601,7 +593,8 @@ mod tests {
     /// prompt of more than 85 tokens is cheaper on `many`, and a lone
     /// sequence there moves back to `few` only with at most 63 tokens held.
     fn costed(switch_up: usize) -> PairedInstance {
-        pair(switch_up).with_costs(
+        let mut p = pair(switch_up);
+        p.costs = Some([
             EngineCosts {
                 prompt_token_s: 0.004,
                 step_s: 0.009,
@@ -610,7 +603,8 @@ mod tests {
                 prompt_token_s: 0.001,
                 step_s: 0.011,
             },
-        )
+        ]);
+        p
     }
 
     fn prompt(n: usize) -> Vec<u32> {
