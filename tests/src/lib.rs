@@ -384,6 +384,42 @@ pub fn client() -> reqwest::Client {
         .expect("client")
 }
 
+/// POSTs `body` as JSON to `/v1/{path}` of the `openai-api` function on the
+/// server at `url`: the status and the JSON answer.
+pub async fn openai_post(
+    url: &str,
+    path: &str,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let resp = client()
+        .post(format!("{url}/fn/openai-api/v1/{path}"))
+        .json(&body)
+        .send()
+        .await
+        .expect("openai-api request");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.expect("openai-api answers JSON"))
+}
+
+/// A chat completion constrained to three colours (`guided_choice`)
+/// through `openai-api` at `url` answers with one of them.
+pub async fn assert_picks_a_colour(url: &str, model: &str) {
+    let (status, v) = openai_post(
+        url,
+        "chat/completions",
+        serde_json::json!({
+            "model": model,
+            "messages": [{"role": "user", "content": "Pick a colour."}],
+            "max_tokens": 10,
+            "guided_choice": ["red", "green", "blue"],
+        }),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let colour = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(["red", "green", "blue"].contains(&colour), "{v}");
+}
+
 /// The `error.kind` and `error.message` of an error response.
 pub async fn error_of(resp: reqwest::Response) -> (u16, String, String) {
     let status = resp.status().as_u16();

@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use slinfer_e2e::cluster::{DEFAULT_MODEL, Setup, get_json, live_requests, served_by};
-use slinfer_e2e::{Nats, Server, client, metric, package, package_variant, wait_for};
+use slinfer_e2e::{
+    Nats, Server, assert_picks_a_colour, client, metric, openai_post, package, package_variant,
+    wait_for,
+};
 
 const BOUND: Duration = Duration::from_secs(20);
 /// Loading the model the first time (fetch, compile) on a shared 2-core
@@ -146,47 +149,24 @@ async fn a_function_on_a_member_without_engines_generates_on_another() {
     })
     .await;
     assert!(ok.is_some());
-    let resp = client()
-        .post(format!("{}/fn/openai-api/v1/chat/completions", a.url))
-        .json(&serde_json::json!({
+    let (status, v) = openai_post(
+        &a.url,
+        "chat/completions",
+        serde_json::json!({
             "model": DEFAULT_MODEL,
             "messages": [{"role": "user", "content": "Say hi."}],
             "max_tokens": 5,
             "temperature": 0,
-        }))
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status();
-    let v: serde_json::Value = resp.json().await.unwrap();
-    assert_eq!(status, 200, "{v}");
-    assert_eq!(v["usage"]["completion_tokens"], 5, "{v}");
-    // A constrained generation and embeddings cross members too (the
-    // constraint compiles on c; the vector comes back as a chunk).
-    let post = |path: &'static str, body: serde_json::Value| {
-        let url = format!("{}/fn/openai-api/v1/{path}", a.url);
-        async move {
-            let resp = client().post(url).json(&body).send().await.unwrap();
-            (
-                resp.status(),
-                resp.json::<serde_json::Value>().await.unwrap(),
-            )
-        }
-    };
-    let (status, v) = post(
-        "chat/completions",
-        serde_json::json!({
-            "model": DEFAULT_MODEL,
-            "messages": [{"role": "user", "content": "Pick a colour."}],
-            "max_tokens": 10,
-            "guided_choice": ["red", "green", "blue"],
         }),
     )
     .await;
     assert_eq!(status, 200, "{v}");
-    let colour = v["choices"][0]["message"]["content"].as_str().unwrap();
-    assert!(["red", "green", "blue"].contains(&colour), "{v}");
-    let (status, v) = post(
+    assert_eq!(v["usage"]["completion_tokens"], 5, "{v}");
+    // A constrained generation and embeddings cross members too (the
+    // constraint compiles on c; the vector comes back as a chunk).
+    assert_picks_a_colour(&a.url, DEFAULT_MODEL).await;
+    let (status, v) = openai_post(
+        &a.url,
         "embeddings",
         serde_json::json!({
             "model": DEFAULT_MODEL,
@@ -202,16 +182,17 @@ async fn a_function_on_a_member_without_engines_generates_on_another() {
     );
 
     // A model nobody serves is still "not found", from a.
-    let resp = client()
-        .post(format!("{}/fn/openai-api/v1/chat/completions", a.url))
-        .json(&serde_json::json!({
+    let (status, v) = openai_post(
+        &a.url,
+        "chat/completions",
+        serde_json::json!({
             "model": "no-such-model",
             "messages": [{"role": "user", "content": "Say hi."}],
-        }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 404);
+        }),
+    )
+    .await;
+    assert_eq!(status, 404, "{v}");
+    assert_eq!(v["error"]["code"], "model_not_found", "{v}");
 
     // The asking member killed mid-stream: c ends the request and frees
     // its sequence once a is silent for 3 s.

@@ -10,7 +10,10 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use slinfer_e2e::{Server, client, models_dir, package, parse_sse, repo_root, venv};
+use slinfer_e2e::{
+    Server, assert_picks_a_colour, client, models_dir, openai_post, package, parse_sse, repo_root,
+    venv,
+};
 
 const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
 
@@ -139,17 +142,10 @@ async fn llama_cpp_serves_chat_as_llama_cpp_answers_and_every_openai_feature() {
     let got = sse_text(&resp.text().await.unwrap());
     assert_eq!(got, llama_cpp_reference(&chat_prompt(question), 24));
 
-    let post = |path: &'static str, body: serde_json::Value| {
-        let url = format!("{}/fn/openai-api/v1/{path}", s.url);
-        async move {
-            let resp = client().post(url).json(&body).send().await.unwrap();
-            let status = resp.status().as_u16();
-            (status, resp.json::<serde_json::Value>().await.unwrap())
-        }
-    };
     // Several choices (their prompt's KV forked), a constraint, and
     // embeddings: every path of the engine contract.
-    let (status, v) = post(
+    let (status, v) = openai_post(
+        &s.url,
         "chat/completions",
         serde_json::json!({
             "model": DEFAULT_MODEL,
@@ -163,20 +159,9 @@ async fn llama_cpp_serves_chat_as_llama_cpp_answers_and_every_openai_feature() {
     .await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["choices"].as_array().map(Vec::len), Some(3), "{v}");
-    let (status, v) = post(
-        "chat/completions",
-        serde_json::json!({
-            "model": DEFAULT_MODEL,
-            "messages": [{"role": "user", "content": "Pick a colour."}],
-            "max_tokens": 10,
-            "guided_choice": ["red", "green", "blue"],
-        }),
-    )
-    .await;
-    assert_eq!(status, 200, "{v}");
-    let colour = v["choices"][0]["message"]["content"].as_str().unwrap();
-    assert!(["red", "green", "blue"].contains(&colour), "{v}");
-    let (status, v) = post(
+    assert_picks_a_colour(&s.url, DEFAULT_MODEL).await;
+    let (status, v) = openai_post(
+        &s.url,
         "embeddings",
         serde_json::json!({"model": DEFAULT_MODEL, "input": ["one", "two", "one"]}),
     )
