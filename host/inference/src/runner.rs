@@ -20,7 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use slinfer_engine::{DeviceKind, EngineError, LlmInstance, LoadOptions, ModelSource, StepEntry};
-use slinfer_scheduler::{ActionId, InstanceId, ModelTypeId, NodeId, RequestId, RequestOutcome};
+use slinfer_scheduler::{
+    ActionId, CostModel, InstanceId, ModelTypeId, NodeId, RequestId, RequestOutcome,
+};
 
 use crate::api::{InferenceError, RETRY_AFTER_S};
 use crate::catalog::ModelEntry;
@@ -77,6 +79,57 @@ pub fn next_prefill_step(
         }
     }
     step
+}
+
+/// Which prompts of one prefill begin with the same tokens as an earlier
+/// one (`may_share[i]`: prompt `i` is computed here, it is not a fork of a
+/// choice). For each prompt that shares, the earlier prompt it shares with
+/// (its root, which shares with none) and how many of its first tokens it
+/// takes from there: one count for all the prompts of a root, the one that
+/// spares the most tokens, and always short of either prompt's end, so that
+/// each computes at least its own last token (and its own logits).
+pub fn shared_prefixes(prompts: &[&[u32]], may_share: &[bool]) -> Vec<Option<(usize, usize)>> {
+    let common = |a: &[u32], b: &[u32]| {
+        let same = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+        same.min(a.len().saturating_sub(1))
+            .min(b.len().saturating_sub(1))
+    };
+    let mut roots: Vec<usize> = Vec::new();
+    let mut best: Vec<Option<(usize, usize)>> = vec![None; prompts.len()];
+    for (i, p) in prompts.iter().enumerate() {
+        if !may_share[i] {
+            continue;
+        }
+        let root = roots
+            .iter()
+            .map(|&r| (r, common(prompts[r], p)))
+            .filter(|&(_, n)| n > 0)
+            .max_by_key(|&(r, n)| (n, std::cmp::Reverse(r)));
+        match root {
+            Some(shared) => best[i] = Some(shared),
+            None => roots.push(i),
+        }
+    }
+    let mut out = vec![None; prompts.len()];
+    for r in roots {
+        let counts: Vec<usize> = best
+            .iter()
+            .filter_map(|b| b.filter(|&(root, _)| root == r).map(|(_, n)| n))
+            .collect();
+        let spared = |n: usize| n * counts.iter().filter(|&&c| c >= n).count();
+        let Some(n) = counts.iter().copied().max_by_key(|&n| (spared(n), n)) else {
+            continue;
+        };
+        for (o, b) in out.iter_mut().zip(&best) {
+            if let Some((root, c)) = *b
+                && root == r
+                && c >= n
+            {
+                *o = Some((r, n));
+            }
+        }
+    }
+    out
 }
 
 /// Hands a prompt whose prefill has ended its first token, sampled from
@@ -546,21 +599,46 @@ impl InstanceRunner {
         if members.is_empty() {
             return;
         }
-        let tokens: u64 = contexts
+        let lens: Vec<usize> = contexts.iter().map(|(_, c)| c.len()).collect();
+        let (cost, mtype, kind) = (&self.cost, self.mtype, self.device.kind);
+        let shared = shared_prefixes_that_pay(&contexts, &forks, |tokens| {
+            cost.prefill_s(mtype, kind, tokens as u64)
+        });
+        let spared: usize = shared.iter().flatten().map(|&(_, n)| n).sum();
+        if spared > 0 {
+            tracing::debug!(
+                instance = self.id,
+                prompts = shared.iter().flatten().count(),
+                spared_tokens = spared,
+                "prompts start as copies of an earlier prompt's first tokens"
+            );
+        }
+        let tokens = lens
             .iter()
             .zip(&forks)
             .filter(|(_, f)| f.is_none())
-            .map(|((_, c), _)| c.len() as u64)
-            .sum();
+            .map(|(l, _)| l)
+            .sum::<usize>()
+            - spared;
         let chunk = prefill_chunk_tokens(self.device.kind);
         let embeds: Vec<bool> = members.iter().map(|g| lock(g).embeds()).collect();
         // A fork computes nothing itself.
-        let mut done: Vec<usize> = contexts
+        let mut done: Vec<usize> = lens
             .iter()
             .zip(&forks)
-            .map(|((_, c), f)| if f.is_some() { c.len() } else { 0 })
+            .map(|(&l, f)| if f.is_some() { l } else { 0 })
             .collect();
-        let lens: Vec<usize> = contexts.iter().map(|(_, c)| c.len()).collect();
+        // First the roots' shared tokens (and the prompts that share
+        // nothing), then, once the prompts that share have forked their
+        // roots, the rest.
+        let mut upto = lens.clone();
+        for (i, s) in shared.iter().enumerate() {
+            if let Some((r, n)) = *s {
+                upto[i] = 0;
+                upto[r] = n;
+            }
+        }
+        let mut forked = spared == 0;
         // The engine's seconds, for the cost model (not the sampling between steps).
         let mut engine_s = 0.0;
         // Steps of at most `chunk` tokens, the prompts in order. A prompt's
@@ -568,9 +646,33 @@ impl InstanceRunner {
         // goes out then: in a burst longer than one step the first prompts
         // need not wait for the last.
         loop {
-            let parts = next_prefill_step(&lens, &mut done, chunk);
+            let parts = next_prefill_step(&upto, &mut done, chunk);
             if parts.is_empty() {
-                break;
+                if forked {
+                    break;
+                }
+                forked = true;
+                let t = Instant::now();
+                for (i, s) in shared.iter().enumerate() {
+                    let Some((r, n)) = *s else { continue };
+                    // The root holds its first `n` tokens now: the prompt
+                    // starts as a copy of them.
+                    let seq = contexts[i].0;
+                    match inst
+                        .free_sequence(seq)
+                        .and_then(|()| inst.fork_sequence(contexts[r].0, seq))
+                    {
+                        Ok(()) => done[i] = n,
+                        Err(e) => {
+                            lock(members[i])
+                                .end(End::Failed(InferenceError::Engine(e.to_string())));
+                            done[i] = lens[i];
+                        }
+                    }
+                }
+                engine_s += t.elapsed().as_secs_f64();
+                upto.clone_from(&lens);
+                continue;
             }
             let batch: Vec<StepEntry> = parts
                 .iter()
@@ -620,7 +722,7 @@ impl InstanceRunner {
             }
         }
         self.cost
-            .observe_prefill(self.mtype, self.device.kind, tokens, engine_s);
+            .observe_prefill(self.mtype, self.device.kind, tokens as u64, engine_s);
     }
 
     /// One decode step over the live sequences; false when none is left or
@@ -697,6 +799,43 @@ impl InstanceRunner {
     }
 }
 
+/// The prompts of a prefill that start as copies of an earlier one's first
+/// tokens ([`shared_prefixes`]), when `cost` (seconds to prefill so many
+/// tokens in one step) says the step this adds costs less than the tokens
+/// it spares; none otherwise. `forks[i]`: prompt `i` is a choice's fork.
+fn shared_prefixes_that_pay(
+    contexts: &[(RequestId, Vec<u32>)],
+    forks: &[Option<usize>],
+    cost: impl Fn(usize) -> f64,
+) -> Vec<Option<(usize, usize)>> {
+    let prompts: Vec<&[u32]> = contexts.iter().map(|(_, c)| c.as_slice()).collect();
+    let may_share: Vec<bool> = forks.iter().map(Option::is_none).collect();
+    let shared = shared_prefixes(&prompts, &may_share);
+    let total: usize = prompts
+        .iter()
+        .zip(&may_share)
+        .filter(|(_, m)| **m)
+        .map(|(p, _)| p.len())
+        .sum();
+    let spared: usize = shared.iter().flatten().map(|&(_, n)| n).sum();
+    // The first step: the roots' shared tokens and the prompts that share
+    // nothing; the second, what is left.
+    let mut first = total;
+    for (i, s) in shared.iter().enumerate() {
+        if let Some((r, n)) = *s {
+            first -= prompts[i].len();
+            if !shared[..i].iter().flatten().any(|&(root, _)| root == r) {
+                first -= prompts[r].len() - n;
+            }
+        }
+    }
+    if spared > 0 && cost(first) + cost(total - spared - first) < cost(total) {
+        shared
+    } else {
+        vec![None; prompts.len()]
+    }
+}
+
 fn timed(inst: &mut dyn LlmInstance, batch: &[StepEntry]) -> Option<f64> {
     let t = Instant::now();
     inst.step(batch).ok()?;
@@ -756,7 +895,90 @@ fn return_freed_memory() {
 
 #[cfg(test)]
 mod tests {
-    use super::next_prefill_step;
+    use super::{next_prefill_step, shared_prefixes, shared_prefixes_that_pay};
+
+    #[test]
+    fn prompts_that_begin_alike_share_with_the_first_of_them() {
+        let a: &[u32] = &[1, 2, 3, 4, 5, 6];
+        let b: &[u32] = &[1, 2, 3, 4, 5, 7, 8];
+        let c: &[u32] = &[9, 9, 9];
+        let d: &[u32] = &[1, 2, 3, 4, 5, 9];
+        assert_eq!(
+            shared_prefixes(&[a, b, c, d], &[true; 4]),
+            vec![None, Some((0, 5)), None, Some((0, 5))]
+        );
+        // A prompt that is not computed here (a choice's fork) neither
+        // shares nor is shared with.
+        assert_eq!(
+            shared_prefixes(&[a, b, d], &[false, true, true]),
+            vec![None, None, Some((1, 5))]
+        );
+        // The same prompt twice, or one the start of another: each still
+        // computes its own last token.
+        assert_eq!(
+            shared_prefixes(&[a, a], &[true; 2]),
+            vec![None, Some((0, 5))]
+        );
+        let ab: &[u32] = &[1, 2, 3, 4, 5, 6, 7, 8];
+        assert_eq!(
+            shared_prefixes(&[a, ab], &[true; 2]),
+            vec![None, Some((0, 5))]
+        );
+        // Nothing in common, or nothing to share.
+        let empty: &[u32] = &[];
+        assert_eq!(shared_prefixes(&[a, c], &[true; 2]), vec![None, None]);
+        assert_eq!(shared_prefixes(&[empty, a], &[true; 2]), vec![None, None]);
+    }
+
+    #[test]
+    fn a_root_shares_the_count_that_spares_the_most_tokens() {
+        let root: Vec<u32> = (1..=10).collect();
+        let long: Vec<u32> = (1..=8).chain([99, 99]).collect();
+        let short: Vec<Vec<u32>> = (0..3).map(|k| vec![1, 2, 3, 50 + k, 7]).collect();
+        let prompts: Vec<&[u32]> = [&root, &long, &short[0], &short[1], &short[2]]
+            .into_iter()
+            .map(Vec::as_slice)
+            .collect();
+        // 8 tokens for one prompt spare 8; 3 for all four spare 12.
+        assert_eq!(
+            shared_prefixes(&prompts, &[true; 5]),
+            vec![None, Some((0, 3)), Some((0, 3)), Some((0, 3)), Some((0, 3))]
+        );
+        // The long one and two short: 8 for one spares 8, 3 for three 9.
+        assert_eq!(
+            shared_prefixes(&prompts[..4], &[true; 4]),
+            vec![None, Some((0, 3)), Some((0, 3)), Some((0, 3))]
+        );
+        // The long one and one short: 8 for one spares 8, 3 for two 6.
+        assert_eq!(
+            shared_prefixes(&prompts[..3], &[true; 3]),
+            vec![None, Some((0, 8)), None]
+        );
+    }
+
+    #[test]
+    fn prompts_share_only_when_the_step_it_adds_costs_less_than_it_spares() {
+        let prompt = |last: u32| (0, (0..40).chain([last]).collect::<Vec<u32>>());
+        let contexts = vec![prompt(1), prompt(2), prompt(3)];
+        let no_forks = [None; 3];
+        // 80 tokens spared at 1 ms each against a 20 ms step: shared.
+        let cheap_tokens = |n: usize| 0.020 + 0.001 * n as f64;
+        assert_eq!(
+            shared_prefixes_that_pay(&contexts, &no_forks, cheap_tokens),
+            vec![None, Some((0, 40)), Some((0, 40))]
+        );
+        // A step that costs more than 80 tokens: not shared.
+        let dear_steps = |n: usize| 0.100 + 0.001 * n as f64;
+        assert_eq!(
+            shared_prefixes_that_pay(&contexts, &no_forks, dear_steps),
+            vec![None; 3]
+        );
+        // Choices' forks compute nothing, so share nothing.
+        assert_eq!(
+            shared_prefixes_that_pay(&contexts, &[None, Some(0), Some(0)], cheap_tokens),
+            vec![None; 3]
+        );
+    }
 
     #[test]
     fn a_chunked_prefill_fills_each_step_with_the_prompts_in_order() {

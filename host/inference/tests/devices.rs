@@ -966,6 +966,45 @@ async fn long_prompts_are_prefilled_in_chunks_to_the_same_answers() {
     }
 }
 
+/// Prompts that begin alike and arrive together: the first computes what
+/// they have in common, the others start as copies of it and compute only
+/// the rest; each gets the answer it gets alone.
+#[tokio::test]
+async fn prompts_that_begin_alike_are_prefilled_once_to_the_same_answers() {
+    let dir = models(&[("tiny", 11)]);
+    let paced = Paced::new(DeviceKind::Cpu, 0, None);
+    let computed = paced.tokens.clone();
+    let (inf, _) = start(dir.path(), vec![cpu(Arc::new(paced))]);
+    // Loaded and calibrated first, so that the count below is the burst's.
+    collect(&inf, request("tiny", "warm up", 2)).await.unwrap();
+    quiet(&inf).await;
+    let common = "the quick brown fox jumps over a lazy dog; ".repeat(8);
+    let prompts: Vec<String> = (0..4).map(|i| format!("{common}then {i}")).collect();
+    let before = computed.load(Ordering::SeqCst);
+    let runs: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let (inf, p) = (inf.clone(), p.clone());
+            tokio::spawn(async move { collect(&inf, request("tiny", &p, 6)).await })
+        })
+        .collect();
+    let mut prompt_tokens = 0;
+    for (p, r) in prompts.iter().zip(runs) {
+        let (text, usage) = r.await.unwrap().unwrap();
+        assert_eq!(text, greedy(dir.path(), "tiny", p, 6));
+        prompt_tokens += usage.prompt_tokens as usize;
+    }
+    // Each prompt's tokens once, and five decode steps of one token each,
+    // less what the prompts took from one another.
+    let tokens = computed.load(Ordering::SeqCst) - before;
+    let shared = prompt_tokens + 4 * 5 - tokens;
+    println!("{prompt_tokens} prompt tokens; {shared} came from another prompt");
+    let (tok, ..) = loaded(dir.path(), "tiny", &common);
+    let common_tokens = tok.encode(common.as_str(), true).unwrap().len();
+    assert!(shared >= common_tokens, "{shared} tokens shared");
+    quiet(&inf).await;
+}
+
 #[tokio::test]
 async fn a_prompt_gets_its_first_token_when_its_own_prefill_step_ends() {
     let dir = models(&[("tiny", 11)]);
