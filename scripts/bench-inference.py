@@ -6,6 +6,7 @@ prompts and cores.
 
     .venv/bin/python scripts/bench-inference.py LABEL=URL [LABEL=URL...] MODEL_DIR [--tokens N]
         [--rounds R] [--streams 1,4,8,16] [--genai-props JSON] [--threads T]
+        [--genai-prefix-caching]
 
 `./dev bench-llm` sets everything up and runs it. Each URL is a running
 slinfer with `chat` deployed, measured as the side LABEL (`./dev bench-llm`
@@ -17,7 +18,11 @@ scripts/models/bench_genai.py (`LLMPipeline` for one stream,
 `ContinuousBatchingPipeline` for several, with --genai-props as CPU
 properties) and scripts/llama-cpp/anchor.mjs (the prebuilt llama.cpp of the
 npm package node-llama-cpp, T threads, one context with a sequence per
-stream).
+stream). `--genai-prefix-caching` adds a third anchor, `genai+prefix-cache`:
+GenAI's `ContinuousBatchingPipeline` with its prefix cache on (GenAI's
+default is off), which reuses the blocks of a prompt's start that any
+earlier or running request computed (slinfer shares a common start only
+among the prompts of one prefill).
 
 Each round runs every stream count on every side back to back, the order of
 the sides rotating from round to round. All sides get the same text (the
@@ -42,7 +47,6 @@ from pathlib import Path
 from benchlib import chat_stream, cpu_name
 
 PROMPT = "Write a long, detailed story about a dragon who learns to cook."
-ANCHORS = ("genai", "llama.cpp")
 
 
 def user_prompts(k: int) -> list:
@@ -113,11 +117,13 @@ def main() -> int:
     ap.add_argument("--streams", default="1,4,8,16")
     ap.add_argument("--genai-props", default='{"INFERENCE_PRECISION_HINT": "f32"}')
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--genai-prefix-caching", action="store_true")
     args = ap.parse_args()
     counts = [int(k) for k in args.streams.split(",")]
     servers = dict(s.split("=", 1) for s in args.servers)
     ours = tuple(servers)
-    sides = ours + ANCHORS
+    anchors = ("genai", "llama.cpp") + (("genai+prefix-cache",) if args.genai_prefix_caching else ())
+    sides = ours + anchors
 
     import openvino_genai as ov_genai
 
@@ -125,7 +131,9 @@ def main() -> int:
     templated = {k: [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
                      for p in user_prompts(k)] for k in counts}
     here = Path(__file__).parent
-    genai = Helper([sys.executable, str(here / "models/bench_genai.py"), str(args.model_dir), args.genai_props])
+    genai_argv = [sys.executable, str(here / "models/bench_genai.py"), str(args.model_dir), args.genai_props]
+    genai = Helper(genai_argv)
+    cached = Helper(genai_argv + ["--prefix-caching"]) if args.genai_prefix_caching else None
     llama = Helper(["node", str(here / "llama-cpp/anchor.mjs"), str(args.model_dir / "model.gguf"),
                     str(args.threads)])
     runners = {label: (lambda k, url=url: slinfer(url, user_prompts(k), args.tokens))
@@ -134,6 +142,9 @@ def main() -> int:
         "genai": lambda k: genai.ask({"op": "streams", "prompts": templated[k], "tokens": args.tokens}),
         "llama.cpp": lambda k: llama.ask({"prompts": templated[k], "tokens": args.tokens}),
     }
+    if cached:
+        runners["genai+prefix-cache"] = lambda k: cached.ask(
+            {"op": "streams", "prompts": templated[k], "tokens": args.tokens})
     for side in sides:  # warm-up: loads slinfer's instance, touches every path
         for k in counts:
             runners[side](k)
@@ -142,7 +153,7 @@ def main() -> int:
     print(f"GenAI properties: {genai.hello['props']}; llama.cpp: {llama.hello['version']['release']}, "
           f"{args.threads} threads; {args.tokens} tokens per stream, {args.rounds} rounds")
     print()
-    ratios = [(o, a) for o in ours for a in ANCHORS]
+    ratios = [(o, a) for o in ours for a in anchors]
     print("| round | streams | " + " | ".join(sides) + " | "
           + " | ".join(f"{o} / {a}" for o, a in ratios) + " |")
     print("|---:|---:|" + "---:|" * (len(sides) + len(ratios)))
@@ -158,6 +169,8 @@ def main() -> int:
                   + " | ".join(f"{h[o] / h[a]:.2f}x" for o, a in ratios) + " |", flush=True)
     genai.close()
     llama.close()
+    if cached:
+        cached.close()
 
     print()
     print("Headline: decode tok/s of one stream; aggregate tok/s (prefill included) of several. "

@@ -2,12 +2,14 @@
 """openvino_genai's side of the inference benchmarks (BENCHMARKS.md), as a
 server the benchmark drives between its own measurements (interleaved).
 
-    .venv/bin/python scripts/models/bench_genai.py MODEL_DIR [PROPS]              # server
-    .venv/bin/python scripts/models/bench_genai.py MODEL_DIR N BATCH [PROPS]      # one shot
+    .venv/bin/python scripts/models/bench_genai.py MODEL_DIR [PROPS] [--prefix-caching]              # server
+    .venv/bin/python scripts/models/bench_genai.py MODEL_DIR N BATCH [PROPS] [--prefix-caching]      # one shot
 
 PROPS is a JSON object of CPU properties given to both pipelines (for
 example '{"INFERENCE_PRECISION_HINT": "f32"}'); default: none, GenAI's own
-defaults. Loads `LLMPipeline` and `ContinuousBatchingPipeline` on the CPU
+defaults. `--prefix-caching` turns on the prefix cache of
+`ContinuousBatchingPipeline` (off by default in GenAI): a prompt's blocks
+already computed, by a finished request or one running, are reused. Loads `LLMPipeline` and `ContinuousBatchingPipeline` on the CPU
 once, then reads one JSON command per line on stdin and answers one JSON
 line:
 
@@ -87,16 +89,19 @@ def run(pipe, cb, prompts: list, tokens: int, ignore_eos: bool = False) -> dict:
 
 
 def main() -> int:
-    model_dir = sys.argv[1]
-    one_shot = len(sys.argv) >= 4
+    args = [a for a in sys.argv if a != "--prefix-caching"]
+    model_dir = args[1]
+    one_shot = len(args) >= 4
     props_at = 4 if one_shot else 2
-    props = json.loads(sys.argv[props_at]) if len(sys.argv) > props_at else {}
+    props = json.loads(args[props_at]) if len(args) > props_at else {}
     pipe = ov_genai.LLMPipeline(model_dir, "CPU", **props)
-    cb = ov_genai.ContinuousBatchingPipeline(model_dir, ov_genai.SchedulerConfig(), "CPU", props)
+    scheduler = ov_genai.SchedulerConfig()
+    scheduler.enable_prefix_caching = "--prefix-caching" in sys.argv
+    cb = ov_genai.ContinuousBatchingPipeline(model_dir, scheduler, "CPU", props)
     run(pipe, cb, ["Hello"], 4)  # warm-up
     run(pipe, cb, ["Hello", "Hi"], 4)
     if one_shot:
-        n, k = int(sys.argv[2]), int(sys.argv[3])
+        n, k = int(args[2]), int(args[3])
 
         def decode_tok_s(out):
             s = out["streams"][0]
@@ -108,7 +113,8 @@ def main() -> int:
         print(json.dumps({"llm_pipeline_decode_tok_s": runs[1], "cb_batch": k,
                           "cb_aggregate_tok_s": total / cb_out["wall_s"]}))
         return 0
-    print(json.dumps({"ready": True, "props": props}), flush=True)
+    print(json.dumps({"ready": True, "props": props,
+                      "prefix_caching": scheduler.enable_prefix_caching}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd.get("op") == "streams":
