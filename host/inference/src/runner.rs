@@ -88,7 +88,7 @@ pub fn next_prefill_step(
 /// takes from there: one count for all the prompts of a root, the one that
 /// spares the most tokens, and always short of either prompt's end, so that
 /// each computes at least its own last token (and its own logits).
-pub fn shared_prefixes(prompts: &[&[u32]], may_share: &[bool]) -> Vec<Option<(usize, usize)>> {
+fn shared_prefixes(prompts: &[&[u32]], may_share: &[bool]) -> Vec<Option<(usize, usize)>> {
     let common = |a: &[u32], b: &[u32]| {
         let same = a.iter().zip(b).take_while(|(x, y)| x == y).count();
         same.min(a.len().saturating_sub(1))
