@@ -56,6 +56,8 @@ pub(crate) enum Msg {
         outcomes: Vec<RequestOutcome>,
         /// Seconds the engine ran (0 for a run that never reached it).
         busy_s: f64,
+        /// Prompt tokens its prefill copied from another prompt.
+        shared_tokens: u64,
     },
     /// What a runner measured its freshly loaded instance holds besides its
     /// KV pool (sent before the load's `ActionDone`).
@@ -374,9 +376,10 @@ impl Driver {
                 instance,
                 outcomes,
                 busy_s,
+                shared_tokens,
             } => {
                 if let Some(r) = self.runners.get(&instance) {
-                    self.metrics.ran(&r.labels, busy_s);
+                    self.metrics.ran(&r.labels, busy_s, shared_tokens);
                 }
                 for o in outcomes.iter().filter(|o| o.finished) {
                     self.generations.remove(&o.request);
@@ -591,6 +594,7 @@ impl Driver {
             instance,
             outcomes,
             busy_s: 0.0,
+            shared_tokens: 0,
         });
     }
 }

@@ -76,6 +76,9 @@ pub struct LlmMetrics {
     pub slo: Family<SloLabels, Counter>,
     pub cold_starts: Family<DeviceLabels, Counter>,
     pub preemptions: Family<DeviceLabels, Counter>,
+    /// Prompt tokens copied from another prompt of the same prefill
+    /// rather than computed.
+    pub prompt_tokens_shared: Family<DeviceLabels, Counter>,
     /// Seconds the model's instances spent in engine runs, per device.
     pub busy: Family<DeviceLabels, Counter<f64, AtomicU64>>,
     pub instances: Family<DeviceLabels, Gauge>,
@@ -106,6 +109,7 @@ impl Default for LlmMetrics {
             slo: Family::default(),
             cold_starts: Family::default(),
             preemptions: Family::default(),
+            prompt_tokens_shared: Family::default(),
             busy: Family::default(),
             instances: Family::default(),
             batch: Family::default(),
@@ -160,6 +164,11 @@ impl LlmMetrics {
             "preemptions",
             "Requests preempted off an instance, per model and device",
             self.preemptions.clone(),
+        );
+        r.register(
+            "prompt_tokens_shared",
+            "Prompt tokens an instance copied from another prompt of the same prefill rather than computed, per device",
+            self.prompt_tokens_shared.clone(),
         );
         r.register(
             "busy_seconds",
@@ -299,9 +308,15 @@ impl LlmMetrics {
         self.tally(&labels.model, |t| t.preemptions += n as u32);
     }
 
-    /// An instance of `labels.model` ran on its device for `seconds`.
-    pub(crate) fn ran(&self, labels: &DeviceLabels, seconds: f64) {
+    /// An instance of `labels.model` ran on its device for `seconds`,
+    /// copying `shared_tokens` prompt tokens rather than computing them.
+    pub(crate) fn ran(&self, labels: &DeviceLabels, seconds: f64, shared_tokens: u64) {
         self.busy.get_or_create(labels).inc_by(seconds);
+        if shared_tokens > 0 {
+            self.prompt_tokens_shared
+                .get_or_create(labels)
+                .inc_by(shared_tokens);
+        }
     }
 
     /// Sets the scheduler-state gauges from the service's status.

@@ -202,6 +202,8 @@ pub(crate) struct InstanceRunner {
     /// the grows of a burst arriving request by request then cost one
     /// reallocation of the pool, not one each.
     grow_to: Option<usize>,
+    /// Prompt tokens the current run's prefill copied from another prompt.
+    shared_tokens: u64,
     cost: LiveCost,
     to_driver: Sender<Msg>,
     stats: Arc<SharedStats>,
@@ -233,6 +235,7 @@ impl InstanceRunner {
             kv_bytes: 0,
             last_load: None,
             grow_to: None,
+            shared_tokens: 0,
             cost: links.cost,
             to_driver: links.to_driver,
             stats: links.stats,
@@ -344,6 +347,7 @@ impl InstanceRunner {
                     instance: self.id,
                     outcomes,
                     busy_s,
+                    shared_tokens: std::mem::take(&mut self.shared_tokens),
                 });
             }
         }
@@ -638,6 +642,7 @@ impl InstanceRunner {
                 upto[r] = n;
             }
         }
+        self.shared_tokens += spared as u64;
         let mut forked = spared == 0;
         // The engine's seconds, for the cost model (not the sampling between steps).
         let mut engine_s = 0.0;

@@ -974,7 +974,7 @@ async fn prompts_that_begin_alike_are_prefilled_once_to_the_same_answers() {
     let dir = models(&[("tiny", 11)]);
     let paced = Paced::new(DeviceKind::Cpu, 0, None);
     let computed = paced.tokens.clone();
-    let (inf, _) = start(dir.path(), vec![cpu(Arc::new(paced))]);
+    let (inf, metrics) = start(dir.path(), vec![cpu(Arc::new(paced))]);
     // Loaded and calibrated first, so that the count below is the burst's.
     collect(&inf, request("tiny", "warm up", 2)).await.unwrap();
     quiet(&inf).await;
@@ -1002,6 +1002,15 @@ async fn prompts_that_begin_alike_are_prefilled_once_to_the_same_answers() {
     let (tok, ..) = loaded(dir.path(), "tiny", &common);
     let common_tokens = tok.encode(common.as_str(), true).unwrap().len();
     assert!(shared >= common_tokens, "{shared} tokens shared");
+    // And counted so.
+    let counted = metrics
+        .prompt_tokens_shared
+        .get_or_create(&DeviceLabels {
+            model: "tiny".into(),
+            device: "cpu:0".into(),
+        })
+        .get();
+    assert_eq!(counted as usize, shared);
     quiet(&inf).await;
 }
 
