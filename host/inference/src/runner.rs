@@ -202,8 +202,6 @@ pub(crate) struct InstanceRunner {
     /// the grows of a burst arriving request by request then cost one
     /// reallocation of the pool, not one each.
     grow_to: Option<usize>,
-    /// Prompt tokens the current run's prefill copied from another prompt.
-    shared_tokens: u64,
     cost: LiveCost,
     to_driver: Sender<Msg>,
     stats: Arc<SharedStats>,
@@ -235,7 +233,6 @@ impl InstanceRunner {
             kv_bytes: 0,
             last_load: None,
             grow_to: None,
-            shared_tokens: 0,
             cost: links.cost,
             to_driver: links.to_driver,
             stats: links.stats,
@@ -337,7 +334,7 @@ impl InstanceRunner {
                 decode,
             } => {
                 let started = Instant::now();
-                let outcomes = self.run(iterations, &prefill, &decode);
+                let (outcomes, shared_tokens) = self.run(iterations, &prefill, &decode);
                 let busy_s = started.elapsed().as_secs_f64();
                 if tracing::enabled!(tracing::Level::DEBUG) {
                     self.log_run(started, &prefill, &decode);
@@ -347,7 +344,7 @@ impl InstanceRunner {
                     instance: self.id,
                     outcomes,
                     busy_s,
-                    shared_tokens: std::mem::take(&mut self.shared_tokens),
+                    shared_tokens,
                 });
             }
         }
@@ -512,13 +509,14 @@ impl InstanceRunner {
 
     /// Runs one granted run: a prefill step over `prefill`, or up to
     /// `iterations` decode steps over `decode`. Returns each request's
-    /// outcome; ended and cancelled requests' sequences are freed.
+    /// outcome, and the prompt tokens the prefill copied from another
+    /// prompt; ended and cancelled requests' sequences are freed.
     fn run(
         &mut self,
         iterations: u32,
         prefill: &[Shared],
         decode: &[Shared],
-    ) -> Vec<RequestOutcome> {
+    ) -> (Vec<RequestOutcome>, u64) {
         let mut produced: HashMap<RequestId, u64> = HashMap::new();
         if self.inst.is_none()
             && self
@@ -537,7 +535,7 @@ impl InstanceRunner {
             for g in prefill.iter().chain(decode) {
                 lock(g).end(End::Failed(e.clone()));
             }
-            return self.finish_run(prefill, decode, &produced);
+            return (self.finish_run(prefill, decode, &produced), 0);
         }
         if let Some(blocks) = self.grow_to.take()
             && let Err(e) = self.resize(blocks)
@@ -545,22 +543,24 @@ impl InstanceRunner {
             tracing::warn!(device = %self.device.name, "growing the KV pool: {e}");
             let members: Vec<&Shared> = prefill.iter().chain(decode).collect();
             self.step_failed(&members, &e);
-            return self.finish_run(prefill, decode, &produced);
+            return (self.finish_run(prefill, decode, &produced), 0);
         }
-        if !prefill.is_empty() {
-            self.prefill(prefill, &mut produced);
-        }
+        let shared_tokens = match prefill.is_empty() {
+            true => 0,
+            false => self.prefill(prefill, &mut produced),
+        };
         for _ in 0..iterations.max(1) {
             if decode.is_empty() || !self.decode(decode, &mut produced) {
                 break;
             }
         }
-        self.finish_run(prefill, decode, &produced)
+        (self.finish_run(prefill, decode, &produced), shared_tokens)
     }
 
     /// One step over new (or recomputed) sequences: the prompt and whatever
-    /// a preempted request had generated.
-    fn prefill(&mut self, gens: &[Shared], produced: &mut HashMap<RequestId, u64>) {
+    /// a preempted request had generated. Returns the prompt tokens copied
+    /// from another prompt rather than computed.
+    fn prefill(&mut self, gens: &[Shared], produced: &mut HashMap<RequestId, u64>) -> u64 {
         let inst = self.inst.as_mut().expect("loaded");
         let mut contexts: Vec<(RequestId, Vec<u32>)> = Vec::new();
         let mut members = Vec::new();
@@ -601,7 +601,7 @@ impl InstanceRunner {
             members.push(shared);
         }
         if members.is_empty() {
-            return;
+            return 0;
         }
         let lens: Vec<usize> = contexts.iter().map(|(_, c)| c.len()).collect();
         let (cost, mtype, kind) = (&self.cost, self.mtype, self.device.kind);
@@ -642,7 +642,6 @@ impl InstanceRunner {
                 upto[r] = n;
             }
         }
-        self.shared_tokens += spared as u64;
         let mut forked = spared == 0;
         // The engine's seconds, for the cost model (not the sampling between steps).
         let mut engine_s = 0.0;
@@ -661,7 +660,10 @@ impl InstanceRunner {
                 for (i, s) in shared.iter().enumerate() {
                     let Some((r, n)) = *s else { continue };
                     // The root holds its first `n` tokens now: the prompt
-                    // starts as a copy of them.
+                    // starts as a copy of them. It was added with the others
+                    // all the same, so that an engine that picks where a
+                    // step runs by the sequences it holds (a pair) counted
+                    // it for the root's step.
                     let seq = contexts[i].0;
                     match inst
                         .free_sequence(seq)
@@ -689,7 +691,10 @@ impl InstanceRunner {
             let t = Instant::now();
             let logits = match inst.step(&batch) {
                 Ok(logits) => logits,
-                Err(e) => return self.step_failed(&members, &e),
+                Err(e) => {
+                    self.step_failed(&members, &e);
+                    return spared as u64;
+                }
             };
             // (row in the step, prompt) of the prompts this step ended.
             let ended: Vec<(usize, usize)> = parts
@@ -728,6 +733,7 @@ impl InstanceRunner {
         }
         self.cost
             .observe_prefill(self.mtype, self.device.kind, tokens as u64, engine_s);
+        spared as u64
     }
 
     /// One decode step over the live sequences; false when none is left or
