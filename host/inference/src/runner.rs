@@ -605,7 +605,8 @@ impl InstanceRunner {
         }
         let lens: Vec<usize> = contexts.iter().map(|(_, c)| c.len()).collect();
         let (cost, mtype, kind) = (&self.cost, self.mtype, self.device.kind);
-        let shared = shared_prefixes_that_pay(&contexts, &forks, |tokens| {
+        let embeds: Vec<bool> = members.iter().map(|g| lock(g).embeds()).collect();
+        let shared = shared_prefixes_that_pay(&contexts, &forks, &embeds, |tokens| {
             cost.prefill_s(mtype, kind, tokens as u64)
         });
         let spared: usize = shared.iter().flatten().map(|&(_, n)| n).sum();
@@ -625,7 +626,6 @@ impl InstanceRunner {
             .sum::<usize>()
             - spared;
         let chunk = prefill_chunk_tokens(self.device.kind);
-        let embeds: Vec<bool> = members.iter().map(|g| lock(g).embeds()).collect();
         // A fork computes nothing itself.
         let mut done: Vec<usize> = lens
             .iter()
@@ -813,19 +813,27 @@ impl InstanceRunner {
 /// The prompts of a prefill that start as copies of an earlier one's first
 /// tokens ([`shared_prefixes`]), when `cost` (seconds to prefill so many
 /// tokens in one step) says the step this adds costs less than the tokens
-/// it spares; none otherwise. `forks[i]`: prompt `i` is a choice's fork.
+/// it spares; none otherwise. `forks[i]`: prompt `i` is a choice's fork;
+/// `embeds[i]`: it is an embedding's, which neither shares nor is shared
+/// with (a prompt computed in two steps attends to its first tokens' KV as
+/// the cache stores it, and an embedding must not depend on its batch).
 fn shared_prefixes_that_pay(
     contexts: &[(RequestId, Vec<u32>)],
     forks: &[Option<usize>],
+    embeds: &[bool],
     cost: impl Fn(usize) -> f64,
 ) -> Vec<Option<(usize, usize)>> {
     let prompts: Vec<&[u32]> = contexts.iter().map(|(_, c)| c.as_slice()).collect();
-    let may_share: Vec<bool> = forks.iter().map(Option::is_none).collect();
+    let may_share: Vec<bool> = forks
+        .iter()
+        .zip(embeds)
+        .map(|(f, &e)| f.is_none() && !e)
+        .collect();
     let shared = shared_prefixes(&prompts, &may_share);
     let total: usize = prompts
         .iter()
-        .zip(&may_share)
-        .filter(|(_, m)| **m)
+        .zip(forks)
+        .filter(|(_, f)| f.is_none())
         .map(|(p, _)| p.len())
         .sum();
     let spared: usize = shared.iter().flatten().map(|&(_, n)| n).sum();
@@ -975,19 +983,34 @@ mod tests {
         // 80 tokens spared at 1 ms each against a 20 ms step: shared.
         let cheap_tokens = |n: usize| 0.020 + 0.001 * n as f64;
         assert_eq!(
-            shared_prefixes_that_pay(&contexts, &no_forks, cheap_tokens),
+            shared_prefixes_that_pay(&contexts, &no_forks, &[false; 3], cheap_tokens),
             vec![None, Some((0, 40)), Some((0, 40))]
         );
         // A step that costs more than 80 tokens: not shared.
         let dear_steps = |n: usize| 0.100 + 0.001 * n as f64;
         assert_eq!(
-            shared_prefixes_that_pay(&contexts, &no_forks, dear_steps),
+            shared_prefixes_that_pay(&contexts, &no_forks, &[false; 3], dear_steps),
             vec![None; 3]
         );
         // Choices' forks compute nothing, so share nothing.
         assert_eq!(
-            shared_prefixes_that_pay(&contexts, &[None, Some(0), Some(0)], cheap_tokens),
+            shared_prefixes_that_pay(
+                &contexts,
+                &[None, Some(0), Some(0)],
+                &[false; 3],
+                cheap_tokens
+            ),
             vec![None; 3]
+        );
+        // Embeddings neither share nor are shared with: each is what it
+        // is alone, whatever its batch.
+        assert_eq!(
+            shared_prefixes_that_pay(&contexts, &no_forks, &[true, false, false], cheap_tokens),
+            vec![None, None, Some((1, 40))]
+        );
+        assert_eq!(
+            shared_prefixes_that_pay(&contexts, &no_forks, &[false, true, false], cheap_tokens),
+            vec![None, None, Some((0, 40))]
         );
     }
 
