@@ -667,7 +667,7 @@ impl InstanceRunner {
                     let seq = contexts[i].0;
                     match inst
                         .free_sequence(seq)
-                        .and_then(|()| inst.fork_sequence(contexts[r].0, seq))
+                        .and_then(|()| inst.fork_sequence(contexts[r].0, seq, n))
                     {
                         Ok(()) => done[i] = n,
                         Err(e) => {
@@ -722,7 +722,7 @@ impl InstanceRunner {
                 });
                 first_output(members[i], &logits[k], hidden, produced);
                 for f in (0..forks.len()).filter(|&f| forks[f] == Some(i)) {
-                    match inst.fork_sequence(contexts[i].0, contexts[f].0) {
+                    match inst.fork_sequence(contexts[i].0, contexts[f].0, lens[i]) {
                         Ok(()) => first_output(members[f], &logits[k], None, produced),
                         Err(e) => {
                             lock(members[f]).end(End::Failed(InferenceError::Engine(e.to_string())))

@@ -587,8 +587,8 @@ impl LlmInstance for PacedInstance {
     fn free_sequence(&mut self, seq: SeqId) -> Result<(), EngineError> {
         self.inner.free_sequence(seq)
     }
-    fn fork_sequence(&mut self, src: SeqId, dst: SeqId) -> Result<(), EngineError> {
-        self.inner.fork_sequence(src, dst)
+    fn fork_sequence(&mut self, src: SeqId, dst: SeqId, tokens: usize) -> Result<(), EngineError> {
+        self.inner.fork_sequence(src, dst, tokens)
     }
     fn sequence_len(&self, seq: SeqId) -> Option<usize> {
         self.inner.sequence_len(seq)

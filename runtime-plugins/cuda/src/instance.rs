@@ -650,8 +650,8 @@ impl LlmInstance for CudaInstance {
             }
         }
     }
-    fn fork_sequence(&mut self, src: SeqId, dst: SeqId) -> Result<(), EngineError> {
-        let Some((from, to)) = self.kv.fork(src, dst)? else {
+    fn fork_sequence(&mut self, src: SeqId, dst: SeqId, tokens: usize) -> Result<(), EngineError> {
+        let Some((from, to)) = self.kv.fork(src, dst, tokens)? else {
             return Ok(());
         };
         let copied = self

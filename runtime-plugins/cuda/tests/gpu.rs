@@ -342,7 +342,7 @@ fn gpu_forked_sequences_decode_as_the_reference_does() {
     let prompt: Vec<u32> = (0..21).map(|i| (i * 5 + 1) % 512).collect();
     gpu.add_sequence(1).unwrap();
     gpu.step(&[e(1, prompt.clone())]).unwrap();
-    gpu.fork_sequence(1, 2).unwrap();
+    gpu.fork_sequence(1, 2, prompt.len()).unwrap();
     cpu.add_sequence(1).unwrap();
     cpu.add_sequence(2).unwrap();
     cpu.step(&[e(1, prompt.clone()), e(2, prompt)]).unwrap();

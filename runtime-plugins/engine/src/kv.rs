@@ -211,11 +211,18 @@ impl KvManager {
         Ok(())
     }
 
-    /// Makes `dst` a copy of `src`'s tokens: it shares `src`'s full blocks
-    /// and takes a fresh block for a partly filled last one, whose contents
-    /// the engine must copy: the returned `(from, to)`. Needs at most one
-    /// free block; nothing changes on an error.
-    pub fn fork(&mut self, src: SeqId, dst: SeqId) -> Result<Option<(u32, u32)>, EngineError> {
+    /// Makes `dst` a copy of the first `tokens` of `src`'s tokens (all of
+    /// them, or a prefix: a prompt that begins as a running sequence did):
+    /// it shares `src`'s full blocks among them and takes a fresh block for
+    /// a partly filled last one, whose contents the engine must copy: the
+    /// returned `(from, to)`. Needs at most one free block; nothing changes
+    /// on an error.
+    pub fn fork(
+        &mut self,
+        src: SeqId,
+        dst: SeqId,
+        tokens: usize,
+    ) -> Result<Option<(u32, u32)>, EngineError> {
         if self.seqs.contains_key(&dst) {
             return Err(EngineError::SequenceExists(dst));
         }
@@ -223,22 +230,33 @@ impl KvManager {
             .seqs
             .get(&src)
             .ok_or(EngineError::UnknownSequence(src))?;
-        let full = s.len_tokens / self.block_size_tokens;
+        if tokens > s.len_tokens {
+            return Err(EngineError::ForkBeyondSequence {
+                seq: src,
+                tokens,
+                len: s.len_tokens,
+            });
+        }
+        let full = tokens / self.block_size_tokens;
         let mut blocks = s.blocks[..full].to_vec();
-        let partial = s.blocks.get(full).copied();
-        let copy = match partial {
-            Some(from) if !s.len_tokens.is_multiple_of(self.block_size_tokens) => {
+        let copy = match tokens.is_multiple_of(self.block_size_tokens) {
+            true => None,
+            false => {
                 let to = self.alloc.allocate(1)?[0];
                 blocks.push(to);
-                Some((from, to))
+                Some((s.blocks[full], to))
             }
-            _ => None,
         };
         for b in &blocks[..full] {
             *self.shared.entry(*b).or_insert(0) += 1;
         }
-        let len_tokens = s.len_tokens;
-        self.seqs.insert(dst, SeqState { blocks, len_tokens });
+        self.seqs.insert(
+            dst,
+            SeqState {
+                blocks,
+                len_tokens: tokens,
+            },
+        );
         Ok(copy)
     }
 
@@ -531,7 +549,7 @@ mod tests {
         kv.add_sequence(1).unwrap();
         let (_, r) = kv.plan(&[entry(1, 10)]).unwrap(); // blocks 0, 1 full; 2 holds 2 tokens
         kv.commit(r);
-        assert_eq!(kv.fork(1, 2).unwrap(), Some((2, 3)));
+        assert_eq!(kv.fork(1, 2, 10).unwrap(), Some((2, 3)));
         assert_eq!(kv.block_table(2).unwrap(), [0, 1, 3]);
         assert_eq!(kv.sequence_len(2), Some(10));
         assert_eq!(kv.used_blocks(), 4);
@@ -539,15 +557,18 @@ mod tests {
         kv.add_sequence(5).unwrap();
         let (_, r) = kv.plan(&[entry(5, 4)]).unwrap();
         kv.commit(r);
-        assert_eq!(kv.fork(5, 6).unwrap(), None);
+        assert_eq!(kv.fork(5, 6, 4).unwrap(), None);
         assert_eq!(kv.block_table(6).unwrap(), kv.block_table(5).unwrap());
         // Appends write only the sequence's own blocks.
         let (p, r) = kv.plan(&[entry(1, 1), entry(2, 3)]).unwrap();
         kv.commit(r);
         assert_eq!(p.slot_mapping, [2 * 4 + 2, 3 * 4 + 2, 3 * 4 + 3, 5 * 4]);
-        assert!(matches!(kv.fork(1, 2), Err(EngineError::SequenceExists(2))));
         assert!(matches!(
-            kv.fork(9, 10),
+            kv.fork(1, 2, 1),
+            Err(EngineError::SequenceExists(2))
+        ));
+        assert!(matches!(
+            kv.fork(9, 10, 1),
             Err(EngineError::UnknownSequence(9))
         ));
         // Shared blocks go back with their last holder.
@@ -563,13 +584,51 @@ mod tests {
     }
 
     #[test]
+    fn a_fork_of_a_prefix_shares_its_full_blocks_and_copies_its_partial_one() {
+        let mut kv = KvManager::new(4, 8, 100);
+        kv.add_sequence(1).unwrap();
+        let (_, r) = kv.plan(&[entry(1, 11)]).unwrap(); // blocks 0, 1 full; 2 holds 3 tokens
+        kv.commit(r);
+        // The first 6 tokens: block 0 shared, block 1's first two copied.
+        assert_eq!(kv.fork(1, 2, 6).unwrap(), Some((1, 3)));
+        assert_eq!(kv.block_table(2).unwrap(), [0, 3]);
+        assert_eq!(kv.sequence_len(2), Some(6));
+        // At a block boundary nothing is copied.
+        assert_eq!(kv.fork(1, 3, 8).unwrap(), None);
+        assert_eq!(kv.block_table(3).unwrap(), [0, 1]);
+        assert_eq!(kv.fork(1, 4, 0).unwrap(), None);
+        assert_eq!(kv.sequence_len(4), Some(0));
+        // Each writes on in blocks of its own; the source's own tokens stay.
+        let (p, r) = kv.plan(&[entry(1, 1), entry(2, 1), entry(3, 1)]).unwrap();
+        kv.commit(r);
+        assert_eq!(p.slot_mapping, [2 * 4 + 3, 3 * 4 + 2, 4 * 4]);
+        assert_eq!(kv.sequence_len(1), Some(12));
+        // More tokens than the source holds: an error, and nothing changes.
+        let used = kv.used_blocks();
+        assert!(matches!(
+            kv.fork(1, 5, 13),
+            Err(EngineError::ForkBeyondSequence {
+                seq: 1,
+                tokens: 13,
+                len: 12
+            })
+        ));
+        assert_eq!((kv.used_blocks(), kv.sequence_len(5)), (used, None));
+        for s in 1..=4 {
+            kv.free_sequence(s).unwrap();
+        }
+        assert_eq!(kv.used_blocks(), 0);
+        assert!(kv.shared.is_empty());
+    }
+
+    #[test]
     fn shrink_moves_shared_blocks_for_every_holder() {
         let mut kv = KvManager::new(2, 8, 100);
         kv.add_sequence(0).unwrap();
         kv.add_sequence(1).unwrap();
         let (_, r) = kv.plan(&[entry(0, 4), entry(1, 4)]).unwrap(); // 0: [0,1]; 1: [2,3]
         kv.commit(r);
-        kv.fork(1, 2).unwrap(); // shares 2, 3
+        kv.fork(1, 2, 4).unwrap(); // shares 2, 3
         kv.free_sequence(0).unwrap();
         let moves = kv.shrink(2).unwrap();
         assert_eq!(moves, [(2, 0), (3, 1)]);

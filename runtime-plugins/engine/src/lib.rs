@@ -259,6 +259,13 @@ pub enum EngineError {
     UnknownSequence(SeqId),
     #[error("sequence {0} already exists")]
     SequenceExists(SeqId),
+    /// A fork asked for more of a sequence's tokens than it holds.
+    #[error("sequence {seq} holds {len} tokens, fewer than the {tokens} a fork would copy")]
+    ForkBeyondSequence {
+        seq: SeqId,
+        tokens: usize,
+        len: usize,
+    },
     #[error("sequence {seq} would reach {len} tokens, beyond the context length {max}")]
     ContextOverflow { seq: SeqId, len: usize, max: usize },
     #[error("invalid batch: {0}")]
@@ -385,11 +392,14 @@ pub trait LlmInstance: Send {
     /// Free a sequence and return its blocks to the pool (a block it shares
     /// with a fork goes back with its last holder).
     fn free_sequence(&mut self, seq: SeqId) -> Result<(), EngineError>;
-    /// Make `dst` a copy of sequence `src` (its tokens so far) without
-    /// recomputing them: `dst` shares `src`'s full KV blocks and gets a copy
-    /// of a partly filled last block ([`KvManager::fork`]). Several
-    /// continuations of one prompt cost its KV once.
-    fn fork_sequence(&mut self, src: SeqId, dst: SeqId) -> Result<(), EngineError>;
+    /// Make `dst` a copy of the first `tokens` of sequence `src` (all it
+    /// holds, or fewer: a prompt that begins as `src` did) without
+    /// recomputing them: `dst` shares `src`'s full KV blocks among them and
+    /// gets a copy of a partly filled last one ([`KvManager::fork`]).
+    /// Several continuations of one prompt cost its KV once. More tokens
+    /// than `src` holds is [`EngineError::ForkBeyondSequence`]; nothing
+    /// changes on an error.
+    fn fork_sequence(&mut self, src: SeqId, dst: SeqId, tokens: usize) -> Result<(), EngineError>;
     /// Tokens the sequence holds in the KV cache.
     fn sequence_len(&self, seq: SeqId) -> Option<usize>;
     /// Blocks this batch would take from the pool (for admission).

@@ -406,12 +406,24 @@ impl LlmInstance for PairedInstance {
     }
 
     /// The copy lives where `src` does.
-    fn fork_sequence(&mut self, src: SeqId, dst: SeqId) -> Result<(), EngineError> {
-        let copy = self.held(src)?.clone();
+    fn fork_sequence(&mut self, src: SeqId, dst: SeqId, tokens: usize) -> Result<(), EngineError> {
+        let held = self.held(src)?;
+        let copy = Held {
+            engine: held.engine,
+            tokens: held
+                .tokens
+                .get(..tokens)
+                .ok_or(EngineError::ForkBeyondSequence {
+                    seq: src,
+                    tokens,
+                    len: held.tokens.len(),
+                })?
+                .to_vec(),
+        };
         if self.held.contains_key(&dst) {
             return Err(EngineError::SequenceExists(dst));
         }
-        self.engines[copy.engine].fork_sequence(src, dst)?;
+        self.engines[copy.engine].fork_sequence(src, dst, tokens)?;
         self.held.insert(dst, copy);
         Ok(())
     }
@@ -801,7 +813,7 @@ mod tests {
         let mut p = pair(3);
         p.add_sequence(1).unwrap();
         p.step(&[entry(1, &[1, 2, 3])]).unwrap();
-        p.fork_sequence(1, 2).unwrap();
+        p.fork_sequence(1, 2, 3).unwrap();
         assert_eq!(p.held[&2].engine, FEW);
         p.add_sequence(3).unwrap();
         let out = p
@@ -810,9 +822,36 @@ mod tests {
         assert!(close(&out[0], &alone(2, &[1, 2, 3, 4])));
         assert!(close(&out[1], &alone(2, &[1, 2, 3, 5])));
         assert!(matches!(
-            p.fork_sequence(1, 3),
+            p.fork_sequence(1, 3, 1),
             Err(EngineError::SequenceExists(3))
         ));
+    }
+
+    #[test]
+    fn a_fork_of_a_prefix_holds_only_those_tokens_and_moves_with_them() {
+        let mut p = pair(3);
+        p.add_sequence(1).unwrap();
+        p.step(&[entry(1, &[1, 2, 3, 4])]).unwrap();
+        p.fork_sequence(1, 2, 2).unwrap();
+        assert_eq!(p.held[&2].tokens, [1, 2]);
+        assert_eq!(p.sequence_len(2), Some(2));
+        assert!(matches!(
+            p.fork_sequence(1, 3, 5),
+            Err(EngineError::ForkBeyondSequence {
+                seq: 1,
+                tokens: 5,
+                ..
+            })
+        ));
+        assert!(!p.held.contains_key(&3), "a refused fork holds nothing");
+        // Three sequences move to `many`, each with its own tokens.
+        p.add_sequence(3).unwrap();
+        let out = p
+            .step(&[entry(1, &[5]), entry(2, &[6]), entry(3, &[7])])
+            .unwrap();
+        assert!(close(&out[0], &alone(2, &[1, 2, 3, 4, 5])));
+        assert!(close(&out[1], &alone(2, &[1, 2, 6])));
+        assert!(close(&out[2], &alone(2, &[7])));
     }
 
     #[test]

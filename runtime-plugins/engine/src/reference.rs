@@ -348,8 +348,13 @@ impl LlmInstance for ReferenceInstance {
         self.kv.commit(res);
         Ok(out)
     }
-    fn fork_sequence(&mut self, src: crate::SeqId, dst: crate::SeqId) -> Result<(), EngineError> {
-        if let Some((from, to)) = self.kv.fork(src, dst)? {
+    fn fork_sequence(
+        &mut self,
+        src: crate::SeqId,
+        dst: crate::SeqId,
+        tokens: usize,
+    ) -> Result<(), EngineError> {
+        if let Some((from, to)) = self.kv.fork(src, dst, tokens)? {
             let be = self.block_elems();
             let (f, t) = (from as usize * be, to as usize * be);
             for cache in self.k_cache.iter_mut().chain(self.v_cache.iter_mut()) {

@@ -392,11 +392,11 @@ impl LlmInstance for LlamaCppInstance {
         Ok(())
     }
 
-    /// llama.cpp shares the cells of `src` with `dst` (`llama_memory_seq_cp`
-    /// in a unified cache copies nothing).
-    fn fork_sequence(&mut self, src: SeqId, dst: SeqId) -> Result<(), EngineError> {
+    /// llama.cpp shares the cells of `src`'s first `tokens` positions with
+    /// `dst` (`llama_memory_seq_cp` in a unified cache copies nothing).
+    fn fork_sequence(&mut self, src: SeqId, dst: SeqId, tokens: usize) -> Result<(), EngineError> {
         let from = self.slot(src)?;
-        self.kv.fork(src, dst)?;
+        self.kv.fork(src, dst, tokens)?;
         let to = match self.take_slot(dst) {
             Ok(to) => to,
             Err(e) => {
@@ -405,7 +405,7 @@ impl LlmInstance for LlamaCppInstance {
             }
         };
         // SAFETY: the context is live; both ids are below its room.
-        unsafe { (self.api.memory_seq_cp)(self.memory_handle(), from, to, -1, -1) };
+        unsafe { (self.api.memory_seq_cp)(self.memory_handle(), from, to, 0, tokens as i32) };
         Ok(())
     }
 

@@ -246,7 +246,8 @@ fn more_sequences_than_a_context_has_room_for_make_room_and_move_every_sequence(
             // A fork sharing its cells, then more sequences than the room:
             // the context is made again with room for 64, every sequence's
             // KV moved into it (the fork's on its own cells).
-            inst.fork_sequence(100, 999).unwrap();
+            inst.fork_sequence(100, 999, inst.sequence_len(100).unwrap())
+                .unwrap();
             for s in 0..40 {
                 inst.add_sequence(1000 + s).unwrap();
             }
@@ -290,6 +291,9 @@ fn more_sequences_than_a_context_has_room_for_make_room_and_move_every_sequence(
 
 #[test]
 fn forks_continue_like_the_original() {
+    // Sequence 2 is a copy of the whole prompt, sequence 3 of its first
+    // tokens only (it computes the rest itself): each decodes llama.cpp's
+    // own answer.
     let _serial = serial();
     let mut inst = load(64);
     let ids = &prompt_ids()[0];
@@ -301,48 +305,64 @@ fn forks_continue_like_the_original() {
         }])
         .unwrap();
     let first = argmax(&prefill[0]);
-    let best = prefill[0].iter().copied().fold(f32::MIN, f32::max);
+    let gap = |l: &[f32], k: usize| {
+        l.iter().copied().fold(f32::MIN, f32::max) - l[reference()[0][k] as usize]
+    };
     let before = inst.kv_blocks_in_use();
-    inst.fork_sequence(1, 2).unwrap();
+    inst.fork_sequence(1, 2, ids.len()).unwrap();
     assert_eq!(inst.sequence_len(2), Some(ids.len()));
     assert!(
         inst.kv_blocks_in_use() <= before + 1,
         "a fork shares the full blocks"
     );
-    let mut last = [first, first];
-    let mut out = [vec![first], vec![first]];
-    let mut gaps = vec![best - prefill[0][reference()[0][0] as usize]];
+    let k = ids.len() - 3;
+    inst.fork_sequence(1, 3, k).unwrap();
+    assert_eq!(inst.sequence_len(3), Some(k));
+    let rest = inst
+        .step(&[StepEntry {
+            seq: 3,
+            tokens: ids[k..].to_vec(),
+        }])
+        .unwrap();
+    let mut last = [first, first, argmax(&rest[0])];
+    let mut out = last.map(|t| vec![t]);
+    let mut gaps = [gap(&prefill[0], 0), gap(&prefill[0], 0), gap(&rest[0], 0)].map(|g| vec![g]);
     for k in 1..reference()[0].len() {
-        let logits = inst
-            .step(&[
-                StepEntry {
-                    seq: 1,
-                    tokens: vec![last[0]],
-                },
-                StepEntry {
-                    seq: 2,
-                    tokens: vec![last[1]],
-                },
-            ])
-            .unwrap();
-        let best = logits[0].iter().copied().fold(f32::MIN, f32::max);
-        gaps.push(best - logits[0][reference()[0][k] as usize]);
-        for s in 0..2 {
+        let batch: Vec<StepEntry> = (1..=3)
+            .zip(last)
+            .map(|(seq, t)| StepEntry {
+                seq,
+                tokens: vec![t],
+            })
+            .collect();
+        let logits = inst.step(&batch).unwrap();
+        for s in 0..3 {
+            gaps[s].push(gap(&logits[s], k));
             last[s] = argmax(&logits[s]);
             out[s].push(last[s]);
         }
     }
     assert_eq!(out[1], out[0], "the fork decodes like the original");
-    let [tokens, _] = out;
-    assert_greedy("forked", 0, &Decoded { tokens, gaps });
+    for ((what, tokens), gaps) in ["forked", "forked", "forked by its first tokens"]
+        .into_iter()
+        .zip(out)
+        .zip(gaps)
+    {
+        assert_greedy(what, 0, &Decoded { tokens, gaps });
+    }
     assert!(matches!(
-        inst.fork_sequence(99, 3),
+        inst.fork_sequence(99, 4, 1),
         Err(EngineError::UnknownSequence(99))
     ));
     assert!(matches!(
-        inst.fork_sequence(1, 2),
+        inst.fork_sequence(1, 2, 1),
         Err(EngineError::SequenceExists(2))
     ));
+    assert!(matches!(
+        inst.fork_sequence(1, 4, inst.sequence_len(1).unwrap() + 1),
+        Err(EngineError::ForkBeyondSequence { seq: 1, .. })
+    ));
+    assert_eq!(inst.sequence_len(4), None, "a refused fork holds nothing");
 }
 
 #[test]

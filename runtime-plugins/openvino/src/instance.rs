@@ -353,8 +353,8 @@ impl OpenVinoInstance {
 }
 
 impl LlmInstance for OpenVinoInstance {
-    fn fork_sequence(&mut self, src: SeqId, dst: SeqId) -> Result<(), EngineError> {
-        let Some((from, to)) = self.kv.fork(src, dst)? else {
+    fn fork_sequence(&mut self, src: SeqId, dst: SeqId, tokens: usize) -> Result<(), EngineError> {
+        let Some((from, to)) = self.kv.fork(src, dst, tokens)? else {
             return Ok(());
         };
         for (c, t) in self.caches.iter().zip(&mut self.tensors) {

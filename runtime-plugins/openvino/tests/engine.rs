@@ -432,8 +432,11 @@ fn forks_share_the_prompts_kv_and_decode_greedily() {
     // One prompt prefilled once, forked twice (its full blocks shared, the
     // partly filled last block copied), the three decoded together: each is
     // GenAI's greedy answer up to a near-tie (a batch of three rows), all
-    // three the same, and the shared blocks are held once.
+    // three the same, and the shared blocks are held once. A fourth takes
+    // only the prompt's first tokens and computes the rest itself: GenAI's
+    // answer too.
     let r = &reference()[3];
+    let n = r.prompt_ids.len();
     let mut inst = load(64);
     inst.add_sequence(1).unwrap();
     let first = argmax(
@@ -445,21 +448,41 @@ fn forks_share_the_prompts_kv_and_decode_greedily() {
             .unwrap()[0],
     );
     let prompt_blocks = inst.kv_blocks_in_use();
-    inst.fork_sequence(1, 2).unwrap();
-    inst.fork_sequence(1, 3).unwrap();
-    let partial = !r.prompt_ids.len().is_multiple_of(inst.block_size_tokens());
+    inst.fork_sequence(1, 2, n).unwrap();
+    inst.fork_sequence(1, 3, n).unwrap();
+    let partial = !n.is_multiple_of(inst.block_size_tokens());
     assert_eq!(
         inst.kv_blocks_in_use(),
         prompt_blocks + 2 * usize::from(partial),
         "only a partly filled last block is copied"
     );
     assert!(matches!(
-        inst.fork_sequence(9, 4),
+        inst.fork_sequence(9, 4, 1),
         Err(EngineError::UnknownSequence(9))
     ));
+    let before = inst.kv_blocks_in_use();
+    assert!(matches!(
+        inst.fork_sequence(1, 4, n + 1),
+        Err(EngineError::ForkBeyondSequence { seq: 1, .. })
+    ));
+    assert_eq!(
+        inst.kv_blocks_in_use(),
+        before,
+        "a refused fork takes nothing"
+    );
+    let k = n - 3;
+    inst.fork_sequence(1, 4, k).unwrap();
+    assert_eq!(inst.sequence_len(4), Some(k));
+    let rest = inst
+        .step(&[StepEntry {
+            seq: 4,
+            tokens: r.prompt_ids[k..].to_vec(),
+        }])
+        .unwrap();
     let mut out = vec![vec![first]; 3];
+    out.push(vec![argmax(&rest[0])]);
     while out[0].len() < NEW_TOKENS {
-        let batch: Vec<StepEntry> = (1..=3)
+        let batch: Vec<StepEntry> = (1..=4)
             .zip(&out)
             .map(|(seq, o)| StepEntry {
                 seq,
@@ -470,10 +493,14 @@ fn forks_share_the_prompts_kv_and_decode_greedily() {
             o.push(argmax(l));
         }
     }
-    assert!(out.iter().all(|o| *o == out[0]), "{out:?}");
-    assert_greedy("a prompt forked twice, decoded as three", &[r], &out[..1]);
+    assert!(out[..3].iter().all(|o| *o == out[0]), "{out:?}");
+    assert_greedy(
+        "a prompt forked twice and once by its first tokens, decoded as four",
+        &[r, r],
+        &[out[0].clone(), out[3].clone()],
+    );
     // Freed in any order, every block goes back.
-    for seq in [1, 3, 2] {
+    for seq in [1, 3, 2, 4] {
         inst.free_sequence(seq).unwrap();
     }
     assert_eq!(inst.kv_blocks_in_use(), 0);
