@@ -76,8 +76,8 @@ pub struct LlmMetrics {
     pub slo: Family<SloLabels, Counter>,
     pub cold_starts: Family<DeviceLabels, Counter>,
     pub preemptions: Family<DeviceLabels, Counter>,
-    /// Prompt tokens copied from another prompt of the same prefill
-    /// rather than computed.
+    /// Prompt tokens copied from another prompt (of the same prefill, or a
+    /// sequence the instance holds) rather than computed.
     pub prompt_tokens_shared: Family<DeviceLabels, Counter>,
     /// Seconds the model's instances spent in engine runs, per device.
     pub busy: Family<DeviceLabels, Counter<f64, AtomicU64>>,
@@ -167,7 +167,7 @@ impl LlmMetrics {
         );
         r.register(
             "prompt_tokens_shared",
-            "Prompt tokens an instance copied from another prompt of the same prefill rather than computed, per device",
+            "Prompt tokens an instance copied from another prompt (of the same prefill, or a sequence it holds) rather than computed, per device",
             self.prompt_tokens_shared.clone(),
         );
         r.register(

@@ -89,11 +89,6 @@ pub fn next_prefill_step(
 /// spares the most tokens, and always short of either prompt's end, so that
 /// each computes at least its own last token (and its own logits).
 fn shared_prefixes(prompts: &[&[u32]], may_share: &[bool]) -> Vec<Option<(usize, usize)>> {
-    let common = |a: &[u32], b: &[u32]| {
-        let same = a.iter().zip(b).take_while(|(x, y)| x == y).count();
-        same.min(a.len().saturating_sub(1))
-            .min(b.len().saturating_sub(1))
-    };
     let mut roots: Vec<usize> = Vec::new();
     let mut best: Vec<Option<(usize, usize)>> = vec![None; prompts.len()];
     for (i, p) in prompts.iter().enumerate() {
@@ -102,7 +97,7 @@ fn shared_prefixes(prompts: &[&[u32]], may_share: &[bool]) -> Vec<Option<(usize,
         }
         let root = roots
             .iter()
-            .map(|&r| (r, common(prompts[r], p)))
+            .map(|&r| (r, common_start(prompts[r], p)))
             .filter(|&(_, n)| n > 0)
             .max_by_key(|&(r, n)| (n, std::cmp::Reverse(r)));
         match root {
@@ -130,6 +125,51 @@ fn shared_prefixes(prompts: &[&[u32]], may_share: &[bool]) -> Vec<Option<(usize,
         }
     }
     out
+}
+
+/// How many first tokens two prompts have in common, short of either's end
+/// (each computes at least its own last token, and its own logits).
+fn common_start(a: &[u32], b: &[u32]) -> usize {
+    let same = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    same.min(a.len().saturating_sub(1))
+        .min(b.len().saturating_sub(1))
+}
+
+/// Which prompts of one prefill start as copies of a sequence the instance
+/// holds already (`held`: each one's id and the tokens it was prefilled
+/// with, all in its KV): for each prompt that may share (`may_share`, as
+/// for [`shared_prefixes`]), the held sequence it begins like the longest
+/// and how many tokens it takes from there, short of its own end. Only
+/// when no other prompt of the prefill begins as much like it: then it
+/// shares within the prefill instead, which a pair of engines keeps when
+/// the prefill's sequences move to its other engine (a copy of a held
+/// sequence lives where that one does, and is computed again there).
+fn held_starts(
+    prompts: &[&[u32]],
+    may_share: &[bool],
+    held: &[(RequestId, &[u32])],
+) -> Vec<Option<(RequestId, usize)>> {
+    let alike = |i: usize, other: &[u32]| {
+        let p = prompts[i];
+        let same = p.iter().zip(other).take_while(|(x, y)| x == y).count();
+        same.min(p.len().saturating_sub(1))
+    };
+    (0..prompts.len())
+        .map(|i| {
+            if !may_share[i] {
+                return None;
+            }
+            let within = (0..prompts.len())
+                .filter(|&j| j != i && may_share[j])
+                .map(|j| common_start(prompts[i], prompts[j]))
+                .max()
+                .unwrap_or(0);
+            held.iter()
+                .map(|&(id, tokens)| (id, alike(i, tokens)))
+                .filter(|&(_, n)| n > within)
+                .max_by_key(|&(id, n)| (n, std::cmp::Reverse(id)))
+        })
+        .collect()
 }
 
 /// Hands a prompt whose prefill has ended its first token, sampled from
@@ -202,6 +242,10 @@ pub(crate) struct InstanceRunner {
     /// the grows of a burst arriving request by request then cost one
     /// reallocation of the pool, not one each.
     grow_to: Option<usize>,
+    /// The tokens each sequence the instance holds was prefilled with (its
+    /// prompt, and what a preempted request had generated): a later prompt
+    /// that begins alike starts as a copy of them.
+    prefilled: HashMap<RequestId, Vec<u32>>,
     cost: LiveCost,
     to_driver: Sender<Msg>,
     stats: Arc<SharedStats>,
@@ -233,6 +277,7 @@ impl InstanceRunner {
             kv_bytes: 0,
             last_load: None,
             grow_to: None,
+            prefilled: HashMap::new(),
             cost: links.cost,
             to_driver: links.to_driver,
             stats: links.stats,
@@ -250,6 +295,7 @@ impl InstanceRunner {
         }
         // The driver let go (shutdown, or the device failed): drop the instance.
         self.inst = None;
+        self.prefilled.clear();
         self.publish();
     }
 
@@ -315,6 +361,7 @@ impl InstanceRunner {
             }
             Job::Unload { action } => {
                 self.inst = None;
+                self.prefilled.clear();
                 self.grow_to = None;
                 return_freed_memory();
                 self.action_done(action);
@@ -403,6 +450,7 @@ impl InstanceRunner {
     }
 
     fn free_sequence(&mut self, seq: RequestId) {
+        self.prefilled.remove(&seq);
         if let Some(i) = self.inst.as_mut()
             && i.sequence_len(seq).is_some()
         {
@@ -463,6 +511,7 @@ impl InstanceRunner {
                 let load_s = t.elapsed().as_secs_f64();
                 self.calibrate(inst.as_mut(), load_s);
                 self.inst = Some(inst);
+                self.prefilled.clear();
                 self.load_error = None;
             }
             Err(e) => {
@@ -580,6 +629,7 @@ impl InstanceRunner {
                 continue;
             }
             let id = g.id;
+            self.prefilled.remove(&id);
             if inst.sequence_len(id).is_some() {
                 let _ = inst.free_sequence(id);
             }
@@ -606,32 +656,68 @@ impl InstanceRunner {
         let lens: Vec<usize> = contexts.iter().map(|(_, c)| c.len()).collect();
         let (cost, mtype, kind) = (&self.cost, self.mtype, self.device.kind);
         let embeds: Vec<bool> = members.iter().map(|g| lock(g).embeds()).collect();
-        let shared = shared_prefixes_that_pay(&contexts, &forks, &embeds, |tokens| {
-            cost.prefill_s(mtype, kind, tokens as u64)
-        });
-        let spared: usize = shared.iter().flatten().map(|&(_, n)| n).sum();
-        if spared > 0 {
-            tracing::debug!(
-                instance = self.id,
-                prompts = shared.iter().flatten().count(),
-                spared_tokens = spared,
-                "prompts start as copies of an earlier prompt's first tokens"
-            );
-        }
-        let tokens = lens
+        // A choice's fork computes nothing; an embedding neither shares nor
+        // is shared with (see `shared_prefixes_that_pay`).
+        let mut may_share: Vec<bool> = forks
             .iter()
-            .zip(&forks)
-            .filter(|(_, f)| f.is_none())
-            .map(|(l, _)| l)
-            .sum::<usize>()
-            - spared;
-        let chunk = prefill_chunk_tokens(self.device.kind);
-        // A fork computes nothing itself.
+            .zip(&embeds)
+            .map(|(f, &e)| f.is_none() && !e)
+            .collect();
+        let prompts: Vec<&[u32]> = contexts.iter().map(|(_, c)| c.as_slice()).collect();
+        let held: Vec<(RequestId, &[u32])> = self
+            .prefilled
+            .iter()
+            .filter(|(id, t)| inst.sequence_len(**id).is_some_and(|n| n >= t.len()))
+            .map(|(id, t)| (*id, t.as_slice()))
+            .collect();
+        let starts = held_starts(&prompts, &may_share, &held);
+        // A fork computes nothing itself; a prompt that begins like a held
+        // sequence starts as a copy of it.
         let mut done: Vec<usize> = lens
             .iter()
             .zip(&forks)
             .map(|(&l, f)| if f.is_some() { l } else { 0 })
             .collect();
+        // The engine's seconds, for the cost model (not the sampling between steps).
+        let mut engine_s = 0.0;
+        let t = Instant::now();
+        let mut copied = 0;
+        for (i, s) in starts.iter().enumerate() {
+            let Some((src, n)) = *s else { continue };
+            may_share[i] = false;
+            let seq = contexts[i].0;
+            match inst
+                .free_sequence(seq)
+                .and_then(|()| inst.fork_sequence(src, seq, n))
+            {
+                Ok(()) => {
+                    done[i] = n;
+                    copied += n;
+                }
+                Err(e) => {
+                    lock(members[i]).end(End::Failed(InferenceError::Engine(e.to_string())));
+                    done[i] = lens[i];
+                }
+            }
+        }
+        engine_s += t.elapsed().as_secs_f64();
+        let computed: usize = lens.iter().zip(&done).map(|(l, d)| l - d).sum();
+        let shared = shared_prefixes_that_pay(&prompts, &may_share, computed, |tokens| {
+            cost.prefill_s(mtype, kind, tokens as u64)
+        });
+        let spared: usize = shared.iter().flatten().map(|&(_, n)| n).sum();
+        if spared + copied > 0 {
+            tracing::debug!(
+                instance = self.id,
+                prompts = shared.iter().flatten().count(),
+                spared_tokens = spared,
+                from_running = starts.iter().flatten().count(),
+                copied_tokens = copied,
+                "prompts start as copies of another prompt's first tokens"
+            );
+        }
+        let tokens = computed - spared;
+        let chunk = prefill_chunk_tokens(self.device.kind);
         // First the roots' shared tokens (and the prompts that share
         // nothing), then, once the prompts that share have forked their
         // roots, the rest.
@@ -643,8 +729,6 @@ impl InstanceRunner {
             }
         }
         let mut forked = spared == 0;
-        // The engine's seconds, for the cost model (not the sampling between steps).
-        let mut engine_s = 0.0;
         // Steps of at most `chunk` tokens, the prompts in order. A prompt's
         // last step gives the logits it samples from, and its first token
         // goes out then: in a burst longer than one step the first prompts
@@ -693,7 +777,7 @@ impl InstanceRunner {
                 Ok(logits) => logits,
                 Err(e) => {
                     self.step_failed(&members, &e);
-                    return spared as u64;
+                    return (spared + copied) as u64;
                 }
             };
             // (row in the step, prompt) of the prompts this step ended.
@@ -731,9 +815,15 @@ impl InstanceRunner {
                 }
             }
         }
+        // What each sequence now holds, for later prompts that begin alike.
+        for (id, context) in contexts {
+            if inst.sequence_len(id).is_some_and(|n| n >= context.len()) {
+                self.prefilled.insert(id, context);
+            }
+        }
         self.cost
             .observe_prefill(self.mtype, self.device.kind, tokens as u64, engine_s);
-        spared as u64
+        (spared + copied) as u64
     }
 
     /// One decode step over the live sequences; false when none is left or
@@ -813,33 +903,23 @@ impl InstanceRunner {
 /// The prompts of a prefill that start as copies of an earlier one's first
 /// tokens ([`shared_prefixes`]), when `cost` (seconds to prefill so many
 /// tokens in one step) says the step this adds costs less than the tokens
-/// it spares; none otherwise. `forks[i]`: prompt `i` is a choice's fork;
-/// `embeds[i]`: it is an embedding's, which neither shares nor is shared
-/// with (a prompt computed in two steps attends to its first tokens' KV as
-/// the cache stores it, and an embedding must not depend on its batch).
+/// it spares; none otherwise. `may_share[i]`: prompt `i` is computed here
+/// from its first token (not a choice's fork, nor a copy of a held
+/// sequence's start), and is not an embedding's, which neither shares nor
+/// is shared with (a prompt computed in two steps attends to its first
+/// tokens' KV as the cache stores it, and an embedding must not depend on
+/// its batch). `computed`: the tokens the prefill computes without this.
 fn shared_prefixes_that_pay(
-    contexts: &[(RequestId, Vec<u32>)],
-    forks: &[Option<usize>],
-    embeds: &[bool],
+    prompts: &[&[u32]],
+    may_share: &[bool],
+    computed: usize,
     cost: impl Fn(usize) -> f64,
 ) -> Vec<Option<(usize, usize)>> {
-    let prompts: Vec<&[u32]> = contexts.iter().map(|(_, c)| c.as_slice()).collect();
-    let may_share: Vec<bool> = forks
-        .iter()
-        .zip(embeds)
-        .map(|(f, &e)| f.is_none() && !e)
-        .collect();
-    let shared = shared_prefixes(&prompts, &may_share);
-    let total: usize = prompts
-        .iter()
-        .zip(forks)
-        .filter(|(_, f)| f.is_none())
-        .map(|(p, _)| p.len())
-        .sum();
+    let shared = shared_prefixes(prompts, may_share);
     let spared: usize = shared.iter().flatten().map(|&(_, n)| n).sum();
     // The first step: the roots' shared tokens and the prompts that share
     // nothing; the second, what is left.
-    let mut first = total;
+    let mut first = computed;
     for (i, s) in shared.iter().enumerate() {
         if let Some((r, n)) = *s {
             first -= prompts[i].len();
@@ -848,7 +928,7 @@ fn shared_prefixes_that_pay(
             }
         }
     }
-    if spared > 0 && cost(first) + cost(total - spared - first) < cost(total) {
+    if spared > 0 && cost(first) + cost(computed - spared - first) < cost(computed) {
         shared
     } else {
         vec![None; prompts.len()]
@@ -914,7 +994,7 @@ fn return_freed_memory() {
 
 #[cfg(test)]
 mod tests {
-    use super::{next_prefill_step, shared_prefixes, shared_prefixes_that_pay};
+    use super::{held_starts, next_prefill_step, shared_prefixes, shared_prefixes_that_pay};
 
     #[test]
     fn prompts_that_begin_alike_share_with_the_first_of_them() {
@@ -977,40 +1057,76 @@ mod tests {
 
     #[test]
     fn prompts_share_only_when_the_step_it_adds_costs_less_than_it_spares() {
-        let prompt = |last: u32| (0, (0..40).chain([last]).collect::<Vec<u32>>());
-        let contexts = vec![prompt(1), prompt(2), prompt(3)];
-        let no_forks = [None; 3];
+        let prompt = |last: u32| (0..40).chain([last]).collect::<Vec<u32>>();
+        let contexts = [prompt(1), prompt(2), prompt(3)];
+        let prompts: Vec<&[u32]> = contexts.iter().map(Vec::as_slice).collect();
         // 80 tokens spared at 1 ms each against a 20 ms step: shared.
         let cheap_tokens = |n: usize| 0.020 + 0.001 * n as f64;
         assert_eq!(
-            shared_prefixes_that_pay(&contexts, &no_forks, &[false; 3], cheap_tokens),
+            shared_prefixes_that_pay(&prompts, &[true; 3], 123, cheap_tokens),
             vec![None, Some((0, 40)), Some((0, 40))]
         );
         // A step that costs more than 80 tokens: not shared.
         let dear_steps = |n: usize| 0.100 + 0.001 * n as f64;
         assert_eq!(
-            shared_prefixes_that_pay(&contexts, &no_forks, &[false; 3], dear_steps),
+            shared_prefixes_that_pay(&prompts, &[true; 3], 123, dear_steps),
             vec![None; 3]
         );
-        // Choices' forks compute nothing, so share nothing.
+        // Prompts not computed here from their first token (choices'
+        // forks, copies of a held sequence) and embeddings neither share
+        // nor are shared with.
         assert_eq!(
-            shared_prefixes_that_pay(
-                &contexts,
-                &[None, Some(0), Some(0)],
-                &[false; 3],
-                cheap_tokens
-            ),
+            shared_prefixes_that_pay(&prompts, &[true, false, false], 41, cheap_tokens),
             vec![None; 3]
         );
-        // Embeddings neither share nor are shared with: each is what it
-        // is alone, whatever its batch.
         assert_eq!(
-            shared_prefixes_that_pay(&contexts, &no_forks, &[true, false, false], cheap_tokens),
+            shared_prefixes_that_pay(&prompts, &[false, true, true], 82, cheap_tokens),
             vec![None, None, Some((1, 40))]
         );
+    }
+
+    #[test]
+    fn prompts_start_as_copies_of_the_held_sequence_they_begin_like_the_most() {
+        let held_a: Vec<u32> = (1..=10).collect();
+        let held_b: Vec<u32> = (1..=4).chain([70, 71]).collect();
+        let held = [(7, held_a.as_slice()), (3, held_b.as_slice())];
+        let like_a: Vec<u32> = (1..=8).chain([99]).collect();
+        let like_b: Vec<u32> = (1..=4).chain([70, 71, 72]).collect();
+        let unlike: Vec<u32> = vec![50, 51];
+        let prompts: Vec<&[u32]> = [&like_a, &like_b, &unlike]
+            .into_iter()
+            .map(Vec::as_slice)
+            .collect();
+        // Each from the one it begins like the most.
         assert_eq!(
-            shared_prefixes_that_pay(&contexts, &no_forks, &[false, true, false], cheap_tokens),
-            vec![None, None, Some((0, 40))]
+            held_starts(&prompts, &[true; 3], &held),
+            vec![Some((7, 8)), Some((3, 6)), None]
+        );
+        // A prompt equal to a held one still computes its last token.
+        assert_eq!(held_starts(&[&held_a], &[true], &held), vec![Some((7, 9))]);
+        // Ties go to the earlier request.
+        let twice = [(7, held_a.as_slice()), (5, held_a.as_slice())];
+        assert_eq!(
+            held_starts(&prompts[..1], &[true], &twice),
+            vec![Some((5, 8))]
+        );
+        // Not a prompt that may not share (a choice's fork, an embedding's).
+        assert_eq!(
+            held_starts(&prompts, &[false, true, true], &held),
+            vec![None, Some((3, 6)), None]
+        );
+        // Not when another prompt of the prefill begins as much like it:
+        // those share within the prefill.
+        let long_a: Vec<u32> = (1..=8).chain([99, 100, 101]).collect();
+        let short_b: Vec<u32> = (1..=4).chain([70, 80]).collect();
+        assert_eq!(
+            held_starts(&[&long_a, &like_a, &short_b], &[true; 3], &held),
+            vec![None, None, Some((3, 5))]
+        );
+        assert!(
+            held_starts(&prompts, &[true; 3], &[])
+                .iter()
+                .all(Option::is_none)
         );
     }
 

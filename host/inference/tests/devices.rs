@@ -1013,6 +1013,63 @@ async fn prompts_that_begin_alike_are_prefilled_once_to_the_same_answers() {
     quiet(&inf).await;
 }
 
+/// Prompts that arrive while one that begins alike is decoding start as
+/// copies of its first tokens and compute only the rest, without a step of
+/// their own; each gets the answer it gets alone, and so does the one they
+/// copied.
+#[tokio::test]
+async fn prompts_that_begin_like_a_running_one_start_as_copies_of_it() {
+    let dir = models(&[("tiny", 11)]);
+    let paced = Paced::new(DeviceKind::Cpu, 5, None);
+    let computed = paced.tokens.clone();
+    let (inf, metrics) = start(dir.path(), vec![cpu(Arc::new(paced))]);
+    collect(&inf, request("tiny", "warm up", 2)).await.unwrap();
+    quiet(&inf).await;
+    let common = "the quick brown fox jumps over a lazy dog; ".repeat(8);
+    let prompts: Vec<String> = (0..3).map(|i| format!("{common}then {i}")).collect();
+    let before = computed.load(Ordering::SeqCst);
+    // The first has its first token (its prompt is in the KV) and decodes
+    // on while the others come, one after the other.
+    let mut first = inf
+        .generate(request("tiny", &prompts[0], 120))
+        .await
+        .unwrap();
+    let mut prompt_tokens = 0;
+    for p in &prompts[1..] {
+        let (text, usage) = collect(&inf, request("tiny", p, 6)).await.unwrap();
+        assert_eq!(text, greedy(dir.path(), "tiny", p, 6));
+        prompt_tokens += usage.prompt_tokens as usize;
+    }
+    assert!(
+        inf.stats().live_requests > 0,
+        "the first ended before the others"
+    );
+    let mut text = String::new();
+    while let Some(chunk) = first.next().await {
+        text.push_str(&chunk.unwrap());
+    }
+    assert_eq!(text, greedy(dir.path(), "tiny", &prompts[0], 120));
+    prompt_tokens += first.usage().prompt_tokens as usize;
+    // Each prompt's tokens once and a token a decode step (119 and 5 and
+    // 5), less what the later two copied.
+    let tokens = computed.load(Ordering::SeqCst) - before;
+    let shared = prompt_tokens + 119 + 2 * 5 - tokens;
+    let common_tokens = inf.tokenize("tiny", &common).unwrap().len();
+    assert!(
+        shared >= 2 * common_tokens,
+        "{shared} of {prompt_tokens} prompt tokens copied; {common_tokens} in common"
+    );
+    let counted = metrics
+        .prompt_tokens_shared
+        .get_or_create(&DeviceLabels {
+            model: "tiny".into(),
+            device: "cpu:0".into(),
+        })
+        .get();
+    assert_eq!(counted as usize, shared);
+    quiet(&inf).await;
+}
+
 #[tokio::test]
 async fn a_prompt_gets_its_first_token_when_its_own_prefill_step_ends() {
     let dir = models(&[("tiny", 11)]);
