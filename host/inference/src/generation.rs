@@ -65,6 +65,10 @@ pub(crate) struct Generation {
     /// instance that prefills both forks that one's KV instead of
     /// computing the prompt again.
     fork_of: Option<RequestId>,
+    /// The function that asked (its index in the service): a prompt shares
+    /// KV only with prompts of the same function, so that how soon one
+    /// function's first token comes tells it nothing of another's prompts.
+    owner: u32,
     /// Log-probabilities of tokens whose text is not handed out yet.
     unsent: Vec<TokenLogprobs>,
     detok: Detokenizer,
@@ -116,6 +120,7 @@ impl Generation {
             logprobs: params.logprobs,
             embed: params.embed,
             fork_of: None,
+            owner: 0,
             unsent: Vec::new(),
             detok: Detokenizer::new(params.stop.clone()),
             constraint: None,
@@ -146,6 +151,16 @@ impl Generation {
             .context_tokens()
             .saturating_sub(self.prompt.len() as u32);
         self.max_tokens.min(room).into()
+    }
+
+    /// Asked by function `owner` (see the field).
+    pub fn with_owner(mut self, owner: u32) -> Self {
+        self.owner = owner;
+        self
+    }
+
+    pub fn owner(&self) -> u32 {
+        self.owner
     }
 
     /// The request whose prompt KV this one may share, while it has

@@ -82,21 +82,24 @@ pub fn next_prefill_step(
 }
 
 /// Which prompts of one prefill begin with the same tokens as an earlier
-/// one (`may_share[i]`: prompt `i` is computed here, it is not a fork of a
-/// choice). For each prompt that shares, the earlier prompt it shares with
+/// one of their group (`groups[i]`: the function that asked for prompt
+/// `i`, when it is computed here from its first token and may share: not
+/// a choice's fork, nor an embedding's). For each prompt that shares, the
+/// earlier prompt it shares with
 /// (its root, which shares with none) and how many of its first tokens it
 /// takes from there: one count for all the prompts of a root, the one that
 /// spares the most tokens, and always short of either prompt's end, so that
 /// each computes at least its own last token (and its own logits).
-fn shared_prefixes(prompts: &[&[u32]], may_share: &[bool]) -> Vec<Option<(usize, usize)>> {
+fn shared_prefixes(prompts: &[&[u32]], groups: &[Option<u32>]) -> Vec<Option<(usize, usize)>> {
     let mut roots: Vec<usize> = Vec::new();
     let mut best: Vec<Option<(usize, usize)>> = vec![None; prompts.len()];
     for (i, p) in prompts.iter().enumerate() {
-        if !may_share[i] {
+        if groups[i].is_none() {
             continue;
         }
         let root = roots
             .iter()
+            .filter(|&&r| groups[r] == groups[i])
             .map(|&r| (r, common_start(prompts[r], p)))
             .filter(|&(_, n)| n > 0)
             .max_by_key(|&(r, n)| (n, std::cmp::Reverse(r)));
@@ -136,18 +139,19 @@ fn common_start(a: &[u32], b: &[u32]) -> usize {
 }
 
 /// Which prompts of one prefill start as copies of a sequence the instance
-/// holds already (`held`: each one's id and the tokens it was prefilled
-/// with, all in its KV): for each prompt that may share (`may_share`, as
-/// for [`shared_prefixes`]), the held sequence it begins like the longest
-/// and how many tokens it takes from there, short of its own end. Only
+/// holds already (`held`: each one's id, group and the tokens it was
+/// prefilled with, all in its KV): for each prompt that may share
+/// (`groups`, as for [`shared_prefixes`]), the held sequence of its group
+/// it begins like the longest and how many tokens it takes from there,
+/// short of its own end. Only
 /// when no other prompt of the prefill begins as much like it: then it
 /// shares within the prefill instead, which a pair of engines keeps when
 /// the prefill's sequences move to its other engine (a copy of a held
 /// sequence lives where that one does, and is computed again there).
 fn held_starts(
     prompts: &[&[u32]],
-    may_share: &[bool],
-    held: &[(RequestId, &[u32])],
+    groups: &[Option<u32>],
+    held: &[(RequestId, u32, &[u32])],
 ) -> Vec<Option<(RequestId, usize)>> {
     let alike = |i: usize, other: &[u32]| {
         let p = prompts[i];
@@ -156,16 +160,15 @@ fn held_starts(
     };
     (0..prompts.len())
         .map(|i| {
-            if !may_share[i] {
-                return None;
-            }
+            let group = groups[i]?;
             let within = (0..prompts.len())
-                .filter(|&j| j != i && may_share[j])
+                .filter(|&j| j != i && groups[j] == Some(group))
                 .map(|j| common_start(prompts[i], prompts[j]))
                 .max()
                 .unwrap_or(0);
             held.iter()
-                .map(|&(id, tokens)| (id, alike(i, tokens)))
+                .filter(|&&(_, g, _)| g == group)
+                .map(|&(id, _, tokens)| (id, alike(i, tokens)))
                 .filter(|&(_, n)| n > within)
                 .max_by_key(|&(id, n)| (n, std::cmp::Reverse(id)))
         })
@@ -243,9 +246,10 @@ pub(crate) struct InstanceRunner {
     /// reallocation of the pool, not one each.
     grow_to: Option<usize>,
     /// The tokens each sequence the instance holds was prefilled with (its
-    /// prompt, and what a preempted request had generated): a later prompt
-    /// that begins alike starts as a copy of them.
-    prefilled: HashMap<RequestId, Vec<u32>>,
+    /// prompt, and what a preempted request had generated), and the
+    /// function that asked: a later prompt of that function that begins
+    /// alike starts as a copy of them.
+    prefilled: HashMap<RequestId, (u32, Vec<u32>)>,
     cost: LiveCost,
     to_driver: Sender<Msg>,
     stats: Arc<SharedStats>,
@@ -657,20 +661,21 @@ impl InstanceRunner {
         let (cost, mtype, kind) = (&self.cost, self.mtype, self.device.kind);
         let embeds: Vec<bool> = members.iter().map(|g| lock(g).embeds()).collect();
         // A choice's fork computes nothing; an embedding neither shares nor
-        // is shared with (see `shared_prefixes_that_pay`).
-        let mut may_share: Vec<bool> = forks
+        // is shared with (see `shared_prefixes_that_pay`); the others share
+        // with their own function's prompts.
+        let mut groups: Vec<Option<u32>> = members
             .iter()
-            .zip(&embeds)
-            .map(|(f, &e)| f.is_none() && !e)
+            .zip(forks.iter().zip(&embeds))
+            .map(|(g, (f, &e))| (f.is_none() && !e).then(|| lock(g).owner()))
             .collect();
         let prompts: Vec<&[u32]> = contexts.iter().map(|(_, c)| c.as_slice()).collect();
-        let held: Vec<(RequestId, &[u32])> = self
+        let held: Vec<(RequestId, u32, &[u32])> = self
             .prefilled
             .iter()
-            .filter(|(id, t)| inst.sequence_len(**id).is_some_and(|n| n >= t.len()))
-            .map(|(id, t)| (*id, t.as_slice()))
+            .filter(|(id, (_, t))| inst.sequence_len(**id).is_some_and(|n| n >= t.len()))
+            .map(|(id, (owner, t))| (*id, *owner, t.as_slice()))
             .collect();
-        let starts = held_starts(&prompts, &may_share, &held);
+        let starts = held_starts(&prompts, &groups, &held);
         // A fork computes nothing itself; a prompt that begins like a held
         // sequence starts as a copy of it.
         let mut done: Vec<usize> = lens
@@ -684,7 +689,7 @@ impl InstanceRunner {
         let mut copied = 0;
         for (i, s) in starts.iter().enumerate() {
             let Some((src, n)) = *s else { continue };
-            may_share[i] = false;
+            groups[i] = None;
             let seq = contexts[i].0;
             match inst
                 .free_sequence(seq)
@@ -702,7 +707,7 @@ impl InstanceRunner {
         }
         engine_s += t.elapsed().as_secs_f64();
         let computed: usize = lens.iter().zip(&done).map(|(l, d)| l - d).sum();
-        let shared = shared_prefixes_that_pay(&prompts, &may_share, computed, |tokens| {
+        let shared = shared_prefixes_that_pay(&prompts, &groups, computed, |tokens| {
             cost.prefill_s(mtype, kind, tokens as u64)
         });
         let spared: usize = shared.iter().flatten().map(|&(_, n)| n).sum();
@@ -816,9 +821,9 @@ impl InstanceRunner {
             }
         }
         // What each sequence now holds, for later prompts that begin alike.
-        for (id, context) in contexts {
+        for ((id, context), g) in contexts.into_iter().zip(&members) {
             if inst.sequence_len(id).is_some_and(|n| n >= context.len()) {
-                self.prefilled.insert(id, context);
+                self.prefilled.insert(id, (lock(g).owner(), context));
             }
         }
         self.cost
@@ -903,19 +908,20 @@ impl InstanceRunner {
 /// The prompts of a prefill that start as copies of an earlier one's first
 /// tokens ([`shared_prefixes`]), when `cost` (seconds to prefill so many
 /// tokens in one step) says the step this adds costs less than the tokens
-/// it spares; none otherwise. `may_share[i]`: prompt `i` is computed here
-/// from its first token (not a choice's fork, nor a copy of a held
-/// sequence's start), and is not an embedding's, which neither shares nor
-/// is shared with (a prompt computed in two steps attends to its first
-/// tokens' KV as the cache stores it, and an embedding must not depend on
-/// its batch). `computed`: the tokens the prefill computes without this.
+/// it spares; none otherwise. `groups[i]`: the function that asked for
+/// prompt `i`, when it is computed here from its first token (not a
+/// choice's fork, nor a copy of a held sequence's start) and is not an
+/// embedding's, which neither shares nor is shared with (a prompt computed
+/// in two steps attends to its first tokens' KV as the cache stores it,
+/// and an embedding must not depend on its batch). `computed`: the tokens
+/// the prefill computes without this.
 fn shared_prefixes_that_pay(
     prompts: &[&[u32]],
-    may_share: &[bool],
+    groups: &[Option<u32>],
     computed: usize,
     cost: impl Fn(usize) -> f64,
 ) -> Vec<Option<(usize, usize)>> {
-    let shared = shared_prefixes(prompts, may_share);
+    let shared = shared_prefixes(prompts, groups);
     let spared: usize = shared.iter().flatten().map(|&(_, n)| n).sum();
     // The first step: the roots' shared tokens and the prompts that share
     // nothing; the second, what is left.
@@ -1003,30 +1009,38 @@ mod tests {
         let c: &[u32] = &[9, 9, 9];
         let d: &[u32] = &[1, 2, 3, 4, 5, 9];
         assert_eq!(
-            shared_prefixes(&[a, b, c, d], &[true; 4]),
+            shared_prefixes(&[a, b, c, d], &[Some(0); 4]),
             vec![None, Some((0, 5)), None, Some((0, 5))]
         );
         // A prompt that is not computed here (a choice's fork) neither
         // shares nor is shared with.
         assert_eq!(
-            shared_prefixes(&[a, b, d], &[false, true, true]),
+            shared_prefixes(&[a, b, d], &[None, Some(0), Some(0)]),
             vec![None, None, Some((1, 5))]
+        );
+        // Only with prompts of the same function.
+        assert_eq!(
+            shared_prefixes(&[a, b, d], &[Some(0), Some(1), Some(0)]),
+            vec![None, None, Some((0, 5))]
         );
         // The same prompt twice, or one the start of another: each still
         // computes its own last token.
         assert_eq!(
-            shared_prefixes(&[a, a], &[true; 2]),
+            shared_prefixes(&[a, a], &[Some(0); 2]),
             vec![None, Some((0, 5))]
         );
         let ab: &[u32] = &[1, 2, 3, 4, 5, 6, 7, 8];
         assert_eq!(
-            shared_prefixes(&[a, ab], &[true; 2]),
+            shared_prefixes(&[a, ab], &[Some(0); 2]),
             vec![None, Some((0, 5))]
         );
         // Nothing in common, or nothing to share.
         let empty: &[u32] = &[];
-        assert_eq!(shared_prefixes(&[a, c], &[true; 2]), vec![None, None]);
-        assert_eq!(shared_prefixes(&[empty, a], &[true; 2]), vec![None, None]);
+        assert_eq!(shared_prefixes(&[a, c], &[Some(0); 2]), vec![None, None]);
+        assert_eq!(
+            shared_prefixes(&[empty, a], &[Some(0); 2]),
+            vec![None, None]
+        );
     }
 
     #[test]
@@ -1040,17 +1054,17 @@ mod tests {
             .collect();
         // 8 tokens for one prompt spare 8; 3 for all four spare 12.
         assert_eq!(
-            shared_prefixes(&prompts, &[true; 5]),
+            shared_prefixes(&prompts, &[Some(0); 5]),
             vec![None, Some((0, 3)), Some((0, 3)), Some((0, 3)), Some((0, 3))]
         );
         // The long one and two short: 8 for one spares 8, 3 for three 9.
         assert_eq!(
-            shared_prefixes(&prompts[..4], &[true; 4]),
+            shared_prefixes(&prompts[..4], &[Some(0); 4]),
             vec![None, Some((0, 3)), Some((0, 3)), Some((0, 3))]
         );
         // The long one and one short: 8 for one spares 8, 3 for two 6.
         assert_eq!(
-            shared_prefixes(&prompts[..3], &[true; 3]),
+            shared_prefixes(&prompts[..3], &[Some(0); 3]),
             vec![None, Some((0, 8)), None]
         );
     }
@@ -1063,24 +1077,24 @@ mod tests {
         // 80 tokens spared at 1 ms each against a 20 ms step: shared.
         let cheap_tokens = |n: usize| 0.020 + 0.001 * n as f64;
         assert_eq!(
-            shared_prefixes_that_pay(&prompts, &[true; 3], 123, cheap_tokens),
+            shared_prefixes_that_pay(&prompts, &[Some(0); 3], 123, cheap_tokens),
             vec![None, Some((0, 40)), Some((0, 40))]
         );
         // A step that costs more than 80 tokens: not shared.
         let dear_steps = |n: usize| 0.100 + 0.001 * n as f64;
         assert_eq!(
-            shared_prefixes_that_pay(&prompts, &[true; 3], 123, dear_steps),
+            shared_prefixes_that_pay(&prompts, &[Some(0); 3], 123, dear_steps),
             vec![None; 3]
         );
         // Prompts not computed here from their first token (choices'
         // forks, copies of a held sequence) and embeddings neither share
         // nor are shared with.
         assert_eq!(
-            shared_prefixes_that_pay(&prompts, &[true, false, false], 41, cheap_tokens),
+            shared_prefixes_that_pay(&prompts, &[Some(0), None, None], 41, cheap_tokens),
             vec![None; 3]
         );
         assert_eq!(
-            shared_prefixes_that_pay(&prompts, &[false, true, true], 82, cheap_tokens),
+            shared_prefixes_that_pay(&prompts, &[None, Some(0), Some(0)], 82, cheap_tokens),
             vec![None, None, Some((1, 40))]
         );
     }
@@ -1089,7 +1103,7 @@ mod tests {
     fn prompts_start_as_copies_of_the_held_sequence_they_begin_like_the_most() {
         let held_a: Vec<u32> = (1..=10).collect();
         let held_b: Vec<u32> = (1..=4).chain([70, 71]).collect();
-        let held = [(7, held_a.as_slice()), (3, held_b.as_slice())];
+        let held = [(7, 0, held_a.as_slice()), (3, 0, held_b.as_slice())];
         let like_a: Vec<u32> = (1..=8).chain([99]).collect();
         let like_b: Vec<u32> = (1..=4).chain([70, 71, 72]).collect();
         let unlike: Vec<u32> = vec![50, 51];
@@ -1099,20 +1113,23 @@ mod tests {
             .collect();
         // Each from the one it begins like the most.
         assert_eq!(
-            held_starts(&prompts, &[true; 3], &held),
+            held_starts(&prompts, &[Some(0); 3], &held),
             vec![Some((7, 8)), Some((3, 6)), None]
         );
         // A prompt equal to a held one still computes its last token.
-        assert_eq!(held_starts(&[&held_a], &[true], &held), vec![Some((7, 9))]);
-        // Ties go to the earlier request.
-        let twice = [(7, held_a.as_slice()), (5, held_a.as_slice())];
         assert_eq!(
-            held_starts(&prompts[..1], &[true], &twice),
+            held_starts(&[&held_a], &[Some(0)], &held),
+            vec![Some((7, 9))]
+        );
+        // Ties go to the earlier request.
+        let twice = [(7, 0, held_a.as_slice()), (5, 0, held_a.as_slice())];
+        assert_eq!(
+            held_starts(&prompts[..1], &[Some(0)], &twice),
             vec![Some((5, 8))]
         );
         // Not a prompt that may not share (a choice's fork, an embedding's).
         assert_eq!(
-            held_starts(&prompts, &[false, true, true], &held),
+            held_starts(&prompts, &[None, Some(0), Some(0)], &held),
             vec![None, Some((3, 6)), None]
         );
         // Not when another prompt of the prefill begins as much like it:
@@ -1120,13 +1137,20 @@ mod tests {
         let long_a: Vec<u32> = (1..=8).chain([99, 100, 101]).collect();
         let short_b: Vec<u32> = (1..=4).chain([70, 80]).collect();
         assert_eq!(
-            held_starts(&[&long_a, &like_a, &short_b], &[true; 3], &held),
+            held_starts(&[&long_a, &like_a, &short_b], &[Some(0); 3], &held),
             vec![None, None, Some((3, 5))]
         );
         assert!(
-            held_starts(&prompts, &[true; 3], &[])
+            held_starts(&prompts, &[Some(0); 3], &[])
                 .iter()
                 .all(Option::is_none)
+        );
+        // Only within a function: neither a held sequence nor a prompt of
+        // another counts.
+        assert_eq!(held_starts(&prompts[..1], &[Some(1)], &held), vec![None]);
+        assert_eq!(
+            held_starts(&[&long_a, &like_a], &[Some(0), Some(1)], &held),
+            vec![Some((7, 8)), None]
         );
     }
 

@@ -445,7 +445,8 @@ impl Inference {
                 self.metrics.clone(),
             )
             .with_constraint(constrained.clone())
-            .with_fork_of(first);
+            .with_fork_of(first)
+            .with_owner(function);
             first.get_or_insert(id);
             streams.push(GenerationStream {
                 id,

@@ -1016,7 +1016,7 @@ async fn prompts_that_begin_alike_are_prefilled_once_to_the_same_answers() {
 /// Prompts that arrive while one that begins alike is decoding start as
 /// copies of its first tokens and compute only the rest, without a step of
 /// their own; each gets the answer it gets alone, and so does the one they
-/// copied.
+/// copied. Another function's prompt copies nothing.
 #[tokio::test]
 async fn prompts_that_begin_like_a_running_one_start_as_copies_of_it() {
     let dir = models(&[("tiny", 11)]);
@@ -1025,20 +1025,34 @@ async fn prompts_that_begin_like_a_running_one_start_as_copies_of_it() {
     let (inf, metrics) = start(dir.path(), vec![cpu(Arc::new(paced))]);
     collect(&inf, request("tiny", "warm up", 2)).await.unwrap();
     quiet(&inf).await;
+    let labels = DeviceLabels {
+        model: "tiny".into(),
+        device: "cpu:0".into(),
+    };
+    let copied = || metrics.prompt_tokens_shared.get_or_create(&labels).get() as usize;
     let common = "the quick brown fox jumps over a lazy dog; ".repeat(8);
-    let prompts: Vec<String> = (0..3).map(|i| format!("{common}then {i}")).collect();
-    let before = computed.load(Ordering::SeqCst);
+    let prompts: Vec<String> = (0..4).map(|i| format!("{common}then {i}")).collect();
+    let (before, copied_before) = (computed.load(Ordering::SeqCst), copied());
     // The first has its first token (its prompt is in the KV) and decodes
-    // on while the others come, one after the other.
+    // on while the others come, one after the other; the last from
+    // another function.
     let mut first = inf
         .generate(request("tiny", &prompts[0], 120))
         .await
         .unwrap();
     let mut prompt_tokens = 0;
-    for p in &prompts[1..] {
-        let (text, usage) = collect(&inf, request("tiny", p, 6)).await.unwrap();
+    for (i, p) in prompts[1..].iter().enumerate() {
+        let mut req = request("tiny", p, 6);
+        if i == 2 {
+            req.function = "other".into();
+        }
+        let copied_so_far = copied();
+        let (text, usage) = collect(&inf, req).await.unwrap();
         assert_eq!(text, greedy(dir.path(), "tiny", p, 6));
         prompt_tokens += usage.prompt_tokens as usize;
+        if i == 2 {
+            assert_eq!(copied(), copied_so_far, "another function's prompt copied");
+        }
     }
     assert!(
         inf.stats().live_requests > 0,
@@ -1050,23 +1064,16 @@ async fn prompts_that_begin_like_a_running_one_start_as_copies_of_it() {
     }
     assert_eq!(text, greedy(dir.path(), "tiny", &prompts[0], 120));
     prompt_tokens += first.usage().prompt_tokens as usize;
-    // Each prompt's tokens once and a token a decode step (119 and 5 and
-    // 5), less what the later two copied.
+    // Each prompt's tokens once and a token a decode step (119, and 5 for
+    // each of the other three), less what the second and third copied.
     let tokens = computed.load(Ordering::SeqCst) - before;
-    let shared = prompt_tokens + 119 + 2 * 5 - tokens;
+    let shared = prompt_tokens + 119 + 3 * 5 - tokens;
     let common_tokens = inf.tokenize("tiny", &common).unwrap().len();
     assert!(
         shared >= 2 * common_tokens,
         "{shared} of {prompt_tokens} prompt tokens copied; {common_tokens} in common"
     );
-    let counted = metrics
-        .prompt_tokens_shared
-        .get_or_create(&DeviceLabels {
-            model: "tiny".into(),
-            device: "cpu:0".into(),
-        })
-        .get();
-    assert_eq!(counted as usize, shared);
+    assert_eq!(copied() - copied_before, shared);
     quiet(&inf).await;
 }
 
