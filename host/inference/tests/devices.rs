@@ -966,21 +966,58 @@ async fn long_prompts_are_prefilled_in_chunks_to_the_same_answers() {
     }
 }
 
+/// `tiny` on a paced CPU engine (`step_ms` a step), loaded and calibrated
+/// by a first request, for the tests that count what prefills computed.
+struct Counted {
+    inf: Arc<Inference>,
+    metrics: Arc<LlmMetrics>,
+    /// Tokens the engine stepped.
+    computed: Arc<AtomicUsize>,
+}
+
+impl Counted {
+    async fn start(dir: &Path, step_ms: u64) -> Counted {
+        let paced = Paced::new(DeviceKind::Cpu, step_ms, None);
+        let computed = paced.tokens.clone();
+        let (inf, metrics) = start(dir, vec![cpu(Arc::new(paced))]);
+        collect(&inf, request("tiny", "warm up", 2)).await.unwrap();
+        quiet(&inf).await;
+        Counted {
+            inf,
+            metrics,
+            computed,
+        }
+    }
+
+    fn computed(&self) -> usize {
+        self.computed.load(Ordering::SeqCst)
+    }
+
+    /// Prompt tokens copied rather than computed, as the metric counts them.
+    fn copied(&self) -> usize {
+        let labels = DeviceLabels {
+            model: "tiny".into(),
+            device: "cpu:0".into(),
+        };
+        self.metrics
+            .prompt_tokens_shared
+            .get_or_create(&labels)
+            .get() as usize
+    }
+}
+
 /// Prompts that begin alike and arrive together: the first computes what
 /// they have in common, the others start as copies of it and compute only
 /// the rest; each gets the answer it gets alone.
 #[tokio::test]
 async fn prompts_that_begin_alike_are_prefilled_once_to_the_same_answers() {
     let dir = models(&[("tiny", 11)]);
-    let paced = Paced::new(DeviceKind::Cpu, 0, None);
-    let computed = paced.tokens.clone();
-    let (inf, metrics) = start(dir.path(), vec![cpu(Arc::new(paced))]);
-    // Loaded and calibrated first, so that the count below is the burst's.
-    collect(&inf, request("tiny", "warm up", 2)).await.unwrap();
-    quiet(&inf).await;
+    // Loaded and calibrated first, so that the counts below are the burst's.
+    let c = Counted::start(dir.path(), 0).await;
+    let inf = &c.inf;
     let common = "the quick brown fox jumps over a lazy dog; ".repeat(8);
     let prompts: Vec<String> = (0..4).map(|i| format!("{common}then {i}")).collect();
-    let before = computed.load(Ordering::SeqCst);
+    let (before, copied_before) = (c.computed(), c.copied());
     let runs: Vec<_> = prompts
         .iter()
         .map(|p| {
@@ -996,21 +1033,13 @@ async fn prompts_that_begin_alike_are_prefilled_once_to_the_same_answers() {
     }
     // Each prompt's tokens once, and five decode steps of one token each,
     // less what the prompts took from one another.
-    let tokens = computed.load(Ordering::SeqCst) - before;
-    let shared = prompt_tokens + 4 * 5 - tokens;
+    let shared = prompt_tokens + 4 * 5 - (c.computed() - before);
     println!("{prompt_tokens} prompt tokens; {shared} came from another prompt");
     let common_tokens = inf.tokenize("tiny", &common).unwrap().len();
     assert!(shared >= common_tokens, "{shared} tokens shared");
     // And counted so.
-    let counted = metrics
-        .prompt_tokens_shared
-        .get_or_create(&DeviceLabels {
-            model: "tiny".into(),
-            device: "cpu:0".into(),
-        })
-        .get();
-    assert_eq!(counted as usize, shared);
-    quiet(&inf).await;
+    assert_eq!(c.copied() - copied_before, shared);
+    quiet(inf).await;
 }
 
 /// Prompts that arrive while one that begins alike is decoding start as
@@ -1020,19 +1049,11 @@ async fn prompts_that_begin_alike_are_prefilled_once_to_the_same_answers() {
 #[tokio::test]
 async fn prompts_that_begin_like_a_running_one_start_as_copies_of_it() {
     let dir = models(&[("tiny", 11)]);
-    let paced = Paced::new(DeviceKind::Cpu, 5, None);
-    let computed = paced.tokens.clone();
-    let (inf, metrics) = start(dir.path(), vec![cpu(Arc::new(paced))]);
-    collect(&inf, request("tiny", "warm up", 2)).await.unwrap();
-    quiet(&inf).await;
-    let labels = DeviceLabels {
-        model: "tiny".into(),
-        device: "cpu:0".into(),
-    };
-    let copied = || metrics.prompt_tokens_shared.get_or_create(&labels).get() as usize;
+    let c = Counted::start(dir.path(), 5).await;
+    let inf = &c.inf;
     let common = "the quick brown fox jumps over a lazy dog; ".repeat(8);
     let prompts: Vec<String> = (0..4).map(|i| format!("{common}then {i}")).collect();
-    let (before, copied_before) = (computed.load(Ordering::SeqCst), copied());
+    let (before, copied_before) = (c.computed(), c.copied());
     // The first has its first token (its prompt is in the KV) and decodes
     // on while the others come, one after the other; the last from
     // another function.
@@ -1046,12 +1067,16 @@ async fn prompts_that_begin_like_a_running_one_start_as_copies_of_it() {
         if i == 2 {
             req.function = "other".into();
         }
-        let copied_so_far = copied();
-        let (text, usage) = collect(&inf, req).await.unwrap();
+        let copied_so_far = c.copied();
+        let (text, usage) = collect(inf, req).await.unwrap();
         assert_eq!(text, greedy(dir.path(), "tiny", p, 6));
         prompt_tokens += usage.prompt_tokens as usize;
         if i == 2 {
-            assert_eq!(copied(), copied_so_far, "another function's prompt copied");
+            assert_eq!(
+                c.copied(),
+                copied_so_far,
+                "another function's prompt copied"
+            );
         }
     }
     assert!(
@@ -1066,15 +1091,14 @@ async fn prompts_that_begin_like_a_running_one_start_as_copies_of_it() {
     prompt_tokens += first.usage().prompt_tokens as usize;
     // Each prompt's tokens once and a token a decode step (119, and 5 for
     // each of the other three), less what the second and third copied.
-    let tokens = computed.load(Ordering::SeqCst) - before;
-    let shared = prompt_tokens + 119 + 3 * 5 - tokens;
+    let shared = prompt_tokens + 119 + 3 * 5 - (c.computed() - before);
     let common_tokens = inf.tokenize("tiny", &common).unwrap().len();
     assert!(
         shared >= 2 * common_tokens,
         "{shared} of {prompt_tokens} prompt tokens copied; {common_tokens} in common"
     );
-    assert_eq!(copied() - copied_before, shared);
-    quiet(&inf).await;
+    assert_eq!(c.copied() - copied_before, shared);
+    quiet(inf).await;
 }
 
 #[tokio::test]
