@@ -259,6 +259,13 @@ impl Generation {
         self.stream.usage()
     }
 
+    /// Of the usage's prompt tokens, those the host copied from another
+    /// prompt's KV rather than computed (a prompt of this function that
+    /// began alike), once the iterator has ended.
+    pub fn cached_tokens(&self) -> Option<u32> {
+        self.stream.cached_tokens()
+    }
+
     /// The next chunk with its tokens' log-probabilities (when the request
     /// asked for them: [`Request::logprobs`]; its text may then be empty),
     /// or `None` at the end. Iterate or call this, not both.
@@ -375,11 +382,12 @@ pub fn sse(generation: Generation) -> Response {
         if let Some(u) = generation.usage() {
             w.write(
                 format!(
-                    "event: usage\ndata: {{\"prompt_tokens\":{},\"generated_tokens\":{},\"finish_reason\":\"{}\",\"ttft_ms\":{}}}\n\n",
+                    "event: usage\ndata: {{\"prompt_tokens\":{},\"generated_tokens\":{},\"finish_reason\":\"{}\",\"ttft_ms\":{},\"cached_tokens\":{}}}\n\n",
                     u.prompt_tokens,
                     u.generated_tokens,
                     finish_reason_name(u.finish_reason),
-                    u.ttft_ms
+                    u.ttft_ms,
+                    generation.cached_tokens().unwrap_or(0)
                 )
                 .as_bytes(),
             )?;

@@ -562,6 +562,27 @@ def check_choices(client, _args):
     assert [c.index for c in r.choices] == [0, 1] and r.choices[0].text == r.choices[1].text, r
 
 
+def check_cached_tokens(client, _args):
+    # Alone, a request copies nothing; sent while another with the same
+    # messages decodes, it copies that one's KV of all its prompt but the
+    # last token (which it computes for its own first token).
+    alone = greedy_chat(client)
+    assert alone.usage.prompt_tokens_details.cached_tokens == 0, alone.usage
+    running = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=400, temperature=0, stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    try:
+        for ch in running:
+            if ch.choices and ch.choices[0].delta.content:
+                break  # its prompt is in the KV; it decodes on
+        again = greedy_chat(client)
+    finally:
+        running.close()
+    details = again.usage.prompt_tokens_details
+    assert details.cached_tokens == again.usage.prompt_tokens - 1, again.usage
+
+
 def check_forbidden(_client, args):
     if not args.forbidden_url:
         print("  (skipped: no --forbidden-url)")
@@ -593,6 +614,7 @@ CHECKS = [
     check_structured_errors,
     check_embeddings,
     check_choices,
+    check_cached_tokens,
     check_forbidden,
 ]
 

@@ -51,7 +51,7 @@ fn the_official_openai_client_works_against_the_function() {
         out.status,
         s.log()
     );
-    assert!(stdout.contains("16 checks, 0 failed"), "{stdout}");
+    assert!(stdout.contains("17 checks, 0 failed"), "{stdout}");
 }
 
 /// The `data:` payloads of an SSE body, checked to be nothing but

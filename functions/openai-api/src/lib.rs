@@ -9,7 +9,8 @@
 //!
 //! Streams are Server-Sent Events, `data: {chunk}` per event, ending with
 //! `data: [DONE]`; `stream_options.include_usage` adds a usage chunk before
-//! it. Sampling: `max_tokens` (chat also `max_completion_tokens`),
+//! it. Usage counts `prompt_tokens_details.cached_tokens`: the prompt
+//! tokens the host copied from another prompt's KV. Sampling: `max_tokens` (chat also `max_completion_tokens`),
 //! `temperature`, `top_p`, `seed`, `stop`, `presence_penalty`,
 //! `frequency_penalty`, `logit_bias`, and vLLM's `top_k`,
 //! `repetition_penalty`, `min_tokens` and `ignore_eos`. Log-probabilities:
@@ -184,11 +185,21 @@ fn now_s() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn usage_object(u: &Usage) -> Value {
+/// A finished choice's usage, and how many of its prompt tokens the host
+/// copied from another prompt's KV rather than computed.
+#[derive(Clone, Copy)]
+struct Tally {
+    usage: Usage,
+    cached_tokens: u32,
+}
+
+fn usage_object(t: &Tally) -> Value {
+    let u = &t.usage;
     json!({
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.generated_tokens,
         "total_tokens": u.prompt_tokens + u.generated_tokens,
+        "prompt_tokens_details": {"cached_tokens": t.cached_tokens},
     })
 }
 
@@ -270,7 +281,7 @@ impl Reply {
     /// The whole answer, once every choice has finished.
     fn whole(self, generations: Vec<Generation>) -> Result<Response, ApiError> {
         let mut choices = Vec::with_capacity(generations.len());
-        let mut total: Option<Usage> = None;
+        let mut total: Option<Tally> = None;
         for (index, mut generation) in generations.into_iter().enumerate() {
             let mut text = String::new();
             let mut tokens = Vec::new();
@@ -280,7 +291,7 @@ impl Reply {
                 tokens.extend(chunk.tokens);
             }
             let usage = finished_usage(&generation)?;
-            let mut finish = finish_reason_name(usage.finish_reason);
+            let mut finish = finish_reason_name(usage.usage.finish_reason);
             let mut calls = Vec::new();
             if let Some(tools) = &self.tools {
                 let mut split = Splitter::new(tools);
@@ -359,7 +370,7 @@ impl Reply {
                     )?;
                 }
             }
-            let mut total: Option<Usage> = None;
+            let mut total: Option<Tally> = None;
             let mut live: Vec<usize> = (0..choices.len()).collect();
             while !live.is_empty() {
                 let mut still = Vec::with_capacity(live.len());
@@ -398,7 +409,7 @@ impl Reply {
                                     event(w, &chunk(json!([e]), None))?;
                                 }
                             }
-                            let mut finish = finish_reason_name(usage.finish_reason);
+                            let mut finish = finish_reason_name(usage.usage.finish_reason);
                             if c.calls > 0 && finish == "stop" {
                                 finish = "tool_calls";
                             }
@@ -478,13 +489,13 @@ impl Streamed {
 }
 
 /// Usage summed over choices: the prompt once, the completions added.
-fn add_usage(total: Option<Usage>, u: &Usage) -> Usage {
+fn add_usage(total: Option<Tally>, u: &Tally) -> Tally {
     match total {
         None => *u,
-        Some(t) => Usage {
-            generated_tokens: t.generated_tokens + u.generated_tokens,
-            ..t
-        },
+        Some(mut t) => {
+            t.usage.generated_tokens += u.usage.generated_tokens;
+            t
+        }
     }
 }
 
@@ -499,10 +510,14 @@ fn choice(index: usize, member: &str, content: Value, finish: Option<&str>) -> V
     c
 }
 
-fn finished_usage(generation: &Generation) -> Result<Usage, ApiError> {
-    generation
+fn finished_usage(generation: &Generation) -> Result<Tally, ApiError> {
+    let usage = generation
         .usage()
-        .ok_or_else(|| ApiError::engine("no usage after the end of generation"))
+        .ok_or_else(|| ApiError::engine("no usage after the end of generation"))?;
+    Ok(Tally {
+        usage,
+        cached_tokens: generation.cached_tokens().unwrap_or(0),
+    })
 }
 
 fn event(w: &mut BodyWriter, data: &Value) -> Result<(), slinfer_sdk::Error> {

@@ -378,6 +378,11 @@ pub struct Usage {
     pub generated_tokens: u32,
     pub finish_reason: FinishReason,
     pub ttft_s: f64,
+    /// Of the prompt tokens, those copied from another prompt's KV (one of
+    /// the same function that began alike, prefilled with this one or
+    /// still on the instance) rather than computed.
+    #[serde(default)]
+    pub cached_tokens: u32,
 }
 
 /// Live state, for tests and metrics.

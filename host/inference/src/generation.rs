@@ -69,6 +69,8 @@ pub(crate) struct Generation {
     /// KV only with prompts of the same function, so that how soon one
     /// function's first token comes tells it nothing of another's prompts.
     owner: u32,
+    /// Prompt tokens its last prefill copied from another prompt's KV.
+    cached_tokens: u32,
     /// Log-probabilities of tokens whose text is not handed out yet.
     unsent: Vec<TokenLogprobs>,
     detok: Detokenizer,
@@ -121,6 +123,7 @@ impl Generation {
             embed: params.embed,
             fork_of: None,
             owner: 0,
+            cached_tokens: 0,
             unsent: Vec::new(),
             detok: Detokenizer::new(params.stop.clone()),
             constraint: None,
@@ -161,6 +164,12 @@ impl Generation {
 
     pub fn owner(&self) -> u32 {
         self.owner
+    }
+
+    /// Its prefill starts with `tokens` of its context copied from another
+    /// sequence's KV (at most its prompt's count as cached in its usage).
+    pub fn copied_start(&mut self, tokens: usize) {
+        self.cached_tokens = tokens.min(self.prompt.len()) as u32;
     }
 
     /// The request whose prompt KV this one may share, while it has
@@ -352,6 +361,7 @@ impl Generation {
                     generated_tokens: self.generated.len() as u32,
                     finish_reason: reason,
                     ttft_s,
+                    cached_tokens: self.cached_tokens,
                 }));
             }
             End::Failed(e) => {
@@ -434,6 +444,7 @@ impl GenerationStream {
             generated_tokens: 0,
             finish_reason: FinishReason::Stop,
             ttft_s: 0.0,
+            cached_tokens: 0,
         })
     }
 }

@@ -650,6 +650,7 @@ impl InstanceRunner {
                 firsts.insert(id, contexts.len());
             }
             g.kv_on = Some(self.id);
+            g.copied_start(0);
             forks.push(leader);
             contexts.push((id, context));
             members.push(shared);
@@ -698,6 +699,7 @@ impl InstanceRunner {
                 Ok(()) => {
                     done[i] = n;
                     copied += n;
+                    lock(members[i]).copied_start(n);
                 }
                 Err(e) => {
                     lock(members[i]).end(End::Failed(InferenceError::Engine(e.to_string())));
@@ -758,7 +760,10 @@ impl InstanceRunner {
                         .free_sequence(seq)
                         .and_then(|()| inst.fork_sequence(contexts[r].0, seq, n))
                     {
-                        Ok(()) => done[i] = n,
+                        Ok(()) => {
+                            done[i] = n;
+                            lock(members[i]).copied_start(n);
+                        }
                         Err(e) => {
                             lock(members[i])
                                 .end(End::Failed(InferenceError::Engine(e.to_string())));

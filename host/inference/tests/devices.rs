@@ -1025,11 +1025,12 @@ async fn prompts_that_begin_alike_are_prefilled_once_to_the_same_answers() {
             tokio::spawn(async move { collect(&inf, request("tiny", &p, 6)).await })
         })
         .collect();
-    let mut prompt_tokens = 0;
+    let (mut prompt_tokens, mut cached) = (0, 0);
     for (p, r) in prompts.iter().zip(runs) {
         let (text, usage) = r.await.unwrap().unwrap();
         assert_eq!(text, greedy(dir.path(), "tiny", p, 6));
         prompt_tokens += usage.prompt_tokens as usize;
+        cached += usage.cached_tokens as usize;
     }
     // Each prompt's tokens once, and five decode steps of one token each,
     // less what the prompts took from one another.
@@ -1037,8 +1038,9 @@ async fn prompts_that_begin_alike_are_prefilled_once_to_the_same_answers() {
     println!("{prompt_tokens} prompt tokens; {shared} came from another prompt");
     let common_tokens = inf.tokenize("tiny", &common).unwrap().len();
     assert!(shared >= common_tokens, "{shared} tokens shared");
-    // And counted so.
+    // And counted so, in the metric and in the requests' usage.
     assert_eq!(c.copied() - copied_before, shared);
+    assert_eq!(cached, shared);
     quiet(inf).await;
 }
 
@@ -1061,7 +1063,7 @@ async fn prompts_that_begin_like_a_running_one_start_as_copies_of_it() {
         .generate(request("tiny", &prompts[0], 120))
         .await
         .unwrap();
-    let mut prompt_tokens = 0;
+    let (mut prompt_tokens, mut cached) = (0, 0);
     for (i, p) in prompts[1..].iter().enumerate() {
         let mut req = request("tiny", p, 6);
         if i == 2 {
@@ -1071,7 +1073,9 @@ async fn prompts_that_begin_like_a_running_one_start_as_copies_of_it() {
         let (text, usage) = collect(inf, req).await.unwrap();
         assert_eq!(text, greedy(dir.path(), "tiny", p, 6));
         prompt_tokens += usage.prompt_tokens as usize;
+        cached += usage.cached_tokens as usize;
         if i == 2 {
+            assert_eq!(usage.cached_tokens, 0);
             assert_eq!(
                 c.copied(),
                 copied_so_far,
@@ -1089,6 +1093,11 @@ async fn prompts_that_begin_like_a_running_one_start_as_copies_of_it() {
     }
     assert_eq!(text, greedy(dir.path(), "tiny", &prompts[0], 120));
     prompt_tokens += first.usage().prompt_tokens as usize;
+    assert_eq!(
+        first.usage().cached_tokens,
+        0,
+        "the first copied from nothing"
+    );
     // Each prompt's tokens once and a token a decode step (119, and 5 for
     // each of the other three), less what the second and third copied.
     let shared = prompt_tokens + 119 + 3 * 5 - (c.computed() - before);
@@ -1098,6 +1107,10 @@ async fn prompts_that_begin_like_a_running_one_start_as_copies_of_it() {
         "{shared} of {prompt_tokens} prompt tokens copied; {common_tokens} in common"
     );
     assert_eq!(c.copied() - copied_before, shared);
+    assert_eq!(
+        cached, shared,
+        "the requests' usage counts what they copied"
+    );
     quiet(inf).await;
 }
 

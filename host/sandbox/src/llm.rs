@@ -101,6 +101,8 @@ impl HasData for HasLlm {
 pub struct LlmStream {
     stream: inference::GenerationStream,
     usage: Option<t::Usage>,
+    /// Set with `usage`.
+    cached_tokens: Option<u32>,
 }
 
 /// Link `slinfer:llm` into `linker`.
@@ -261,6 +263,7 @@ impl wit::Host for LlmCtxView<'_> {
                     self.table.push(LlmStream {
                         stream,
                         usage: None,
+                        cached_tokens: None,
                     })
                 })
                 .collect::<Result<_, _>>()?)),
@@ -401,6 +404,7 @@ impl HostGenerationStream for LlmCtxView<'_> {
                     },
                     ttft_ms: (u.ttft_s * 1000.0).round() as u32,
                 });
+                s.cached_tokens = Some(u.cached_tokens);
                 Ok(None)
             }
         })
@@ -408,6 +412,10 @@ impl HostGenerationStream for LlmCtxView<'_> {
 
     fn usage(&mut self, this: Resource<LlmStream>) -> wasmtime::Result<Option<t::Usage>> {
         Ok(self.table.get(&this)?.usage)
+    }
+
+    fn cached_tokens(&mut self, this: Resource<LlmStream>) -> wasmtime::Result<Option<u32>> {
+        Ok(self.table.get(&this)?.cached_tokens)
     }
 
     fn drop(&mut self, this: Resource<LlmStream>) -> wasmtime::Result<()> {
