@@ -10,9 +10,10 @@
 //! Streams are Server-Sent Events, `data: {chunk}` per event, ending with
 //! `data: [DONE]`; `stream_options.include_usage` adds a usage chunk before
 //! it. Usage counts `prompt_tokens_details.cached_tokens`: the prompt
-//! tokens the host copied from another prompt's KV. Sampling: `max_tokens` (chat also `max_completion_tokens`),
-//! `temperature`, `top_p`, `seed`, `stop`, `presence_penalty`,
-//! `frequency_penalty`, `logit_bias`, and vLLM's `top_k`,
+//! tokens the host copied from another prompt's KV. Sampling: `max_tokens`
+//! (chat also `max_completion_tokens`), `temperature`, `top_p`, `seed`,
+//! `stop`, `presence_penalty`, `frequency_penalty`, `logit_bias`, and
+//! vLLM's `top_k`,
 //! `repetition_penalty`, `min_tokens` and `ignore_eos`. Log-probabilities:
 //! chat's `logprobs` and `top_logprobs` (up to 20), completions' `logprobs`
 //! (up to 5), streamed or whole, of the model's own distribution (before

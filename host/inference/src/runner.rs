@@ -130,12 +130,16 @@ fn shared_prefixes(prompts: &[&[u32]], groups: &[Option<u32>]) -> Vec<Option<(us
     out
 }
 
-/// How many first tokens two prompts have in common, short of either's end
-/// (each computes at least its own last token, and its own logits).
+/// How many first tokens `prompt` has in common with `other`, short of
+/// its own end (it computes at least its own last token, and its logits).
+fn same_start(prompt: &[u32], other: &[u32]) -> usize {
+    let same = prompt.iter().zip(other).take_while(|(x, y)| x == y).count();
+    same.min(prompt.len().saturating_sub(1))
+}
+
+/// How many first tokens two prompts have in common, short of either's end.
 fn common_start(a: &[u32], b: &[u32]) -> usize {
-    let same = a.iter().zip(b).take_while(|(x, y)| x == y).count();
-    same.min(a.len().saturating_sub(1))
-        .min(b.len().saturating_sub(1))
+    same_start(a, b).min(same_start(b, a))
 }
 
 /// Which prompts of one prefill start as copies of a sequence the instance
@@ -153,11 +157,6 @@ fn held_starts(
     groups: &[Option<u32>],
     held: &[(RequestId, u32, &[u32])],
 ) -> Vec<Option<(RequestId, usize)>> {
-    let alike = |i: usize, other: &[u32]| {
-        let p = prompts[i];
-        let same = p.iter().zip(other).take_while(|(x, y)| x == y).count();
-        same.min(p.len().saturating_sub(1))
-    };
     (0..prompts.len())
         .map(|i| {
             let group = groups[i]?;
@@ -168,11 +167,34 @@ fn held_starts(
                 .unwrap_or(0);
             held.iter()
                 .filter(|&&(_, g, _)| g == group)
-                .map(|&(id, _, tokens)| (id, alike(i, tokens)))
+                .map(|&(id, _, tokens)| (id, same_start(prompts[i], tokens)))
                 .filter(|&(_, n)| n > within)
                 .max_by_key(|&(id, n)| (n, std::cmp::Reverse(id)))
         })
         .collect()
+}
+
+/// Makes `seq`, a prompt's sequence added for its prefill, a copy of the
+/// first `tokens` of sequence `src` instead, and tells its generation so;
+/// an engine error ends the generation with it. Whether it did.
+fn start_as_copy(
+    inst: &mut dyn LlmInstance,
+    (src, seq, tokens): (RequestId, RequestId, usize),
+    member: &Shared,
+) -> bool {
+    match inst
+        .free_sequence(seq)
+        .and_then(|()| inst.fork_sequence(src, seq, tokens))
+    {
+        Ok(()) => {
+            lock(member).copied_start(tokens);
+            true
+        }
+        Err(e) => {
+            lock(member).end(End::Failed(InferenceError::Engine(e.to_string())));
+            false
+        }
+    }
 }
 
 /// Hands a prompt whose prefill has ended its first token, sampled from
@@ -691,20 +713,11 @@ impl InstanceRunner {
         for (i, s) in starts.iter().enumerate() {
             let Some((src, n)) = *s else { continue };
             groups[i] = None;
-            let seq = contexts[i].0;
-            match inst
-                .free_sequence(seq)
-                .and_then(|()| inst.fork_sequence(src, seq, n))
-            {
-                Ok(()) => {
-                    done[i] = n;
-                    copied += n;
-                    lock(members[i]).copied_start(n);
-                }
-                Err(e) => {
-                    lock(members[i]).end(End::Failed(InferenceError::Engine(e.to_string())));
-                    done[i] = lens[i];
-                }
+            if start_as_copy(inst.as_mut(), (src, contexts[i].0, n), members[i]) {
+                done[i] = n;
+                copied += n;
+            } else {
+                done[i] = lens[i];
             }
         }
         engine_s += t.elapsed().as_secs_f64();
@@ -755,21 +768,11 @@ impl InstanceRunner {
                     // all the same, so that an engine that picks where a
                     // step runs by the sequences it holds (a pair) counted
                     // it for the root's step.
-                    let seq = contexts[i].0;
-                    match inst
-                        .free_sequence(seq)
-                        .and_then(|()| inst.fork_sequence(contexts[r].0, seq, n))
-                    {
-                        Ok(()) => {
-                            done[i] = n;
-                            lock(members[i]).copied_start(n);
-                        }
-                        Err(e) => {
-                            lock(members[i])
-                                .end(End::Failed(InferenceError::Engine(e.to_string())));
-                            done[i] = lens[i];
-                        }
-                    }
+                    let copy = (contexts[r].0, contexts[i].0, n);
+                    done[i] = match start_as_copy(inst.as_mut(), copy, members[i]) {
+                        true => n,
+                        false => lens[i],
+                    };
                 }
                 engine_s += t.elapsed().as_secs_f64();
                 upto.clone_from(&lens);

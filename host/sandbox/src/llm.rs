@@ -100,9 +100,9 @@ impl HasData for HasLlm {
 /// A guest's running generation (the `generation-stream` resource).
 pub struct LlmStream {
     stream: inference::GenerationStream,
-    usage: Option<t::Usage>,
-    /// Set with `usage`.
-    cached_tokens: Option<u32>,
+    /// Once it has ended: its usage and its prompt tokens copied from
+    /// another prompt's KV.
+    usage: Option<(t::Usage, u32)>,
 }
 
 /// Link `slinfer:llm` into `linker`.
@@ -263,7 +263,6 @@ impl wit::Host for LlmCtxView<'_> {
                     self.table.push(LlmStream {
                         stream,
                         usage: None,
-                        cached_tokens: None,
                     })
                 })
                 .collect::<Result<_, _>>()?)),
@@ -395,7 +394,7 @@ impl HostGenerationStream for LlmCtxView<'_> {
             Some(Err(e)) => Err(convert_error(e)),
             None => {
                 let u = s.stream.usage();
-                s.usage = Some(t::Usage {
+                let usage = t::Usage {
                     prompt_tokens: u.prompt_tokens,
                     generated_tokens: u.generated_tokens,
                     finish_reason: match u.finish_reason {
@@ -403,19 +402,19 @@ impl HostGenerationStream for LlmCtxView<'_> {
                         inference::FinishReason::Length => t::FinishReason::Length,
                     },
                     ttft_ms: (u.ttft_s * 1000.0).round() as u32,
-                });
-                s.cached_tokens = Some(u.cached_tokens);
+                };
+                s.usage = Some((usage, u.cached_tokens));
                 Ok(None)
             }
         })
     }
 
     fn usage(&mut self, this: Resource<LlmStream>) -> wasmtime::Result<Option<t::Usage>> {
-        Ok(self.table.get(&this)?.usage)
+        Ok(self.table.get(&this)?.usage.map(|(u, _)| u))
     }
 
     fn cached_tokens(&mut self, this: Resource<LlmStream>) -> wasmtime::Result<Option<u32>> {
-        Ok(self.table.get(&this)?.cached_tokens)
+        Ok(self.table.get(&this)?.usage.map(|(_, cached)| cached))
     }
 
     fn drop(&mut self, this: Resource<LlmStream>) -> wasmtime::Result<()> {
