@@ -375,6 +375,18 @@ macro_rules! delegate_kv_bookkeeping {
     };
 }
 
+/// What a retired sequence ([`LlmInstance::retire_sequence`]) costs the
+/// steps of the sequences that go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetiredCost {
+    /// Nothing: each sequence attends over its own blocks only.
+    Nothing,
+    /// Every step reads over its cells as well (llama.cpp's unified cache
+    /// spans the cells of every sequence it holds), so it is worth keeping
+    /// only until the next step.
+    EveryStep,
+}
+
 /// One loaded model on one device, with its own KV pool and sequences.
 pub trait LlmInstance: Send {
     fn config(&self) -> &ModelConfig;
@@ -400,6 +412,18 @@ pub trait LlmInstance: Send {
     /// than `src` holds is [`EngineError::ForkBeyondSequence`]; nothing
     /// changes on an error.
     fn fork_sequence(&mut self, src: SeqId, dst: SeqId, tokens: usize) -> Result<(), EngineError>;
+    /// Marks a sequence that will take no more steps but is kept as a
+    /// source of copies ([`Self::fork_sequence`]) until it is freed: a
+    /// finished request's prompt and answer, which the next prompt of a
+    /// conversation begins with. Says what keeping it costs the other
+    /// sequences' steps. The caller frees it when it needs its blocks.
+    /// Paged engines keep each sequence's KV apart:
+    /// [`RetiredCost::Nothing`], the default.
+    fn retire_sequence(&mut self, seq: SeqId) -> Result<RetiredCost, EngineError> {
+        self.sequence_len(seq)
+            .map(|_| RetiredCost::Nothing)
+            .ok_or(EngineError::UnknownSequence(seq))
+    }
     /// Tokens the sequence holds in the KV cache.
     fn sequence_len(&self, seq: SeqId) -> Option<usize>;
     /// Blocks this batch would take from the pool (for admission).

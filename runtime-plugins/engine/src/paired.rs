@@ -23,6 +23,10 @@
 //! repay. Two or more sequences follow the count above. Without costs a
 //! lone sequence runs on `few`.
 //!
+//! A retired sequence ([`LlmInstance::retire_sequence`]: an ended
+//! request's, kept as a source of copies) stays where it is and counts for
+//! neither rule.
+//!
 //! A sequence lives on one engine at a time. When a step runs on the other
 //! one, the sequence moves there in that step: its tokens so far (the pair
 //! keeps them) are prefilled on the new engine ahead of the step's own
@@ -46,7 +50,7 @@ use std::sync::Arc;
 use crate::package::ModelPackage;
 use crate::{
     Backend, DeviceInfo, DeviceKind, EngineError, Footprint, LlmInstance, LoadOptions,
-    MemoryReport, ModelConfig, ModelSource, SeqId, StepEntry,
+    MemoryReport, ModelConfig, ModelSource, RetiredCost, SeqId, StepEntry,
 };
 
 /// The engine of few sequences (index 0) and of many (index 1).
@@ -175,11 +179,14 @@ pub struct PairedInstance {
     pool: usize,
 }
 
-/// A sequence of the pair: the engine it lives on and every token it holds.
+/// A sequence of the pair: the engine it lives on, every token it holds,
+/// and whether it is retired (kept only as a source of copies: it counts
+/// for neither engine's choice).
 #[derive(Clone)]
 struct Held {
     engine: usize,
     tokens: Vec<u32>,
+    retired: bool,
 }
 
 /// One step as the pair runs it (see [`PairedInstance::plan`]).
@@ -238,7 +245,12 @@ impl PairedInstance {
         self
     }
 
-    /// The engine a step runs on while the instance holds `held`
+    /// The sequences that still take steps.
+    fn live(&self) -> usize {
+        self.held.values().filter(|h| !h.retired).count()
+    }
+
+    /// The engine a step runs on while the instance holds `held` live
     /// sequences: `many` from `switch_up`, `few` again at one or none.
     fn engine_by_count(&self, held: usize) -> usize {
         match self.active {
@@ -251,7 +263,7 @@ impl PairedInstance {
     /// The engine `batch` runs on: a lone sequence's where it costs least,
     /// when the costs are known; else as the count of sequences says.
     fn engine_for(&self, batch: &[StepEntry]) -> usize {
-        if let (1, [e], Some(costs)) = (self.held.len(), batch, self.costs)
+        if let (1, [e], Some(costs)) = (self.live(), batch, self.costs)
             && let Some(h) = self.held.get(&e.seq)
         {
             let cost = |engine: usize| {
@@ -271,7 +283,7 @@ impl PairedInstance {
                 h.engine
             };
         }
-        self.engine_by_count(self.held.len())
+        self.engine_by_count(self.live())
     }
 
     /// Grows `engine` to the pool, if a grow is pending for it.
@@ -386,16 +398,26 @@ impl LlmInstance for PairedInstance {
             return Err(EngineError::SequenceExists(seq));
         }
         // Where the next step will run with this sequence held.
-        let engine = self.engine_by_count(self.held.len() + 1);
+        let engine = self.engine_by_count(self.live() + 1);
         self.engines[engine].add_sequence(seq)?;
         self.held.insert(
             seq,
             Held {
                 engine,
                 tokens: Vec::new(),
+                retired: false,
             },
         );
         Ok(())
+    }
+
+    /// Costs what it costs on the engine it lives on; it no longer counts
+    /// for the choice of engine.
+    fn retire_sequence(&mut self, seq: SeqId) -> Result<RetiredCost, EngineError> {
+        let engine = self.held(seq)?.engine;
+        let cost = self.engines[engine].retire_sequence(seq)?;
+        self.held.get_mut(&seq).expect("held").retired = true;
+        Ok(cost)
     }
 
     fn free_sequence(&mut self, seq: SeqId) -> Result<(), EngineError> {
@@ -419,6 +441,7 @@ impl LlmInstance for PairedInstance {
                     len: held.tokens.len(),
                 })?
                 .to_vec(),
+            retired: false,
         };
         if self.held.contains_key(&dst) {
             return Err(EngineError::SequenceExists(dst));
@@ -481,7 +504,7 @@ impl LlmInstance for PairedInstance {
         }
         if engine != self.active {
             tracing::info!(
-                sequences = self.held.len(),
+                sequences = self.live(),
                 moved = moving.len(),
                 recomputed_tokens = recomputed,
                 "paired instance: steps move to {}",
@@ -598,6 +621,34 @@ mod tests {
         );
         assert_eq!(p.engines[MANY].kv_blocks_in_use(), 0);
         assert_eq!(p.sequence_len(10), Some(6));
+    }
+
+    /// A retired sequence stays where it is, as a source of copies, and
+    /// counts for neither engine's choice: the one that goes on alone is
+    /// back on `few`, and so is a new one that copies the retired one.
+    #[test]
+    fn retired_sequences_count_for_no_choice_of_engine() {
+        let mut p = pair(2);
+        p.add_sequence(10).unwrap();
+        p.add_sequence(11).unwrap();
+        p.step(&[entry(10, &[1, 2, 3]), entry(11, &[4, 5])])
+            .unwrap();
+        assert_eq!(p.held[&10].engine, MANY);
+        assert_eq!(p.retire_sequence(11).unwrap(), RetiredCost::Nothing);
+        assert!(matches!(
+            p.retire_sequence(12),
+            Err(EngineError::UnknownSequence(12))
+        ));
+        let out = p.step(&[entry(10, &[6])]).unwrap();
+        assert!(close(&out[0], &alone(1, &[1, 2, 3, 6])), "alone: few");
+        assert_eq!(p.held[&11].engine, MANY, "the retired one stays");
+        assert_eq!(p.sequence_len(11), Some(2));
+        // A copy of it lives where it does and moves to `few` with its step.
+        p.fork_sequence(11, 12, 2).unwrap();
+        p.free_sequence(10).unwrap();
+        let out = p.step(&[entry(12, &[7])]).unwrap();
+        assert!(close(&out[0], &alone(1, &[4, 5, 7])), "the copy: few");
+        assert_eq!(p.kv_blocks_in_use(), 2);
     }
 
     /// Costs under which `few` decodes 2 ms a step faster and prefills

@@ -20,8 +20,8 @@ use std::sync::Arc;
 
 use slinfer_engine::reference::check_tokens;
 use slinfer_engine::{
-    BatchPlan, EngineError, HostMemory, KvManager, LlmInstance, MemoryReport, ModelConfig, SeqId,
-    StepEntry,
+    BatchPlan, EngineError, HostMemory, KvManager, LlmInstance, MemoryReport, ModelConfig,
+    RetiredCost, SeqId, StepEntry,
 };
 
 use crate::ffi::{self, Api};
@@ -390,6 +390,12 @@ impl LlmInstance for LlamaCppInstance {
         self.kv.free_sequence(seq)?;
         self.release_slot(seq);
         Ok(())
+    }
+
+    /// The unified cache's attention spans every sequence's cells: a
+    /// retired one slows each step of the others.
+    fn retire_sequence(&mut self, seq: SeqId) -> Result<RetiredCost, EngineError> {
+        self.slot(seq).map(|_| RetiredCost::EveryStep)
     }
 
     /// llama.cpp shares the cells of `src`'s first `tokens` positions with

@@ -12,7 +12,9 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use slinfer_engine::sampler::argmax;
-use slinfer_engine::{Backend, EngineError, LlmInstance, LoadOptions, ModelSource, StepEntry};
+use slinfer_engine::{
+    Backend, EngineError, LlmInstance, LoadOptions, ModelSource, RetiredCost, StepEntry,
+};
 use slinfer_llama_cpp::{BackendOptions, DIR_ENV, LlamaCppBackend, LlamaCppInstance, NPM_BINS};
 use slinfer_test_support::{default_model_dir as model_dir, repo_root};
 
@@ -363,6 +365,13 @@ fn forks_continue_like_the_original() {
         Err(EngineError::ForkBeyondSequence { seq: 1, .. })
     ));
     assert_eq!(inst.sequence_len(4), None, "a refused fork holds nothing");
+    // A retired sequence stays, but the unified cache's steps read over it.
+    assert_eq!(inst.retire_sequence(1).unwrap(), RetiredCost::EveryStep);
+    assert!(inst.sequence_len(1).is_some());
+    assert!(matches!(
+        inst.retire_sequence(99),
+        Err(EngineError::UnknownSequence(99))
+    ));
 }
 
 #[test]
