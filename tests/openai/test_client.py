@@ -13,6 +13,7 @@ import argparse
 import json
 import re
 import sys
+import time
 import traceback
 
 import jsonschema
@@ -563,11 +564,26 @@ def check_choices(client, _args):
 
 
 def check_cached_tokens(client, _args):
-    # Alone, a request copies nothing; sent while another with the same
-    # messages decodes, it copies that one's KV of all its prompt but the
-    # last token (which it computes for its own first token).
-    alone = greedy_chat(client)
-    assert alone.usage.prompt_tokens_details.cached_tokens == 0, alone.usage
+    # The next turn of a conversation copies the KV of the last turn's
+    # prompt and answer, kept after it ended: every token of the last
+    # prompt and more.
+    first_turn = [{"role": "user", "content": f"Name a river in Europe ({time.time_ns()})."}]
+    first = client.chat.completions.create(
+        model=MODEL, messages=first_turn, max_tokens=24, temperature=0
+    )
+    assert first.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens, first.usage
+    next_turn = first_turn + [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And one in Asia?"},
+    ]
+    second = client.chat.completions.create(
+        model=MODEL, messages=next_turn, max_tokens=8, temperature=0
+    )
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens < cached < second.usage.prompt_tokens, (first.usage, second.usage)
+    # Sent while another with the same messages decodes, a request copies
+    # that one's KV of all its prompt but the last token (which it computes
+    # for its own first token).
     running = client.chat.completions.create(
         model=MODEL, messages=QUESTION, max_tokens=400, temperature=0, stream=True,
         extra_body={"ignore_eos": True},

@@ -162,10 +162,21 @@ async fn import_serve_share_and_remove_models_while_running() {
         .collect();
     reference::assert_greedy(&models_dir().join(DEFAULT), "three at once", &answers);
 
-    // The replies are out; the scheduler hears of the ends just after.
+    // The replies are out; the scheduler hears of the ends just after, and
+    // the ended requests' sequences, kept as sources of copies, go back
+    // with the idle pool's shrink (2 s after).
     let mut status = admin_json(&s, "/v1/status").await;
-    for _ in 0..100 {
-        if status["inference"]["live_requests"] == 0 {
+    for _ in 0..200 {
+        let idle = |name| {
+            model_status(&status, name).is_some_and(|m| {
+                m["instances"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .all(|i| i["kv_blocks_in_use"] == 0)
+            })
+        };
+        if status["inference"]["live_requests"] == 0 && idle(DEFAULT) && idle(COPY) {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;

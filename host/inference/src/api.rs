@@ -399,6 +399,8 @@ pub struct InstanceStats {
     pub instance: u64,
     pub model: String,
     pub device: String,
+    /// Live sequences' blocks, and those of ended requests' sequences kept
+    /// as sources of copies until the blocks are needed.
     pub kv_blocks_in_use: usize,
     pub kv_blocks_capacity: usize,
 }

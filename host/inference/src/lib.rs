@@ -24,6 +24,7 @@ mod devices;
 mod driver;
 mod generation;
 pub mod graphs;
+mod held;
 mod memory;
 mod metrics;
 pub mod recent;

@@ -197,7 +197,7 @@ impl LlmMetrics {
         );
         r.register(
             "kv_blocks_in_use",
-            "KV blocks the engine holds for live sequences",
+            "KV blocks the engine holds: live sequences, and ended ones kept as sources of copies until the blocks are needed",
             self.kv_blocks_in_use.clone(),
         );
         r.register(

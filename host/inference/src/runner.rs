@@ -3,8 +3,9 @@
 //! cost model there), resizes its KV pool (a shrink at once, a grow just
 //! before the next run, so that a burst's grows cost one reallocation),
 //! runs the iterations the scheduler
-//! grants (each generation samples and streams its own token), frees the
-//! sequences of ended requests, and unloads. An engine error that means the
+//! grants (each generation samples and streams its own token), keeps the
+//! sequences of ended requests as sources of copies while their blocks are
+//! not needed (`held.rs`), and unloads. An engine error that means the
 //! device itself failed (out of memory, a driver or kernel error) is
 //! reported to the driver, which takes the device out of placement.
 //!
@@ -30,6 +31,7 @@ use crate::cost::{Costs, LiveCost};
 use crate::devices::Device;
 use crate::driver::Msg;
 use crate::generation::{End, Shared, lock};
+use crate::held::{HeldSequences, Source};
 use crate::stats::SharedStats;
 
 /// Sequence ids the calibration uses (request ids count up from 1).
@@ -143,8 +145,8 @@ fn common_start(a: &[u32], b: &[u32]) -> usize {
 }
 
 /// Which prompts of one prefill start as copies of a sequence the instance
-/// holds already (`held`: each one's id, group and the tokens it was
-/// prefilled with, all in its KV): for each prompt that may share
+/// holds already (`held`: each one's id, group, the tokens in its KV and
+/// the fewest a copy must take): for each prompt that may share
 /// (`groups`, as for [`shared_prefixes`]), the held sequence of its group
 /// it begins like the longest and how many tokens it takes from there,
 /// short of its own end. Only
@@ -155,7 +157,7 @@ fn common_start(a: &[u32], b: &[u32]) -> usize {
 fn held_starts(
     prompts: &[&[u32]],
     groups: &[Option<u32>],
-    held: &[(RequestId, u32, &[u32])],
+    held: &[Source],
 ) -> Vec<Option<(RequestId, usize)>> {
     (0..prompts.len())
         .map(|i| {
@@ -166,9 +168,10 @@ fn held_starts(
                 .max()
                 .unwrap_or(0);
             held.iter()
-                .filter(|&&(_, g, _)| g == group)
-                .map(|&(id, _, tokens)| (id, same_start(prompts[i], tokens)))
-                .filter(|&(_, n)| n > within)
+                .filter(|&&(_, g, _, _)| g == group)
+                .map(|&(id, _, tokens, least)| (id, same_start(prompts[i], tokens), least))
+                .filter(|&(_, n, least)| n > within && n >= least)
+                .map(|(id, n, _)| (id, n))
                 .max_by_key(|&(id, n)| (n, std::cmp::Reverse(id)))
         })
         .collect()
@@ -267,11 +270,10 @@ pub(crate) struct InstanceRunner {
     /// the grows of a burst arriving request by request then cost one
     /// reallocation of the pool, not one each.
     grow_to: Option<usize>,
-    /// The tokens each sequence the instance holds was prefilled with (its
-    /// prompt, and what a preempted request had generated), and the
-    /// function that asked: a later prompt of that function that begins
-    /// alike starts as a copy of them.
-    prefilled: HashMap<RequestId, (u32, Vec<u32>)>,
+    /// The tokens in each sequence the instance holds, and the function
+    /// that asked: a later prompt of that function that begins alike starts
+    /// as a copy of them; ended requests' sequences kept for that.
+    held: HeldSequences,
     cost: LiveCost,
     to_driver: Sender<Msg>,
     stats: Arc<SharedStats>,
@@ -303,7 +305,7 @@ impl InstanceRunner {
             kv_bytes: 0,
             last_load: None,
             grow_to: None,
-            prefilled: HashMap::new(),
+            held: HeldSequences::default(),
             cost: links.cost,
             to_driver: links.to_driver,
             stats: links.stats,
@@ -321,7 +323,7 @@ impl InstanceRunner {
         }
         // The driver let go (shutdown, or the device failed): drop the instance.
         self.inst = None;
-        self.prefilled.clear();
+        self.held.clear();
         self.publish();
     }
 
@@ -387,7 +389,7 @@ impl InstanceRunner {
             }
             Job::Unload { action } => {
                 self.inst = None;
-                self.prefilled.clear();
+                self.held.clear();
                 self.grow_to = None;
                 return_freed_memory();
                 self.action_done(action);
@@ -454,6 +456,7 @@ impl InstanceRunner {
         };
         let started = Instant::now();
         let from = i.kv_capacity_blocks();
+        self.held.shrink_to(i.as_mut(), blocks);
         let resized = i.resize_kv(blocks.max(i.kv_blocks_in_use()));
         tracing::debug!(
             instance = self.id,
@@ -476,12 +479,7 @@ impl InstanceRunner {
     }
 
     fn free_sequence(&mut self, seq: RequestId) {
-        self.prefilled.remove(&seq);
-        if let Some(i) = self.inst.as_mut()
-            && i.sequence_len(seq).is_some()
-        {
-            let _ = i.free_sequence(seq);
-        }
+        self.held.free(self.inst.as_deref_mut(), seq);
     }
 
     /// Loads the instance with the granted KV bytes and calibrates, one load
@@ -537,7 +535,7 @@ impl InstanceRunner {
                 let load_s = t.elapsed().as_secs_f64();
                 self.calibrate(inst.as_mut(), load_s);
                 self.inst = Some(inst);
-                self.prefilled.clear();
+                self.held.clear();
                 self.load_error = None;
             }
             Err(e) => {
@@ -655,10 +653,7 @@ impl InstanceRunner {
                 continue;
             }
             let id = g.id;
-            self.prefilled.remove(&id);
-            if inst.sequence_len(id).is_some() {
-                let _ = inst.free_sequence(id);
-            }
+            self.held.free(Some(inst.as_mut()), id);
             let context = g.context();
             let leader = g
                 .forks()
@@ -692,13 +687,7 @@ impl InstanceRunner {
             .map(|(g, (f, &e))| (f.is_none() && !e).then(|| lock(g).owner()))
             .collect();
         let prompts: Vec<&[u32]> = contexts.iter().map(|(_, c)| c.as_slice()).collect();
-        let held: Vec<(RequestId, u32, &[u32])> = self
-            .prefilled
-            .iter()
-            .filter(|(id, (_, t))| inst.sequence_len(**id).is_some_and(|n| n >= t.len()))
-            .map(|(id, (owner, t))| (*id, *owner, t.as_slice()))
-            .collect();
-        let starts = held_starts(&prompts, &groups, &held);
+        let starts = held_starts(&prompts, &groups, &self.held.sources(inst.as_ref()));
         // A fork computes nothing itself; a prompt that begins like a held
         // sequence starts as a copy of it.
         let mut done: Vec<usize> = lens
@@ -713,6 +702,7 @@ impl InstanceRunner {
         for (i, s) in starts.iter().enumerate() {
             let Some((src, n)) = *s else { continue };
             groups[i] = None;
+            self.held.make_room(inst.as_mut(), |_| 1);
             if start_as_copy(inst.as_mut(), (src, contexts[i].0, n), members[i]) {
                 done[i] = n;
                 copied += n;
@@ -720,6 +710,9 @@ impl InstanceRunner {
                 done[i] = lens[i];
             }
         }
+        // What retired sequences had to give is taken: those that would
+        // slow the steps go now.
+        self.held.free_costly(inst.as_mut());
         engine_s += t.elapsed().as_secs_f64();
         let computed: usize = lens.iter().zip(&done).map(|(l, d)| l - d).sum();
         let shared = shared_prefixes_that_pay(&prompts, &groups, computed, |tokens| {
@@ -769,6 +762,7 @@ impl InstanceRunner {
                     // step runs by the sequences it holds (a pair) counted
                     // it for the root's step.
                     let copy = (contexts[r].0, contexts[i].0, n);
+                    self.held.make_room(inst.as_mut(), |_| 1);
                     done[i] = match start_as_copy(inst.as_mut(), copy, members[i]) {
                         true => n,
                         false => lens[i],
@@ -786,6 +780,8 @@ impl InstanceRunner {
                 })
                 .collect();
             let t = Instant::now();
+            self.held
+                .make_room(inst.as_mut(), |i| i.blocks_needed(&batch).unwrap_or(0));
             let logits = match inst.step(&batch) {
                 Ok(logits) => logits,
                 Err(e) => {
@@ -819,6 +815,7 @@ impl InstanceRunner {
                 });
                 first_output(members[i], &logits[k], hidden, produced);
                 for f in (0..forks.len()).filter(|&f| forks[f] == Some(i)) {
+                    self.held.make_room(inst.as_mut(), |_| 1);
                     match inst.fork_sequence(contexts[i].0, contexts[f].0, lens[i]) {
                         Ok(()) => first_output(members[f], &logits[k], None, produced),
                         Err(e) => {
@@ -831,7 +828,7 @@ impl InstanceRunner {
         // What each sequence now holds, for later prompts that begin alike.
         for ((id, context), g) in contexts.into_iter().zip(&members) {
             if inst.sequence_len(id).is_some_and(|n| n >= context.len()) {
-                self.prefilled.insert(id, (lock(g).owner(), context));
+                self.held.insert(id, lock(g).owner(), context);
             }
         }
         self.cost
@@ -862,6 +859,9 @@ impl InstanceRunner {
         if batch.is_empty() {
             return false;
         }
+        self.held.free_costly(inst.as_mut());
+        self.held
+            .make_room(inst.as_mut(), |i| i.blocks_needed(&batch).unwrap_or(0));
         let t = Instant::now();
         match inst.step(&batch) {
             Ok(logits) => {
@@ -871,6 +871,9 @@ impl InstanceRunner {
                     batch.len() as u64,
                     t.elapsed().as_secs_f64(),
                 );
+                for e in &batch {
+                    self.held.fed(e.seq, e.tokens[0]);
+                }
                 for (g, l) in members.into_iter().zip(logits) {
                     let mut g = lock(g);
                     g.accept(&l);
@@ -898,7 +901,7 @@ impl InstanceRunner {
             let mut g = lock(g);
             let gone = g.gone();
             if gone {
-                self.free_sequence(g.id);
+                self.held.retire(self.inst.as_deref_mut(), g.id);
                 if g.kv_on == Some(self.id) {
                     g.kv_on = None;
                 }
@@ -1111,7 +1114,7 @@ mod tests {
     fn prompts_start_as_copies_of_the_held_sequence_they_begin_like_the_most() {
         let held_a: Vec<u32> = (1..=10).collect();
         let held_b: Vec<u32> = (1..=4).chain([70, 71]).collect();
-        let held = [(7, 0, held_a.as_slice()), (3, 0, held_b.as_slice())];
+        let held = [(7, 0, held_a.as_slice(), 1), (3, 0, held_b.as_slice(), 1)];
         let like_a: Vec<u32> = (1..=8).chain([99]).collect();
         let like_b: Vec<u32> = (1..=4).chain([70, 71, 72]).collect();
         let unlike: Vec<u32> = vec![50, 51];
@@ -1130,7 +1133,7 @@ mod tests {
             vec![Some((7, 9))]
         );
         // Ties go to the earlier request.
-        let twice = [(7, 0, held_a.as_slice()), (5, 0, held_a.as_slice())];
+        let twice = [(7, 0, held_a.as_slice(), 1), (5, 0, held_a.as_slice(), 1)];
         assert_eq!(
             held_starts(&prompts[..1], &[Some(0)], &twice),
             vec![Some((5, 8))]
@@ -1159,6 +1162,16 @@ mod tests {
         assert_eq!(
             held_starts(&[&long_a, &like_a], &[Some(0), Some(1)], &held),
             vec![Some((7, 8)), None]
+        );
+        // A retired sequence (prefilled with its first 6 tokens, then 4
+        // decoded): only for a prompt that begins with all of its prompt
+        // and goes on, not the same prompt again.
+        let retired = [(9, 0, held_a.as_slice(), 6)];
+        let again: Vec<u32> = (1..=6).collect();
+        let next: Vec<u32> = (1..=12).collect();
+        assert_eq!(
+            held_starts(&[&again, &next], &[Some(0); 2], &retired),
+            vec![None, Some((9, 10))]
         );
     }
 

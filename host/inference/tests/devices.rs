@@ -1114,6 +1114,47 @@ async fn prompts_that_begin_like_a_running_one_start_as_copies_of_it() {
     quiet(inf).await;
 }
 
+/// The next call of a conversation, whose prompt is the last call's prompt
+/// and answer and more, starts as a copy of the last call's sequence, kept
+/// after it ended, and gets the answer it gets alone. The same prompt
+/// again, and another function's call, copy nothing.
+#[tokio::test]
+async fn the_next_call_of_a_conversation_copies_the_last_ones_prompt_and_answer() {
+    let dir = models(&[("tiny", 11)]);
+    let c = Counted::start(dir.path(), 0).await;
+    let inf = &c.inf;
+    let first = "the quick brown fox jumps over a lazy dog; ".repeat(4);
+    let (answer, usage) = collect(inf, request("tiny", &first, 8)).await.unwrap();
+    assert_eq!(usage.cached_tokens, 0);
+    // The same prompt again is computed as the first time.
+    let (again, usage) = collect(inf, request("tiny", &first, 8)).await.unwrap();
+    assert_eq!((again.as_str(), usage.cached_tokens), (answer.as_str(), 0));
+    let next = format!("{first}{answer} and then");
+    let (before, copied_before) = (c.computed(), c.copied());
+    let (text, usage) = collect(inf, request("tiny", &next, 6)).await.unwrap();
+    assert_eq!(text, greedy(dir.path(), "tiny", &next, 6));
+    // The first call's prompt and answer are in the KV but its last token
+    // (sampled, never fed): the copy reaches into the answer.
+    let prompt = inf.tokenize("tiny", &first).unwrap().len();
+    let cached = usage.cached_tokens as usize;
+    assert!(
+        cached > prompt && cached < prompt + 8,
+        "{cached} tokens copied; the first prompt has {prompt}"
+    );
+    // The engine computed the rest of the prompt and 5 decode steps.
+    assert_eq!(
+        c.computed() - before,
+        usage.prompt_tokens as usize - cached + 5
+    );
+    assert_eq!(c.copied() - copied_before, cached);
+    let mut other = request("tiny", &next, 6);
+    other.function = "other".into();
+    let (text, usage) = collect(inf, other).await.unwrap();
+    assert_eq!(text, greedy(dir.path(), "tiny", &next, 6));
+    assert_eq!(usage.cached_tokens, 0, "another function's call copied");
+    quiet(inf).await;
+}
+
 #[tokio::test]
 async fn a_prompt_gets_its_first_token_when_its_own_prefill_step_ends() {
     let dir = models(&[("tiny", 11)]);
