@@ -162,7 +162,9 @@ impl HeldSequences {
 mod tests {
     use super::*;
     use slinfer_engine::reference::ReferenceBackend;
-    use slinfer_engine::{Backend, LoadOptions, ModelConfig, ModelSource, StepEntry};
+    use slinfer_engine::{
+        Backend, EngineError, LoadOptions, MemoryReport, ModelConfig, ModelSource, SeqId, StepEntry,
+    };
 
     /// A reference instance with a pool of `blocks` blocks of 4 tokens.
     fn instance(blocks: usize) -> Box<dyn LlmInstance> {
@@ -177,6 +179,58 @@ mod tests {
             ..Default::default()
         };
         ReferenceBackend::default().load(&source, 0, &opts).unwrap()
+    }
+
+    /// Test double: a reference instance whose retired sequences cost
+    /// every step, as llama.cpp's do.
+    struct EveryStepDouble(Box<dyn LlmInstance>);
+
+    impl LlmInstance for EveryStepDouble {
+        fn config(&self) -> &ModelConfig {
+            self.0.config()
+        }
+        fn block_size_tokens(&self) -> usize {
+            self.0.block_size_tokens()
+        }
+        fn kv_bytes_per_block(&self) -> u64 {
+            self.0.kv_bytes_per_block()
+        }
+        fn weight_bytes(&self) -> u64 {
+            self.0.weight_bytes()
+        }
+        fn kv_capacity_blocks(&self) -> usize {
+            self.0.kv_capacity_blocks()
+        }
+        fn kv_blocks_in_use(&self) -> usize {
+            self.0.kv_blocks_in_use()
+        }
+        fn resize_kv(&mut self, blocks: usize) -> Result<(), EngineError> {
+            self.0.resize_kv(blocks)
+        }
+        fn add_sequence(&mut self, seq: SeqId) -> Result<(), EngineError> {
+            self.0.add_sequence(seq)
+        }
+        fn free_sequence(&mut self, seq: SeqId) -> Result<(), EngineError> {
+            self.0.free_sequence(seq)
+        }
+        fn fork_sequence(&mut self, src: SeqId, dst: SeqId, n: usize) -> Result<(), EngineError> {
+            self.0.fork_sequence(src, dst, n)
+        }
+        fn retire_sequence(&mut self, seq: SeqId) -> Result<RetiredCost, EngineError> {
+            self.0.retire_sequence(seq).map(|_| RetiredCost::EveryStep)
+        }
+        fn sequence_len(&self, seq: SeqId) -> Option<usize> {
+            self.0.sequence_len(seq)
+        }
+        fn blocks_needed(&self, batch: &[StepEntry]) -> Result<usize, EngineError> {
+            self.0.blocks_needed(batch)
+        }
+        fn step(&mut self, batch: &[StepEntry]) -> Result<Vec<Vec<f32>>, EngineError> {
+            self.0.step(batch)
+        }
+        fn memory(&self) -> MemoryReport {
+            self.0.memory()
+        }
     }
 
     fn prefill(inst: &mut Instance, held: &mut HeldSequences, id: u64, tokens: &[u32]) {
@@ -210,5 +264,44 @@ mod tests {
         held.shrink_to(inst, 1);
         assert_eq!(inst.kv_blocks_in_use(), 0);
         assert!(held.sources(inst).is_empty());
+    }
+
+    #[test]
+    fn retired_sequences_that_cost_every_step_go_before_the_next_one() {
+        let mut costly = EveryStepDouble(instance(8));
+        let mut paged = instance(8);
+        for inst in [&mut costly as &mut Instance, paged.as_mut()] {
+            let mut held = HeldSequences::default();
+            prefill(inst, &mut held, 1, &[1, 2, 3, 4, 5]);
+            held.retire(Some(&mut *inst), 1);
+            assert_eq!(held.sources(inst).len(), 1, "kept until the next step");
+            held.free_costly(inst);
+            let kept = inst.sequence_len(1).is_some();
+            assert_eq!(held.sources(inst).len(), usize::from(kept));
+        }
+        assert_eq!(costly.sequence_len(1), None, "freed before the next step");
+        assert_eq!(paged.sequence_len(1), Some(5), "kept: it costs nothing");
+    }
+
+    #[test]
+    fn a_sequence_whose_tokens_are_not_all_known_is_freed_not_retired() {
+        let mut inst = instance(8);
+        let inst = inst.as_mut();
+        let mut held = HeldSequences::default();
+        prefill(inst, &mut held, 1, &[1, 2, 3]);
+        // A step the runner did not record: its tokens are behind the KV.
+        let one = |seq| StepEntry {
+            seq,
+            tokens: vec![4],
+        };
+        inst.step(&[one(1)]).unwrap();
+        held.retire(Some(&mut *inst), 1);
+        assert_eq!(inst.sequence_len(1), None);
+        // A fed token keeps it whole.
+        prefill(inst, &mut held, 2, &[1, 2, 3]);
+        inst.step(&[one(2)]).unwrap();
+        held.fed(2, 4);
+        held.retire(Some(&mut *inst), 2);
+        assert_eq!(held.sources(inst), vec![(2, 0, &[1, 2, 3, 4][..], 3)]);
     }
 }
