@@ -45,7 +45,6 @@ struct Context {
     tokens: Vec<u32>,
     /// How many of them it was prefilled with.
     prefilled: usize,
-    retired: bool,
 }
 
 /// A sequence a prompt may start as a copy of: its id, the function that
@@ -60,7 +59,6 @@ impl HeldSequences {
             owner,
             prefilled: tokens.len(),
             tokens,
-            retired: false,
         };
         self.contexts.insert(id, context);
     }
@@ -79,7 +77,8 @@ impl HeldSequences {
             .iter()
             .filter(|(id, c)| inst.sequence_len(**id).is_some_and(|n| n >= c.tokens.len()))
             .map(|(id, c)| {
-                let least = if c.retired { c.prefilled } else { 1 };
+                let retired = self.retired.iter().any(|&(r, _)| r == *id);
+                let least = if retired { c.prefilled } else { 1 };
                 (*id, c.owner, c.tokens.as_slice(), least)
             })
             .collect()
@@ -102,15 +101,12 @@ impl HeldSequences {
         let Some(i) = inst else {
             return self.free(None, id);
         };
-        let context = self
+        let whole = self
             .contexts
-            .get_mut(&id)
-            .filter(|c| i.sequence_len(id) == Some(c.tokens.len()) && !c.tokens.is_empty());
-        match context.map(|c| (i.retire_sequence(id), c)) {
-            Some((Ok(cost), c)) => {
-                c.retired = true;
-                self.retired.push_back((id, cost));
-            }
+            .get(&id)
+            .is_some_and(|c| i.sequence_len(id) == Some(c.tokens.len()) && !c.tokens.is_empty());
+        match whole.then(|| i.retire_sequence(id)) {
+            Some(Ok(cost)) => self.retired.push_back((id, cost)),
             _ => self.free(Some(i), id),
         }
     }

@@ -169,9 +169,10 @@ fn held_starts(
                 .unwrap_or(0);
             held.iter()
                 .filter(|&&(_, g, _, _)| g == group)
-                .map(|&(id, _, tokens, least)| (id, same_start(prompts[i], tokens), least))
-                .filter(|&(_, n, least)| n > within && n >= least)
-                .map(|(id, n, _)| (id, n))
+                .filter_map(|&(id, _, tokens, least)| {
+                    let n = same_start(prompts[i], tokens);
+                    (n > within && n >= least).then_some((id, n))
+                })
                 .max_by_key(|&(id, n)| (n, std::cmp::Reverse(id)))
         })
         .collect()
