@@ -28,12 +28,22 @@ impl<C: CostModel> Scheduler<C> {
         let view = self.view(kind, Some(inst), None, None);
         let w = self.cfg.kv_watermark;
         let min = view.need_blocks;
-        let target = self.min_blocks(spec, kind, ((min as f64) * (1.0 + w)).ceil() as u64);
+        // No lower than the kind's idle floor, which a pool never grows for.
+        let floor = spec
+            .blocks_for_tokens(kind, self.cfg.idle_kv_tokens[kind])
+            .min(planned);
+        let target = self
+            .min_blocks(spec, kind, ((min as f64) * (1.0 + w)).ceil() as u64)
+            .max(floor);
         // A pool grown ahead by the grow factor shrinks only once its need
-        // falls as far below that.
+        // falls as far below that; an idle one (no need) shrinks to the floor.
         let grow = self.cfg.kv_grow_factor[kind];
-        let shrinks =
-            (target as f64) * grow < planned as f64 / (1.0 + w) && !self.model_waits(inst.model);
+        let oversized = if min == 0 {
+            planned > target
+        } else {
+            (target as f64) * grow < planned as f64 / (1.0 + w)
+        };
+        let shrinks = oversized && !self.model_waits(inst.model);
         let delay = self.cfg.kv_shrink_delay_s[kind];
         let due = match inst.shrink_due_s {
             _ if !shrinks || delay <= 0.0 => None,
@@ -42,11 +52,10 @@ impl<C: CostModel> Scheduler<C> {
             Some(_) => None,
         };
         if min > planned {
-            let own = self.instance_bytes(inst, true);
-            let others = self.planned_bytes(node) - own;
-            let statics = own - planned * view.block_bytes;
-            let room =
-                self.nodes[node].room_bytes.saturating_sub(others + statics) / view.block_bytes;
+            let mut room = self.grow_room(id);
+            if room < target && self.give_back_idle_kv(node, Some(id)) {
+                room = self.grow_room(id);
+            }
             let ahead = (planned as f64 * grow).ceil() as u64;
             let spare = room.saturating_sub(target) / 2;
             let new = target.max(ahead.min(target + spare)).min(room).max(planned);
@@ -58,6 +67,92 @@ impl<C: CostModel> Scheduler<C> {
             self.enqueue(id, Op::Resize { blocks: target });
         }
         self.instances.get_mut(&id).expect("live").shrink_due_s = due;
+    }
+
+    /// The blocks instance `id`'s pool could grow to on its node, beside
+    /// the others' planned memory.
+    fn grow_room(&self, id: InstanceId) -> u64 {
+        let inst = &self.instances[&id];
+        let node = inst.node;
+        let block_bytes =
+            self.models[inst.mtype.0 as usize].block_bytes(self.nodes[node].spec.kind);
+        let own = self.instance_bytes(inst, true);
+        let others = self.planned_bytes(node) - own;
+        let statics = own - inst.planned_blocks * block_bytes;
+        self.nodes[node].room_bytes.saturating_sub(others + statics) / block_bytes
+    }
+
+    /// `node`'s idle instances (no request, nothing running or queued)
+    /// with KV planned where the kind keeps an idle floor
+    /// ([`SchedulerConfig::idle_kv_tokens`]), but `except`: KV kept only
+    /// for a next call that may not come, which a request that needs the
+    /// memory now takes first.
+    fn idle_kv_holders(&self, node: NodeId, except: Option<InstanceId>) -> Vec<InstanceId> {
+        if self.cfg.idle_kv_tokens[self.nodes[node].spec.kind] == 0 {
+            return Vec::new();
+        }
+        self.nodes[node]
+            .instances
+            .iter()
+            .copied()
+            .filter(|&i| {
+                let inst = &self.instances[&i];
+                Some(i) != except
+                    && !inst.retiring
+                    && !inst.fixed_kv
+                    && inst.planned_blocks > 0
+                    && inst.requests.is_empty()
+                    && inst.running.is_none()
+                    && inst.queue.is_empty()
+                    && self.nodes[node].busy != Some(i)
+            })
+            .collect()
+    }
+
+    /// Shrinks the pools of `node`'s idle instances that hold KV for an
+    /// idle floor to nothing (a shrink starts at once; a load or grow that
+    /// needs the memory waits for it); whether there were any.
+    pub(super) fn give_back_idle_kv(&mut self, node: NodeId, except: Option<InstanceId>) -> bool {
+        let idle = self.idle_kv_holders(node, except);
+        for &i in &idle {
+            self.enqueue(i, Op::Resize { blocks: 0 });
+        }
+        !idle.is_empty()
+    }
+
+    /// Whether `rid` fits `target` on `node` as [`Self::validate`] says, or
+    /// once the node's idle instances give back their idle floors' KV
+    /// (which they then do).
+    pub(super) fn fits_giving_back_idle_kv(
+        &mut self,
+        node: NodeId,
+        target: Target,
+        rid: RequestId,
+        now_s: f64,
+    ) -> bool {
+        if self.validate(node, target, rid, now_s).all() {
+            return true;
+        }
+        let except = match target {
+            Target::Existing(t) => Some(t),
+            Target::New(_) => None,
+        };
+        let idle = self.idle_kv_holders(node, except);
+        if idle.is_empty() {
+            return false;
+        }
+        let kept: Vec<u64> = idle
+            .iter()
+            .map(|i| std::mem::take(&mut self.instances.get_mut(i).expect("live").planned_blocks))
+            .collect();
+        let fits = self.validate(node, target, rid, now_s).all();
+        for (i, blocks) in idle.iter().zip(kept) {
+            self.instances.get_mut(i).expect("live").planned_blocks = blocks;
+        }
+        if fits {
+            self.give_back_idle_kv(node, except);
+        }
+        fits
     }
 
     /// Whether a request of `model` waits to be placed.

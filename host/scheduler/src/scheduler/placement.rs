@@ -29,7 +29,7 @@ impl<C: CostModel> Scheduler<C> {
             existing.sort_by_key(|i| (std::cmp::Reverse(self.instances[i].requests.len()), *i));
             for &id in &existing {
                 let node = self.instances[&id].node;
-                if self.validate(node, Target::Existing(id), rid, now_s).all() {
+                if self.fits_giving_back_idle_kv(node, Target::Existing(id), rid, now_s) {
                     self.attach(rid, id, now_s);
                     return true;
                 }
@@ -47,7 +47,7 @@ impl<C: CostModel> Scheduler<C> {
             if !self.node_has_slot(node, mtype) {
                 continue;
             }
-            if self.validate(node, Target::New(mtype), rid, now_s).all() {
+            if self.fits_giving_back_idle_kv(node, Target::New(mtype), rid, now_s) {
                 let id = self.create_instance(node, model, mtype, now_s);
                 self.attach(rid, id, now_s);
                 return true;

@@ -906,6 +906,119 @@ fn a_cpu_pool_a_burst_left_waits_out_the_shrink_delay() {
 }
 
 #[test]
+fn an_idle_cpu_pool_shrinks_to_its_floor_and_never_grows_for_it() {
+    // Returns the pool planned while a 300-token request runs, and after
+    // it ends, with an idle floor of `floor` tokens.
+    let pools = |floor: u64| {
+        let mut s = sched(Policy::Slinfer, &[(DeviceKind::Cpu, 1 << 20)], FAST);
+        s.cfg.cpu_kv_scales = true;
+        s.cfg.keep_alive_s = PerKind::splat(300.0);
+        s.cfg.idle_kv_tokens = PerKind::new(floor, 0);
+        s.submit(req(1, 1, 300, 5.0), 0.0);
+        let i = runs(&settle(&mut s, 0.0))[0];
+        let busy = s.instances[&i].planned_blocks;
+        let done = RequestOutcome {
+            request: 1,
+            tokens: 1,
+            finished: true,
+        };
+        s.iteration_done(0, i, &[done], 0.5);
+        settle(&mut s, 0.5);
+        let blocks = |tokens| s.models[0].blocks_for_tokens(DeviceKind::Cpu, tokens);
+        (busy, s.instances[&i].planned_blocks, blocks(floor))
+    };
+    let (busy, idle, _) = pools(0);
+    assert!(busy > 0);
+    assert_eq!(idle, 0, "no floor: an idle pool goes back whole");
+    let (busy_with_floor, idle, floor) = pools(128);
+    assert_eq!(busy_with_floor, busy, "a floor changes no grant");
+    assert!(0 < floor && floor < busy);
+    assert_eq!(idle, floor, "an idle pool keeps its floor");
+    // A floor above what the instance ever needed: the pool stays as it
+    // was granted, never grown for it.
+    let (_, idle, floor) = pools(1 << 16);
+    assert!(floor > busy);
+    assert_eq!(idle, busy);
+}
+
+/// A request that needs the memory an idle instance keeps for its idle
+/// floor takes it: the idle pool shrinks to nothing and the instance stays
+/// loaded, as with no floor (not unloaded for the room, nor waiting).
+#[test]
+fn an_idle_floor_gives_its_kv_back_to_a_request_that_needs_the_memory() {
+    // A scheduler on one CPU node of `capacity` bytes; model 1 served one
+    // 300-token request and is idle, keeping `floor` tokens.
+    let idle_model_1 = |capacity: u64, floor: u64| {
+        let mut s = sched(Policy::Slinfer, &[(DeviceKind::Cpu, capacity)], FAST);
+        s.cfg.cpu_kv_scales = true;
+        s.cfg.keep_alive_s = PerKind::splat(300.0);
+        s.cfg.idle_kv_tokens = PerKind::new(floor, 0);
+        s.submit(req(1, 1, 300, 5.0), 0.0);
+        let i = runs(&settle(&mut s, 0.0))[0];
+        let busy = s.instances[&i].planned_blocks;
+        let done = RequestOutcome {
+            request: 1,
+            tokens: 1,
+            finished: true,
+        };
+        s.iteration_done(0, i, &[done], 0.5);
+        settle(&mut s, 0.5);
+        (s, i, busy)
+    };
+    let (_, _, busy) = idle_model_1(1 << 20, 0);
+    // Room for both models' weights and one such pool, not two.
+    let capacity = 2 * WEIGHTS + busy * 32 + 16;
+    let (mut s, first, _) = idle_model_1(capacity, 1 << 16);
+    assert_eq!(
+        s.instances[&first].planned_blocks, busy,
+        "kept as its floor"
+    );
+    s.submit(req(2, 2, 300, 5.0), 1.0);
+    let cmds = settle(&mut s, 1.0);
+    let second = runs(&cmds);
+    assert_eq!(second.len(), 1, "model 2 runs: {cmds:?}");
+    assert_ne!(second[0], first);
+    let shrunk = cmds.iter().any(|c| {
+        matches!(c, Command::Action { instance, op: ActionOp::ResizeKv { kv_bytes: 0 }, .. }
+            if *instance == first)
+    });
+    assert!(shrunk, "{cmds:?}");
+    let inst = &s.instances[&first];
+    assert!(!inst.retiring, "model 1 stays loaded");
+    assert_eq!(inst.planned_blocks, 0);
+    // A running request whose pool must grow into the floor's memory
+    // takes it too, rather than being evicted.
+    let (mut s, first, _) = idle_model_1(2 * WEIGHTS + busy * 32 + 4 * 32, 1 << 16);
+    s.submit(req(2, 2, 30, 5.0), 1.0);
+    let second = runs(&settle(&mut s, 1.0))[0];
+    let small = s.instances[&second].planned_blocks;
+    assert_eq!(s.instances[&first].planned_blocks, busy);
+    for k in 0..20 {
+        let out = RequestOutcome {
+            request: 2,
+            tokens: 16,
+            finished: false,
+        };
+        let t = 1.1 + k as f64 * 0.1;
+        s.iteration_done(0, second, &[out], t);
+        let cmds = settle(&mut s, t);
+        let preempted = cmds.iter().any(|c| matches!(c, Command::Preempt { .. }));
+        assert!(!preempted, "{cmds:?}");
+    }
+    assert_eq!(s.requests[&2].instance, Some(second));
+    assert!(s.instances[&second].planned_blocks > small + 4);
+    assert_eq!(s.instances[&first].planned_blocks, 0);
+    assert!(!s.instances[&first].retiring);
+    // As with no floor: model 1's idle pool was empty, model 2 ran.
+    let (mut s, first, _) = idle_model_1(capacity, 0);
+    assert_eq!(s.instances[&first].planned_blocks, 0);
+    s.submit(req(2, 2, 300, 5.0), 1.0);
+    let cmds = settle(&mut s, 1.0);
+    assert_eq!(runs(&cmds).len(), 1, "{cmds:?}");
+    assert!(!s.instances[&first].retiring);
+}
+
+#[test]
 fn requests_submitted_together_are_prefilled_in_one_iteration() {
     let prefills = |cmds: &[Command]| -> Vec<Vec<RequestId>> {
         cmds.iter()

@@ -146,6 +146,14 @@ pub struct SchedulerConfig {
     /// than at every arrival. 1 in the paper; the live host's CPU engines
     /// hold the device for each resize (100-750 ms measured on llama.cpp).
     pub kv_grow_factor: PerKind<f64>,
+    /// A loaded instance's pool shrinks no lower than this many tokens'
+    /// blocks, per kind of device (it never grows for it): an idle
+    /// instance keeps that much KV while it stays loaded, counted as its
+    /// planned blocks, so that the ended requests' sequences its engine
+    /// keeps as sources of copies (a conversation's last call, which the
+    /// next one begins with) outlive the gap between calls. 0 in the paper
+    /// (an idle pool shrinks to nothing).
+    pub idle_kv_tokens: PerKind<u64>,
     /// An instance with nothing to decode starts its first prefill only
     /// once no request has joined it for this long (at most
     /// `GATHER_MAX_GAPS` (4) times this after the first joined), per kind of
@@ -180,6 +188,7 @@ impl SchedulerConfig {
             ttft_counts_load: false,
             kv_shrink_delay_s: PerKind::splat(0.0),
             kv_grow_factor: PerKind::splat(1.0),
+            idle_kv_tokens: PerKind::splat(0),
             prefill_gather_s: PerKind::splat(0.0),
         }
     }
