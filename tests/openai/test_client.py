@@ -566,7 +566,9 @@ def check_choices(client, _args):
 def check_cached_tokens(client, _args):
     # The next turn of a conversation copies the KV of the last turn's
     # prompt and answer, kept after it ended: every token of the last
-    # prompt and more.
+    # prompt and more. Sent after its caller read the answer: past the 2 s
+    # after which an idle CPU pool shrinks, to its idle floor, which keeps
+    # the last turn.
     first_turn = [{"role": "user", "content": f"Name a river in Europe ({time.time_ns()})."}]
     first = client.chat.completions.create(
         model=MODEL, messages=first_turn, max_tokens=24, temperature=0
@@ -576,6 +578,7 @@ def check_cached_tokens(client, _args):
         {"role": "assistant", "content": first.choices[0].message.content},
         {"role": "user", "content": "And one in Asia?"},
     ]
+    time.sleep(3)
     second = client.chat.completions.create(
         model=MODEL, messages=next_turn, max_tokens=8, temperature=0
     )

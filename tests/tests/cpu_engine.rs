@@ -222,9 +222,9 @@ async fn paired_serves_one_stream_on_llama_cpp_and_several_on_openvino() {
         "{}",
         s.log()
     );
-    // Every sequence's KV is given back, on whichever engine it ended
-    // (the ended requests' sequences, kept as sources of copies, with the
-    // idle pool's shrink 2 s after).
+    // Every live sequence's KV is given back, on whichever engine it ended
+    // (the ended requests' sequences kept as sources of copies are counted
+    // apart, in `kv_blocks_kept`).
     let mut freed = serde_json::Value::Null;
     for _ in 0..200 {
         freed = status(&s).await;

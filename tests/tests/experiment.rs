@@ -591,13 +591,21 @@ fn an_idle_instance_held_by_its_keep_alive_gives_way_to_another_model() {
 }
 
 #[test]
-fn an_unknown_policy_a_bad_keep_alive_or_a_bad_profile_is_refused_at_start() {
+fn an_unknown_policy_a_bad_keep_alive_an_idle_kv_or_a_bad_profile_is_refused_at_start() {
     let artifact = shared_data().join("profiles/slinfer-artifact-latency-ms.json");
     let artifact = format!("--profile={}", artifact.display());
     for (flags, says) in [
         (vec!["--policy=fifo"], "unknown policy `fifo`"),
         (vec!["--keep-alive-s=-1"], "not a number of seconds"),
         (vec!["--keep-alive-s=soon"], "not a number of seconds"),
+        (
+            vec!["--idle-kv-tokens=lots"],
+            "invalid value 'lots' for '--idle-kv-tokens",
+        ),
+        (
+            vec!["--idle-kv-tokens=-1"],
+            "invalid value '-1' for '--idle-kv-tokens",
+        ),
         (
             vec!["--profile=/no/such/profile.json"],
             "reading profile /no/such/profile.json",

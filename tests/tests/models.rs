@@ -163,8 +163,8 @@ async fn import_serve_share_and_remove_models_while_running() {
     reference::assert_greedy(&models_dir().join(DEFAULT), "three at once", &answers);
 
     // The replies are out; the scheduler hears of the ends just after, and
-    // the ended requests' sequences, kept as sources of copies, go back
-    // with the idle pool's shrink (2 s after).
+    // no live sequence holds KV then (the ended requests' sequences kept as
+    // sources of copies are counted apart, in `kv_blocks_kept`).
     let mut status = admin_json(&s, "/v1/status").await;
     for _ in 0..200 {
         let idle = |name| {
@@ -191,6 +191,7 @@ async fn import_serve_share_and_remove_models_while_running() {
         assert_eq!(inst[0]["state"], "loaded");
         assert_eq!(inst[0]["batch"], 0);
         assert_eq!(inst[0]["kv_blocks_in_use"], 0);
+        assert!(inst[0]["kv_blocks_kept"].is_u64(), "{name}: {m}");
     }
     assert_eq!(status["inference"]["live_requests"], 0);
     let devices = status["inference"]["devices"].as_array().unwrap();
@@ -235,6 +236,7 @@ async fn import_serve_share_and_remove_models_while_running() {
     }
     assert!(m.contains("slinfer_llm_kv_blocks_committed{"), "{m}");
     assert!(m.contains("slinfer_llm_kv_blocks_planned{"), "{m}");
+    assert!(m.contains("slinfer_llm_kv_blocks_kept{"), "{m}");
     assert!(m.contains("slinfer_llm_batch_size{"), "{m}");
     assert!(m.contains("slinfer_llm_queued_requests"), "{m}");
     assert!(metric(&m, "slinfer_llm_device_capacity_bytes", &["cpu:0"]) > 0.0);

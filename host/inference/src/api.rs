@@ -14,13 +14,20 @@ pub const DEFAULT_MAX_TOKENS: u32 = 256;
 /// Idle time before an instance is unloaded (the CPU engine recompiles the
 /// model on every load, which takes seconds).
 pub const KEEP_ALIVE_S: f64 = 300.0;
+/// KV a loaded CPU instance keeps while idle, in tokens: room for a
+/// conversation's last call (its prompt and answer) to stay until the next
+/// one copies it. 2048 tokens of the default model are 94 MB on the paired
+/// engines (46 KB a token, both engines' KV).
+pub const IDLE_KV_TOKENS: u64 = 2048;
 /// The scheduling policy of the live host (`serve --policy`), the idle
-/// time before an instance unloads (`serve --keep-alive-s`) and the measured
-/// profile it plans with, if any (`serve --profile`).
+/// time before an instance unloads (`serve --keep-alive-s`), the KV an idle
+/// CPU instance keeps (`serve --idle-kv-tokens`) and the measured profile
+/// it plans with, if any (`serve --profile`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scheduling {
     pub policy: slinfer_scheduler::Policy,
     pub keep_alive_s: f64,
+    pub idle_kv_tokens: u64,
     pub profile: Option<crate::cost::PlanProfile>,
 }
 
@@ -29,6 +36,7 @@ impl Default for Scheduling {
         Scheduling {
             policy: slinfer_scheduler::Policy::Slinfer,
             keep_alive_s: KEEP_ALIVE_S,
+            idle_kv_tokens: IDLE_KV_TOKENS,
             profile: None,
         }
     }
@@ -399,9 +407,11 @@ pub struct InstanceStats {
     pub instance: u64,
     pub model: String,
     pub device: String,
-    /// Live sequences' blocks, and those of ended requests' sequences kept
-    /// as sources of copies until the blocks are needed.
+    /// Live sequences' blocks (with those they share with kept ones).
     pub kv_blocks_in_use: usize,
+    /// Blocks only ended requests' sequences hold, kept as sources of
+    /// copies until the blocks are needed.
+    pub kv_blocks_kept: usize,
     pub kv_blocks_capacity: usize,
 }
 
@@ -469,6 +479,9 @@ pub struct InstanceStatus {
     pub scheduler: slinfer_scheduler::InstanceSnapshot,
     /// What the engine holds (absent while loading).
     pub kv_blocks_in_use: Option<usize>,
+    /// Blocks only ended requests' sequences hold (kept as sources of
+    /// copies until the blocks are needed).
+    pub kv_blocks_kept: Option<usize>,
     pub kv_blocks_capacity: Option<usize>,
 }
 

@@ -94,6 +94,10 @@ pub fn live_scheduler_config(scheduling: &Scheduling) -> SchedulerConfig {
     // For the same reason a CPU pool that must grow doubles: a burst then
     // grows it a few times, not at each arrival.
     cfg.kv_grow_factor = PerKind::new(KV_GROW_FACTOR_CPU, 1.0);
+    // An idle CPU instance keeps room for the sequences of its last
+    // requests (a conversation's next call copies them) while it stays
+    // loaded; a GPU pool goes back whole, as in the paper.
+    cfg.idle_kv_tokens = PerKind::new(scheduling.idle_kv_tokens, 0);
     // A burst's requests come through HTTP and their functions to the
     // scheduler about a millisecond apart: an idle instance waits for the
     // rest, so that one prefill takes them all (and a pair of CPU engines

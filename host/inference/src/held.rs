@@ -11,15 +11,19 @@
 //! prompt that begins with a retired request's whole prompt and goes on:
 //! the same prompt again is computed as it was the first time (a copy
 //! would leave its last token to a step of its own, whose arithmetic can
-//! differ in the last bits and so turn a near-tie the other way). The scheduler
-//! does not count retired sequences: their blocks are free as far as it
-//! knows, and the runner frees them, oldest first, whenever a step, a copy
-//! or a shrink of the pool needs the blocks ([`HeldSequences::make_room`],
-//! [`HeldSequences::shrink_to`]). So nothing outlives the pool: an idle
-//! instance's pool goes back to the host, and its retired sequences with
-//! it. On an engine where other sequences' steps read over a retired
-//! sequence's cells ([`RetiredCost::EveryStep`], llama.cpp's unified
-//! cache), it is kept only until the next step.
+//! differ in the last bits and so turn a near-tie the other way). The
+//! scheduler does not count retired sequences: their blocks are free as far
+//! as it knows, and the runner frees them, oldest first, whenever a step, a
+//! copy or a shrink of the pool needs the blocks
+//! ([`HeldSequences::make_room`], [`HeldSequences::shrink_to`]). So nothing
+//! outlives the pool. An idle CPU instance's pool shrinks to the
+//! scheduler's idle floor (`SchedulerConfig::idle_kv_tokens`, `serve
+//! --idle-kv-tokens`), not to nothing: the retired sequences that fit stay
+//! while the instance stays loaded, so a conversation's next call finds the
+//! last one after its caller read the answer and typed. On an engine where
+//! other sequences' steps read over a retired sequence's cells
+//! ([`RetiredCost::EveryStep`], llama.cpp's unified cache), it is kept only
+//! until the next step (an idle instance takes none).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -82,6 +86,11 @@ impl HeldSequences {
                 (*id, c.owner, c.tokens.as_slice(), least)
             })
             .collect()
+    }
+
+    /// The retired sequences, oldest first.
+    pub fn retired(&self) -> Vec<RequestId> {
+        self.retired.iter().map(|&(id, _)| id).collect()
     }
 
     /// Frees `id`'s sequence, if the instance holds it.
@@ -199,6 +208,9 @@ mod tests {
         }
         fn kv_blocks_in_use(&self) -> usize {
             self.0.kv_blocks_in_use()
+        }
+        fn kv_blocks_held_only_by(&self, seqs: &[SeqId]) -> usize {
+            self.0.kv_blocks_held_only_by(seqs)
         }
         fn resize_kv(&mut self, blocks: usize) -> Result<(), EngineError> {
             self.0.resize_kv(blocks)

@@ -86,6 +86,7 @@ pub struct LlmMetrics {
     pub kv_blocks_committed: Family<DeviceLabels, Gauge>,
     pub kv_blocks_planned: Family<DeviceLabels, Gauge>,
     pub kv_blocks_in_use: Family<DeviceLabels, Gauge>,
+    pub kv_blocks_kept: Family<DeviceLabels, Gauge>,
     pub queued: Family<ModelLabel, Gauge>,
     pub device_capacity: Family<DeviceLabel, Gauge>,
     pub device_committed: Family<DeviceLabel, Gauge>,
@@ -116,6 +117,7 @@ impl Default for LlmMetrics {
             kv_blocks_committed: Family::default(),
             kv_blocks_planned: Family::default(),
             kv_blocks_in_use: Family::default(),
+            kv_blocks_kept: Family::default(),
             queued: Family::default(),
             device_capacity: Family::default(),
             device_committed: Family::default(),
@@ -197,8 +199,13 @@ impl LlmMetrics {
         );
         r.register(
             "kv_blocks_in_use",
-            "KV blocks the engine holds: live sequences, and ended ones kept as sources of copies until the blocks are needed",
+            "KV blocks the engine holds for live sequences",
             self.kv_blocks_in_use.clone(),
+        );
+        r.register(
+            "kv_blocks_kept",
+            "KV blocks only ended requests' sequences hold, kept as sources of copies (a conversation's next call) until the blocks are needed",
+            self.kv_blocks_kept.clone(),
         );
         r.register(
             "queued_requests",
@@ -326,6 +333,7 @@ impl LlmMetrics {
         self.kv_blocks_committed.clear();
         self.kv_blocks_planned.clear();
         self.kv_blocks_in_use.clear();
+        self.kv_blocks_kept.clear();
         self.queued.clear();
         for d in &status.devices {
             let l = DeviceLabel {
@@ -370,6 +378,9 @@ impl LlmMetrics {
                 self.kv_blocks_in_use
                     .get_or_create(&l)
                     .inc_by(i.kv_blocks_in_use.unwrap_or(0) as i64);
+                self.kv_blocks_kept
+                    .get_or_create(&l)
+                    .inc_by(i.kv_blocks_kept.unwrap_or(0) as i64);
             }
         }
     }

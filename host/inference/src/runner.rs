@@ -334,6 +334,7 @@ impl InstanceRunner {
             &self.model.name,
             &self.device.name,
             self.inst.as_deref(),
+            &self.held.retired(),
         );
     }
 

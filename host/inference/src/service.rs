@@ -269,6 +269,7 @@ impl Inference {
                             device: self.devices[i.node].name.clone(),
                             scheduler: i.clone(),
                             kv_blocks_in_use: e.map(|e| e.kv_blocks_in_use),
+                            kv_blocks_kept: e.map(|e| e.kv_blocks_kept),
                             kv_blocks_capacity: e.map(|e| e.kv_blocks_capacity),
                         }
                     })

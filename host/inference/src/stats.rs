@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use slinfer_engine::LlmInstance;
-use slinfer_scheduler::{InstanceId, Probe, Snapshot};
+use slinfer_scheduler::{InstanceId, Probe, RequestId, Snapshot};
 
 use crate::api::{InferenceStats, InstanceStats};
 
@@ -56,24 +56,27 @@ impl SharedStats {
     }
 
     /// A runner, after each job: what its engine instance holds (`None`:
-    /// nothing loaded).
+    /// nothing loaded), `kept` the ended requests' sequences it keeps.
     pub fn set_instance(
         &self,
         id: InstanceId,
         model: &str,
         device: &str,
         inst: Option<&dyn LlmInstance>,
+        kept: &[RequestId],
     ) {
         let mut m = lock(&self.instances);
         match inst {
             Some(i) => {
+                let kept = i.kv_blocks_held_only_by(kept);
                 m.insert(
                     id,
                     InstanceStats {
                         instance: id,
                         model: model.to_string(),
                         device: device.to_string(),
-                        kv_blocks_in_use: i.kv_blocks_in_use(),
+                        kv_blocks_in_use: i.kv_blocks_in_use() - kept,
+                        kv_blocks_kept: kept,
                         kv_blocks_capacity: i.kv_capacity_blocks(),
                     },
                 );

@@ -23,9 +23,9 @@ use slinfer_engine::{
     MemoryReport, ModelConfig, ModelSource, SeqId, StepEntry,
 };
 use slinfer_inference::{
-    Constraint, DeviceLabels, FinishReason, GenerateRequest, GenerationParams,
+    Constraint, DeviceLabels, FinishReason, GenerateRequest, GenerationParams, IDLE_KV_TOKENS,
     INSTANCE_OVERHEAD_BYTES, Inference, InferenceConfig, InferenceError, InferenceStatus,
-    LlmMetrics, MemoryBudget, OutcomeLabels, Prompt, TokenLogprobs, Usage,
+    LlmMetrics, MemoryBudget, OutcomeLabels, Prompt, Scheduling, TokenLogprobs, Usage,
 };
 use slinfer_test_support::{peak_then_fall, tiny};
 
@@ -69,13 +69,26 @@ fn reference(kind: DeviceKind, bytes: u64) -> Arc<dyn Backend> {
 }
 
 fn start(dir: &Path, devices: Vec<slinfer_inference::Device>) -> (Arc<Inference>, Arc<LlmMetrics>) {
-    start_with(dir, devices, None)
+    start_with(dir, devices, None, Scheduling::default())
+}
+
+/// [`start`] with an idle CPU pool that shrinks to nothing.
+fn start_without_idle_kv(
+    dir: &Path,
+    devices: Vec<slinfer_inference::Device>,
+) -> (Arc<Inference>, Arc<LlmMetrics>) {
+    let scheduling = Scheduling {
+        idle_kv_tokens: 0,
+        ..Default::default()
+    };
+    start_with(dir, devices, None, scheduling)
 }
 
 fn start_with(
     dir: &Path,
     devices: Vec<slinfer_inference::Device>,
     memory: Option<Arc<MemoryBudget>>,
+    scheduling: Scheduling,
 ) -> (Arc<Inference>, Arc<LlmMetrics>) {
     let metrics = Arc::new(LlmMetrics::default());
     let inf = Inference::start(
@@ -84,7 +97,7 @@ fn start_with(
             devices,
             metrics: Some(metrics.clone()),
             memory,
-            ..Default::default()
+            scheduling,
         },
     )
     .unwrap();
@@ -319,7 +332,7 @@ async fn kv_pools_grow_with_load_and_shrink_after() {
     );
 }
 
-/// After idle a CPU pool shrinks to nothing; a burst of requests arriving
+/// After idle a CPU pool with no idle floor shrinks to nothing; a burst of requests arriving
 /// together then grows it once, just before their first step, however
 /// many grows the scheduler granted as they joined (one reallocation of
 /// the pool, not one a grant).
@@ -328,7 +341,7 @@ async fn a_burst_after_idle_grows_the_pool_once_before_its_first_step() {
     let dir = models(&[("tiny", 5)]);
     let paced = Paced::new(DeviceKind::Cpu, 1, None);
     let events = paced.events.clone();
-    let (inf, _) = start(dir.path(), vec![cpu(Arc::new(paced))]);
+    let (inf, _) = start_without_idle_kv(dir.path(), vec![cpu(Arc::new(paced))]);
     collect(&inf, request("tiny", "warm", 2)).await.unwrap();
     pools_shrunk(&inf).await;
     let from = events.lock().unwrap().len();
@@ -383,7 +396,7 @@ async fn a_grow_that_fails_before_a_run_fails_its_request_and_the_device() {
     let dir = models(&[("tiny", 6)]);
     let paced = Paced::new(DeviceKind::Cpu, 0, None);
     let fail_grows = paced.fail_grows.clone();
-    let (inf, _) = start(
+    let (inf, _) = start_without_idle_kv(
         dir.path(),
         vec![
             device("cpu:0", DeviceKind::Cpu, Arc::new(paced), 1 << 30),
@@ -562,6 +575,9 @@ impl LlmInstance for PacedInstance {
     }
     fn kv_blocks_in_use(&self) -> usize {
         self.inner.kv_blocks_in_use()
+    }
+    fn kv_blocks_held_only_by(&self, seqs: &[SeqId]) -> usize {
+        self.inner.kv_blocks_held_only_by(seqs)
     }
     fn resize_kv(&mut self, blocks: usize) -> Result<(), EngineError> {
         let grow = blocks > self.inner.kv_capacity_blocks();
@@ -914,6 +930,7 @@ async fn a_cpu_device_shares_the_host_memory_budget_with_functions() {
         dir.path(),
         vec![cpu(reference(DeviceKind::Cpu, 0))],
         Some(budget.clone()),
+        Scheduling::default(),
     );
     let mut req = request("tiny", "wait for memory", 4);
     req.ttft_slo_s = 60.0;
@@ -1153,6 +1170,62 @@ async fn the_next_call_of_a_conversation_copies_the_last_ones_prompt_and_answer(
     assert_eq!(text, greedy(dir.path(), "tiny", &next, 6));
     assert_eq!(usage.cached_tokens, 0, "another function's call copied");
     quiet(inf).await;
+}
+
+/// An idle CPU pool shrinks to its floor (`Scheduling::idle_kv_tokens`),
+/// not to nothing: the last call's sequence stays in it, kept, and the next
+/// call of its conversation after the shrink still copies it. Without the
+/// floor the pool goes back whole and the next call computes everything.
+#[tokio::test]
+async fn an_idle_pool_keeps_the_last_call_for_the_next_one_of_its_conversation() {
+    let dir = models(&[("tiny", 12)]);
+    for floor in [true, false] {
+        let devices = vec![cpu(reference(DeviceKind::Cpu, 0))];
+        let (inf, _) = if floor {
+            start(dir.path(), devices)
+        } else {
+            start_without_idle_kv(dir.path(), devices)
+        };
+        // A burst grows the pool beyond the floor.
+        let runs = (0..8).map(|i| {
+            let inf = inf.clone();
+            async move { collect(&inf, request("tiny", &format!("prompt {i}"), 200)).await }
+        });
+        for o in futures::future::join_all(runs).await {
+            o.unwrap();
+        }
+        let grown = kv_capacity(&inf);
+        let first = "the quick brown fox jumps over a lazy dog; ".repeat(4);
+        let (answer, _) = collect(&inf, request("tiny", &first, 8)).await.unwrap();
+        // The pool shrinks 2 s after the last request (KV_SHRINK_DELAY_CPU_S).
+        for _ in 0..100 {
+            if kv_capacity(&inf) < grown {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let stats = inf.stats();
+        let i = &stats.instances[0];
+        assert_eq!(i.kv_blocks_in_use, 0, "{i:?}");
+        if floor {
+            // The floor's tokens in the reference engine's 16-token blocks.
+            assert_eq!(i.kv_blocks_capacity, IDLE_KV_TOKENS as usize / 16, "{i:?}");
+            assert!(grown > i.kv_blocks_capacity, "grown to {grown}: {i:?}");
+            assert!(i.kv_blocks_kept > 0, "{i:?}");
+        } else {
+            assert_eq!((i.kv_blocks_capacity, i.kv_blocks_kept), (0, 0), "{i:?}");
+        }
+        let next = format!("{first}{answer} and then");
+        let (text, usage) = collect(&inf, request("tiny", &next, 6)).await.unwrap();
+        assert_eq!(text, greedy(dir.path(), "tiny", &next, 6));
+        let prompt = inf.tokenize("tiny", &first).unwrap().len();
+        if floor {
+            assert!(usage.cached_tokens as usize > prompt, "{usage:?}");
+        } else {
+            assert_eq!(usage.cached_tokens, 0, "{usage:?}");
+        }
+        quiet(&inf).await;
+    }
 }
 
 #[tokio::test]

@@ -260,6 +260,21 @@ impl KvManager {
         Ok(copy)
     }
 
+    /// Blocks that freeing every sequence in `seqs` would give back to the
+    /// pool: those of theirs no other sequence shares.
+    pub fn blocks_held_only_by(&self, seqs: &[SeqId]) -> usize {
+        let mut holders: HashMap<u32, u32> = HashMap::new();
+        for s in seqs.iter().filter_map(|s| self.seqs.get(s)) {
+            for &b in &s.blocks {
+                *holders.entry(b).or_insert(0) += 1;
+            }
+        }
+        holders
+            .iter()
+            .filter(|&(b, &n)| self.shared.get(b).map_or(1, |extra| extra + 1) == n)
+            .count()
+    }
+
     /// Grow the pool; returns nothing to move.
     pub fn grow(&mut self, new_capacity: usize) {
         self.alloc.grow(new_capacity);
@@ -581,6 +596,34 @@ mod tests {
         kv.free_sequence(6).unwrap();
         assert_eq!(kv.used_blocks(), 0);
         assert!(kv.shared.is_empty());
+    }
+
+    #[test]
+    fn blocks_held_only_by_a_set_are_what_freeing_the_set_gives_back() {
+        let mut kv = KvManager::new(4, 16, 100);
+        kv.add_sequence(1).unwrap();
+        let (_, r) = kv.plan(&[entry(1, 10)]).unwrap(); // blocks 0, 1 full; 2 partial
+        kv.commit(r);
+        kv.fork(1, 2, 8).unwrap(); // shares 0 and 1
+        kv.fork(1, 3, 4).unwrap(); // shares 0
+        assert_eq!(kv.blocks_held_only_by(&[1]), 1, "block 2 only");
+        assert_eq!(
+            kv.blocks_held_only_by(&[1, 2]),
+            2,
+            "blocks 1 and 2; 3 holds 0"
+        );
+        assert_eq!(kv.blocks_held_only_by(&[1, 2, 3]), 3);
+        assert_eq!(kv.blocks_held_only_by(&[2, 3]), 0, "1 holds both");
+        assert_eq!(kv.blocks_held_only_by(&[]), 0);
+        assert_eq!(
+            kv.blocks_held_only_by(&[9]),
+            0,
+            "an unknown sequence holds none"
+        );
+        let used = kv.used_blocks();
+        kv.free_sequence(1).unwrap();
+        kv.free_sequence(2).unwrap();
+        assert_eq!(kv.used_blocks(), used - 2);
     }
 
     #[test]

@@ -344,6 +344,9 @@ macro_rules! delegate_kv_reads {
         fn kv_blocks_in_use(&self) -> usize {
             self.$kv.used_blocks()
         }
+        fn kv_blocks_held_only_by(&self, seqs: &[$crate::SeqId]) -> usize {
+            self.$kv.blocks_held_only_by(seqs)
+        }
         fn sequence_len(&self, seq: $crate::SeqId) -> Option<usize> {
             self.$kv.sequence_len(seq)
         }
@@ -396,6 +399,10 @@ pub trait LlmInstance: Send {
     fn weight_bytes(&self) -> u64;
     fn kv_capacity_blocks(&self) -> usize;
     fn kv_blocks_in_use(&self) -> usize;
+    /// Blocks that freeing every sequence in `seqs` would give back: those
+    /// of theirs no other sequence shares (what the retired sequences a
+    /// caller keeps hold beyond the live ones).
+    fn kv_blocks_held_only_by(&self, seqs: &[SeqId]) -> usize;
     /// Grow or shrink the pool to exactly `blocks`. Shrinking below the blocks
     /// in use is [`EngineError::ShrinkBelowUsage`]; a failed allocation is
     /// [`EngineError::OutOfMemory`] and leaves the pool as it was.

@@ -366,6 +366,19 @@ impl LlmInstance for PairedInstance {
     fn kv_blocks_in_use(&self) -> usize {
         self.engines.iter().map(|e| e.kv_blocks_in_use()).sum()
     }
+    /// Each engine counts the sequences that live on it.
+    fn kv_blocks_held_only_by(&self, seqs: &[SeqId]) -> usize {
+        (0..2)
+            .map(|engine| {
+                let here: Vec<SeqId> = seqs
+                    .iter()
+                    .copied()
+                    .filter(|s| self.held.get(s).is_some_and(|h| h.engine == engine))
+                    .collect();
+                self.engines[engine].kv_blocks_held_only_by(&here)
+            })
+            .sum()
+    }
 
     /// Shrinks the engines holding more than `blocks` now; a grow waits for
     /// each engine's next step (see the module docs).

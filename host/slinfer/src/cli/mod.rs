@@ -162,6 +162,12 @@ pub struct ServeArgs {
     /// another model).
     #[arg(long, env = "SLINFER_KEEP_ALIVE_S", default_value_t = slinfer_inference::KEEP_ALIVE_S, value_parser = seconds)]
     pub keep_alive_s: f64,
+    /// KV tokens a loaded CPU instance keeps while idle (its pool shrinks no
+    /// lower): the ended requests' sequences that fit stay, so the next
+    /// call of a conversation copies the last one's prompt and answer
+    /// instead of computing them again. 0: an idle pool shrinks to nothing.
+    #[arg(long, env = "SLINFER_IDLE_KV_TOKENS", default_value_t = slinfer_inference::IDLE_KV_TOKENS)]
+    pub idle_kv_tokens: u64,
     /// A profile of this machine (`slinfer profile --out FILE`): the
     /// scheduler plans the models it covers with its measured tables (the
     /// costs `simulate --profile FILE` predicts with) instead of a
@@ -345,6 +351,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 scheduling: slinfer_inference::Scheduling {
                     policy: a.policy,
                     keep_alive_s: a.keep_alive_s,
+                    idle_kv_tokens: a.idle_kv_tokens,
                     profile: plan_profile(a.profile.as_deref(), a.profile_model)?,
                 },
                 cluster: a.cluster.map(|url| crate::cluster::ClusterOptions {

@@ -184,13 +184,14 @@ function deviceCard(node, d, instances) {
     h("td", { class: "state " + instanceState(i) }, instanceState(i)),
     h("td", { class: "num batch" }, i.batch),
     h("td", { class: "num kv" },
-      (i.kv_blocks_in_use ?? "–") + " / " + i.kv_blocks_committed),
+      (i.kv_blocks_in_use ?? "–") + (i.kv_blocks_kept ? " + " + i.kv_blocks_kept + " kept" : "")
+        + " / " + i.kv_blocks_committed),
     h("td", { class: "num" }, i.kv_blocks_planned),
     h("td", { class: "num" }, bytes(i.static_bytes + i.kv_blocks_committed * i.block_bytes))));
   const table = rows.length
     ? h("table", { class: "instances" },
       h("thead", {}, h("tr", {}, h("th", {}, "Instance of"), h("th", {}, "State"),
-        h("th", {}, "Batch"), h("th", {}, "KV blocks in use / committed"),
+        h("th", {}, "Batch"), h("th", {}, "KV blocks in use (+ kept) / committed"),
         h("th", {}, "Planned"), h("th", {}, "Memory"))),
       h("tbody", {}, ...rows))
     : h("p", { class: "muted" }, "no instances");
