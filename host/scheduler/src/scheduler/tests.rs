@@ -905,27 +905,34 @@ fn a_cpu_pool_a_burst_left_waits_out_the_shrink_delay() {
     assert!(s.instances[&i].planned_blocks < grown);
 }
 
+/// A scheduler on one CPU node of `capacity` bytes, an idle floor of
+/// `floor` tokens, where model 1 served one 300-token request and is idle
+/// now; with the instance and its pool while the request ran.
+fn idle_after_one_request(capacity: u64, floor: u64) -> (Scheduler<Flat>, InstanceId, u64) {
+    let mut s = sched(Policy::Slinfer, &[(DeviceKind::Cpu, capacity)], FAST);
+    s.cfg.cpu_kv_scales = true;
+    s.cfg.keep_alive_s = PerKind::splat(300.0);
+    s.cfg.idle_kv_tokens = PerKind::new(floor, 0);
+    s.submit(req(1, 1, 300, 5.0), 0.0);
+    let i = runs(&settle(&mut s, 0.0))[0];
+    let busy = s.instances[&i].planned_blocks;
+    let done = RequestOutcome {
+        request: 1,
+        tokens: 1,
+        finished: true,
+    };
+    s.iteration_done(0, i, &[done], 0.5);
+    settle(&mut s, 0.5);
+    (s, i, busy)
+}
+
 #[test]
 fn an_idle_cpu_pool_shrinks_to_its_floor_and_never_grows_for_it() {
-    // Returns the pool planned while a 300-token request runs, and after
-    // it ends, with an idle floor of `floor` tokens.
+    // The pool while the request ran, after it, and the floor's blocks.
     let pools = |floor: u64| {
-        let mut s = sched(Policy::Slinfer, &[(DeviceKind::Cpu, 1 << 20)], FAST);
-        s.cfg.cpu_kv_scales = true;
-        s.cfg.keep_alive_s = PerKind::splat(300.0);
-        s.cfg.idle_kv_tokens = PerKind::new(floor, 0);
-        s.submit(req(1, 1, 300, 5.0), 0.0);
-        let i = runs(&settle(&mut s, 0.0))[0];
-        let busy = s.instances[&i].planned_blocks;
-        let done = RequestOutcome {
-            request: 1,
-            tokens: 1,
-            finished: true,
-        };
-        s.iteration_done(0, i, &[done], 0.5);
-        settle(&mut s, 0.5);
-        let blocks = |tokens| s.models[0].blocks_for_tokens(DeviceKind::Cpu, tokens);
-        (busy, s.instances[&i].planned_blocks, blocks(floor))
+        let (s, i, busy) = idle_after_one_request(1 << 20, floor);
+        let blocks = s.models[0].blocks_for_tokens(DeviceKind::Cpu, floor);
+        (busy, s.instances[&i].planned_blocks, blocks)
     };
     let (busy, idle, _) = pools(0);
     assert!(busy > 0);
@@ -946,29 +953,10 @@ fn an_idle_cpu_pool_shrinks_to_its_floor_and_never_grows_for_it() {
 /// loaded, as with no floor (not unloaded for the room, nor waiting).
 #[test]
 fn an_idle_floor_gives_its_kv_back_to_a_request_that_needs_the_memory() {
-    // A scheduler on one CPU node of `capacity` bytes; model 1 served one
-    // 300-token request and is idle, keeping `floor` tokens.
-    let idle_model_1 = |capacity: u64, floor: u64| {
-        let mut s = sched(Policy::Slinfer, &[(DeviceKind::Cpu, capacity)], FAST);
-        s.cfg.cpu_kv_scales = true;
-        s.cfg.keep_alive_s = PerKind::splat(300.0);
-        s.cfg.idle_kv_tokens = PerKind::new(floor, 0);
-        s.submit(req(1, 1, 300, 5.0), 0.0);
-        let i = runs(&settle(&mut s, 0.0))[0];
-        let busy = s.instances[&i].planned_blocks;
-        let done = RequestOutcome {
-            request: 1,
-            tokens: 1,
-            finished: true,
-        };
-        s.iteration_done(0, i, &[done], 0.5);
-        settle(&mut s, 0.5);
-        (s, i, busy)
-    };
-    let (_, _, busy) = idle_model_1(1 << 20, 0);
+    let (_, _, busy) = idle_after_one_request(1 << 20, 0);
     // Room for both models' weights and one such pool, not two.
     let capacity = 2 * WEIGHTS + busy * 32 + 16;
-    let (mut s, first, _) = idle_model_1(capacity, 1 << 16);
+    let (mut s, first, _) = idle_after_one_request(capacity, 1 << 16);
     assert_eq!(
         s.instances[&first].planned_blocks, busy,
         "kept as its floor"
@@ -988,7 +976,7 @@ fn an_idle_floor_gives_its_kv_back_to_a_request_that_needs_the_memory() {
     assert_eq!(inst.planned_blocks, 0);
     // A running request whose pool must grow into the floor's memory
     // takes it too, rather than being evicted.
-    let (mut s, first, _) = idle_model_1(2 * WEIGHTS + busy * 32 + 4 * 32, 1 << 16);
+    let (mut s, first, _) = idle_after_one_request(2 * WEIGHTS + busy * 32 + 4 * 32, 1 << 16);
     s.submit(req(2, 2, 30, 5.0), 1.0);
     let second = runs(&settle(&mut s, 1.0))[0];
     let small = s.instances[&second].planned_blocks;
@@ -1010,7 +998,7 @@ fn an_idle_floor_gives_its_kv_back_to_a_request_that_needs_the_memory() {
     assert_eq!(s.instances[&first].planned_blocks, 0);
     assert!(!s.instances[&first].retiring);
     // As with no floor: model 1's idle pool was empty, model 2 ran.
-    let (mut s, first, _) = idle_model_1(capacity, 0);
+    let (mut s, first, _) = idle_after_one_request(capacity, 0);
     assert_eq!(s.instances[&first].planned_blocks, 0);
     s.submit(req(2, 2, 300, 5.0), 1.0);
     let cmds = settle(&mut s, 1.0);
