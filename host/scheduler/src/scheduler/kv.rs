@@ -53,8 +53,12 @@ impl<C: CostModel> Scheduler<C> {
         };
         if min > planned {
             let mut room = self.grow_room(id);
-            if room < target && self.give_back_idle_kv(node, Some(id)) {
-                room = self.grow_room(id);
+            if room < target {
+                let idle = self.idle_kv_holders(node, Some(id));
+                if !idle.is_empty() {
+                    self.give_back_idle_kv(&idle);
+                    room = self.grow_room(id);
+                }
             }
             let ahead = (planned as f64 * grow).ceil() as u64;
             let spare = room.saturating_sub(target) / 2;
@@ -97,27 +101,18 @@ impl<C: CostModel> Scheduler<C> {
             .copied()
             .filter(|&i| {
                 let inst = &self.instances[&i];
-                Some(i) != except
-                    && !inst.retiring
-                    && !inst.fixed_kv
-                    && inst.planned_blocks > 0
-                    && inst.requests.is_empty()
-                    && inst.running.is_none()
-                    && inst.queue.is_empty()
-                    && self.nodes[node].busy != Some(i)
+                Some(i) != except && !inst.fixed_kv && inst.planned_blocks > 0 && self.is_idle(i)
             })
             .collect()
     }
 
-    /// Shrinks the pools of `node`'s idle instances that hold KV for an
-    /// idle floor to nothing (a shrink starts at once; a load or grow that
-    /// needs the memory waits for it); whether there were any.
-    pub(super) fn give_back_idle_kv(&mut self, node: NodeId, except: Option<InstanceId>) -> bool {
-        let idle = self.idle_kv_holders(node, except);
-        for &i in &idle {
+    /// Shrinks the pools of `idle` ([`Self::idle_kv_holders`]) to nothing
+    /// (a shrink starts at once; a load or grow that needs the memory waits
+    /// for it).
+    fn give_back_idle_kv(&mut self, idle: &[InstanceId]) {
+        for &i in idle {
             self.enqueue(i, Op::Resize { blocks: 0 });
         }
-        !idle.is_empty()
     }
 
     /// Whether `rid` fits `target` on `node` as [`Self::validate`] says, or
@@ -150,7 +145,7 @@ impl<C: CostModel> Scheduler<C> {
             self.instances.get_mut(i).expect("live").planned_blocks = blocks;
         }
         if fits {
-            self.give_back_idle_kv(node, except);
+            self.give_back_idle_kv(&idle);
         }
         fits
     }

@@ -73,6 +73,17 @@ impl<C: CostModel> Scheduler<C> {
         false
     }
 
+    /// Whether instance `id` is idle: not retiring, no request, nothing
+    /// running or queued, and not its device's current run.
+    pub(super) fn is_idle(&self, id: InstanceId) -> bool {
+        let inst = &self.instances[&id];
+        !inst.retiring
+            && inst.requests.is_empty()
+            && inst.running.is_none()
+            && inst.queue.is_empty()
+            && self.nodes[inst.node].busy != Some(id)
+    }
+
     /// The fewest of `node`'s idle instances (no request, nothing running
     /// or queued), longest idle first, whose unloading would let a new
     /// instance of `mtype` take `rid`; `None` when unloading every idle
@@ -94,12 +105,7 @@ impl<C: CostModel> Scheduler<C> {
             .iter()
             .filter_map(|i| {
                 let inst = &self.instances[i];
-                let idle = !inst.retiring
-                    && inst.requests.is_empty()
-                    && inst.running.is_none()
-                    && inst.queue.is_empty()
-                    && self.nodes[node].busy != Some(*i);
-                let since = inst.idle_since_s.filter(|_| idle)?;
+                let since = inst.idle_since_s.filter(|_| self.is_idle(*i))?;
                 (since + self.keep_alive_s(inst, kind) > deadline_s).then_some((since, *i))
             })
             .collect();
